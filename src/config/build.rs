@@ -1,0 +1,820 @@
+//! Validation of the parsed JSON into the runtime [`Config`].
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use super::error::{ConfigError, ErrorKind};
+use super::json::{as_object, index, str_list, Obj};
+use super::*;
+use crate::router::Router;
+use crate::secret::{Secret, SecretSource};
+
+const TOP: &[&str] = &[
+    "claims",
+    "secrets",
+    "providers",
+    "connections",
+    "routes",
+    "unmatched",
+];
+const CLAIMS: &[&str] = &["from", "key", "subject", "groups"];
+const SECRET: &[&str] = &["env", "inline"];
+const PROVIDER: &[&str] = &[
+    "type",
+    "cluster",
+    "token_url",
+    "client_id",
+    "client_secret",
+    "auth_method",
+    "timeout_ms",
+    "default_expires_in_s",
+];
+const CONNECTION: &[&str] = &[
+    "provider",
+    "api_key",
+    "grant",
+    "refresh_token",
+    "subject_token_type",
+    "scopes",
+    "audience",
+    "resource",
+    "extra_params",
+    "access",
+];
+const ACCESS: &[&str] = &["public", "authenticated", "users", "groups", "claims"];
+const ROUTE: &[&str] = &["name", "match", "access", "inject", "strip"];
+const MATCH: &[&str] = &["route_name", "host", "path_prefix", "path_exact", "methods"];
+const INJECT: &[&str] = &["connections", "header", "query", "prefix"];
+
+/// Token request parameters latchkey sets itself; `extra_params` may not override them.
+const RESERVED_TOKEN_PARAMS: &[&str] = &[
+    "grant_type",
+    "client_id",
+    "client_secret",
+    "refresh_token",
+    "scope",
+    "audience",
+    "resource",
+    "subject_token",
+    "subject_token_type",
+];
+
+/// Headers whose value latchkey must not set: framing and routing belong to Envoy.
+const FORBIDDEN_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "keep-alive",
+    "proxy-connection",
+];
+
+pub const TOKEN_EXCHANGE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+const DEFAULT_TIMEOUT_MS: u64 = 5000;
+const MAX_TIMEOUT_MS: u64 = 300_000;
+const DEFAULT_EXPIRES_IN_S: u64 = 300;
+
+pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    let doc: Value = serde_json::from_slice(text).map_err(|e| {
+        // serde_json's message for syntax errors holds a position, not content.
+        ConfigError::new("", ErrorKind::NotJson(e.to_string()))
+    })?;
+    let top = Obj::new("", &doc, TOP)?;
+    let mut b = Builder {
+        env,
+        warnings: Vec::new(),
+        claim_paths: Vec::new(),
+    };
+
+    let claims = b.claims(&top)?;
+    let secrets = b.secrets(&top)?;
+    let providers = b.providers(&top, &secrets)?;
+    let connections = b.connections(&top, &secrets, &providers)?;
+    let routes = b.routes(&top, &connections)?;
+    let unmatched = match top.opt_str("unmatched")? {
+        None | Some("allow") => Unmatched::Allow,
+        Some("deny") => Unmatched::Deny,
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                "unmatched",
+                other,
+                "expected \"allow\" or \"deny\"",
+            ))
+        }
+    };
+    let router = Router::new(&routes);
+    Ok(Config {
+        claims,
+        providers: providers.items,
+        connections: connections.items,
+        routes,
+        router,
+        unmatched,
+        claim_paths: b.claim_paths,
+        warnings: b.warnings,
+    })
+}
+
+/// Named items in configuration order, with a name → index map.
+struct Named<T> {
+    items: Vec<T>,
+    index: HashMap<String, usize>,
+}
+
+impl<T> Named<T> {
+    fn new() -> Self {
+        Named {
+            items: Vec::new(),
+            index: HashMap::new(),
+        }
+    }
+
+    fn push(&mut self, name: &str, item: T) {
+        self.index.insert(name.to_string(), self.items.len());
+        self.items.push(item);
+    }
+
+    fn lookup(&self, path: String, what: &'static str, name: &str) -> Result<usize, ConfigError> {
+        self.index.get(name).copied().ok_or_else(|| {
+            ConfigError::new(
+                path,
+                ErrorKind::UnknownReference {
+                    what,
+                    name: name.to_string(),
+                },
+            )
+        })
+    }
+
+    fn get(&self, path: String, what: &'static str, name: &str) -> Result<&T, ConfigError> {
+        self.index
+            .get(name)
+            .and_then(|i| self.items.get(*i))
+            .ok_or_else(|| {
+                ConfigError::new(
+                    path,
+                    ErrorKind::UnknownReference {
+                        what,
+                        name: name.to_string(),
+                    },
+                )
+            })
+    }
+}
+
+struct Builder<'e> {
+    env: &'e dyn Fn(&str) -> Option<String>,
+    warnings: Vec<String>,
+    claim_paths: Vec<ClaimPath>,
+}
+
+impl Builder<'_> {
+    fn claim_index(&mut self, dotted: &str) -> usize {
+        if let Some(i) = self.claim_paths.iter().position(|c| c.dotted == dotted) {
+            return i;
+        }
+        self.claim_paths.push(ClaimPath::new(dotted));
+        self.claim_paths.len() - 1
+    }
+
+    fn claims(&mut self, top: &Obj) -> Result<ClaimsConfig, ConfigError> {
+        let c = top.opt_obj("claims", CLAIMS)?;
+        let get = |k: &str| -> Result<Option<&str>, ConfigError> {
+            match &c {
+                Some(c) => c.opt_str(k),
+                None => Ok(None),
+            }
+        };
+        let key = get("key")?.unwrap_or("payload");
+        if key.is_empty() {
+            return Err(ConfigError::not_allowed(
+                "claims.key",
+                "must not be an empty string",
+            ));
+        }
+        let source = match get("from")?.unwrap_or("jwt_metadata") {
+            "jwt_metadata" => ClaimsSource::JwtMetadata {
+                key: key.to_string(),
+            },
+            "header" => ClaimsSource::Header {
+                name: header_name("claims.key", key)?,
+            },
+            "none" => ClaimsSource::None,
+            other => {
+                return Err(ConfigError::invalid(
+                    "claims.from",
+                    other,
+                    "expected one of \"jwt_metadata\", \"header\", \"none\"",
+                ))
+            }
+        };
+        let subject = get("subject")?.unwrap_or("sub");
+        let groups = get("groups")?.unwrap_or("groups");
+        claim_path_valid("claims.subject", subject)?;
+        claim_path_valid("claims.groups", groups)?;
+        // Fixed positions: SUBJECT_CLAIM and GROUPS_CLAIM.
+        self.claim_paths.push(ClaimPath::new(subject));
+        self.claim_paths.push(ClaimPath::new(groups));
+        Ok(ClaimsConfig { source })
+    }
+
+    fn secrets(&mut self, top: &Obj) -> Result<Named<Secret>, ConfigError> {
+        let mut out = Named::new();
+        let Some(v) = top.get("secrets") else {
+            return Ok(out);
+        };
+        for (name, value) in as_object("secrets", v)? {
+            let s = Obj::new(format!("secrets.{name}"), value, SECRET)?;
+            let source = match (s.get("env"), s.get("inline")) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::not_allowed(
+                        s.path,
+                        "give exactly one of \"env\" or \"inline\", not both",
+                    ))
+                }
+                (None, None) => {
+                    return Err(ConfigError::not_allowed(
+                        s.path,
+                        "give exactly one of \"env\" or \"inline\"",
+                    ))
+                }
+                (Some(_), None) => SecretSource::Env(s.req_str("env")?.to_string()),
+                (None, Some(_)) => {
+                    self.warnings.push(format!(
+                        "secret \"{name}\" is inline in the configuration; use \"env\" outside development"
+                    ));
+                    SecretSource::Inline(Secret::new(s.req_str("inline")?))
+                }
+            };
+            let secret = source.resolve(self.env).map_err(|e| {
+                let field = if matches!(source, SecretSource::Env(_)) {
+                    "env"
+                } else {
+                    "inline"
+                };
+                ConfigError::new(s.child(field), ErrorKind::Secret(e))
+            })?;
+            out.push(name, secret);
+        }
+        Ok(out)
+    }
+
+    fn providers(
+        &mut self,
+        top: &Obj,
+        secrets: &Named<Secret>,
+    ) -> Result<Named<Provider>, ConfigError> {
+        let mut out = Named::new();
+        let Some(v) = top.get("providers") else {
+            return Ok(out);
+        };
+        for (name, value) in as_object("providers", v)? {
+            let p = Obj::new(format!("providers.{name}"), value, PROVIDER)?;
+            let kind = match p.req_str("type")? {
+                "api_key" => {
+                    for field in PROVIDER.iter().filter(|f| **f != "type") {
+                        if p.has(field) {
+                            return Err(ConfigError::not_allowed(
+                                p.child(field),
+                                "not allowed for an api_key provider",
+                            ));
+                        }
+                    }
+                    ProviderKind::ApiKey
+                }
+                "oauth2" => ProviderKind::OAuth2(oauth2_provider(&p, secrets)?),
+                other => {
+                    return Err(ConfigError::invalid(
+                        p.child("type"),
+                        other,
+                        "expected \"api_key\" or \"oauth2\"",
+                    ))
+                }
+            };
+            out.push(
+                name,
+                Provider {
+                    name: name.clone(),
+                    kind,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    fn connections(
+        &mut self,
+        top: &Obj,
+        secrets: &Named<Secret>,
+        providers: &Named<Provider>,
+    ) -> Result<Named<Connection>, ConfigError> {
+        let mut out = Named::new();
+        let Some(v) = top.get("connections") else {
+            return Ok(out);
+        };
+        for (name, value) in as_object("connections", v)? {
+            let c = Obj::new(format!("connections.{name}"), value, CONNECTION)?;
+            let provider_name = c.req_str("provider")?;
+            let provider = providers.lookup(c.child("provider"), "provider", provider_name)?;
+            let kind = providers.items.get(provider).map(|p| &p.kind);
+            let credential = match kind {
+                Some(ProviderKind::OAuth2(_)) => {
+                    Credential::OAuth2(oauth2_connection(&c, secrets)?)
+                }
+                _ => {
+                    for field in CONNECTION
+                        .iter()
+                        .filter(|f| !["provider", "api_key", "access"].contains(f))
+                    {
+                        if c.has(field) {
+                            return Err(ConfigError::not_allowed(
+                                c.child(field),
+                                "not allowed for a connection of an api_key provider",
+                            ));
+                        }
+                    }
+                    let secret = c.req_str("api_key")?;
+                    Credential::ApiKey(secrets.get(c.child("api_key"), "secret", secret)?.clone())
+                }
+            };
+            let access = self.access(&c.child("access"), c.required("access")?)?;
+            out.push(
+                name,
+                Connection {
+                    name: name.clone(),
+                    provider,
+                    credential,
+                    access,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    fn access(&mut self, path: &str, value: &Value) -> Result<Access, ConfigError> {
+        let a = Obj::new(path, value, ACCESS)?;
+        let mut access = Access {
+            public: a.opt_bool("public")?.unwrap_or(false),
+            authenticated: a.opt_bool("authenticated")?.unwrap_or(false),
+            users: owned(a.opt_str_list("users")?.unwrap_or_default()),
+            groups: owned(a.opt_str_list("groups")?.unwrap_or_default()),
+            claims: Vec::new(),
+        };
+        if let Some(c) = a.get("claims") {
+            let cpath = a.child("claims");
+            for (claim, values) in as_object(&cpath, c)? {
+                let p = format!("{cpath}.{claim}");
+                claim_path_valid(&p, claim)?;
+                let values = match values {
+                    Value::Array(items) => owned(str_list(&p, items)?),
+                    Value::String(s) if !s.is_empty() => vec![s.clone()],
+                    other => {
+                        return Err(ConfigError::new(
+                            p,
+                            ErrorKind::WrongType {
+                                expected: "an array of strings",
+                                found: super::json::type_name(other),
+                            },
+                        ))
+                    }
+                };
+                if values.is_empty() {
+                    return Err(ConfigError::new(p, ErrorKind::EmptyList));
+                }
+                let i = self.claim_index(claim);
+                access.claims.push((i, values));
+            }
+        }
+        let admits_someone = access.public
+            || access.authenticated
+            || !access.users.is_empty()
+            || !access.groups.is_empty()
+            || !access.claims.is_empty();
+        if !admits_someone {
+            return Err(ConfigError::new(path, ErrorKind::EmptyAccess));
+        }
+        Ok(access)
+    }
+
+    fn routes(
+        &mut self,
+        top: &Obj,
+        connections: &Named<Connection>,
+    ) -> Result<Vec<Route>, ConfigError> {
+        let mut routes: Vec<Route> = Vec::new();
+        let mut names: HashMap<String, String> = HashMap::new();
+        let Some(items) = top.opt_array("routes")? else {
+            return Ok(routes);
+        };
+        for (i, value) in items.iter().enumerate() {
+            let r = Obj::new(index("routes", i), value, ROUTE)?;
+            let name = r.req_str("name")?;
+            if let Some(first) = names.get(name) {
+                return Err(ConfigError::new(
+                    r.child("name"),
+                    ErrorKind::Duplicate {
+                        what: "route name",
+                        name: name.to_string(),
+                        first: first.clone(),
+                    },
+                ));
+            }
+            names.insert(name.to_string(), r.child("name"));
+            let matcher = route_match(&r)?;
+            let access = match r.get("access") {
+                Some(v) => Some(self.access(&r.child("access"), v)?),
+                None => None,
+            };
+            let mut inject = Vec::new();
+            if let Some(entries) = r.opt_array("inject")? {
+                for (j, entry) in entries.iter().enumerate() {
+                    inject.push(injection(
+                        &index(&r.child("inject"), j),
+                        entry,
+                        connections,
+                    )?);
+                }
+            }
+            let mut strip = Vec::new();
+            for (j, h) in r
+                .opt_str_list("strip")?
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+            {
+                strip.push(header_name(&index(&r.child("strip"), j), h)?);
+            }
+            routes.push(Route {
+                name: name.to_string(),
+                matcher,
+                access,
+                inject,
+                strip,
+            });
+        }
+        Ok(routes)
+    }
+}
+
+fn owned(v: Vec<&str>) -> Vec<String> {
+    v.into_iter().map(str::to_string).collect()
+}
+
+fn oauth2_provider(p: &Obj, secrets: &Named<Secret>) -> Result<OAuth2Provider, ConfigError> {
+    let cluster = p.req_str("cluster")?.to_string();
+    let token_url = p.req_str("token_url")?;
+    let url_path = p.child("token_url");
+    let parsed = url::Url::parse(token_url).map_err(|e| {
+        ConfigError::invalid(&url_path, token_url, format!("not an absolute URL ({e})"))
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(ConfigError::invalid(
+            &url_path,
+            token_url,
+            "scheme must be http or https",
+        ));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(ConfigError::not_allowed(
+            url_path,
+            "must not carry credentials; use client_id and client_secret",
+        ));
+    }
+    let Some(host) = parsed.host_str() else {
+        return Err(ConfigError::invalid(
+            &url_path,
+            token_url,
+            "URL has no host",
+        ));
+    };
+    let authority = match parsed.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    };
+    let mut path = parsed.path().to_string();
+    if let Some(q) = parsed.query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    let client_id = p.req_str("client_id")?.to_string();
+    let secret_name = p.req_str("client_secret")?;
+    let client_secret = secrets
+        .get(p.child("client_secret"), "secret", secret_name)?
+        .clone();
+    let auth_method = match p.opt_str("auth_method")? {
+        None | Some("client_secret_basic") => AuthMethod::ClientSecretBasic,
+        Some("client_secret_post") => AuthMethod::ClientSecretPost,
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                p.child("auth_method"),
+                other,
+                "expected \"client_secret_basic\" or \"client_secret_post\"",
+            ))
+        }
+    };
+    let timeout_ms = p.opt_u64("timeout_ms")?.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
+        return Err(ConfigError::invalid(
+            p.child("timeout_ms"),
+            &timeout_ms.to_string(),
+            format!("must be between 1 and {MAX_TIMEOUT_MS}"),
+        ));
+    }
+    let default_expires_in_s = p
+        .opt_u64("default_expires_in_s")?
+        .unwrap_or(DEFAULT_EXPIRES_IN_S);
+    if default_expires_in_s == 0 {
+        return Err(ConfigError::invalid(
+            p.child("default_expires_in_s"),
+            "0",
+            "must be at least 1",
+        ));
+    }
+    Ok(OAuth2Provider {
+        cluster,
+        token_url: token_url.to_string(),
+        authority,
+        path,
+        client_id,
+        client_secret,
+        auth_method,
+        timeout_ms,
+        default_expires_in_s,
+    })
+}
+
+fn oauth2_connection(c: &Obj, secrets: &Named<Secret>) -> Result<OAuth2Connection, ConfigError> {
+    if c.has("api_key") {
+        return Err(ConfigError::not_allowed(
+            c.child("api_key"),
+            "not allowed for a connection of an oauth2 provider",
+        ));
+    }
+    let grant_name = c.req_str("grant")?;
+    let grant = match grant_name {
+        "client_credentials" => Grant::ClientCredentials,
+        "refresh_token" => {
+            let name = c.opt_str("refresh_token")?.ok_or_else(|| {
+                ConfigError::not_allowed(
+                    c.child("refresh_token"),
+                    "required when grant is \"refresh_token\"",
+                )
+            })?;
+            Grant::RefreshToken(
+                secrets
+                    .get(c.child("refresh_token"), "secret", name)?
+                    .clone(),
+            )
+        }
+        "token_exchange" => Grant::TokenExchange {
+            subject_token_type: c
+                .opt_str("subject_token_type")?
+                .unwrap_or(TOKEN_EXCHANGE_ACCESS_TOKEN)
+                .to_string(),
+        },
+        other => {
+            return Err(ConfigError::invalid(
+                c.child("grant"),
+                other,
+                "expected one of \"client_credentials\", \"refresh_token\", \"token_exchange\"",
+            ))
+        }
+    };
+    if grant_name != "refresh_token" && c.has("refresh_token") {
+        return Err(ConfigError::not_allowed(
+            c.child("refresh_token"),
+            "only allowed when grant is \"refresh_token\"",
+        ));
+    }
+    if grant_name != "token_exchange" && c.has("subject_token_type") {
+        return Err(ConfigError::not_allowed(
+            c.child("subject_token_type"),
+            "only allowed when grant is \"token_exchange\"",
+        ));
+    }
+    let scopes = owned(c.opt_str_list("scopes")?.unwrap_or_default());
+    for (i, s) in scopes.iter().enumerate() {
+        // RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+        if !s
+            .bytes()
+            .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
+        {
+            return Err(ConfigError::invalid(
+                index(&c.child("scopes"), i),
+                s,
+                "not a valid scope token (RFC 6749 §3.3: no spaces, quotes or backslashes)",
+            ));
+        }
+    }
+    let mut extra_params = Vec::new();
+    if let Some(v) = c.get("extra_params") {
+        let path = c.child("extra_params");
+        for (k, val) in as_object(&path, v)? {
+            let p = format!("{path}.{k}");
+            if RESERVED_TOKEN_PARAMS.contains(&k.as_str()) {
+                return Err(ConfigError::not_allowed(
+                    p,
+                    "latchkey sets this token request parameter itself",
+                ));
+            }
+            extra_params.push((k.clone(), super::json::as_str(&p, val)?.to_string()));
+        }
+    }
+    Ok(OAuth2Connection {
+        grant,
+        scopes,
+        audience: c.opt_str("audience")?.map(str::to_string),
+        resource: c.opt_str("resource")?.map(str::to_string),
+        extra_params,
+    })
+}
+
+fn route_match(r: &Obj) -> Result<RouteMatch, ConfigError> {
+    let m = Obj::new(r.child("match"), r.required("match")?, MATCH)?;
+    let mut out = RouteMatch {
+        route_name: m.opt_str("route_name")?.map(str::to_string),
+        ..RouteMatch::default()
+    };
+    if let Some(host) = m.opt_str("host")? {
+        out.host = Some(host_value(&m.child("host"), host)?);
+    }
+    out.path = match (m.opt_str("path_prefix")?, m.opt_str("path_exact")?) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::not_allowed(
+                m.child("path_exact"),
+                "give \"path_prefix\" or \"path_exact\", not both",
+            ))
+        }
+        (Some(p), None) => Some(PathMatch::Prefix(path_value(&m.child("path_prefix"), p)?)),
+        (None, Some(p)) => Some(PathMatch::Exact(path_value(&m.child("path_exact"), p)?)),
+        (None, None) => None,
+    };
+    if let Some(methods) = m.opt_str_list("methods")? {
+        if methods.is_empty() {
+            return Err(ConfigError::new(m.child("methods"), ErrorKind::EmptyList));
+        }
+        for (i, method) in methods.iter().enumerate() {
+            if !method.bytes().all(is_tchar) {
+                return Err(ConfigError::invalid(
+                    index(&m.child("methods"), i),
+                    method,
+                    "not an HTTP method token",
+                ));
+            }
+            out.methods.push(method.to_ascii_uppercase());
+        }
+    }
+    Ok(out)
+}
+
+fn injection(
+    path: &str,
+    value: &Value,
+    connections: &Named<Connection>,
+) -> Result<Injection, ConfigError> {
+    let e = Obj::new(path, value, INJECT)?;
+    let list = e
+        .opt_str_list("connections")?
+        .ok_or_else(|| ConfigError::new(e.child("connections"), ErrorKind::Missing))?;
+    if list.is_empty() {
+        return Err(ConfigError::new(
+            e.child("connections"),
+            ErrorKind::EmptyList,
+        ));
+    }
+    let mut indices = Vec::with_capacity(list.len());
+    for (i, name) in list.iter().enumerate() {
+        let p = index(&e.child("connections"), i);
+        let ci = connections.lookup(p.clone(), "connection", name)?;
+        if indices.contains(&ci) {
+            return Err(ConfigError::new(
+                p,
+                ErrorKind::Duplicate {
+                    what: "connection",
+                    name: name.to_string(),
+                    first: e.child("connections"),
+                },
+            ));
+        }
+        indices.push(ci);
+    }
+    let target = match (e.opt_str("header")?, e.opt_str("query")?) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::not_allowed(
+                e.path.clone(),
+                "give exactly one of \"header\" or \"query\", not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ConfigError::not_allowed(
+                e.path.clone(),
+                "give exactly one of \"header\" or \"query\"",
+            ))
+        }
+        (Some(h), None) => {
+            let name = header_name(&e.child("header"), h)?;
+            if FORBIDDEN_HEADERS.contains(&name.as_str()) {
+                return Err(ConfigError::invalid(
+                    e.child("header"),
+                    h,
+                    "Envoy owns this header; latchkey can't set it",
+                ));
+            }
+            let prefix = match e.opt_str("prefix")? {
+                None => None,
+                Some(p) => {
+                    if !p.bytes().all(is_header_value_byte) {
+                        return Err(ConfigError::invalid(
+                            e.child("prefix"),
+                            p,
+                            "not a valid header value (control characters)",
+                        ));
+                    }
+                    Some(p.to_string())
+                }
+            };
+            Target::Header { name, prefix }
+        }
+        (None, Some(q)) => {
+            if e.has("prefix") {
+                return Err(ConfigError::not_allowed(
+                    e.child("prefix"),
+                    "only allowed with \"header\", not with \"query\"",
+                ));
+            }
+            if q.is_empty() {
+                return Err(ConfigError::not_allowed(
+                    e.child("query"),
+                    "must not be an empty string",
+                ));
+            }
+            Target::Query {
+                name: q.to_string(),
+            }
+        }
+    };
+    Ok(Injection {
+        connections: indices,
+        target,
+    })
+}
+
+/// RFC 9110 token character.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_header_value_byte(b: u8) -> bool {
+    b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80
+}
+
+/// A header name as Envoy stores it: a token, lowercased.
+fn header_name(path: &str, name: &str) -> Result<String, ConfigError> {
+    if name.is_empty() || !name.bytes().all(is_tchar) {
+        return Err(ConfigError::invalid(
+            path,
+            name,
+            "not a valid HTTP header name",
+        ));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+fn host_value(path: &str, host: &str) -> Result<String, ConfigError> {
+    let valid = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
+    if !valid {
+        return Err(ConfigError::invalid(path, host, "not a host name"));
+    }
+    Ok(crate::router::normalize_host(host).to_ascii_lowercase())
+}
+
+fn path_value(path: &str, value: &str) -> Result<String, ConfigError> {
+    if !value.starts_with('/') {
+        return Err(ConfigError::invalid(path, value, "must start with \"/\""));
+    }
+    if value.contains('?') {
+        return Err(ConfigError::invalid(
+            path,
+            value,
+            "paths are matched without the query string; remove \"?…\"",
+        ));
+    }
+    Ok(value.to_string())
+}
+
+fn claim_path_valid(path: &str, claim: &str) -> Result<(), ConfigError> {
+    if claim.is_empty() || claim.split('.').any(str::is_empty) {
+        return Err(ConfigError::invalid(
+            path,
+            claim,
+            "not a claim name (empty segment)",
+        ));
+    }
+    Ok(())
+}

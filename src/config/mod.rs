@@ -1,0 +1,226 @@
+//! The plugin configuration (v1): the public contract users write.
+//!
+//! Loading is two steps. [`json`] reads the document with the path of every field
+//! at hand; [`build`] validates it and produces the runtime types below, resolving
+//! every name (provider, secret, connection, claim) to an index or a value. The
+//! result is complete or there is none: [`Config::parse`] returns the first error,
+//! and the filter keeps its previous configuration (or refuses to start).
+//!
+//! Everything the request path needs (lowercased header names, the route index,
+//! the list of claims to read) is prepared here, once.
+
+mod build;
+mod error;
+mod json;
+
+pub use error::{ConfigError, ErrorKind};
+
+use crate::router::Router;
+use crate::secret::Secret;
+
+/// The whole, validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub claims: ClaimsConfig,
+    pub providers: Vec<Provider>,
+    pub connections: Vec<Connection>,
+    pub routes: Vec<Route>,
+    pub router: Router,
+    pub unmatched: Unmatched,
+    /// Claims read per request: `[0]` is the subject, `[1]` the groups, the rest
+    /// are those named in `access.claims` policies (deduplicated).
+    pub claim_paths: Vec<ClaimPath>,
+    /// Things worth a warning in the log at load time (inline secrets). No values.
+    pub warnings: Vec<String>,
+}
+
+pub const SUBJECT_CLAIM: usize = 0;
+pub const GROUPS_CLAIM: usize = 1;
+
+impl Config {
+    /// Parses and validates a configuration document. `env` reads the wasm VM's
+    /// environment (secrets `{"env": …}`).
+    pub fn parse(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        build::build(text, env)
+    }
+
+    pub fn route(&self, i: usize) -> Option<&Route> {
+        self.routes.get(i)
+    }
+
+    pub fn connection(&self, i: usize) -> Option<&Connection> {
+        self.connections.get(i)
+    }
+
+    pub fn provider_of(&self, c: &Connection) -> Option<&Provider> {
+        self.providers.get(c.provider)
+    }
+}
+
+/// Where the caller's claims come from (`claims.from`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimsSource {
+    /// `jwt_authn`'s `payload_in_metadata: <key>`.
+    JwtMetadata { key: String },
+    /// A header holding base64url JSON (`forward_payload_header`), lowercased.
+    Header { name: String },
+    /// No identity: every caller is anonymous.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimsConfig {
+    pub source: ClaimsSource,
+}
+
+/// A claim name, possibly dotted (`realm_access.roles`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimPath {
+    pub dotted: String,
+    pub segments: Vec<String>,
+}
+
+impl ClaimPath {
+    pub fn new(dotted: &str) -> Self {
+        ClaimPath {
+            dotted: dotted.to_string(),
+            segments: dotted.split('.').map(str::to_string).collect(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Provider {
+    pub name: String,
+    pub kind: ProviderKind,
+}
+
+#[derive(Debug)]
+pub enum ProviderKind {
+    ApiKey,
+    OAuth2(OAuth2Provider),
+}
+
+#[derive(Debug)]
+pub struct OAuth2Provider {
+    /// Envoy cluster that reaches the token server.
+    pub cluster: String,
+    pub token_url: String,
+    /// `:authority` of the token request: the URL's host (and port if given).
+    pub authority: String,
+    /// `:path` of the token request: the URL's path and query.
+    pub path: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub auth_method: AuthMethod,
+    pub timeout_ms: u64,
+    /// Lifetime assumed when a token response has no `expires_in`.
+    pub default_expires_in_s: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// RFC 6749 §2.3.1: HTTP Basic with form-urlencoded id and secret.
+    ClientSecretBasic,
+    /// RFC 6749 §2.3.1: `client_id` and `client_secret` in the form body.
+    ClientSecretPost,
+}
+
+#[derive(Debug)]
+pub struct Connection {
+    pub name: String,
+    /// Index into [`Config::providers`].
+    pub provider: usize,
+    pub credential: Credential,
+    pub access: Access,
+}
+
+#[derive(Debug)]
+pub enum Credential {
+    ApiKey(Secret),
+    OAuth2(OAuth2Connection),
+}
+
+#[derive(Debug)]
+pub struct OAuth2Connection {
+    pub grant: Grant,
+    pub scopes: Vec<String>,
+    pub audience: Option<String>,
+    pub resource: Option<String>,
+    pub extra_params: Vec<(String, String)>,
+}
+
+#[derive(Debug)]
+pub enum Grant {
+    ClientCredentials,
+    /// A pre-consented connection: the refresh token is a secret.
+    RefreshToken(Secret),
+    /// RFC 8693: the caller's bearer token is the subject token.
+    TokenExchange {
+        subject_token_type: String,
+    },
+}
+
+/// Who may use a route or a connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    pub public: bool,
+    pub authenticated: bool,
+    pub users: Vec<String>,
+    pub groups: Vec<String>,
+    /// Claim (index into [`Config::claim_paths`]) and its accepted values.
+    pub claims: Vec<(usize, Vec<String>)>,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub matcher: RouteMatch,
+    pub access: Option<Access>,
+    pub inject: Vec<Injection>,
+    /// Lowercased header names removed before forwarding.
+    pub strip: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteMatch {
+    pub route_name: Option<String>,
+    /// Lowercased, without port.
+    pub host: Option<String>,
+    pub path: Option<PathMatch>,
+    /// Uppercased.
+    pub methods: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+}
+
+#[derive(Debug)]
+pub struct Injection {
+    /// Indices into [`Config::connections`], in order of preference.
+    pub connections: Vec<usize>,
+    pub target: Target,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Lowercased header name; `prefix` as configured (None: the connection's default).
+    Header {
+        name: String,
+        prefix: Option<String>,
+    },
+    /// Query parameter name, as configured.
+    Query { name: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmatched {
+    Allow,
+    Deny,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,339 @@
+//! Configuration validation: the SPEC example loads, and every bad configuration
+//! is refused with a message naming the field and the offending value.
+
+use serde_json::{json, Value};
+
+use super::*;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "PARTNER_API_KEY" => Some("pk-secret-1".into()),
+        "ORDERS_CLIENT_SECRET" => Some("cs-secret-2".into()),
+        "EMPTY" => Some(String::new()),
+        _ => None,
+    }
+}
+
+/// The configuration from SPEC.md.
+fn spec_example() -> Value {
+    json!({
+      "claims": { "from": "jwt_metadata", "key": "jwt_payload", "subject": "sub", "groups": "groups" },
+      "secrets": {
+        "partner_key":   { "env": "PARTNER_API_KEY" },
+        "orders_secret": { "env": "ORDERS_CLIENT_SECRET" },
+        "demo_key":      { "inline": "demo-only" }
+      },
+      "providers": {
+        "partner":    { "type": "api_key" },
+        "orders_idp": { "type": "oauth2", "cluster": "idp",
+                        "token_url": "http://idp.internal:8081/token",
+                        "client_id": "orders-gateway", "client_secret": "orders_secret",
+                        "auth_method": "client_secret_basic", "timeout_ms": 2000 }
+      },
+      "connections": {
+        "partner_prod": { "provider": "partner", "api_key": "partner_key",
+                          "access": { "groups": ["billing"] } },
+        "orders_read":  { "provider": "orders_idp", "grant": "client_credentials",
+                          "scopes": ["orders.read"], "access": { "authenticated": true } },
+        "orders_write": { "provider": "orders_idp", "grant": "client_credentials",
+                          "scopes": ["orders.read", "orders.write"],
+                          "access": { "users": ["alice"], "groups": ["orders-admins"] } }
+      },
+      "routes": [
+        { "name": "orders", "match": { "route_name": "orders" },
+          "access": { "authenticated": true },
+          "inject": [ { "connections": ["orders_write", "orders_read"], "header": "authorization" } ] },
+        { "name": "partner", "match": { "path_prefix": "/partner/", "methods": ["GET"] },
+          "inject": [ { "connections": ["partner_prod"], "query": "api_key" } ] }
+      ],
+      "unmatched": "allow"
+    })
+}
+
+fn load(v: &Value) -> Result<Config, ConfigError> {
+    Config::parse(v.to_string().as_bytes(), &env)
+}
+
+/// Applies `edit` to the SPEC example and returns the error message.
+fn error_after(edit: impl FnOnce(&mut Value)) -> String {
+    let mut v = spec_example();
+    edit(&mut v);
+    match load(&v) {
+        Ok(_) => panic!("configuration was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn spec_example_loads() {
+    let c = load(&spec_example()).unwrap();
+    assert_eq!(c.routes.len(), 2);
+    assert_eq!(c.connections.len(), 3);
+    assert_eq!(
+        c.claims.source,
+        ClaimsSource::JwtMetadata {
+            key: "jwt_payload".into()
+        }
+    );
+    assert_eq!(c.unmatched, Unmatched::Allow);
+    let orders = &c.routes[0];
+    let names: Vec<&str> = orders.inject[0]
+        .connections
+        .iter()
+        .map(|&i| c.connections[i].name.as_str())
+        .collect();
+    assert_eq!(names, ["orders_write", "orders_read"]);
+    assert_eq!(
+        orders.inject[0].target,
+        Target::Header {
+            name: "authorization".into(),
+            prefix: None
+        }
+    );
+    assert_eq!(c.routes[1].matcher.methods, ["GET"]);
+    let ProviderKind::OAuth2(p) = &c
+        .providers
+        .iter()
+        .find(|p| p.name == "orders_idp")
+        .unwrap()
+        .kind
+    else {
+        panic!("not oauth2")
+    };
+    assert_eq!(p.authority, "idp.internal:8081");
+    assert_eq!(p.path, "/token");
+    assert_eq!(p.timeout_ms, 2000);
+    assert_eq!(p.client_secret.expose(), "cs-secret-2");
+    assert_eq!(
+        c.warnings,
+        ["secret \"demo_key\" is inline in the configuration; use \"env\" outside development"]
+    );
+}
+
+#[test]
+fn defaults() {
+    let c = load(&json!({})).unwrap();
+    assert_eq!(
+        c.claims.source,
+        ClaimsSource::JwtMetadata {
+            key: "payload".into()
+        }
+    );
+    assert_eq!(c.claim_paths[SUBJECT_CLAIM].dotted, "sub");
+    assert_eq!(c.claim_paths[GROUPS_CLAIM].dotted, "groups");
+    assert_eq!(c.unmatched, Unmatched::Allow);
+    assert!(c.routes.is_empty());
+}
+
+#[test]
+fn debug_output_holds_no_secret() {
+    let c = load(&spec_example()).unwrap();
+    let dump = format!("{c:?}");
+    for secret in ["pk-secret-1", "cs-secret-2", "demo-only"] {
+        assert!(!dump.contains(secret), "{secret} in Debug output");
+    }
+    assert!(dump.contains("[redacted]"));
+}
+
+#[test]
+fn bad_configurations_name_the_field_and_value() {
+    type Edit = Box<dyn FnOnce(&mut Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        ("connections.orders_read.provider: unknown provider \"orders_idpp\"",
+         Box::new(|v| v["connections"]["orders_read"]["provider"] = json!("orders_idpp"))),
+        ("providers.orders_idp.clster: unknown field; expected one of \"type\", \"cluster\", \"token_url\", \"client_id\", \"client_secret\", \"auth_method\", \"timeout_ms\", \"default_expires_in_s\"",
+         Box::new(|v| v["providers"]["orders_idp"]["clster"] = json!("idp"))),
+        ("colour: unknown field; expected one of \"claims\", \"secrets\", \"providers\", \"connections\", \"routes\", \"unmatched\"",
+         Box::new(|v| v["colour"] = json!("blue"))),
+        ("routes[0].match.route_name: expected a string, found a number",
+         Box::new(|v| v["routes"][0]["match"]["route_name"] = json!(5))),
+        ("routes: expected an array, found an object",
+         Box::new(|v| v["routes"] = json!({}))),
+        ("connections.partner_prod.api_key: unknown secret \"partner_kee\"",
+         Box::new(|v| v["connections"]["partner_prod"]["api_key"] = json!("partner_kee"))),
+        ("providers.orders_idp.client_secret: unknown secret \"nope\"",
+         Box::new(|v| v["providers"]["orders_idp"]["client_secret"] = json!("nope"))),
+        ("routes[1].inject[0].connections[0]: unknown connection \"partner_dev\"",
+         Box::new(|v| v["routes"][1]["inject"][0]["connections"] = json!(["partner_dev"]))),
+        ("routes[1].name: duplicate route name \"orders\" (first used at routes[0].name)",
+         Box::new(|v| v["routes"][1]["name"] = json!("orders"))),
+        ("connections.orders_read.access: access policy admits no one; give at least one of \"public\": true, \"authenticated\": true, \"users\", \"groups\" or \"claims\"",
+         Box::new(|v| v["connections"]["orders_read"]["access"] = json!({}))),
+        ("routes[0].access: access policy admits no one; give at least one of \"public\": true, \"authenticated\": true, \"users\", \"groups\" or \"claims\"",
+         Box::new(|v| v["routes"][0]["access"] = json!({"public": false}))),
+        ("routes[1].inject[0]: give exactly one of \"header\" or \"query\", not both",
+         Box::new(|v| v["routes"][1]["inject"][0]["header"] = json!("x-api-key"))),
+        ("routes[1].inject[0]: give exactly one of \"header\" or \"query\"",
+         Box::new(|v| { v["routes"][1]["inject"][0].as_object_mut().unwrap().remove("query"); })),
+        ("routes[0].inject[0].header: invalid value \"x api key\": not a valid HTTP header name",
+         Box::new(|v| v["routes"][0]["inject"][0]["header"] = json!("x api key"))),
+        ("routes[0].inject[0].header: invalid value \"Host\": Envoy owns this header; latchkey can't set it",
+         Box::new(|v| v["routes"][0]["inject"][0]["header"] = json!("Host"))),
+        ("routes[1].inject[0].prefix: only allowed with \"header\", not with \"query\"",
+         Box::new(|v| v["routes"][1]["inject"][0]["prefix"] = json!("Key "))),
+        ("connections.orders_read.grant: required field is missing",
+         Box::new(|v| { v["connections"]["orders_read"].as_object_mut().unwrap().remove("grant"); })),
+        ("connections.orders_read.grant: invalid value \"password\": expected one of \"client_credentials\", \"refresh_token\", \"token_exchange\"",
+         Box::new(|v| v["connections"]["orders_read"]["grant"] = json!("password"))),
+        ("providers.orders_idp.token_url: invalid value \"idp.internal/token\": not an absolute URL (relative URL without a base)",
+         Box::new(|v| v["providers"]["orders_idp"]["token_url"] = json!("idp.internal/token"))),
+        ("providers.orders_idp.token_url: invalid value \"ftp://idp/token\": scheme must be http or https",
+         Box::new(|v| v["providers"]["orders_idp"]["token_url"] = json!("ftp://idp/token"))),
+        ("connections.orders_read.refresh_token: required when grant is \"refresh_token\"",
+         Box::new(|v| v["connections"]["orders_read"]["grant"] = json!("refresh_token"))),
+        ("connections.orders_read.refresh_token: only allowed when grant is \"refresh_token\"",
+         Box::new(|v| v["connections"]["orders_read"]["refresh_token"] = json!("orders_secret"))),
+        ("secrets.partner_key.env: environment variable \"PARTNER_API_KEY_UNSET\" is not set",
+         Box::new(|v| v["secrets"]["partner_key"]["env"] = json!("PARTNER_API_KEY_UNSET"))),
+        ("secrets.partner_key.env: environment variable \"EMPTY\" is empty",
+         Box::new(|v| v["secrets"]["partner_key"]["env"] = json!("EMPTY"))),
+        ("secrets.partner_key: give exactly one of \"env\" or \"inline\", not both",
+         Box::new(|v| v["secrets"]["partner_key"]["inline"] = json!("x"))),
+        ("routes[0].inject[0].connections: must not be empty",
+         Box::new(|v| v["routes"][0]["inject"][0]["connections"] = json!([]))),
+        ("routes[0].inject[0].connections: required field is missing",
+         Box::new(|v| { v["routes"][0]["inject"][0].as_object_mut().unwrap().remove("connections"); })),
+        ("claims.from: invalid value \"jwt\": expected one of \"jwt_metadata\", \"header\", \"none\"",
+         Box::new(|v| v["claims"]["from"] = json!("jwt"))),
+        ("unmatched: invalid value \"block\": expected \"allow\" or \"deny\"",
+         Box::new(|v| v["unmatched"] = json!("block"))),
+        ("providers.partner.type: invalid value \"apikey\": expected \"api_key\" or \"oauth2\"",
+         Box::new(|v| v["providers"]["partner"]["type"] = json!("apikey"))),
+        ("providers.partner.cluster: not allowed for an api_key provider",
+         Box::new(|v| v["providers"]["partner"]["cluster"] = json!("c"))),
+        ("connections.orders_read.api_key: not allowed for a connection of an oauth2 provider",
+         Box::new(|v| v["connections"]["orders_read"]["api_key"] = json!("partner_key"))),
+        ("connections.partner_prod.grant: not allowed for a connection of an api_key provider",
+         Box::new(|v| v["connections"]["partner_prod"]["grant"] = json!("client_credentials"))),
+        ("connections.partner_prod.access: required field is missing",
+         Box::new(|v| { v["connections"]["partner_prod"].as_object_mut().unwrap().remove("access"); })),
+        ("routes[1].match.path_prefix: invalid value \"partner/\": must start with \"/\"",
+         Box::new(|v| v["routes"][1]["match"]["path_prefix"] = json!("partner/"))),
+        ("routes[1].match.path_exact: give \"path_prefix\" or \"path_exact\", not both",
+         Box::new(|v| v["routes"][1]["match"]["path_exact"] = json!("/partner/x"))),
+        ("routes[1].match.methods[1]: invalid value \"GE T\": not an HTTP method token",
+         Box::new(|v| v["routes"][1]["match"]["methods"] = json!(["GET", "GE T"]))),
+        ("routes[1].match.methods: must not be empty",
+         Box::new(|v| v["routes"][1]["match"]["methods"] = json!([]))),
+        ("routes[0].match: required field is missing",
+         Box::new(|v| { v["routes"][0].as_object_mut().unwrap().remove("match"); })),
+        ("routes[0].name: required field is missing",
+         Box::new(|v| { v["routes"][0].as_object_mut().unwrap().remove("name"); })),
+        ("providers.orders_idp.timeout_ms: invalid value \"0\": must be between 1 and 300000",
+         Box::new(|v| v["providers"]["orders_idp"]["timeout_ms"] = json!(0))),
+        ("providers.orders_idp.timeout_ms: expected a non-negative integer, found a string",
+         Box::new(|v| v["providers"]["orders_idp"]["timeout_ms"] = json!("2000"))),
+        ("providers.orders_idp.auth_method: invalid value \"private_key_jwt\": expected \"client_secret_basic\" or \"client_secret_post\"",
+         Box::new(|v| v["providers"]["orders_idp"]["auth_method"] = json!("private_key_jwt"))),
+        ("connections.orders_read.scopes[0]: invalid value \"orders read\": not a valid scope token (RFC 6749 §3.3: no spaces, quotes or backslashes)",
+         Box::new(|v| v["connections"]["orders_read"]["scopes"] = json!(["orders read"]))),
+        ("connections.orders_read.extra_params.grant_type: latchkey sets this token request parameter itself",
+         Box::new(|v| v["connections"]["orders_read"]["extra_params"] = json!({"grant_type": "x"}))),
+        ("connections.orders_read.extra_params.foo: expected a string, found a number",
+         Box::new(|v| v["connections"]["orders_read"]["extra_params"] = json!({"foo": 1}))),
+        ("connections.partner_prod.access.groups[0]: expected a string, found a number",
+         Box::new(|v| v["connections"]["partner_prod"]["access"]["groups"] = json!([1]))),
+        ("connections.partner_prod.access.claims.scp: must not be empty",
+         Box::new(|v| v["connections"]["partner_prod"]["access"] = json!({"claims": {"scp": []}}))),
+        ("routes[0].access.public: expected a boolean, found a string",
+         Box::new(|v| v["routes"][0]["access"] = json!({"public": "yes"}))),
+        ("routes[0].strip[0]: invalid value \"bad header\": not a valid HTTP header name",
+         Box::new(|v| v["routes"][0]["strip"] = json!(["bad header"]))),
+        ("claims.key: invalid value \"x payload\": not a valid HTTP header name",
+         Box::new(|v| v["claims"] = json!({"from": "header", "key": "x payload"}))),
+        ("claims.groups: invalid value \"realm..roles\": not a claim name (empty segment)",
+         Box::new(|v| v["claims"]["groups"] = json!("realm..roles"))),
+        ("providers.orders_idp.token_url: must not carry credentials; use client_id and client_secret",
+         Box::new(|v| v["providers"]["orders_idp"]["token_url"] = json!("https://u:p@idp/token"))),
+        ("connections.orders_read.subject_token_type: only allowed when grant is \"token_exchange\"",
+         Box::new(|v| v["connections"]["orders_read"]["subject_token_type"] = json!("x"))),
+        ("routes[0].inject[0].connections[1]: duplicate connection \"orders_write\" (first used at routes[0].inject[0].connections)",
+         Box::new(|v| v["routes"][0]["inject"][0]["connections"] = json!(["orders_write", "orders_write"]))),
+        ("routes[1].match.host: invalid value \"api example\": not a host name",
+         Box::new(|v| v["routes"][1]["match"]["host"] = json!("api example"))),
+        ("routes[0].inject[0].prefix: invalid value \"Bearer\\r\\n\": not a valid header value (control characters)",
+         Box::new(|v| v["routes"][0]["inject"][0]["prefix"] = json!("Bearer\r\n"))),
+    ];
+    assert!(cases.len() >= 25);
+    let mut seen = std::collections::HashSet::new();
+    for (want, edit) in cases {
+        assert!(seen.insert(want), "duplicate case {want}");
+        assert_eq!(error_after(edit), want);
+    }
+}
+
+#[test]
+fn not_json_and_not_an_object() {
+    let e = Config::parse(b"{\"routes\": [", &env)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("configuration is not valid JSON: EOF while parsing"),
+        "{e}"
+    );
+    let e = Config::parse(b"[]", &env).unwrap_err().to_string();
+    assert_eq!(e, "expected an object, found an array");
+    let e = Config::parse(b"", &env).unwrap_err().to_string();
+    assert!(e.starts_with("configuration is not valid JSON"), "{e}");
+}
+
+#[test]
+fn errors_never_hold_secret_values() {
+    // A mistyped inline secret: the message says the type, not the value.
+    let e = error_after(|v| v["secrets"]["demo_key"]["inline"] = json!(12345678));
+    assert_eq!(
+        e,
+        "secrets.demo_key.inline: expected a string, found a number"
+    );
+    let e = error_after(|v| v["secrets"]["demo_key"] = json!("demo-only"));
+    assert_eq!(e, "secrets.demo_key: expected an object, found a string");
+    assert!(!e.contains("demo-only"));
+}
+
+#[test]
+fn normalization_at_load() {
+    let c = load(&json!({
+        "secrets": {"k": {"inline": "v"}},
+        "providers": {"p": {"type": "api_key"}},
+        "connections": {"c": {"provider": "p", "api_key": "k", "access": {"public": true,
+                                "claims": {"realm_access.roles": "admin", "tier": ["1", "2"]}}}},
+        "routes": [{"name": "r", "match": {"host": "API.Example.com", "methods": ["get"]},
+                    "inject": [{"connections": ["c"], "header": "X-Api-Key"}],
+                    "strip": ["Cookie"]}]
+    }))
+    .unwrap();
+    let r = &c.routes[0];
+    assert_eq!(r.matcher.host.as_deref(), Some("api.example.com"));
+    assert_eq!(r.matcher.methods, ["GET"]);
+    assert_eq!(
+        r.inject[0].target,
+        Target::Header {
+            name: "x-api-key".into(),
+            prefix: None
+        }
+    );
+    assert_eq!(r.strip, ["cookie"]);
+    let paths: Vec<&str> = c.claim_paths.iter().map(|p| p.dotted.as_str()).collect();
+    assert_eq!(paths, ["sub", "groups", "realm_access.roles", "tier"]);
+    assert_eq!(c.claim_paths[2].segments, ["realm_access", "roles"]);
+    assert_eq!(
+        c.connections[0].access.claims,
+        vec![
+            (2, vec!["admin".to_string()]),
+            (3, vec!["1".into(), "2".into()])
+        ]
+    );
+}
+
+#[test]
+fn header_source_and_none() {
+    let c = load(&json!({"claims": {"from": "header", "key": "X-JWT-Payload"}})).unwrap();
+    assert_eq!(
+        c.claims.source,
+        ClaimsSource::Header {
+            name: "x-jwt-payload".into()
+        }
+    );
+    let c = load(&json!({"claims": {"from": "none"}})).unwrap();
+    assert_eq!(c.claims.source, ClaimsSource::None);
+}

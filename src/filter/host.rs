@@ -1,0 +1,310 @@
+//! The proxy-wasm host calls latchkey makes, as functions that return `Result`
+//! for every status the host can give.
+//!
+//! The SDK's `proxy_wasm::hostcalls` return `Result` too, but `panic!` on any
+//! status they don't expect (e.g. `set_property`, `send_http_response`,
+//! `get_header_map_value` on anything but Ok/NotFound), and its logger
+//! `unwrap`s; a panic aborts the worker's VM. So the request path uses these
+//! bindings to the same ABI (0.2.1) functions instead. The SDK still provides the
+//! context dispatch and the memory allocator the host calls back into.
+
+use crate::pairs;
+
+/// A host status other than Ok, as the ABI numbers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostError(pub u32);
+
+pub const NOT_FOUND: u32 = 1;
+
+impl std::fmt::Display for HostError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self.0 {
+            1 => "NotFound",
+            2 => "BadArgument",
+            3 => "SerializationFailure",
+            4 => "ParseFailure",
+            6 => "Empty",
+            7 => "CasMismatch",
+            8 => "ResultMismatch",
+            10 => "InternalFailure",
+            12 => "Unimplemented",
+            _ => return write!(f, "status {}", self.0),
+        };
+        f.write_str(name)
+    }
+}
+
+pub type HostResult<T> = Result<T, HostError>;
+
+#[derive(Debug, Clone, Copy)]
+#[repr(u32)]
+pub enum Map {
+    RequestHeaders = 0,
+}
+
+#[derive(Debug, Clone, Copy, PartialOrd, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Level {
+    Debug = 1,
+    Info = 2,
+    Warn = 3,
+    Error = 4,
+    Critical = 5,
+}
+
+#[derive(Debug, Clone, Copy)]
+#[repr(u32)]
+pub enum MetricKind {
+    Counter = 0,
+}
+
+const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+
+#[allow(clashing_extern_declarations)]
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_log_level(return_level: *mut u32) -> u32;
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+    fn proxy_add_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_code_details_data: *const u8,
+        status_code_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+    fn proxy_define_metric(
+        metric_type: u32,
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+}
+
+fn status(code: u32) -> HostResult<()> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(HostError(code))
+    }
+}
+
+/// Takes ownership of a buffer the host allocated through the SDK's
+/// `proxy_on_memory_allocate` (a boxed slice of exactly `size` bytes).
+///
+/// # Safety
+/// `data` must be null or come from that allocator with `size` bytes.
+unsafe fn owned(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() {
+        Vec::new()
+    } else {
+        Vec::from_raw_parts(data, size, size)
+    }
+}
+
+/// Logs a message; a failure to log is ignored (there is nowhere to report it).
+pub fn log(level: Level, message: &str) {
+    // SAFETY: pointer and length of a live &str.
+    unsafe {
+        proxy_log(level as u32, message.as_ptr(), message.len());
+    }
+}
+
+/// Whether messages at `level` would be written: skip formatting otherwise.
+pub fn log_enabled(level: Level) -> bool {
+    let mut current = 0u32;
+    // SAFETY: the host writes one u32.
+    let code = unsafe { proxy_get_log_level(&mut current) };
+    code != 0 || current <= level as u32
+}
+
+/// The plugin configuration (`configuration` in Envoy, `pluginConfig` in Istio).
+pub fn plugin_configuration() -> HostResult<Vec<u8>> {
+    let mut data = std::ptr::null_mut();
+    let mut size = 0usize;
+    // SAFETY: out-pointers to locals; the buffer is then owned.
+    let code = unsafe {
+        proxy_get_buffer_bytes(
+            BUFFER_PLUGIN_CONFIGURATION,
+            0,
+            usize::MAX,
+            &mut data,
+            &mut size,
+        )
+    };
+    match code {
+        0 => Ok(unsafe { owned(data, size) }),
+        NOT_FOUND => Ok(Vec::new()),
+        other => Err(HostError(other)),
+    }
+}
+
+/// All headers of a map, as one buffer in the pairs encoding.
+pub struct HeaderPairs(Vec<u8>);
+
+impl HeaderPairs {
+    /// The pairs; names as `&str` (Envoy's header names are tokens), values as bytes.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        pairs::decode(&self.0)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| std::str::from_utf8(k).ok().map(|k| (k, v)))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+}
+
+pub fn header_pairs(map: Map) -> HostResult<HeaderPairs> {
+    let mut data = std::ptr::null_mut();
+    let mut size = 0usize;
+    // SAFETY: out-pointers to locals; the buffer is then owned.
+    status(unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) })?;
+    let bytes = unsafe { owned(data, size) };
+    if !bytes.is_empty() && pairs::decode(&bytes).is_none() {
+        return Err(HostError(3));
+    }
+    Ok(HeaderPairs(bytes))
+}
+
+pub fn remove_header(map: Map, name: &str) -> HostResult<()> {
+    // SAFETY: pointer and length of a live &str.
+    status(unsafe { proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) })
+}
+
+pub fn add_header(map: Map, name: &str, value: &[u8]) -> HostResult<()> {
+    // SAFETY: pointers and lengths of live slices.
+    status(unsafe {
+        proxy_add_header_map_value(
+            map as u32,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    })
+}
+
+pub fn replace_header(map: Map, name: &str, value: &[u8]) -> HostResult<()> {
+    // SAFETY: pointers and lengths of live slices.
+    status(unsafe {
+        proxy_replace_header_map_value(
+            map as u32,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    })
+}
+
+fn property_path(path: &[&str]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(path.iter().map(|s| s.len() + 1).sum());
+    for seg in path {
+        out.extend_from_slice(seg.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// A property; `Ok(None)` when the host has none at that path.
+pub fn property(path: &[&str]) -> HostResult<Option<Vec<u8>>> {
+    let p = property_path(path);
+    let mut data = std::ptr::null_mut();
+    let mut size = 0usize;
+    // SAFETY: pointer and length of a live Vec, out-pointers to locals.
+    let code = unsafe { proxy_get_property(p.as_ptr(), p.len(), &mut data, &mut size) };
+    match code {
+        0 => Ok(Some(unsafe { owned(data, size) })),
+        NOT_FOUND => Ok(None),
+        other => Err(HostError(other)),
+    }
+}
+
+/// Sets filter state (from an HTTP context: `wasm.<name>`).
+pub fn set_property(path: &[&str], value: &[u8]) -> HostResult<()> {
+    let p = property_path(path);
+    // SAFETY: pointers and lengths of live buffers.
+    status(unsafe { proxy_set_property(p.as_ptr(), p.len(), value.as_ptr(), value.len()) })
+}
+
+pub fn send_local_response(
+    status_code: u32,
+    details: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HostResult<()> {
+    let items: Vec<(&[u8], &[u8])> = headers
+        .iter()
+        .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+        .collect();
+    let h = pairs::encode(&items);
+    // SAFETY: pointers and lengths of live buffers.
+    status(unsafe {
+        proxy_send_local_response(
+            status_code,
+            details.as_ptr(),
+            details.len(),
+            body.as_ptr(),
+            body.len(),
+            h.as_ptr(),
+            h.len(),
+            -1,
+        )
+    })
+}
+
+pub fn define_metric(kind: MetricKind, name: &str) -> HostResult<u32> {
+    let mut id = 0u32;
+    // SAFETY: pointer and length of a live &str; the host writes one u32.
+    status(unsafe { proxy_define_metric(kind as u32, name.as_ptr(), name.len(), &mut id) })?;
+    Ok(id)
+}
+
+pub fn increment_metric(id: u32, by: i64) -> HostResult<()> {
+    // SAFETY: plain values.
+    status(unsafe { proxy_increment_metric(id, by) })
+}

@@ -1,0 +1,389 @@
+//! What latchkey changes in a request: pure functions over the request as data.
+//!
+//! - A header injection removes every header the client sent under that name, and
+//!   under any name an upstream could read as the same one (case-insensitive, `_`
+//!   for `-`: CGI-style servers fold `x_api_key` into `X-API-KEY`), then sets one
+//!   value.
+//! - A query injection removes every parameter the client sent whose name decodes
+//!   (percent-decoding, `+` as space, case-insensitively) to the configured name,
+//!   in segments split on `&` and `;`, appends the key percent-encoded, and keeps
+//!   every other byte of the query as sent.
+//!
+//! So whichever value an upstream picks (first, last, or a case-insensitive match)
+//! it is latchkey's.
+
+use crate::config::{Route, Target};
+use crate::secret::Secret;
+
+/// One change to the request headers, applied in order by the filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Edit {
+    /// Remove every value of this (lowercase) header.
+    Remove(String),
+    /// Add this header (every earlier value was removed by a `Remove`).
+    Set { name: String, value: Secret },
+    /// Replace `:path`.
+    SetPath(Vec<u8>),
+}
+
+/// Whether a header an upstream receives as `sent` may be read as `target`.
+pub fn same_header(sent: &str, target: &str) -> bool {
+    sent.len() == target.len()
+        && sent
+            .bytes()
+            .zip(target.bytes())
+            .all(|(a, b)| fold(a) == fold(b))
+}
+
+fn fold(b: u8) -> u8 {
+    match b {
+        b'_' => b'-',
+        b => b.to_ascii_lowercase(),
+    }
+}
+
+/// Removes of every request header equivalent to `target` (the name itself first).
+pub fn remove_all<'a>(target: &str, sent: impl Iterator<Item = &'a str>, edits: &mut Vec<Edit>) {
+    push_remove(edits, target);
+    for name in sent {
+        if name != target && same_header(name, target) {
+            push_remove(edits, &name.to_ascii_lowercase());
+        }
+    }
+}
+
+fn push_remove(edits: &mut Vec<Edit>, name: &str) {
+    if !edits
+        .iter()
+        .any(|e| matches!(e, Edit::Remove(n) if n == name))
+    {
+        edits.push(Edit::Remove(name.to_string()));
+    }
+}
+
+/// The `:path` with every client parameter named `name` removed and `name=value`
+/// appended, both percent-encoded.
+pub fn rewrite_query(path: &[u8], name: &str, value: &str) -> Vec<u8> {
+    let (base, query) = match path.iter().position(|&b| b == b'?') {
+        Some(i) => (path.get(..i).unwrap_or(path), path.get(i + 1..)),
+        None => (path, None),
+    };
+    let mut out = Vec::with_capacity(path.len() + name.len() + value.len() * 3 + 2);
+    out.extend_from_slice(base);
+    out.push(b'?');
+    let mut started = false;
+    if let Some(query) = query.filter(|q| !q.is_empty()) {
+        let mut start = 0;
+        let mut sep: Option<u8> = None;
+        for i in 0..=query.len() {
+            let at = query.get(i).copied();
+            if at.is_some() && at != Some(b'&') && at != Some(b';') {
+                continue;
+            }
+            let segment = query.get(start..i).unwrap_or_default();
+            if !names_param(segment, name) {
+                if started {
+                    out.extend(sep);
+                }
+                out.extend_from_slice(segment);
+                started = true;
+            }
+            sep = at;
+            start = i + 1;
+        }
+    }
+    if started {
+        out.push(b'&');
+    }
+    encode_into(&mut out, name.as_bytes());
+    out.push(b'=');
+    encode_into(&mut out, value.as_bytes());
+    out
+}
+
+/// Whether a `name=value` segment's name decodes to `name` (ASCII case-insensitive).
+fn names_param(segment: &[u8], name: &str) -> bool {
+    let raw = match segment.iter().position(|&b| b == b'=') {
+        Some(i) => segment.get(..i).unwrap_or(segment),
+        None => segment,
+    };
+    let decoded = decode(raw);
+    decoded.eq_ignore_ascii_case(name.as_bytes())
+}
+
+/// Percent-decoding with `+` as space; invalid escapes stay as they are.
+fn decode(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while let Some(&b) = raw.get(i) {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = raw
+                    .get(i + 1)
+                    .and_then(|h| hex_val(*h))
+                    .zip(raw.get(i + 2).and_then(|l| hex_val(*l)));
+                if let Some((h, l)) = hex {
+                    out.push(h << 4 | l);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            _ => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn encode_into(out: &mut Vec<u8>, raw: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in raw {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b);
+        } else {
+            out.push(b'%');
+            out.push(HEX.get(usize::from(b >> 4)).copied().unwrap_or(b'0'));
+            out.push(HEX.get(usize::from(b & 15)).copied().unwrap_or(b'0'));
+        }
+    }
+}
+
+/// The credential serving one `inject` entry, resolved by the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct Resolved<'a> {
+    pub secret: &'a Secret,
+    /// Used when the entry has no `prefix`: `""` for API keys, `"Bearer "` for tokens.
+    pub default_prefix: &'static str,
+}
+
+/// Every change a matched route makes to a request: its injections (aligned
+/// with `resolved`) and its `strip` list. `sent` are the header names the client
+/// sent; `path` is the original `:path`.
+pub fn plan(route: &Route, resolved: &[Resolved], sent: &[&str], path: &[u8]) -> Vec<Edit> {
+    let mut edits = Vec::new();
+    for name in &route.strip {
+        remove_all(name, sent.iter().copied(), &mut edits);
+    }
+    let mut new_path: Option<Vec<u8>> = None;
+    for (inj, cred) in route.inject.iter().zip(resolved) {
+        match &inj.target {
+            Target::Header { name, prefix } => {
+                remove_all(name, sent.iter().copied(), &mut edits);
+                let prefix = prefix.as_deref().unwrap_or(cred.default_prefix);
+                let value = Secret::new(format!("{prefix}{}", cred.secret.expose()));
+                edits.retain(|e| !matches!(e, Edit::Set { name: n, .. } if n == name));
+                edits.push(Edit::Set {
+                    name: name.clone(),
+                    value,
+                });
+            }
+            Target::Query { name } => {
+                let current = new_path.as_deref().unwrap_or(path);
+                new_path = Some(rewrite_query(current, name, cred.secret.expose()));
+            }
+        }
+    }
+    if let Some(p) = new_path {
+        edits.push(Edit::SetPath(p));
+    }
+    edits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rq(path: &str, name: &str, value: &str) -> String {
+        String::from_utf8(rewrite_query(path.as_bytes(), name, value)).unwrap()
+    }
+
+    #[test]
+    fn appends_to_a_path_without_query() {
+        assert_eq!(rq("/a", "api_key", "k1"), "/a?api_key=k1");
+        assert_eq!(rq("/a?", "api_key", "k1"), "/a?api_key=k1");
+    }
+
+    #[test]
+    fn client_api_key_param_is_replaced_and_rest_kept_byte_for_byte() {
+        assert_eq!(
+            rq("/a?x=1&api_key=evil&y=%2F+z&api_key=again", "api_key", "k1"),
+            "/a?x=1&y=%2F+z&api_key=k1"
+        );
+        assert_eq!(rq("/a?api_key=evil", "api_key", "k1"), "/a?api_key=k1");
+        assert_eq!(rq("/a?api_key&x", "api_key", "k1"), "/a?x&api_key=k1");
+        assert_eq!(rq("/a?b=1&&c=2", "api_key", "k"), "/a?b=1&&c=2&api_key=k");
+        assert_eq!(rq("/a?&b=1", "api_key", "k"), "/a?&b=1&api_key=k");
+    }
+
+    #[test]
+    fn encoded_cased_and_semicolon_variants_are_removed() {
+        for evil in [
+            "api%5Fkey=e",
+            "api%5fkey=e",
+            "%61pi_key=e",
+            "API_KEY=e",
+            "Api_Key=e",
+            "api_key=",
+            "api_key",
+            "%61%70%69%5f%6b%65%79=e",
+        ] {
+            assert_eq!(
+                rq(&format!("/a?{evil}&z=1"), "api_key", "k"),
+                "/a?z=1&api_key=k",
+                "{evil}"
+            );
+        }
+        assert_eq!(
+            rq("/a?z=1;api_key=e;w=2", "api_key", "k"),
+            "/a?z=1;w=2&api_key=k"
+        );
+        assert_eq!(rq("/a?api+key=e", "api key", "k"), "/a?api%20key=k");
+        // Not the same name: kept.
+        assert_eq!(
+            rq("/a?api_keys=e&xapi_key=f", "api_key", "k"),
+            "/a?api_keys=e&xapi_key=f&api_key=k"
+        );
+        assert_eq!(
+            rq("/a?api%255Fkey=e", "api_key", "k"),
+            "/a?api%255Fkey=e&api_key=k"
+        );
+    }
+
+    #[test]
+    fn key_and_name_are_percent_encoded() {
+        assert_eq!(
+            rq("/a", "key", "a b&c=d/é"),
+            "/a?key=a%20b%26c%3Dd%2F%C3%A9"
+        );
+        assert_eq!(rq("/a", "k&y", "v"), "/a?k%26y=v");
+    }
+
+    #[test]
+    fn invalid_escapes_and_non_utf8_survive() {
+        let out = rewrite_query(b"/a?x=%zz&y=\xff", "k", "v");
+        assert_eq!(out, b"/a?x=%zz&y=\xff&k=v".to_vec());
+        assert_eq!(decode(b"%4"), b"%4");
+        assert_eq!(decode(b"%"), b"%");
+    }
+
+    fn route(inject: Vec<(Target, &str)>, strip: &[&str]) -> Route {
+        Route {
+            name: "r".into(),
+            matcher: Default::default(),
+            access: None,
+            inject: inject
+                .into_iter()
+                .map(|(target, _)| crate::config::Injection {
+                    connections: vec![0],
+                    target,
+                })
+                .collect(),
+            strip: strip.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn plan_sets_headers_strips_and_rewrites_query_once() {
+        let k1 = Secret::new("k1");
+        let k2 = Secret::new("k2");
+        let r = route(
+            vec![
+                (
+                    Target::Header {
+                        name: "authorization".into(),
+                        prefix: None,
+                    },
+                    "",
+                ),
+                (
+                    Target::Query {
+                        name: "api_key".into(),
+                    },
+                    "",
+                ),
+                (
+                    Target::Header {
+                        name: "x-key".into(),
+                        prefix: Some("Key ".into()),
+                    },
+                    "",
+                ),
+                (Target::Query { name: "sig".into() }, ""),
+            ],
+            &["cookie"],
+        );
+        let resolved = [
+            Resolved {
+                secret: &k1,
+                default_prefix: "Bearer ",
+            },
+            Resolved {
+                secret: &k2,
+                default_prefix: "",
+            },
+            Resolved {
+                secret: &k2,
+                default_prefix: "",
+            },
+            Resolved {
+                secret: &k1,
+                default_prefix: "",
+            },
+        ];
+        let sent = ["host", "x_key", "Cookie", "authorization"];
+        let edits = plan(&r, &resolved, &sent, b"/p?api_key=evil&a=1");
+        assert_eq!(
+            edits,
+            vec![
+                Edit::Remove("cookie".into()),
+                Edit::Remove("authorization".into()),
+                Edit::Set {
+                    name: "authorization".into(),
+                    value: Secret::new("Bearer k1")
+                },
+                Edit::Remove("x-key".into()),
+                Edit::Remove("x_key".into()),
+                Edit::Set {
+                    name: "x-key".into(),
+                    value: Secret::new("Key k2")
+                },
+                Edit::SetPath(b"/p?a=1&api_key=k2&sig=k1".to_vec()),
+            ]
+        );
+        assert!(!format!("{edits:?}").contains("k1"));
+    }
+
+    #[test]
+    fn header_equivalence() {
+        assert!(same_header("x-api-key", "x-api-key"));
+        assert!(same_header("X_API_KEY", "x-api-key"));
+        assert!(same_header("x_api-key", "x-api-key"));
+        assert!(!same_header("x-api-keys", "x-api-key"));
+        let mut edits = vec![];
+        remove_all(
+            "x-api-key",
+            ["host", "x_api_key", "x-api-key", "X_Api-Key"].into_iter(),
+            &mut edits,
+        );
+        assert_eq!(
+            edits,
+            vec![
+                Edit::Remove("x-api-key".into()),
+                Edit::Remove("x_api_key".into()),
+                Edit::Remove("x_api-key".into())
+            ]
+        );
+    }
+}

@@ -1,0 +1,23 @@
+//! latchkey: a credential broker inside Envoy.
+//!
+//! Per request the filter
+//! 1. finds the route's auth configuration ([`router`]),
+//! 2. reads the caller's claims that `jwt_authn` verified ([`claims`]),
+//! 3. decides whether the caller may use the route and which connection serves
+//!    each injection ([`policy`]),
+//! 4. changes the request: API key in a header or the query, headers stripped
+//!    ([`inject`]), or answers itself with a JSON 401/403/503 ([`response`]).
+//!
+//! Everything above is plain Rust over values, tested natively. Only
+//! [`filter`] talks to the proxy-wasm host.
+
+pub mod claims;
+pub mod config;
+pub mod inject;
+pub mod pairs;
+pub mod policy;
+pub mod response;
+pub mod router;
+pub mod secret;
+
+pub mod filter;

@@ -1,0 +1,181 @@
+//! Access decisions: may this caller use this route, and which connection serves
+//! each of the route's injections.
+//!
+//! A route's `access` is checked first. Then, for each `inject` entry, the first
+//! connection (in the configured order) whose `access` admits the caller is
+//! picked. Every entry is resolved before anything is changed, so a request is
+//! either fully served or refused: never half-injected.
+//!
+//! A refusal is 401 when the caller brought no claims (authenticating might
+//! help) and 403 when it did (it would not).
+
+use crate::claims::Identity;
+use crate::config::{Access, Config, Unmatched};
+
+/// Whether `access` admits the caller (`None`: no claims).
+pub fn admits(access: &Access, id: Option<&Identity>) -> bool {
+    if access.public {
+        return true;
+    }
+    let Some(id) = id else { return false };
+    if access.authenticated {
+        return true;
+    }
+    if let Some(sub) = id.subject() {
+        if access.users.iter().any(|u| u == sub) {
+            return true;
+        }
+    }
+    if !access.groups.is_empty() && id.groups().any(|g| access.groups.iter().any(|a| a == g)) {
+        return true;
+    }
+    !access.claims.is_empty()
+        && access.claims.iter().all(|(claim, wanted)| {
+            id.claim(*claim)
+                .is_some_and(|v| wanted.iter().any(|w| v.holds(w)))
+        })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// 401: no claims, and claims are needed.
+    Unauthenticated,
+    /// 403: the caller's claims don't admit it.
+    Forbidden,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// No route matched and `unmatched` is `allow`: forward, inject nothing.
+    UnmatchedAllowed,
+    /// No route matched and `unmatched` is `deny`: 403.
+    UnmatchedDenied,
+    Denied {
+        route: usize,
+        denial: Denial,
+    },
+    /// Forward; `picks[i]` is the connection serving `route.inject[i]`.
+    Allowed {
+        route: usize,
+        picks: Vec<usize>,
+    },
+}
+
+pub fn decide(config: &Config, route: Option<usize>, id: Option<&Identity>) -> Decision {
+    let Some((ri, r)) = route.and_then(|i| config.route(i).map(|r| (i, r))) else {
+        return match config.unmatched {
+            Unmatched::Allow => Decision::UnmatchedAllowed,
+            Unmatched::Deny => Decision::UnmatchedDenied,
+        };
+    };
+    let denial = if id.is_some() {
+        Denial::Forbidden
+    } else {
+        Denial::Unauthenticated
+    };
+    if let Some(access) = &r.access {
+        if !admits(access, id) {
+            return Decision::Denied { route: ri, denial };
+        }
+    }
+    let mut picks = Vec::with_capacity(r.inject.len());
+    for inj in &r.inject {
+        let pick = inj
+            .connections
+            .iter()
+            .copied()
+            .find(|&ci| config.connection(ci).is_some_and(|c| admits(&c.access, id)));
+        match pick {
+            Some(ci) => picks.push(ci),
+            None => return Decision::Denied { route: ri, denial },
+        }
+    }
+    Decision::Allowed { route: ri, picks }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::claims::ClaimValue;
+
+    fn id(sub: &str, groups: &[&str]) -> Identity {
+        Identity::new(vec![
+            Some(ClaimValue::Scalar(sub.into())),
+            Some(ClaimValue::List(
+                groups.iter().map(|g| g.to_string()).collect(),
+            )),
+            Some(ClaimValue::Scalar("orders.read orders.write".into())),
+            Some(ClaimValue::Scalar("3".into())),
+        ])
+    }
+
+    fn access() -> Access {
+        Access::default()
+    }
+
+    #[test]
+    fn public_admits_everyone_even_without_claims() {
+        let a = Access {
+            public: true,
+            ..access()
+        };
+        assert!(admits(&a, None));
+        assert!(admits(&a, Some(&id("x", &[]))));
+    }
+
+    #[test]
+    fn authenticated_needs_claims() {
+        let a = Access {
+            authenticated: true,
+            ..access()
+        };
+        assert!(!admits(&a, None));
+        assert!(admits(&a, Some(&Identity::default())));
+    }
+
+    #[test]
+    fn users_and_groups_are_alternatives() {
+        let a = Access {
+            users: vec!["alice".into()],
+            groups: vec!["admins".into()],
+            ..access()
+        };
+        assert!(admits(&a, Some(&id("alice", &[]))));
+        assert!(admits(&a, Some(&id("bob", &["staff", "admins"]))));
+        assert!(!admits(&a, Some(&id("bob", &["staff"]))));
+        assert!(!admits(&a, None));
+    }
+
+    #[test]
+    fn claims_must_all_hold() {
+        let a = Access {
+            claims: vec![
+                (2, vec!["orders.write".into()]),
+                (3, vec!["2".into(), "3".into()]),
+            ],
+            ..access()
+        };
+        assert!(admits(&a, Some(&id("bob", &[]))));
+        let a = Access {
+            claims: vec![(2, vec!["orders.write".into()]), (3, vec!["4".into()])],
+            ..access()
+        };
+        assert!(!admits(&a, Some(&id("bob", &[]))));
+        let a = Access {
+            claims: vec![(9, vec!["x".into()])],
+            ..access()
+        };
+        assert!(!admits(&a, Some(&id("bob", &[]))));
+    }
+
+    #[test]
+    fn claims_or_users() {
+        let a = Access {
+            users: vec!["alice".into()],
+            claims: vec![(3, vec!["9".into()])],
+            ..access()
+        };
+        assert!(admits(&a, Some(&id("alice", &[]))));
+        assert!(!admits(&a, Some(&id("bob", &[]))));
+    }
+}

@@ -1,0 +1,287 @@
+//! Route matching: which route's auth configuration applies to a request.
+//!
+//! Routes are checked in configuration order and the first whose `match` holds
+//! applies. To keep that cheap with thousands of routes, [`Router::new`] files
+//! each route, at configure time, under its most selective field: the Envoy route
+//! name, else the exact path, else the path prefix, else the host; routes with
+//! none of these go to a list scanned for every request. A request then looks up
+//! only the buckets its own values select (one hash lookup per distinct prefix
+//! length for prefixes) and takes the lowest-numbered route that fully matches.
+//! Nothing is allocated per request unless the Host header has upper-case letters.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use crate::config::{PathMatch, Route, RouteMatch};
+
+/// What a request offers for matching. `path` excludes the query string.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    pub route_name: Option<&'a str>,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub method: &'a str,
+}
+
+#[derive(Debug, Default)]
+pub struct Router {
+    matchers: Vec<RouteMatch>,
+    by_route_name: HashMap<String, Vec<usize>>,
+    by_exact: HashMap<String, Vec<usize>>,
+    by_prefix: HashMap<String, Vec<usize>>,
+    /// Distinct lengths of the prefixes in `by_prefix`, ascending.
+    prefix_lens: Vec<usize>,
+    by_host: HashMap<String, Vec<usize>>,
+    rest: Vec<usize>,
+}
+
+impl Router {
+    pub fn new(routes: &[Route]) -> Self {
+        let mut r = Router::default();
+        for (i, route) in routes.iter().enumerate() {
+            let m = &route.matcher;
+            r.matchers.push(m.clone());
+            if let Some(name) = &m.route_name {
+                r.by_route_name.entry(name.clone()).or_default().push(i);
+            } else if let Some(PathMatch::Exact(p)) = &m.path {
+                r.by_exact.entry(p.clone()).or_default().push(i);
+            } else if let Some(PathMatch::Prefix(p)) = &m.path {
+                if !r.prefix_lens.contains(&p.len()) {
+                    r.prefix_lens.push(p.len());
+                }
+                r.by_prefix.entry(p.clone()).or_default().push(i);
+            } else if let Some(h) = &m.host {
+                r.by_host.entry(h.clone()).or_default().push(i);
+            } else {
+                r.rest.push(i);
+            }
+        }
+        r.prefix_lens.sort_unstable();
+        r
+    }
+
+    /// Whether any route matches on the Envoy route name (so the filter must read it).
+    pub fn needs_route_name(&self) -> bool {
+        !self.by_route_name.is_empty()
+    }
+
+    /// The index of the first route that matches, if any.
+    pub fn find(&self, req: &RequestInfo) -> Option<usize> {
+        let host = host_key(req.host);
+        let req = RequestInfo {
+            host: &host,
+            ..*req
+        };
+        let mut best: Option<usize> = None;
+        let mut scan = |list: &[usize]| {
+            for &i in list {
+                if best.is_some_and(|b| i >= b) {
+                    return;
+                }
+                if self.matchers.get(i).is_some_and(|m| matches(m, &req)) {
+                    best = Some(i);
+                    return;
+                }
+            }
+        };
+        if let Some(list) = req.route_name.and_then(|n| self.by_route_name.get(n)) {
+            scan(list);
+        }
+        if let Some(list) = self.by_exact.get(req.path) {
+            scan(list);
+        }
+        for &len in &self.prefix_lens {
+            let Some(head) = req.path.get(..len) else {
+                break;
+            };
+            if let Some(list) = self.by_prefix.get(head) {
+                scan(list);
+            }
+        }
+        if let Some(list) = self.by_host.get(req.host) {
+            scan(list);
+        }
+        scan(&self.rest);
+        best
+    }
+}
+
+/// Whether every field the route gives holds. `req.host` is already normalized.
+fn matches(m: &RouteMatch, req: &RequestInfo) -> bool {
+    if let Some(name) = &m.route_name {
+        if req.route_name != Some(name.as_str()) {
+            return false;
+        }
+    }
+    if let Some(h) = &m.host {
+        if h != req.host {
+            return false;
+        }
+    }
+    match &m.path {
+        Some(PathMatch::Exact(p)) if p != req.path => return false,
+        Some(PathMatch::Prefix(p)) if !req.path.starts_with(p.as_str()) => return false,
+        _ => {}
+    }
+    m.methods.is_empty() || m.methods.iter().any(|x| x == req.method)
+}
+
+/// The host without its port or a trailing dot: `api.example.com:8443` →
+/// `api.example.com`, `[::1]:80` → `[::1]`. Case is left alone.
+pub fn normalize_host(host: &str) -> &str {
+    let host = if host.starts_with('[') {
+        match host.find(']') {
+            Some(end) => host.get(..=end).unwrap_or(host),
+            None => host,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            // A single colon is a port separator; more would be a bare IPv6 address.
+            Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        }
+    };
+    host.strip_suffix('.').unwrap_or(host)
+}
+
+fn host_key(host: &str) -> Cow<'_, str> {
+    let h = normalize_host(host);
+    if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(h.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(m: RouteMatch) -> Route {
+        Route {
+            name: String::new(),
+            matcher: m,
+            access: None,
+            inject: vec![],
+            strip: vec![],
+        }
+    }
+
+    fn req<'a>(
+        rn: Option<&'a str>,
+        host: &'a str,
+        path: &'a str,
+        method: &'a str,
+    ) -> RequestInfo<'a> {
+        RequestInfo {
+            route_name: rn,
+            host,
+            path,
+            method,
+        }
+    }
+
+    fn prefix(p: &str) -> RouteMatch {
+        RouteMatch {
+            path: Some(PathMatch::Prefix(p.into())),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn first_match_wins_across_buckets() {
+        let routes = vec![
+            route(RouteMatch {
+                host: Some("api.test".into()),
+                ..Default::default()
+            }),
+            route(prefix("/orders")),
+            route(RouteMatch {
+                route_name: Some("orders".into()),
+                ..Default::default()
+            }),
+            route(RouteMatch::default()),
+        ];
+        let r = Router::new(&routes);
+        assert_eq!(
+            r.find(&req(Some("orders"), "API.test:8080", "/orders/1", "GET")),
+            Some(0)
+        );
+        assert_eq!(
+            r.find(&req(Some("orders"), "other", "/orders/1", "GET")),
+            Some(1)
+        );
+        assert_eq!(r.find(&req(Some("orders"), "other", "/x", "GET")), Some(2));
+        assert_eq!(r.find(&req(None, "other", "/x", "GET")), Some(3));
+        assert!(r.needs_route_name());
+    }
+
+    #[test]
+    fn all_given_fields_must_hold() {
+        let routes = vec![route(RouteMatch {
+            route_name: Some("p".into()),
+            host: Some("h".into()),
+            path: Some(PathMatch::Exact("/a".into())),
+            methods: vec!["GET".into(), "HEAD".into()],
+        })];
+        let r = Router::new(&routes);
+        assert_eq!(r.find(&req(Some("p"), "h", "/a", "HEAD")), Some(0));
+        assert_eq!(r.find(&req(Some("p"), "h", "/a", "POST")), None);
+        assert_eq!(r.find(&req(Some("p"), "h", "/a/", "GET")), None);
+        assert_eq!(r.find(&req(Some("p"), "g", "/a", "GET")), None);
+        assert_eq!(r.find(&req(Some("q"), "h", "/a", "GET")), None);
+        assert_eq!(r.find(&req(None, "h", "/a", "GET")), None);
+    }
+
+    #[test]
+    fn prefixes_of_several_lengths() {
+        let routes = vec![
+            route(prefix("/a/b/")),
+            route(prefix("/a/")),
+            route(prefix("/")),
+        ];
+        let r = Router::new(&routes);
+        assert_eq!(r.find(&req(None, "h", "/a/b/c", "GET")), Some(0));
+        assert_eq!(r.find(&req(None, "h", "/a/bc", "GET")), Some(1));
+        assert_eq!(r.find(&req(None, "h", "/z", "GET")), Some(2));
+        // A prefix longer than the path, and a non-ASCII path, are no trouble.
+        assert_eq!(r.find(&req(None, "h", "/", "GET")), Some(2));
+        assert_eq!(r.find(&req(None, "h", "/é", "GET")), Some(2));
+    }
+
+    #[test]
+    fn later_catch_all_does_not_shadow_earlier_specific_route() {
+        let routes = vec![route(prefix("/x")), route(RouteMatch::default())];
+        let r = Router::new(&routes);
+        assert_eq!(r.find(&req(None, "h", "/x", "GET")), Some(0));
+        let routes = vec![route(RouteMatch::default()), route(prefix("/x"))];
+        let r = Router::new(&routes);
+        assert_eq!(r.find(&req(None, "h", "/x", "GET")), Some(0));
+    }
+
+    #[test]
+    fn many_routes_last_one_matches() {
+        let routes: Vec<Route> = (0..10_000)
+            .map(|i| {
+                route(RouteMatch {
+                    route_name: Some(format!("r{i}")),
+                    ..Default::default()
+                })
+            })
+            .chain((0..10_000).map(|i| route(prefix(&format!("/p{i}/")))))
+            .collect();
+        let r = Router::new(&routes);
+        assert_eq!(r.find(&req(Some("r9999"), "h", "/", "GET")), Some(9999));
+        assert_eq!(r.find(&req(None, "h", "/p9999/x", "GET")), Some(19_999));
+        assert_eq!(r.find(&req(None, "h", "/q", "GET")), None);
+    }
+
+    #[test]
+    fn host_normalization() {
+        assert_eq!(normalize_host("api.example.com:8443"), "api.example.com");
+        assert_eq!(normalize_host("api.example.com."), "api.example.com");
+        assert_eq!(normalize_host("[::1]:80"), "[::1]");
+        assert_eq!(normalize_host("::1"), "::1");
+        assert_eq!(host_key("API.Example.COM:1"), "api.example.com");
+    }
+}

@@ -1,0 +1,98 @@
+"""pytest fixtures for latchkey's integration tests (real Envoy, see harness.py).
+
+Fixtures:
+  signer         session   RSA key + JWKS for jwt_authn; `signer.token({"sub": "alice"})`
+  upstream       function  started echo server recording requests
+  wasm_path      session   $LATCHKEY_WASM or target/wasm32-wasip1/release/latchkey.wasm
+  envoy_factory  function  `envoy_factory(plugin_config, **kw) -> Envoy` (started; all
+                           stopped at teardown, log tails printed if the test failed)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import REPO_ROOT, Envoy, Signer, Upstream, envoy_config, free_port  # noqa: E402
+
+DEFAULT_WASM = REPO_ROOT / "target" / "wasm32-wasip1" / "release" / "latchkey.wasm"
+_DEFAULT = object()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the item so fixtures can tell whether the test failed."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(scope="session")
+def signer() -> Signer:
+    """The key jwt_authn trusts (issuer https://issuer.test, audience latchkey-tests)."""
+    return Signer()
+
+
+@pytest.fixture
+def upstream():
+    """A started echo upstream on 127.0.0.1; stopped after the test."""
+    with Upstream() as up:
+        yield up
+
+
+@pytest.fixture(scope="session")
+def wasm_path() -> Path:
+    """The latchkey module under test ($LATCHKEY_WASM overrides the default path)."""
+    path = Path(os.environ.get("LATCHKEY_WASM") or DEFAULT_WASM)
+    if not path.is_file():
+        pytest.fail(f"latchkey wasm module not found at {path}: build it first "
+                    f"(cargo build --release --target wasm32-wasip1) or set LATCHKEY_WASM",
+                    pytrace=False)
+    return path
+
+
+@pytest.fixture
+def envoy_factory(request, signer, upstream, tmp_path):
+    """Start Envoys: `envoy_factory(plugin_config, **kwargs) -> Envoy` (already ready).
+
+    kwargs: `wasm_path` (default: the wasm_path fixture; None = no wasm filter),
+    `upstream_port` (default: the `upstream` fixture), `jwks` (default: signer's),
+    `log_level`, `component_log_level` (e.g. "wasm:debug"), `concurrency`, `extra_args`,
+    `env` (Envoy process env additions); everything else goes to `envoy_config`
+    (routes, extra_clusters, wasm_env, failure_policy, claims_header_forward, ...).
+    The access log is written to <workdir>/access.log.
+    """
+    started: list[Envoy] = []
+
+    def start(plugin_config=None, *, wasm_path=_DEFAULT, upstream_port=None, jwks=None,
+              log_level="info", component_log_level=None, concurrency=2, extra_args=(),
+              env=None, **config_kwargs) -> Envoy:
+        if wasm_path is _DEFAULT:
+            wasm_path = request.getfixturevalue("wasm_path")
+        workdir = tmp_path / f"envoy{len(started)}"
+        workdir.mkdir()
+        config_kwargs.setdefault("access_log_path", workdir / "access.log")
+        config = envoy_config(
+            listener_port=free_port(), admin_port=free_port(),
+            upstream_port=upstream_port if upstream_port is not None else upstream.port,
+            wasm_path=wasm_path, plugin_config=plugin_config,
+            jwks=jwks if jwks is not None else signer.jwks(), **config_kwargs)
+        envoy = Envoy(config, workdir, log_level=log_level,
+                      component_log_level=component_log_level, concurrency=concurrency,
+                      extra_args=extra_args, env=env)
+        started.append(envoy)
+        return envoy.start()
+
+    yield start
+
+    failed = any(getattr(request.node, f"rep_{w}", None) is not None
+                 and getattr(request.node, f"rep_{w}").failed for w in ("setup", "call"))
+    for envoy in started:
+        if failed and envoy.pid is not None:
+            print(f"\n=== envoy pid {envoy.pid} workdir {envoy.workdir} ===\n{envoy.diagnostics()}")
+        envoy.stop()
