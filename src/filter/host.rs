@@ -241,13 +241,10 @@ pub fn replace_header(map: Map, name: &str, value: &[u8]) -> HostResult<()> {
     })
 }
 
+/// Property path segments joined by NUL, with none after the last: Envoy uses
+/// the bytes as they are for `set_property` keys (`wasm.<path>`).
 fn property_path(path: &[&str]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(path.iter().map(|s| s.len() + 1).sum());
-    for seg in path {
-        out.extend_from_slice(seg.as_bytes());
-        out.push(0);
-    }
-    out
+    path.join("\0").into_bytes()
 }
 
 /// A property; `Ok(None)` when the host has none at that path.
@@ -307,4 +304,15 @@ pub fn define_metric(kind: MetricKind, name: &str) -> HostResult<u32> {
 pub fn increment_metric(id: u32, by: i64) -> HostResult<()> {
     // SAFETY: plain values.
     status(unsafe { proxy_increment_metric(id, by) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn property_path_has_no_trailing_nul() {
+        assert_eq!(property_path(&["latchkey.route"]), b"latchkey.route");
+        assert_eq!(property_path(&["xds", "route_name"]), b"xds\0route_name");
+    }
 }

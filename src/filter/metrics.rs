@@ -24,10 +24,7 @@ fn counter(name: &str) -> Option<u32> {
     match host::define_metric(MetricKind::Counter, name) {
         Ok(id) => Some(id),
         Err(e) => {
-            host::log(
-                Level::Warn,
-                &format!("latchkey: can't define stat {name}: {e}"),
-            );
+            host::log(Level::Warn, &format!("can't define stat {name}: {e}"));
             None
         }
     }

