@@ -59,7 +59,7 @@ impl RootContext for Root {
         match Config::parse(&text, &env) {
             Ok(config) => {
                 for w in &config.warnings {
-                    host::log(Level::Warn, &format!("{w}"));
+                    host::log(Level::Warn, w);
                 }
                 host::log(
                     Level::Info,
