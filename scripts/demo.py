@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""The latchkey demo behind `make run`.
+
+Starts, all on 127.0.0.1: an echo upstream (it answers with the request it got, as
+JSON), and Envoy 1.40 running envoy/demo.yaml with the freshly built latchkey module.
+Mints demo JWTs with envoy/demo/demo-signing-key.pem (a key for this demo only),
+prints curl lines to try, and runs until Ctrl-C, then stops everything it started.
+
+`--self-test` runs the same requests itself, checks the answers and exits (the
+integration tests use it with free ports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import jwt
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+from harness import Upstream, http_request  # noqa: E402
+
+DEMO_CONFIG = REPO / "envoy" / "demo.yaml"
+DEMO_KEY = REPO / "envoy" / "demo" / "demo-signing-key.pem"
+WASM_PLACEHOLDER = "/opt/latchkey/latchkey.wasm"
+DEFAULT_PORTS = {"listen": 10000, "admin": 9901, "upstream": 18080}
+
+
+def mint(sub: str, groups: list[str]) -> str:
+    now = int(time.time())
+    claims = {"iss": "https://demo.latchkey.local", "aud": "latchkey-demo", "sub": sub,
+              "groups": groups, "iat": now, "exp": now + 12 * 3600}
+    return jwt.encode(claims, DEMO_KEY.read_bytes(), algorithm="RS256",
+                      headers={"kid": "latchkey-demo"})
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def render(wasm: Path, ports: dict[str, int], out: Path) -> None:
+    text = DEMO_CONFIG.read_text().replace(WASM_PLACEHOLDER, str(wasm.resolve()))
+    for name, default in DEFAULT_PORTS.items():
+        text = text.replace(f"port_value: {default} ", f"port_value: {ports[name]} ")
+    out.write_text(text)
+
+
+def wait_ready(admin: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"Envoy exited with {proc.returncode}; see its output above")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit("Envoy was not ready within 30 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def instructions(ports: dict[str, int], alice: str, bob: str) -> str:
+    base = f"http://127.0.0.1:{ports['listen']}"
+    return f"""
+latchkey demo is up.  Envoy {base}  (admin http://127.0.0.1:{ports['admin']})
+The echo upstream answers with the request it received, so you can see what latchkey
+injected. Applications never hold the keys: Envoy's latchkey does.
+
+  export ALICE='{alice}'   # groups: billing
+  export BOB='{bob}'       # groups: support
+
+1. API key into a header: alice (group billing) may use the partner connection
+   curl -s -H "Authorization: Bearer $ALICE" {base}/partner/invoices | python3 -m json.tool
+
+2. API key into the query: public route; the client's own appid is replaced
+   curl -s "{base}/weather?city=Oslo&appid=mine" | python3 -m json.tool
+
+3. No token on a route that needs one: 401
+   curl -si {base}/partner/invoices
+
+4. A token without the billing group: 403
+   curl -si -H "Authorization: Bearer $BOB" {base}/partner/invoices
+
+5. What latchkey counted
+   curl -s http://127.0.0.1:{ports['admin']}/stats | grep latchkey
+
+Access-log lines (route, connection, decision) appear below. Ctrl-C stops everything.
+"""
+
+
+def self_test(ports: dict[str, int], alice: str, bob: str) -> list[str]:
+    """The printed requests, checked. Returns the failures."""
+    port = ports["listen"]
+    failures = []
+
+    def check(name, cond):
+        print(("PASS " if cond else "FAIL ") + name, flush=True)
+        if not cond:
+            failures.append(name)
+
+    r = http_request(port, "GET", "/partner/invoices", headers=[("authorization", f"Bearer {alice}")])
+    echoed = json.loads(r.body) if r.status == 200 else {}
+    headers = {k.lower(): v for k, v in echoed.get("headers", [])}
+    check("header injection", r.status == 200 and headers.get("x-api-key") == "demo-partner-key-7f3a")
+    r = http_request(port, "GET", "/weather?city=Oslo&appid=mine")
+    echoed = json.loads(r.body) if r.status == 200 else {}
+    check("query injection", echoed.get("path") == "/weather?city=Oslo&appid=demo-weather-key-19c2")
+    r = http_request(port, "GET", "/partner/invoices")
+    check("401 without a token", r.status == 401 and json.loads(r.body) ==
+          {"error": "unauthenticated", "route": "partner"})
+    r = http_request(port, "GET", "/partner/invoices", headers=[("authorization", f"Bearer {bob}")])
+    check("403 without the group", r.status == 403 and json.loads(r.body) ==
+          {"error": "forbidden", "route": "partner"})
+    return failures
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--wasm", type=Path, required=True, help="the built latchkey.wasm")
+    ap.add_argument("--envoy", type=Path, default=REPO / ".venv" / "bin" / "envoy")
+    for name, default in DEFAULT_PORTS.items():
+        ap.add_argument(f"--{name}", type=int, default=default, help=f"port (default {default})")
+    ap.add_argument("--self-test", action="store_true", help="check the demo requests, then exit")
+    args = ap.parse_args()
+    ports = {name: getattr(args, name) for name in DEFAULT_PORTS}
+    if not args.wasm.is_file():
+        raise SystemExit(f"{args.wasm} not found: run `make build` first")
+    busy = [f"{name} {p}" for name, p in ports.items() if not port_free(p)]
+    if busy:
+        raise SystemExit("ports in use on 127.0.0.1: " + ", ".join(busy)
+                         + " (stop what uses them, or pass --listen/--admin/--upstream)")
+
+    workdir = Path(tempfile.mkdtemp(prefix="latchkey-demo-"))
+    config = workdir / "envoy.yaml"
+    render(args.wasm, ports, config)
+    alice, bob = mint("alice", ["billing"]), mint("bob", ["support"])
+
+    upstream = Upstream(ports["upstream"]).start()
+    cmd = [str(args.envoy), "-c", str(config), "--concurrency", "2", "--base-id",
+           str(30000 + ports["admin"]), "--log-level", "warn"]
+    out = subprocess.DEVNULL if args.self_test else None
+    envoy = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None)
+    try:
+        wait_ready(ports["admin"], envoy)
+        if args.self_test:
+            failures = self_test(ports, alice, bob)
+            print(f"{4 - len(failures)} passed, {len(failures)} failed")
+            return 1 if failures else 0
+        print(instructions(ports, alice, bob), flush=True)
+        envoy.wait()
+        print(f"Envoy exited with {envoy.returncode}", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping Envoy and the echo upstream", flush=True)
+        return 0
+    finally:
+        stop(envoy)
+        upstream.stop()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
+    sys.exit(main())
