@@ -19,5 +19,6 @@ pub mod policy;
 pub mod response;
 pub mod router;
 pub mod secret;
+pub mod token;
 
 pub mod filter;

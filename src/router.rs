@@ -164,6 +164,7 @@ mod tests {
             access: None,
             inject: vec![],
             strip: vec![],
+            drop_token_on_401: true,
         }
     }
 

@@ -29,6 +29,7 @@ const PROVIDER: &[&str] = &[
     "auth_method",
     "timeout_ms",
     "default_expires_in_s",
+    "refresh_margin_s",
 ];
 const CONNECTION: &[&str] = &[
     "provider",
@@ -43,7 +44,14 @@ const CONNECTION: &[&str] = &[
     "access",
 ];
 const ACCESS: &[&str] = &["public", "authenticated", "users", "groups", "claims"];
-const ROUTE: &[&str] = &["name", "match", "access", "inject", "strip"];
+const ROUTE: &[&str] = &[
+    "name",
+    "match",
+    "access",
+    "inject",
+    "strip",
+    "drop_token_on_401",
+];
 const MATCH: &[&str] = &["route_name", "host", "path_prefix", "path_exact", "methods"];
 const INJECT: &[&str] = &["connections", "header", "query", "prefix"];
 
@@ -76,6 +84,7 @@ pub const TOKEN_EXCHANGE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:
 const DEFAULT_TIMEOUT_MS: u64 = 5000;
 const MAX_TIMEOUT_MS: u64 = 300_000;
 const DEFAULT_EXPIRES_IN_S: u64 = 300;
+const DEFAULT_REFRESH_MARGIN_S: u64 = 5;
 
 pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     let doc: Value = serde_json::from_slice(text).map_err(|e| {
@@ -447,12 +456,14 @@ impl Builder<'_> {
             {
                 strip.push(header_name(&index(&r.child("strip"), j), h)?);
             }
+            let drop_token_on_401 = r.opt_bool("drop_token_on_401")?.unwrap_or(true);
             routes.push(Route {
                 name: name.to_string(),
                 matcher,
                 access,
                 inject,
                 strip,
+                drop_token_on_401,
             });
         }
         Ok(routes)
@@ -533,7 +544,11 @@ fn oauth2_provider(p: &Obj, secrets: &Named<Secret>) -> Result<OAuth2Provider, C
             "must be at least 1",
         ));
     }
+    let refresh_margin_s = p
+        .opt_u64("refresh_margin_s")?
+        .unwrap_or(DEFAULT_REFRESH_MARGIN_S);
     Ok(OAuth2Provider {
+        refresh_margin_s,
         cluster,
         token_url: token_url.to_string(),
         authority,

@@ -116,6 +116,8 @@ pub struct OAuth2Provider {
     pub timeout_ms: u64,
     /// Lifetime assumed when a token response has no `expires_in`.
     pub default_expires_in_s: u64,
+    /// A token is refreshed at half its lifetime, and at least this long before it expires.
+    pub refresh_margin_s: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +182,8 @@ pub struct Route {
     pub inject: Vec<Injection>,
     /// Lowercased header names removed before forwarding.
     pub strip: Vec<String>,
+    /// Drop a latchkey token from the cache when the upstream answers 401 to it.
+    pub drop_token_on_401: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

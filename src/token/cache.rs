@@ -1,0 +1,655 @@
+//! One cache key's state, shared by every worker of the proxy.
+//!
+//! The filter keeps a [`CacheState`] per key (a connection, or a connection and
+//! caller for token exchange) in proxy-wasm shared data and changes it only by
+//! compare-and-swap, so all workers see one state and at most one fetch per key
+//! is in flight in the whole proxy:
+//!
+//! ```text
+//!            request                 token                     refresh_at passed
+//!   Empty ───────────► Fetching ───────────► Ready ─────────────────────────► Refreshing
+//!     ▲                 │    ▲                 ▲ ▲                                │
+//!     │ 401 on token    │    │ backoff over    │ └──── refresh failed (retry later)┤
+//!     └── Ready         ▼    │                 └──────────── new token ────────────┘
+//!                     Backoff ┘   (requests get 503 at once while it lasts)
+//! ```
+//!
+//! `Fetching` and `Refreshing` hold a lease (owner, expiry): only the owner
+//! installs the result, and a lease that outlives the fetch timeout (its worker
+//! died, its call was lost) is taken over by the next request. Time is passed in
+//! as milliseconds; randomness (owner ids, token ids, jitter) too.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Timing rules for one key, from the provider's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub fetch_timeout_ms: u64,
+    pub refresh_margin_ms: u64,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Policy {
+    pub fn new(fetch_timeout_ms: u64, refresh_margin_ms: u64) -> Self {
+        Policy {
+            fetch_timeout_ms,
+            refresh_margin_ms,
+            backoff_base_ms: 1000,
+            backoff_max_ms: 60_000,
+        }
+    }
+
+    fn lease(&self, owner: u64, now: u64) -> Lease {
+        // The call times out after fetch_timeout_ms; allow a second for the callback.
+        Lease {
+            owner,
+            until_ms: now + self.fetch_timeout_ms + 1000,
+        }
+    }
+
+    /// Exponential backoff after `failures` consecutive failures (≥ 1), with
+    /// "equal jitter": half fixed, half random (`jitter` is any random number).
+    pub fn backoff_ms(&self, failures: u32, jitter: u64) -> u64 {
+        let exp = self
+            .backoff_base_ms
+            .saturating_mul(1u64 << failures.clamp(1, 20).saturating_sub(1));
+        let delay = exp.min(self.backoff_max_ms).max(2);
+        delay / 2 + jitter % (delay / 2 + 1)
+    }
+}
+
+/// A cached access token. `Debug` doesn't show it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cached {
+    pub token: String,
+    /// Identifies this token (random), so a 401 drops only the token it was for.
+    pub id: u64,
+    /// After this the token is never injected (a little before its real expiry).
+    pub usable_until_ms: u64,
+    pub refresh_at_ms: u64,
+}
+
+impl fmt::Debug for Cached {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cached")
+            .field("token", &"[redacted]")
+            .field("id", &self.id)
+            .field("usable_until_ms", &self.usable_until_ms)
+            .field("refresh_at_ms", &self.refresh_at_ms)
+            .finish()
+    }
+}
+
+impl Cached {
+    pub fn usable(&self, now: u64) -> bool {
+        now < self.usable_until_ms
+    }
+
+    /// A token of `lifetime_ms` received at `now`: refreshed at half its
+    /// lifetime, and at least `refresh_margin_ms` before expiry, but never
+    /// before a quarter of its lifetime (so short tokens don't refresh in a loop).
+    pub fn new(token: String, id: u64, lifetime_ms: u64, now: u64, policy: &Policy) -> Self {
+        let skew = (lifetime_ms / 10).min(1000);
+        let refresh_in = (lifetime_ms / 2)
+            .min(lifetime_ms.saturating_sub(policy.refresh_margin_ms))
+            .max(lifetime_ms / 4);
+        Cached {
+            token,
+            id,
+            usable_until_ms: now + lifetime_ms - skew,
+            refresh_at_ms: now + refresh_in,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub owner: u64,
+    pub until_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "s")]
+pub enum CacheState {
+    #[default]
+    Empty,
+    /// No usable token; one fetch in flight.
+    Fetching { lease: Lease, failures: u32 },
+    /// A usable token. `failures` counts failed refreshes since it came.
+    Ready { token: Cached, failures: u32 },
+    /// A usable token, and a fetch for its successor in flight.
+    Refreshing {
+        token: Cached,
+        lease: Lease,
+        failures: u32,
+    },
+    /// The last fetch failed: requests get 503 until `until_ms`.
+    Backoff {
+        until_ms: u64,
+        failures: u32,
+        kind: String,
+    },
+}
+
+/// What a request should do, given the key's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Inject this token.
+    Use(Cached),
+    /// Inject this token, and start a background refresh: CAS the state to
+    /// `next`; if that succeeds, this worker owns the fetch.
+    UseAndRefresh { token: Cached, next: CacheState },
+    /// Another fetch is in flight: wait for it.
+    Wait,
+    /// CAS the state to `next`; if that succeeds, fetch, then wait.
+    Fetch { next: CacheState },
+    /// Backing off: answer 503 now.
+    Reject { retry_after_ms: u64 },
+}
+
+/// The state gauge: 0 empty, 1 fetching, 2 ready, 3 refreshing, 4 backoff.
+impl CacheState {
+    pub fn gauge(&self) -> u64 {
+        match self {
+            CacheState::Empty => 0,
+            CacheState::Fetching { .. } => 1,
+            CacheState::Ready { .. } => 2,
+            CacheState::Refreshing { .. } => 3,
+            CacheState::Backoff { .. } => 4,
+        }
+    }
+
+    /// Decodes shared data; anything unreadable (a pre-created empty value) is `Empty`.
+    pub fn decode(bytes: &[u8]) -> CacheState {
+        serde_json::from_slice(bytes).unwrap_or_default()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+pub fn on_request(state: &CacheState, now: u64, owner: u64, policy: &Policy) -> Decision {
+    use CacheState::*;
+    let fetch = |failures: u32| Decision::Fetch {
+        next: Fetching {
+            lease: policy.lease(owner, now),
+            failures,
+        },
+    };
+    match state {
+        Ready { token, failures } if token.usable(now) => {
+            if now >= token.refresh_at_ms {
+                Decision::UseAndRefresh {
+                    token: token.clone(),
+                    next: Refreshing {
+                        token: token.clone(),
+                        lease: policy.lease(owner, now),
+                        failures: *failures,
+                    },
+                }
+            } else {
+                Decision::Use(token.clone())
+            }
+        }
+        Refreshing {
+            token,
+            lease,
+            failures,
+        } if token.usable(now) => {
+            if now < lease.until_ms {
+                Decision::Use(token.clone())
+            } else {
+                // The refresh was lost: take it over.
+                Decision::UseAndRefresh {
+                    token: token.clone(),
+                    next: Refreshing {
+                        token: token.clone(),
+                        lease: policy.lease(owner, now),
+                        failures: *failures,
+                    },
+                }
+            }
+        }
+        Refreshing {
+            lease, failures, ..
+        }
+        | Fetching { lease, failures } => {
+            if now < lease.until_ms {
+                Decision::Wait
+            } else {
+                fetch(*failures)
+            }
+        }
+        Backoff {
+            until_ms, failures, ..
+        } => {
+            if now < *until_ms {
+                Decision::Reject {
+                    retry_after_ms: until_ms - now,
+                }
+            } else {
+                fetch(*failures)
+            }
+        }
+        Empty | Ready { .. } => fetch(0),
+    }
+}
+
+/// The result of a fetch, as the cache needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchOutcome {
+    Token {
+        token: String,
+        id: u64,
+        lifetime_ms: u64,
+    },
+    Failed {
+        kind: &'static str,
+    },
+}
+
+/// The state after `owner`'s fetch finished; `None` if `owner` no longer holds
+/// the lease (it was taken over, or the key changed): then the result is dropped.
+pub fn on_result(
+    state: &CacheState,
+    owner: u64,
+    outcome: FetchOutcome,
+    now: u64,
+    policy: &Policy,
+    jitter: u64,
+) -> Option<CacheState> {
+    use CacheState::*;
+    let (held, failures, current) = match state {
+        Fetching { lease, failures } => (lease.owner == owner, *failures, None),
+        Refreshing {
+            token,
+            lease,
+            failures,
+        } => (lease.owner == owner, *failures, Some(token)),
+        _ => (false, 0, None),
+    };
+    if !held {
+        return None;
+    }
+    Some(match outcome {
+        FetchOutcome::Token {
+            token,
+            id,
+            lifetime_ms,
+        } => Ready {
+            token: Cached::new(token, id, lifetime_ms, now, policy),
+            failures: 0,
+        },
+        FetchOutcome::Failed { kind } => {
+            let failures = failures.saturating_add(1);
+            let delay = policy.backoff_ms(failures, jitter);
+            match current {
+                // Keep serving the current token; try again after the backoff.
+                Some(token) if token.usable(now) => Ready {
+                    token: Cached {
+                        refresh_at_ms: now + delay,
+                        ..token.clone()
+                    },
+                    failures,
+                },
+                _ => Backoff {
+                    until_ms: now + delay,
+                    failures,
+                    kind: kind.to_string(),
+                },
+            }
+        }
+    })
+}
+
+/// The upstream answered 401 to token `id`: drop it if it is still the cached one.
+pub fn on_upstream_401(state: &CacheState, id: u64) -> Option<CacheState> {
+    use CacheState::*;
+    match state {
+        Ready { token, .. } if token.id == id => Some(Empty),
+        Refreshing {
+            token,
+            lease,
+            failures,
+        } if token.id == id => Some(Fetching {
+            lease: *lease,
+            failures: *failures,
+        }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use CacheState::*;
+
+    const P: Policy = Policy {
+        fetch_timeout_ms: 2000,
+        refresh_margin_ms: 5000,
+        backoff_base_ms: 1000,
+        backoff_max_ms: 60_000,
+    };
+
+    fn ready(lifetime: u64, now: u64) -> CacheState {
+        Ready {
+            token: Cached::new("at".into(), 7, lifetime, now, &P),
+            failures: 0,
+        }
+    }
+
+    fn fetched(lifetime: u64) -> FetchOutcome {
+        FetchOutcome::Token {
+            token: "new".into(),
+            id: 8,
+            lifetime_ms: lifetime,
+        }
+    }
+
+    /// Applies a decision's CAS target, as the filter does when its CAS succeeds.
+    fn next_of(d: &Decision) -> Option<CacheState> {
+        match d {
+            Decision::UseAndRefresh { next, .. } | Decision::Fetch { next } => Some(next.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn cold_key_fetches_once_then_others_wait() {
+        let d = on_request(&Empty, 0, 1, &P);
+        let fetching = next_of(&d).unwrap();
+        assert_eq!(
+            fetching,
+            Fetching {
+                lease: Lease {
+                    owner: 1,
+                    until_ms: 3000
+                },
+                failures: 0
+            }
+        );
+        assert_eq!(on_request(&fetching, 10, 2, &P), Decision::Wait);
+        assert_eq!(on_request(&fetching, 2999, 3, &P), Decision::Wait);
+        let s = on_result(&fetching, 1, fetched(10_000), 50, &P, 0).unwrap();
+        let Ready { token, failures: 0 } = &s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(token.token, "new");
+        assert_eq!(token.usable_until_ms, 50 + 10_000 - 1000);
+        assert_eq!(token.refresh_at_ms, 50 + 5000);
+        assert_eq!(on_request(&s, 60, 9, &P), Decision::Use(token.clone()));
+    }
+
+    #[test]
+    fn lost_fetch_lease_is_taken_over() {
+        let fetching = Fetching {
+            lease: Lease {
+                owner: 1,
+                until_ms: 3000,
+            },
+            failures: 2,
+        };
+        let d = on_request(&fetching, 3000, 5, &P);
+        assert_eq!(
+            next_of(&d),
+            Some(Fetching {
+                lease: Lease {
+                    owner: 5,
+                    until_ms: 6000
+                },
+                failures: 2
+            })
+        );
+        // The old owner's late result is dropped.
+        let taken = next_of(&d).unwrap();
+        assert_eq!(on_result(&taken, 1, fetched(10_000), 3100, &P, 0), None);
+    }
+
+    #[test]
+    fn refresh_ahead_never_makes_requests_wait() {
+        let s = ready(10_000, 0);
+        let Decision::Use(_) = on_request(&s, 4999, 1, &P) else {
+            panic!()
+        };
+        let d = on_request(&s, 5000, 2, &P);
+        let Decision::UseAndRefresh { token, next } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(token.token, "at");
+        let Refreshing { lease, .. } = &next else {
+            panic!()
+        };
+        assert_eq!(lease.owner, 2);
+        // While refreshing, everyone uses the current token.
+        assert!(matches!(on_request(&next, 6000, 3, &P), Decision::Use(_)));
+        let s2 = on_result(&next, 2, fetched(10_000), 6100, &P, 0).unwrap();
+        let Ready { token, .. } = &s2 else { panic!() };
+        assert_eq!((token.token.as_str(), token.id), ("new", 8));
+    }
+
+    #[test]
+    fn expired_token_is_never_used() {
+        let s = ready(10_000, 0);
+        // usable until 9000 (skew 1000)
+        assert!(matches!(
+            on_request(&s, 8999, 1, &P),
+            Decision::UseAndRefresh { .. }
+        ));
+        assert!(matches!(
+            on_request(&s, 9000, 1, &P),
+            Decision::Fetch { .. }
+        ));
+        let Ready { token, .. } = &s else { panic!() };
+        let refreshing = Refreshing {
+            token: token.clone(),
+            lease: Lease {
+                owner: 1,
+                until_ms: 20_000,
+            },
+            failures: 0,
+        };
+        assert_eq!(on_request(&refreshing, 9000, 2, &P), Decision::Wait);
+    }
+
+    #[test]
+    fn failure_backs_off_with_growing_jittered_delay_then_recovers() {
+        let fetching = Fetching {
+            lease: Lease {
+                owner: 1,
+                until_ms: 3000,
+            },
+            failures: 0,
+        };
+        let s = on_result(
+            &fetching,
+            1,
+            FetchOutcome::Failed { kind: "timeout" },
+            100,
+            &P,
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            s,
+            Backoff {
+                until_ms: 100 + 500,
+                failures: 1,
+                kind: "timeout".into()
+            }
+        );
+        assert_eq!(
+            on_request(&s, 300, 2, &P),
+            Decision::Reject {
+                retry_after_ms: 300
+            }
+        );
+        // Backoff over: one request fetches again, keeping the failure count.
+        let d = on_request(&s, 600, 3, &P);
+        let f2 = next_of(&d).unwrap();
+        assert_eq!(
+            f2,
+            Fetching {
+                lease: Lease {
+                    owner: 3,
+                    until_ms: 3600
+                },
+                failures: 1
+            }
+        );
+        let s = on_result(
+            &f2,
+            3,
+            FetchOutcome::Failed { kind: "status" },
+            700,
+            &P,
+            999,
+        )
+        .unwrap();
+        let Backoff {
+            until_ms,
+            failures: 2,
+            ..
+        } = s
+        else {
+            panic!("{s:?}")
+        };
+        assert!((700 + 1000..=700 + 2000).contains(&until_ms), "{until_ms}");
+        // Recovery clears the failures.
+        let f3 = next_of(&on_request(&s, until_ms, 4, &P)).unwrap();
+        let s = on_result(&f3, 4, fetched(10_000), until_ms + 10, &P, 0).unwrap();
+        assert!(matches!(s, Ready { failures: 0, .. }));
+    }
+
+    #[test]
+    fn backoff_grows_to_the_cap() {
+        assert_eq!(P.backoff_ms(1, 0), 500);
+        assert_eq!(P.backoff_ms(2, 0), 1000);
+        assert_eq!(P.backoff_ms(3, 0), 2000);
+        assert_eq!(P.backoff_ms(30, 0), 30_000);
+        for j in [0, 1, 12345, u64::MAX] {
+            let d = P.backoff_ms(4, j);
+            assert!((4000..=8000).contains(&d), "{d}");
+        }
+    }
+
+    #[test]
+    fn failed_refresh_keeps_the_valid_token() {
+        let Ready { token, .. } = ready(10_000, 0) else {
+            panic!()
+        };
+        let refreshing = Refreshing {
+            token: token.clone(),
+            lease: Lease {
+                owner: 1,
+                until_ms: 8000,
+            },
+            failures: 0,
+        };
+        let s = on_result(
+            &refreshing,
+            1,
+            FetchOutcome::Failed { kind: "connect" },
+            5100,
+            &P,
+            0,
+        )
+        .unwrap();
+        let Ready {
+            token: t,
+            failures: 1,
+        } = &s
+        else {
+            panic!("{s:?}")
+        };
+        assert_eq!(t.token, "at");
+        assert_eq!(t.refresh_at_ms, 5100 + 500);
+        assert!(matches!(on_request(&s, 5200, 2, &P), Decision::Use(_)));
+        // Token expired by the time the refresh fails: back off.
+        let s = on_result(
+            &refreshing,
+            1,
+            FetchOutcome::Failed { kind: "connect" },
+            9500,
+            &P,
+            0,
+        )
+        .unwrap();
+        assert!(matches!(s, Backoff { failures: 1, .. }));
+    }
+
+    #[test]
+    fn upstream_401_drops_only_the_cached_token() {
+        let s = ready(10_000, 0);
+        assert_eq!(on_upstream_401(&s, 6), None);
+        assert_eq!(on_upstream_401(&s, 7), Some(Empty));
+        let Ready { token, .. } = s else { panic!() };
+        let lease = Lease {
+            owner: 1,
+            until_ms: 9000,
+        };
+        let refreshing = Refreshing {
+            token,
+            lease,
+            failures: 0,
+        };
+        assert_eq!(
+            on_upstream_401(&refreshing, 7),
+            Some(Fetching { lease, failures: 0 })
+        );
+        assert_eq!(on_upstream_401(&Empty, 7), None);
+    }
+
+    #[test]
+    fn refresh_timing_for_short_and_long_tokens() {
+        let c = Cached::new("t".into(), 1, 3_600_000, 0, &P);
+        assert_eq!(c.refresh_at_ms, 1_800_000);
+        assert_eq!(c.usable_until_ms, 3_599_000);
+        let c = Cached::new("t".into(), 1, 8000, 0, &P);
+        assert_eq!(c.refresh_at_ms, 3000); // 5 s margin before expiry
+        let c = Cached::new("t".into(), 1, 2000, 0, &P);
+        assert_eq!(c.refresh_at_ms, 500); // never before a quarter of the lifetime
+        assert_eq!(c.usable_until_ms, 1800);
+    }
+
+    #[test]
+    fn encoding_round_trips_and_garbage_is_empty() {
+        for s in [
+            Empty,
+            ready(1000, 5),
+            Backoff {
+                until_ms: 9,
+                failures: 3,
+                kind: "timeout".into(),
+            },
+        ] {
+            assert_eq!(CacheState::decode(&s.encode()), s);
+        }
+        assert_eq!(CacheState::decode(b""), Empty);
+        assert_eq!(CacheState::decode(b"{\"s\":\"Nope\"}"), Empty);
+        assert!(!format!("{:?}", ready(1000, 5)).contains("\"at\""));
+    }
+
+    #[test]
+    fn gauge_values() {
+        let lease = Lease {
+            owner: 1,
+            until_ms: 1,
+        };
+        assert_eq!(Empty.gauge(), 0);
+        assert_eq!(Fetching { lease, failures: 0 }.gauge(), 1);
+        assert_eq!(ready(1000, 0).gauge(), 2);
+        assert_eq!(
+            Backoff {
+                until_ms: 0,
+                failures: 1,
+                kind: String::new()
+            }
+            .gauge(),
+            4
+        );
+    }
+}

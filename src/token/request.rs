@@ -1,0 +1,237 @@
+//! The token request (RFC 6749 §4.4, §6; RFC 8693 §2.1) built as data.
+//!
+//! Client authentication follows RFC 6749 §2.3.1: with `client_secret_basic` the
+//! client id and secret are each form-urlencoded, joined by `:` and base64-encoded
+//! into `Authorization: Basic`; with `client_secret_post` they are form fields.
+
+use base64::Engine;
+use url::form_urlencoded;
+
+use crate::config::{AuthMethod, Grant, OAuth2Connection, OAuth2Provider};
+use crate::secret::Secret;
+
+pub const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+
+/// What the grant needs from outside the configuration.
+#[derive(Debug, Clone, Copy)]
+pub enum GrantInput<'a> {
+    /// `client_credentials`.
+    None,
+    /// `refresh_token`: the current refresh token (rotated ones replace the configured one).
+    RefreshToken(&'a Secret),
+    /// `token_exchange`: the caller's own bearer token.
+    SubjectToken(&'a Secret),
+}
+
+/// One POST to the token endpoint. `Debug` shows no secret: the body and the
+/// `authorization` value are [`Secret`]s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRequest {
+    pub cluster: String,
+    /// `:method`, `:path`, `:authority`, `content-type`, `accept`.
+    pub headers: Vec<(&'static str, String)>,
+    pub authorization: Option<Secret>,
+    pub body: Secret,
+    pub timeout_ms: u64,
+}
+
+pub fn build(
+    provider: &OAuth2Provider,
+    conn: &OAuth2Connection,
+    input: GrantInput,
+) -> TokenRequest {
+    let mut form = form_urlencoded::Serializer::new(String::new());
+    match (&conn.grant, input) {
+        (Grant::RefreshToken(configured), input) => {
+            let current = match input {
+                GrantInput::RefreshToken(rt) => rt,
+                _ => configured,
+            };
+            form.append_pair("grant_type", "refresh_token");
+            form.append_pair("refresh_token", current.expose());
+        }
+        (Grant::TokenExchange { subject_token_type }, input) => {
+            form.append_pair("grant_type", GRANT_TOKEN_EXCHANGE);
+            if let GrantInput::SubjectToken(subject) = input {
+                form.append_pair("subject_token", subject.expose());
+            }
+            form.append_pair("subject_token_type", subject_token_type);
+        }
+        (Grant::ClientCredentials, _) => {
+            form.append_pair("grant_type", "client_credentials");
+        }
+    }
+    if !conn.scopes.is_empty() {
+        form.append_pair("scope", &conn.scopes.join(" "));
+    }
+    if let Some(a) = &conn.audience {
+        form.append_pair("audience", a);
+    }
+    if let Some(r) = &conn.resource {
+        form.append_pair("resource", r);
+    }
+    for (k, v) in &conn.extra_params {
+        form.append_pair(k, v);
+    }
+    let authorization = match provider.auth_method {
+        AuthMethod::ClientSecretBasic => {
+            let id: String =
+                form_urlencoded::byte_serialize(provider.client_id.as_bytes()).collect();
+            let secret: String =
+                form_urlencoded::byte_serialize(provider.client_secret.expose().as_bytes())
+                    .collect();
+            let encoded =
+                base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
+            Some(Secret::new(format!("Basic {encoded}")))
+        }
+        AuthMethod::ClientSecretPost => {
+            form.append_pair("client_id", &provider.client_id);
+            form.append_pair("client_secret", provider.client_secret.expose());
+            None
+        }
+    };
+    TokenRequest {
+        cluster: provider.cluster.clone(),
+        headers: vec![
+            (":method", "POST".to_string()),
+            (":path", provider.path.clone()),
+            (":authority", provider.authority.clone()),
+            (
+                "content-type",
+                "application/x-www-form-urlencoded".to_string(),
+            ),
+            ("accept", "application/json".to_string()),
+        ],
+        authorization,
+        body: Secret::new(form.finish()),
+        timeout_ms: provider.timeout_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(auth_method: AuthMethod) -> OAuth2Provider {
+        OAuth2Provider {
+            cluster: "idp".into(),
+            token_url: "https://idp.test:8443/oauth/token?tenant=a".into(),
+            authority: "idp.test:8443".into(),
+            path: "/oauth/token?tenant=a".into(),
+            client_id: "gw client".into(),
+            client_secret: Secret::new("s3cr:t/+"),
+            auth_method,
+            timeout_ms: 2000,
+            default_expires_in_s: 300,
+            refresh_margin_s: 5,
+        }
+    }
+
+    fn conn(grant: Grant) -> OAuth2Connection {
+        OAuth2Connection {
+            grant,
+            scopes: vec!["orders.read".into(), "orders.write".into()],
+            audience: Some("https://api.test".into()),
+            resource: Some("urn:api".into()),
+            extra_params: vec![("tenant".into(), "a&b".into())],
+        }
+    }
+
+    #[test]
+    fn client_credentials_with_basic_auth_whole_request() {
+        let r = build(
+            &provider(AuthMethod::ClientSecretBasic),
+            &conn(Grant::ClientCredentials),
+            GrantInput::None,
+        );
+        assert_eq!(r.cluster, "idp");
+        assert_eq!(r.timeout_ms, 2000);
+        assert_eq!(
+            r.headers,
+            vec![
+                (":method", "POST".to_string()),
+                (":path", "/oauth/token?tenant=a".to_string()),
+                (":authority", "idp.test:8443".to_string()),
+                (
+                    "content-type",
+                    "application/x-www-form-urlencoded".to_string()
+                ),
+                ("accept", "application/json".to_string()),
+            ]
+        );
+        assert_eq!(
+            r.body.expose(),
+            "grant_type=client_credentials&scope=orders.read+orders.write&audience=https%3A%2F%2Fapi.test\
+             &resource=urn%3Aapi&tenant=a%26b"
+        );
+        // base64("gw+client:s3cr%3At%2F%2B")
+        let want = base64::engine::general_purpose::STANDARD.encode("gw+client:s3cr%3At%2F%2B");
+        assert_eq!(
+            r.authorization.as_ref().unwrap().expose(),
+            format!("Basic {want}")
+        );
+        let dump = format!("{r:?}");
+        assert!(!dump.contains("s3cr") && !dump.contains(&want));
+    }
+
+    #[test]
+    fn client_secret_post_puts_credentials_in_the_body() {
+        let mut c = conn(Grant::ClientCredentials);
+        c.audience = None;
+        c.resource = None;
+        c.extra_params.clear();
+        c.scopes = vec!["a".into()];
+        let r = build(
+            &provider(AuthMethod::ClientSecretPost),
+            &c,
+            GrantInput::None,
+        );
+        assert_eq!(r.authorization, None);
+        assert_eq!(
+            r.body.expose(),
+            "grant_type=client_credentials&scope=a&client_id=gw+client&client_secret=s3cr%3At%2F%2B"
+        );
+    }
+
+    #[test]
+    fn refresh_token_uses_the_current_token() {
+        let mut c = conn(Grant::RefreshToken(Secret::new("rt-configured")));
+        c.scopes.clear();
+        c.audience = None;
+        c.resource = None;
+        c.extra_params.clear();
+        let p = provider(AuthMethod::ClientSecretBasic);
+        let r = build(&p, &c, GrantInput::None);
+        assert_eq!(
+            r.body.expose(),
+            "grant_type=refresh_token&refresh_token=rt-configured"
+        );
+        let rotated = Secret::new("rt-2");
+        let r = build(&p, &c, GrantInput::RefreshToken(&rotated));
+        assert_eq!(
+            r.body.expose(),
+            "grant_type=refresh_token&refresh_token=rt-2"
+        );
+    }
+
+    #[test]
+    fn token_exchange_sends_the_subject_token() {
+        let mut c = conn(Grant::TokenExchange {
+            subject_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
+        });
+        c.extra_params.clear();
+        c.resource = None;
+        let subject = Secret::new("eyJ.subject.sig");
+        let r = build(
+            &provider(AuthMethod::ClientSecretBasic),
+            &c,
+            GrantInput::SubjectToken(&subject),
+        );
+        assert_eq!(
+            r.body.expose(),
+            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&subject_token=eyJ.subject.sig\
+             &subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aaccess_token\
+             &scope=orders.read+orders.write&audience=https%3A%2F%2Fapi.test"
+        );
+    }
+}

@@ -1,0 +1,431 @@
+// Test-only OAuth 2.0 authorization server for latchkey's integration tests.
+//
+// A REAL server: npm `oidc-provider` (OpenID Certified) with its own token endpoint, client
+// authentication, JWT access tokens, refresh-token rotation, JWKS and introspection. Only a
+// few test conveniences are added around it (under /__test/), plus an RFC 8693 token-exchange
+// grant registered through oidc-provider's own `registerGrantType` extension point.
+//
+// Usage:  node server.mjs [port] [ttl_seconds]
+//   port  argv[2] or $OAUTH_PORT (default 0 = any free port; the bound port is printed)
+//   ttl   argv[3] or $OAUTH_TOKEN_TTL: access-token lifetime in seconds (default 300)
+// Prints exactly one line `READY <port>` on stdout once listening on 127.0.0.1.
+// Issuer: http://127.0.0.1:<port>.  Stops on SIGTERM / SIGINT.
+//
+// Other environment variables:
+//   OAUTH_EXCHANGE_TTL       lifetime of token-exchange access tokens (default: the ttl)
+//   OAUTH_REFRESH_TTL        refresh-token lifetime in seconds (default 86400)
+//   OAUTH_SUBJECT_JWKS       JSON JWKS: token exchange then verifies subject_token signatures
+//   OAUTH_SUBJECT_JWKS_FILE  the same, read from a file
+//   OAUTH_HISTORY            how many token requests /__test/token-requests keeps (default 50)
+//   OAUTH_DEBUG=1            let oidc-provider and this script log (quiet otherwise)
+//
+// Clients (static): gw-basic / gw-basic-secret (client_secret_basic),
+//                   gw-post / gw-post-secret (client_secret_post).
+// Resources: https://api.test (JWT access tokens, the default resource) and
+//            https://opaque.api.test (opaque access tokens, introspectable); both carry the
+//            scopes `orders.read orders.write`.
+//
+// Test endpoints (same port, never part of a real deployment):
+//   GET  /__test/stats            counts of token-endpoint requests per grant type / outcome
+//   GET  /__test/token-requests   last N token requests (?n=) with headers and form fields
+//   POST /__test/reset            zero the stats and forget the recorded requests
+//   POST /__test/refresh-token    mint a pre-consented refresh token through oidc-provider's
+//                                 own Grant and RefreshToken models; JSON body optional:
+//                                 {client_id, account_id, scope, resource}
+//   POST /__test/subject-jwks     replace the JWKS used to verify token-exchange subject tokens
+//                                 (JSON body: a JWKS; `{}` turns verification off again)
+
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import http from 'node:http';
+
+const DEBUG = !!process.env.OAUTH_DEBUG && process.env.OAUTH_DEBUG !== '0';
+const log = DEBUG ? (...a) => process.stderr.write(`[oauth-test] ${a.join(' ')}\n`) : () => {};
+if (!DEBUG) {
+  // oidc-provider prints notices (console.info, i.e. stdout) and warnings (console.warn) for
+  // development defaults and for Node 20 ("prefers Node 22"): keep the READY line alone.
+  for (const m of ['log', 'info', 'warn', 'debug']) console[m] = () => {};
+} else {
+  console.info = console.warn; // never on stdout
+  console.log = console.warn;
+}
+
+// Imported after console is tamed: the module warns about the Node version at import time.
+const { default: Provider, errors } = await import('oidc-provider');
+
+function intArg(value, fallback, name) {
+  if (value === undefined || value === '') return fallback;
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0) {
+    process.stderr.write(`invalid ${name}: ${value}\n`);
+    process.exit(2);
+  }
+  return n;
+}
+
+const PORT = intArg(process.argv[2] ?? process.env.OAUTH_PORT, 0, 'port');
+const TTL = intArg(process.argv[3] ?? process.env.OAUTH_TOKEN_TTL, 300, 'ttl') || 300;
+const EXCHANGE_TTL = intArg(process.env.OAUTH_EXCHANGE_TTL, TTL, 'OAUTH_EXCHANGE_TTL') || TTL;
+const REFRESH_TTL = intArg(process.env.OAUTH_REFRESH_TTL, 86400, 'OAUTH_REFRESH_TTL') || 86400;
+const HISTORY = intArg(process.env.OAUTH_HISTORY, 50, 'OAUTH_HISTORY') || 50;
+const HOST = '127.0.0.1';
+
+const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
+const TT_ACCESS_TOKEN = 'urn:ietf:params:oauth:token-type:access_token';
+const SUBJECT_TOKEN_TYPES = new Set([
+  'urn:ietf:params:oauth:token-type:jwt',
+  'urn:ietf:params:oauth:token-type:access_token',
+  'urn:ietf:params:oauth:token-type:id_token',
+]);
+
+const DEFAULT_RESOURCE = 'https://api.test';
+const RESOURCE_SCOPE = 'orders.read orders.write';
+const RESOURCES = {
+  'https://api.test': { format: 'jwt', audience: 'https://api.test' },
+  'https://opaque.api.test': { format: 'opaque', audience: 'https://opaque.api.test' },
+};
+
+function resourceServerInfo(resource) {
+  const rs = RESOURCES[resource];
+  if (!rs) throw new errors.InvalidTarget();
+  return {
+    scope: RESOURCE_SCOPE,
+    audience: rs.audience,
+    accessTokenFormat: rs.format,
+    accessTokenTTL: TTL,
+    ...(rs.format === 'jwt' ? { jwt: { sign: { alg: 'RS256' } } } : {}),
+  };
+}
+
+// ------------------------------------------------------------------ subject-token checking
+
+let subjectJwks = null;
+function loadSubjectJwks() {
+  let text = process.env.OAUTH_SUBJECT_JWKS;
+  if (!text && process.env.OAUTH_SUBJECT_JWKS_FILE) {
+    text = fs.readFileSync(process.env.OAUTH_SUBJECT_JWKS_FILE, 'utf8');
+  }
+  if (text) setSubjectJwks(JSON.parse(text));
+}
+function setSubjectJwks(jwks) {
+  subjectJwks = jwks && Array.isArray(jwks.keys) && jwks.keys.length ? jwks : null;
+}
+
+function b64urlJson(part) {
+  return JSON.parse(Buffer.from(part, 'base64url').toString('utf8'));
+}
+
+const VERIFY_ALGS = {
+  RS256: ['sha256', {}], RS384: ['sha384', {}], RS512: ['sha512', {}],
+  PS256: ['sha256', { padding: crypto.constants.RSA_PKCS1_PSS_PADDING, saltLength: 32 }],
+  ES256: ['sha256', { dsaEncoding: 'ieee-p1363' }],
+  ES384: ['sha384', { dsaEncoding: 'ieee-p1363' }],
+};
+
+// Returns the subject token's claims or throws InvalidGrant. Without a configured JWKS the
+// token is only decoded (no signature check); `sub` is always required, `exp`/`nbf` checked.
+function checkSubjectToken(token) {
+  const bad = (why) => new errors.InvalidGrant(`subject_token ${why}`);
+  const parts = typeof token === 'string' ? token.split('.') : [];
+  if (parts.length !== 3) throw bad('is not a JWS compact JWT');
+  let header;
+  let claims;
+  try {
+    header = b64urlJson(parts[0]);
+    claims = b64urlJson(parts[1]);
+  } catch {
+    throw bad('is not decodable');
+  }
+  if (subjectJwks) {
+    const spec = VERIFY_ALGS[header.alg];
+    if (!spec) throw bad(`uses an unsupported alg ${header.alg}`);
+    const candidates = subjectJwks.keys.filter((k) => !header.kid || k.kid === header.kid);
+    const data = Buffer.from(`${parts[0]}.${parts[1]}`);
+    const sig = Buffer.from(parts[2], 'base64url');
+    const ok = candidates.some((jwk) => {
+      try {
+        const key = crypto.createPublicKey({ key: jwk, format: 'jwk' });
+        return crypto.verify(spec[0], data, { key, ...spec[1] }, sig);
+      } catch {
+        return false;
+      }
+    });
+    if (!ok) throw bad('signature is invalid');
+  }
+  const now = Math.floor(Date.now() / 1000);
+  if (typeof claims.exp === 'number' && claims.exp <= now) throw bad('is expired');
+  if (typeof claims.nbf === 'number' && claims.nbf > now + 5) throw bad('is not yet valid');
+  if (typeof claims.sub !== 'string' || !claims.sub) throw bad('has no sub claim');
+  return claims;
+}
+
+// ------------------------------------------------------------------ provider
+
+function signingKey() {
+  const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+  return {
+    ...privateKey.export({ format: 'jwk' }), kid: `oauth-test-${crypto.randomBytes(4).toString('hex')}`, alg: 'RS256', use: 'sig',
+  };
+}
+
+const clientDefaults = {
+  grant_types: ['client_credentials', 'refresh_token', TOKEN_EXCHANGE],
+  response_types: [],
+  redirect_uris: [],
+  scope: 'openid offline_access orders.read orders.write',
+};
+
+const configuration = {
+  clients: [
+    {
+      ...clientDefaults, client_id: 'gw-basic', client_secret: 'gw-basic-secret', token_endpoint_auth_method: 'client_secret_basic',
+    },
+    {
+      ...clientDefaults, client_id: 'gw-post', client_secret: 'gw-post-secret', token_endpoint_auth_method: 'client_secret_post',
+    },
+  ],
+  jwks: { keys: [signingKey()] },
+  cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
+  scopes: ['openid', 'offline_access', 'orders.read', 'orders.write'],
+  findAccount: async (_ctx, id) => ({ accountId: id, claims: async () => ({ sub: id }) }),
+  features: {
+    devInteractions: { enabled: false },
+    clientCredentials: { enabled: true },
+    introspection: { enabled: true, allowedPolicy: async () => true },
+    revocation: { enabled: true },
+    resourceIndicators: {
+      enabled: true,
+      defaultResource: async (_ctx, _client, oneOf) => (oneOf ? oneOf : DEFAULT_RESOURCE),
+      getResourceServerInfo: async (_ctx, resource) => resourceServerInfo(resource),
+      useGrantedResource: async () => true,
+    },
+  },
+  formats: {
+    customizers: {
+      // RFC 8693 §4.1: an exchanged token names the client acting on the subject's behalf.
+      jwt: async (_ctx, token, jwt) => {
+        if (token.gty === TOKEN_EXCHANGE) jwt.payload.act = { sub: token.clientId };
+      },
+    },
+  },
+  rotateRefreshToken: true,
+  ttl: {
+    AccessToken: (_ctx, token) => token.expiresIn ?? token.resourceServer?.accessTokenTTL ?? TTL,
+    ClientCredentials: (_ctx, token) => token.resourceServer?.accessTokenTTL ?? TTL,
+    RefreshToken: REFRESH_TTL,
+    Grant: REFRESH_TTL,
+    IdToken: 3600,
+    AuthorizationCode: 60,
+    Interaction: 3600,
+    Session: 86400,
+    DeviceCode: 600,
+    BackchannelAuthenticationRequest: 600,
+  },
+};
+
+// Bind first (port 0 allowed), then build the provider with the real issuer.
+const server = http.createServer();
+await new Promise((resolve, reject) => {
+  server.once('error', reject);
+  server.listen(PORT, HOST, resolve);
+});
+const { port } = server.address();
+const ISSUER = `http://${HOST}:${port}`;
+
+loadSubjectJwks();
+const provider = new Provider(ISSUER, configuration);
+provider.proxy = false;
+
+// ------------------------------------------------------------------ token exchange (RFC 8693)
+
+provider.registerGrantType(TOKEN_EXCHANGE, async (ctx) => {
+  const { params, client } = ctx.oidc;
+  if (!params.subject_token) throw new errors.InvalidRequest("missing required parameter 'subject_token'");
+  if (!params.subject_token_type) throw new errors.InvalidRequest("missing required parameter 'subject_token_type'");
+  if (!SUBJECT_TOKEN_TYPES.has(params.subject_token_type)) {
+    throw new errors.InvalidRequest('unsupported subject_token_type');
+  }
+  if (params.requested_token_type && params.requested_token_type !== TT_ACCESS_TOKEN) {
+    throw new errors.InvalidRequest('unsupported requested_token_type');
+  }
+  const subject = checkSubjectToken(params.subject_token);
+
+  const resource = params.resource || DEFAULT_RESOURCE;
+  const rs = new provider.ResourceServer(resource, resourceServerInfo(resource));
+  const requested = params.scope ? params.scope.split(' ') : [];
+  const allowed = new Set(client.scope.split(' '));
+  for (const s of requested) {
+    if (!allowed.has(s)) throw new errors.InvalidScope('requested scope is not allowed', s);
+  }
+  const scope = requested.filter((s) => rs.scopes.has(s)).join(' ') || undefined;
+
+  const at = new provider.AccessToken({
+    accountId: subject.sub, client, gty: TOKEN_EXCHANGE, scope, expiresIn: EXCHANGE_TTL,
+  });
+  at.resourceServer = rs;
+  if (params.audience) at.setAudience(params.audience);
+  ctx.oidc.entity('AccessToken', at);
+  const value = await at.save();
+
+  ctx.body = {
+    access_token: value,
+    issued_token_type: TT_ACCESS_TOKEN,
+    token_type: at.tokenType,
+    expires_in: at.expiration,
+    ...(scope ? { scope } : {}),
+  };
+}, ['subject_token', 'subject_token_type', 'actor_token', 'actor_token_type', 'requested_token_type', 'scope', 'audience', 'resource']);
+
+// ------------------------------------------------------------------ test endpoints + recording
+
+const stats = {
+  token_requests: 0, by_grant_type: {}, ok_by_grant_type: {}, errors: {}, by_status: {},
+  introspection_requests: 0, revocation_requests: 0,
+};
+let history = [];
+function resetStats() {
+  stats.token_requests = 0;
+  stats.by_grant_type = {};
+  stats.ok_by_grant_type = {};
+  stats.errors = {};
+  stats.by_status = {};
+  stats.introspection_requests = 0;
+  stats.revocation_requests = 0;
+  history = [];
+}
+const bump = (obj, key) => { obj[key] = (obj[key] || 0) + 1; };
+
+function rawHeaderPairs(req) {
+  const out = [];
+  for (let i = 0; i + 1 < req.rawHeaders.length; i += 2) out.push([req.rawHeaders[i], req.rawHeaders[i + 1]]);
+  return out;
+}
+
+async function readJson(req) {
+  const chunks = [];
+  let size = 0;
+  for await (const c of req) {
+    size += c.length;
+    if (size > 1 << 20) throw new Error('body too large');
+    chunks.push(c);
+  }
+  const text = Buffer.concat(chunks).toString('utf8').trim();
+  if (!text) return {};
+  if ((req.headers['content-type'] || '').includes('application/x-www-form-urlencoded')) {
+    return Object.fromEntries(new URLSearchParams(text));
+  }
+  return JSON.parse(text);
+}
+
+async function mintRefreshToken(opts) {
+  const clientId = opts.client_id || 'gw-basic';
+  const accountId = opts.account_id || 'svc-orders';
+  const scope = opts.scope || 'openid offline_access orders.read';
+  const resource = opts.resource || DEFAULT_RESOURCE;
+  const client = await provider.Client.find(clientId);
+  if (!client) throw new Error(`unknown client ${clientId}`);
+  const info = resourceServerInfo(resource);
+  const scopes = scope.split(' ');
+  const rsScopes = new Set(info.scope.split(' '));
+
+  const grant = new provider.Grant({ accountId, clientId });
+  const oidcScopes = scopes.filter((s) => !rsScopes.has(s));
+  if (oidcScopes.length) grant.addOIDCScope(oidcScopes.join(' '));
+  const resScopes = scopes.filter((s) => rsScopes.has(s));
+  if (resScopes.length) grant.addResourceScope(resource, resScopes.join(' '));
+  const grantId = await grant.save();
+
+  const rt = new provider.RefreshToken({
+    accountId, client, grantId, scope, resource, gty: 'authorization_code', expiresWithSession: false,
+  });
+  const value = await rt.save();
+  return {
+    refresh_token: value, grant_id: grantId, client_id: clientId, account_id: accountId, scope, resource,
+  };
+}
+
+const json = (ctx, status, body) => {
+  ctx.status = status;
+  ctx.type = 'application/json';
+  ctx.body = JSON.stringify(body);
+};
+
+provider.use(async (ctx, next) => {
+  if (ctx.path.startsWith('/__test/')) {
+    try {
+      if (ctx.method === 'GET' && ctx.path === '/__test/stats') return json(ctx, 200, stats);
+      if (ctx.method === 'GET' && ctx.path === '/__test/token-requests') {
+        const n = Math.max(0, parseInt(ctx.query.n ?? `${HISTORY}`, 10) || 0);
+        return json(ctx, 200, n ? history.slice(-n) : []);
+      }
+      if (ctx.method === 'POST' && ctx.path === '/__test/reset') {
+        resetStats();
+        return json(ctx, 200, { ok: true });
+      }
+      if (ctx.method === 'POST' && ctx.path === '/__test/refresh-token') {
+        return json(ctx, 200, await mintRefreshToken(await readJson(ctx.req)));
+      }
+      if (ctx.method === 'POST' && ctx.path === '/__test/subject-jwks') {
+        setSubjectJwks(await readJson(ctx.req));
+        return json(ctx, 200, { verifying: !!subjectJwks });
+      }
+      return json(ctx, 404, { error: 'not_found' });
+    } catch (e) {
+      log('test endpoint error', e.stack);
+      return json(ctx, 400, { error: 'test_endpoint_error', error_description: String(e.message) });
+    }
+  }
+
+  const isToken = ctx.method === 'POST' && ctx.path === '/token';
+  if (ctx.method === 'POST' && ctx.path === '/token/introspection') stats.introspection_requests += 1;
+  if (ctx.method === 'POST' && ctx.path === '/token/revocation') stats.revocation_requests += 1;
+  if (!isToken) return next();
+
+  const headers = rawHeaderPairs(ctx.req);
+  const at = new Date().toISOString();
+  try {
+    await next();
+  } finally {
+    let form = {};
+    try {
+      form = { ...(ctx.oidc?.body || {}) };
+    } catch { /* body never parsed */ }
+    const grantType = typeof form.grant_type === 'string' ? form.grant_type : '(none)';
+    const body = ctx.body && typeof ctx.body === 'object' ? ctx.body : {};
+    stats.token_requests += 1;
+    bump(stats.by_grant_type, grantType);
+    bump(stats.by_status, String(ctx.status));
+    if (ctx.status >= 200 && ctx.status < 300) bump(stats.ok_by_grant_type, grantType);
+    if (body.error) bump(stats.errors, body.error);
+    history.push({
+      time: at, method: ctx.method, path: ctx.path, headers, form, grant_type: grantType,
+      client_id: (() => { try { return ctx.oidc?.client?.clientId ?? null; } catch { return null; } })(),
+      status: ctx.status, error: body.error ?? null,
+    });
+    if (history.length > HISTORY) history = history.slice(-HISTORY);
+    log(ctx.method, ctx.path, grantType, ctx.status, body.error ?? '');
+  }
+});
+
+if (DEBUG) {
+  for (const ev of ['grant.error', 'server_error', 'introspection.error', 'revocation.error']) {
+    provider.on(ev, (_ctx, err) => log(ev, err?.message, err?.error_description ?? '', err?.error_detail ?? ''));
+  }
+} else {
+  provider.on('server_error', (_ctx, err) => process.stderr.write(`server_error: ${err?.stack}\n`));
+}
+
+server.on('request', provider.callback());
+
+let stopping = false;
+function shutdown() {
+  if (stopping) return;
+  stopping = true;
+  server.close(() => process.exit(0));
+  server.closeAllConnections?.();
+  setTimeout(() => process.exit(0), 2000).unref();
+}
+process.on('SIGTERM', shutdown);
+process.on('SIGINT', shutdown);
+
+process.stdout.write(`READY ${port}\n`);
