@@ -39,7 +39,12 @@ pub type HostResult<T> = Result<T, HostError>;
 #[derive(Debug, Clone, Copy)]
 #[repr(u32)]
 pub enum Map {
-    RequestHeaders = 0,
+    /// The request headers.
+    Request = 0,
+    /// The response headers.
+    Response = 2,
+    /// The headers of a dispatched call's response.
+    CallResponse = 6,
 }
 
 #[derive(Debug, Clone, Copy, PartialOrd, PartialEq, Eq)]
@@ -56,9 +61,12 @@ pub enum Level {
 #[repr(u32)]
 pub enum MetricKind {
     Counter = 0,
+    Gauge = 1,
 }
 
+const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+pub const CAS_MISMATCH: u32 = 7;
 
 #[allow(clashing_extern_declarations)]
 #[link(wasm_import_module = "env")]
@@ -121,6 +129,25 @@ extern "C" {
         return_id: *mut u32,
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
 }
 
 fn status(code: u32) -> HostResult<()> {
@@ -162,23 +189,76 @@ pub fn log_enabled(level: Level) -> bool {
 
 /// The plugin configuration (`configuration` in Envoy, `pluginConfig` in Istio).
 pub fn plugin_configuration() -> HostResult<Vec<u8>> {
+    buffer(BUFFER_PLUGIN_CONFIGURATION, usize::MAX)
+}
+
+/// The body of the HTTP call response being delivered (at most `max` bytes).
+pub fn http_call_response_body(max: usize) -> HostResult<Vec<u8>> {
+    buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, max)
+}
+
+fn buffer(kind: u32, max: usize) -> HostResult<Vec<u8>> {
     let mut data = std::ptr::null_mut();
     let mut size = 0usize;
     // SAFETY: out-pointers to locals; the buffer is then owned.
-    let code = unsafe {
-        proxy_get_buffer_bytes(
-            BUFFER_PLUGIN_CONFIGURATION,
-            0,
-            usize::MAX,
-            &mut data,
-            &mut size,
-        )
-    };
+    let code = unsafe { proxy_get_buffer_bytes(kind, 0, max, &mut data, &mut size) };
     match code {
         0 => Ok(unsafe { owned(data, size) }),
         NOT_FOUND => Ok(Vec::new()),
         other => Err(HostError(other)),
     }
+}
+
+/// Shared data (process-wide per vm_id): the value and its CAS token, or
+/// `None` when the key doesn't exist.
+pub fn shared_data(key: &str) -> HostResult<Option<(Vec<u8>, u32)>> {
+    let mut data = std::ptr::null_mut();
+    let mut size = 0usize;
+    let mut cas = 0u32;
+    // SAFETY: pointer and length of a live &str; out-pointers to locals.
+    let code =
+        unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
+    match code {
+        0 => Ok(Some((unsafe { owned(data, size) }, cas))),
+        NOT_FOUND => Ok(None),
+        other => Err(HostError(other)),
+    }
+}
+
+/// Writes shared data if its CAS token is still `cas` (0: unconditionally).
+/// `Err(HostError(CAS_MISMATCH))` when another writer came first.
+pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> HostResult<()> {
+    // SAFETY: pointers and lengths of live buffers.
+    status(unsafe {
+        proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
+    })
+}
+
+/// The root context's tick period (from any context: the host applies it to the root).
+pub fn set_tick_period_ms(ms: u32) -> HostResult<()> {
+    // SAFETY: plain value.
+    status(unsafe { proxy_set_tick_period_milliseconds(ms) })
+}
+
+/// Wall-clock time in milliseconds since the Unix epoch.
+pub fn now_ms() -> HostResult<u64> {
+    let mut ns = 0u64;
+    // SAFETY: the host writes one u64.
+    status(unsafe { proxy_get_current_time_nanoseconds(&mut ns) })?;
+    Ok(ns / 1_000_000)
+}
+
+/// Makes later host calls act on `context_id` (to resume or answer a paused request
+/// from the root context). Fails for a context that has gone away.
+pub fn set_effective_context(context_id: u32) -> HostResult<()> {
+    // SAFETY: plain value.
+    status(unsafe { proxy_set_effective_context(context_id) })
+}
+
+/// Resumes the paused request of the effective context.
+pub fn resume_request() -> HostResult<()> {
+    // SAFETY: plain value (stream type 0: request).
+    status(unsafe { proxy_continue_stream(0) })
 }
 
 /// All headers of a map, as one buffer in the pairs encoding.
@@ -304,6 +384,11 @@ pub fn define_metric(kind: MetricKind, name: &str) -> HostResult<u32> {
 pub fn increment_metric(id: u32, by: i64) -> HostResult<()> {
     // SAFETY: plain values.
     status(unsafe { proxy_increment_metric(id, by) })
+}
+
+pub fn record_metric(id: u32, value: u64) -> HostResult<()> {
+    // SAFETY: plain values.
+    status(unsafe { proxy_record_metric(id, value) })
 }
 
 #[cfg(test)]

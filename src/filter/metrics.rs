@@ -2,10 +2,24 @@
 //! that prefix, dots as underscores, in Prometheus output). The same name in
 //! every VM is one stat, so counts are proxy-wide.
 
-use super::host::{self, Level, MetricKind};
-use crate::config::Config;
+use std::collections::HashMap;
 
-/// Counter ids; `None` where the host refused to define one (then not counted).
+use super::host::{self, Level, MetricKind};
+use crate::config::{Config, Credential};
+use crate::token::FetchError;
+
+/// Token counters per oauth2 connection.
+const TOKEN_COUNTERS: [&str; 7] = [
+    "requests",
+    "success",
+    "cache_hit",
+    "wait",
+    "backoff_rejected",
+    "dropped_on_401",
+    "failure",
+];
+
+/// Stat ids; `None` where the host refused to define one (then not counted).
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub allowed: Option<u32>,
@@ -16,18 +30,26 @@ pub struct Metrics {
     pub denied_bad_claims: Option<u32>,
     pub unavailable: Option<u32>,
     pub internal_errors: Option<u32>,
-    /// `latchkey.connection.<name>.injected`, by connection index.
-    pub injected: Vec<Option<u32>>,
+    /// Per connection index: `injected`.
+    injected: Vec<Option<u32>>,
+    /// Per connection index: token counters by name, failures by kind, state gauge.
+    tokens: Vec<HashMap<&'static str, Option<u32>>>,
+    failures: Vec<HashMap<&'static str, Option<u32>>>,
+    state: Vec<Option<u32>>,
 }
 
-fn counter(name: &str) -> Option<u32> {
-    match host::define_metric(MetricKind::Counter, name) {
+fn define(kind: MetricKind, name: &str) -> Option<u32> {
+    match host::define_metric(kind, name) {
         Ok(id) => Some(id),
         Err(e) => {
             host::log(Level::Warn, &format!("can't define stat {name}: {e}"));
             None
         }
     }
+}
+
+fn counter(name: &str) -> Option<u32> {
+    define(MetricKind::Counter, name)
 }
 
 /// A name safe to put in a stat name: `[A-Za-z0-9_-]`, anything else as `_`.
@@ -45,7 +67,7 @@ pub fn stat_segment(name: &str) -> String {
 
 impl Metrics {
     pub fn define(config: &Config) -> Metrics {
-        Metrics {
+        let mut m = Metrics {
             allowed: counter("latchkey.requests.allowed"),
             unmatched: counter("latchkey.requests.unmatched"),
             denied_unauthenticated: counter("latchkey.requests.denied.unauthenticated"),
@@ -54,17 +76,29 @@ impl Metrics {
             denied_bad_claims: counter("latchkey.requests.denied.bad_claims"),
             unavailable: counter("latchkey.requests.unavailable"),
             internal_errors: counter("latchkey.requests.internal_error"),
-            injected: config
-                .connections
-                .iter()
-                .map(|c| {
-                    counter(&format!(
-                        "latchkey.connection.{}.injected",
-                        stat_segment(&c.name)
-                    ))
-                })
-                .collect(),
+            ..Metrics::default()
+        };
+        for c in &config.connections {
+            let base = format!("latchkey.connection.{}", stat_segment(&c.name));
+            m.injected.push(counter(&format!("{base}.injected")));
+            let oauth = matches!(c.credential, Credential::OAuth2(_));
+            let mut tokens = HashMap::new();
+            let mut failures = HashMap::new();
+            let mut state = None;
+            if oauth {
+                for name in TOKEN_COUNTERS {
+                    tokens.insert(name, counter(&format!("{base}.token.{name}")));
+                }
+                for kind in FetchError::KINDS {
+                    failures.insert(kind, counter(&format!("{base}.token.failure.{kind}")));
+                }
+                state = define(MetricKind::Gauge, &format!("{base}.token.state"));
+            }
+            m.tokens.push(tokens);
+            m.failures.push(failures);
+            m.state.push(state);
         }
+        m
     }
 
     pub fn inc(id: Option<u32>) {
@@ -74,7 +108,45 @@ impl Metrics {
         }
     }
 
-    pub fn injected(&self, connection: usize) {
-        Self::inc(self.injected.get(connection).copied().flatten());
+    /// A request forwarded with the credentials of these connections.
+    pub fn allowed(&self, picks: &[usize]) {
+        Self::inc(self.allowed);
+        for &c in picks {
+            Self::inc(self.injected.get(c).copied().flatten());
+        }
+    }
+
+    pub fn token(&self, connection: usize, name: &'static str) {
+        Self::inc(
+            self.tokens
+                .get(connection)
+                .and_then(|t| t.get(name))
+                .copied()
+                .flatten(),
+        );
+    }
+
+    pub fn token_failure(&self, connection: usize, kind: &'static str) {
+        self.token(connection, "failure");
+        Self::inc(
+            self.failures
+                .get(connection)
+                .and_then(|t| t.get(kind))
+                .copied()
+                .flatten(),
+        );
+    }
+
+    /// Requests paused for these connections' tokens.
+    pub fn waits(&self, picks: &[usize]) {
+        for &c in picks {
+            self.token(c, "wait");
+        }
+    }
+
+    pub fn token_state(&self, connection: usize, value: u64) {
+        if let Some(id) = self.state.get(connection).copied().flatten() {
+            let _ = host::record_metric(id, value);
+        }
     }
 }

@@ -1,47 +1,103 @@
 //! The proxy-wasm glue: the only code that talks to the host.
 //!
-//! [`Root`] loads the configuration (`on_configure`; a bad one is refused whole)
-//! and defines the stats. [`Http`] runs the request flow in
-//! `on_http_request_headers`: read the headers once, match the route, read the
-//! claims, decide, then either change the request and continue or answer with a
-//! local reply. Any host error on that path fails closed with a 500 and forwards
-//! nothing; nothing here can panic.
+//! [`Root`] loads the configuration (`on_configure`; a bad one is refused whole),
+//! defines the stats, prepares the shared token cache keys and runs the VM's
+//! token [`broker`] (ticks and token-call responses). [`Http`] runs the request
+//! flow in `on_http_request_headers`: read the headers once, match the route,
+//! read the claims, decide, resolve credentials, then change the request and
+//! continue, pause until a token arrives, or answer with a local reply. Any host
+//! error on that path fails closed with a 500; nothing here can panic.
 
+mod broker;
 mod host;
 mod metrics;
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
 use crate::claims::{decode_property, Identity};
-use crate::config::{ClaimsSource, Config, Credential};
-use crate::inject::{self, Edit, Resolved};
+use crate::config::{ClaimsSource, Config, Credential, Grant, ProviderKind};
+use crate::inject::{self, Edit};
 use crate::policy::{decide, Decision, Denial};
 use crate::response::{reply, Refusal};
 use crate::router::RequestInfo;
+use crate::token::cache::Policy;
+use broker::{Broker, Cred, Resolution, TokenSlot, Waiter};
 use host::{HostError, Level, Map};
 use metrics::Metrics;
 
 proxy_wasm::main! {{
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::<Root>::default() });
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root { state: None, broker: Rc::new(RefCell::new(Broker::new(context_id))) })
+    });
 }}
 
 const JWT_AUTHN: &str = "envoy.filters.http.jwt_authn";
 
-#[derive(Default)]
 struct Root {
     state: Option<Rc<Loaded>>,
+    broker: Rc<RefCell<Broker>>,
 }
 
-/// A loaded configuration and the stats defined for it.
-struct Loaded {
-    config: Config,
-    metrics: Metrics,
+/// A loaded configuration with what the request path needs beside it.
+pub struct Loaded {
+    pub config: Config,
+    pub metrics: Metrics,
+    /// Token cache per connection index (oauth2 connections only).
+    pub tokens: Vec<Option<TokenSlot>>,
 }
 
-impl Context for Root {}
+impl Loaded {
+    fn new(config: Config) -> Loaded {
+        let metrics = Metrics::define(&config);
+        let tokens = config
+            .connections
+            .iter()
+            .map(|c| {
+                let provider = config.provider_of(c)?;
+                let ProviderKind::OAuth2(p) = &provider.kind else { return None };
+                let key = crate::token::cache_key(c, provider)?;
+                let refresh = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::RefreshToken(_)));
+                let rt_key = refresh.then(|| format!("{key}.rt"));
+                // Create the keys now: "create if absent" by CAS is not atomic in the host.
+                for k in std::iter::once(&key).chain(rt_key.as_ref()) {
+                    if let Ok(None) = host::shared_data(k) {
+                        let _ = host::set_shared_data(k, b"", 0);
+                    }
+                }
+                Some(TokenSlot {
+                    key,
+                    rt_key,
+                    policy: Policy::new(p.timeout_ms, p.refresh_margin_s * 1000),
+                    default_lifetime_ms: p.default_expires_in_s * 1000,
+                })
+            })
+            .collect();
+        Loaded {
+            config,
+            metrics,
+            tokens,
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        match self.broker.try_borrow_mut() {
+            Ok(mut b) => b.on_http_call_response(token_id, body_size),
+            Err(_) => host::log(Level::Error, "token broker busy; response dropped"),
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -70,8 +126,7 @@ impl RootContext for Root {
                         config.providers.len()
                     ),
                 );
-                let metrics = Metrics::define(&config);
-                self.state = Some(Rc::new(Loaded { config, metrics }));
+                self.state = Some(Rc::new(Loaded::new(config)));
                 true
             }
             Err(e) => {
@@ -81,9 +136,17 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn on_tick(&mut self) {
+        if let Ok(mut b) = self.broker.try_borrow_mut() {
+            b.on_tick();
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
+            id: context_id,
             state: self.state.clone(),
+            broker: self.broker.clone(),
         }))
     }
 
@@ -93,79 +156,108 @@ impl RootContext for Root {
 }
 
 struct Http {
+    id: u32,
     state: Option<Rc<Loaded>>,
+    broker: Rc<RefCell<Broker>>,
 }
 
-impl Context for Http {}
+impl Context for Http {
+    fn on_done(&mut self) -> bool {
+        if let Ok(mut b) = self.broker.try_borrow_mut() {
+            b.forget(self.id);
+        }
+        true
+    }
+}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let Some(state) = self.state.clone() else {
             // Never configured: refuse rather than forward without policy.
-            return local_reply(&Outcome::internal(None), None);
+            host::log(Level::Error, "no configuration loaded");
+            return Action::Pause;
         };
-        match handle_request(&state) {
-            Ok(Outcome {
-                verdict: Verdict::Forward,
-                ..
-            }) => Action::Continue,
-            Ok(outcome) => local_reply(&outcome, Some(&state.metrics)),
+        let Ok(mut broker) = self.broker.try_borrow_mut() else {
+            local_reply(&state, &Refused::Internal, None, None);
+            return Action::Pause;
+        };
+        match handle_request(&state, &mut broker, self.id) {
+            Ok(action) => action,
             Err(e) => {
                 host::log(
                     Level::Error,
                     &format!("host call failed on the request path: {e}"),
                 );
-                local_reply(&Outcome::internal(None), Some(&state.metrics))
+                local_reply(&state, &Refused::Internal, None, None);
+                Action::Pause
             }
         }
     }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let Some(state) = self.state.clone() else {
+            return Action::Continue;
+        };
+        let Ok(mut broker) = self.broker.try_borrow_mut() else {
+            return Action::Continue;
+        };
+        let used = broker.take_used(self.id);
+        if used.is_empty() {
+            return Action::Continue;
+        }
+        let status = host::header_pairs(Map::Response)
+            .ok()
+            .and_then(|h| h.get(":status").map(<[u8]>::to_vec));
+        if status.as_deref() == Some(b"401") {
+            broker.drop_tokens(&state, &used);
+        }
+        Action::Continue
+    }
 }
 
-enum Verdict {
-    Forward,
-    Refuse(RefusalKind),
-}
-
-enum RefusalKind {
+/// Why latchkey answers a request itself.
+pub enum Refused {
     Denied(Denial),
-    Unavailable { connection: String },
+    Unavailable {
+        connection: String,
+        retry_after_s: u64,
+    },
     Internal,
 }
 
-/// What happened to a request, for the reply, the stats and the filter state.
-struct Outcome {
-    verdict: Verdict,
-    route: Option<String>,
-}
-
-impl Outcome {
-    fn internal(route: Option<String>) -> Self {
-        Outcome {
-            verdict: Verdict::Refuse(RefusalKind::Internal),
-            route,
-        }
-    }
-}
-
-fn local_reply(outcome: &Outcome, metrics: Option<&Metrics>) -> Action {
-    let Verdict::Refuse(kind) = &outcome.verdict else {
-        return Action::Continue;
-    };
-    let refusal = match kind {
-        RefusalKind::Denied(d) => Refusal::Denied(*d),
-        RefusalKind::Unavailable { connection } => Refusal::Unavailable {
+/// Sends latchkey's JSON reply for the current (effective) request, counts it and
+/// records the decision for the access log.
+pub fn local_reply(
+    loaded: &Loaded,
+    refused: &Refused,
+    route: Option<&str>,
+    connection: Option<&str>,
+) {
+    let m = &loaded.metrics;
+    let (refusal, decision) = match refused {
+        Refused::Denied(d) => (Refusal::Denied(*d), ""),
+        Refused::Unavailable {
             connection,
-            retry_after_s: 1,
-        },
-        RefusalKind::Internal => {
-            if let Some(m) = metrics {
-                Metrics::inc(m.internal_errors);
-            }
-            set_filter_state(outcome.route.as_deref(), None, "internal_error");
-            Refusal::Internal
+            retry_after_s,
+        } => {
+            Metrics::inc(m.unavailable);
+            (
+                Refusal::Unavailable {
+                    connection,
+                    retry_after_s: *retry_after_s,
+                },
+                "credential_unavailable",
+            )
+        }
+        Refused::Internal => {
+            Metrics::inc(m.internal_errors);
+            (Refusal::Internal, "internal_error")
         }
     };
-    let r = reply(refusal, outcome.route.as_deref());
+    if !decision.is_empty() {
+        set_filter_state(route, connection, decision);
+    }
+    let r = reply(refusal, route);
     let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
     if let Err(e) = host::send_local_response(r.status, "latchkey", &headers, r.body.as_bytes()) {
         host::log(
@@ -173,11 +265,10 @@ fn local_reply(outcome: &Outcome, metrics: Option<&Metrics>) -> Action {
             &format!("can't send the {} reply: {e}", r.status),
         );
     }
-    Action::Pause
 }
 
 /// Filter state for access logs: `%FILTER_STATE(wasm.latchkey.decision:PLAIN)%`.
-fn set_filter_state(route: Option<&str>, connection: Option<&str>, decision: &str) {
+pub fn set_filter_state(route: Option<&str>, connection: Option<&str>, decision: &str) {
     let items = [
         ("latchkey.route", route.unwrap_or("-")),
         ("latchkey.connection", connection.unwrap_or("-")),
@@ -188,12 +279,43 @@ fn set_filter_state(route: Option<&str>, connection: Option<&str>, decision: &st
             host::log(Level::Debug, &format!("can't set filter state {key}: {e}"));
         }
     }
+    if host::log_enabled(Level::Debug) {
+        host::log(
+            Level::Debug,
+            &format!(
+                "route={} connection={} decision={decision}",
+                route.unwrap_or("-"),
+                connection.unwrap_or("-")
+            ),
+        );
+    }
 }
 
-fn handle_request(state: &Loaded) -> Result<Outcome, HostError> {
+pub fn apply(edits: &[Edit]) -> Result<(), HostError> {
+    for edit in edits {
+        match edit {
+            Edit::Remove(name) => host::remove_header(Map::Request, name)?,
+            Edit::Set { name, value } => {
+                host::add_header(Map::Request, name, value.expose().as_bytes())?
+            }
+            Edit::SetPath(path) => host::replace_header(Map::Request, ":path", path)?,
+        }
+    }
+    Ok(())
+}
+
+fn text(v: Option<&[u8]>) -> &str {
+    v.and_then(|v| std::str::from_utf8(v).ok()).unwrap_or("")
+}
+
+fn handle_request(
+    state: &Rc<Loaded>,
+    broker: &mut Broker,
+    context_id: u32,
+) -> Result<Action, HostError> {
     let config = &state.config;
     let metrics = &state.metrics;
-    let headers = host::header_pairs(Map::RequestHeaders)?;
+    let headers = host::header_pairs(Map::Request)?;
     let full_path = headers.get(":path").unwrap_or(b"/");
     let path_only = full_path.split(|&b| b == b'?').next().unwrap_or_default();
     let route_name = if config.router.needs_route_name() {
@@ -209,7 +331,7 @@ fn handle_request(state: &Loaded) -> Result<Outcome, HostError> {
     };
     let route_index = config.router.find(&info);
     let route = route_index.and_then(|i| config.route(i));
-    let route_label = route.map(|r| r.name.clone());
+    let route_label = route.map(|r| r.name.as_str());
     let sent: Vec<&str> = headers.iter().map(|(k, _)| k).collect();
 
     // The claims header never reaches the upstream, whatever happens next.
@@ -220,131 +342,125 @@ fn handle_request(state: &Loaded) -> Result<Outcome, HostError> {
 
     let decision = match route {
         None => decide(config, None, None),
-        Some(_) => {
-            let identity = match read_identity(config, &headers) {
-                Ok(id) => id,
-                Err(IdentityError::Host(e)) => return Err(e),
-                Err(IdentityError::Malformed(e)) => {
-                    host::log(Level::Debug, &format!("401: {e}"));
-                    Metrics::inc(metrics.denied_bad_claims);
-                    set_filter_state(route_label.as_deref(), None, "denied_bad_claims");
-                    return Ok(Outcome {
-                        verdict: Verdict::Refuse(RefusalKind::Denied(Denial::Unauthenticated)),
-                        route: route_label,
-                    });
-                }
-            };
-            decide(config, route_index, identity.as_ref())
-        }
+        Some(_) => match read_identity(config, &headers) {
+            Ok(identity) => decide(config, route_index, identity.as_ref()),
+            Err(IdentityError::Host(e)) => return Err(e),
+            Err(IdentityError::Malformed(e)) => {
+                host::log(Level::Debug, &format!("401: {e}"));
+                Metrics::inc(metrics.denied_bad_claims);
+                set_filter_state(route_label, None, "denied_bad_claims");
+                local_reply(
+                    state,
+                    &Refused::Denied(Denial::Unauthenticated),
+                    route_label,
+                    None,
+                );
+                return Ok(Action::Pause);
+            }
+        },
     };
 
-    let (verdict, connection_label, decision_label) = match &decision {
+    let deny = |m: Option<u32>, label: &str, denial: Denial, route: Option<&str>| {
+        Metrics::inc(m);
+        set_filter_state(route, None, label);
+        local_reply(state, &Refused::Denied(denial), route, None);
+        Ok(Action::Pause)
+    };
+    let (route_i, picks) = match decision {
         Decision::UnmatchedAllowed => {
             Metrics::inc(metrics.unmatched);
-            (Verdict::Forward, None, "unmatched_allowed")
+            apply(&edits)?;
+            set_filter_state(None, None, "unmatched_allowed");
+            return Ok(Action::Continue);
         }
         Decision::UnmatchedDenied => {
-            Metrics::inc(metrics.denied_unmatched);
-            (
-                Verdict::Refuse(RefusalKind::Denied(Denial::Forbidden)),
-                None,
+            return deny(
+                metrics.denied_unmatched,
                 "denied_unmatched",
+                Denial::Forbidden,
+                None,
             )
         }
-        Decision::Denied { denial, .. } => {
-            let (m, label) = match denial {
-                Denial::Unauthenticated => {
-                    (metrics.denied_unauthenticated, "denied_unauthenticated")
-                }
-                Denial::Forbidden => (metrics.denied_forbidden, "denied_forbidden"),
-            };
-            Metrics::inc(m);
-            (Verdict::Refuse(RefusalKind::Denied(*denial)), None, label)
+        Decision::Denied {
+            denial: Denial::Unauthenticated,
+            ..
+        } => {
+            return deny(
+                metrics.denied_unauthenticated,
+                "denied_unauthenticated",
+                Denial::Unauthenticated,
+                route_label,
+            )
         }
-        Decision::Allowed { picks, .. } => {
-            let names: Vec<&str> = picks
-                .iter()
-                .filter_map(|&c| config.connection(c).map(|c| c.name.as_str()))
-                .collect();
-            let label = (!names.is_empty()).then(|| names.join(","));
-            let mut resolved = Vec::with_capacity(picks.len());
-            let mut unavailable = None;
-            for &ci in picks {
-                match config.connection(ci).map(|c| (c, &c.credential)) {
-                    Some((_, Credential::ApiKey(secret))) => resolved.push(Resolved {
-                        secret,
-                        default_prefix: "",
-                    }),
-                    Some((c, Credential::OAuth2(_))) => {
-                        // Token fetching is not built yet: fail closed, never forward bare.
-                        unavailable = Some(c.name.clone());
-                        break;
-                    }
-                    None => unavailable = Some(String::new()),
-                }
-            }
-            match (unavailable, route) {
-                (Some(connection), _) => {
-                    Metrics::inc(metrics.unavailable);
-                    (
-                        Verdict::Refuse(RefusalKind::Unavailable { connection }),
-                        label,
-                        "credential_unavailable",
-                    )
-                }
-                (None, Some(r)) => {
-                    edits.extend(inject::plan(r, &resolved, &sent, full_path));
-                    Metrics::inc(metrics.allowed);
-                    for &ci in picks {
-                        metrics.injected(ci);
-                    }
-                    (Verdict::Forward, label, "allowed")
-                }
-                (None, None) => (Verdict::Forward, label, "allowed"),
-            }
+        Decision::Denied {
+            denial: Denial::Forbidden,
+            ..
+        } => {
+            return deny(
+                metrics.denied_forbidden,
+                "denied_forbidden",
+                Denial::Forbidden,
+                route_label,
+            )
         }
+        Decision::Allowed { route, picks } => (route, picks),
     };
-
-    if matches!(verdict, Verdict::Forward) {
-        apply(&edits)?;
-    }
-    set_filter_state(
-        route_label.as_deref(),
-        connection_label.as_deref(),
-        decision_label,
-    );
-    if host::log_enabled(Level::Debug) {
-        host::log(
-            Level::Debug,
-            &format!(
-                "route={} connection={} decision={}",
-                route_label.as_deref().unwrap_or("-"),
-                connection_label.as_deref().unwrap_or("-"),
-                decision_label
-            ),
-        );
-    }
-    Ok(Outcome {
-        verdict,
-        route: route_label,
-    })
-}
-
-fn text(v: Option<&[u8]>) -> &str {
-    v.and_then(|v| std::str::from_utf8(v).ok()).unwrap_or("")
-}
-
-fn apply(edits: &[Edit]) -> Result<(), HostError> {
-    for edit in edits {
-        match edit {
-            Edit::Remove(name) => host::remove_header(Map::RequestHeaders, name)?,
-            Edit::Set { name, value } => {
-                host::add_header(Map::RequestHeaders, name, value.expose().as_bytes())?
+    let Some(route) = config.route(route_i) else {
+        return Err(HostError(2));
+    };
+    let names: Vec<&str> = picks
+        .iter()
+        .filter_map(|&c| config.connection(c).map(|c| c.name.as_str()))
+        .collect();
+    let connection_label = (!names.is_empty()).then(|| names.join(","));
+    let now = host::now_ms()?;
+    match broker.resolve(state, &picks, now)? {
+        Resolution::Ready(creds) => {
+            let resolved = Cred::resolved(&creds);
+            edits.extend(inject::plan(route, &resolved, &sent, full_path));
+            apply(&edits)?;
+            metrics.allowed(&picks);
+            set_filter_state(Some(&route.name), connection_label.as_deref(), "allowed");
+            if route.drop_token_on_401 {
+                broker.record_used(context_id, Cred::tokens(&creds));
             }
-            Edit::SetPath(path) => host::replace_header(Map::RequestHeaders, ":path", path)?,
+            Ok(Action::Continue)
+        }
+        Resolution::Reject {
+            connection,
+            retry_after_ms,
+        } => {
+            let name = config
+                .connection(connection)
+                .map_or(String::new(), |c| c.name.clone());
+            local_reply(
+                state,
+                &Refused::Unavailable {
+                    connection: name,
+                    retry_after_s: retry_after_ms.div_ceil(1000),
+                },
+                Some(&route.name),
+                connection_label.as_deref(),
+            );
+            Ok(Action::Pause)
+        }
+        Resolution::Wait { deadline_ms } => {
+            broker.wait(
+                context_id,
+                Waiter {
+                    loaded: state.clone(),
+                    route: route_i,
+                    picks,
+                    deadline_ms,
+                    sent: sent.iter().map(|s| s.to_string()).collect(),
+                    path: full_path.to_vec(),
+                    pre_edits: edits,
+                    connection_label,
+                },
+            );
+            Ok(Action::Pause)
         }
     }
-    Ok(())
 }
 
 enum IdentityError {

@@ -10,3 +10,41 @@ pub mod response;
 pub use cache::{CacheState, Decision, Policy};
 pub use request::{GrantInput, TokenRequest};
 pub use response::{FetchError, Token};
+
+use std::hash::{Hash, Hasher};
+
+use crate::config::{Connection, Credential, Grant, Provider, ProviderKind};
+
+/// The shared-data key of a connection's token cache:
+/// `latchkey.v1.tok.<connection>.<fingerprint>`. The fingerprint covers everything
+/// that makes a token (token URL, client, grant, scopes, audience, resource, extra
+/// parameters), so two plugins on one proxy (Istio shares one namespace) that name
+/// a connection alike but configure it differently never share tokens, and a
+/// changed configuration starts from an empty cache.
+pub fn cache_key(connection: &Connection, provider: &Provider) -> Option<String> {
+    let (ProviderKind::OAuth2(p), Credential::OAuth2(c)) = (&provider.kind, &connection.credential)
+    else {
+        return None;
+    };
+    let mut h = std::hash::DefaultHasher::new();
+    (
+        &p.token_url,
+        &p.cluster,
+        &p.client_id,
+        p.client_secret.expose(),
+    )
+        .hash(&mut h);
+    let grant = match &c.grant {
+        Grant::ClientCredentials => "client_credentials".to_string(),
+        Grant::RefreshToken(rt) => format!("refresh_token:{}", rt.expose()),
+        Grant::TokenExchange { subject_token_type } => {
+            format!("token_exchange:{subject_token_type}")
+        }
+    };
+    (grant, &c.scopes, &c.audience, &c.resource, &c.extra_params).hash(&mut h);
+    Some(format!(
+        "latchkey.v1.tok.{}.{:016x}",
+        connection.name,
+        h.finish()
+    ))
+}

@@ -1,0 +1,609 @@
+//! The token broker of one VM: reads and writes the shared token cache, owns the
+//! fetches this VM makes, and the requests paused on this VM waiting for a token.
+//!
+//! Token calls are dispatched from the root context (in `on_tick`), so that a
+//! background refresh outlives the request that triggered it; the SDK delivers a
+//! call's response to the context that was active when it was dispatched. Paused
+//! requests are re-checked when a fetch of this VM completes and, for fetches
+//! made by other workers, on a short tick while any request waits.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::rc::Rc;
+use std::time::Duration;
+
+use super::host::{self, HostError, Level, Map, CAS_MISMATCH};
+use super::{apply, local_reply, set_filter_state, Loaded, Refused};
+use crate::config::{Credential, Grant, ProviderKind};
+use crate::inject::{self, Edit, Resolved};
+use crate::secret::Secret;
+use crate::token::cache::{self, CacheState, Cached, Decision, FetchOutcome, Policy};
+use crate::token::request::{self, GrantInput};
+use crate::token::response::{self, FetchError, MAX_BODY};
+
+/// Tick while a fetch waits to be dispatched.
+const KICK_MS: u32 = 1;
+/// Tick while requests wait for a token another worker fetches.
+const POLL_MS: u32 = 10;
+/// CAS attempts before giving up on a contended key for this round.
+const CAS_TRIES: usize = 4;
+
+/// A connection's token cache, prepared at configure time.
+#[derive(Debug)]
+pub struct TokenSlot {
+    pub key: String,
+    /// Where a rotated refresh token is kept (refresh_token grant only).
+    pub rt_key: Option<String>,
+    pub policy: Policy,
+    pub default_lifetime_ms: u64,
+}
+
+/// What a request gets for one oauth2 connection.
+pub enum Access {
+    Ready(Cached),
+    Wait,
+    Reject { retry_after_ms: u64 },
+}
+
+/// The credential serving one inject entry.
+pub struct Cred {
+    pub secret: Secret,
+    /// `""` for API keys, `"Bearer "` for tokens (when the entry gives no prefix).
+    pub default_prefix: &'static str,
+    /// For tokens: (connection, token id), so an upstream 401 can drop it.
+    pub token: Option<(usize, u64)>,
+}
+
+impl Cred {
+    pub fn resolved(creds: &[Cred]) -> Vec<Resolved<'_>> {
+        creds
+            .iter()
+            .map(|c| Resolved {
+                secret: &c.secret,
+                default_prefix: c.default_prefix,
+            })
+            .collect()
+    }
+
+    pub fn tokens(creds: &[Cred]) -> Vec<(usize, u64)> {
+        creds.iter().filter_map(|c| c.token).collect()
+    }
+}
+
+/// All the credentials of a request, or why not yet / not at all.
+pub enum Resolution {
+    /// One per inject entry.
+    Ready(Vec<Cred>),
+    Wait {
+        deadline_ms: u64,
+    },
+    Reject {
+        connection: usize,
+        retry_after_ms: u64,
+    },
+}
+
+/// A request paused until its tokens arrive.
+pub struct Waiter {
+    pub loaded: Rc<Loaded>,
+    pub route: usize,
+    pub picks: Vec<usize>,
+    pub deadline_ms: u64,
+    /// Header names the client sent, and its `:path` (headers can't be read later).
+    pub sent: Vec<String>,
+    pub path: Vec<u8>,
+    /// Edits decided before waiting (the claims header removal).
+    pub pre_edits: Vec<Edit>,
+    pub connection_label: Option<String>,
+}
+
+struct Pending {
+    loaded: Rc<Loaded>,
+    connection: usize,
+    owner: u64,
+}
+
+struct InFlight {
+    loaded: Rc<Loaded>,
+    connection: usize,
+    owner: u64,
+}
+
+pub struct Broker {
+    pub root_id: u32,
+    pending: Vec<Pending>,
+    inflight: HashMap<u32, InFlight>,
+    waiters: BTreeMap<u32, Waiter>,
+    /// Tokens each live request carried, for upstream-401 handling.
+    used: HashMap<u32, Vec<(usize, u64)>>,
+    tick_ms: u32,
+}
+
+/// A random u64 from the VM's seeded hasher keys (WASI random at start).
+pub fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(host::now_ms().unwrap_or(0));
+    h.finish()
+}
+
+fn read_state(key: &str) -> Result<(CacheState, u32), HostError> {
+    Ok(match host::shared_data(key)? {
+        Some((bytes, cas)) => (CacheState::decode(&bytes), cas),
+        None => (CacheState::Empty, 0),
+    })
+}
+
+/// CAS-writes a state; `Ok(false)` when another writer came first.
+fn write_state(
+    loaded: &Loaded,
+    connection: usize,
+    key: &str,
+    state: &CacheState,
+    cas: u32,
+) -> Result<bool, HostError> {
+    match host::set_shared_data(key, &state.encode(), cas) {
+        Ok(()) => {
+            loaded.metrics.token_state(connection, state.gauge());
+            Ok(true)
+        }
+        Err(HostError(CAS_MISMATCH)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+impl Broker {
+    pub fn new(root_id: u32) -> Self {
+        Broker {
+            root_id,
+            pending: Vec::new(),
+            inflight: HashMap::new(),
+            waiters: BTreeMap::new(),
+            used: HashMap::new(),
+            tick_ms: 0,
+        }
+    }
+
+    fn set_tick(&mut self, ms: u32) {
+        if self.tick_ms != ms && host::set_tick_period_ms(ms).is_ok() {
+            self.tick_ms = ms;
+        }
+    }
+
+    /// The tick this VM needs now: fast while a fetch waits to go out, a poll while
+    /// requests wait, none otherwise.
+    fn retick(&mut self) {
+        let ms = if !self.pending.is_empty() {
+            KICK_MS
+        } else if !self.waiters.is_empty() {
+            POLL_MS
+        } else {
+            0
+        };
+        self.set_tick(ms);
+    }
+
+    /// A token for `connection`, from the shared cache; may start a fetch.
+    pub fn acquire(
+        &mut self,
+        loaded: &Rc<Loaded>,
+        connection: usize,
+        now: u64,
+    ) -> Result<Access, HostError> {
+        let Some(slot) = loaded.tokens.get(connection).and_then(Option::as_ref) else {
+            return Ok(Access::Reject {
+                retry_after_ms: 1000,
+            });
+        };
+        let m = &loaded.metrics;
+        for _ in 0..CAS_TRIES {
+            let (state, cas) = read_state(&slot.key)?;
+            let owner = random_u64();
+            match cache::on_request(&state, now, owner, &slot.policy) {
+                Decision::Use(token) => {
+                    m.token(connection, "cache_hit");
+                    return Ok(Access::Ready(token));
+                }
+                Decision::UseAndRefresh { token, next } => {
+                    if write_state(loaded, connection, &slot.key, &next, cas)? {
+                        self.queue(loaded, connection, owner);
+                    }
+                    m.token(connection, "cache_hit");
+                    return Ok(Access::Ready(token));
+                }
+                Decision::Wait => return Ok(Access::Wait),
+                Decision::Fetch { next } => {
+                    if write_state(loaded, connection, &slot.key, &next, cas)? {
+                        self.queue(loaded, connection, owner);
+                        return Ok(Access::Wait);
+                    }
+                }
+                Decision::Reject { retry_after_ms } => {
+                    m.token(connection, "backoff_rejected");
+                    return Ok(Access::Reject { retry_after_ms });
+                }
+            }
+        }
+        Ok(Access::Wait)
+    }
+
+    /// Resolves every inject entry's credential for `picks`.
+    pub fn resolve(
+        &mut self,
+        loaded: &Rc<Loaded>,
+        picks: &[usize],
+        now: u64,
+    ) -> Result<Resolution, HostError> {
+        let config = &loaded.config;
+        let mut out = Vec::with_capacity(picks.len());
+        let mut deadline: Option<u64> = None;
+        for &ci in picks {
+            let Some(conn) = config.connection(ci) else {
+                return Ok(Resolution::Reject {
+                    connection: ci,
+                    retry_after_ms: 1000,
+                });
+            };
+            match &conn.credential {
+                Credential::ApiKey(secret) => out.push(Cred {
+                    secret: secret.clone(),
+                    default_prefix: "",
+                    token: None,
+                }),
+                Credential::OAuth2(_) => match self.acquire(loaded, ci, now)? {
+                    Access::Ready(t) => out.push(Cred {
+                        secret: Secret::new(t.token),
+                        default_prefix: "Bearer ",
+                        token: Some((ci, t.id)),
+                    }),
+                    Access::Wait => {
+                        let timeout = loaded
+                            .tokens
+                            .get(ci)
+                            .and_then(Option::as_ref)
+                            .map_or(5000, |s| s.policy.fetch_timeout_ms);
+                        let d = now + timeout;
+                        deadline = Some(deadline.map_or(d, |x| x.min(d)));
+                    }
+                    Access::Reject { retry_after_ms } => {
+                        return Ok(Resolution::Reject {
+                            connection: ci,
+                            retry_after_ms,
+                        })
+                    }
+                },
+            }
+        }
+        Ok(match deadline {
+            Some(deadline_ms) => Resolution::Wait { deadline_ms },
+            None => Resolution::Ready(out),
+        })
+    }
+
+    fn queue(&mut self, loaded: &Rc<Loaded>, connection: usize, owner: u64) {
+        self.pending.push(Pending {
+            loaded: loaded.clone(),
+            connection,
+            owner,
+        });
+        self.set_tick(KICK_MS);
+    }
+
+    pub fn wait(&mut self, context_id: u32, waiter: Waiter) {
+        waiter.loaded.metrics.waits(&waiter.picks);
+        self.waiters.insert(context_id, waiter);
+        if self.pending.is_empty() {
+            self.set_tick(POLL_MS);
+        }
+    }
+
+    pub fn record_used(&mut self, context_id: u32, used: Vec<(usize, u64)>) {
+        if !used.is_empty() {
+            self.used.insert(context_id, used);
+        }
+    }
+
+    pub fn take_used(&mut self, context_id: u32) -> Vec<(usize, u64)> {
+        self.used.remove(&context_id).unwrap_or_default()
+    }
+
+    /// A request went away (finished, or the client left while it waited).
+    pub fn forget(&mut self, context_id: u32) {
+        self.waiters.remove(&context_id);
+        self.used.remove(&context_id);
+    }
+
+    pub fn on_tick(&mut self) {
+        let now = match host::now_ms() {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        for p in std::mem::take(&mut self.pending) {
+            self.dispatch(p, now);
+        }
+        self.service_waiters(now);
+        self.retick();
+    }
+
+    fn dispatch(&mut self, p: Pending, now: u64) {
+        let config = &p.loaded.config;
+        let Some(conn) = config.connection(p.connection) else {
+            return;
+        };
+        let (Some(provider), Credential::OAuth2(oc)) = (config.provider_of(conn), &conn.credential)
+        else {
+            return;
+        };
+        let ProviderKind::OAuth2(op) = &provider.kind else {
+            return;
+        };
+        let slot = p.loaded.tokens.get(p.connection).and_then(Option::as_ref);
+        let rotated = match (slot.and_then(|s| s.rt_key.as_deref()), &oc.grant) {
+            (Some(k), Grant::RefreshToken(_)) => host::shared_data(k)
+                .ok()
+                .flatten()
+                .and_then(|(v, _)| String::from_utf8(v).ok())
+                .filter(|v| !v.is_empty())
+                .map(Secret::new),
+            _ => None,
+        };
+        let input = match &rotated {
+            Some(rt) => GrantInput::RefreshToken(rt),
+            None => GrantInput::None,
+        };
+        let req = request::build(op, oc, input);
+        let mut headers: Vec<(&str, &str)> =
+            req.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        if let Some(a) = &req.authorization {
+            headers.push(("authorization", a.expose()));
+        }
+        // The SDK registers the call with the active (root) context.
+        let sent = proxy_wasm::hostcalls::dispatch_http_call(
+            &req.cluster,
+            headers,
+            Some(req.body.expose().as_bytes()),
+            vec![],
+            Duration::from_millis(req.timeout_ms),
+        );
+        p.loaded.metrics.token(p.connection, "requests");
+        match sent {
+            Ok(token) => {
+                self.inflight.insert(
+                    token,
+                    InFlight {
+                        loaded: p.loaded,
+                        connection: p.connection,
+                        owner: p.owner,
+                    },
+                );
+            }
+            Err(status) => {
+                host::log(
+                    Level::Error,
+                    &format!(
+                        "connection {}: can't call cluster {:?}: {status:?}",
+                        conn.name, req.cluster
+                    ),
+                );
+                self.complete(
+                    &p.loaded,
+                    p.connection,
+                    p.owner,
+                    Err(FetchError::Dispatch),
+                    now,
+                );
+            }
+        }
+    }
+
+    /// A token call of this VM answered (or failed).
+    pub fn on_http_call_response(&mut self, token: u32, body_size: usize) {
+        let Some(f) = self.inflight.remove(&token) else {
+            return;
+        };
+        let now = host::now_ms().unwrap_or(0);
+        let status = host::header_pairs(Map::CallResponse).ok().and_then(|h| {
+            h.get(":status")
+                .and_then(|s| std::str::from_utf8(s).ok()?.parse::<u32>().ok())
+        });
+        let default_ms = f
+            .loaded
+            .tokens
+            .get(f.connection)
+            .and_then(Option::as_ref)
+            .map_or(300_000, |s| s.default_lifetime_ms);
+        let result = if body_size > MAX_BODY {
+            Err(FetchError::TooLarge)
+        } else {
+            let body = host::http_call_response_body(body_size).unwrap_or_default();
+            response::parse(status, &body, default_ms)
+        };
+        self.complete(&f.loaded, f.connection, f.owner, result, now);
+        self.service_waiters(now);
+        self.retick();
+    }
+
+    fn complete(
+        &mut self,
+        loaded: &Rc<Loaded>,
+        connection: usize,
+        owner: u64,
+        result: Result<response::Token, FetchError>,
+        now: u64,
+    ) {
+        let Some(slot) = loaded.tokens.get(connection).and_then(Option::as_ref) else {
+            return;
+        };
+        let name = loaded
+            .config
+            .connection(connection)
+            .map_or("?", |c| c.name.as_str());
+        let outcome = match result {
+            Ok(t) => {
+                loaded.metrics.token(connection, "success");
+                if let (Some(rt), Some(k)) = (&t.refresh_token, &slot.rt_key) {
+                    if let Err(e) = host::set_shared_data(k, rt.expose().as_bytes(), 0) {
+                        host::log(
+                            Level::Error,
+                            &format!(
+                                "connection {name}: can't store the rotated refresh token: {e}"
+                            ),
+                        );
+                    }
+                }
+                FetchOutcome::Token {
+                    token: t.access_token.expose().to_string(),
+                    id: random_u64(),
+                    lifetime_ms: t.lifetime_ms,
+                }
+            }
+            Err(e) => {
+                loaded.metrics.token_failure(connection, e.kind());
+                host::log(
+                    Level::Warn,
+                    &format!("connection {name}: token fetch failed: {e}"),
+                );
+                FetchOutcome::Failed { kind: e.kind() }
+            }
+        };
+        for _ in 0..CAS_TRIES {
+            let Ok((state, cas)) = read_state(&slot.key) else {
+                return;
+            };
+            let Some(next) = cache::on_result(
+                &state,
+                owner,
+                outcome.clone(),
+                now,
+                &slot.policy,
+                random_u64(),
+            ) else {
+                host::log(
+                    Level::Debug,
+                    &format!("connection {name}: fetch result dropped: lease taken over"),
+                );
+                return;
+            };
+            match write_state(loaded, connection, &slot.key, &next, cas) {
+                Ok(true) | Err(_) => return,
+                Ok(false) => continue,
+            }
+        }
+    }
+
+    /// The upstream answered 401 to a request that carried these tokens.
+    pub fn drop_tokens(&mut self, loaded: &Loaded, used: &[(usize, u64)]) {
+        for &(connection, id) in used {
+            let Some(slot) = loaded.tokens.get(connection).and_then(Option::as_ref) else {
+                continue;
+            };
+            for _ in 0..CAS_TRIES {
+                let Ok((state, cas)) = read_state(&slot.key) else {
+                    break;
+                };
+                let Some(next) = cache::on_upstream_401(&state, id) else {
+                    break;
+                };
+                match write_state(loaded, connection, &slot.key, &next, cas) {
+                    Ok(true) => {
+                        loaded.metrics.token(connection, "dropped_on_401");
+                        break;
+                    }
+                    Ok(false) => continue,
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    fn service_waiters(&mut self, now: u64) {
+        let ids: Vec<u32> = self.waiters.keys().copied().collect();
+        for id in ids {
+            let Some(w) = self.waiters.remove(&id) else {
+                continue;
+            };
+            let resolution = self.resolve(&w.loaded, &w.picks, now);
+            match resolution {
+                Ok(Resolution::Wait { .. }) if now < w.deadline_ms => {
+                    self.waiters.insert(id, w);
+                }
+                Ok(Resolution::Ready(creds)) => self.finish(id, &w, creds),
+                Ok(Resolution::Reject {
+                    connection,
+                    retry_after_ms,
+                }) => self.refuse(id, &w, connection, retry_after_ms),
+                Ok(Resolution::Wait { .. }) => {
+                    let ci = w.picks.first().copied().unwrap_or(0);
+                    self.refuse(id, &w, ci, 1000);
+                }
+                Err(e) => {
+                    host::log(
+                        Level::Error,
+                        &format!("host call failed while a request waited: {e}"),
+                    );
+                    self.in_context(id, || {
+                        local_reply(&w.loaded, &Refused::Internal, route_name(&w), None);
+                        Ok(())
+                    });
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, id: u32, w: &Waiter, creds: Vec<Cred>) {
+        let Some(route) = w.loaded.config.route(w.route) else {
+            return;
+        };
+        let resolved = Cred::resolved(&creds);
+        let sent: Vec<&str> = w.sent.iter().map(String::as_str).collect();
+        let mut edits = w.pre_edits.clone();
+        edits.extend(inject::plan(route, &resolved, &sent, &w.path));
+        let used = Cred::tokens(&creds);
+        let done = self.in_context(id, || {
+            apply(&edits)?;
+            set_filter_state(Some(&route.name), w.connection_label.as_deref(), "allowed");
+            host::resume_request()
+        });
+        if done {
+            w.loaded.metrics.allowed(&w.picks);
+            self.record_used(id, used);
+        }
+    }
+
+    fn refuse(&mut self, id: u32, w: &Waiter, connection: usize, retry_after_ms: u64) {
+        let name = w
+            .loaded
+            .config
+            .connection(connection)
+            .map_or(String::new(), |c| c.name.clone());
+        self.in_context(id, || {
+            local_reply(
+                &w.loaded,
+                &Refused::Unavailable {
+                    connection: name,
+                    retry_after_s: retry_after_ms.div_ceil(1000),
+                },
+                route_name(w),
+                w.connection_label.as_deref(),
+            );
+            Ok(())
+        });
+    }
+
+    /// Runs `f` with `id` as the effective context, then returns to the root.
+    /// `false` if the request has gone away or a host call failed.
+    fn in_context(&self, id: u32, f: impl FnOnce() -> Result<(), HostError>) -> bool {
+        if host::set_effective_context(id).is_err() {
+            return false;
+        }
+        let r = f();
+        let _ = host::set_effective_context(self.root_id);
+        if let Err(e) = &r {
+            host::log(Level::Error, &format!("can't resume a request: {e}"));
+        }
+        r.is_ok()
+    }
+}
+
+fn route_name(w: &Waiter) -> Option<&str> {
+    w.loaded.config.route(w.route).map(|r| r.name.as_str())
+}
