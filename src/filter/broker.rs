@@ -183,11 +183,14 @@ impl Broker {
     }
 
     /// A token for `connection`, from the shared cache; may start a fetch.
+    /// `on_request`: a request's first look (counted as a cache hit when served),
+    /// not the re-check of a waiting one.
     pub fn acquire(
         &mut self,
         loaded: &Rc<Loaded>,
         connection: usize,
         now: u64,
+        on_request: bool,
     ) -> Result<Access, HostError> {
         let Some(slot) = loaded.tokens.get(connection).and_then(Option::as_ref) else {
             return Ok(Access::Reject {
@@ -200,14 +203,18 @@ impl Broker {
             let owner = random_u64();
             match cache::on_request(&state, now, owner, &slot.policy) {
                 Decision::Use(token) => {
-                    m.token(connection, "cache_hit");
+                    if on_request {
+                        m.token(connection, "cache_hit");
+                    }
                     return Ok(Access::Ready(token));
                 }
                 Decision::UseAndRefresh { token, next } => {
                     if write_state(loaded, connection, &slot.key, &next, cas)? {
                         self.queue(loaded, connection, owner);
                     }
-                    m.token(connection, "cache_hit");
+                    if on_request {
+                        m.token(connection, "cache_hit");
+                    }
                     return Ok(Access::Ready(token));
                 }
                 Decision::Wait => return Ok(Access::Wait),
@@ -232,6 +239,7 @@ impl Broker {
         loaded: &Rc<Loaded>,
         picks: &[usize],
         now: u64,
+        on_request: bool,
     ) -> Result<Resolution, HostError> {
         let config = &loaded.config;
         let mut out = Vec::with_capacity(picks.len());
@@ -249,7 +257,7 @@ impl Broker {
                     default_prefix: "",
                     token: None,
                 }),
-                Credential::OAuth2(_) => match self.acquire(loaded, ci, now)? {
+                Credential::OAuth2(_) => match self.acquire(loaded, ci, now, on_request)? {
                     Access::Ready(t) => out.push(Cred {
                         secret: Secret::new(t.token),
                         default_prefix: "Bearer ",
@@ -521,7 +529,7 @@ impl Broker {
             let Some(w) = self.waiters.remove(&id) else {
                 continue;
             };
-            let resolution = self.resolve(&w.loaded, &w.picks, now);
+            let resolution = self.resolve(&w.loaded, &w.picks, now, false);
             match resolution {
                 Ok(Resolution::Wait { .. }) if now < w.deadline_ms => {
                     self.waiters.insert(id, w);
@@ -565,7 +573,9 @@ impl Broker {
         });
         if done {
             w.loaded.metrics.allowed(&w.picks);
-            self.record_used(id, used);
+            if route.drop_token_on_401 {
+                self.record_used(id, used);
+            }
         }
     }
 

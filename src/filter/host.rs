@@ -23,10 +23,13 @@ impl std::fmt::Display for HostError {
             2 => "BadArgument",
             3 => "SerializationFailure",
             4 => "ParseFailure",
-            6 => "Empty",
-            7 => "CasMismatch",
-            8 => "ResultMismatch",
+            5 => "BadExpression",
+            6 => "InvalidMemoryAccess",
+            7 => "Empty",
+            8 => "CasMismatch",
+            9 => "ResultMismatch",
             10 => "InternalFailure",
+            11 => "BrokenConnection",
             12 => "Unimplemented",
             _ => return write!(f, "status {}", self.0),
         };
@@ -66,7 +69,7 @@ pub enum MetricKind {
 
 const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
-pub const CAS_MISMATCH: u32 = 7;
+pub const CAS_MISMATCH: u32 = 8;
 
 #[allow(clashing_extern_declarations)]
 #[link(wasm_import_module = "env")]

@@ -414,7 +414,7 @@ fn handle_request(
         .collect();
     let connection_label = (!names.is_empty()).then(|| names.join(","));
     let now = host::now_ms()?;
-    match broker.resolve(state, &picks, now)? {
+    match broker.resolve(state, &picks, now, true)? {
         Resolution::Ready(creds) => {
             let resolved = Cred::resolved(&creds);
             edits.extend(inject::plan(route, &resolved, &sent, full_path));

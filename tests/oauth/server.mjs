@@ -17,6 +17,7 @@
 //   OAUTH_SUBJECT_JWKS       JSON JWKS: token exchange then verifies subject_token signatures
 //   OAUTH_SUBJECT_JWKS_FILE  the same, read from a file
 //   OAUTH_HISTORY            how many token requests /__test/token-requests keeps (default 50)
+//   OAUTH_KEEPALIVE_MS       idle keep-alive timeout of client connections (default 120000)
 //   OAUTH_DEBUG=1            let oidc-provider and this script log (quiet otherwise)
 //
 // Clients (static): gw-basic / gw-basic-secret (client_secret_basic),
@@ -68,6 +69,7 @@ const TTL = intArg(process.argv[3] ?? process.env.OAUTH_TOKEN_TTL, 300, 'ttl') |
 const EXCHANGE_TTL = intArg(process.env.OAUTH_EXCHANGE_TTL, TTL, 'OAUTH_EXCHANGE_TTL') || TTL;
 const REFRESH_TTL = intArg(process.env.OAUTH_REFRESH_TTL, 86400, 'OAUTH_REFRESH_TTL') || 86400;
 const HISTORY = intArg(process.env.OAUTH_HISTORY, 50, 'OAUTH_HISTORY') || 50;
+const KEEPALIVE_MS = intArg(process.env.OAUTH_KEEPALIVE_MS, 120000, 'OAUTH_KEEPALIVE_MS') || 120000;
 const HOST = '127.0.0.1';
 
 const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
@@ -416,6 +418,10 @@ if (DEBUG) {
 }
 
 server.on('request', provider.callback());
+// Outlive any client's idle keep-alive: Node's 5 s default races with Envoy reusing a pooled
+// connection just as Node closes it (a spurious "connection termination" 503).
+server.keepAliveTimeout = KEEPALIVE_MS;
+server.headersTimeout = KEEPALIVE_MS + 5000;
 
 let stopping = false;
 function shutdown() {
@@ -427,5 +433,8 @@ function shutdown() {
 }
 process.on('SIGTERM', shutdown);
 process.on('SIGINT', shutdown);
+// Never outlive the process that started us (e.g. a test runner killed with SIGKILL).
+const parentPid = process.ppid;
+setInterval(() => { if (process.ppid !== parentPid) shutdown(); }, 1000).unref();
 
 process.stdout.write(`READY ${port}\n`);

@@ -1,0 +1,839 @@
+"""Token servers for latchkey's OAuth2 integration tests.
+
+Two servers, both on 127.0.0.1 only, every wait bounded, every process stopped by pid:
+
+``OidcProvider``
+    The REAL one: npm ``oidc-provider`` (OpenID Certified) run by ``node tests/oauth/server.mjs``.
+    client_credentials (JWT access tokens for ``https://api.test``, opaque ones for
+    ``https://opaque.api.test``), refresh_token with rotation and reuse detection, RFC 8693
+    token exchange, JWKS, introspection, revocation. Test endpoints under ``/__test/`` count
+    and record token requests and mint pre-consented refresh tokens. Needs
+    ``npm ci --prefix tests/oauth`` once.
+
+``FaultTokenServer``
+    A FAKE token endpoint in Python, used only to inject the faults a real server will not
+    produce on demand (delays, 5xx, garbage, huge bodies, dropped connections...).
+
+Typical use::
+
+    with OidcProvider(ttl=10) as idp:
+        status, body, _ = idp.client_credentials(scope="orders.read")
+        claims = idp.verify_access_token(body["access_token"])
+
+    with FaultTokenServer() as fake:
+        fake.set_mode(status=503, times=2)   # two 503s, then normal tokens again
+        ...
+        assert fake.count() == 3
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import dataclasses
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+import weakref
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jwt
+
+from harness import LOOPBACK, REPO_ROOT, http_request, pid_alive, wait_until
+
+OAUTH_DIR = REPO_ROOT / "tests" / "oauth"
+SERVER_SCRIPT = OAUTH_DIR / "server.mjs"
+NPM_INSTALL_HINT = "run `npm ci --prefix tests/oauth --no-audit --no-fund` (from the repo root)"
+
+# What tests/oauth/server.mjs registers.
+CLIENTS: dict[str, str] = {"gw-basic": "gw-basic-secret", "gw-post": "gw-post-secret"}
+CLIENT_AUTH_METHODS: dict[str, str] = {"gw-basic": "client_secret_basic",
+                                       "gw-post": "client_secret_post"}
+DEFAULT_RESOURCE = "https://api.test"          # JWT access tokens, the default resource
+OPAQUE_RESOURCE = "https://opaque.api.test"    # opaque (introspectable) access tokens
+RESOURCE_SCOPES = ("orders.read", "orders.write")
+REFRESH_ACCOUNT = "svc-orders"
+REFRESH_SCOPE = "openid offline_access orders.read"
+TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
+TOKEN_TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
+
+MAX_DELAY_S = 120.0
+
+
+def _form_encode(fields: dict[str, Any] | list[tuple[str, Any]]) -> str:
+    items = fields.items() if isinstance(fields, dict) else fields
+    return urllib.parse.urlencode([(k, v) for k, v in items if v is not None])
+
+
+def basic_auth_header(client_id: str, secret: str) -> str:
+    """`Basic ...` per RFC 6749 §2.3.1 (id and secret form-urlencoded, then base64)."""
+    raw = f"{urllib.parse.quote_plus(client_id)}:{urllib.parse.quote_plus(secret)}"
+    return "Basic " + base64.b64encode(raw.encode()).decode()
+
+
+def closed_port() -> int:
+    """A 127.0.0.1 port with nothing listening: connecting to it is refused.
+
+    The port stays bound (never listening) by this process until it exits, so nothing else
+    can start listening on it meanwhile. For "token server unreachable" tests.
+    """
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((LOOPBACK, 0))
+    _RESERVED_SOCKETS.append(s)
+    return s.getsockname()[1]
+
+
+_RESERVED_SOCKETS: list[socket.socket] = []
+
+
+# --------------------------------------------------------------------------- the real server
+
+
+def node_modules_ready() -> Path:
+    """Check tests/oauth/node_modules holds oidc-provider; raise RuntimeError saying how to
+    install it if not. Returns the node binary's path."""
+    node = os.environ.get("NODE") or shutil.which("node")
+    if not node:
+        raise RuntimeError("node (Node.js >= 20) is not on PATH; needed for tests/oauth/server.mjs")
+    if not (OAUTH_DIR / "node_modules" / "oidc-provider" / "package.json").is_file():
+        raise RuntimeError(f"tests/oauth/node_modules is missing oidc-provider: {NPM_INSTALL_HINT}")
+    return Path(node)
+
+
+class TokenResponse(NamedTuple):
+    """A token-endpoint answer: (status, body parsed as JSON, headers)."""
+
+    status: int
+    body: dict[str, Any]
+    headers: list[tuple[str, str]]
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+
+class OidcStartError(RuntimeError):
+    """node exited or never printed READY; the message carries its stderr."""
+
+
+_LIVE_PROVIDERS: "weakref.WeakSet[OidcProvider]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_leftover_providers() -> None:
+    for p in list(_LIVE_PROVIDERS):
+        p.stop()
+
+
+class OidcProvider:
+    """oidc-provider run as ``node tests/oauth/server.mjs <port> <ttl>`` (cwd tests/oauth).
+
+    ``ttl``: access-token lifetime (s). ``exchange_ttl``: token-exchange access tokens (s,
+    default ttl). ``refresh_ttl``: refresh tokens (s). ``subject_jwks``: JWKS (dict or JSON)
+    the token-exchange grant verifies subject tokens with (default: decoded only, `sub`,
+    `exp` and `nbf` still checked). ``port``: 0 lets node bind any free port (no race).
+    ``debug``: let oidc-provider log to the stderr file (``stderr_path``, in ``log_dir`` or
+    the temp dir; an empty one in the temp dir is deleted by stop()).
+    """
+
+    def __init__(self, ttl: int = 300, *, exchange_ttl: int | None = None,
+                 refresh_ttl: int | None = None, subject_jwks: dict | str | None = None,
+                 port: int = 0, history: int = 50, debug: bool = False,
+                 startup_timeout: float = 30.0, env: dict[str, str] | None = None,
+                 log_dir: str | os.PathLike | None = None):
+        self.ttl = int(ttl)
+        self.exchange_ttl = exchange_ttl
+        self.refresh_ttl = refresh_ttl
+        self.subject_jwks = subject_jwks
+        self.requested_port = int(port)
+        self.history = history
+        self.debug = debug
+        self.startup_timeout = startup_timeout
+        self.extra_env = env or {}
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.proc: subprocess.Popen | None = None
+        self._port: int | None = None
+        self._stderr_file = None
+        self.stderr_path: Path | None = None
+
+    node_modules_ready = staticmethod(node_modules_ready)
+
+    # -- lifecycle
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> "OidcProvider":
+        """Start node and wait (bounded) for its `READY <port>` line."""
+        if self.proc is not None:
+            raise RuntimeError("OidcProvider already started")
+        node = node_modules_ready()
+        env = {**os.environ, **self.extra_env, "OAUTH_TOKEN_TTL": str(self.ttl),
+               "OAUTH_HISTORY": str(self.history)}
+        env.pop("OAUTH_PORT", None)
+        if self.exchange_ttl is not None:
+            env["OAUTH_EXCHANGE_TTL"] = str(int(self.exchange_ttl))
+        if self.refresh_ttl is not None:
+            env["OAUTH_REFRESH_TTL"] = str(int(self.refresh_ttl))
+        if self.subject_jwks is not None:
+            env["OAUTH_SUBJECT_JWKS"] = (self.subject_jwks if isinstance(self.subject_jwks, str)
+                                         else json.dumps(self.subject_jwks))
+        if self.debug:
+            env["OAUTH_DEBUG"] = "1"
+        else:
+            env.pop("OAUTH_DEBUG", None)
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="oidc-provider-", suffix=".stderr",
+                                    dir=self.log_dir)
+        os.close(fd)
+        self.stderr_path = Path(name)
+        self._stderr_file = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(
+            [str(node), str(SERVER_SCRIPT), str(self.requested_port), str(self.ttl)],
+            cwd=OAUTH_DIR, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=self._stderr_file)
+        _LIVE_PROVIDERS.add(self)
+        try:
+            self._port = self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> int:
+        lines: "queue.Queue[bytes | None]" = queue.Queue()
+        stdout = self.proc.stdout
+
+        def pump() -> None:  # keeps draining stdout so node can never block on it
+            try:
+                for line in iter(stdout.readline, b""):
+                    lines.put(line)
+            except (OSError, ValueError):
+                pass
+            lines.put(None)
+
+        threading.Thread(target=pump, name="oidc-stdout", daemon=True).start()
+        deadline = time.monotonic() + self.startup_timeout
+        seen: list[str] = []
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OidcStartError(f"oidc-provider not READY after {self.startup_timeout:.0f}s"
+                                     f"\nstdout: {seen}\n{self.diagnostics()}")
+            try:
+                line = lines.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                if self.proc.poll() is not None and lines.empty():
+                    raise OidcStartError(f"oidc-provider exited with {self.proc.returncode}"
+                                         f"\nstdout: {seen}\n{self.diagnostics()}") from None
+                continue
+            if line is None:
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+                raise OidcStartError(f"oidc-provider exited with {self.proc.returncode}"
+                                     f"\nstdout: {seen}\n{self.diagnostics()}")
+            text = line.decode(errors="replace").strip()
+            seen.append(text)
+            parts = text.split()
+            if len(parts) == 2 and parts[0] == "READY" and parts[1].isdigit():
+                return int(parts[1])
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout` (idempotent)."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=timeout)
+            except ProcessLookupError:
+                pass
+        if proc is not None:
+            if proc.stdout:
+                proc.stdout.close()
+            assert not pid_alive(proc.pid), f"oidc-provider pid {proc.pid} survived stop()"
+        if self._stderr_file is not None:
+            self._stderr_file.close()
+            self._stderr_file = None
+            # An empty stderr file in the temp dir is noise; anything written is kept.
+            if self.log_dir is None and self.stderr_path is not None:
+                try:
+                    if self.stderr_path.stat().st_size == 0:
+                        self.stderr_path.unlink()
+                except OSError:
+                    pass
+        _LIVE_PROVIDERS.discard(self)
+
+    def __enter__(self) -> "OidcProvider":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def diagnostics(self, lines: int = 60) -> str:
+        """The tail of node's stderr."""
+        if not self.stderr_path:
+            return "<not started>"
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return "<stderr unreadable>"
+        return "stderr:\n" + "\n".join(text.splitlines()[-lines:])
+
+    # -- addresses
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("OidcProvider not started")
+        return self._port
+
+    @property
+    def issuer(self) -> str:
+        """http://127.0.0.1:<port> (no trailing slash): the `iss` of its tokens."""
+        return f"http://{LOOPBACK}:{self.port}"
+
+    url = issuer
+
+    @property
+    def token_path(self) -> str:
+        return "/token"
+
+    @property
+    def token_url(self) -> str:
+        return self.issuer + "/token"
+
+    @property
+    def introspection_url(self) -> str:
+        return self.issuer + "/token/introspection"
+
+    @property
+    def revocation_url(self) -> str:
+        return self.issuer + "/token/revocation"
+
+    @property
+    def jwks_url(self) -> str:
+        return self.issuer + "/jwks"
+
+    # -- HTTP helpers
+    def _get_json(self, path: str) -> Any:
+        resp = http_request(self.port, "GET", path, timeout=10)
+        if resp.status != 200:
+            raise RuntimeError(f"GET {path} -> {resp.status} {resp.body[:300]!r}")
+        return resp.json()
+
+    def _post_json(self, path: str, payload: Any = None) -> Any:
+        body = json.dumps(payload if payload is not None else {})
+        resp = http_request(self.port, "POST", path, timeout=10,
+                            headers={"Content-Type": "application/json"}, body=body)
+        if resp.status != 200:
+            raise RuntimeError(f"POST {path} -> {resp.status} {resp.body[:300]!r}")
+        return resp.json()
+
+    def discovery(self) -> dict[str, Any]:
+        return self._get_json("/.well-known/openid-configuration")
+
+    def jwks(self) -> dict[str, Any]:
+        """Its JWKS (RS256 signing key, fresh per process)."""
+        return self._get_json("/jwks")
+
+    def jwks_json(self) -> str:
+        """The JWKS as a JSON string (e.g. for an Envoy jwt_authn local_jwks)."""
+        return json.dumps(self.jwks())
+
+    def stats(self) -> dict[str, Any]:
+        """Token-endpoint counts: {token_requests, by_grant_type, ok_by_grant_type, errors,
+        by_status, introspection_requests, revocation_requests}."""
+        return self._get_json("/__test/stats")
+
+    def token_request_count(self, grant_type: str | None = None, ok_only: bool = False) -> int:
+        s = self.stats()
+        if grant_type is None:
+            return sum(s["ok_by_grant_type"].values()) if ok_only else s["token_requests"]
+        return s["ok_by_grant_type" if ok_only else "by_grant_type"].get(grant_type, 0)
+
+    def last_token_requests(self, n: int | None = None) -> list[dict[str, Any]]:
+        """The last `n` (default all kept) token requests, oldest first: {time, method, path,
+        headers: [[name, value]...], form: {field: value}, grant_type, client_id, status,
+        error}. `form` is the parsed body (secrets included: test-only)."""
+        return self._get_json("/__test/token-requests" + (f"?n={int(n)}" if n is not None else ""))
+
+    def wait_for_token_requests(self, count: int, grant_type: str | None = None,
+                                timeout: float = 10.0) -> int:
+        """Wait until at least `count` token requests (of `grant_type`) arrived."""
+        wait_until(lambda: self.token_request_count(grant_type) >= count, timeout,
+                   message=f"{count} token request(s) at oidc-provider")
+        return self.token_request_count(grant_type)
+
+    def reset_stats(self) -> None:
+        """Zero the counts and forget recorded requests."""
+        self._post_json("/__test/reset")
+
+    def mint_refresh_token(self, client_id: str = "gw-basic", account_id: str = REFRESH_ACCOUNT,
+                           scope: str = REFRESH_SCOPE, resource: str = DEFAULT_RESOURCE) -> str:
+        """A pre-consented refresh token (Grant + RefreshToken made by oidc-provider's own
+        models) as a gateway would hold it. Refreshing it yields JWT access tokens for
+        `resource` with sub=`account_id` (plus an id_token while `openid` is in scope)."""
+        return self._post_json("/__test/refresh-token", {
+            "client_id": client_id, "account_id": account_id, "scope": scope,
+            "resource": resource})["refresh_token"]
+
+    def set_subject_jwks(self, jwks: dict | str | None) -> None:
+        """Verify token-exchange subject tokens against `jwks` (dict or JSON) from now on
+        (None: decode only)."""
+        if isinstance(jwks, str):
+            jwks = json.loads(jwks)
+        self._post_json("/__test/subject-jwks", jwks or {})
+
+    def token_request(self, form: dict[str, Any], client_id: str | None = "gw-basic",
+                      secret: str | None = None, auth: str | None = None,
+                      headers: dict[str, str] | None = None) -> TokenResponse:
+        """POST form to /token, authenticating as `client_id` (secret from CLIENTS unless
+        given) with its registered method, or `auth` = "basic" | "post" | "none"."""
+        fields = dict(form)
+        hdrs = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
+        if client_id is not None:
+            secret = CLIENTS.get(client_id, "") if secret is None else secret
+            method = auth or ("post" if CLIENT_AUTH_METHODS.get(client_id) == "client_secret_post"
+                              else "basic")
+            if method == "basic":
+                hdrs["Authorization"] = basic_auth_header(client_id, secret)
+            elif method == "post":
+                fields = {"client_id": client_id, "client_secret": secret, **fields}
+            elif method != "none":
+                raise ValueError(f"unknown auth {method!r}")
+        resp = http_request(self.port, "POST", "/token", headers=hdrs, body=_form_encode(fields),
+                            timeout=10)
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {"_raw": resp.body.decode(errors="replace")}
+        return TokenResponse(resp.status, body, resp.headers)
+
+    def client_credentials(self, client_id: str = "gw-basic", scope: str | None = "orders.read",
+                           **form: Any) -> TokenResponse:
+        return self.token_request({"grant_type": "client_credentials", "scope": scope, **form},
+                                  client_id)
+
+    def refresh(self, refresh_token: str, client_id: str = "gw-basic", **form: Any) -> TokenResponse:
+        return self.token_request({"grant_type": "refresh_token",
+                                   "refresh_token": refresh_token, **form}, client_id)
+
+    def exchange(self, subject_token: str, client_id: str = "gw-basic",
+                 subject_token_type: str = TOKEN_TYPE_JWT, **form: Any) -> TokenResponse:
+        return self.token_request({"grant_type": TOKEN_EXCHANGE_GRANT,
+                                   "subject_token": subject_token,
+                                   "subject_token_type": subject_token_type, **form}, client_id)
+
+    def introspect(self, token: str, client_id: str = "gw-basic",
+                   secret: str | None = None) -> dict[str, Any]:
+        """RFC 7662 introspection of an opaque access token or a refresh token. (JWT access
+        tokens are not stored: oidc-provider answers 400 unsupported_token_type for them.)"""
+        secret = CLIENTS.get(client_id, "") if secret is None else secret
+        resp = http_request(self.port, "POST", "/token/introspection",
+                            headers={"Content-Type": "application/x-www-form-urlencoded",
+                                     "Authorization": basic_auth_header(client_id, secret)},
+                            body=_form_encode({"token": token}), timeout=10)
+        body = resp.json()
+        if resp.status != 200:
+            raise RuntimeError(f"introspection -> {resp.status} {body}")
+        return body
+
+    def verify_access_token(self, token: str, audience: str | None = DEFAULT_RESOURCE,
+                            leeway: float = 0) -> dict[str, Any]:
+        """Verify a JWT access token against this server's JWKS (RS256 signature, `exp`,
+        `iss`, and `aud` unless audience=None); return its claims. Raises jwt.PyJWTError."""
+        header = jwt.get_unverified_header(token)
+        keys = [k for k in self.jwks()["keys"] if k.get("kid") == header.get("kid")]
+        if not keys:
+            raise jwt.InvalidKeyError(f"no JWKS key with kid {header.get('kid')!r}")
+        key = jwt.PyJWK(keys[0]).key
+        return jwt.decode(token, key, algorithms=["RS256"], issuer=self.issuer,
+                          audience=audience, leeway=leeway,
+                          options={"require": ["exp", "iat", "iss", "sub"],
+                                   "verify_aud": audience is not None})
+
+
+# --------------------------------------------------------------------------- the fake server
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultMode:
+    """How FaultTokenServer answers. Defaults = a well-behaved token endpoint.
+
+    delay_s            sleep this long before acting (capped at 120 s; stop() cuts it short)
+    status             answer this HTTP status with `body` (default b"fault <status>", text)
+    body               body for `status` (bytes / str / dict as JSON)
+    error_json         400 + {"error": <code>, "error_description": ...} (RFC 6749 §5.2);
+                       True means "invalid_client"; `status` overrides the 400
+    garbage            200 + a non-JSON body
+    missing_token      200 JSON without access_token
+    wrong_type         token_type "mac" (or the string given) instead of "Bearer"
+    huge               200 + a valid JSON token response padded to exactly this many bytes
+    no_expires_in      omit expires_in
+    expires_in_string  expires_in as a JSON string ("3600")
+    ttl                expires_in value (None: the server's ttl)
+    token_prefix       access_token prefix (None: the server's, "fake-")
+    rotate_refresh     include refresh_token "rt-<n>"
+    close              read the request, then close the connection without any answer
+    times              apply this mode to the next `times` requests, then revert to default
+    """
+
+    delay_s: float = 0.0
+    status: int | None = None
+    body: bytes | str | dict | None = None
+    error_json: bool | str = False
+    garbage: bool = False
+    missing_token: bool = False
+    wrong_type: bool | str = False
+    huge: int = 0
+    no_expires_in: bool = False
+    expires_in_string: bool = False
+    ttl: int | None = None
+    token_prefix: str | None = None
+    rotate_refresh: bool = False
+    close: bool = False
+    times: int | None = None
+
+
+class FaultRequest(NamedTuple):
+    """One request as FaultTokenServer received it (header values latin-1 decoded)."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    form: dict[str, str]              # first value per field
+    form_all: dict[str, list[str]]
+    at: float                         # time.monotonic() on arrival
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def basic_auth(self) -> tuple[str, str] | None:
+        """(client_id, secret) from an Authorization: Basic header (RFC 6749 §2.3.1 decoding)."""
+        value = self.header("Authorization") or ""
+        scheme, _, cred = value.partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            raw = base64.b64decode(cred.strip(), validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+        cid, sep, secret = raw.partition(":")
+        if not sep:
+            return None
+        return urllib.parse.unquote_plus(cid), urllib.parse.unquote_plus(secret)
+
+
+class FaultTokenServer:
+    """A FAKE OAuth2 token endpoint, used ONLY to inject faults that a real server
+    (OidcProvider) won't produce on demand: delays, 5xx, RFC 6749 error JSON, non-JSON or
+    huge bodies, missing/odd fields, dropped connections. It authenticates nobody and
+    checks nothing; use OidcProvider for protocol correctness.
+
+    ThreadingHTTPServer (HTTP/1.1, keep-alive) on 127.0.0.1. `path` (default "/token", None
+    = any path) answers POST; other paths/methods get 404/405 (recorded too). By default:
+    200 {"access_token": "<prefix><n>", "token_type": "Bearer", "expires_in": ttl} with n
+    counting issued tokens from 1. Every request is recorded (thread-safe):
+    requests(), count(), clear(), wait_for_count(). set_mode(...) changes the behaviour
+    (see FaultMode) at any time, from any thread.
+    """
+
+    def __init__(self, path: str | None = "/token", ttl: int = 3600, token_prefix: str = "fake-",
+                 port: int = 0):
+        self.path = path
+        self.ttl = int(ttl)
+        self.token_prefix = token_prefix
+        self._lock = threading.Lock()
+        self._requests: list[FaultRequest] = []
+        self._mode = FaultMode()
+        self._mode_left: int | None = None
+        self._issued = 0
+        self._stopping = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._server = ThreadingHTTPServer((LOOPBACK, port), self._make_handler())
+        self._server.daemon_threads = True
+        self._port = self._server.server_address[1]
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # -- lifecycle
+    @property
+    def port(self) -> int:
+        """The bound port (still known after stop(): then nothing listens there)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """http://127.0.0.1:<port><path> (path "/token" when any path is accepted)."""
+        return f"http://{LOOPBACK}:{self._port}{self.path or '/token'}"
+
+    def start(self) -> "FaultTokenServer":
+        if self._closed:
+            raise RuntimeError("FaultTokenServer cannot be restarted; make a new one")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._server.serve_forever,
+                                            kwargs={"poll_interval": 0.1},
+                                            name=f"fault-token-{self._port}", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and cut every open connection (idempotent). The port is then
+        closed: connections to it are refused (unless something else grabs it)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=10)
+            self._thread = None
+        if not self._closed:
+            self._server.server_close()
+            self._closed = True
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "FaultTokenServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- behaviour
+    def set_mode(self, **kwargs: Any) -> FaultMode:
+        """Replace the mode: FaultMode(**kwargs) (unnamed fields back to defaults)."""
+        mode = FaultMode(**kwargs)
+        if mode.delay_s < 0 or mode.delay_s > MAX_DELAY_S:
+            raise ValueError(f"delay_s must be within 0..{MAX_DELAY_S}")
+        if mode.huge < 0:
+            raise ValueError("huge must be >= 0")
+        with self._lock:
+            self._mode = mode
+            self._mode_left = mode.times
+        return mode
+
+    def update_mode(self, **kwargs: Any) -> FaultMode:
+        """Change only the named fields of the current mode."""
+        with self._lock:
+            fields = dataclasses.asdict(self._mode)
+        fields.update(kwargs)
+        return self.set_mode(**fields)
+
+    def reset_mode(self) -> None:
+        """Back to well-behaved."""
+        self.set_mode()
+
+    def mode(self) -> FaultMode:
+        with self._lock:
+            return self._mode
+
+    @property
+    def issued(self) -> int:
+        """How many access tokens were issued (the last n)."""
+        with self._lock:
+            return self._issued
+
+    # -- recorded requests
+    def requests(self) -> list[FaultRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._requests)
+
+    def last(self) -> FaultRequest:
+        with self._lock:
+            assert self._requests, "token server received no request"
+            return self._requests[-1]
+
+    def clear(self) -> None:
+        """Forget recorded requests (mode and token counter stay)."""
+        with self._lock:
+            self._requests.clear()
+
+    def wait_for_count(self, count: int, timeout: float = 10.0) -> list[FaultRequest]:
+        wait_until(lambda: self.count() >= count, timeout,
+                   message=f"{count} request(s) at the fault token server")
+        return self.requests()
+
+    # -- internals
+    def _take_mode(self) -> FaultMode:
+        """The mode for one request (counts down `times`)."""
+        with self._lock:
+            mode = self._mode
+            if self._mode_left is not None:
+                self._mode_left -= 1
+                if self._mode_left <= 0:
+                    self._mode = FaultMode()
+                    self._mode_left = None
+            return mode
+
+    def _next_token(self, mode: FaultMode) -> tuple[int, str]:
+        with self._lock:
+            self._issued += 1
+            n = self._issued
+        prefix = self.token_prefix if mode.token_prefix is None else mode.token_prefix
+        return n, f"{prefix}{n}"
+
+    def _answer(self, mode: FaultMode) -> tuple[int, bytes, str]:
+        """(status, body, content type) for a request to the token path, or (-1, ...) to drop."""
+        if mode.close:
+            return -1, b"", ""
+        if mode.error_json:
+            code = mode.error_json if isinstance(mode.error_json, str) else "invalid_client"
+            body = {"error": code, "error_description": f"injected {code} fault"}
+            return mode.status or 400, json.dumps(body).encode(), "application/json"
+        if mode.status is not None:
+            body = mode.body
+            ctype = "text/plain"
+            if body is None:
+                body = f"fault {mode.status}".encode()
+            elif isinstance(body, dict):
+                body, ctype = json.dumps(body).encode(), "application/json"
+            elif isinstance(body, str):
+                body = body.encode()
+            return mode.status, body, ctype
+        if mode.garbage:
+            return 200, b"<html>this is not json {", "application/json"
+        n, token = self._next_token(mode)
+        ttl = self.ttl if mode.ttl is None else mode.ttl
+        resp: dict[str, Any] = {"access_token": token, "token_type": "Bearer", "expires_in": ttl}
+        if mode.missing_token:
+            del resp["access_token"]
+        if mode.wrong_type:
+            resp["token_type"] = mode.wrong_type if isinstance(mode.wrong_type, str) else "mac"
+        if mode.no_expires_in:
+            del resp["expires_in"]
+        elif mode.expires_in_string:
+            resp["expires_in"] = str(ttl)
+        if mode.rotate_refresh:
+            resp["refresh_token"] = f"rt-{n}"
+        body = json.dumps(resp).encode()
+        if mode.huge:
+            # still a valid token response; the padding field makes it exactly `huge` bytes
+            resp["padding"] = ""
+            base = len(json.dumps(resp, separators=(",", ":")).encode())
+            resp["padding"] = "x" * max(0, mode.huge - base)
+            body = json.dumps(resp, separators=(",", ":")).encode()
+        return 200, body, "application/json"
+
+    def _make_handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            server_version = "latchkey-fault-token-server"
+            timeout = 60  # idle keep-alive connections end eventually
+
+            def log_message(self, *args):
+                pass
+
+            def setup(self):
+                super().setup()
+                with server._lock:
+                    server._conns.add(self.connection)
+
+            def finish(self):
+                with server._lock:
+                    server._conns.discard(self.connection)
+                try:
+                    super().finish()
+                except OSError:
+                    pass
+
+            def _read_body(self) -> bytes:
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    out = bytearray()
+                    while len(out) < (16 << 20):
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            break
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                    return bytes(out)
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(min(length, 16 << 20)) if length else b""
+
+            def _send(self, status: int, body: bytes, ctype: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _handle(self):
+                body = self._read_body()
+                form_all: dict[str, list[str]] = {}
+                ctype = (self.headers.get("Content-Type") or "").lower()
+                if not ctype or "x-www-form-urlencoded" in ctype:
+                    try:
+                        form_all = urllib.parse.parse_qs(body.decode("utf-8"),
+                                                         keep_blank_values=True)
+                    except UnicodeDecodeError:
+                        form_all = {}
+                headers = [(k, v) for k, v in self.headers.items()]
+                rec = FaultRequest(self.command, self.path, headers, body,
+                                   {k: v[0] for k, v in form_all.items()}, form_all,
+                                   time.monotonic())
+                with server._lock:
+                    server._requests.append(rec)
+                path_only = self.path.split("?", 1)[0]
+                if server.path is not None and path_only != server.path:
+                    self._send(404, b'{"error":"not_found"}', "application/json")
+                    return
+                if self.command != "POST":
+                    self._send(405, b'{"error":"method_not_allowed"}', "application/json")
+                    return
+                mode = server._take_mode()
+                if mode.delay_s > 0:
+                    server._stopping.wait(min(mode.delay_s, MAX_DELAY_S))
+                    if server._stopping.is_set():
+                        self.close_connection = True
+                        return
+                status, payload, ctype = server._answer(mode)
+                if status < 0:
+                    self.close_connection = True
+                    try:
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    return
+                self._send(status, payload, ctype)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
+
+        return Handler
