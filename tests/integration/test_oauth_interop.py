@@ -1,0 +1,111 @@
+"""latchkey against a real OAuth server: oidc-provider 9 (OpenID Certified), run by
+tests/oauth/server.mjs on 127.0.0.1. The upstream's received token is verified
+against the server's JWKS, as a resource server would.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import static_cluster
+from token_servers import DEFAULT_RESOURCE, OidcProvider
+
+ROUTES = [{"name": "orders", "prefix": "/orders"}, {"name": "default", "prefix": "/"}]
+
+
+@pytest.fixture
+def oidc():
+    with OidcProvider(ttl=300) as server:
+        yield server
+
+
+def config(oidc, client_id, auth_method, grant="client_credentials"):
+    conn = {"provider": "idp", "grant": grant, "scopes": ["orders.read"],
+            "resource": DEFAULT_RESOURCE, "access": {"authenticated": True}}
+    if grant == "refresh_token":
+        conn["refresh_token"] = "rt"
+        conn.pop("scopes")
+    return {
+        "secrets": {"client_secret": {"env": "CLIENT_SECRET"}, "rt": {"env": "REFRESH_TOKEN"}},
+        "providers": {"idp": {"type": "oauth2", "cluster": "idp", "token_url": oidc.token_url,
+                              "client_id": client_id, "client_secret": "client_secret",
+                              "auth_method": auth_method, "timeout_ms": 3000}},
+        "connections": {"orders": conn},
+        "routes": [{"name": "orders", "match": {"route_name": "orders"},
+                    "inject": [{"connections": ["orders"], "header": "authorization"}]}],
+    }
+
+
+def start(envoy_factory, oidc, client_id, secret, auth_method, grant="client_credentials", rt="unused"):
+    return envoy_factory(config(oidc, client_id, auth_method, grant), routes=ROUTES,
+                         wasm_env={"CLIENT_SECRET": secret, "REFRESH_TOKEN": rt},
+                         extra_clusters=[static_cluster("idp", oidc.port)])
+
+
+def upstream_token(upstream):
+    scheme, _, token = upstream.last().header("authorization").partition(" ")
+    assert scheme == "Bearer"
+    return token
+
+
+@pytest.mark.parametrize("client_id,secret,auth_method", [
+    ("gw-basic", "gw-basic-secret", "client_secret_basic"),
+    ("gw-post", "gw-post-secret", "client_secret_post"),
+])
+def test_client_credentials(envoy_factory, upstream, signer, oidc, client_id, secret, auth_method):
+    envoy = start(envoy_factory, oidc, client_id, secret, auth_method)
+    caller = signer.token({"sub": "alice"})
+    for i in range(3):
+        assert envoy.request("GET", f"/orders/{i}", headers=[("authorization", f"Bearer {caller}")]).status == 200
+    claims = oidc.verify_access_token(upstream_token(upstream))
+    assert claims["client_id"] == client_id
+    assert claims["scope"] == "orders.read"
+    assert claims["aud"] == DEFAULT_RESOURCE
+    assert oidc.token_request_count("client_credentials", ok_only=True) == 1
+    sent = oidc.last_token_requests(1)[0]
+    assert sent["client_id"] == client_id
+    headers = {k.lower(): v for k, v in sent["headers"]}
+    if auth_method == "client_secret_basic":
+        assert headers["authorization"].startswith("Basic ")
+        assert "client_secret" not in sent["form"]
+    else:
+        assert "authorization" not in headers
+        assert sent["form"]["client_secret"] == secret
+    # No claims: the route's connection needs an authenticated caller.
+    assert envoy.request("GET", "/orders/x").status == 401
+
+
+def test_wrong_client_secret_is_503_and_logged_as_oauth_error(envoy_factory, upstream, signer, oidc):
+    envoy = start(envoy_factory, oidc, "gw-basic", "not-the-secret", "client_secret_basic")
+    caller = signer.token({"sub": "alice"})
+    resp = envoy.request("GET", "/orders", headers=[("authorization", f"Bearer {caller}")])
+    assert resp.status == 503
+    assert resp.json() == {"error": "credential_unavailable", "route": "orders", "connection": "orders"}
+    envoy.wait_for_log('token fetch failed: oauth_error: token server answered 401 with error "invalid_client"')
+    assert "not-the-secret" not in envoy.log_text()
+
+
+def test_refresh_token_grant_with_rotation(envoy_factory, upstream, signer, oidc):
+    rt = oidc.mint_refresh_token()
+    envoy = start(envoy_factory, oidc, "gw-basic", "gw-basic-secret", "client_secret_basic",
+                  grant="refresh_token", rt=rt)
+    caller = [("authorization", f"Bearer {signer.token({'sub': 'alice'})}")]
+    assert envoy.request("GET", "/orders/a", headers=caller).status == 200
+    first = upstream_token(upstream)
+    assert oidc.verify_access_token(first)["sub"] == "svc-orders"
+    # The upstream rejects the token: latchkey drops it and refreshes with the
+    # rotated refresh token. oidc-provider revokes the whole grant if an old
+    # refresh token is reused, so success here proves the rotation was kept.
+    upstream.respond_with(401, path_prefix="/orders/reject", times=1)
+    assert envoy.request("GET", "/orders/reject", headers=caller).status == 401
+    assert envoy.request("GET", "/orders/b", headers=caller).status == 200
+    second = upstream_token(upstream)
+    assert second != first
+    assert oidc.verify_access_token(second)["sub"] == "svc-orders"
+    assert oidc.token_request_count("refresh_token", ok_only=True) == 2
+    forms = [r["form"] for r in oidc.last_token_requests() if r.get("grant_type") == "refresh_token"]
+    assert forms[0]["refresh_token"] == rt
+    assert forms[1]["refresh_token"] != rt
+    log = envoy.log_text()
+    for secret in (rt, forms[1]["refresh_token"], first, second, "gw-basic-secret"):
+        assert secret not in log
