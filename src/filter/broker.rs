@@ -18,6 +18,7 @@ use crate::config::{Credential, Grant, ProviderKind};
 use crate::inject::{self, Edit, Resolved};
 use crate::secret::Secret;
 use crate::token::cache::{self, CacheState, Cached, Decision, FetchOutcome, Policy};
+use crate::token::exchange::{Set, Subject};
 use crate::token::request::{self, GrantInput};
 use crate::token::response::{self, FetchError, MAX_BODY};
 
@@ -31,11 +32,97 @@ const CAS_TRIES: usize = 4;
 /// A connection's token cache, prepared at configure time.
 #[derive(Debug)]
 pub struct TokenSlot {
+    /// The shared-data key; for token exchange, the prefix of its set keys.
     pub key: String,
+    /// Token exchange: one entry per caller, in bounded sets.
+    pub exchange: bool,
     /// Where a rotated refresh token is kept (refresh_token grant only).
     pub rt_key: Option<String>,
     pub policy: Policy,
     pub default_lifetime_ms: u64,
+}
+
+impl TokenSlot {
+    /// The shared-data key of set `i` of a token-exchange connection.
+    pub fn set_key(&self, i: usize) -> String {
+        format!("{}.x{i}", self.key)
+    }
+
+    /// Where the entry for this connection (and caller) lives; `None` for token
+    /// exchange without a subject token.
+    fn addr(&self, connection: usize, subject: Option<&Secret>) -> Option<Addr> {
+        if !self.exchange {
+            return Some(Addr {
+                connection,
+                key: self.key.clone(),
+                subject: None,
+            });
+        }
+        let s = Subject::of(subject?.expose());
+        Some(Addr {
+            connection,
+            key: self.set_key(s.set),
+            subject: Some(s),
+        })
+    }
+}
+
+/// Where one cache entry lives: a connection's key, or a caller's entry in a set.
+#[derive(Debug, Clone)]
+pub struct Addr {
+    connection: usize,
+    key: String,
+    subject: Option<Subject>,
+}
+
+/// What was read with a state, to write it back by CAS.
+struct Stored {
+    cas: u32,
+    set: Option<Set>,
+}
+
+fn load(addr: &Addr) -> Result<(CacheState, Stored), HostError> {
+    let (bytes, cas) = host::shared_data(&addr.key)?.unwrap_or_default();
+    Ok(match &addr.subject {
+        None => (CacheState::decode(&bytes), Stored { cas, set: None }),
+        Some(s) => {
+            let set = Set::decode(&bytes);
+            (
+                set.state(&s.hash),
+                Stored {
+                    cas,
+                    set: Some(set),
+                },
+            )
+        }
+    })
+}
+
+/// CAS-writes an entry's state; `Ok(false)` when another writer came first.
+fn store(
+    loaded: &Loaded,
+    addr: &Addr,
+    stored: Stored,
+    next: &CacheState,
+    now: u64,
+) -> Result<bool, HostError> {
+    let bytes = match (&addr.subject, stored.set) {
+        (Some(s), Some(mut set)) => {
+            set.put(&s.hash, next.clone(), now);
+            set.encode()
+        }
+        _ => next.encode(),
+    };
+    match host::set_shared_data(&addr.key, &bytes, stored.cas) {
+        Ok(()) => {
+            if addr.subject.is_none() {
+                loaded.metrics.token_state(addr.connection, next.gauge());
+            }
+            Ok(true)
+        }
+        Err(HostError(CAS_MISMATCH)) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// What a request gets for one oauth2 connection.
@@ -50,8 +137,8 @@ pub struct Cred {
     pub secret: Secret,
     /// `""` for API keys, `"Bearer "` for tokens (when the entry gives no prefix).
     pub default_prefix: &'static str,
-    /// For tokens: (connection, token id), so an upstream 401 can drop it.
-    pub token: Option<(usize, u64)>,
+    /// For tokens: where it is cached and its id, so an upstream 401 can drop it.
+    pub token: Option<(Addr, u64)>,
 }
 
 impl Cred {
@@ -65,8 +152,8 @@ impl Cred {
             .collect()
     }
 
-    pub fn tokens(creds: &[Cred]) -> Vec<(usize, u64)> {
-        creds.iter().filter_map(|c| c.token).collect()
+    pub fn tokens(creds: &[Cred]) -> Vec<(Addr, u64)> {
+        creds.iter().filter_map(|c| c.token.clone()).collect()
     }
 }
 
@@ -95,27 +182,25 @@ pub struct Waiter {
     /// Edits decided before waiting (the claims header removal).
     pub pre_edits: Vec<Edit>,
     pub connection_label: Option<String>,
+    /// The caller's bearer token, for token exchange.
+    pub subject: Option<Secret>,
 }
 
-struct Pending {
+/// A fetch to dispatch, or in flight.
+struct Fetch {
     loaded: Rc<Loaded>,
-    connection: usize,
+    addr: Addr,
     owner: u64,
-}
-
-struct InFlight {
-    loaded: Rc<Loaded>,
-    connection: usize,
-    owner: u64,
+    subject: Option<Secret>,
 }
 
 pub struct Broker {
     pub root_id: u32,
-    pending: Vec<Pending>,
-    inflight: HashMap<u32, InFlight>,
+    pending: Vec<Fetch>,
+    inflight: HashMap<u32, Fetch>,
     waiters: BTreeMap<u32, Waiter>,
     /// Tokens each live request carried, for upstream-401 handling.
-    used: HashMap<u32, Vec<(usize, u64)>>,
+    used: HashMap<u32, Vec<(Addr, u64)>>,
     tick_ms: u32,
 }
 
@@ -124,31 +209,6 @@ pub fn random_u64() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(host::now_ms().unwrap_or(0));
     h.finish()
-}
-
-fn read_state(key: &str) -> Result<(CacheState, u32), HostError> {
-    Ok(match host::shared_data(key)? {
-        Some((bytes, cas)) => (CacheState::decode(&bytes), cas),
-        None => (CacheState::Empty, 0),
-    })
-}
-
-/// CAS-writes a state; `Ok(false)` when another writer came first.
-fn write_state(
-    loaded: &Loaded,
-    connection: usize,
-    key: &str,
-    state: &CacheState,
-    cas: u32,
-) -> Result<bool, HostError> {
-    match host::set_shared_data(key, &state.encode(), cas) {
-        Ok(()) => {
-            loaded.metrics.token_state(connection, state.gauge());
-            Ok(true)
-        }
-        Err(HostError(CAS_MISMATCH)) => Ok(false),
-        Err(e) => Err(e),
-    }
 }
 
 impl Broker {
@@ -182,35 +242,55 @@ impl Broker {
         self.set_tick(ms);
     }
 
-    /// A token for `connection`, from the shared cache; may start a fetch.
+    /// A token for `connection` (and, for token exchange, the caller whose bearer
+    /// token is `subject`), from the shared cache; may start a fetch.
     /// `on_request`: a request's first look (counted as a cache hit when served),
     /// not the re-check of a waiting one.
     pub fn acquire(
         &mut self,
         loaded: &Rc<Loaded>,
         connection: usize,
+        subject: Option<&Secret>,
         now: u64,
         on_request: bool,
     ) -> Result<Access, HostError> {
-        let Some(slot) = loaded.tokens.get(connection).and_then(Option::as_ref) else {
+        let m = &loaded.metrics;
+        let slot = loaded.tokens.get(connection).and_then(Option::as_ref);
+        let Some((slot, addr)) = slot.and_then(|s| Some((s, s.addr(connection, subject)?))) else {
+            let name = loaded
+                .config
+                .connection(connection)
+                .map_or("?", |c| c.name.as_str());
+            host::log(
+                Level::Warn,
+                &format!(
+                    "connection {name}: token_exchange needs the caller's bearer token in \
+                     authorization (set forward: true on the jwt_authn provider)"
+                ),
+            );
             return Ok(Access::Reject {
                 retry_after_ms: 1000,
             });
         };
-        let m = &loaded.metrics;
         for _ in 0..CAS_TRIES {
-            let (state, cas) = read_state(&slot.key)?;
+            let (state, mut stored) = load(&addr)?;
             let owner = random_u64();
             match cache::on_request(&state, now, owner, &slot.policy) {
                 Decision::Use(token) => {
                     if on_request {
                         m.token(connection, "cache_hit");
                     }
+                    if let (Some(s), Some(set)) = (&addr.subject, &mut stored.set) {
+                        // Least-recently-used bookkeeping; losing this race is harmless.
+                        if set.touch(&s.hash, now) {
+                            let _ = host::set_shared_data(&addr.key, &set.encode(), stored.cas);
+                        }
+                    }
                     return Ok(Access::Ready(token));
                 }
                 Decision::UseAndRefresh { token, next } => {
-                    if write_state(loaded, connection, &slot.key, &next, cas)? {
-                        self.queue(loaded, connection, owner);
+                    if store(loaded, &addr, stored, &next, now)? {
+                        self.queue(loaded, &addr, owner, subject);
                     }
                     if on_request {
                         m.token(connection, "cache_hit");
@@ -219,8 +299,8 @@ impl Broker {
                 }
                 Decision::Wait => return Ok(Access::Wait),
                 Decision::Fetch { next } => {
-                    if write_state(loaded, connection, &slot.key, &next, cas)? {
-                        self.queue(loaded, connection, owner);
+                    if store(loaded, &addr, stored, &next, now)? {
+                        self.queue(loaded, &addr, owner, subject);
                         return Ok(Access::Wait);
                     }
                 }
@@ -238,6 +318,7 @@ impl Broker {
         &mut self,
         loaded: &Rc<Loaded>,
         picks: &[usize],
+        subject: Option<&Secret>,
         now: u64,
         on_request: bool,
     ) -> Result<Resolution, HostError> {
@@ -257,28 +338,34 @@ impl Broker {
                     default_prefix: "",
                     token: None,
                 }),
-                Credential::OAuth2(_) => match self.acquire(loaded, ci, now, on_request)? {
-                    Access::Ready(t) => out.push(Cred {
-                        secret: Secret::new(t.token),
-                        default_prefix: "Bearer ",
-                        token: Some((ci, t.id)),
-                    }),
-                    Access::Wait => {
-                        let timeout = loaded
-                            .tokens
-                            .get(ci)
-                            .and_then(Option::as_ref)
-                            .map_or(5000, |s| s.policy.fetch_timeout_ms);
-                        let d = now + timeout;
-                        deadline = Some(deadline.map_or(d, |x| x.min(d)));
+                Credential::OAuth2(_) => {
+                    match self.acquire(loaded, ci, subject, now, on_request)? {
+                        Access::Ready(t) => {
+                            let slot = loaded.tokens.get(ci).and_then(Option::as_ref);
+                            let addr = slot.and_then(|s| s.addr(ci, subject));
+                            out.push(Cred {
+                                token: addr.map(|a| (a, t.id)),
+                                secret: Secret::new(t.token),
+                                default_prefix: "Bearer ",
+                            })
+                        }
+                        Access::Wait => {
+                            let timeout = loaded
+                                .tokens
+                                .get(ci)
+                                .and_then(Option::as_ref)
+                                .map_or(5000, |s| s.policy.fetch_timeout_ms);
+                            let d = now + timeout;
+                            deadline = Some(deadline.map_or(d, |x| x.min(d)));
+                        }
+                        Access::Reject { retry_after_ms } => {
+                            return Ok(Resolution::Reject {
+                                connection: ci,
+                                retry_after_ms,
+                            })
+                        }
                     }
-                    Access::Reject { retry_after_ms } => {
-                        return Ok(Resolution::Reject {
-                            connection: ci,
-                            retry_after_ms,
-                        })
-                    }
-                },
+                }
             }
         }
         Ok(match deadline {
@@ -287,11 +374,12 @@ impl Broker {
         })
     }
 
-    fn queue(&mut self, loaded: &Rc<Loaded>, connection: usize, owner: u64) {
-        self.pending.push(Pending {
+    fn queue(&mut self, loaded: &Rc<Loaded>, addr: &Addr, owner: u64, subject: Option<&Secret>) {
+        self.pending.push(Fetch {
             loaded: loaded.clone(),
-            connection,
+            addr: addr.clone(),
             owner,
+            subject: subject.cloned(),
         });
         self.set_tick(KICK_MS);
     }
@@ -304,13 +392,13 @@ impl Broker {
         }
     }
 
-    pub fn record_used(&mut self, context_id: u32, used: Vec<(usize, u64)>) {
+    pub fn record_used(&mut self, context_id: u32, used: Vec<(Addr, u64)>) {
         if !used.is_empty() {
             self.used.insert(context_id, used);
         }
     }
 
-    pub fn take_used(&mut self, context_id: u32) -> Vec<(usize, u64)> {
+    pub fn take_used(&mut self, context_id: u32) -> Vec<(Addr, u64)> {
         self.used.remove(&context_id).unwrap_or_default()
     }
 
@@ -332,9 +420,10 @@ impl Broker {
         self.retick();
     }
 
-    fn dispatch(&mut self, p: Pending, now: u64) {
-        let config = &p.loaded.config;
-        let Some(conn) = config.connection(p.connection) else {
+    fn dispatch(&mut self, f: Fetch, now: u64) {
+        let connection = f.addr.connection;
+        let config = &f.loaded.config;
+        let Some(conn) = config.connection(connection) else {
             return;
         };
         let (Some(provider), Credential::OAuth2(oc)) = (config.provider_of(conn), &conn.credential)
@@ -344,7 +433,7 @@ impl Broker {
         let ProviderKind::OAuth2(op) = &provider.kind else {
             return;
         };
-        let slot = p.loaded.tokens.get(p.connection).and_then(Option::as_ref);
+        let slot = f.loaded.tokens.get(connection).and_then(Option::as_ref);
         let rotated = match (slot.and_then(|s| s.rt_key.as_deref()), &oc.grant) {
             (Some(k), Grant::RefreshToken(_)) => host::shared_data(k)
                 .ok()
@@ -354,9 +443,10 @@ impl Broker {
                 .map(Secret::new),
             _ => None,
         };
-        let input = match &rotated {
-            Some(rt) => GrantInput::RefreshToken(rt),
-            None => GrantInput::None,
+        let input = match (&rotated, &f.subject) {
+            (Some(rt), _) => GrantInput::RefreshToken(rt),
+            (None, Some(subject)) => GrantInput::SubjectToken(subject),
+            (None, None) => GrantInput::None,
         };
         let req = request::build(op, oc, input);
         let mut headers: Vec<(&str, &str)> =
@@ -372,17 +462,10 @@ impl Broker {
             vec![],
             Duration::from_millis(req.timeout_ms),
         );
-        p.loaded.metrics.token(p.connection, "requests");
+        f.loaded.metrics.token(connection, "requests");
         match sent {
             Ok(token) => {
-                self.inflight.insert(
-                    token,
-                    InFlight {
-                        loaded: p.loaded,
-                        connection: p.connection,
-                        owner: p.owner,
-                    },
-                );
+                self.inflight.insert(token, f);
             }
             Err(status) => {
                 host::log(
@@ -392,13 +475,7 @@ impl Broker {
                         conn.name, req.cluster
                     ),
                 );
-                self.complete(
-                    &p.loaded,
-                    p.connection,
-                    p.owner,
-                    Err(FetchError::Dispatch),
-                    now,
-                );
+                self.complete(&f, Err(FetchError::Dispatch), now);
             }
         }
     }
@@ -416,7 +493,7 @@ impl Broker {
         let default_ms = f
             .loaded
             .tokens
-            .get(f.connection)
+            .get(f.addr.connection)
             .and_then(Option::as_ref)
             .map_or(300_000, |s| s.default_lifetime_ms);
         let result = if body_size > MAX_BODY {
@@ -425,19 +502,13 @@ impl Broker {
             let body = host::http_call_response_body(body_size).unwrap_or_default();
             response::parse(status, &body, default_ms)
         };
-        self.complete(&f.loaded, f.connection, f.owner, result, now);
+        self.complete(&f, result, now);
         self.service_waiters(now);
         self.retick();
     }
 
-    fn complete(
-        &mut self,
-        loaded: &Rc<Loaded>,
-        connection: usize,
-        owner: u64,
-        result: Result<response::Token, FetchError>,
-        now: u64,
-    ) {
+    fn complete(&mut self, f: &Fetch, result: Result<response::Token, FetchError>, now: u64) {
+        let (loaded, connection) = (&f.loaded, f.addr.connection);
         let Some(slot) = loaded.tokens.get(connection).and_then(Option::as_ref) else {
             return;
         };
@@ -458,10 +529,16 @@ impl Broker {
                         );
                     }
                 }
+                // A token obtained for a caller never outlives the caller's own token.
+                let lifetime_ms = crate::token::exchange::capped_lifetime_ms(
+                    t.lifetime_ms,
+                    f.addr.subject.as_ref().and_then(|s| s.expires_ms),
+                    now,
+                );
                 FetchOutcome::Token {
                     token: t.access_token.expose().to_string(),
                     id: random_u64(),
-                    lifetime_ms: t.lifetime_ms,
+                    lifetime_ms,
                 }
             }
             Err(e) => {
@@ -474,12 +551,12 @@ impl Broker {
             }
         };
         for _ in 0..CAS_TRIES {
-            let Ok((state, cas)) = read_state(&slot.key) else {
+            let Ok((state, stored)) = load(&f.addr) else {
                 return;
             };
             let Some(next) = cache::on_result(
                 &state,
-                owner,
+                f.owner,
                 outcome.clone(),
                 now,
                 &slot.policy,
@@ -491,7 +568,7 @@ impl Broker {
                 );
                 return;
             };
-            match write_state(loaded, connection, &slot.key, &next, cas) {
+            match store(loaded, &f.addr, stored, &next, now) {
                 Ok(true) | Err(_) => return,
                 Ok(false) => continue,
             }
@@ -499,21 +576,18 @@ impl Broker {
     }
 
     /// The upstream answered 401 to a request that carried these tokens.
-    pub fn drop_tokens(&mut self, loaded: &Loaded, used: &[(usize, u64)]) {
-        for &(connection, id) in used {
-            let Some(slot) = loaded.tokens.get(connection).and_then(Option::as_ref) else {
-                continue;
-            };
+    pub fn drop_tokens(&mut self, loaded: &Loaded, used: &[(Addr, u64)], now: u64) {
+        for (addr, id) in used {
             for _ in 0..CAS_TRIES {
-                let Ok((state, cas)) = read_state(&slot.key) else {
+                let Ok((state, stored)) = load(addr) else {
                     break;
                 };
-                let Some(next) = cache::on_upstream_401(&state, id) else {
+                let Some(next) = cache::on_upstream_401(&state, *id) else {
                     break;
                 };
-                match write_state(loaded, connection, &slot.key, &next, cas) {
+                match store(loaded, addr, stored, &next, now) {
                     Ok(true) => {
-                        loaded.metrics.token(connection, "dropped_on_401");
+                        loaded.metrics.token(addr.connection, "dropped_on_401");
                         break;
                     }
                     Ok(false) => continue,
@@ -529,7 +603,7 @@ impl Broker {
             let Some(w) = self.waiters.remove(&id) else {
                 continue;
             };
-            let resolution = self.resolve(&w.loaded, &w.picks, now, false);
+            let resolution = self.resolve(&w.loaded, &w.picks, w.subject.as_ref(), now, false);
             match resolution {
                 Ok(Resolution::Wait { .. }) if now < w.deadline_ms => {
                     self.waiters.insert(id, w);

@@ -24,6 +24,7 @@ use crate::inject::{self, Edit};
 use crate::policy::{decide, Decision, Denial};
 use crate::response::{reply, Refusal};
 use crate::router::RequestInfo;
+use crate::secret::Secret;
 use crate::token::cache::Policy;
 use broker::{Broker, Cred, Resolution, TokenSlot, Waiter};
 use host::{HostError, Level, Map};
@@ -61,19 +62,27 @@ impl Loaded {
                 let ProviderKind::OAuth2(p) = &provider.kind else { return None };
                 let key = crate::token::cache_key(c, provider)?;
                 let refresh = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::RefreshToken(_)));
+                let exchange = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. }));
                 let rt_key = refresh.then(|| format!("{key}.rt"));
+                let slot = TokenSlot {
+                    key,
+                    exchange,
+                    rt_key,
+                    policy: Policy::new(p.timeout_ms, p.refresh_margin_s * 1000),
+                    default_lifetime_ms: p.default_expires_in_s * 1000,
+                };
                 // Create the keys now: "create if absent" by CAS is not atomic in the host.
-                for k in std::iter::once(&key).chain(rt_key.as_ref()) {
+                let keys: Vec<String> = if exchange {
+                    (0..crate::token::exchange::SETS).map(|i| slot.set_key(i)).collect()
+                } else {
+                    std::iter::once(slot.key.clone()).chain(slot.rt_key.clone()).collect()
+                };
+                for k in &keys {
                     if let Ok(None) = host::shared_data(k) {
                         let _ = host::set_shared_data(k, b"", 0);
                     }
                 }
-                Some(TokenSlot {
-                    key,
-                    rt_key,
-                    policy: Policy::new(p.timeout_ms, p.refresh_margin_s * 1000),
-                    default_lifetime_ms: p.default_expires_in_s * 1000,
-                })
+                Some(slot)
             })
             .collect();
         Loaded {
@@ -209,7 +218,7 @@ impl HttpContext for Http {
             .ok()
             .and_then(|h| h.get(":status").map(<[u8]>::to_vec));
         if status.as_deref() == Some(b"401") {
-            broker.drop_tokens(&state, &used);
+            broker.drop_tokens(&state, &used, host::now_ms().unwrap_or(0));
         }
         Action::Continue
     }
@@ -414,7 +423,11 @@ fn handle_request(
         .collect();
     let connection_label = (!names.is_empty()).then(|| names.join(","));
     let now = host::now_ms()?;
-    match broker.resolve(state, &picks, now, true)? {
+    // Token exchange sends the caller's own bearer token as the subject token.
+    let subject = needs_subject(config, &picks)
+        .then(|| headers.get("authorization").and_then(bearer_token))
+        .flatten();
+    match broker.resolve(state, &picks, subject.as_ref(), now, true)? {
         Resolution::Ready(creds) => {
             let resolved = Cred::resolved(&creds);
             edits.extend(inject::plan(route, &resolved, &sent, full_path));
@@ -456,11 +469,28 @@ fn handle_request(
                     path: full_path.to_vec(),
                     pre_edits: edits,
                     connection_label,
+                    subject,
                 },
             );
             Ok(Action::Pause)
         }
     }
+}
+
+fn needs_subject(config: &Config, picks: &[usize]) -> bool {
+    picks.iter().any(|&c| {
+        config.connection(c).is_some_and(|c| {
+            matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. }))
+        })
+    })
+}
+
+/// The token of an `Authorization: Bearer <token>` value.
+fn bearer_token(value: &[u8]) -> Option<Secret> {
+    let v = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, token) = v.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| Secret::new(token))
 }
 
 enum IdentityError {

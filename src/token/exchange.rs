@@ -1,0 +1,211 @@
+//! The token-exchange cache (RFC 8693): one token per connection *and caller*.
+//!
+//! Callers are many, so the cache is bounded: a connection has [`SETS`] shared-data
+//! keys, created when the configuration loads (creating keys later would race
+//! between workers), each holding up to [`WAYS`] entries. A caller's entry lives
+//! in the set its subject-token hash selects; when the set is full the least
+//! recently used entry is evicted. At most `SETS × WAYS` callers per connection
+//! are cached ([`MAX_CALLERS`]).
+//!
+//! Entries are keyed by a 128-bit hash of the subject token, never the token
+//! itself. A token obtained for a subject is never used after the subject
+//! token's own `exp`.
+
+use std::hash::{Hash, Hasher};
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use super::cache::CacheState;
+
+pub const SETS: usize = 256;
+pub const WAYS: usize = 4;
+pub const MAX_CALLERS: usize = SETS * WAYS;
+
+/// Where a caller's entry lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    /// 128-bit hash of the subject token, hex.
+    pub hash: String,
+    pub set: usize,
+    /// The subject token's `exp` in ms, when it is a JWT with one.
+    pub expires_ms: Option<u64>,
+}
+
+impl Subject {
+    pub fn of(token: &str) -> Subject {
+        let half = |domain: &str| {
+            let mut h = std::hash::DefaultHasher::new();
+            (domain, token).hash(&mut h);
+            h.finish()
+        };
+        let (a, b) = (half("latchkey.subject.a"), half("latchkey.subject.b"));
+        Subject {
+            hash: format!("{a:016x}{b:016x}"),
+            set: (a % SETS as u64) as usize,
+            expires_ms: jwt_exp_ms(token),
+        }
+    }
+}
+
+/// The `exp` claim (seconds) of a JWT, in milliseconds; `None` for anything else.
+pub fn jwt_exp_ms(token: &str) -> Option<u64> {
+    let mut parts = token.split('.');
+    let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = v.get("exp")?.as_f64()?;
+    (exp.is_finite() && exp > 0.0).then_some((exp * 1000.0) as u64)
+}
+
+/// The lifetime to cache a token obtained for a subject that expires at
+/// `subject_exp_ms` (if known): never past the subject's own expiry.
+pub fn capped_lifetime_ms(lifetime_ms: u64, subject_exp_ms: Option<u64>, now: u64) -> u64 {
+    match subject_exp_ms {
+        Some(exp) => lifetime_ms.min(exp.saturating_sub(now)).max(1),
+        None => lifetime_ms,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub h: String,
+    pub used_ms: u64,
+    pub state: CacheState,
+}
+
+/// One shared-data set.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Set(pub Vec<Entry>);
+
+impl Set {
+    /// Unreadable (a pre-created empty value) is an empty set.
+    pub fn decode(bytes: &[u8]) -> Set {
+        serde_json::from_slice(bytes).unwrap_or_default()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn state(&self, h: &str) -> CacheState {
+        self.0
+            .iter()
+            .find(|e| e.h == h)
+            .map(|e| e.state.clone())
+            .unwrap_or_default()
+    }
+
+    /// Sets `h`'s state (used now), evicting the least recently used entry if full.
+    pub fn put(&mut self, h: &str, state: CacheState, now: u64) {
+        if let Some(e) = self.0.iter_mut().find(|e| e.h == h) {
+            e.state = state;
+            e.used_ms = now;
+            return;
+        }
+        if self.0.len() >= WAYS {
+            if let Some(i) = self
+                .0
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.used_ms)
+                .map(|(i, _)| i)
+            {
+                self.0.swap_remove(i);
+            }
+        }
+        self.0.push(Entry {
+            h: h.to_string(),
+            used_ms: now,
+            state,
+        });
+    }
+
+    /// Marks `h` used at `now`; true if that changed anything worth writing
+    /// (at most once a second per entry, to keep writes rare).
+    pub fn touch(&mut self, h: &str, now: u64) -> bool {
+        match self.0.iter_mut().find(|e| e.h == h) {
+            Some(e) if now >= e.used_ms + 1000 => {
+                e.used_ms = now;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::cache::{Cached, Lease, Policy};
+
+    fn jwt(payload: &str) -> String {
+        let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.sig", b(r#"{"alg":"RS256"}"#), b(payload))
+    }
+
+    #[test]
+    fn subject_hash_is_stable_and_never_the_token() {
+        let t = jwt(r#"{"sub":"alice","exp":1700000000}"#);
+        let a = Subject::of(&t);
+        assert_eq!(a, Subject::of(&t));
+        assert_eq!(a.hash.len(), 32);
+        assert!(!a.hash.contains("alice") && !t.contains(&a.hash));
+        assert!(a.set < SETS);
+        assert_eq!(a.expires_ms, Some(1_700_000_000_000));
+        assert_ne!(Subject::of("other").hash, a.hash);
+        assert_eq!(Subject::of("opaque-token").expires_ms, None);
+        assert_eq!(jwt_exp_ms(&jwt(r#"{"sub":"x"}"#)), None);
+        assert_eq!(jwt_exp_ms("a.!!!.c"), None);
+    }
+
+    #[test]
+    fn set_is_bounded_and_evicts_the_least_recently_used() {
+        let mut s = Set::default();
+        let lease = Lease {
+            owner: 1,
+            until_ms: 10,
+        };
+        for (i, h) in ["a", "b", "c", "d"].iter().enumerate() {
+            s.put(
+                h,
+                CacheState::Fetching { lease, failures: 0 },
+                i as u64 * 2000,
+            );
+        }
+        assert!(s.touch("a", 9000)); // a is now the most recent
+        assert!(!s.touch("a", 9500)); // not again within a second
+        s.put("e", CacheState::Empty, 10_000);
+        assert_eq!(s.0.len(), WAYS);
+        let hs: Vec<&str> = s.0.iter().map(|e| e.h.as_str()).collect();
+        assert!(!hs.contains(&"b"), "{hs:?}"); // b was least recently used
+        assert!(hs.contains(&"a") && hs.contains(&"e"));
+        assert_eq!(s.state("zzz"), CacheState::Empty);
+    }
+
+    #[test]
+    fn exchanged_token_never_outlives_the_subject() {
+        assert_eq!(capped_lifetime_ms(300_000, Some(10_000), 4_000), 6_000);
+        assert_eq!(capped_lifetime_ms(3_000, Some(10_000), 4_000), 3_000);
+        assert_eq!(capped_lifetime_ms(300_000, Some(1_000), 4_000), 1);
+        assert_eq!(capped_lifetime_ms(300_000, None, 4_000), 300_000);
+    }
+
+    #[test]
+    fn set_round_trips_and_garbage_is_empty() {
+        let p = Policy::new(1000, 5000);
+        let mut s = Set::default();
+        s.put(
+            "a",
+            CacheState::Ready {
+                token: Cached::new("tok".into(), 3, 60_000, 0, &p),
+                failures: 0,
+            },
+            5,
+        );
+        assert_eq!(Set::decode(&s.encode()), s);
+        assert_eq!(Set::decode(b""), Set::default());
+    }
+}
