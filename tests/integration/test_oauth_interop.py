@@ -109,3 +109,56 @@ def test_refresh_token_grant_with_rotation(envoy_factory, upstream, signer, oidc
     log = envoy.log_text()
     for secret in (rt, forms[1]["refresh_token"], first, second, "gw-basic-secret"):
         assert secret not in log
+
+
+# ---------------------------------------------------------------- token exchange (RFC 8693)
+
+
+def exchange_config(oidc):
+    return {
+        "secrets": {"client_secret": {"env": "CLIENT_SECRET"}},
+        "providers": {"idp": {"type": "oauth2", "cluster": "idp", "token_url": oidc.token_url,
+                              "client_id": "gw-basic", "client_secret": "client_secret",
+                              "timeout_ms": 3000}},
+        "connections": {"on_behalf": {"provider": "idp", "grant": "token_exchange",
+                                      "scopes": ["orders.read"], "resource": DEFAULT_RESOURCE,
+                                      "access": {"authenticated": True}}},
+        "routes": [{"name": "orders", "match": {"route_name": "orders"},
+                    "inject": [{"connections": ["on_behalf"], "header": "authorization"}]}],
+    }
+
+
+def test_token_exchange_per_caller(envoy_factory, upstream, signer, oidc):
+    oidc.set_subject_jwks(signer.jwks())
+    # jwt_authn must keep the caller's token (forward: true): it is the subject token.
+    envoy = envoy_factory(exchange_config(oidc), routes=ROUTES, forward_jwt=True,
+                          wasm_env={"CLIENT_SECRET": "gw-basic-secret"},
+                          extra_clusters=[static_cluster("idp", oidc.port)])
+    alice, bob = signer.token({"sub": "alice"}), signer.token({"sub": "bob"})
+    for caller, sub in [(alice, "alice"), (alice, "alice"), (bob, "bob"), (alice, "alice"), (bob, "bob")]:
+        resp = envoy.request("GET", "/orders/x", headers=[("authorization", f"Bearer {caller}")])
+        assert resp.status == 200, resp
+        token = upstream_token(upstream)
+        assert token != caller
+        claims = oidc.verify_access_token(token, audience=None)
+        assert claims["sub"] == sub
+        assert claims["act"] == {"sub": "gw-basic"}
+    # One exchange per caller, then cached per caller.
+    assert oidc.token_request_count(ok_only=True) == 2
+    forms = [r["form"] for r in oidc.last_token_requests()]
+    assert [f["subject_token"] for f in forms] == [alice, bob]
+    assert {f["grant_type"] for f in forms} == {"urn:ietf:params:oauth:grant-type:token-exchange"}
+    assert {f["subject_token_type"] for f in forms} == {"urn:ietf:params:oauth:token-type:access_token"}
+    # The subject token is a secret too: never logged.
+    assert alice not in envoy.log_text() and bob not in envoy.log_text()
+
+
+def test_token_exchange_without_the_callers_token_is_503(envoy_factory, upstream, signer, oidc):
+    envoy = envoy_factory(exchange_config(oidc), routes=ROUTES,  # forward: false (default)
+                          wasm_env={"CLIENT_SECRET": "gw-basic-secret"},
+                          extra_clusters=[static_cluster("idp", oidc.port)])
+    resp = envoy.request("GET", "/orders/x", headers=[("authorization", f"Bearer {signer.token({'sub': 'a'})}")])
+    assert resp.status == 503
+    assert resp.json() == {"error": "credential_unavailable", "route": "orders", "connection": "on_behalf"}
+    envoy.wait_for_log("token_exchange needs the caller's bearer token")
+    assert oidc.token_request_count() == 0
