@@ -2,7 +2,8 @@
 """The latchkey demo behind `make run`.
 
 Starts, all on 127.0.0.1: an echo upstream (it answers with the request it got, as
-JSON), and Envoy 1.40 running envoy/demo.yaml with the freshly built latchkey module.
+JSON), oidc-provider (a real OAuth server, tests/oauth) as the token server, and
+Envoy 1.40 running envoy/demo.yaml with the freshly built latchkey module.
 Mints demo JWTs with envoy/demo/demo-signing-key.pem (a key for this demo only),
 prints curl lines to try, and runs until Ctrl-C, then stops everything it started.
 
@@ -29,11 +30,12 @@ import jwt
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 from harness import Upstream, http_request  # noqa: E402
+from token_servers import OidcProvider  # noqa: E402
 
 DEMO_CONFIG = REPO / "envoy" / "demo.yaml"
 DEMO_KEY = REPO / "envoy" / "demo" / "demo-signing-key.pem"
 WASM_PLACEHOLDER = "/opt/latchkey/latchkey.wasm"
-DEFAULT_PORTS = {"listen": 10000, "admin": 9901, "upstream": 18080}
+DEFAULT_PORTS = {"listen": 10000, "admin": 9901, "upstream": 18080, "idp": 18081}
 
 
 def mint(sub: str, groups: list[str]) -> str:
@@ -107,7 +109,11 @@ injected. Applications never hold the keys: Envoy's latchkey does.
 4. A token without the billing group: 403
    curl -si -H "Authorization: Bearer $BOB" {base}/partner/invoices
 
-5. What latchkey counted
+5. An OAuth2 token, fetched from the token server, cached and refreshed by latchkey
+   curl -s -H "Authorization: Bearer $ALICE" {base}/orders/42 | python3 -m json.tool
+   (run it twice: one token request, then the cached token)
+
+6. What latchkey counted
    curl -s http://127.0.0.1:{ports['admin']}/stats | grep latchkey
 
 Access-log lines (route, connection, decision) appear below. Ctrl-C stops everything.
@@ -137,6 +143,14 @@ def self_test(ports: dict[str, int], alice: str, bob: str) -> list[str]:
     r = http_request(port, "GET", "/partner/invoices", headers=[("authorization", f"Bearer {bob}")])
     check("403 without the group", r.status == 403 and json.loads(r.body) ==
           {"error": "forbidden", "route": "partner"})
+    tokens = []
+    for _ in range(2):
+        r = http_request(port, "GET", "/orders/42", headers=[("authorization", f"Bearer {alice}")])
+        echoed = json.loads(r.body) if r.status == 200 else {}
+        headers = {k.lower(): v for k, v in echoed.get("headers", [])}
+        tokens.append(headers.get("authorization", ""))
+    check("oauth token injected and cached",
+          tokens[0].startswith("Bearer ey") and tokens[0] == tokens[1] and tokens[0] != f"Bearer {alice}")
     return failures
 
 
@@ -162,6 +176,7 @@ def main() -> int:
     alice, bob = mint("alice", ["billing"]), mint("bob", ["support"])
 
     upstream = Upstream(ports["upstream"]).start()
+    idp = OidcProvider(ttl=300, port=ports["idp"]).start()
     cmd = [str(args.envoy), "-c", str(config), "--concurrency", "2", "--base-id",
            str(30000 + ports["admin"]), "--log-level", "warn"]
     out = subprocess.DEVNULL if args.self_test else None
@@ -170,7 +185,7 @@ def main() -> int:
         wait_ready(ports["admin"], envoy)
         if args.self_test:
             failures = self_test(ports, alice, bob)
-            print(f"{4 - len(failures)} passed, {len(failures)} failed")
+            print(f"{5 - len(failures)} passed, {len(failures)} failed")
             return 1 if failures else 0
         print(instructions(ports, alice, bob), flush=True)
         envoy.wait()
@@ -181,6 +196,7 @@ def main() -> int:
         return 0
     finally:
         stop(envoy)
+        idp.stop()
         upstream.stop()
 
 
