@@ -67,6 +67,14 @@ _FILE_ACCESS_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.fil
 # --------------------------------------------------------------------------- utilities
 
 
+class BacklogHTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer listens with a backlog of 5: a burst of connections from
+    Envoy (50 requests resumed at once) would overflow it and time out."""
+
+    request_queue_size = 512
+    daemon_threads = True
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago (bind to port 0)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -237,7 +245,7 @@ class Upstream:
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
         self._rules: list[_Rule] = []
-        self._server = ThreadingHTTPServer((LOOPBACK, port), self._make_handler())
+        self._server = BacklogHTTPServer((LOOPBACK, port), self._make_handler())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 

@@ -106,14 +106,17 @@ def test_fifty_concurrent_cold_requests_make_one_token_request(envoy_factory, up
     results = []
 
     def one(i):
-        results.append(envoy.request("GET", f"/orders/{i}").status)
+        resp = envoy.request("GET", f"/orders/{i}")
+        results.append(resp.status)
+        if resp.status != 200:
+            print("non-200:", resp.status, resp.headers, resp.body)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=30)
-    assert results == [200] * 50
+    assert results == [200] * 50, envoy.access_log_text()
     assert idp.count() == 1
     assert {r.header("authorization") for r in upstream.requests()} == {"Bearer fake-1"}
     assert tstat(envoy, "requests") == 1

@@ -49,7 +49,7 @@ from typing import Any, NamedTuple
 
 import jwt
 
-from harness import LOOPBACK, REPO_ROOT, http_request, pid_alive, wait_until
+from harness import BacklogHTTPServer, LOOPBACK, REPO_ROOT, http_request, pid_alive, wait_until
 
 OAUTH_DIR = REPO_ROOT / "tests" / "oauth"
 SERVER_SCRIPT = OAUTH_DIR / "server.mjs"
@@ -576,7 +576,7 @@ class FaultTokenServer:
         self._issued = 0
         self._stopping = threading.Event()
         self._conns: set[socket.socket] = set()
-        self._server = ThreadingHTTPServer((LOOPBACK, port), self._make_handler())
+        self._server = BacklogHTTPServer((LOOPBACK, port), self._make_handler())
         self._server.daemon_threads = True
         self._port = self._server.server_address[1]
         self._thread: threading.Thread | None = None
