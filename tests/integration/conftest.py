@@ -11,6 +11,7 @@ Fixtures:
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +20,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import REPO_ROOT, Envoy, Signer, Upstream, envoy_config, free_port  # noqa: E402
+
+# What Envoy logs when a wasm VM traps (a panic is an abort, i.e. `unreachable`).
+VM_FAILURE = re.compile(r"Uncaught RuntimeError|Wasm VM failed|failed: Uncaught|panicked at|Plugin configured to fail")
 
 DEFAULT_WASM = REPO_ROOT / "target" / "wasm32-wasip1" / "release" / "latchkey.wasm"
 _DEFAULT = object()
@@ -68,6 +72,7 @@ def envoy_factory(request, signer, upstream, tmp_path):
     The access log is written to <workdir>/access.log.
     """
     started: list[Envoy] = []
+    healthy: list[Envoy] = []  # those that came up: their wasm VMs must never fail
 
     def start(plugin_config=None, *, wasm_path=_DEFAULT, upstream_port=None, jwks=None,
               log_level="info", component_log_level=None, concurrency=2, extra_args=(),
@@ -86,13 +91,27 @@ def envoy_factory(request, signer, upstream, tmp_path):
                       component_log_level=component_log_level, concurrency=concurrency,
                       extra_args=extra_args, env=env)
         started.append(envoy)
-        return envoy.start()
+        envoy.start()
+        healthy.append(envoy)
+        return envoy
 
     yield start
 
     failed = any(getattr(request.node, f"rep_{w}", None) is not None
                  and getattr(request.node, f"rep_{w}").failed for w in ("setup", "call"))
+    vm_failures = []
+    for envoy in healthy:
+        if envoy.running:
+            stats = envoy.stats()
+            reloads = {k: v for k, v in stats.items() if k.startswith("wasm.") and "vm_reload" in k and v}
+            if reloads:
+                vm_failures.append(f"{envoy.workdir}: {reloads}")
+        for line in envoy.log_text().splitlines():
+            if VM_FAILURE.search(line):
+                vm_failures.append(line)
     for envoy in started:
         if failed and envoy.pid is not None:
             print(f"\n=== envoy pid {envoy.pid} workdir {envoy.workdir} ===\n{envoy.diagnostics()}")
         envoy.stop()
+    # After every test: no wasm VM crashed or was reloaded (a panic aborts the VM).
+    assert vm_failures == [], "wasm VM failure:\n" + "\n".join(vm_failures[:10])

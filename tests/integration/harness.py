@@ -205,6 +205,7 @@ class RecordedRequest(NamedTuple):
     path: str
     headers: list[tuple[str, str]]
     body: bytes
+    at: float = 0.0  # time.monotonic() on arrival
 
     def header(self, name: str) -> str | None:
         """First value of header `name` (case-insensitive), or None."""
@@ -377,7 +378,7 @@ class Upstream:
 
             def _handle(self):
                 rec = RecordedRequest(self.command, self.path, list(self.headers.items()),
-                                      self._read_body())
+                                      self._read_body(), time.monotonic())
                 status, body, headers = upstream._record_and_choose(rec)
                 if body is None:
                     body = json.dumps(rec.to_json()).encode()

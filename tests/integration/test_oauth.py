@@ -258,13 +258,19 @@ def test_refresh_ahead_under_steady_traffic(envoy_factory, upstream, idp):
         time.sleep(0.02)
     assert slow == []
     assert tstat(envoy, "wait") == 1
+    # fake-k was requested at issued[k] and lived 10 s from when the server sent it
+    # (after its 1 s delay); requests must carry it only before issued[k] + 10 s,
+    # a bound stricter than its real expiry.
     issued = {f"Bearer fake-{i + 1}": r.at for i, r in enumerate(idp.requests())}
-    for rec in upstream.requests():
+    used = upstream.requests()
+    assert len(used) == n
+    for rec in used:
         token = rec.header("authorization")
         assert token in issued
-    # Every token was used only within its lifetime: the last use of fake-k came
-    # before fake-k's issue time + 10 s (issue time is when the server got the request).
+        assert rec.at < issued[token] + 10, (token, rec.at - issued[token])
+    # One fetch to start, then one refresh about every 5 s (half the lifetime).
     assert 5 <= idp.count() <= 9, idp.count()
+    assert tstat(envoy, "failure") == 0
 
 
 # ---------------------------------------------------------------- secrets
