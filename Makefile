@@ -51,7 +51,15 @@ test: lint unit integration
 run: build
 	$(VPY) scripts/demo.py --wasm $(WASM)
 
-bench: build
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): bench/requirements.txt $(STAMP)
+	$(VPY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	@touch $@
+
+# Load generator: wrk from Debian. Writes docs/BENCHMARKS.md and docs/bench-throughput.png.
+bench: build $(BENCH_STAMP)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) \
+		|| { echo "make bench needs wrk (Debian package wrk)"; exit 1; }
 	$(VPY) bench/bench.py --wasm $(WASM)
 
 clean:

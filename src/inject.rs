@@ -20,7 +20,7 @@ use crate::secret::Secret;
 pub enum Edit {
     /// Remove every value of this (lowercase) header.
     Remove(String),
-    /// Add this header (every earlier value was removed by a `Remove`).
+    /// Replace every value of this header with one value.
     Set { name: String, value: Secret },
     /// Replace `:path`.
     SetPath(Vec<u8>),
@@ -180,7 +180,12 @@ pub fn plan(route: &Route, resolved: &[Resolved], sent: &[&str], path: &[u8]) ->
     for (inj, cred) in route.inject.iter().zip(resolved) {
         match &inj.target {
             Target::Header { name, prefix } => {
-                remove_all(name, sent.iter().copied(), &mut edits);
+                // The name itself is replaced by the Set; its look-alikes are removed.
+                for sent_name in sent.iter().copied() {
+                    if sent_name != name && same_header(sent_name, name) {
+                        push_remove(&mut edits, &sent_name.to_ascii_lowercase());
+                    }
+                }
                 let prefix = prefix.as_deref().unwrap_or(cred.default_prefix);
                 let value = Secret::new(format!("{prefix}{}", cred.secret.expose()));
                 edits.retain(|e| !matches!(e, Edit::Set { name: n, .. } if n == name));
@@ -349,12 +354,10 @@ mod tests {
             edits,
             vec![
                 Edit::Remove("cookie".into()),
-                Edit::Remove("authorization".into()),
                 Edit::Set {
                     name: "authorization".into(),
                     value: Secret::new("Bearer k1")
                 },
-                Edit::Remove("x-key".into()),
                 Edit::Remove("x_key".into()),
                 Edit::Set {
                     name: "x-key".into(),

@@ -81,10 +81,36 @@ struct Stored {
     set: Option<Set>,
 }
 
+thread_local! {
+    /// The last decoded state per key, by CAS token: a key whose CAS hasn't moved
+    /// holds the same bytes, so the JSON isn't parsed again on every request.
+    static DECODED: std::cell::RefCell<HashMap<String, (u32, CacheState)>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+fn decode_cached(key: &str, bytes: &[u8], cas: u32) -> CacheState {
+    DECODED.with(|d| {
+        let Ok(mut d) = d.try_borrow_mut() else {
+            return CacheState::decode(bytes);
+        };
+        match d.get(key) {
+            Some((c, state)) if *c == cas && cas != 0 => state.clone(),
+            _ => {
+                let state = CacheState::decode(bytes);
+                d.insert(key.to_string(), (cas, state.clone()));
+                state
+            }
+        }
+    })
+}
+
 fn load(addr: &Addr) -> Result<(CacheState, Stored), HostError> {
     let (bytes, cas) = host::shared_data(&addr.key)?.unwrap_or_default();
     Ok(match &addr.subject {
-        None => (CacheState::decode(&bytes), Stored { cas, set: None }),
+        None => (
+            decode_cached(&addr.key, &bytes, cas),
+            Stored { cas, set: None },
+        ),
         Some(s) => {
             let set = Set::decode(&bytes);
             (
@@ -204,11 +230,26 @@ pub struct Broker {
     tick_ms: u32,
 }
 
-/// A random u64 from the VM's seeded hasher keys (WASI random at start).
+thread_local! {
+    static RNG: std::cell::Cell<u64> = std::cell::Cell::new({
+        // Seeded once per VM from the hasher keys std draws from WASI random_get.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0x6c61_7463_686b_6579);
+        h.finish()
+    });
+}
+
+/// A random u64 (splitmix64 over a per-VM random seed): owner ids, token ids,
+/// jitter. No host call.
 pub fn random_u64() -> u64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(host::now_ms().unwrap_or(0));
-    h.finish()
+    RNG.with(|s| {
+        let x = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        s.set(x);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
 }
 
 impl Broker {

@@ -88,13 +88,6 @@ extern "C" {
         return_map_data: *mut *mut u8,
         return_map_size: *mut usize,
     ) -> u32;
-    fn proxy_add_header_map_value(
-        map_type: u32,
-        key_data: *const u8,
-        key_size: usize,
-        value_data: *const u8,
-        value_size: usize,
-    ) -> u32;
     fn proxy_replace_header_map_value(
         map_type: u32,
         key_data: *const u8,
@@ -182,12 +175,27 @@ pub fn log(level: Level, message: &str) {
     }
 }
 
-/// Whether messages at `level` would be written: skip formatting otherwise.
+thread_local! {
+    /// The host's log level, and how many more checks may use it before asking again.
+    static LOG_LEVEL: std::cell::Cell<(u32, u32)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Whether messages at `level` would be written: skip formatting otherwise. The
+/// level is asked of the host once per 1024 checks (a host call costs as much as
+/// the rest of a request's logging decision), so a log-level change through the
+/// admin API takes effect within that many requests.
 pub fn log_enabled(level: Level) -> bool {
-    let mut current = 0u32;
-    // SAFETY: the host writes one u32.
-    let code = unsafe { proxy_get_log_level(&mut current) };
-    code != 0 || current <= level as u32
+    let (mut current, left) = LOG_LEVEL.with(std::cell::Cell::get);
+    if left == 0 {
+        let mut fresh = 0u32;
+        // SAFETY: the host writes one u32.
+        let code = unsafe { proxy_get_log_level(&mut fresh) };
+        current = if code == 0 { fresh } else { 0 };
+        LOG_LEVEL.with(|c| c.set((current, 1024)));
+    } else {
+        LOG_LEVEL.with(|c| c.set((current, left - 1)));
+    }
+    current <= level as u32
 }
 
 /// The plugin configuration (`configuration` in Envoy, `pluginConfig` in Istio).
@@ -245,10 +253,15 @@ pub fn set_tick_period_ms(ms: u32) -> HostResult<()> {
 
 /// Wall-clock time in milliseconds since the Unix epoch.
 pub fn now_ms() -> HostResult<u64> {
+    Ok(now_ns()? / 1_000_000)
+}
+
+/// Wall-clock time in nanoseconds since the Unix epoch.
+pub fn now_ns() -> HostResult<u64> {
     let mut ns = 0u64;
     // SAFETY: the host writes one u64.
     status(unsafe { proxy_get_current_time_nanoseconds(&mut ns) })?;
-    Ok(ns / 1_000_000)
+    Ok(ns)
 }
 
 /// Makes later host calls act on `context_id` (to resume or answer a paused request
@@ -296,19 +309,6 @@ pub fn header_pairs(map: Map) -> HostResult<HeaderPairs> {
 pub fn remove_header(map: Map, name: &str) -> HostResult<()> {
     // SAFETY: pointer and length of a live &str.
     status(unsafe { proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) })
-}
-
-pub fn add_header(map: Map, name: &str, value: &[u8]) -> HostResult<()> {
-    // SAFETY: pointers and lengths of live slices.
-    status(unsafe {
-        proxy_add_header_map_value(
-            map as u32,
-            name.as_ptr(),
-            name.len(),
-            value.as_ptr(),
-            value.len(),
-        )
-    })
 }
 
 pub fn replace_header(map: Map, name: &str, value: &[u8]) -> HostResult<()> {

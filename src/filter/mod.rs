@@ -121,21 +121,28 @@ impl RootContext for Root {
             }
         };
         let env = |name: &str| std::env::var(name).ok();
+        let started = host::now_ns().unwrap_or(0);
         match Config::parse(&text, &env) {
             Ok(config) => {
                 for w in &config.warnings {
                     host::log(Level::Warn, w);
                 }
+                let (routes, connections, providers) = (
+                    config.routes.len(),
+                    config.connections.len(),
+                    config.providers.len(),
+                );
+                self.state = Some(Rc::new(Loaded::new(config)));
+                let took_us = host::now_ns().unwrap_or(0).saturating_sub(started) / 1000;
                 host::log(
                     Level::Info,
                     &format!(
-                        "configuration loaded: {} routes, {} connections, {} providers",
-                        config.routes.len(),
-                        config.connections.len(),
-                        config.providers.len()
+                        "configuration loaded: {routes} routes, {connections} connections, \
+                         {providers} providers in {}.{:03} ms",
+                        took_us / 1000,
+                        took_us % 1000
                     ),
                 );
-                self.state = Some(Rc::new(Loaded::new(config)));
                 true
             }
             Err(e) => {
@@ -305,7 +312,7 @@ pub fn apply(edits: &[Edit]) -> Result<(), HostError> {
         match edit {
             Edit::Remove(name) => host::remove_header(Map::Request, name)?,
             Edit::Set { name, value } => {
-                host::add_header(Map::Request, name, value.expose().as_bytes())?
+                host::replace_header(Map::Request, name, value.expose().as_bytes())?
             }
             Edit::SetPath(path) => host::replace_header(Map::Request, ":path", path)?,
         }
@@ -422,7 +429,12 @@ fn handle_request(
         .filter_map(|&c| config.connection(c).map(|c| c.name.as_str()))
         .collect();
     let connection_label = (!names.is_empty()).then(|| names.join(","));
-    let now = host::now_ms()?;
+    // The clock is a host call: only token lookups need it.
+    let now = if needs_time(config, &picks) {
+        host::now_ms()?
+    } else {
+        0
+    };
     // Token exchange sends the caller's own bearer token as the subject token.
     let subject = needs_subject(config, &picks)
         .then(|| headers.get("authorization").and_then(bearer_token))
@@ -475,6 +487,14 @@ fn handle_request(
             Ok(Action::Pause)
         }
     }
+}
+
+fn needs_time(config: &Config, picks: &[usize]) -> bool {
+    picks.iter().any(|&c| {
+        config
+            .connection(c)
+            .is_some_and(|c| matches!(c.credential, Credential::OAuth2(_)))
+    })
 }
 
 fn needs_subject(config: &Config, picks: &[usize]) -> bool {
