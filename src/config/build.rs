@@ -478,38 +478,13 @@ fn oauth2_provider(p: &Obj, secrets: &Named<Secret>) -> Result<OAuth2Provider, C
     let cluster = p.req_str("cluster")?.to_string();
     let token_url = p.req_str("token_url")?;
     let url_path = p.child("token_url");
-    let parsed = url::Url::parse(token_url).map_err(|e| {
-        ConfigError::invalid(&url_path, token_url, format!("not an absolute URL ({e})"))
-    })?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(ConfigError::invalid(
-            &url_path,
-            token_url,
-            "scheme must be http or https",
-        ));
-    }
-    if !parsed.username().is_empty() || parsed.password().is_some() {
-        return Err(ConfigError::not_allowed(
-            url_path,
-            "must not carry credentials; use client_id and client_secret",
-        ));
-    }
-    let Some(host) = parsed.host_str() else {
-        return Err(ConfigError::invalid(
-            &url_path,
-            token_url,
-            "URL has no host",
-        ));
-    };
-    let authority = match parsed.port() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_string(),
-    };
-    let mut path = parsed.path().to_string();
-    if let Some(q) = parsed.query() {
-        path.push('?');
-        path.push_str(q);
-    }
+    let super::token_url::TokenUrl { authority, path } = super::token_url::parse(token_url)
+        .map_err(|e| match e {
+            super::token_url::UrlError::Credentials => {
+                ConfigError::not_allowed(&url_path, e.to_string())
+            }
+            e => ConfigError::invalid(&url_path, token_url, e.to_string()),
+        })?;
     let client_id = p.req_str("client_id")?.to_string();
     let secret_name = p.req_str("client_secret")?;
     let client_secret = secrets

@@ -12,6 +12,7 @@
 mod build;
 mod error;
 mod json;
+mod token_url;
 
 pub use error::{ConfigError, ErrorKind};
 

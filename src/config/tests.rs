@@ -175,7 +175,7 @@ fn bad_configurations_name_the_field_and_value() {
          Box::new(|v| { v["connections"]["orders_read"].as_object_mut().unwrap().remove("grant"); })),
         ("connections.orders_read.grant: invalid value \"password\": expected one of \"client_credentials\", \"refresh_token\", \"token_exchange\"",
          Box::new(|v| v["connections"]["orders_read"]["grant"] = json!("password"))),
-        ("providers.orders_idp.token_url: invalid value \"idp.internal/token\": not an absolute URL (relative URL without a base)",
+        ("providers.orders_idp.token_url: invalid value \"idp.internal/token\": not an absolute URL (expected http://host/path or https://host/path)",
          Box::new(|v| v["providers"]["orders_idp"]["token_url"] = json!("idp.internal/token"))),
         ("providers.orders_idp.token_url: invalid value \"ftp://idp/token\": scheme must be http or https",
          Box::new(|v| v["providers"]["orders_idp"]["token_url"] = json!("ftp://idp/token"))),
