@@ -33,7 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "integration"))
-from harness import Envoy, Signer, free_port, http_request, jwt_authn_filter, static_cluster, wasm_filter  # noqa: E402
+from harness import (Envoy, Signer, free_port, http_request, jwt_authn_filter,  # noqa: E402
+                     noop_proxy_wasm_module, static_cluster, wasm_filter)
 from token_servers import FaultTokenServer  # noqa: E402
 
 CPU_ENVOY = "0"
@@ -243,7 +244,7 @@ def per_request(wasm: Path, work: Path, rounds: int, seconds: float, upstream_po
             status = http_request(port, "GET", path, headers=[tuple(h.split(": ", 1)) for h in headers]).status
             if status != 200:
                 raise RuntimeError(f"variant {key} answered {status}")
-            wrk(envoys[key].port, path, headers, 1)  # warm up
+            wrk(envoys[key].port, path, headers, WARMUP_S)  # warm up (V8 tiers wasm up in the background)
         runs: dict[str, list[dict]] = {v[0]: [] for v in variants}
         for r in range(rounds):
             order = variants[r % len(variants):] + variants[:r % len(variants)]
@@ -272,6 +273,45 @@ def per_request(wasm: Path, work: Path, rounds: int, seconds: float, upstream_po
     return rows
 
 
+AMPLIFY = 8
+WARMUP_S = 5
+
+
+def filter_cost(wasm: Path, work: Path, rounds: int, seconds: float, upstream_port: int) -> list[dict]:
+    """CPU per request of one filter, measured with AMPLIFY copies of it in one chain
+    (each copy does the whole job), so its cost stands out of the run-to-run noise."""
+    noop = work / "noop.wasm"
+    noop.write_bytes(noop_proxy_wasm_module())
+    variants = [
+        ("Envoy alone", []),
+        ("a proxy-wasm module that does nothing", [wasm_filter(noop, {}, {})] * AMPLIFY),
+        ("credential_injector (generic header)", [credential_injector(generic_credential())] * AMPLIFY),
+        ("Lua filter setting the header", [lua_filter()] * AMPLIFY),
+        ("latchkey, no routes (every request unmatched)", [latchkey(wasm, {})] * AMPLIFY),
+        ("latchkey: API key header", [latchkey(wasm, api_key_plugin({"header": "x-api-key"}))] * AMPLIFY),
+        ("latchkey: API key in the query", [latchkey(wasm, api_key_plugin({"query": "api_key"}))] * AMPLIFY),
+    ]
+    envoys = []
+    try:
+        for i, (_, filters) in enumerate(variants):
+            port = free_port()
+            cfg = bootstrap(port, free_port(), filters, clusters=[static_cluster("upstream", upstream_port)],
+                            secrets=[static_secret("api-key", API_KEY)])
+            envoys.append(start_envoy(cfg, work / f"amp{i}"))
+            wrk(port, "/bench", [], WARMUP_S)
+        runs: list[list[dict]] = [[] for _ in variants]
+        for _ in range(rounds):
+            for i, e in enumerate(envoys):
+                runs[i].append(wrk(e.port, "/bench", [], seconds, pid=e.pid))
+    finally:
+        for e in envoys:
+            e.stop()
+    base = med(runs[0], "cpu_us")
+    return [{"label": label, "cpu_us": med(r, "cpu_us"),
+             "per_filter_us": (med(r, "cpu_us") - base) / AMPLIFY if i else 0.0}
+            for i, ((label, _), r) in enumerate(zip(variants, runs))]
+
+
 def growth(wasm: Path, work: Path, rounds: int, seconds: float, upstream_port: int) -> list[dict]:
     rows = []
     for kind in ("route_name", "path_prefix"):
@@ -296,7 +336,7 @@ def growth(wasm: Path, work: Path, rounds: int, seconds: float, upstream_port: i
             try:
                 if http_request(port, "GET", path).status != 200:
                     raise RuntimeError(f"growth {kind} {n}: not 200")
-                wrk(port, path, [], 1)
+                wrk(port, path, [], WARMUP_S)
                 runs = [wrk(port, path, [], seconds, pid=envoy.pid) for _ in range(rounds)]
                 rss = rss_kib(envoy.pid)
                 load = config_load_ms(envoy)
@@ -362,7 +402,7 @@ def chart(per_req: list[dict], grow: list[dict], out: Path) -> bool:
     colors = ["#4c72b0" if r["key"] in ("d", "e", "f") else "#999999" for r in rows]
     ax1.barh(names[::-1], vals[::-1], color=colors[::-1])
     ax1.axvline(0.95, color="#c44e52", linestyle="--", linewidth=1, label="target 0.95×")
-    ax1.set_xlim(0, 1.1)
+    ax1.set_xlim(0, max(1.1, max(vals) + 0.15))
     ax1.set_xlabel("throughput relative to its baseline (a, or a′ for f)")
     ax1.set_title("Per-request cost (higher is better)")
     ax1.legend(loc="lower right")
@@ -373,7 +413,7 @@ def chart(per_req: list[dict], grow: list[dict], out: Path) -> bool:
         ax2.plot([r["n"] for r in pts], [r["ratio"] for r in pts], marker=marker, label=f"match by {kind}")
     ax2.axhline(0.95, color="#c44e52", linestyle="--", linewidth=1)
     ax2.set_xscale("log")
-    ax2.set_ylim(0, 1.1)
+    ax2.set_ylim(0, max(1.1, max(r["ratio"] for r in grow) + 0.1))
     ax2.set_xlabel("routes and connections")
     ax2.set_ylabel("throughput relative to 10 routes")
     ax2.set_title("Growth (matching route last)")
@@ -383,7 +423,7 @@ def chart(per_req: list[dict], grow: list[dict], out: Path) -> bool:
     return True
 
 
-def markdown(per_req, grow, tokens, size, cmdline, seconds, rounds, charted) -> str:
+def markdown(per_req, amp, grow, tokens, size, cmdline, seconds, rounds, charted) -> str:
     cpu = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -399,7 +439,7 @@ def markdown(per_req, grow, tokens, size, cmdline, seconds, rounds, charted) -> 
         f"`wrk` {subprocess.run(['wrk', '--version'], capture_output=True, text=True).stdout.split()[1]}.",
         "",
         f"Command: `{cmdline}`. Each figure is the median of {rounds} interleaved rounds of {seconds:g} s "
-        "(`wrk -t1 -c16 --latency`). The Envoy under test runs one worker pinned to CPU 0; `wrk` and the "
+        "(`wrk -t1 -c16 --latency`), after 5 s of warm-up per Envoy. The Envoy under test runs one worker pinned to CPU 0; `wrk` and the "
         "upstream (a second Envoy answering with `direct_response`, one worker) share CPU 1.",
         "",
         "## Per-request cost",
@@ -426,6 +466,22 @@ def markdown(per_req, grow, tokens, size, cmdline, seconds, rounds, charted) -> 
               "30 µs added at p99.", ""]
     if charted:
         lines += ["![throughput ratios](bench-throughput.png)", ""]
+    if per_req:
+        lines += ["CPU per request of the Envoy under test (µs, from /proc, whole process):", "",
+                  "| variant | CPU µs/request | added |", "|---|---:|---:|"]
+        for r in per_req:
+            added = f"{r['added_cpu_us']:+.1f}" if "ratio" in r else ""
+            lines.append(f"| {r['key']}: {r['label']} | {r['cpu_us']:.1f} | {added} |")
+        lines.append("")
+    if amp:
+        lines += ["## Per-filter cost", "",
+                  f"The same filter {AMPLIFY} times in one chain (each copy does the whole job), CPU per request "
+                  f"of the Envoy under test minus Envoy alone, divided by {AMPLIFY}: what one filter costs, "
+                  "without the run-to-run noise of single-filter runs.", "",
+                  "| filter | CPU µs/request (×8) | per filter µs |", "|---|---:|---:|"]
+        for r in amp:
+            lines.append(f"| {r['label']} | {r['cpu_us']:.1f} | {r['per_filter_us']:.1f} |")
+        lines.append("")
     lines += ["## Growth", "",
               "latchkey with N routes and N API-key connections; the request matches the last route. "
               "Envoy's own route table is a single route, so only latchkey's lookup grows.", "",
@@ -449,17 +505,20 @@ def markdown(per_req, grow, tokens, size, cmdline, seconds, rounds, charted) -> 
               "## Size", "",
               f"Release module `target/wasm32-wasip1/release/latchkey.wasm`: {size:,} bytes "
               f"({size / 1000:.0f} KB; target ≤ 600 KB).", ""]
+    notes = REPO / "bench" / "NOTES.md"
+    if notes.exists():
+        lines += [notes.read_text()]
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--wasm", type=Path, required=True)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--token-seconds", type=float, default=60)
     ap.add_argument("--out", type=Path, default=REPO / "docs")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: per_request,growth,tokens")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: per_request,filter_cost,growth,tokens")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: `apt-get install wrk` (make bench does)")
@@ -470,6 +529,7 @@ def main() -> int:
     upstream = start_envoy(upstream_bootstrap(up_port, free_port()), work / "upstream", cpus=CPU_LOAD)
     try:
         per_req = [] if "per_request" in skip else per_request(wasm, work, args.rounds, args.seconds, up_port)
+        amp = [] if "filter_cost" in skip else filter_cost(wasm, work, args.rounds, args.seconds, up_port)
         grow = [] if "growth" in skip else growth(wasm, work, args.rounds, args.seconds, up_port)
         tokens = [] if "tokens" in skip else token_efficiency(wasm, work, args.token_seconds, up_port)
     finally:
@@ -478,10 +538,10 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     charted = bool(per_req and grow) and chart(per_req, grow, args.out / "bench-throughput.png")
     cmdline = "make bench" if not sys.argv[1:] or "--wasm" in sys.argv else " ".join(sys.argv)
-    text = markdown(per_req, grow, tokens, size, cmdline, args.seconds, args.rounds, charted)
+    text = markdown(per_req, amp, grow, tokens, size, cmdline, args.seconds, args.rounds, charted)
     (args.out / "BENCHMARKS.md").write_text(text)
     print(text)
-    json.dump({"per_request": per_req, "growth": grow, "tokens": tokens, "size": size},
+    json.dump({"per_request": per_req, "filter_cost": amp, "growth": grow, "tokens": tokens, "size": size},
               open(work / "results.json", "w"), indent=1)
     print(f"\nwrote {args.out / 'BENCHMARKS.md'}; raw results in {work / 'results.json'}")
     shutil.rmtree(work / "upstream", ignore_errors=True)

@@ -89,18 +89,20 @@ impl<'a> Obj<'a> {
     pub fn opt_str(&self, key: &str) -> Result<Option<&'a str>, ConfigError> {
         match self.get(key) {
             None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
             Some(v) => as_str(&self.child(key), v).map(Some),
         }
     }
 
     /// A required string that must not be empty.
     pub fn req_str(&self, key: &str) -> Result<&'a str, ConfigError> {
-        let path = self.child(key);
-        let s = as_str(&path, self.required(key)?)?;
-        if s.is_empty() {
-            return Err(ConfigError::new(path, ErrorKind::EmptyList).with_empty_string());
+        match self.required(key)? {
+            Value::String(s) if !s.is_empty() => Ok(s),
+            Value::String(_) => {
+                Err(ConfigError::new(self.child(key), ErrorKind::EmptyList).with_empty_string())
+            }
+            v => as_str(&self.child(key), v),
         }
-        Ok(s)
     }
 
     pub fn opt_bool(&self, key: &str) -> Result<Option<bool>, ConfigError> {
@@ -145,8 +147,14 @@ impl<'a> Obj<'a> {
         let Some(items) = self.opt_array(key)? else {
             return Ok(None);
         };
-        let path = self.child(key);
-        str_list(&path, items).map(Some)
+        // The path is built only if an element is wrong.
+        if items
+            .iter()
+            .all(|v| matches!(v, Value::String(s) if !s.is_empty()))
+        {
+            return Ok(Some(items.iter().filter_map(Value::as_str).collect()));
+        }
+        str_list(&self.child(key), items).map(Some)
     }
 }
 

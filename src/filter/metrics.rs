@@ -2,6 +2,7 @@
 //! that prefix, dots as underscores, in Prometheus output). The same name in
 //! every VM is one stat, so counts are proxy-wide.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use super::host::{self, Level, MetricKind};
@@ -19,6 +20,34 @@ const TOKEN_COUNTERS: [&str; 7] = [
     "failure",
 ];
 
+/// A counter defined when first counted.
+#[derive(Debug)]
+struct Lazy {
+    name: String,
+    /// `None`: not defined yet; `Some(None)`: the host refused.
+    id: Cell<Option<Option<u32>>>,
+}
+
+impl Lazy {
+    fn new(name: String) -> Self {
+        Lazy {
+            name,
+            id: Cell::new(None),
+        }
+    }
+
+    fn id(&self) -> Option<u32> {
+        match self.id.get() {
+            Some(id) => id,
+            None => {
+                let id = counter(&self.name);
+                self.id.set(Some(id));
+                id
+            }
+        }
+    }
+}
+
 /// Stat ids; `None` where the host refused to define one (then not counted).
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -30,8 +59,9 @@ pub struct Metrics {
     pub denied_bad_claims: Option<u32>,
     pub unavailable: Option<u32>,
     pub internal_errors: Option<u32>,
-    /// Per connection index: `injected`.
-    injected: Vec<Option<u32>>,
+    /// Per connection index: `injected`, defined on first use (defining 10,000
+    /// stats at load would dominate the load time of a large configuration).
+    injected: Vec<Lazy>,
     /// Per connection index: token counters by name, failures by kind, state gauge.
     tokens: Vec<HashMap<&'static str, Option<u32>>>,
     failures: Vec<HashMap<&'static str, Option<u32>>>,
@@ -80,7 +110,7 @@ impl Metrics {
         };
         for c in &config.connections {
             let base = format!("latchkey.connection.{}", stat_segment(&c.name));
-            m.injected.push(counter(&format!("{base}.injected")));
+            m.injected.push(Lazy::new(format!("{base}.injected")));
             let oauth = matches!(c.credential, Credential::OAuth2(_));
             let mut tokens = HashMap::new();
             let mut failures = HashMap::new();
@@ -112,7 +142,7 @@ impl Metrics {
     pub fn allowed(&self, picks: &[usize]) {
         Self::inc(self.allowed);
         for &c in picks {
-            Self::inc(self.injected.get(c).copied().flatten());
+            Self::inc(self.injected.get(c).and_then(Lazy::id));
         }
     }
 
