@@ -279,37 +279,59 @@ WARMUP_S = 5
 
 def filter_cost(wasm: Path, work: Path, rounds: int, seconds: float, upstream_port: int) -> list[dict]:
     """CPU per request of one filter, measured with AMPLIFY copies of it in one chain
-    (each copy does the whole job), so its cost stands out of the run-to-run noise."""
+    (each copy does the whole job), so its cost stands out of the run-to-run noise.
+    The second group runs behind jwt_authn, with a JWT, against its own baseline."""
     noop = work / "noop.wasm"
     noop.write_bytes(noop_proxy_wasm_module())
+    signer = Signer()
+    jwt = jwt_authn_filter(signer.jwks())
+    bearer = [f"Authorization: Bearer {signer.token({'sub': 'bench', 'groups': ['bench']}, exp_in=24 * 3600)}"]
+    idp = FaultTokenServer(ttl=24 * 3600).start()
+
+    def key_plugin(access: dict) -> dict:
+        p = api_key_plugin({"header": "x-api-key"})
+        p["connections"]["c"]["access"] = access
+        return p
+
+    # (label, filters, request headers, index of the baseline row)
     variants = [
-        ("Envoy alone", []),
-        ("a proxy-wasm module that does nothing", [wasm_filter(noop, {}, {})] * AMPLIFY),
-        ("credential_injector (generic header)", [credential_injector(generic_credential())] * AMPLIFY),
-        ("Lua filter setting the header", [lua_filter()] * AMPLIFY),
-        ("latchkey, no routes (every request unmatched)", [latchkey(wasm, {})] * AMPLIFY),
-        ("latchkey: API key header", [latchkey(wasm, api_key_plugin({"header": "x-api-key"}))] * AMPLIFY),
-        ("latchkey: API key in the query", [latchkey(wasm, api_key_plugin({"query": "api_key"}))] * AMPLIFY),
+        ("Envoy alone", [], [], None),
+        ("a proxy-wasm module that does nothing", [wasm_filter(noop, {}, {})] * AMPLIFY, [], 0),
+        ("credential_injector (generic header)", [credential_injector(generic_credential())] * AMPLIFY, [], 0),
+        ("Lua filter setting the header", [lua_filter()] * AMPLIFY, [], 0),
+        ("latchkey, no routes (every request unmatched)", [latchkey(wasm, {})] * AMPLIFY, [], 0),
+        ("latchkey: API key header", [latchkey(wasm, api_key_plugin({"header": "x-api-key"}))] * AMPLIFY, [], 0),
+        ("latchkey: API key in the query", [latchkey(wasm, api_key_plugin({"query": "api_key"}))] * AMPLIFY, [], 0),
+        ("jwt_authn alone (baseline of the rows below)", [jwt], bearer, None),
+        ("latchkey after jwt_authn: API key, public", [jwt] + [latchkey(wasm, key_plugin({"public": True}))] * AMPLIFY,
+         bearer, 7),
+        ("latchkey after jwt_authn: API key, groups check",
+         [jwt] + [latchkey(wasm, key_plugin({"groups": ["bench"]}))] * AMPLIFY, bearer, 7),
+        ("latchkey after jwt_authn: cached OAuth token, groups check",
+         [jwt] + [latchkey(wasm, oauth_plugin(idp.port, {"groups": ["bench"]}))] * AMPLIFY, bearer, 7),
     ]
+    clusters = [static_cluster("upstream", upstream_port), static_cluster("idp", idp.port)]
     envoys = []
     try:
-        for i, (_, filters) in enumerate(variants):
+        for i, (_, filters, headers, _) in enumerate(variants):
             port = free_port()
-            cfg = bootstrap(port, free_port(), filters, clusters=[static_cluster("upstream", upstream_port)],
-                            secrets=[static_secret("api-key", API_KEY)])
+            cfg = bootstrap(port, free_port(), filters, clusters=clusters, secrets=[static_secret("api-key", API_KEY)])
             envoys.append(start_envoy(cfg, work / f"amp{i}"))
-            wrk(port, "/bench", [], WARMUP_S)
+            wrk(port, "/bench", headers, WARMUP_S)
         runs: list[list[dict]] = [[] for _ in variants]
         for _ in range(rounds):
             for i, e in enumerate(envoys):
-                runs[i].append(wrk(e.port, "/bench", [], seconds, pid=e.pid))
+                runs[i].append(wrk(e.port, "/bench", variants[i][2], seconds, pid=e.pid))
     finally:
         for e in envoys:
             e.stop()
-    base = med(runs[0], "cpu_us")
-    return [{"label": label, "cpu_us": med(r, "cpu_us"),
-             "per_filter_us": (med(r, "cpu_us") - base) / AMPLIFY if i else 0.0}
-            for i, ((label, _), r) in enumerate(zip(variants, runs))]
+        idp.stop()
+    rows = []
+    for (label, _, _, base), r in zip(variants, runs):
+        cpu = med(r, "cpu_us")
+        per = (cpu - med(runs[base], "cpu_us")) / AMPLIFY if base is not None else None
+        rows.append({"label": label, "cpu_us": cpu, "per_filter_us": per})
+    return rows
 
 
 def growth(wasm: Path, work: Path, rounds: int, seconds: float, upstream_port: int) -> list[dict]:
@@ -480,7 +502,8 @@ def markdown(per_req, amp, grow, tokens, size, cmdline, seconds, rounds, charted
                   "without the run-to-run noise of single-filter runs.", "",
                   "| filter | CPU µs/request (×8) | per filter µs |", "|---|---:|---:|"]
         for r in amp:
-            lines.append(f"| {r['label']} | {r['cpu_us']:.1f} | {r['per_filter_us']:.1f} |")
+            per = "baseline" if r["per_filter_us"] is None else f"{r['per_filter_us']:.1f}"
+            lines.append(f"| {r['label']} | {r['cpu_us']:.1f} | {per} |")
         lines.append("")
     lines += ["## Growth", "",
               "latchkey with N routes and N API-key connections; the request matches the last route. "
