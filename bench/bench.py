@@ -181,10 +181,16 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
+PACED = REPO / "bench" / "paced.lua"
+
+
 def wrk(port: int, path: str, headers: list[str], seconds: float, conns: int = 16, threads: int = 1,
-        cpus: str | None = CPU_LOAD, pid: int | None = None) -> dict:
-    """One wrk run; with `pid`, also that process's CPU time per request (µs)."""
+        cpus: str | None = CPU_LOAD, pid: int | None = None, paced: bool = False) -> dict:
+    """One wrk run; with `pid`, also that process's CPU time per request (µs);
+    `paced`: a fixed offered rate instead of as fast as possible."""
     cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency"]
+    if paced:
+        cmd += ["-s", str(PACED)]
     for h in headers:
         cmd += ["-H", h]
     cmd.append(f"http://127.0.0.1:{port}{path}")
@@ -202,6 +208,27 @@ def wrk(port: int, path: str, headers: list[str], seconds: float, conns: int = 1
     if bad or errors:
         raise RuntimeError(f"wrk saw failures on {path}: {bad.group(0) if bad else ''} {errors.group(0) if errors else ''}")
     return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "cpu_us": cpu * 1e6 / max(total, 1)}
+
+
+def measure(config: dict, workdir: Path, path: str, headers: list[str], seconds: float,
+            warmup: float, paced: bool = False) -> dict:
+    """Start an Envoy alone on its core, warm it up, measure once, stop it. Idle
+    Envoys sharing the core would otherwise tax the one being measured."""
+    envoy = start_envoy(config, workdir)
+    try:
+        status = http_request(envoy.port, "GET", path, headers=[tuple(h.split(": ", 1)) for h in headers]).status
+        if status != 200:
+            raise RuntimeError(f"{workdir.name}: answered {status}")
+        wrk(envoy.port, path, headers, warmup)
+        run = wrk(envoy.port, path, headers, seconds, pid=envoy.pid)
+        if paced:
+            fixed = wrk(envoy.port, path, headers, seconds, pid=envoy.pid, paced=True)
+            run["paced_cpu_us"] = fixed["cpu_us"]
+            run["paced_rps"] = fixed["rps"]
+        return run
+    finally:
+        envoy.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def med(runs: list[dict], key: str) -> float:
@@ -234,33 +261,27 @@ def per_request(wasm: Path, work: Path, rounds: int, seconds: float, upstream_po
         ("f", "jwt_authn + latchkey: claims check + cached OAuth token",
          [jwt, latchkey(wasm, oauth_plugin(idp.port, {"groups": ["bench"]}))], bearer, "/bench", "a'"),
     ]
-    envoys = {}
+    configs = {key: bootstrap(free_port(), free_port(), filters, clusters=clusters,
+                              secrets=[static_secret("api-key", API_KEY)])
+               for key, _, filters, _, _, _ in variants}
+    runs: dict[str, list[dict]] = {v[0]: [] for v in variants}
     try:
-        for key, _, filters, headers, path, _ in variants:
-            port = free_port()
-            cfg = bootstrap(port, free_port(), filters, clusters=clusters,
-                            secrets=[static_secret("api-key", API_KEY)])
-            envoys[key] = start_envoy(cfg, work / f"v{len(envoys)}")
-            status = http_request(port, "GET", path, headers=[tuple(h.split(": ", 1)) for h in headers]).status
-            if status != 200:
-                raise RuntimeError(f"variant {key} answered {status}")
-            wrk(envoys[key].port, path, headers, WARMUP_S)  # warm up (V8 tiers wasm up in the background)
-        runs: dict[str, list[dict]] = {v[0]: [] for v in variants}
         for r in range(rounds):
             order = variants[r % len(variants):] + variants[:r % len(variants)]
             for key, _, _, headers, path, _ in order:
-                runs[key].append(wrk(envoys[key].port, path, headers, seconds, pid=envoys[key].pid))
-        if idp.count() != 1:
-            raise RuntimeError(f"variant f made {idp.count()} token requests, expected 1")
+                runs[key].append(measure(configs[key], work / f"v-{r}-{key}", path, headers, seconds, WARMUP_S,
+                                         paced=True))
+        # Each fresh Envoy of variant f fetched its token once (cached for a day).
+        if idp.count() != rounds:
+            raise RuntimeError(f"variant f made {idp.count()} token requests in {rounds} runs")
     finally:
-        for e in envoys.values():
-            e.stop()
         idp.stop()
     rows = []
     for key, label, _, _, _, base in variants:
         rows.append({"key": key, "label": label, "base": base, "rps": med(runs[key], "rps"),
                      "p50_ms": med(runs[key], "p50_ms"), "p99_ms": med(runs[key], "p99_ms"),
-                     "cpu_us": med(runs[key], "cpu_us"),
+                     "cpu_us": med(runs[key], "cpu_us"), "paced_cpu_us": med(runs[key], "paced_cpu_us"),
+                     "paced_rps": med(runs[key], "paced_rps"),
                      "rounds": [round(x["rps"]) for x in runs[key]]})
     by = {r["key"]: r for r in rows}
     for r in rows:
@@ -270,11 +291,12 @@ def per_request(wasm: Path, work: Path, rounds: int, seconds: float, upstream_po
             r["added_p50_us"] = (r["p50_ms"] - b["p50_ms"]) * 1000
             r["added_p99_us"] = (r["p99_ms"] - b["p99_ms"]) * 1000
             r["added_cpu_us"] = r["cpu_us"] - b["cpu_us"]
+            r["added_paced_cpu_us"] = r["paced_cpu_us"] - b["paced_cpu_us"]
     return rows
 
 
 AMPLIFY = 8
-WARMUP_S = 5
+WARMUP_S = 3
 
 
 def filter_cost(wasm: Path, work: Path, rounds: int, seconds: float, upstream_port: int) -> list[dict]:
@@ -311,20 +333,14 @@ def filter_cost(wasm: Path, work: Path, rounds: int, seconds: float, upstream_po
          [jwt] + [latchkey(wasm, oauth_plugin(idp.port, {"groups": ["bench"]}))] * AMPLIFY, bearer, 7),
     ]
     clusters = [static_cluster("upstream", upstream_port), static_cluster("idp", idp.port)]
-    envoys = []
+    configs = [bootstrap(free_port(), free_port(), filters, clusters=clusters,
+                         secrets=[static_secret("api-key", API_KEY)]) for _, filters, _, _ in variants]
+    runs: list[list[dict]] = [[] for _ in variants]
     try:
-        for i, (_, filters, headers, _) in enumerate(variants):
-            port = free_port()
-            cfg = bootstrap(port, free_port(), filters, clusters=clusters, secrets=[static_secret("api-key", API_KEY)])
-            envoys.append(start_envoy(cfg, work / f"amp{i}"))
-            wrk(port, "/bench", headers, WARMUP_S)
-        runs: list[list[dict]] = [[] for _ in variants]
-        for _ in range(rounds):
-            for i, e in enumerate(envoys):
-                runs[i].append(wrk(e.port, "/bench", variants[i][2], seconds, pid=e.pid))
+        for r in range(rounds):
+            for i, (_, _, headers, _) in enumerate(variants):
+                runs[i].append(measure(configs[i], work / f"amp-{r}-{i}", "/bench", headers, seconds, WARMUP_S))
     finally:
-        for e in envoys:
-            e.stop()
         idp.stop()
     rows = []
     for (label, _, _, base), r in zip(variants, runs):
@@ -461,7 +477,8 @@ def markdown(per_req, amp, grow, tokens, size, cmdline, seconds, rounds, charted
         f"`wrk` {subprocess.run(['wrk', '--version'], capture_output=True, text=True).stdout.split()[1]}.",
         "",
         f"Command: `{cmdline}`. Each figure is the median of {rounds} interleaved rounds of {seconds:g} s "
-        "(`wrk -t1 -c16 --latency`), after 5 s of warm-up per Envoy. The Envoy under test runs one worker pinned to CPU 0; `wrk` and the "
+        "(`wrk -t1 -c16 --latency`); every run starts its own Envoy, alone on its core, warmed up for 3 s "
+        "(the per-filter table: 3 rounds). The Envoy under test runs one worker pinned to CPU 0; `wrk` and the "
         "upstream (a second Envoy answering with `direct_response`, one worker) share CPU 1.",
         "",
         "## Per-request cost",
@@ -489,11 +506,16 @@ def markdown(per_req, amp, grow, tokens, size, cmdline, seconds, rounds, charted
     if charted:
         lines += ["![throughput ratios](bench-throughput.png)", ""]
     if per_req:
-        lines += ["CPU per request of the Envoy under test (µs, from /proc, whole process):", "",
-                  "| variant | CPU µs/request | added |", "|---|---:|---:|"]
+        lines += ["CPU per request of the Envoy under test (µs, from /proc, whole process), at full load and "
+                  "at a fixed offered rate (`bench/paced.lua`: every variant gets the same rate, so the added "
+                  "CPU is the work itself, not how well a saturated Envoy amortizes it):", "",
+                  "| variant | CPU µs/request, full load | added | at fixed rate (req/s) | CPU µs/request | added |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for r in per_req:
             added = f"{r['added_cpu_us']:+.1f}" if "ratio" in r else ""
-            lines.append(f"| {r['key']}: {r['label']} | {r['cpu_us']:.1f} | {added} |")
+            padded = f"{r['added_paced_cpu_us']:+.1f}" if "ratio" in r else ""
+            lines.append(f"| {r['key']}: {r['label']} | {r['cpu_us']:.1f} | {added} | {r['paced_rps']:,.0f} | "
+                         f"{r['paced_cpu_us']:.1f} | {padded} |")
         lines.append("")
     if amp:
         lines += ["## Per-filter cost", "",
@@ -552,7 +574,7 @@ def main() -> int:
     upstream = start_envoy(upstream_bootstrap(up_port, free_port()), work / "upstream", cpus=CPU_LOAD)
     try:
         per_req = [] if "per_request" in skip else per_request(wasm, work, args.rounds, args.seconds, up_port)
-        amp = [] if "filter_cost" in skip else filter_cost(wasm, work, args.rounds, args.seconds, up_port)
+        amp = [] if "filter_cost" in skip else filter_cost(wasm, work, 3, args.seconds, up_port)
         grow = [] if "growth" in skip else growth(wasm, work, args.rounds, args.seconds, up_port)
         tokens = [] if "tokens" in skip else token_efficiency(wasm, work, args.token_seconds, up_port)
     finally:
