@@ -13,6 +13,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use super::host::{self, HostError, Level, Map, CAS_MISMATCH};
+use super::metrics::TokenStat;
 use super::{apply, local_reply, set_filter_state, Loaded, Refused};
 use crate::config::{Credential, Grant, ProviderKind};
 use crate::inject::{self, Edit, Resolved};
@@ -319,7 +320,7 @@ impl Broker {
             match cache::on_request(&state, now, owner, &slot.policy) {
                 Decision::Use(token) => {
                     if on_request {
-                        m.token(connection, "cache_hit");
+                        m.token(connection, TokenStat::CacheHit);
                     }
                     if let (Some(s), Some(set)) = (&addr.subject, &mut stored.set) {
                         // Least-recently-used bookkeeping; losing this race is harmless.
@@ -334,7 +335,7 @@ impl Broker {
                         self.queue(loaded, &addr, owner, subject);
                     }
                     if on_request {
-                        m.token(connection, "cache_hit");
+                        m.token(connection, TokenStat::CacheHit);
                     }
                     return Ok(Access::Ready(token));
                 }
@@ -346,7 +347,7 @@ impl Broker {
                     }
                 }
                 Decision::Reject { retry_after_ms } => {
-                    m.token(connection, "backoff_rejected");
+                    m.token(connection, TokenStat::BackoffRejected);
                     return Ok(Access::Reject { retry_after_ms });
                 }
             }
@@ -503,7 +504,7 @@ impl Broker {
             vec![],
             Duration::from_millis(req.timeout_ms),
         );
-        f.loaded.metrics.token(connection, "requests");
+        f.loaded.metrics.token(connection, TokenStat::Requests);
         match sent {
             Ok(token) => {
                 self.inflight.insert(token, f);
@@ -559,7 +560,7 @@ impl Broker {
             .map_or("?", |c| c.name.as_str());
         let outcome = match result {
             Ok(t) => {
-                loaded.metrics.token(connection, "success");
+                loaded.metrics.token(connection, TokenStat::Success);
                 if let (Some(rt), Some(k)) = (&t.refresh_token, &slot.rt_key) {
                     if let Err(e) = host::set_shared_data(k, rt.expose().as_bytes(), 0) {
                         host::log(
@@ -628,7 +629,9 @@ impl Broker {
                 };
                 match store(loaded, addr, stored, &next, now) {
                     Ok(true) => {
-                        loaded.metrics.token(addr.connection, "dropped_on_401");
+                        loaded
+                            .metrics
+                            .token(addr.connection, TokenStat::DroppedOn401);
                         break;
                     }
                     Ok(false) => continue,

@@ -3,22 +3,46 @@
 //! every VM is one stat, so counts are proxy-wide.
 
 use std::cell::Cell;
-use std::collections::HashMap;
 
 use super::host::{self, Level, MetricKind};
 use crate::config::{Config, Credential};
 use crate::token::FetchError;
 
-/// Token counters per oauth2 connection.
-const TOKEN_COUNTERS: [&str; 7] = [
-    "requests",
-    "success",
-    "cache_hit",
-    "wait",
-    "backoff_rejected",
-    "dropped_on_401",
-    "failure",
-];
+/// Token counters of an oauth2 connection: `latchkey.connection.<name>.token.<stat>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenStat {
+    Requests,
+    Success,
+    CacheHit,
+    Wait,
+    BackoffRejected,
+    DroppedOn401,
+    Failure,
+}
+
+impl TokenStat {
+    const ALL: [TokenStat; 7] = [
+        TokenStat::Requests,
+        TokenStat::Success,
+        TokenStat::CacheHit,
+        TokenStat::Wait,
+        TokenStat::BackoffRejected,
+        TokenStat::DroppedOn401,
+        TokenStat::Failure,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            TokenStat::Requests => "requests",
+            TokenStat::Success => "success",
+            TokenStat::CacheHit => "cache_hit",
+            TokenStat::Wait => "wait",
+            TokenStat::BackoffRejected => "backoff_rejected",
+            TokenStat::DroppedOn401 => "dropped_on_401",
+            TokenStat::Failure => "failure",
+        }
+    }
+}
 
 /// A counter defined when first counted.
 #[derive(Debug)]
@@ -62,9 +86,10 @@ pub struct Metrics {
     /// Per connection index: `injected`, defined on first use (defining 10,000
     /// stats at load would dominate the load time of a large configuration).
     injected: Vec<Lazy>,
-    /// Per connection index: token counters by name, failures by kind, state gauge.
-    tokens: Vec<HashMap<&'static str, Option<u32>>>,
-    failures: Vec<HashMap<&'static str, Option<u32>>>,
+    /// Per connection index: token counters (indexed by `TokenStat`), failures
+    /// (aligned with `FetchError::KINDS`), state gauge. Empty for API-key connections.
+    tokens: Vec<Vec<Option<u32>>>,
+    failures: Vec<Vec<Option<u32>>>,
     state: Vec<Option<u32>>,
 }
 
@@ -112,16 +137,18 @@ impl Metrics {
             let base = format!("latchkey.connection.{}", stat_segment(&c.name));
             m.injected.push(Lazy::new(format!("{base}.injected")));
             let oauth = matches!(c.credential, Credential::OAuth2(_));
-            let mut tokens = HashMap::new();
-            let mut failures = HashMap::new();
+            let mut tokens = Vec::new();
+            let mut failures = Vec::new();
             let mut state = None;
             if oauth {
-                for name in TOKEN_COUNTERS {
-                    tokens.insert(name, counter(&format!("{base}.token.{name}")));
-                }
-                for kind in FetchError::KINDS {
-                    failures.insert(kind, counter(&format!("{base}.token.failure.{kind}")));
-                }
+                tokens = TokenStat::ALL
+                    .iter()
+                    .map(|t| counter(&format!("{base}.token.{}", t.name())))
+                    .collect();
+                failures = FetchError::KINDS
+                    .iter()
+                    .map(|kind| counter(&format!("{base}.token.failure.{kind}")))
+                    .collect();
                 state = define(MetricKind::Gauge, &format!("{base}.token.state"));
             }
             m.tokens.push(tokens);
@@ -146,31 +173,26 @@ impl Metrics {
         }
     }
 
-    pub fn token(&self, connection: usize, name: &'static str) {
+    pub fn token(&self, connection: usize, stat: TokenStat) {
         Self::inc(
             self.tokens
                 .get(connection)
-                .and_then(|t| t.get(name))
+                .and_then(|t| t.get(stat as usize))
                 .copied()
                 .flatten(),
         );
     }
 
     pub fn token_failure(&self, connection: usize, kind: &'static str) {
-        self.token(connection, "failure");
-        Self::inc(
-            self.failures
-                .get(connection)
-                .and_then(|t| t.get(kind))
-                .copied()
-                .flatten(),
-        );
+        self.token(connection, TokenStat::Failure);
+        let i = FetchError::KINDS.iter().position(|k| *k == kind);
+        Self::inc(i.and_then(|i| self.failures.get(connection)?.get(i).copied().flatten()));
     }
 
     /// Requests paused for these connections' tokens.
     pub fn waits(&self, picks: &[usize]) {
         for &c in picks {
-            self.token(c, "wait");
+            self.token(c, TokenStat::Wait);
         }
     }
 
