@@ -235,6 +235,42 @@ class _Rule(NamedTuple):
     remaining: list[int | None]  # mutable count, None = unlimited
 
 
+class RequestLog:
+    """Thread-safe record of the requests a test server received, oldest first
+    (shared by the echo upstream and the fake token server)."""
+
+    def __init__(self, what: str):
+        self._what = what
+        self._lock = threading.Lock()
+        self._items: list[Any] = []
+
+    def append(self, item: Any) -> None:
+        with self._lock:
+            self._items.append(item)
+
+    def all(self) -> list[Any]:
+        with self._lock:
+            return list(self._items)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def last(self) -> Any:
+        with self._lock:
+            assert self._items, f"{self._what} received no request"
+            return self._items[-1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Any]:
+        """Wait until at least `count` requests were recorded; return them all."""
+        wait_until(lambda: self.count() >= count, timeout, message=f"{count} request(s) at the {self._what}")
+        return self.all()
+
+
 class Upstream:
     """Echo HTTP/1.1 server on 127.0.0.1 that records every request it receives.
 
@@ -244,7 +280,7 @@ class Upstream:
 
     def __init__(self, port: int = 0):
         self._lock = threading.Lock()
-        self._requests: list[RecordedRequest] = []
+        self._log = RequestLog("upstream")
         self._rules: list[_Rule] = []
         self._server = BacklogHTTPServer((LOOPBACK, port), self._make_handler())
         self._server.daemon_threads = True
@@ -281,27 +317,20 @@ class Upstream:
     # -- recorded requests
     def requests(self) -> list[RecordedRequest]:
         """A copy of every request received so far, oldest first."""
-        with self._lock:
-            return list(self._requests)
+        return self._log.all()
 
     def last(self) -> RecordedRequest:
         """The most recent request (AssertionError if none)."""
-        with self._lock:
-            assert self._requests, "upstream received no request"
-            return self._requests[-1]
+        return self._log.last()
 
     def clear(self) -> None:
         """Forget recorded requests (response rules stay)."""
-        with self._lock:
-            self._requests.clear()
+        self._log.clear()
 
     def wait_for_requests(self, count: int, timeout: float = 10.0) -> list[RecordedRequest]:
         """Wait until at least `count` requests were recorded; return them."""
-        wait_until(lambda: len(self.requests()) >= count, timeout,
-                   message=f"{count} upstream request(s)")
-        return self.requests()
+        return self._log.wait_for(count, timeout)
 
-    # -- canned responses
     def respond_with(self, status: int, path_prefix: str = "/", body: bytes | str | dict | None = None,
                      headers: dict[str, str] | list[tuple[str, str]] | None = None,
                      times: int | None = None) -> None:
@@ -325,8 +354,8 @@ class Upstream:
 
     # -- internals
     def _record_and_choose(self, rec: RecordedRequest) -> tuple[int, bytes | None, list]:
+        self._log.append(rec)
         with self._lock:
-            self._requests.append(rec)
             for rule in reversed(self._rules):
                 if rec.path.startswith(rule.path_prefix) and rule.remaining[0] != 0:
                     if rule.remaining[0] is not None:

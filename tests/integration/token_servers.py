@@ -49,7 +49,7 @@ from typing import Any, NamedTuple
 
 import jwt
 
-from harness import BacklogHTTPServer, LOOPBACK, REPO_ROOT, http_request, pid_alive, wait_until
+from harness import BacklogHTTPServer, RequestLog, LOOPBACK, REPO_ROOT, http_request, pid_alive, wait_until
 
 OAUTH_DIR = REPO_ROOT / "tests" / "oauth"
 SERVER_SCRIPT = OAUTH_DIR / "server.mjs"
@@ -570,7 +570,7 @@ class FaultTokenServer:
         self.ttl = int(ttl)
         self.token_prefix = token_prefix
         self._lock = threading.Lock()
-        self._requests: list[FaultRequest] = []
+        self._log = RequestLog("fault token server")
         self._mode = FaultMode()
         self._mode_left: int | None = None
         self._issued = 0
@@ -664,27 +664,20 @@ class FaultTokenServer:
 
     # -- recorded requests
     def requests(self) -> list[FaultRequest]:
-        with self._lock:
-            return list(self._requests)
+        return self._log.all()
 
     def count(self) -> int:
-        with self._lock:
-            return len(self._requests)
+        return self._log.count()
 
     def last(self) -> FaultRequest:
-        with self._lock:
-            assert self._requests, "token server received no request"
-            return self._requests[-1]
+        return self._log.last()
 
     def clear(self) -> None:
         """Forget recorded requests (mode and token counter stay)."""
-        with self._lock:
-            self._requests.clear()
+        self._log.clear()
 
     def wait_for_count(self, count: int, timeout: float = 10.0) -> list[FaultRequest]:
-        wait_until(lambda: self.count() >= count, timeout,
-                   message=f"{count} request(s) at the fault token server")
-        return self.requests()
+        return self._log.wait_for(count, timeout)
 
     # -- internals
     def _take_mode(self) -> FaultMode:
@@ -809,8 +802,7 @@ class FaultTokenServer:
                 rec = FaultRequest(self.command, self.path, headers, body,
                                    {k: v[0] for k, v in form_all.items()}, form_all,
                                    time.monotonic())
-                with server._lock:
-                    server._requests.append(rec)
+                server._log.append(rec)
                 path_only = self.path.split("?", 1)[0]
                 if server.path is not None and path_only != server.path:
                     self._send(404, b'{"error":"not_found"}', "application/json")
