@@ -1,15 +1,15 @@
 //! The caller's claims, decoded from what `jwt_authn` left behind.
 //!
 //! Two sources (see `claims.from`):
-//! - `jwt_metadata`: the glue reads each needed claim with `get_property` under
-//!   `metadata.filter_metadata["envoy.filters.http.jwt_authn"].<key>.<claim path>`
-//!   and hands the raw bytes to [`decode_property`]. Envoy serializes strings as
-//!   their bytes, numbers as 8-byte little-endian f64, booleans as one byte and
-//!   lists/objects in the proxy-wasm pairs encoding, with no type tag: the
-//!   decoding below tells them apart by shape (see [`decode_property`]).
+//! - `jwt_metadata`: the glue reads the request's dynamic metadata once
+//!   (`get_property(["metadata"])`, a protobuf `Metadata`) and
+//!   [`Identity::from_metadata`] takes `jwt_authn`'s payload `Struct` out of it
+//!   ([`crate::pb`]), with every claim's JSON type.
 //! - `header`: base64url JSON (padding optional) that [`Identity::from_header`]
 //!   decodes. A malformed header is an error (the filter answers 401).
 //!
+//! Both end in the same JSON document, so a claim has the same type whichever
+//! source it came from: a string is never read as a boolean, a number or a list.
 //! An [`Identity`] holds one value per claim the configuration reads
 //! (`Config::claim_paths`), so policy checks index instead of searching.
 
@@ -19,7 +19,6 @@ use base64::Engine;
 use serde_json::Value;
 
 use crate::config::{ClaimPath, GROUPS_CLAIM, SUBJECT_CLAIM};
-use crate::pairs::decode_pairs;
 
 /// A claim's value, reduced to what policies compare.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +57,8 @@ pub enum ClaimsError {
     BadJson,
     /// The JSON is not an object.
     NotObject,
+    /// The dynamic metadata from the host is not a well-formed message.
+    BadMetadata,
 }
 
 impl std::fmt::Display for ClaimsError {
@@ -66,9 +67,13 @@ impl std::fmt::Display for ClaimsError {
             ClaimsError::BadBase64 => "claims header is not base64url",
             ClaimsError::BadJson => "claims header is not JSON",
             ClaimsError::NotObject => "claims header is not a JSON object",
+            ClaimsError::BadMetadata => "jwt_authn metadata is not a well-formed payload",
         })
     }
 }
+
+/// The filter whose metadata holds the verified payload.
+pub const JWT_AUTHN: &str = "envoy.filters.http.jwt_authn";
 
 const B64URL: GeneralPurpose = GeneralPurpose::new(
     &alphabet::URL_SAFE,
@@ -85,19 +90,40 @@ impl Identity {
         let value = value.trim_ascii();
         let json = B64URL.decode(value).map_err(|_| ClaimsError::BadBase64)?;
         let doc: Value = serde_json::from_slice(&json).map_err(|_| ClaimsError::BadJson)?;
+        Identity::from_json(&doc, paths).ok_or(ClaimsError::NotObject)
+    }
+
+    /// The payload `jwt_authn` stored with `payload_in_metadata: <key>`, from the
+    /// serialized dynamic metadata. `Ok(None)`: this request carried no JWT.
+    pub fn from_metadata(
+        metadata: &[u8],
+        key: &str,
+        paths: &[ClaimPath],
+    ) -> Result<Option<Identity>, ClaimsError> {
+        match crate::pb::payload(metadata, JWT_AUTHN, key) {
+            Ok(None) => Ok(None),
+            Ok(Some(doc)) => Identity::from_json(&doc, paths)
+                .map(Some)
+                .ok_or(ClaimsError::BadMetadata),
+            Err(()) => Err(ClaimsError::BadMetadata),
+        }
+    }
+
+    /// The claims `paths` of a JSON payload; `None` unless it is an object.
+    pub fn from_json(doc: &Value, paths: &[ClaimPath]) -> Option<Identity> {
         if !doc.is_object() {
-            return Err(ClaimsError::NotObject);
+            return None;
         }
         let values = paths
             .iter()
             .map(|p| {
                 p.segments
                     .iter()
-                    .try_fold(&doc, |v, seg| v.get(seg))
+                    .try_fold(doc, |v, seg| v.get(seg))
                     .and_then(from_json)
             })
             .collect();
-        Ok(Identity { values })
+        Some(Identity { values })
     }
 
     pub fn claim(&self, i: usize) -> Option<&ClaimValue> {
@@ -139,47 +165,11 @@ fn from_json(v: &Value) -> Option<ClaimValue> {
 fn scalar_text(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
+        Value::Number(n) if n.is_f64() => n.as_f64().map(number_text),
         Value::Number(n) => Some(n.to_string()),
         Value::Bool(b) => Some(b.to_string()),
         _ => None,
     }
-}
-
-/// Decodes one claim as Envoy's `get_property` returns it from jwt_authn metadata.
-///
-/// Envoy gives no type tag, so the shape decides, in this order:
-/// 1. a well-formed pairs encoding that consumes every byte is a list (all values
-///    empty) or an object;
-/// 2. one byte 0 or 1 is a boolean;
-/// 3. eight bytes that are not printable UTF-8 text are an f64 (every integer-valued
-///    number has zero bytes in its encoding);
-/// 4. anything else is a UTF-8 string; bytes that are not UTF-8 are no value.
-pub fn decode_property(bytes: &[u8]) -> Option<ClaimValue> {
-    if let Some(pairs) = decode_pairs(bytes) {
-        if pairs.iter().all(|(_, v)| v.is_empty()) {
-            return Some(ClaimValue::List(
-                pairs.iter().filter_map(|(k, _)| scalar_bytes(k)).collect(),
-            ));
-        }
-        return Some(ClaimValue::Object);
-    }
-    scalar_bytes(bytes).map(ClaimValue::Scalar)
-}
-
-fn scalar_bytes(bytes: &[u8]) -> Option<String> {
-    match bytes {
-        [0] => return Some("false".into()),
-        [1] => return Some("true".into()),
-        _ => {}
-    }
-    let text = std::str::from_utf8(bytes)
-        .ok()
-        .filter(|s| !s.chars().any(char::is_control));
-    if let (8, None) = (bytes.len(), text) {
-        let arr: [u8; 8] = bytes.try_into().ok()?;
-        return Some(number_text(f64::from_le_bytes(arr)));
-    }
-    text.map(str::to_string)
 }
 
 /// A number as JSON would write it: integers without a fraction.
@@ -195,10 +185,6 @@ pub fn number_text(n: f64) -> String {
 mod tests {
     use super::*;
 
-    fn pairs(items: &[(&[u8], &[u8])]) -> Vec<u8> {
-        crate::pairs::encode(items)
-    }
-
     fn paths(names: &[&str]) -> Vec<ClaimPath> {
         names.iter().map(|n| ClaimPath::new(n)).collect()
     }
@@ -207,45 +193,67 @@ mod tests {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
     }
 
+    fn metadata(payload: serde_json::Value) -> Vec<u8> {
+        crate::pb::encode::metadata(JWT_AUTHN, "payload", &payload)
+    }
+
     #[test]
-    fn property_strings_numbers_bools_lists() {
+    fn metadata_claims_keep_their_json_types() {
+        let md = metadata(serde_json::json!({
+            "sub": "alice", "groups": ["billing", "ops"], "tier": 2, "beta": true,
+            "ratio": 2.5, "org": {"id": "acme"}
+        }));
+        let id = Identity::from_metadata(
+            &md,
+            "payload",
+            &paths(&[
+                "sub", "groups", "tier", "beta", "ratio", "org", "org.id", "nope",
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(id.subject(), Some("alice"));
+        assert_eq!(id.groups().collect::<Vec<_>>(), ["billing", "ops"]);
+        assert_eq!(id.claim(2), Some(&ClaimValue::Scalar("2".into())));
+        assert_eq!(id.claim(3), Some(&ClaimValue::Scalar("true".into())));
+        assert_eq!(id.claim(4), Some(&ClaimValue::Scalar("2.5".into())));
+        assert_eq!(id.claim(5), Some(&ClaimValue::Object));
+        assert_eq!(id.claim(6), Some(&ClaimValue::Scalar("acme".into())));
+        assert_eq!(id.claim(7), None);
+        // No JWT on the request; another key; a broken message.
         assert_eq!(
-            decode_property(b"alice"),
-            Some(ClaimValue::Scalar("alice".into()))
+            Identity::from_metadata(b"", "payload", &paths(&["sub"])),
+            Ok(None)
         );
         assert_eq!(
-            decode_property(b"alice123"),
-            Some(ClaimValue::Scalar("alice123".into()))
+            Identity::from_metadata(&md, "other", &paths(&["sub"])),
+            Ok(None)
         );
         assert_eq!(
-            decode_property(&2.0f64.to_le_bytes()),
-            Some(ClaimValue::Scalar("2".into()))
+            Identity::from_metadata(&[0x0a, 0x05], "payload", &paths(&["sub"])),
+            Err(ClaimsError::BadMetadata)
         );
-        assert_eq!(
-            decode_property(&2.5f64.to_le_bytes()),
-            Some(ClaimValue::Scalar("2.5".into()))
-        );
-        assert_eq!(
-            decode_property(&(-7.0f64).to_le_bytes()),
-            Some(ClaimValue::Scalar("-7".into()))
-        );
-        assert_eq!(
-            decode_property(&[1]),
-            Some(ClaimValue::Scalar("true".into()))
-        );
-        assert_eq!(
-            decode_property(&[0]),
-            Some(ClaimValue::Scalar("false".into()))
-        );
-        let list = pairs(&[(b"billing", b""), (b"ops", b"")]);
-        assert_eq!(
-            decode_property(&list),
-            Some(ClaimValue::List(vec!["billing".into(), "ops".into()]))
-        );
-        assert_eq!(decode_property(&pairs(&[])), Some(ClaimValue::List(vec![])));
-        let obj = pairs(&[(b"org", b"acme")]);
-        assert_eq!(decode_property(&obj), Some(ClaimValue::Object));
-        assert_eq!(decode_property(&[0xff, 0xfe, 0x41]), None);
+    }
+
+    #[test]
+    fn strings_are_never_read_as_other_types() {
+        // Each of these strings once passed for `true` or a list `["true"]`.
+        let list_bytes = String::from_utf8(crate::pairs::encode(&[(b"true", b"")])).unwrap();
+        for s in ["\u{1}", list_bytes.as_str()] {
+            let md = metadata(serde_json::json!({ "sub": "x", "is_admin": s }));
+            let id =
+                Identity::from_metadata(&md, "payload", &paths(&["sub", "groups", "is_admin"]))
+                    .unwrap()
+                    .unwrap();
+            assert_eq!(id.claim(2), Some(&ClaimValue::Scalar(s.to_string())));
+            assert!(!id.claim(2).unwrap().holds("true"));
+        }
+        let md = metadata(serde_json::json!({ "sub": "x", "n": "2", "b": "true" }));
+        let id = Identity::from_metadata(&md, "payload", &paths(&["sub", "groups", "n", "b"]))
+            .unwrap()
+            .unwrap();
+        // The string "true" holds "true" as a string; no type is inferred from it.
+        assert_eq!(id.claim(3), Some(&ClaimValue::Scalar("true".into())));
     }
 
     #[test]

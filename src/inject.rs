@@ -13,6 +13,7 @@
 //! it is latchkey's.
 
 use crate::config::{Route, Target};
+use crate::path::hex_val;
 use crate::secret::Secret;
 
 /// One change to the request headers, applied in order by the filter.
@@ -101,14 +102,34 @@ pub fn rewrite_query(path: &[u8], name: &str, value: &str) -> Vec<u8> {
     out
 }
 
-/// Whether a `name=value` segment's name decodes to `name` (ASCII case-insensitive).
+/// Whether an upstream could read a `name=value` segment as parameter `name`:
+/// its name percent-decodes (`+` as space) to `name`, ASCII case-insensitively,
+/// with `.` and space read as `_` (PHP folds them so), and optionally followed by
+/// an array suffix `[…]` (`name[]`, `name[0]`, `name[a][b]`: Express, PHP and
+/// Rails read those as the same parameter).
 fn names_param(segment: &[u8], name: &str) -> bool {
     let raw = match segment.iter().position(|&b| b == b'=') {
         Some(i) => segment.get(..i).unwrap_or(segment),
         None => segment,
     };
     let decoded = decode(raw);
-    decoded.eq_ignore_ascii_case(name.as_bytes())
+    let name = name.as_bytes();
+    let Some(head) = decoded.get(..name.len()) else {
+        return false;
+    };
+    let rest = decoded.get(name.len()..).unwrap_or_default();
+    let same = head
+        .iter()
+        .zip(name)
+        .all(|(&a, &b)| param_fold(a) == param_fold(b));
+    same && (rest.is_empty() || rest.first() == Some(&b'['))
+}
+
+fn param_fold(b: u8) -> u8 {
+    match b {
+        b'.' | b' ' => b'_',
+        b => b.to_ascii_lowercase(),
+    }
 }
 
 /// Percent-decoding with `+` as space; invalid escapes stay as they are.
@@ -135,15 +156,6 @@ fn decode(raw: &[u8]) -> Vec<u8> {
         i += 1;
     }
     out
-}
-
-fn hex_val(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters.
@@ -263,6 +275,33 @@ mod tests {
         assert_eq!(
             rq("/a?api%255Fkey=e", "api_key", "k"),
             "/a?api%255Fkey=e&api_key=k"
+        );
+    }
+
+    #[test]
+    fn array_and_php_folded_copies_are_removed() {
+        for evil in [
+            "api_key[]=e",
+            "api_key[0]=e",
+            "api_key[a][b]=e",
+            "api_key%5B%5D=e",
+            "api_key%5b0%5d=e",
+            "API_KEY[]=e",
+            "api.key=e",
+            "api+key=e",
+            "api%20key[]=e",
+            "api_key[=e",
+        ] {
+            assert_eq!(
+                rq(&format!("/a?{evil}&z=1"), "api_key", "k"),
+                "/a?z=1&api_key=k",
+                "{evil}"
+            );
+        }
+        // Other names that merely start with the key's name are kept.
+        assert_eq!(
+            rq("/a?api_key_id=1&api_keyx[]=2&api_k=3", "api_key", "k"),
+            "/a?api_key_id=1&api_keyx[]=2&api_k=3&api_key=k"
         );
     }
 

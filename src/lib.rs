@@ -15,6 +15,8 @@ pub mod claims;
 pub mod config;
 pub mod inject;
 pub mod pairs;
+pub mod path;
+pub mod pb;
 pub mod policy;
 pub mod response;
 pub mod router;

@@ -22,6 +22,11 @@ pub enum Refusal<'a> {
     },
     /// A host call failed: latchkey fails closed.
     Internal,
+    /// 400: the path reads differently to different servers, or is malformed
+    /// (`reason` is one of `PathRefusal::reason`'s names).
+    BadPath {
+        reason: &'a str,
+    },
 }
 
 /// Builds the reply. `route` is `None` for requests no route matched.
@@ -31,6 +36,7 @@ pub fn reply(refusal: Refusal, route: Option<&str>) -> LocalReply {
         Refusal::Denied(Denial::Forbidden) => (403, "forbidden"),
         Refusal::Unavailable { .. } => (503, "credential_unavailable"),
         Refusal::Internal => (500, "internal_error"),
+        Refusal::BadPath { .. } => (400, "bad_request"),
     };
     // Written by hand to keep the documented key order; values JSON-escaped.
     let mut body = format!("{{\"error\":{}", quote(error));
@@ -51,6 +57,10 @@ pub fn reply(refusal: Refusal, route: Option<&str>) -> LocalReply {
             body.push_str(&quote(connection));
             headers.push(("retry-after", retry_after_s.max(1).to_string()));
         }
+        Refusal::BadPath { reason } => {
+            body.push_str(",\"reason\":");
+            body.push_str(&quote(reason));
+        }
         _ => {}
     }
     body.push('}');
@@ -68,6 +78,22 @@ fn quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_path_names_the_reason() {
+        let r = reply(
+            Refusal::BadPath {
+                reason: "path_ambiguous",
+            },
+            None,
+        );
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            r.body,
+            r#"{"error":"bad_request","reason":"path_ambiguous"}"#
+        );
+        assert_eq!(r.headers, vec![("content-type", "application/json".into())]);
+    }
 
     #[test]
     fn bodies_are_exactly_as_specified() {

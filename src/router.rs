@@ -13,6 +13,30 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use crate::config::{PathMatch, Route, RouteMatch};
+use crate::path::{analyze, PathError, Readings};
+
+/// Why a request's path is refused (400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathRefusal {
+    /// Refused whatever the routes.
+    Invalid(PathError),
+    /// The ways servers read the path pick different routes: one of them would
+    /// take a credential out of its route, or skip a route's access rule.
+    Ambiguous,
+    /// Routes match on Envoy's route name, and the path reads differently once
+    /// normalised: Envoy may have routed it by a reading the upstream won't serve.
+    Unstable,
+}
+
+impl PathRefusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            PathRefusal::Invalid(e) => e.reason(),
+            PathRefusal::Ambiguous => "path_ambiguous",
+            PathRefusal::Unstable => "path_not_normalized",
+        }
+    }
+}
 
 /// What a request offers for matching. `path` excludes the query string.
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +87,35 @@ impl Router {
     /// Whether any route matches on the Envoy route name (so the filter must read it).
     pub fn needs_route_name(&self) -> bool {
         !self.by_route_name.is_empty()
+    }
+
+    /// The route for a request whose `req.path` is ignored: the path is taken raw
+    /// (without its query) and read in every [`crate::path::View`]. The request
+    /// gets a route only if every reading picks the same one.
+    pub fn find_path(
+        &self,
+        req: &RequestInfo,
+        raw_path: &[u8],
+    ) -> Result<Option<usize>, PathRefusal> {
+        let readings = analyze(raw_path).map_err(PathRefusal::Invalid)?;
+        match &readings {
+            Readings::Same(p) => Ok(self.find(&RequestInfo { path: p, ..*req })),
+            Readings::Differ(all) => {
+                if self.needs_route_name() && readings.unstable() {
+                    return Err(PathRefusal::Unstable);
+                }
+                let mut found = None;
+                for (i, p) in all.iter().enumerate() {
+                    let r = self.find(&RequestInfo { path: p, ..*req });
+                    if i == 0 {
+                        found = r;
+                    } else if r != found {
+                        return Err(PathRefusal::Ambiguous);
+                    }
+                }
+                Ok(found)
+            }
+        }
     }
 
     /// The index of the first route that matches, if any.

@@ -63,6 +63,11 @@ impl fmt::Debug for SecretSource {
 pub enum SecretError {
     EnvUnset(String),
     EnvEmpty(String),
+    /// The value has a control character (CR, LF, NUL, …): it can't go into a
+    /// header or a query. Says where the value came from, never the value.
+    ControlCharacter {
+        from: String,
+    },
 }
 
 impl fmt::Display for SecretError {
@@ -70,6 +75,10 @@ impl fmt::Display for SecretError {
         match self {
             SecretError::EnvUnset(name) => write!(f, "environment variable \"{name}\" is not set"),
             SecretError::EnvEmpty(name) => write!(f, "environment variable \"{name}\" is empty"),
+            SecretError::ControlCharacter { from } => write!(
+                f,
+                "the value {from} has a control character (CR, LF, NUL, …); secrets must be printable"
+            ),
         }
     }
 }
@@ -82,11 +91,23 @@ impl SecretSource {
             SecretSource::Env(name) => match env(name) {
                 None => Err(SecretError::EnvUnset(name.clone())),
                 Some(v) if v.is_empty() => Err(SecretError::EnvEmpty(name.clone())),
-                Some(v) => Ok(Secret(v)),
+                Some(v) => check_value(Secret(v), || format!("of environment variable \"{name}\"")),
             },
-            SecretSource::Inline(secret) => Ok(secret.clone()),
+            SecretSource::Inline(secret) => {
+                check_value(secret.clone(), || "given inline".to_string())
+            }
         }
     }
+}
+
+/// Refuses a secret value with a control character: Envoy refuses such a header
+/// value, so the route would answer 503 to every request instead. The same rule
+/// holds for values read from secret stores.
+pub fn check_value(secret: Secret, from: impl FnOnce() -> String) -> Result<Secret, SecretError> {
+    if secret.0.chars().any(char::is_control) {
+        return Err(SecretError::ControlCharacter { from: from() });
+    }
+    Ok(secret)
 }
 
 #[cfg(test)]
@@ -132,5 +153,31 @@ mod tests {
                 .to_string(),
             "environment variable \"EMPTY\" is empty"
         );
+    }
+
+    #[test]
+    fn control_characters_are_refused_without_the_value() {
+        for bad in [
+            "a\r\nx-evil: 1",
+            "k\0ey",
+            "tab\there",
+            "del\u{7f}",
+            "nel\u{85}",
+        ] {
+            let env = |_: &str| Some(bad.to_string());
+            let err = SecretSource::Env("K".into()).resolve(&env).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "the value of environment variable \"K\" has a control character (CR, LF, NUL, …); \
+                 secrets must be printable"
+            );
+            let err = SecretSource::Inline(Secret::new(bad))
+                .resolve(&env)
+                .unwrap_err();
+            assert!(err.to_string().starts_with("the value given inline has"));
+            assert!(!err.to_string().contains(bad));
+        }
+        let env = |_: &str| Some("printable: é ü ~ =".to_string());
+        assert!(SecretSource::Env("K".into()).resolve(&env).is_ok());
     }
 }

@@ -656,6 +656,10 @@ fn route_match(r: &Obj) -> Result<RouteMatch, ConfigError> {
             }
             out.methods.push(method.to_ascii_uppercase());
         }
+        // Servers answer HEAD with the GET handler: a GET rule covers HEAD too.
+        if out.methods.iter().any(|m| m == "GET") && !out.methods.iter().any(|m| m == "HEAD") {
+            out.methods.push("HEAD".to_string());
+        }
     }
     Ok(out)
 }
@@ -794,6 +798,9 @@ fn path_value(path: &str, value: &str) -> Result<String, ConfigError> {
             value,
             "paths are matched without the query string; remove \"?…\"",
         ));
+    }
+    if let Some(problem) = crate::path::config_path_problem(value) {
+        return Err(ConfigError::invalid(path, value, problem));
     }
     Ok(value.to_string())
 }

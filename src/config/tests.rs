@@ -90,7 +90,7 @@ fn spec_example_loads() {
             prefix: None
         }
     );
-    assert_eq!(c.routes[1].matcher.methods, ["GET"]);
+    assert_eq!(c.routes[1].matcher.methods, ["GET", "HEAD"]);
     let ProviderKind::OAuth2(p) = &c
         .providers
         .iter()
@@ -209,6 +209,16 @@ fn bad_configurations_name_the_field_and_value() {
          Box::new(|v| { v["connections"]["partner_prod"].as_object_mut().unwrap().remove("access"); })),
         ("routes[1].match.path_prefix: invalid value \"partner/\": must start with \"/\"",
          Box::new(|v| v["routes"][1]["match"]["path_prefix"] = json!("partner/"))),
+        ("routes[1].match.path_prefix: invalid value \"/partner/%2e%2e/\": paths are matched percent-decoded: write the characters, not \"%XX\"",
+         Box::new(|v| v["routes"][1]["match"]["path_prefix"] = json!("/partner/%2e%2e/"))),
+        ("routes[1].match.path_prefix: invalid value \"/partner//x\": has an empty segment (\"//\")",
+         Box::new(|v| v["routes"][1]["match"]["path_prefix"] = json!("/partner//x"))),
+        ("routes[1].match.path_exact: invalid value \"/a/../b\": has a dot segment (\".\" or \"..\")",
+         Box::new(|v| { v["routes"][1]["match"].as_object_mut().unwrap().remove("path_prefix"); v["routes"][1]["match"]["path_exact"] = json!("/a/../b"); })),
+        ("routes[1].match.path_prefix: invalid value \"/p;x\": \";\" and \"\\\" can't be matched: requests with them are read in several ways",
+         Box::new(|v| v["routes"][1]["match"]["path_prefix"] = json!("/p;x"))),
+        ("secrets.demo_key.inline: the value given inline has a control character (CR, LF, NUL, …); secrets must be printable",
+         Box::new(|v| v["secrets"]["demo_key"]["inline"] = json!("demo\r\nx-injected: 1"))),
         ("routes[1].match.path_exact: give \"path_prefix\" or \"path_exact\", not both",
          Box::new(|v| v["routes"][1]["match"]["path_exact"] = json!("/partner/x"))),
         ("routes[1].match.methods[1]: invalid value \"GE T\": not an HTTP method token",
@@ -304,7 +314,7 @@ fn normalization_at_load() {
     .unwrap();
     let r = &c.routes[0];
     assert_eq!(r.matcher.host.as_deref(), Some("api.example.com"));
-    assert_eq!(r.matcher.methods, ["GET"]);
+    assert_eq!(r.matcher.methods, ["GET", "HEAD"]);
     assert_eq!(
         r.inject[0].target,
         Target::Header {

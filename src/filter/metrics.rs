@@ -81,6 +81,7 @@ pub struct Metrics {
     pub denied_forbidden: Option<u32>,
     pub denied_unmatched: Option<u32>,
     pub denied_bad_claims: Option<u32>,
+    pub denied_bad_path: Option<u32>,
     pub unavailable: Option<u32>,
     pub internal_errors: Option<u32>,
     /// Per connection index: `injected`, defined on first use (defining 10,000
@@ -129,6 +130,7 @@ impl Metrics {
             denied_forbidden: counter("latchkey.requests.denied.forbidden"),
             denied_unmatched: counter("latchkey.requests.denied.unmatched"),
             denied_bad_claims: counter("latchkey.requests.denied.bad_claims"),
+            denied_bad_path: counter("latchkey.requests.denied.bad_path"),
             unavailable: counter("latchkey.requests.unavailable"),
             internal_errors: counter("latchkey.requests.internal_error"),
             ..Metrics::default()

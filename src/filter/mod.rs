@@ -18,7 +18,7 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use crate::claims::{decode_property, Identity};
+use crate::claims::Identity;
 use crate::config::{ClaimsSource, Config, Credential, Grant, ProviderKind};
 use crate::inject::{self, Edit};
 use crate::policy::{decide, Decision, Denial};
@@ -35,8 +35,6 @@ proxy_wasm::main! {{
         Box::new(Root { state: None, broker: Rc::new(RefCell::new(Broker::new(context_id))) })
     });
 }}
-
-const JWT_AUTHN: &str = "envoy.filters.http.jwt_authn";
 
 struct Root {
     state: Option<Rc<Loaded>>,
@@ -234,6 +232,7 @@ impl HttpContext for Http {
 /// Why latchkey answers a request itself.
 pub enum Refused {
     Denied(Denial),
+    BadPath(&'static str),
     Unavailable {
         connection: String,
         retry_after_s: u64,
@@ -252,6 +251,7 @@ pub fn local_reply(
     let m = &loaded.metrics;
     let (refusal, decision) = match refused {
         Refused::Denied(d) => (Refusal::Denied(*d), ""),
+        Refused::BadPath(reason) => (Refusal::BadPath { reason }, ""),
         Refused::Unavailable {
             connection,
             retry_after_s,
@@ -342,10 +342,21 @@ fn handle_request(
     let info = RequestInfo {
         route_name: route_name.as_deref(),
         host: text(headers.get(":authority")),
-        path: std::str::from_utf8(path_only).unwrap_or(""),
+        path: "",
         method: text(headers.get(":method")),
     };
-    let route_index = config.router.find(&info);
+    // The path as every kind of upstream reads it: one route for all, or 400.
+    let route_index = match config.router.find_path(&info, path_only) {
+        Ok(r) => r,
+        Err(refusal) => {
+            let reason = refusal.reason();
+            host::log(Level::Debug, &format!("400: {reason}"));
+            Metrics::inc(metrics.denied_bad_path);
+            set_filter_state(None, None, "denied_bad_path");
+            local_reply(state, &Refused::BadPath(reason), None, None);
+            return Ok(Action::Pause);
+        }
+    };
     let route = route_index.and_then(|i| config.route(i));
     let route_label = route.map(|r| r.name.as_str());
     let sent: Vec<&str> = headers.iter().map(|(k, _)| k).collect();
@@ -537,19 +548,10 @@ fn read_identity(
                 .map(Some)
                 .map_err(IdentityError::Malformed),
         },
-        ClaimsSource::JwtMetadata { key } => {
-            let mut values = Vec::with_capacity(config.claim_paths.len());
-            let mut path: Vec<&str> = vec!["metadata", "filter_metadata", JWT_AUTHN, key];
-            for claim in &config.claim_paths {
-                path.truncate(4);
-                path.extend(claim.segments.iter().map(String::as_str));
-                values.push(host::property(&path)?.and_then(|b| decode_property(&b)));
-            }
-            let has_claims = values.iter().any(Option::is_some) || {
-                path.truncate(4);
-                host::property(&path)?.is_some()
-            };
-            Ok(has_claims.then(|| Identity::new(values)))
-        }
+        ClaimsSource::JwtMetadata { key } => match host::property(&["metadata"])? {
+            None => Ok(None),
+            Some(md) => Identity::from_metadata(&md, key, &config.claim_paths)
+                .map_err(IdentityError::Malformed),
+        },
     }
 }

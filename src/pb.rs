@@ -1,0 +1,353 @@
+//! Just enough protobuf to read `jwt_authn`'s payload with its JSON types.
+//!
+//! Envoy answers `get_property(["metadata"])` with the request's dynamic
+//! metadata, an `envoy.config.core.v3.Metadata` message in protobuf binary form.
+//! `jwt_authn` keeps the verified payload there as a `google.protobuf.Struct`
+//! under `filter_metadata["envoy.filters.http.jwt_authn"][<payload key>]`. A
+//! `Struct` carries each value's type (string, number, bool, list, object), so
+//! one host call gives every claim with its real type; reading a claim leaf by
+//! leaf instead returns bytes with no type tag.
+//!
+//! The reader is strict: a malformed message is `None`, never a partial answer.
+//! Unknown fields are skipped, as protobuf requires. Nesting deeper than
+//! [`MAX_DEPTH`] is refused (a hostile payload must not exhaust the stack).
+
+use serde_json::{Map, Number, Value};
+
+/// Deepest object/list nesting read from a payload.
+pub const MAX_DEPTH: usize = 32;
+
+/// The payload `jwt_authn` stored under `filter` / `key` in a serialized
+/// `Metadata`, as JSON. `Ok(None)`: no such entry (no JWT on this request).
+/// `Err(())`: the bytes are not a well-formed message of the expected shape.
+#[allow(clippy::result_unit_err)]
+pub fn payload(metadata: &[u8], filter: &str, key: &str) -> Result<Option<Value>, ()> {
+    // Metadata { map<string, Struct> filter_metadata = 1; ... }
+    let mut found = None;
+    for field in Fields::new(metadata) {
+        let (number, data) = field?;
+        if number != 1 {
+            continue;
+        }
+        let Data::Bytes(entry) = data else {
+            return Err(());
+        };
+        let (k, v) = map_entry(entry)?;
+        if k == filter.as_bytes() {
+            // Later entries win, as in a protobuf map.
+            found = Some(v.unwrap_or_default());
+        }
+    }
+    let Some(structure) = found else {
+        return Ok(None);
+    };
+    let Value::Object(mut fields) = decode_struct(structure, 0)? else {
+        return Err(());
+    };
+    Ok(fields.remove(key))
+}
+
+/// One field: its number and what it holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Data<'a> {
+    Varint(u64),
+    Fixed64([u8; 8]),
+    Fixed32,
+    Bytes(&'a [u8]),
+}
+
+/// The fields of a message, in order; an error ends the iteration.
+struct Fields<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    failed: bool,
+}
+
+impl<'a> Fields<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Fields {
+            bytes,
+            pos: 0,
+            failed: false,
+        }
+    }
+
+    fn varint(&mut self) -> Result<u64, ()> {
+        let mut out: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let b = *self.bytes.get(self.pos).ok_or(())?;
+            self.pos += 1;
+            out |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(out);
+            }
+        }
+        Err(())
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ()> {
+        let end = self.pos.checked_add(n).ok_or(())?;
+        let out = self.bytes.get(self.pos..end).ok_or(())?;
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn field(&mut self) -> Result<(u64, Data<'a>), ()> {
+        let tag = self.varint()?;
+        let number = tag >> 3;
+        if number == 0 {
+            return Err(());
+        }
+        let data = match tag & 7 {
+            0 => Data::Varint(self.varint()?),
+            1 => Data::Fixed64(self.take(8)?.try_into().map_err(|_| ())?),
+            2 => {
+                let len = usize::try_from(self.varint()?).map_err(|_| ())?;
+                Data::Bytes(self.take(len)?)
+            }
+            5 => {
+                self.take(4)?;
+                Data::Fixed32
+            }
+            _ => return Err(()),
+        };
+        Ok((number, data))
+    }
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = Result<(u64, Data<'a>), ()>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.pos >= self.bytes.len() {
+            return None;
+        }
+        let r = self.field();
+        self.failed = r.is_err();
+        Some(r)
+    }
+}
+
+/// A map entry message: `key = 1` (string) and `value = 2` (message).
+fn map_entry(entry: &[u8]) -> Result<(&[u8], Option<&[u8]>), ()> {
+    let (mut key, mut value): (&[u8], Option<&[u8]>) = (b"", None);
+    for field in Fields::new(entry) {
+        match field? {
+            (1, Data::Bytes(k)) => key = k,
+            (2, Data::Bytes(v)) => value = Some(v),
+            (1 | 2, _) => return Err(()),
+            _ => {}
+        }
+    }
+    Ok((key, value))
+}
+
+/// `google.protobuf.Struct { map<string, Value> fields = 1; }` as a JSON object.
+fn decode_struct(bytes: &[u8], depth: usize) -> Result<Value, ()> {
+    if depth > MAX_DEPTH {
+        return Err(());
+    }
+    let mut out = Map::new();
+    for field in Fields::new(bytes) {
+        match field? {
+            (1, Data::Bytes(entry)) => {
+                let (k, v) = map_entry(entry)?;
+                let key = std::str::from_utf8(k).map_err(|_| ())?.to_string();
+                let value = decode_value(v.unwrap_or_default(), depth + 1)?;
+                out.insert(key, value);
+            }
+            (1, _) => return Err(()),
+            _ => {}
+        }
+    }
+    Ok(Value::Object(out))
+}
+
+/// `google.protobuf.Value` (a oneof) as JSON. An empty message is `null`.
+fn decode_value(bytes: &[u8], depth: usize) -> Result<Value, ()> {
+    if depth > MAX_DEPTH {
+        return Err(());
+    }
+    let mut out = Value::Null;
+    for field in Fields::new(bytes) {
+        out = match field? {
+            (1, Data::Varint(_)) => Value::Null,
+            (2, Data::Fixed64(b)) => number(f64::from_le_bytes(b)),
+            (3, Data::Bytes(s)) => Value::String(std::str::from_utf8(s).map_err(|_| ())?.into()),
+            (4, Data::Varint(b)) => Value::Bool(b != 0),
+            (5, Data::Bytes(s)) => decode_struct(s, depth + 1)?,
+            (6, Data::Bytes(l)) => decode_list(l, depth + 1)?,
+            (1..=6, _) => return Err(()),
+            _ => continue,
+        };
+    }
+    Ok(out)
+}
+
+/// `google.protobuf.ListValue { repeated Value values = 1; }`.
+fn decode_list(bytes: &[u8], depth: usize) -> Result<Value, ()> {
+    if depth > MAX_DEPTH {
+        return Err(());
+    }
+    let mut out = Vec::new();
+    for field in Fields::new(bytes) {
+        match field? {
+            (1, Data::Bytes(v)) => out.push(decode_value(v, depth + 1)?),
+            (1, _) => return Err(()),
+            _ => {}
+        }
+    }
+    Ok(Value::Array(out))
+}
+
+/// A Struct number (always a double) as JSON: integers stay integers, so that
+/// `2` compares as `"2"`, not `"2.0"`. Not finite: `null`.
+fn number(n: f64) -> Value {
+    if n.is_finite() && n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
+        Value::Number(Number::from(n as i64))
+    } else {
+        Number::from_f64(n).map_or(Value::Null, Value::Number)
+    }
+}
+
+/// Encoding, for tests and fuzzing: the inverse of the reader above.
+pub mod encode {
+    use serde_json::Value;
+
+    fn varint(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+
+    fn bytes_field(out: &mut Vec<u8>, number: u64, data: &[u8]) {
+        varint(out, number << 3 | 2);
+        varint(out, data.len() as u64);
+        out.extend_from_slice(data);
+    }
+
+    fn entry(key: &str, value: &[u8]) -> Vec<u8> {
+        let mut e = Vec::new();
+        bytes_field(&mut e, 1, key.as_bytes());
+        bytes_field(&mut e, 2, value);
+        e
+    }
+
+    pub fn value(v: &Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        match v {
+            Value::Null => {
+                varint(&mut out, 1 << 3);
+                varint(&mut out, 0);
+            }
+            Value::Number(n) => {
+                varint(&mut out, 2 << 3 | 1);
+                out.extend_from_slice(&n.as_f64().unwrap_or(0.0).to_le_bytes());
+            }
+            Value::String(s) => bytes_field(&mut out, 3, s.as_bytes()),
+            Value::Bool(b) => {
+                varint(&mut out, 4 << 3);
+                varint(&mut out, u64::from(*b));
+            }
+            Value::Object(_) => bytes_field(&mut out, 5, &structure(v)),
+            Value::Array(items) => {
+                let mut l = Vec::new();
+                for item in items {
+                    bytes_field(&mut l, 1, &value(item));
+                }
+                bytes_field(&mut out, 6, &l);
+            }
+        }
+        out
+    }
+
+    /// A JSON object as a `Struct` (anything else: an empty one).
+    pub fn structure(v: &Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Value::Object(map) = v {
+            for (k, item) in map {
+                bytes_field(&mut out, 1, &entry(k, &value(item)));
+            }
+        }
+        out
+    }
+
+    /// A `Metadata` with one filter's `Struct` holding `key: payload`.
+    pub fn metadata(filter: &str, key: &str, payload: &Value) -> Vec<u8> {
+        let mut holder = serde_json::Map::new();
+        holder.insert(key.to_string(), payload.clone());
+        let mut out = Vec::new();
+        bytes_field(
+            &mut out,
+            1,
+            &entry(filter, &structure(&Value::Object(holder))),
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const F: &str = "envoy.filters.http.jwt_authn";
+
+    #[test]
+    fn payload_round_trips_with_types() {
+        let p = json!({"sub": "alice", "groups": ["a", "b"], "n": 2, "f": 2.5,
+                       "t": true, "z": null, "o": {"k": [1, {"x": "y"}]}, "s": "\u{1}"});
+        let md = encode::metadata(F, "payload", &p);
+        assert_eq!(payload(&md, F, "payload"), Ok(Some(p)));
+        assert_eq!(payload(&md, F, "other"), Ok(None));
+        assert_eq!(payload(&md, "other.filter", "payload"), Ok(None));
+        assert_eq!(payload(b"", F, "payload"), Ok(None));
+    }
+
+    #[test]
+    fn other_filters_and_unknown_fields_are_skipped() {
+        let mut md = encode::metadata("envoy.lb", "x", &json!({"a": 1}));
+        md.extend(encode::metadata(F, "payload", &json!({"sub": "bob"})));
+        // typed_filter_metadata (field 2) and an unknown varint field 9.
+        md.extend([0x12, 0x00, 0x48, 0x01]);
+        assert_eq!(payload(&md, F, "payload"), Ok(Some(json!({"sub": "bob"}))));
+    }
+
+    #[test]
+    fn malformed_messages_are_errors() {
+        let md = encode::metadata(F, "payload", &json!({"sub": "bob", "g": [1, 2]}));
+        for cut in 1..md.len() {
+            let r = payload(&md[..cut], F, "payload");
+            assert!(r.is_err() || r == Ok(None), "cut {cut}: {r:?}");
+        }
+        assert_eq!(payload(&[0x0b], F, "payload"), Err(())); // group wire type
+        assert_eq!(payload(&[0x08, 0xff], F, "payload"), Err(())); // short varint
+        assert_eq!(payload(&[0x00, 0x00], F, "payload"), Err(())); // field 0
+        assert_eq!(payload(&[0x08, 0x01], F, "payload"), Err(())); // field 1 not bytes
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        let mut v = json!("leaf");
+        for _ in 0..40 {
+            v = json!([v]);
+        }
+        let md = encode::metadata(F, "payload", &json!({ "deep": v }));
+        assert_eq!(payload(&md, F, "payload"), Err(()));
+    }
+
+    #[test]
+    fn numbers_keep_integers_whole() {
+        assert_eq!(number(3.0), json!(3));
+        assert_eq!(number(-7.0), json!(-7));
+        assert_eq!(number(0.5), json!(0.5));
+        assert_eq!(
+            number(9_007_199_254_740_992.0),
+            json!(9_007_199_254_740_992.0)
+        );
+        assert_eq!(number(f64::NAN), Value::Null);
+        assert_eq!(number(f64::INFINITY), Value::Null);
+    }
+}
