@@ -107,7 +107,7 @@ pub fn rewrite_query(path: &[u8], name: &str, value: &str) -> Vec<u8> {
 /// with `.` and space read as `_` (PHP folds them so), and optionally followed by
 /// an array suffix `[…]` (`name[]`, `name[0]`, `name[a][b]`: Express, PHP and
 /// Rails read those as the same parameter).
-fn names_param(segment: &[u8], name: &str) -> bool {
+pub fn names_param(segment: &[u8], name: &str) -> bool {
     let raw = match segment.iter().position(|&b| b == b'=') {
         Some(i) => segment.get(..i).unwrap_or(segment),
         None => segment,

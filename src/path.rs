@@ -85,18 +85,32 @@ impl View {
 pub enum Readings<'a> {
     /// Every view reads the path as these bytes (already canonical, no escapes).
     Same(&'a str),
-    /// The views' readings, in [`View::ALL`] order.
-    Differ([String; 4]),
+    /// The views' readings, in [`View::ALL`] order. `escapes_plain` when the raw
+    /// path escapes a character that needs no escape (`%61`, `%2E`) or a
+    /// separator (`%2F`, `%5C`): a server matching raw bytes sees another path.
+    Differ {
+        readings: [String; 4],
+        escapes_plain: bool,
+    },
 }
 
 impl Readings<'_> {
-    /// Whether the views disagree on the path itself (not only on its route).
+    /// Whether some server reads another path than a raw-bytes matcher (Envoy's
+    /// own routing with its defaults) does.
     pub fn unstable(&self) -> bool {
         match self {
             Readings::Same(_) => false,
-            Readings::Differ(r) => r.iter().any(|x| x != &r[0]),
+            Readings::Differ {
+                readings,
+                escapes_plain,
+            } => *escapes_plain || readings.iter().any(|x| x != &readings[0]),
         }
     }
+}
+
+/// RFC 3986 §2.3 unreserved characters: escaping them changes nothing.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
 /// Checks a raw path (without its query) and reads it in every [`View`].
@@ -105,6 +119,7 @@ pub fn analyze(raw: &[u8]) -> Result<Readings<'_>, PathError> {
         return Err(PathError::NotAbsolute);
     }
     let mut plain = true;
+    let mut escapes_plain = false;
     let mut i = 0;
     while let Some(&b) = raw.get(i) {
         match b {
@@ -121,6 +136,7 @@ pub fn analyze(raw: &[u8]) -> Result<Readings<'_>, PathError> {
                 if decoded < 0x20 || decoded == 0x7f {
                     return Err(PathError::ControlCharacter);
                 }
+                escapes_plain |= is_unreserved(decoded) || decoded == b'/' || decoded == b'\\';
                 if decoded == b'%' && decodes_to_hex_pair(raw, i + 3) {
                     return Err(PathError::DoubleEscape);
                 }
@@ -151,7 +167,10 @@ pub fn analyze(raw: &[u8]) -> Result<Readings<'_>, PathError> {
             return Ok(Readings::Same(s));
         }
     }
-    Ok(Readings::Differ(View::ALL.map(|v| read(raw, v))))
+    Ok(Readings::Differ {
+        readings: View::ALL.map(|v| read(raw, v)),
+        escapes_plain,
+    })
 }
 
 /// Whether the two bytes that decoding yields from `at` on are hex digits, so that
@@ -331,7 +350,7 @@ mod tests {
     fn views(p: &str) -> [String; 4] {
         match analyze(p.as_bytes()).unwrap() {
             Readings::Same(s) => [s, s, s, s].map(str::to_string),
-            Readings::Differ(r) => r,
+            Readings::Differ { readings, .. } => readings,
         }
     }
 
@@ -461,7 +480,7 @@ mod tests {
     #[test]
     fn non_utf8_bytes_read_lossily_and_alike() {
         let v = match analyze(b"/a\xff/b").unwrap() {
-            Readings::Differ(v) => v,
+            Readings::Differ { readings, .. } => readings,
             Readings::Same(_) => panic!("not plain"),
         };
         assert!(v.iter().all(|x| x == "/a\u{fffd}/b"));
@@ -489,6 +508,9 @@ mod tests {
         assert!(!analyze(b"/a%20b").unwrap().unstable());
         assert!(analyze(b"/a;x").unwrap().unstable());
         assert!(analyze(b"/a//b").unwrap().unstable());
+        assert!(analyze(b"/%61dmin").unwrap().unstable());
+        assert!(analyze(b"/a%2Fb").unwrap().unstable());
+        assert!(!analyze(b"/caf%C3%A9").unwrap().unstable());
     }
 
     #[test]

@@ -100,7 +100,7 @@ impl Router {
         let readings = analyze(raw_path).map_err(PathRefusal::Invalid)?;
         match &readings {
             Readings::Same(p) => Ok(self.find(&RequestInfo { path: p, ..*req })),
-            Readings::Differ(all) => {
+            Readings::Differ { readings: all, .. } => {
                 if self.needs_route_name() && readings.unstable() {
                     return Err(PathRefusal::Unstable);
                 }
@@ -328,6 +328,91 @@ mod tests {
         assert_eq!(r.find(&req(Some("r9999"), "h", "/", "GET")), Some(9999));
         assert_eq!(r.find(&req(None, "h", "/p9999/x", "GET")), Some(19_999));
         assert_eq!(r.find(&req(None, "h", "/q", "GET")), None);
+    }
+
+    fn find_path(r: &Router, path: &str) -> Result<Option<usize>, PathRefusal> {
+        r.find_path(&req(None, "h", "", "GET"), path.as_bytes())
+    }
+
+    #[test]
+    fn a_credential_never_follows_a_path_out_of_its_route() {
+        let routes = vec![route(prefix("/partner/")), route(prefix("/admin"))];
+        let r = Router::new(&routes);
+        assert_eq!(find_path(&r, "/partner/x"), Ok(Some(0)));
+        assert_eq!(find_path(&r, "/partner/x;v=1"), Ok(Some(0)));
+        assert_eq!(find_path(&r, "/partner/a%20b"), Ok(Some(0)));
+        for p in [
+            "/partner/../admin",
+            "/partner/%2e%2e/admin",
+            "/partner/%2E%2E/admin",
+            "/partner/.%2e/admin",
+            "/partner/..%2fadmin",
+            "/partner/%2e%2e%2fadmin",
+            "/partner/x/../../admin",
+            "/partner/..;/admin",
+            "/partner/..\\admin",
+            "/partner//../admin",
+        ] {
+            assert_eq!(find_path(&r, p), Err(PathRefusal::Ambiguous), "{p}");
+        }
+        assert_eq!(
+            find_path(&r, "/partner/x%00/../../admin"),
+            Err(PathRefusal::Invalid(PathError::ControlCharacter))
+        );
+    }
+
+    #[test]
+    fn no_encoding_skips_a_protected_route() {
+        let routes = vec![
+            route(prefix("/priv/")),
+            route(RouteMatch {
+                path: Some(PathMatch::Exact("/admin".into())),
+                ..Default::default()
+            }),
+        ];
+        let r = Router::new(&routes);
+        // Every reading lands in the protected route: checked there.
+        for p in ["/%70riv/x", "/adm%69n", "/%61dmin"] {
+            assert!(matches!(find_path(&r, p), Ok(Some(_))), "{p}");
+        }
+        // Some reading lands in it and another doesn't: refused.
+        for p in [
+            "//priv/x",
+            "/./priv/x",
+            "/x/../priv/x",
+            "/%2e/priv/x",
+            "/priv%2Fx",
+            "/%2fpriv/x",
+            "/priv;a=b/x",
+            "//admin",
+            "/./admin",
+            "/x/../admin",
+            "/admin;x",
+        ] {
+            assert_eq!(find_path(&r, p), Err(PathRefusal::Ambiguous), "{p}");
+        }
+        // Unrelated odd paths are nobody's business.
+        assert_eq!(find_path(&r, "/static//x"), Ok(None));
+        assert_eq!(find_path(&r, "/a/../b;c"), Ok(None));
+    }
+
+    #[test]
+    fn route_name_routes_refuse_paths_that_normalise_differently() {
+        let routes = vec![route(RouteMatch {
+            route_name: Some("admin".into()),
+            ..Default::default()
+        })];
+        let r = Router::new(&routes);
+        let by_name = |p: &str| r.find_path(&req(Some("default"), "h", "", "GET"), p.as_bytes());
+        assert_eq!(by_name("/x/../admin"), Err(PathRefusal::Unstable));
+        assert_eq!(by_name("/admin;x"), Err(PathRefusal::Unstable));
+        assert_eq!(by_name("//admin"), Err(PathRefusal::Unstable));
+        assert_eq!(by_name("/%61dmin"), Err(PathRefusal::Unstable));
+        assert_eq!(by_name("/a%2Fb"), Err(PathRefusal::Unstable));
+        assert_eq!(by_name("/a%20b"), Ok(None));
+        assert_eq!(by_name("/admin"), Ok(None));
+        assert_eq!(PathRefusal::Unstable.reason(), "path_not_normalized");
+        assert_eq!(PathRefusal::Ambiguous.reason(), "path_ambiguous");
     }
 
     #[test]
