@@ -110,6 +110,75 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+# How much later than it could have a polling round may end before the delay counts as this
+# process not running (scheduling delays on a loaded 2-core machine stay well below this).
+STALL_SLACK_S = 2.0
+
+
+class StartupDeadline:
+    """The timeout of a start-up wait, counting only time this process was running.
+
+    The waiting loop calls `expired()` once per round; a round never takes longer than
+    `max_round` seconds while this process runs. A round that took longer means this process
+    (and usually the whole machine: a paused or snapshotted VM, a cgroup freeze, SIGSTOP) was
+    not running; the server being waited for could not make progress either, so that gap is
+    not charged against `timeout`. Without this, the first check after such a pause finds the
+    whole budget gone and reports a start-up failure that never happened. Still bounded: at
+    most `hard_factor` x `timeout` of wall-clock time in all.
+    """
+
+    def __init__(self, timeout: float, max_round: float, hard_factor: float = 4.0):
+        self.timeout = timeout
+        self.max_round = max_round
+        self.start = self._last = time.monotonic()
+        self._end = self.start + timeout
+        self._hard_end = self.start + timeout * hard_factor
+        self.suspended = 0.0  # seconds not charged (this process was not running)
+        self.longest_gap = 0.0
+
+    def expired(self) -> bool:
+        now = time.monotonic()
+        gap = now - self._last
+        self._last = now
+        self.longest_gap = max(self.longest_gap, gap)
+        if gap > self.max_round:
+            self.suspended += gap - self.max_round
+            self._end += gap - self.max_round
+        return now >= min(self._end, self._hard_end)
+
+    def describe(self) -> str:
+        """For failure messages: how long the wait really took, and how long it stalled."""
+        elapsed = time.monotonic() - self.start
+        text = f"waited {elapsed:.1f}s wall-clock"
+        if self.suspended:
+            text += (f", of which {self.suspended:.1f}s not counted: this process did not run"
+                     f" (longest gap between polls {self.longest_gap:.1f}s)")
+        return text
+
+
+_PROC_STATES = {"R": "running", "S": "sleeping", "D": "uninterruptible (disk) sleep",
+                "T": "stopped", "t": "stopped by a tracer", "Z": "zombie", "I": "idle"}
+
+
+def proc_summary(pid: int) -> str:
+    """One line on a live process from /proc, for failure messages: state, CPU time used,
+    threads and where it sleeps in the kernel; says so if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return f"pid {pid}: no longer in /proc"
+    state = fields[0].decode()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text().strip() or "-"
+    except OSError:
+        wchan = "?"
+    return (f"pid {pid}: state {state} ({_PROC_STATES.get(state, '?')}), {cpu:.2f}s CPU used, "
+            f"{int(fields[17])} threads, wchan {wchan}")
+
+
 def _tail(path: Path, lines: int = 60) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -823,7 +892,10 @@ class Envoy:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout
+        # A round: the admin GET (connect + read, 1 s each at most), the listener connect
+        # (1 s) and the 50 ms pause; more than that plus slack means this process was not
+        # running, and that time is not charged (see StartupDeadline).
+        deadline = StartupDeadline(self.ready_timeout, max_round=3.05 + STALL_SLACK_S)
         while True:
             if self.proc.poll() is not None:
                 raise EnvoyStartError(
@@ -834,9 +906,10 @@ class Envoy:
                     return
             except OSError:
                 pass
-            if time.monotonic() >= deadline:
+            if deadline.expired():
                 raise EnvoyStartError(
-                    f"Envoy not ready after {self.ready_timeout:.0f}s\n{self.diagnostics()}")
+                    f"Envoy not ready after {self.ready_timeout:.0f}s ({deadline.describe()};"
+                    f" {proc_summary(self.proc.pid)})\n{self.diagnostics()}")
             time.sleep(0.05)
 
     def _listener_accepts(self) -> bool:

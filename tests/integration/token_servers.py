@@ -49,7 +49,8 @@ from typing import Any, NamedTuple
 
 import jwt
 
-from harness import BacklogHTTPServer, RequestLog, LOOPBACK, REPO_ROOT, http_request, pid_alive, wait_until
+from harness import (STALL_SLACK_S, BacklogHTTPServer, RequestLog, LOOPBACK, REPO_ROOT,
+                     StartupDeadline, http_request, pid_alive, proc_summary, wait_until)
 
 OAUTH_DIR = REPO_ROOT / "tests" / "oauth"
 SERVER_SCRIPT = OAUTH_DIR / "server.mjs"
@@ -126,7 +127,22 @@ class TokenResponse(NamedTuple):
 
 
 class OidcStartError(RuntimeError):
-    """node exited or never printed READY; the message carries its stderr."""
+    """node exited or never printed READY; the message carries how it ended, its stdout and
+    its stderr."""
+
+
+_READY_POLL_S = 0.25  # one round of the READY wait
+
+
+def _exit_text(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
 
 
 _LIVE_PROVIDERS: "weakref.WeakSet[OidcProvider]" = weakref.WeakSet()
@@ -146,7 +162,10 @@ class OidcProvider:
     the token-exchange grant verifies subject tokens with (default: decoded only, `sub`,
     `exp` and `nbf` still checked). ``port``: 0 lets node bind any free port (no race).
     ``debug``: let oidc-provider log to the stderr file (``stderr_path``, in ``log_dir`` or
-    the temp dir; an empty one in the temp dir is deleted by stop()).
+    the temp dir; an empty one in the temp dir is deleted by stop()). ``startup_timeout``:
+    how long node may take to print READY, not counting time this process was suspended
+    (see harness.StartupDeadline); a failure stops node first, then reports its state, how
+    it ended, its stdout (read to the end) and its stderr.
     """
 
     def __init__(self, ttl: int = 300, *, exchange_ttl: int | None = None,
@@ -230,47 +249,81 @@ class OidcProvider:
                 pass
             lines.put(None)
 
-        threading.Thread(target=pump, name="oidc-stdout", daemon=True).start()
-        deadline = time.monotonic() + self.startup_timeout
+        threading.Thread(target=pump, name=f"oidc-stdout-{self.proc.pid}", daemon=True).start()
+        # Every round reads what node printed BEFORE the deadline is looked at: a READY line
+        # that is already in the pipe always counts, however late this loop gets to it.
+        deadline = StartupDeadline(self.startup_timeout, max_round=_READY_POLL_S + STALL_SLACK_S)
         seen: list[str] = []
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise OidcStartError(f"oidc-provider not READY after {self.startup_timeout:.0f}s"
-                                     f"\nstdout: {seen}\n{self.diagnostics()}")
             try:
-                line = lines.get(timeout=min(remaining, 0.5))
+                line = lines.get(timeout=_READY_POLL_S)
             except queue.Empty:
-                if self.proc.poll() is not None and lines.empty():
-                    raise OidcStartError(f"oidc-provider exited with {self.proc.returncode}"
-                                         f"\nstdout: {seen}\n{self.diagnostics()}") from None
-                continue
-            if line is None:
+                line = b""
+            if line is None:  # EOF: node is exiting (or closed its stdout)
                 try:
                     self.proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     pass
-                raise OidcStartError(f"oidc-provider exited with {self.proc.returncode}"
-                                     f"\nstdout: {seen}\n{self.diagnostics()}")
-            text = line.decode(errors="replace").strip()
-            seen.append(text)
-            parts = text.split()
-            if len(parts) == 2 and parts[0] == "READY" and parts[1].isdigit():
-                return int(parts[1])
+                raise self._start_error("oidc-provider exited before READY", lines, seen, deadline)
+            if line:
+                text = line.decode(errors="replace").strip()
+                seen.append(text)
+                parts = text.split()
+                if len(parts) == 2 and parts[0] == "READY" and parts[1].isdigit():
+                    return int(parts[1])
+            elif self.proc.poll() is not None and lines.empty():
+                raise self._start_error("oidc-provider exited before READY", lines, seen, deadline)
+            if deadline.expired():
+                raise self._start_error(f"oidc-provider not READY after {self.startup_timeout:g}s",
+                                        lines, seen, deadline)
+
+    def _start_error(self, what: str, lines: "queue.Queue[bytes | None]", seen: list[str],
+                     deadline: StartupDeadline) -> OidcStartError:
+        """Stop node, THEN describe the failure: its state while we waited, how it ended,
+        everything it printed on stdout (read to EOF) and its stderr, complete by then."""
+        proc = self.proc
+        waited = deadline.describe()
+        state = proc_summary(proc.pid) if proc.poll() is None else None
+        ended = self._terminate()
+        drain_until = time.monotonic() + 2.0  # the pump sees EOF once node is gone
+        while (left := drain_until - time.monotonic()) > 0:
+            try:
+                line = lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            seen.append(line.decode(errors="replace").strip())
+        parts = [f"{what} (pid {proc.pid}; {waited})"]
+        if state:
+            parts.append(f"node while waited for: {state}")
+        parts += [f"node {ended}", f"stdout: {seen!r}", self.diagnostics()]
+        return OidcStartError("\n".join(parts))
+
+    def _terminate(self, timeout: float = 5.0) -> str:
+        """SIGTERM the pid, SIGKILL after `timeout`, reap it; says how it ended."""
+        proc = self.proc
+        if proc is None:
+            return "not started"
+        if proc.poll() is not None:
+            return f"had exited: {_exit_text(proc.returncode)}"
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=timeout)
+            return f"stopped by SIGTERM: {_exit_text(proc.returncode)}"
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+            return f"ignored SIGTERM for {timeout:.0f}s, then SIGKILL: {_exit_text(proc.returncode)}"
+        except ProcessLookupError:
+            proc.wait(timeout=timeout)
+            return f"had exited: {_exit_text(proc.returncode)}"
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after `timeout` (idempotent)."""
         proc = self.proc
-        if proc is not None and proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=timeout)
-            except ProcessLookupError:
-                pass
         if proc is not None:
+            self._terminate(timeout)
             if proc.stdout:
                 proc.stdout.close()
             assert not pid_alive(proc.pid), f"oidc-provider pid {proc.pid} survived stop()"
@@ -295,12 +348,14 @@ class OidcProvider:
     def diagnostics(self, lines: int = 60) -> str:
         """The tail of node's stderr."""
         if not self.stderr_path:
-            return "<not started>"
+            return "stderr: <not started>"
         try:
             text = self.stderr_path.read_text(errors="replace")
-        except OSError:
-            return "<stderr unreadable>"
-        return "stderr:\n" + "\n".join(text.splitlines()[-lines:])
+        except OSError as e:
+            return f"stderr: <{self.stderr_path} unreadable: {e}>"
+        if not text:
+            return "stderr: <empty>"
+        return f"stderr ({self.stderr_path}):\n" + "\n".join(text.splitlines()[-lines:])
 
     # -- addresses
     @property
