@@ -21,6 +21,7 @@ pub mod policy;
 pub mod response;
 pub mod router;
 pub mod secret;
+pub mod store;
 pub mod token;
 
 pub mod filter;

@@ -80,11 +80,12 @@ pub fn decide(config: &Config, route: Option<usize>, id: Option<&Identity>) -> D
     }
     let mut picks = Vec::with_capacity(r.inject.len());
     for inj in &r.inject {
-        let pick = inj
-            .connections
-            .iter()
-            .copied()
-            .find(|&ci| config.connection(ci).is_some_and(|c| admits(&c.access, id)));
+        let pick = inj.connections.iter().copied().find(|&ci| {
+            config
+                .connection(ci)
+                .and_then(|c| c.access.as_ref())
+                .is_some_and(|a| admits(a, id))
+        });
         match pick {
             Some(ci) => picks.push(ci),
             None => return Decision::Denied { route: ri, denial },

@@ -10,6 +10,40 @@ use super::*;
 use crate::router::Router;
 use crate::secret::{Secret, SecretSource};
 
+/// A secret store entry: the secret's own fields besides the store key.
+const SECRET_STORE: &[&str] = &[
+    "azure_key_vault",
+    "vault",
+    "cluster",
+    "identity",
+    "refresh_s",
+    "timeout_ms",
+];
+const VAULT: &[&str] = &[
+    "cluster",
+    "url",
+    "mount",
+    "path",
+    "field",
+    "token",
+    "approle",
+    "namespace",
+    "version",
+];
+const APPROLE: &[&str] = &["role_id", "secret_id", "mount"];
+const MI_PROVIDER: &[&str] = &[
+    "type",
+    "cluster",
+    "endpoint",
+    "client_id",
+    "timeout_ms",
+    "default_expires_in_s",
+    "refresh_margin_s",
+];
+const IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
+const DEFAULT_REFRESH_S: u64 = 300;
+const LOW_REFRESH_S: u64 = 30;
+
 const TOP: &[&str] = &[
     "claims",
     "secrets",
@@ -19,7 +53,16 @@ const TOP: &[&str] = &[
     "unmatched",
 ];
 const CLAIMS: &[&str] = &["from", "key", "subject", "groups"];
-const SECRET: &[&str] = &["env", "inline"];
+const SECRET: &[&str] = &[
+    "env",
+    "inline",
+    "azure_key_vault",
+    "vault",
+    "cluster",
+    "identity",
+    "refresh_s",
+    "timeout_ms",
+];
 const PROVIDER: &[&str] = &[
     "type",
     "cluster",
@@ -30,6 +73,7 @@ const PROVIDER: &[&str] = &[
     "timeout_ms",
     "default_expires_in_s",
     "refresh_margin_s",
+    "endpoint",
 ];
 const CONNECTION: &[&str] = &[
     "provider",
@@ -96,12 +140,15 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
         env,
         warnings: Vec::new(),
         claim_paths: Vec::new(),
+        identities: Vec::new(),
+        static_values: HashMap::new(),
     };
 
     let claims = b.claims(&top)?;
-    let secrets = b.secrets(&top)?;
+    let (secrets, mut stores) = b.secrets(&top)?;
     let providers = b.providers(&top, &secrets)?;
     let connections = b.connections(&top, &secrets, &providers)?;
+    b.identities(&mut stores, &connections, &providers)?;
     let routes = b.routes(&top, &connections)?;
     let unmatched = match top.opt_str("unmatched")? {
         None | Some("allow") => Unmatched::Allow,
@@ -117,6 +164,7 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
     let router = Router::new(&routes);
     Ok(Config {
         claims,
+        stores,
         providers: providers.items,
         connections: connections.items,
         routes,
@@ -178,6 +226,11 @@ struct Builder<'e> {
     env: &'e dyn Fn(&str) -> Option<String>,
     warnings: Vec<String>,
     claim_paths: Vec<ClaimPath>,
+    /// Key Vault stores' `identity` connections, resolved once connections exist:
+    /// (store index, path of the field, connection name).
+    identities: Vec<(usize, String, String)>,
+    /// Secrets known at load, by name (for a store's own credentials).
+    static_values: HashMap<String, Secret>,
 }
 
 impl Builder<'_> {
@@ -230,51 +283,275 @@ impl Builder<'_> {
         Ok(ClaimsConfig { source })
     }
 
-    fn secrets(&mut self, top: &Obj) -> Result<Named<Secret>, ConfigError> {
+    fn secrets(&mut self, top: &Obj) -> Result<(Named<SecretRef>, Vec<Store>), ConfigError> {
         let mut out = Named::new();
+        let mut stores = Vec::new();
         let Some(v) = top.get("secrets") else {
-            return Ok(out);
+            return Ok((out, stores));
         };
         for (name, value) in as_object("secrets", v)? {
             let s = Obj::new(format!("secrets.{name}"), value, SECRET)?;
-            let source = match (s.get("env"), s.get("inline")) {
-                (Some(_), Some(_)) => {
-                    return Err(ConfigError::not_allowed(
-                        s.path,
-                        "give exactly one of \"env\" or \"inline\", not both",
-                    ))
+            let given: Vec<&str> = ["env", "inline", "azure_key_vault", "vault"]
+                .into_iter()
+                .filter(|k| s.has(k))
+                .collect();
+            if given.len() != 1 {
+                let reason = if given.is_empty() {
+                    "give exactly one of \"env\", \"inline\", \"azure_key_vault\" or \"vault\""
+                } else {
+                    "give exactly one of \"env\", \"inline\", \"azure_key_vault\" or \"vault\", not several"
+                };
+                return Err(ConfigError::not_allowed(s.path, reason));
+            }
+            if s.has("env") || s.has("inline") {
+                for field in SECRET_STORE.iter().skip(2) {
+                    if s.has(field) {
+                        return Err(ConfigError::not_allowed(
+                            s.child(field),
+                            "only allowed beside \"azure_key_vault\" or \"vault\"",
+                        ));
+                    }
                 }
-                (None, None) => {
+                let secret = self.static_secret(name, &s)?;
+                self.static_values.insert(name.clone(), secret.clone());
+                out.push(name, SecretRef::Value(secret));
+            }
+        }
+        // Stores second: their own credentials (a Vault token, an AppRole
+        // secret_id) name static secrets, in any order.
+        for (name, value) in as_object("secrets", v)? {
+            let s = Obj::new(format!("secrets.{name}"), value, SECRET)?;
+            if s.has("env") || s.has("inline") {
+                continue;
+            }
+            let store = self.store(name, &s, stores.len())?;
+            out.push(name, SecretRef::Store(stores.len()));
+            stores.push(store);
+        }
+        Ok((out, stores))
+    }
+
+    fn static_secret(&mut self, name: &str, s: &Obj) -> Result<Secret, ConfigError> {
+        let source = if s.has("env") {
+            SecretSource::Env(s.req_str("env")?.to_string())
+        } else {
+            self.warnings.push(format!(
+                "secret \"{name}\" is inline in the configuration; use \"env\" outside development"
+            ));
+            SecretSource::Inline(Secret::new(s.req_str("inline")?))
+        };
+        source.resolve(self.env).map_err(|e| {
+            let field = if matches!(source, SecretSource::Env(_)) {
+                "env"
+            } else {
+                "inline"
+            };
+            ConfigError::new(s.child(field), ErrorKind::Secret(e))
+        })
+    }
+
+    /// A Key Vault or Vault reference (`index`: its place in `Config::stores`).
+    fn store(&mut self, name: &str, s: &Obj, index: usize) -> Result<Store, ConfigError> {
+        let timeout_ms = timeout(s)?;
+        let (kind, cluster, authority, path, pinned) = if s.has("azure_key_vault") {
+            if s.has("vault") {
+                return Err(ConfigError::not_allowed(s.child("vault"), "give one store"));
+            }
+            let id = s.req_str("azure_key_vault")?;
+            let kv = key_vault_id(id)
+                .map_err(|r| ConfigError::invalid(s.child("azure_key_vault"), id, r))?;
+            let identity = s.req_str("identity")?;
+            self.identities
+                .push((index, s.child("identity"), identity.to_string()));
+            let path = match &kv.version {
+                Some(v) => format!("/secrets/{}/{v}?api-version=7.4", kv.name),
+                None => format!("/secrets/{}?api-version=7.4", kv.name),
+            };
+            (
+                StoreKind::KeyVault {
+                    identity: usize::MAX,
+                },
+                s.req_str("cluster")?.to_string(),
+                kv.host,
+                path,
+                kv.version.is_some(),
+            )
+        } else {
+            for field in ["cluster", "identity"] {
+                if s.has(field) {
                     return Err(ConfigError::not_allowed(
-                        s.path,
-                        "give exactly one of \"env\" or \"inline\"",
-                    ))
-                }
-                (Some(_), None) => SecretSource::Env(s.req_str("env")?.to_string()),
-                (None, Some(_)) => {
-                    self.warnings.push(format!(
-                        "secret \"{name}\" is inline in the configuration; use \"env\" outside development"
+                        s.child(field),
+                        "for \"vault\", give it inside the \"vault\" object",
                     ));
-                    SecretSource::Inline(Secret::new(s.req_str("inline")?))
+                }
+            }
+            let v = Obj::new(s.child("vault"), s.required("vault")?, VAULT)?;
+            let url = v.req_str("url")?;
+            let base = super::token_url::parse(url)
+                .map_err(|e| ConfigError::invalid(v.child("url"), url, e.to_string()))?;
+            if base.path.contains('?') {
+                return Err(ConfigError::invalid(
+                    v.child("url"),
+                    url,
+                    "must not have a query",
+                ));
+            }
+            let prefix = base.path.trim_end_matches('/');
+            let mount = vault_segment(&v, "mount", Some("secret"))?;
+            let secret_path = v.req_str("path")?;
+            if secret_path
+                .split('/')
+                .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+                || !secret_path
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+            {
+                return Err(ConfigError::invalid(
+                    v.child("path"),
+                    secret_path,
+                    "not a Vault path (letters, digits, \"-_.\" segments separated by \"/\")",
+                ));
+            }
+            let version = v.opt_u64("version")?;
+            let mut path = format!("{prefix}/v1/{mount}/data/{secret_path}");
+            if let Some(n) = version {
+                path.push_str(&format!("?version={n}"));
+            }
+            let auth = match (v.get("token"), v.get("approle")) {
+                (Some(_), None) => {
+                    let t = v.req_str("token")?;
+                    VaultAuth::Token(self.static_reference(&v.child("token"), t)?)
+                }
+                (None, Some(a)) => {
+                    let a = Obj::new(v.child("approle"), a, APPROLE)?;
+                    let role_id = a.req_str("role_id")?.to_string();
+                    let sid = a.req_str("secret_id")?;
+                    let secret_id = self.static_reference(&a.child("secret_id"), sid)?;
+                    let login_mount = vault_segment(&a, "mount", Some("approle"))?;
+                    VaultAuth::AppRole {
+                        role_id,
+                        secret_id,
+                        login_path: format!("{prefix}/v1/auth/{login_mount}/login"),
+                    }
+                }
+                _ => {
+                    return Err(ConfigError::not_allowed(
+                        v.path.clone(),
+                        "give exactly one of \"token\" or \"approle\"",
+                    ))
                 }
             };
-            let secret = source.resolve(self.env).map_err(|e| {
-                let field = if matches!(source, SecretSource::Env(_)) {
-                    "env"
-                } else {
-                    "inline"
-                };
-                ConfigError::new(s.child(field), ErrorKind::Secret(e))
-            })?;
-            out.push(name, secret);
+            let namespace = v.opt_str("namespace")?.map(str::to_string);
+            if let Some(ns) = &namespace {
+                header_value_ok(&v.child("namespace"), ns)?;
+            }
+            (
+                StoreKind::Vault {
+                    auth,
+                    namespace,
+                    field: v.req_str("field")?.to_string(),
+                },
+                v.req_str("cluster")?.to_string(),
+                base.authority,
+                path,
+                version.is_some(),
+            )
+        };
+        let refresh_ms = if pinned {
+            if s.has("refresh_s") {
+                return Err(ConfigError::not_allowed(
+                    s.child("refresh_s"),
+                    "a pinned version is read once and never changes",
+                ));
+            }
+            self.warnings.push(format!(
+                "secret \"{name}\" pins one version of the stored secret: it is read once and will not follow rotation"
+            ));
+            None
+        } else {
+            let r = s.opt_u64("refresh_s")?.unwrap_or(DEFAULT_REFRESH_S);
+            if r == 0 || r > 86_400 {
+                return Err(ConfigError::invalid(
+                    s.child("refresh_s"),
+                    &r.to_string(),
+                    "must be between 1 and 86400",
+                ));
+            }
+            if r < LOW_REFRESH_S {
+                self.warnings.push(format!(
+                    "secret \"{name}\" is re-read every {r} s: below {LOW_REFRESH_S} s the store sees a read per proxy that often"
+                ));
+            }
+            Some(r * 1000)
+        };
+        Ok(Store {
+            name: name.to_string(),
+            kind,
+            cluster,
+            authority,
+            path,
+            refresh_ms,
+            timeout_ms,
+        })
+    }
+
+    /// A secret named by a store's own credentials (Vault token, AppRole
+    /// secret_id): it must be known at load, not read from a store itself.
+    fn static_reference(&self, path: &str, name: &str) -> Result<Secret, ConfigError> {
+        if let Some(secret) = self.static_values.get(name) {
+            return Ok(secret.clone());
         }
-        Ok(out)
+        Err(ConfigError::new(
+            path,
+            ErrorKind::UnknownReference {
+                what: "env or inline secret",
+                name: name.to_string(),
+            },
+        ))
+    }
+
+    /// Resolves Key Vault stores' `identity` to token-giving connections.
+    fn identities(
+        &mut self,
+        stores: &mut [Store],
+        connections: &Named<Connection>,
+        providers: &Named<Provider>,
+    ) -> Result<(), ConfigError> {
+        for (si, path, name) in std::mem::take(&mut self.identities) {
+            let ci = connections.lookup(path.clone(), "connection", &name)?;
+            let conn = connections.items.get(ci);
+            let ok = conn.is_some_and(|c| match &c.credential {
+                Credential::ManagedIdentity { .. } => true,
+                Credential::OAuth2(o) => {
+                    !matches!(o.grant, Grant::TokenExchange { .. })
+                        && providers.items.get(c.provider).is_some_and(|p| {
+                            matches!(&p.kind, ProviderKind::OAuth2(op) if matches!(op.client_secret, SecretRef::Value(_)))
+                        })
+                }
+                Credential::ApiKey(_) => false,
+            });
+            if !ok {
+                return Err(ConfigError::invalid(
+                    path,
+                    &name,
+                    "must be an azure_managed_identity connection, or an oauth2 one that needs no caller and whose client_secret is not in a store",
+                ));
+            }
+            if let Some(Store {
+                kind: StoreKind::KeyVault { identity },
+                ..
+            }) = stores.get_mut(si)
+            {
+                *identity = ci;
+            }
+        }
+        Ok(())
     }
 
     fn providers(
         &mut self,
         top: &Obj,
-        secrets: &Named<Secret>,
+        secrets: &Named<SecretRef>,
     ) -> Result<Named<Provider>, ConfigError> {
         let mut out = Named::new();
         let Some(v) = top.get("providers") else {
@@ -294,12 +571,23 @@ impl Builder<'_> {
                     }
                     ProviderKind::ApiKey
                 }
-                "oauth2" => ProviderKind::OAuth2(oauth2_provider(&p, secrets)?),
+                "oauth2" => {
+                    if p.has("endpoint") {
+                        return Err(ConfigError::not_allowed(
+                            p.child("endpoint"),
+                            "not allowed for an oauth2 provider (use token_url)",
+                        ));
+                    }
+                    ProviderKind::OAuth2(oauth2_provider(&p, secrets)?)
+                }
+                "azure_managed_identity" => {
+                    ProviderKind::ManagedIdentity(managed_identity_provider(&p)?)
+                }
                 other => {
                     return Err(ConfigError::invalid(
                         p.child("type"),
                         other,
-                        "expected \"api_key\" or \"oauth2\"",
+                        "expected \"api_key\", \"oauth2\" or \"azure_managed_identity\"",
                     ))
                 }
             };
@@ -317,7 +605,7 @@ impl Builder<'_> {
     fn connections(
         &mut self,
         top: &Obj,
-        secrets: &Named<Secret>,
+        secrets: &Named<SecretRef>,
         providers: &Named<Provider>,
     ) -> Result<Named<Connection>, ConfigError> {
         let mut out = Named::new();
@@ -332,6 +620,26 @@ impl Builder<'_> {
             let credential = match kind {
                 Some(ProviderKind::OAuth2(_)) => {
                     Credential::OAuth2(oauth2_connection(&c, secrets)?)
+                }
+                Some(ProviderKind::ManagedIdentity(_)) => {
+                    for field in CONNECTION
+                        .iter()
+                        .filter(|f| !["provider", "resource", "access"].contains(f))
+                    {
+                        if c.has(field) {
+                            return Err(ConfigError::not_allowed(
+                                c.child(field),
+                                "not allowed for a connection of an azure_managed_identity provider",
+                            ));
+                        }
+                    }
+                    let resource = c.req_str("resource")?;
+                    super::token_url::parse(resource).map_err(|e| {
+                        ConfigError::invalid(c.child("resource"), resource, e.to_string())
+                    })?;
+                    Credential::ManagedIdentity {
+                        resource: resource.to_string(),
+                    }
                 }
                 _ => {
                     for field in CONNECTION
@@ -349,7 +657,11 @@ impl Builder<'_> {
                     Credential::ApiKey(secrets.get(c.child("api_key"), "secret", secret)?.clone())
                 }
             };
-            let access = self.access(&c.child("access"), c.required("access")?)?;
+            // Required once a route uses the connection (checked with the routes).
+            let access = match c.get("access") {
+                Some(v) => Some(self.access(&c.child("access"), v)?),
+                None => None,
+            };
             out.push(
                 name,
                 Connection {
@@ -474,7 +786,7 @@ fn owned(v: Vec<&str>) -> Vec<String> {
     v.into_iter().map(str::to_string).collect()
 }
 
-fn oauth2_provider(p: &Obj, secrets: &Named<Secret>) -> Result<OAuth2Provider, ConfigError> {
+fn oauth2_provider(p: &Obj, secrets: &Named<SecretRef>) -> Result<OAuth2Provider, ConfigError> {
     let cluster = p.req_str("cluster")?.to_string();
     let token_url = p.req_str("token_url")?;
     let url_path = p.child("token_url");
@@ -501,27 +813,8 @@ fn oauth2_provider(p: &Obj, secrets: &Named<Secret>) -> Result<OAuth2Provider, C
             ))
         }
     };
-    let timeout_ms = p.opt_u64("timeout_ms")?.unwrap_or(DEFAULT_TIMEOUT_MS);
-    if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
-        return Err(ConfigError::invalid(
-            p.child("timeout_ms"),
-            &timeout_ms.to_string(),
-            format!("must be between 1 and {MAX_TIMEOUT_MS}"),
-        ));
-    }
-    let default_expires_in_s = p
-        .opt_u64("default_expires_in_s")?
-        .unwrap_or(DEFAULT_EXPIRES_IN_S);
-    if default_expires_in_s == 0 {
-        return Err(ConfigError::invalid(
-            p.child("default_expires_in_s"),
-            "0",
-            "must be at least 1",
-        ));
-    }
-    let refresh_margin_s = p
-        .opt_u64("refresh_margin_s")?
-        .unwrap_or(DEFAULT_REFRESH_MARGIN_S);
+    let timeout_ms = timeout(p)?;
+    let (default_expires_in_s, refresh_margin_s) = token_lifetimes(p)?;
     Ok(OAuth2Provider {
         refresh_margin_s,
         cluster,
@@ -536,7 +829,56 @@ fn oauth2_provider(p: &Obj, secrets: &Named<Secret>) -> Result<OAuth2Provider, C
     })
 }
 
-fn oauth2_connection(c: &Obj, secrets: &Named<Secret>) -> Result<OAuth2Connection, ConfigError> {
+fn token_lifetimes(p: &Obj) -> Result<(u64, u64), ConfigError> {
+    let default_expires_in_s = p
+        .opt_u64("default_expires_in_s")?
+        .unwrap_or(DEFAULT_EXPIRES_IN_S);
+    if default_expires_in_s == 0 {
+        return Err(ConfigError::invalid(
+            p.child("default_expires_in_s"),
+            "0",
+            "must be at least 1",
+        ));
+    }
+    let refresh_margin_s = p
+        .opt_u64("refresh_margin_s")?
+        .unwrap_or(DEFAULT_REFRESH_MARGIN_S);
+    Ok((default_expires_in_s, refresh_margin_s))
+}
+
+fn managed_identity_provider(p: &Obj) -> Result<ManagedIdentityProvider, ConfigError> {
+    for field in PROVIDER.iter().filter(|f| !MI_PROVIDER.contains(f)) {
+        if p.has(field) {
+            return Err(ConfigError::not_allowed(
+                p.child(field),
+                "not allowed for an azure_managed_identity provider",
+            ));
+        }
+    }
+    let endpoint = p.opt_str("endpoint")?.unwrap_or(IMDS_ENDPOINT);
+    let url = super::token_url::parse(endpoint)
+        .map_err(|e| ConfigError::invalid(p.child("endpoint"), endpoint, e.to_string()))?;
+    if url.path.contains('?') {
+        return Err(ConfigError::invalid(
+            p.child("endpoint"),
+            endpoint,
+            "must not have a query (latchkey adds api-version, resource and client_id)",
+        ));
+    }
+    let client_id = p.opt_str("client_id")?.map(str::to_string);
+    let (default_expires_in_s, refresh_margin_s) = token_lifetimes(p)?;
+    Ok(ManagedIdentityProvider {
+        cluster: p.req_str("cluster")?.to_string(),
+        authority: url.authority,
+        path: url.path,
+        client_id,
+        timeout_ms: timeout(p)?,
+        default_expires_in_s,
+        refresh_margin_s,
+    })
+}
+
+fn oauth2_connection(c: &Obj, secrets: &Named<SecretRef>) -> Result<OAuth2Connection, ConfigError> {
     if c.has("api_key") {
         return Err(ConfigError::not_allowed(
             c.child("api_key"),
@@ -553,11 +895,16 @@ fn oauth2_connection(c: &Obj, secrets: &Named<Secret>) -> Result<OAuth2Connectio
                     "required when grant is \"refresh_token\"",
                 )
             })?;
-            Grant::RefreshToken(
-                secrets
-                    .get(c.child("refresh_token"), "secret", name)?
-                    .clone(),
-            )
+            match secrets.get(c.child("refresh_token"), "secret", name)? {
+                SecretRef::Value(v) => Grant::RefreshToken(v.clone()),
+                SecretRef::Store(_) => {
+                    return Err(ConfigError::invalid(
+                        c.child("refresh_token"),
+                        name,
+                        "a refresh token can't come from a secret store yet: give it by env",
+                    ))
+                }
+            }
         }
         "token_exchange" => Grant::TokenExchange {
             subject_token_type: c
@@ -683,6 +1030,17 @@ fn injection(
     for (i, name) in list.iter().enumerate() {
         let p = index(&e.child("connections"), i);
         let ci = connections.lookup(p.clone(), "connection", name)?;
+        if connections
+            .items
+            .get(ci)
+            .is_some_and(|c| c.access.is_none())
+        {
+            // A connection without a policy serves only secret stores.
+            return Err(ConfigError::new(
+                format!("connections.{name}.access"),
+                ErrorKind::Missing,
+            ));
+        }
         if indices.contains(&ci) {
             return Err(ConfigError::new(
                 p,
@@ -786,6 +1144,97 @@ fn host_value(path: &str, host: &str) -> Result<String, ConfigError> {
         return Err(ConfigError::invalid(path, host, "not a host name"));
     }
     Ok(crate::router::normalize_host(host).to_ascii_lowercase())
+}
+
+/// `timeout_ms` of a store or provider (default 5 s, at most 5 min).
+fn timeout(o: &Obj) -> Result<u64, ConfigError> {
+    let timeout_ms = o.opt_u64("timeout_ms")?.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
+        return Err(ConfigError::invalid(
+            o.child("timeout_ms"),
+            &timeout_ms.to_string(),
+            format!("must be between 1 and {MAX_TIMEOUT_MS}"),
+        ));
+    }
+    Ok(timeout_ms)
+}
+
+/// A Key Vault secret identifier, split.
+struct KeyVaultId {
+    host: String,
+    name: String,
+    version: Option<String>,
+}
+
+/// `https://<vault host>/secrets/<name>[/<version>]`, as Azure prints it.
+fn key_vault_id(id: &str) -> Result<KeyVaultId, String> {
+    let rest = id
+        .strip_prefix("https://")
+        .ok_or("must be https://<vault>.vault.azure.net/secrets/<name>[/<version>]")?;
+    let (host, path) = rest.split_once('/').ok_or("has no /secrets/<name> path")?;
+    let host = host.to_ascii_lowercase();
+    if host.is_empty()
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    {
+        return Err("not a valid vault host".into());
+    }
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    let name_ok = |n: &str| {
+        !n.is_empty() && n.len() <= 127 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    match segs.as_slice() {
+        ["secrets", name] if name_ok(name) => Ok(KeyVaultId {
+            host,
+            name: name.to_string(),
+            version: None,
+        }),
+        ["secrets", name, version]
+            if name_ok(name) && !version.is_empty() && version.bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
+            Ok(KeyVaultId {
+                host,
+                name: name.to_string(),
+                version: Some(version.to_ascii_lowercase()),
+            })
+        }
+        _ => Err("not a secret identifier: expected /secrets/<name> or /secrets/<name>/<version> (names: letters, digits, -)".into()),
+    }
+}
+
+/// One path segment of a Vault mount (`secret`, `approle`).
+fn vault_segment(o: &Obj, key: &str, default: Option<&'static str>) -> Result<String, ConfigError> {
+    let v = match (o.opt_str(key)?, default) {
+        (Some(v), _) => v,
+        (None, Some(d)) => d,
+        (None, None) => o.req_str(key)?,
+    };
+    let v = v.trim_matches('/');
+    if v.is_empty()
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+        || v.split('/').any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return Err(ConfigError::invalid(
+            o.child(key),
+            v,
+            "not a Vault mount path",
+        ));
+    }
+    Ok(v.to_string())
+}
+
+fn header_value_ok(path: &str, v: &str) -> Result<(), ConfigError> {
+    if v.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        return Err(ConfigError::invalid(
+            path,
+            v,
+            "not a valid header value (control characters)",
+        ));
+    }
+    Ok(())
 }
 
 fn path_value(path: &str, value: &str) -> Result<String, ConfigError> {

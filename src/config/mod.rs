@@ -23,6 +23,8 @@ use crate::secret::Secret;
 #[derive(Debug)]
 pub struct Config {
     pub claims: ClaimsConfig,
+    /// Secrets read from a store at run time (Key Vault, Vault), by [`SecretRef::Store`].
+    pub stores: Vec<Store>,
     pub providers: Vec<Provider>,
     pub connections: Vec<Connection>,
     pub routes: Vec<Route>,
@@ -56,6 +58,56 @@ impl Config {
     pub fn provider_of(&self, c: &Connection) -> Option<&Provider> {
         self.providers.get(c.provider)
     }
+}
+
+/// A secret as the configuration uses it: a value known at load (`env`,
+/// `inline`), or a store read at run time and followed as it rotates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    Value(Secret),
+    /// Index into [`Config::stores`].
+    Store(usize),
+}
+
+/// A secret kept in a secret store (`secrets.<name>` with `azure_key_vault` or `vault`).
+#[derive(Debug)]
+pub struct Store {
+    /// The secret's name in the configuration (stats, logs).
+    pub name: String,
+    pub kind: StoreKind,
+    /// Envoy cluster that reaches the store.
+    pub cluster: String,
+    /// `:authority` and `:path` of the read.
+    pub authority: String,
+    pub path: String,
+    /// Re-read period; `None` for a pinned version (read once).
+    pub refresh_ms: Option<u64>,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug)]
+pub enum StoreKind {
+    /// Azure Key Vault: `GET <identifier>?api-version=7.4` with a bearer token
+    /// from connection `identity`.
+    KeyVault { identity: usize },
+    /// HashiCorp Vault / OpenBao KV v2: `data.data.<field>`.
+    Vault {
+        auth: VaultAuth,
+        namespace: Option<String>,
+        field: String,
+    },
+}
+
+#[derive(Debug)]
+pub enum VaultAuth {
+    /// `X-Vault-Token` from a secret.
+    Token(Secret),
+    /// AppRole login (`POST <login_path>`); its token is cached for its lease.
+    AppRole {
+        role_id: String,
+        secret_id: Secret,
+        login_path: String,
+    },
 }
 
 /// Where the caller's claims come from (`claims.from`).
@@ -100,6 +152,21 @@ pub struct Provider {
 pub enum ProviderKind {
     ApiKey,
     OAuth2(OAuth2Provider),
+    /// Azure Instance Metadata Service tokens (`azure_managed_identity`).
+    ManagedIdentity(ManagedIdentityProvider),
+}
+
+#[derive(Debug)]
+pub struct ManagedIdentityProvider {
+    pub cluster: String,
+    /// `:authority` and `:path` (without query) of the IMDS token endpoint.
+    pub authority: String,
+    pub path: String,
+    /// A user-assigned identity; `None`: the system-assigned one.
+    pub client_id: Option<String>,
+    pub timeout_ms: u64,
+    pub default_expires_in_s: u64,
+    pub refresh_margin_s: u64,
 }
 
 #[derive(Debug)]
@@ -112,7 +179,7 @@ pub struct OAuth2Provider {
     /// `:path` of the token request: the URL's path and query.
     pub path: String,
     pub client_id: String,
-    pub client_secret: Secret,
+    pub client_secret: SecretRef,
     pub auth_method: AuthMethod,
     pub timeout_ms: u64,
     /// Lifetime assumed when a token response has no `expires_in`.
@@ -135,13 +202,28 @@ pub struct Connection {
     /// Index into [`Config::providers`].
     pub provider: usize,
     pub credential: Credential,
-    pub access: Access,
+    /// `None` only for connections no route uses (a secret store's identity).
+    pub access: Option<Access>,
 }
 
 #[derive(Debug)]
 pub enum Credential {
-    ApiKey(Secret),
+    ApiKey(SecretRef),
     OAuth2(OAuth2Connection),
+    /// A managed-identity token for `resource`.
+    ManagedIdentity {
+        resource: String,
+    },
+}
+
+impl Credential {
+    /// Whether this credential is a token from a token cache (OAuth2 or IMDS).
+    pub fn is_token(&self) -> bool {
+        matches!(
+            self,
+            Credential::OAuth2(_) | Credential::ManagedIdentity { .. }
+        )
+    }
 }
 
 #[derive(Debug)]

@@ -103,7 +103,7 @@ fn spec_example_loads() {
     assert_eq!(p.authority, "idp.internal:8081");
     assert_eq!(p.path, "/token");
     assert_eq!(p.timeout_ms, 2000);
-    assert_eq!(p.client_secret.expose(), "cs-secret-2");
+    assert!(matches!(&p.client_secret, SecretRef::Value(s) if s.expose() == "cs-secret-2"));
     assert_eq!(
         c.warnings,
         ["secret \"demo_key\" is inline in the configuration; use \"env\" outside development"]
@@ -141,7 +141,7 @@ fn bad_configurations_name_the_field_and_value() {
     let cases: Vec<(&str, Edit)> = vec![
         ("connections.orders_read.provider: unknown provider \"orders_idpp\"",
          Box::new(|v| v["connections"]["orders_read"]["provider"] = json!("orders_idpp"))),
-        ("providers.orders_idp.clster: unknown field; expected one of \"type\", \"cluster\", \"token_url\", \"client_id\", \"client_secret\", \"auth_method\", \"timeout_ms\", \"default_expires_in_s\", \"refresh_margin_s\"",
+        ("providers.orders_idp.clster: unknown field; expected one of \"type\", \"cluster\", \"token_url\", \"client_id\", \"client_secret\", \"auth_method\", \"timeout_ms\", \"default_expires_in_s\", \"refresh_margin_s\", \"endpoint\"",
          Box::new(|v| v["providers"]["orders_idp"]["clster"] = json!("idp"))),
         ("colour: unknown field; expected one of \"claims\", \"secrets\", \"providers\", \"connections\", \"routes\", \"unmatched\"",
          Box::new(|v| v["colour"] = json!("blue"))),
@@ -187,7 +187,7 @@ fn bad_configurations_name_the_field_and_value() {
          Box::new(|v| v["secrets"]["partner_key"]["env"] = json!("PARTNER_API_KEY_UNSET"))),
         ("secrets.partner_key.env: environment variable \"EMPTY\" is empty",
          Box::new(|v| v["secrets"]["partner_key"]["env"] = json!("EMPTY"))),
-        ("secrets.partner_key: give exactly one of \"env\" or \"inline\", not both",
+        ("secrets.partner_key: give exactly one of \"env\", \"inline\", \"azure_key_vault\" or \"vault\", not several",
          Box::new(|v| v["secrets"]["partner_key"]["inline"] = json!("x"))),
         ("routes[0].inject[0].connections: must not be empty",
          Box::new(|v| v["routes"][0]["inject"][0]["connections"] = json!([]))),
@@ -197,7 +197,7 @@ fn bad_configurations_name_the_field_and_value() {
          Box::new(|v| v["claims"]["from"] = json!("jwt"))),
         ("unmatched: invalid value \"block\": expected \"allow\" or \"deny\"",
          Box::new(|v| v["unmatched"] = json!("block"))),
-        ("providers.partner.type: invalid value \"apikey\": expected \"api_key\" or \"oauth2\"",
+        ("providers.partner.type: invalid value \"apikey\": expected \"api_key\", \"oauth2\" or \"azure_managed_identity\"",
          Box::new(|v| v["providers"]["partner"]["type"] = json!("apikey"))),
         ("providers.partner.cluster: not allowed for an api_key provider",
          Box::new(|v| v["providers"]["partner"]["cluster"] = json!("c"))),
@@ -327,7 +327,7 @@ fn normalization_at_load() {
     assert_eq!(paths, ["sub", "groups", "realm_access.roles", "tier"]);
     assert_eq!(c.claim_paths[2].segments, ["realm_access", "roles"]);
     assert_eq!(
-        c.connections[0].access.claims,
+        c.connections[0].access.as_ref().unwrap().claims,
         vec![
             (2, vec!["admin".to_string()]),
             (3, vec!["1".into(), "2".into()])
@@ -346,4 +346,152 @@ fn header_source_and_none() {
     );
     let c = load(&json!({"claims": {"from": "none"}})).unwrap();
     assert_eq!(c.claims.source, ClaimsSource::None);
+}
+
+fn store_config() -> Value {
+    json!({
+        "secrets": {
+            "partner_key": { "azure_key_vault": "https://kv-gw.vault.azure.net/secrets/partner-key",
+                             "cluster": "keyvault", "identity": "kv_reader", "refresh_s": 60 },
+            "pinned": { "azure_key_vault": "https://kv-gw.vault.azure.net/secrets/partner-key/0A1b2c",
+                        "cluster": "keyvault", "identity": "kv_reader" },
+            "orders_secret": { "vault": { "cluster": "vault", "url": "http://vault.internal:8200",
+                                          "path": "orders/idp", "field": "client_secret",
+                                          "token": "vault_token", "namespace": "team-a" } },
+            "by_role": { "vault": { "cluster": "vault", "url": "http://vault.internal:8200/",
+                                    "mount": "kv", "path": "a/b", "field": "f", "version": 3,
+                                    "approle": { "role_id": "r-1", "secret_id": "sid" } } },
+            "vault_token": { "env": "PARTNER_API_KEY" },
+            "sid": { "env": "ORDERS_CLIENT_SECRET" }
+        },
+        "providers": {
+            "azure_mi": { "type": "azure_managed_identity", "cluster": "imds", "client_id": "uai-1" },
+            "partner": { "type": "api_key" },
+            "idp": { "type": "oauth2", "cluster": "idp", "token_url": "https://idp/token",
+                     "client_id": "gw", "client_secret": "orders_secret" }
+        },
+        "connections": {
+            "kv_reader": { "provider": "azure_mi", "resource": "https://vault.azure.net" },
+            "partner_prod": { "provider": "partner", "api_key": "partner_key",
+                              "access": { "authenticated": true } },
+            "orders": { "provider": "idp", "grant": "client_credentials",
+                        "access": { "authenticated": true } }
+        },
+        "routes": [
+            { "name": "p", "match": { "path_prefix": "/p/" },
+              "inject": [ { "connections": ["partner_prod"], "header": "x-api-key" } ] },
+            { "name": "o", "match": { "path_prefix": "/o/" },
+              "inject": [ { "connections": ["orders"], "header": "authorization" } ] }
+        ]
+    })
+}
+
+#[test]
+fn secret_stores_and_managed_identity_load() {
+    let c = Config::parse(store_config().to_string().as_bytes(), &env).unwrap();
+    assert_eq!(c.stores.len(), 4);
+    let by = |n: &str| c.stores.iter().find(|s| s.name == n).unwrap();
+    let kv = by("partner_key");
+    assert_eq!(kv.authority, "kv-gw.vault.azure.net");
+    assert_eq!(kv.path, "/secrets/partner-key?api-version=7.4");
+    assert_eq!(kv.refresh_ms, Some(60_000));
+    assert_eq!(kv.cluster, "keyvault");
+    let reader = c
+        .connections
+        .iter()
+        .position(|x| x.name == "kv_reader")
+        .unwrap();
+    assert!(matches!(kv.kind, StoreKind::KeyVault { identity } if identity == reader));
+    let pinned = by("pinned");
+    assert_eq!(pinned.path, "/secrets/partner-key/0a1b2c?api-version=7.4");
+    assert_eq!(pinned.refresh_ms, None);
+    let v = by("orders_secret");
+    assert_eq!(v.authority, "vault.internal:8200");
+    assert_eq!(v.path, "/v1/secret/data/orders/idp");
+    assert_eq!(v.refresh_ms, Some(300_000));
+    assert!(
+        matches!(&v.kind, StoreKind::Vault { auth: VaultAuth::Token(t), namespace: Some(ns), field }
+        if t.expose() == "pk-secret-1" && ns == "team-a" && field == "client_secret")
+    );
+    let r = by("by_role");
+    assert_eq!(r.path, "/v1/kv/data/a/b?version=3");
+    assert!(
+        matches!(&r.kind, StoreKind::Vault { auth: VaultAuth::AppRole { role_id, login_path, .. }, .. }
+        if role_id == "r-1" && login_path == "/v1/auth/approle/login")
+    );
+    // Connections point at stores, by index.
+    let partner = c
+        .connections
+        .iter()
+        .find(|x| x.name == "partner_prod")
+        .unwrap();
+    assert!(matches!(
+        partner.credential,
+        Credential::ApiKey(SecretRef::Store(_))
+    ));
+    let kv_reader = &c.connections[reader];
+    assert!(kv_reader.access.is_none());
+    assert!(
+        matches!(&kv_reader.credential, Credential::ManagedIdentity { resource } if resource == "https://vault.azure.net")
+    );
+    let mi = c.providers.iter().find(|p| p.name == "azure_mi").unwrap();
+    assert!(matches!(&mi.kind, ProviderKind::ManagedIdentity(p)
+        if p.authority == "169.254.169.254" && p.path == "/metadata/identity/oauth2/token"
+           && p.client_id.as_deref() == Some("uai-1")));
+    // Warnings name the pinned secrets, never a value.
+    let pins: Vec<&String> = c
+        .warnings
+        .iter()
+        .filter(|w| w.contains("pins one version"))
+        .collect();
+    assert_eq!(pins.len(), 2, "{:?}", c.warnings);
+    assert!(c.warnings.iter().all(|w| !w.contains("pk-secret-1")));
+    assert!(!format!("{c:?}").contains("pk-secret-1"));
+}
+
+#[test]
+fn bad_store_configurations_name_the_field() {
+    type Edit = Box<dyn FnOnce(&mut Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        ("secrets.partner_key.azure_key_vault: invalid value \"http://kv/secrets/x\": must be https://<vault>.vault.azure.net/secrets/<name>[/<version>]",
+         Box::new(|v| v["secrets"]["partner_key"]["azure_key_vault"] = json!("http://kv/secrets/x"))),
+        ("secrets.partner_key.azure_key_vault: invalid value \"https://kv/keys/x\": not a secret identifier: expected /secrets/<name> or /secrets/<name>/<version> (names: letters, digits, -)",
+         Box::new(|v| v["secrets"]["partner_key"]["azure_key_vault"] = json!("https://kv/keys/x"))),
+        ("secrets.partner_key.identity: unknown connection \"nope\"",
+         Box::new(|v| v["secrets"]["partner_key"]["identity"] = json!("nope"))),
+        ("secrets.partner_key.identity: invalid value \"partner_prod\": must be an azure_managed_identity connection, or an oauth2 one that needs no caller and whose client_secret is not in a store",
+         Box::new(|v| v["secrets"]["partner_key"]["identity"] = json!("partner_prod"))),
+        ("secrets.pinned.refresh_s: a pinned version is read once and never changes",
+         Box::new(|v| v["secrets"]["pinned"]["refresh_s"] = json!(60))),
+        ("secrets.partner_key.refresh_s: invalid value \"0\": must be between 1 and 86400",
+         Box::new(|v| v["secrets"]["partner_key"]["refresh_s"] = json!(0))),
+        ("secrets.orders_secret.vault.token: unknown env or inline secret \"partner_key\"",
+         Box::new(|v| v["secrets"]["orders_secret"]["vault"]["token"] = json!("partner_key"))),
+        ("secrets.orders_secret.vault: give exactly one of \"token\" or \"approle\"",
+         Box::new(|v| { v["secrets"]["orders_secret"]["vault"].as_object_mut().unwrap().remove("token"); })),
+        ("secrets.orders_secret.vault.path: invalid value \"a/../b\": not a Vault path (letters, digits, \"-_.\" segments separated by \"/\")",
+         Box::new(|v| v["secrets"]["orders_secret"]["vault"]["path"] = json!("a/../b"))),
+        ("secrets.orders_secret.vault.field: required field is missing",
+         Box::new(|v| { v["secrets"]["orders_secret"]["vault"].as_object_mut().unwrap().remove("field"); })),
+        ("secrets.vault_token.refresh_s: only allowed beside \"azure_key_vault\" or \"vault\"",
+         Box::new(|v| v["secrets"]["vault_token"]["refresh_s"] = json!(5))),
+        ("secrets.orders_secret.cluster: for \"vault\", give it inside the \"vault\" object",
+         Box::new(|v| v["secrets"]["orders_secret"]["cluster"] = json!("vault"))),
+        ("connections.kv_reader.access: required field is missing",
+         Box::new(|v| v["routes"][0]["inject"][0]["connections"] = json!(["kv_reader"]))),
+        ("connections.kv_reader.resource: required field is missing",
+         Box::new(|v| { v["connections"]["kv_reader"].as_object_mut().unwrap().remove("resource"); })),
+        ("connections.kv_reader.scopes: not allowed for a connection of an azure_managed_identity provider",
+         Box::new(|v| v["connections"]["kv_reader"]["scopes"] = json!(["a"]))),
+        ("providers.azure_mi.token_url: not allowed for an azure_managed_identity provider",
+         Box::new(|v| v["providers"]["azure_mi"]["token_url"] = json!("https://x/t"))),
+        ("providers.azure_mi.endpoint: invalid value \"http://imds/t?x=1\": must not have a query (latchkey adds api-version, resource and client_id)",
+         Box::new(|v| v["providers"]["azure_mi"]["endpoint"] = json!("http://imds/t?x=1"))),
+    ];
+    for (want, mutate) in cases {
+        let mut v = store_config();
+        mutate(&mut v);
+        let err = Config::parse(v.to_string().as_bytes(), &env).unwrap_err();
+        assert_eq!(err.to_string(), want);
+    }
 }

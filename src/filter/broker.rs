@@ -1,5 +1,14 @@
-//! The token broker of one VM: reads and writes the shared token cache, owns the
-//! fetches this VM makes, and the requests paused on this VM waiting for a token.
+//! The credential broker of one VM: reads and writes the shared cache of every
+//! fetched credential (OAuth2 and managed-identity tokens, values read from secret
+//! stores, Vault AppRole logins), owns the fetches this VM makes, and the requests
+//! paused on this VM waiting for one. All of them go through one state machine
+//! ([`crate::token::cache`]): one fetch per key for the whole proxy, refresh ahead,
+//! backoff, last good value kept.
+//!
+//! A fetch may need another credential first (a Key Vault read needs its
+//! identity's token, a Vault read its AppRole login, a token request a client
+//! secret from a store): it then stays deferred, and is retried on the tick, until
+//! that credential is there or its lease runs out.
 //!
 //! Token calls are dispatched from the root context (in `on_tick`), so that a
 //! background refresh outlives the request that triggered it; the SDK delivers a
@@ -13,11 +22,12 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use super::host::{self, HostError, Level, Map, CAS_MISMATCH};
-use super::metrics::TokenStat;
+use super::metrics::{StoreStat, TokenStat};
 use super::{apply, local_reply, set_filter_state, Loaded, Refused};
-use crate::config::{Credential, Grant, ProviderKind};
+use crate::config::{Credential, Grant, ProviderKind, SecretRef, StoreKind, VaultAuth};
 use crate::inject::{self, Edit, Resolved};
 use crate::secret::Secret;
+use crate::store::{self, HttpCall, StoreError};
 use crate::token::cache::{self, CacheState, Cached, Decision, FetchOutcome, Policy};
 use crate::token::exchange::{Set, Subject};
 use crate::token::request::{self, GrantInput};
@@ -27,6 +37,8 @@ use crate::token::response::{self, FetchError, MAX_BODY};
 const KICK_MS: u32 = 1;
 /// Tick while requests wait for a token another worker fetches.
 const POLL_MS: u32 = 10;
+/// Tick when nothing waits but stores' age gauges are kept.
+const IDLE_MS: u32 = 1000;
 /// CAS attempts before giving up on a contended key for this round.
 const CAS_TRIES: usize = 4;
 
@@ -52,26 +64,48 @@ impl TokenSlot {
     /// Where the entry for this connection (and caller) lives; `None` for token
     /// exchange without a subject token.
     fn addr(&self, connection: usize, subject: Option<&Secret>) -> Option<Addr> {
+        let owner = Owner::Connection(connection);
         if !self.exchange {
             return Some(Addr {
-                connection,
+                owner,
                 key: self.key.clone(),
                 subject: None,
             });
         }
         let s = Subject::of(subject?.expose());
         Some(Addr {
-            connection,
+            owner,
             key: self.set_key(s.set),
             subject: Some(s),
         })
     }
 }
 
+/// A stored secret's cache, prepared at configure time.
+#[derive(Debug)]
+pub struct StoreSlot {
+    /// `latchkey.v1.sec.<name>.<fingerprint>`.
+    pub key: String,
+    /// The AppRole login token's key (Vault with `approle` only).
+    pub login_key: Option<String>,
+    pub policy: Policy,
+}
+
+/// What a cache entry belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// A token of connection `i` (OAuth2 or managed identity).
+    Connection(usize),
+    /// The value of store `i`.
+    Store(usize),
+    /// The Vault AppRole login token of store `i`.
+    Login(usize),
+}
+
 /// Where one cache entry lives: a connection's key, or a caller's entry in a set.
 #[derive(Debug, Clone)]
 pub struct Addr {
-    connection: usize,
+    owner: Owner,
     key: String,
     subject: Option<Subject>,
 }
@@ -142,8 +176,8 @@ fn store(
     };
     match host::set_shared_data(&addr.key, &bytes, stored.cas) {
         Ok(()) => {
-            if addr.subject.is_none() {
-                loaded.metrics.token_state(addr.connection, next.gauge());
+            if let (None, Owner::Connection(c)) = (&addr.subject, addr.owner) {
+                loaded.metrics.token_state(c, next.gauge());
             }
             Ok(true)
         }
@@ -219,11 +253,34 @@ struct Fetch {
     addr: Addr,
     owner: u64,
     subject: Option<Secret>,
+    /// Give up waiting for a credential this fetch needs after this.
+    defer_until_ms: u64,
+    /// The identity token a Key Vault read carried (dropped on a 401).
+    identity: Option<(Addr, u64)>,
+    /// A Key Vault 401 is retried once, with a fresh identity token.
+    retried: bool,
+}
+
+/// What a store read or a Vault login brought.
+enum Got {
+    Read(store::Read),
+    Login(Secret, u64),
+}
+
+/// What `dispatch` did with a fetch.
+enum Sent {
+    Done,
+    /// It needs a credential that isn't there yet: try again on the tick.
+    Deferred(Box<Fetch>),
 }
 
 pub struct Broker {
     pub root_id: u32,
     pending: Vec<Fetch>,
+    deferred: Vec<Fetch>,
+    /// Whether the loaded configuration has stores (their age gauges tick).
+    pub has_stores: bool,
+    last_ages_ms: u64,
     inflight: HashMap<u32, Fetch>,
     waiters: BTreeMap<u32, Waiter>,
     /// Tokens each live request carried, for upstream-401 handling.
@@ -258,6 +315,9 @@ impl Broker {
         Broker {
             root_id,
             pending: Vec::new(),
+            deferred: Vec::new(),
+            has_stores: false,
+            last_ages_ms: 0,
             inflight: HashMap::new(),
             waiters: BTreeMap::new(),
             used: HashMap::new(),
@@ -276,32 +336,74 @@ impl Broker {
     fn retick(&mut self) {
         let ms = if !self.pending.is_empty() {
             KICK_MS
-        } else if !self.waiters.is_empty() {
+        } else if !self.waiters.is_empty() || !self.deferred.is_empty() {
             POLL_MS
+        } else if self.has_stores {
+            IDLE_MS
         } else {
             0
         };
         self.set_tick(ms);
     }
 
-    /// A token for `connection` (and, for token exchange, the caller whose bearer
-    /// token is `subject`), from the shared cache; may start a fetch.
-    /// `on_request`: a request's first look (counted as a cache hit when served),
-    /// not the re-check of a waiting one.
+    /// The cache entry and timing of an owner; `None` for token exchange
+    /// without a subject token, or an owner that has no cache.
+    fn entry(loaded: &Loaded, owner: Owner, subject: Option<&Secret>) -> Option<(Addr, Policy)> {
+        match owner {
+            Owner::Connection(c) => {
+                let slot = loaded.tokens.get(c)?.as_ref()?;
+                Some((slot.addr(c, subject)?, slot.policy))
+            }
+            Owner::Store(i) => {
+                let slot = loaded.stores.get(i)?;
+                Some((
+                    Addr {
+                        owner,
+                        key: slot.key.clone(),
+                        subject: None,
+                    },
+                    slot.policy,
+                ))
+            }
+            Owner::Login(i) => {
+                let slot = loaded.stores.get(i)?;
+                Some((
+                    Addr {
+                        owner,
+                        key: slot.login_key.clone()?,
+                        subject: None,
+                    },
+                    slot.policy,
+                ))
+            }
+        }
+    }
+
+    /// A credential from the shared cache: a token for connection `owner` (and,
+    /// for token exchange, the caller whose bearer token is `subject`), a store's
+    /// value, a Vault login; may start a fetch. `on_request`: a request's first
+    /// look (counted as a cache hit when served), not a re-check.
     pub fn acquire(
         &mut self,
         loaded: &Rc<Loaded>,
-        connection: usize,
+        owner: Owner,
         subject: Option<&Secret>,
         now: u64,
         on_request: bool,
     ) -> Result<Access, HostError> {
         let m = &loaded.metrics;
-        let slot = loaded.tokens.get(connection).and_then(Option::as_ref);
-        let Some((slot, addr)) = slot.and_then(|s| Some((s, s.addr(connection, subject)?))) else {
-            let name = loaded
-                .config
-                .connection(connection)
+        let connection = match owner {
+            Owner::Connection(c) => Some(c),
+            _ => None,
+        };
+        let count = |stat: TokenStat| {
+            if let Some(c) = connection {
+                m.token(c, stat);
+            }
+        };
+        let Some((addr, policy)) = Self::entry(loaded, owner, subject) else {
+            let name = connection
+                .and_then(|c| loaded.config.connection(c))
                 .map_or("?", |c| c.name.as_str());
             host::log(
                 Level::Warn,
@@ -316,11 +418,11 @@ impl Broker {
         };
         for _ in 0..CAS_TRIES {
             let (state, mut stored) = load(&addr)?;
-            let owner = random_u64();
-            match cache::on_request(&state, now, owner, &slot.policy) {
+            let owner_id = random_u64();
+            match cache::on_request(&state, now, owner_id, &policy) {
                 Decision::Use(token) => {
                     if on_request {
-                        m.token(connection, TokenStat::CacheHit);
+                        count(TokenStat::CacheHit);
                     }
                     if let (Some(s), Some(set)) = (&addr.subject, &mut stored.set) {
                         // Least-recently-used bookkeeping; losing this race is harmless.
@@ -332,27 +434,48 @@ impl Broker {
                 }
                 Decision::UseAndRefresh { token, next } => {
                     if store(loaded, &addr, stored, &next, now)? {
-                        self.queue(loaded, &addr, owner, subject);
+                        self.queue(loaded, &addr, owner_id, subject, now, &policy);
                     }
                     if on_request {
-                        m.token(connection, TokenStat::CacheHit);
+                        count(TokenStat::CacheHit);
                     }
                     return Ok(Access::Ready(token));
                 }
                 Decision::Wait => return Ok(Access::Wait),
                 Decision::Fetch { next } => {
                     if store(loaded, &addr, stored, &next, now)? {
-                        self.queue(loaded, &addr, owner, subject);
+                        self.queue(loaded, &addr, owner_id, subject, now, &policy);
                         return Ok(Access::Wait);
                     }
                 }
                 Decision::Reject { retry_after_ms } => {
-                    m.token(connection, TokenStat::BackoffRejected);
+                    count(TokenStat::BackoffRejected);
                     return Ok(Access::Reject { retry_after_ms });
                 }
             }
         }
         Ok(Access::Wait)
+    }
+
+    /// The credentials a connection's own token fetch needs first: its client
+    /// secret, when that comes from a store.
+    fn prerequisite(loaded: &Loaded, connection: usize) -> Option<usize> {
+        let config = &loaded.config;
+        let conn = config.connection(connection)?;
+        match &config.provider_of(conn)?.kind {
+            ProviderKind::OAuth2(p) => match p.client_secret {
+                SecretRef::Store(i) => Some(i),
+                SecretRef::Value(_) => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Starts reading every store, so that the first request finds its value.
+    pub fn prefetch(&mut self, loaded: &Rc<Loaded>, now: u64) {
+        for i in 0..loaded.stores.len() {
+            let _ = self.acquire(loaded, Owner::Store(i), None, now, false);
+        }
     }
 
     /// Resolves every inject entry's credential for `picks`.
@@ -374,14 +497,52 @@ impl Broker {
                     retry_after_ms: 1000,
                 });
             };
+            let timeout_of = |owner: Owner| {
+                Self::entry(loaded, owner, subject).map_or(5000, |(_, p)| p.fetch_timeout_ms)
+            };
+            let mut wait_for = |owner: Owner| {
+                let d = now + timeout_of(owner);
+                deadline = Some(deadline.map_or(d, |x: u64| x.min(d)));
+            };
             match &conn.credential {
-                Credential::ApiKey(secret) => out.push(Cred {
+                Credential::ApiKey(SecretRef::Value(secret)) => out.push(Cred {
                     secret: secret.clone(),
                     default_prefix: "",
                     token: None,
                 }),
-                Credential::OAuth2(_) => {
-                    match self.acquire(loaded, ci, subject, now, on_request)? {
+                Credential::ApiKey(SecretRef::Store(si)) => {
+                    match self.acquire(loaded, Owner::Store(*si), None, now, on_request)? {
+                        Access::Ready(v) => out.push(Cred {
+                            secret: Secret::new(v.token),
+                            default_prefix: "",
+                            token: None,
+                        }),
+                        Access::Wait => wait_for(Owner::Store(*si)),
+                        Access::Reject { retry_after_ms } => {
+                            return Ok(Resolution::Reject {
+                                connection: ci,
+                                retry_after_ms,
+                            })
+                        }
+                    }
+                }
+                Credential::OAuth2(_) | Credential::ManagedIdentity { .. } => {
+                    if let Some(si) = Self::prerequisite(loaded, ci) {
+                        match self.acquire(loaded, Owner::Store(si), None, now, false)? {
+                            Access::Ready(_) => {}
+                            Access::Wait => {
+                                wait_for(Owner::Store(si));
+                                continue;
+                            }
+                            Access::Reject { retry_after_ms } => {
+                                return Ok(Resolution::Reject {
+                                    connection: ci,
+                                    retry_after_ms,
+                                })
+                            }
+                        }
+                    }
+                    match self.acquire(loaded, Owner::Connection(ci), subject, now, on_request)? {
                         Access::Ready(t) => {
                             let slot = loaded.tokens.get(ci).and_then(Option::as_ref);
                             let addr = slot.and_then(|s| s.addr(ci, subject));
@@ -391,15 +552,7 @@ impl Broker {
                                 default_prefix: "Bearer ",
                             })
                         }
-                        Access::Wait => {
-                            let timeout = loaded
-                                .tokens
-                                .get(ci)
-                                .and_then(Option::as_ref)
-                                .map_or(5000, |s| s.policy.fetch_timeout_ms);
-                            let d = now + timeout;
-                            deadline = Some(deadline.map_or(d, |x| x.min(d)));
-                        }
+                        Access::Wait => wait_for(Owner::Connection(ci)),
                         Access::Reject { retry_after_ms } => {
                             return Ok(Resolution::Reject {
                                 connection: ci,
@@ -416,12 +569,23 @@ impl Broker {
         })
     }
 
-    fn queue(&mut self, loaded: &Rc<Loaded>, addr: &Addr, owner: u64, subject: Option<&Secret>) {
+    fn queue(
+        &mut self,
+        loaded: &Rc<Loaded>,
+        addr: &Addr,
+        owner: u64,
+        subject: Option<&Secret>,
+        now: u64,
+        policy: &Policy,
+    ) {
         self.pending.push(Fetch {
             loaded: loaded.clone(),
             addr: addr.clone(),
             owner,
             subject: subject.cloned(),
+            defer_until_ms: now + policy.fetch_timeout_ms,
+            identity: None,
+            retried: false,
         });
         self.set_tick(KICK_MS);
     }
@@ -455,56 +619,183 @@ impl Broker {
             Ok(n) => n,
             Err(_) => return,
         };
-        for p in std::mem::take(&mut self.pending) {
-            self.dispatch(p, now);
+        let mut queue = std::mem::take(&mut self.deferred);
+        queue.append(&mut self.pending);
+        for f in queue {
+            if let Sent::Deferred(f) = self.dispatch(f, now) {
+                self.deferred.push(*f);
+            }
         }
         self.service_waiters(now);
         self.retick();
     }
 
-    fn dispatch(&mut self, f: Fetch, now: u64) {
-        let connection = f.addr.connection;
-        let config = &f.loaded.config;
+    /// Records how old each store's value is (off the request path).
+    pub fn update_ages(&mut self, loaded: &Loaded, now: u64) {
+        if now < self.last_ages_ms + u64::from(IDLE_MS) {
+            return;
+        }
+        self.last_ages_ms = now;
+        for (i, slot) in loaded.stores.iter().enumerate() {
+            let Ok(Some((bytes, cas))) = host::shared_data(&slot.key) else {
+                continue;
+            };
+            let (CacheState::Ready { token, .. } | CacheState::Refreshing { token, .. }) =
+                decode_cached(&slot.key, &bytes, cas)
+            else {
+                continue;
+            };
+            loaded
+                .metrics
+                .store_age(i, now.saturating_sub(token.obtained_ms) / 1000);
+        }
+    }
+
+    /// Sends a fetch's call, or defers it until what it needs is there.
+    fn dispatch(&mut self, f: Fetch, now: u64) -> Sent {
+        match f.addr.owner {
+            Owner::Connection(c) => self.dispatch_token(f, c, now),
+            Owner::Store(i) => self.dispatch_store(f, i, now),
+            Owner::Login(i) => {
+                let Some(st) = f.loaded.config.stores.get(i) else {
+                    return Sent::Done;
+                };
+                match store::login_call(st) {
+                    Some(call) => {
+                        f.loaded.metrics.store(i, StoreStat::Login);
+                        self.send(f, call, now)
+                    }
+                    None => Sent::Done,
+                }
+            }
+        }
+    }
+
+    /// Waits for a credential a fetch needs: `Ok(value)`, or the fetch is
+    /// deferred (`Err(Some)`) or has failed for want of it (`Err(None)`).
+    fn need(&mut self, f: &Fetch, owner: Owner, now: u64) -> Result<Cached, Option<()>> {
+        match self.acquire(&f.loaded, owner, None, now, false) {
+            Ok(Access::Ready(t)) => Ok(t),
+            Ok(Access::Wait) if now < f.defer_until_ms => Err(Some(())),
+            _ => Err(None),
+        }
+    }
+
+    fn dispatch_token(&mut self, f: Fetch, connection: usize, now: u64) -> Sent {
+        let loaded = f.loaded.clone();
+        let config = &loaded.config;
         let Some(conn) = config.connection(connection) else {
-            return;
+            return Sent::Done;
         };
-        let (Some(provider), Credential::OAuth2(oc)) = (config.provider_of(conn), &conn.credential)
-        else {
-            return;
+        let Some(provider) = config.provider_of(conn) else {
+            return Sent::Done;
         };
-        let ProviderKind::OAuth2(op) = &provider.kind else {
-            return;
+        let call = match (&provider.kind, &conn.credential) {
+            (ProviderKind::ManagedIdentity(p), Credential::ManagedIdentity { resource }) => {
+                store::imds_call(p, resource)
+            }
+            (ProviderKind::OAuth2(op), Credential::OAuth2(oc)) => {
+                let client_secret = match &op.client_secret {
+                    SecretRef::Value(s) => s.clone(),
+                    SecretRef::Store(i) => match self.need(&f, Owner::Store(*i), now) {
+                        Ok(v) => Secret::new(v.token),
+                        Err(Some(())) => return Sent::Deferred(Box::new(f)),
+                        Err(None) => {
+                            self.complete(&f, Err(FetchError::Dispatch), now);
+                            return Sent::Done;
+                        }
+                    },
+                };
+                let slot = loaded.tokens.get(connection).and_then(Option::as_ref);
+                let rotated = match (slot.and_then(|s| s.rt_key.as_deref()), &oc.grant) {
+                    (Some(k), Grant::RefreshToken(_)) => host::shared_data(k)
+                        .ok()
+                        .flatten()
+                        .and_then(|(v, _)| String::from_utf8(v).ok())
+                        .filter(|v| !v.is_empty())
+                        .map(Secret::new),
+                    _ => None,
+                };
+                let input = match (&rotated, &f.subject) {
+                    (Some(rt), _) => GrantInput::RefreshToken(rt),
+                    (None, Some(subject)) => GrantInput::SubjectToken(subject),
+                    (None, None) => GrantInput::None,
+                };
+                let req = request::build(op, &client_secret, oc, input);
+                HttpCall {
+                    cluster: req.cluster,
+                    headers: req.headers,
+                    secret_headers: req
+                        .authorization
+                        .map(|a| ("authorization", a))
+                        .into_iter()
+                        .collect(),
+                    body: Some(req.body),
+                    timeout_ms: req.timeout_ms,
+                }
+            }
+            _ => return Sent::Done,
         };
-        let slot = f.loaded.tokens.get(connection).and_then(Option::as_ref);
-        let rotated = match (slot.and_then(|s| s.rt_key.as_deref()), &oc.grant) {
-            (Some(k), Grant::RefreshToken(_)) => host::shared_data(k)
-                .ok()
-                .flatten()
-                .and_then(|(v, _)| String::from_utf8(v).ok())
-                .filter(|v| !v.is_empty())
-                .map(Secret::new),
-            _ => None,
+        loaded.metrics.token(connection, TokenStat::Requests);
+        self.send(f, call, now)
+    }
+
+    fn dispatch_store(&mut self, mut f: Fetch, i: usize, now: u64) -> Sent {
+        let loaded = f.loaded.clone();
+        let Some(st) = loaded.config.stores.get(i) else {
+            return Sent::Done;
         };
-        let input = match (&rotated, &f.subject) {
-            (Some(rt), _) => GrantInput::RefreshToken(rt),
-            (None, Some(subject)) => GrantInput::SubjectToken(subject),
-            (None, None) => GrantInput::None,
+        let credential = match &st.kind {
+            StoreKind::KeyVault { identity } => {
+                match self.need(&f, Owner::Connection(*identity), now) {
+                    Ok(t) => {
+                        let addr = Self::entry(&loaded, Owner::Connection(*identity), None)
+                            .map(|(a, _)| a);
+                        f.identity = addr.map(|a| (a, t.id));
+                        Secret::new(t.token)
+                    }
+                    Err(Some(())) => return Sent::Deferred(Box::new(f)),
+                    Err(None) => {
+                        self.complete_store(&f, i, Err(StoreError::Identity), now);
+                        return Sent::Done;
+                    }
+                }
+            }
+            StoreKind::Vault {
+                auth: VaultAuth::Token(t),
+                ..
+            } => t.clone(),
+            StoreKind::Vault {
+                auth: VaultAuth::AppRole { .. },
+                ..
+            } => match self.need(&f, Owner::Login(i), now) {
+                Ok(t) => Secret::new(t.token),
+                Err(Some(())) => return Sent::Deferred(Box::new(f)),
+                Err(None) => {
+                    self.complete_store(&f, i, Err(StoreError::Identity), now);
+                    return Sent::Done;
+                }
+            },
         };
-        let req = request::build(op, oc, input);
+        loaded.metrics.store(i, StoreStat::Read);
+        self.send(f, store::read_call(st, &credential), now)
+    }
+
+    /// Dispatches a call from the root context.
+    fn send(&mut self, f: Fetch, call: HttpCall, now: u64) -> Sent {
         let mut headers: Vec<(&str, &str)> =
-            req.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        if let Some(a) = &req.authorization {
-            headers.push(("authorization", a.expose()));
+            call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        for (k, v) in &call.secret_headers {
+            headers.push((k, v.expose()));
         }
         // The SDK registers the call with the active (root) context.
         let sent = proxy_wasm::hostcalls::dispatch_http_call(
-            &req.cluster,
+            &call.cluster,
             headers,
-            Some(req.body.expose().as_bytes()),
+            call.body.as_ref().map(|b| b.expose().as_bytes()),
             vec![],
-            Duration::from_millis(req.timeout_ms),
+            Duration::from_millis(call.timeout_ms),
         );
-        f.loaded.metrics.token(connection, TokenStat::Requests);
         match sent {
             Ok(token) => {
                 self.inflight.insert(token, f);
@@ -513,18 +804,44 @@ impl Broker {
                 host::log(
                     Level::Error,
                     &format!(
-                        "connection {}: can't call cluster {:?}: {status:?}",
-                        conn.name, req.cluster
+                        "{}: can't call cluster {:?}: {status:?}",
+                        self.describe(&f),
+                        call.cluster
                     ),
                 );
-                self.complete(&f, Err(FetchError::Dispatch), now);
+                self.fail(&f, now);
             }
+        }
+        Sent::Done
+    }
+
+    /// A fetch that could not be dispatched.
+    fn fail(&mut self, f: &Fetch, now: u64) {
+        match f.addr.owner {
+            Owner::Connection(_) => self.complete(f, Err(FetchError::Dispatch), now),
+            Owner::Store(i) | Owner::Login(i) => {
+                self.complete_store(f, i, Err(StoreError::Dispatch), now)
+            }
+        }
+    }
+
+    fn describe(&self, f: &Fetch) -> String {
+        let config = &f.loaded.config;
+        match f.addr.owner {
+            Owner::Connection(c) => format!(
+                "connection {}",
+                config.connection(c).map_or("?", |c| c.name.as_str())
+            ),
+            Owner::Store(i) | Owner::Login(i) => format!(
+                "secret {}",
+                config.stores.get(i).map_or("?", |s| s.name.as_str())
+            ),
         }
     }
 
     /// A token call of this VM answered (or failed).
     pub fn on_http_call_response(&mut self, token: u32, body_size: usize) {
-        let Some(f) = self.inflight.remove(&token) else {
+        let Some(mut f) = self.inflight.remove(&token) else {
             return;
         };
         let now = host::now_ms().unwrap_or(0);
@@ -532,25 +849,66 @@ impl Broker {
             h.get(":status")
                 .and_then(|s| std::str::from_utf8(s).ok()?.parse::<u32>().ok())
         });
-        let default_ms = f
-            .loaded
-            .tokens
-            .get(f.addr.connection)
-            .and_then(Option::as_ref)
-            .map_or(300_000, |s| s.default_lifetime_ms);
-        let result = if body_size > MAX_BODY {
-            Err(FetchError::TooLarge)
+        let body = if body_size > MAX_BODY {
+            None
         } else {
-            let body = host::http_call_response_body(body_size).unwrap_or_default();
-            response::parse(status, &body, default_ms)
+            Some(host::http_call_response_body(body_size).unwrap_or_default())
         };
-        self.complete(&f, result, now);
+        match f.addr.owner {
+            Owner::Connection(c) => {
+                let default_ms = f
+                    .loaded
+                    .tokens
+                    .get(c)
+                    .and_then(Option::as_ref)
+                    .map_or(300_000, |s| s.default_lifetime_ms);
+                let result = match &body {
+                    None => Err(FetchError::TooLarge),
+                    Some(b) => response::parse(status, b, default_ms),
+                };
+                self.complete(&f, result, now);
+            }
+            Owner::Store(i) => {
+                let result = match (&body, f.loaded.config.stores.get(i)) {
+                    (None, _) => Err(StoreError::TooLarge),
+                    (Some(b), Some(st)) => store::parse_read(&st.kind, status, b),
+                    (Some(_), None) => Err(StoreError::Dispatch),
+                };
+                if result == Err(StoreError::Unauthorized) && !f.retried {
+                    if let Some(identity) = f.identity.take() {
+                        // An expired identity token: drop it and read again, once.
+                        let loaded = f.loaded.clone();
+                        self.drop_tokens(&loaded, &[identity], now);
+                        self.pending.push(Fetch {
+                            retried: true,
+                            defer_until_ms: now
+                                + 2 * Self::entry(&loaded, f.addr.owner, None)
+                                    .map_or(5000, |(_, p)| p.fetch_timeout_ms),
+                            ..f
+                        });
+                        self.retick();
+                        return;
+                    }
+                }
+                self.complete_store(&f, i, result.map(Got::Read), now);
+            }
+            Owner::Login(i) => {
+                let result = match &body {
+                    None => Err(StoreError::TooLarge),
+                    Some(b) => store::parse_login(status, b),
+                };
+                self.complete_store(&f, i, result.map(|(t, ms)| Got::Login(t, ms)), now);
+            }
+        }
         self.service_waiters(now);
         self.retick();
     }
 
     fn complete(&mut self, f: &Fetch, result: Result<response::Token, FetchError>, now: u64) {
-        let (loaded, connection) = (&f.loaded, f.addr.connection);
+        let Owner::Connection(connection) = f.addr.owner else {
+            return;
+        };
+        let loaded = &f.loaded;
         let Some(slot) = loaded.tokens.get(connection).and_then(Option::as_ref) else {
             return;
         };
@@ -592,27 +950,114 @@ impl Broker {
                 FetchOutcome::Failed { kind: e.kind() }
             }
         };
+        self.install(f, outcome, now, &slot.policy);
+    }
+
+    /// Writes a fetch's outcome into the shared state (CAS, retried), if this
+    /// VM still holds the lease. Returns the state it replaced.
+    fn install(
+        &self,
+        f: &Fetch,
+        outcome: FetchOutcome,
+        now: u64,
+        policy: &Policy,
+    ) -> Option<CacheState> {
         for _ in 0..CAS_TRIES {
             let Ok((state, stored)) = load(&f.addr) else {
-                return;
+                return None;
             };
-            let Some(next) = cache::on_result(
-                &state,
-                f.owner,
-                outcome.clone(),
-                now,
-                &slot.policy,
-                random_u64(),
-            ) else {
+            let Some(next) =
+                cache::on_result(&state, f.owner, outcome.clone(), now, policy, random_u64())
+            else {
                 host::log(
                     Level::Debug,
-                    &format!("connection {name}: fetch result dropped: lease taken over"),
+                    &format!(
+                        "{}: fetch result dropped: lease taken over",
+                        self.describe(f)
+                    ),
                 );
-                return;
+                return None;
             };
-            match store(loaded, &f.addr, stored, &next, now) {
-                Ok(true) | Err(_) => return,
+            match store(&f.loaded, &f.addr, stored, &next, now) {
+                Ok(true) => return Some(state),
+                Err(_) => return None,
                 Ok(false) => continue,
+            }
+        }
+        None
+    }
+
+    /// A store read or login of this VM finished.
+    fn complete_store(&mut self, f: &Fetch, i: usize, result: Result<Got, StoreError>, now: u64) {
+        let loaded = f.loaded.clone();
+        let Some(slot) = loaded.stores.get(i) else {
+            return;
+        };
+        let Some(st) = loaded.config.stores.get(i) else {
+            return;
+        };
+        let m = &loaded.metrics;
+        let login = matches!(f.addr.owner, Owner::Login(_));
+        let what = if login { "Vault login" } else { "read" };
+        let outcome = match result {
+            Ok(Got::Read(read)) => {
+                m.store(i, StoreStat::Success);
+                FetchOutcome::Stored {
+                    value: read.value.expose().to_string(),
+                    id: random_u64(),
+                    version: read.version,
+                    refresh_in_ms: st.refresh_ms,
+                }
+            }
+            Ok(Got::Login(token, lifetime_ms)) => FetchOutcome::Token {
+                token: token.expose().to_string(),
+                id: random_u64(),
+                lifetime_ms,
+            },
+            Err(e) => {
+                m.store_failure(i, e.kind());
+                let had = matches!(
+                    load(&f.addr).map(|(s, _)| s),
+                    Ok(CacheState::Refreshing { .. })
+                );
+                host::log(
+                    Level::Warn,
+                    &format!(
+                        "secret {}: {what} failed: {e}{}",
+                        st.name,
+                        if had {
+                            "; the last good value stays in use"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
+                FetchOutcome::Failed { kind: e.kind() }
+            }
+        };
+        let new_version = match &outcome {
+            FetchOutcome::Stored { version, .. } => Some(version.clone()),
+            _ => None,
+        };
+        let replaced = self.install(f, outcome, now, &slot.policy);
+        if let (Some(new), Some(old)) = (new_version, replaced) {
+            let old = match old {
+                CacheState::Refreshing { token, .. } => Some(token.version),
+                _ => None,
+            };
+            match old {
+                Some(old) if old == new => {}
+                Some(old) => {
+                    m.store(i, StoreStat::VersionChange);
+                    host::log(
+                        Level::Info,
+                        &format!("secret {}: new version {new:?} (was {old:?})", st.name),
+                    );
+                }
+                None => host::log(
+                    Level::Info,
+                    &format!("secret {}: read version {new:?}", st.name),
+                ),
             }
         }
     }
@@ -629,9 +1074,9 @@ impl Broker {
                 };
                 match store(loaded, addr, stored, &next, now) {
                     Ok(true) => {
-                        loaded
-                            .metrics
-                            .token(addr.connection, TokenStat::DroppedOn401);
+                        if let Owner::Connection(c) = addr.owner {
+                            loaded.metrics.token(c, TokenStat::DroppedOn401);
+                        }
                         break;
                     }
                     Ok(false) => continue,

@@ -5,7 +5,8 @@
 use std::cell::Cell;
 
 use super::host::{self, Level, MetricKind};
-use crate::config::{Config, Credential};
+use crate::config::Config;
+use crate::store::StoreError;
 use crate::token::FetchError;
 
 /// Token counters of an oauth2 connection: `latchkey.connection.<name>.token.<stat>`.
@@ -92,6 +93,31 @@ pub struct Metrics {
     tokens: Vec<Vec<Option<u32>>>,
     failures: Vec<Vec<Option<u32>>>,
     state: Vec<Option<u32>>,
+    /// Per store index: `latchkey.secret.<name>.*`.
+    stores: Vec<StoreStats>,
+}
+
+/// Counters of one stored secret.
+#[derive(Debug, Default)]
+struct StoreStats {
+    reads: Option<u32>,
+    success: Option<u32>,
+    failure: Option<u32>,
+    /// Aligned with `StoreError::KINDS`.
+    failures: Vec<Option<u32>>,
+    version_changes: Option<u32>,
+    logins: Option<u32>,
+    /// Seconds since the value in use was read (gauge, updated on the tick).
+    age_s: Option<u32>,
+}
+
+/// What happened to a store read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreStat {
+    Read,
+    Success,
+    VersionChange,
+    Login,
 }
 
 fn define(kind: MetricKind, name: &str) -> Option<u32> {
@@ -138,7 +164,7 @@ impl Metrics {
         for c in &config.connections {
             let base = format!("latchkey.connection.{}", stat_segment(&c.name));
             m.injected.push(Lazy::new(format!("{base}.injected")));
-            let oauth = matches!(c.credential, Credential::OAuth2(_));
+            let oauth = c.credential.is_token();
             let mut tokens = Vec::new();
             let mut failures = Vec::new();
             let mut state = None;
@@ -157,7 +183,49 @@ impl Metrics {
             m.failures.push(failures);
             m.state.push(state);
         }
+        for st in &config.stores {
+            let base = format!("latchkey.secret.{}", stat_segment(&st.name));
+            m.stores.push(StoreStats {
+                reads: counter(&format!("{base}.reads")),
+                success: counter(&format!("{base}.success")),
+                failure: counter(&format!("{base}.failure")),
+                failures: StoreError::KINDS
+                    .iter()
+                    .map(|k| counter(&format!("{base}.failure.{k}")))
+                    .collect(),
+                version_changes: counter(&format!("{base}.version_changes")),
+                logins: counter(&format!("{base}.logins")),
+                age_s: define(MetricKind::Gauge, &format!("{base}.age_s")),
+            });
+        }
         m
+    }
+
+    pub fn store(&self, store: usize, stat: StoreStat) {
+        let Some(s) = self.stores.get(store) else {
+            return;
+        };
+        Self::inc(match stat {
+            StoreStat::Read => s.reads,
+            StoreStat::Success => s.success,
+            StoreStat::VersionChange => s.version_changes,
+            StoreStat::Login => s.logins,
+        });
+    }
+
+    pub fn store_failure(&self, store: usize, kind: &'static str) {
+        let Some(s) = self.stores.get(store) else {
+            return;
+        };
+        Self::inc(s.failure);
+        let i = StoreError::KINDS.iter().position(|k| *k == kind);
+        Self::inc(i.and_then(|i| s.failures.get(i).copied().flatten()));
+    }
+
+    pub fn store_age(&self, store: usize, seconds: u64) {
+        if let Some(id) = self.stores.get(store).and_then(|s| s.age_s) {
+            let _ = host::record_metric(id, seconds);
+        }
     }
 
     pub fn inc(id: Option<u32>) {

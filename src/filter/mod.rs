@@ -19,14 +19,14 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
 use crate::claims::Identity;
-use crate::config::{ClaimsSource, Config, Credential, Grant, ProviderKind};
+use crate::config::{ClaimsSource, Config, Credential, Grant, ProviderKind, SecretRef};
 use crate::inject::{self, Edit};
 use crate::policy::{decide, Decision, Denial};
 use crate::response::{reply, Refusal};
 use crate::router::RequestInfo;
 use crate::secret::Secret;
 use crate::token::cache::Policy;
-use broker::{Broker, Cred, Resolution, TokenSlot, Waiter};
+use broker::{Broker, Cred, Resolution, StoreSlot, TokenSlot, Waiter};
 use host::{HostError, Level, Map};
 use metrics::Metrics;
 
@@ -45,8 +45,18 @@ struct Root {
 pub struct Loaded {
     pub config: Config,
     pub metrics: Metrics,
-    /// Token cache per connection index (oauth2 connections only).
+    /// Token cache per connection index (oauth2 and managed-identity connections).
     pub tokens: Vec<Option<TokenSlot>>,
+    /// Value cache per store index.
+    pub stores: Vec<StoreSlot>,
+}
+
+/// Creates a shared-data key if it is absent: "create if absent" by CAS is not
+/// atomic in the host, so every key is created at configure time.
+fn precreate(key: &str) {
+    if let Ok(None) = host::shared_data(key) {
+        let _ = host::set_shared_data(key, b"", 0);
+    }
 }
 
 impl Loaded {
@@ -57,7 +67,11 @@ impl Loaded {
             .iter()
             .map(|c| {
                 let provider = config.provider_of(c)?;
-                let ProviderKind::OAuth2(p) = &provider.kind else { return None };
+                let (timeout_ms, margin_s, default_s) = match &provider.kind {
+                    ProviderKind::OAuth2(p) => (p.timeout_ms, p.refresh_margin_s, p.default_expires_in_s),
+                    ProviderKind::ManagedIdentity(p) => (p.timeout_ms, p.refresh_margin_s, p.default_expires_in_s),
+                    ProviderKind::ApiKey => return None,
+                };
                 let key = crate::token::cache_key(c, provider)?;
                 let refresh = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::RefreshToken(_)));
                 let exchange = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. }));
@@ -66,8 +80,8 @@ impl Loaded {
                     key,
                     exchange,
                     rt_key,
-                    policy: Policy::new(p.timeout_ms, p.refresh_margin_s * 1000),
-                    default_lifetime_ms: p.default_expires_in_s * 1000,
+                    policy: Policy::new(timeout_ms, margin_s * 1000),
+                    default_lifetime_ms: default_s * 1000,
                 };
                 // Create the keys now: "create if absent" by CAS is not atomic in the host.
                 let keys: Vec<String> = if exchange {
@@ -76,17 +90,40 @@ impl Loaded {
                     std::iter::once(slot.key.clone()).chain(slot.rt_key.clone()).collect()
                 };
                 for k in &keys {
-                    if let Ok(None) = host::shared_data(k) {
-                        let _ = host::set_shared_data(k, b"", 0);
-                    }
+                    precreate(k);
                 }
                 Some(slot)
+            })
+            .collect();
+        let stores = config
+            .stores
+            .iter()
+            .map(|st| {
+                let key = crate::store::cache_key(st);
+                let login_key = matches!(
+                    &st.kind,
+                    crate::config::StoreKind::Vault {
+                        auth: crate::config::VaultAuth::AppRole { .. },
+                        ..
+                    }
+                )
+                .then(|| format!("{key}.login"));
+                precreate(&key);
+                if let Some(k) = &login_key {
+                    precreate(k);
+                }
+                StoreSlot {
+                    key,
+                    login_key,
+                    policy: Policy::new(st.timeout_ms, 0),
+                }
             })
             .collect();
         Loaded {
             config,
             metrics,
             tokens,
+            stores,
         }
     }
 }
@@ -130,7 +167,15 @@ impl RootContext for Root {
                     config.connections.len(),
                     config.providers.len(),
                 );
-                self.state = Some(Rc::new(Loaded::new(config)));
+                let loaded = Rc::new(Loaded::new(config));
+                if let Ok(mut b) = self.broker.try_borrow_mut() {
+                    b.has_stores = !loaded.stores.is_empty();
+                    if b.has_stores {
+                        // Read every store now: the first request then finds its value.
+                        b.prefetch(&loaded, host::now_ms().unwrap_or(0));
+                    }
+                }
+                self.state = Some(loaded);
                 let took_us = host::now_ns().unwrap_or(0).saturating_sub(started) / 1000;
                 host::log(
                     Level::Info,
@@ -153,6 +198,11 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         if let Ok(mut b) = self.broker.try_borrow_mut() {
             b.on_tick();
+            if let (true, Some(state)) = (b.has_stores, &self.state) {
+                if let Ok(now) = host::now_ms() {
+                    b.update_ages(state, now);
+                }
+            }
         }
     }
 
@@ -504,7 +554,7 @@ fn needs_time(config: &Config, picks: &[usize]) -> bool {
     picks.iter().any(|&c| {
         config
             .connection(c)
-            .is_some_and(|c| matches!(c.credential, Credential::OAuth2(_)))
+            .is_some_and(|c| !matches!(c.credential, Credential::ApiKey(SecretRef::Value(_))))
     })
 }
 

@@ -70,6 +70,12 @@ pub struct Cached {
     /// After this the token is never injected (a little before its real expiry).
     pub usable_until_ms: u64,
     pub refresh_at_ms: u64,
+    /// When it was obtained (age gauges).
+    #[serde(default)]
+    pub obtained_ms: u64,
+    /// A stored secret's version id (empty for tokens).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
 }
 
 impl fmt::Debug for Cached {
@@ -79,6 +85,7 @@ impl fmt::Debug for Cached {
             .field("id", &self.id)
             .field("usable_until_ms", &self.usable_until_ms)
             .field("refresh_at_ms", &self.refresh_at_ms)
+            .field("version", &self.version)
             .finish()
     }
 }
@@ -101,6 +108,28 @@ impl Cached {
             id,
             usable_until_ms: now + lifetime_ms - skew,
             refresh_at_ms: now + refresh_in,
+            obtained_ms: now,
+            version: String::new(),
+        }
+    }
+
+    /// A value read from a secret store: it never expires (the last good value
+    /// serves until a new one is read), and is re-read after `refresh_in_ms`
+    /// (`None`: a pinned version, never re-read).
+    pub fn stored(
+        value: String,
+        id: u64,
+        version: String,
+        refresh_in_ms: Option<u64>,
+        now: u64,
+    ) -> Self {
+        Cached {
+            token: value,
+            id,
+            usable_until_ms: u64::MAX,
+            refresh_at_ms: refresh_in_ms.map_or(u64::MAX, |r| now.saturating_add(r)),
+            obtained_ms: now,
+            version,
         }
     }
 }
@@ -247,6 +276,13 @@ pub enum FetchOutcome {
         id: u64,
         lifetime_ms: u64,
     },
+    /// A secret store's value and its version.
+    Stored {
+        value: String,
+        id: u64,
+        version: String,
+        refresh_in_ms: Option<u64>,
+    },
     Failed {
         kind: &'static str,
     },
@@ -284,6 +320,15 @@ pub fn on_result(
             token: Cached::new(token, id, lifetime_ms, now, policy),
             failures: 0,
         },
+        FetchOutcome::Stored {
+            value,
+            id,
+            version,
+            refresh_in_ms,
+        } => Ready {
+            token: Cached::stored(value, id, version, refresh_in_ms, now),
+            failures: 0,
+        },
         FetchOutcome::Failed { kind } => {
             let failures = failures.saturating_add(1);
             let delay = policy.backoff_ms(failures, jitter);
@@ -291,7 +336,7 @@ pub fn on_result(
                 // Keep serving the current token; try again after the backoff.
                 Some(token) if token.usable(now) => Ready {
                     token: Cached {
-                        refresh_at_ms: now + delay,
+                        refresh_at_ms: now.saturating_add(delay),
                         ..token.clone()
                     },
                     failures,
@@ -651,5 +696,74 @@ mod tests {
             .gauge(),
             4
         );
+    }
+
+    #[test]
+    fn stored_values_refresh_on_time_and_survive_failures() {
+        let fetching = next_of(&on_request(&Empty, 0, 1, &P)).unwrap();
+        let stored = FetchOutcome::Stored {
+            value: "v1".into(),
+            id: 3,
+            version: "a1".into(),
+            refresh_in_ms: Some(60_000),
+        };
+        let s = on_result(&fetching, 1, stored, 100, &P, 0).unwrap();
+        let Ready { token, .. } = &s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(
+            (
+                token.version.as_str(),
+                token.refresh_at_ms,
+                token.obtained_ms
+            ),
+            ("a1", 60_100, 100)
+        );
+        // Never expires: used at any time, refreshed once refresh_at passes.
+        assert_eq!(on_request(&s, 60_099, 2, &P), Decision::Use(token.clone()));
+        let d = on_request(&s, 60_100, 2, &P);
+        let refreshing = next_of(&d).unwrap();
+        assert!(matches!(d, Decision::UseAndRefresh { .. }));
+        // A failed re-read keeps the value and retries after the backoff.
+        let s = on_result(
+            &refreshing,
+            2,
+            FetchOutcome::Failed { kind: "connect" },
+            60_200,
+            &P,
+            0,
+        )
+        .unwrap();
+        let Ready {
+            token: kept,
+            failures: 1,
+        } = &s
+        else {
+            panic!("{s:?}")
+        };
+        assert_eq!(kept.token, "v1");
+        assert_eq!(kept.refresh_at_ms, 60_200 + 500);
+        assert!(matches!(on_request(&s, 60_699, 4, &P), Decision::Use(_)));
+        assert!(matches!(
+            on_request(&s, 60_700, 4, &P),
+            Decision::UseAndRefresh { .. }
+        ));
+    }
+
+    #[test]
+    fn pinned_values_are_never_re_read() {
+        let fetching = next_of(&on_request(&Empty, 0, 1, &P)).unwrap();
+        let pinned = FetchOutcome::Stored {
+            value: "v".into(),
+            id: 3,
+            version: "p".into(),
+            refresh_in_ms: None,
+        };
+        let s = on_result(&fetching, 1, pinned, 100, &P, 0).unwrap();
+        let Ready { token, .. } = &s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(token.refresh_at_ms, u64::MAX);
+        assert_eq!(on_request(&s, 1 << 60, 2, &P), Decision::Use(token.clone()));
     }
 }

@@ -14,7 +14,7 @@ pub use response::{FetchError, Token};
 
 use std::hash::{Hash, Hasher};
 
-use crate::config::{Connection, Credential, Grant, Provider, ProviderKind};
+use crate::config::{Connection, Credential, Grant, Provider, ProviderKind, SecretRef};
 
 /// The shared-data key of a connection's token cache:
 /// `latchkey.v1.tok.<connection>.<fingerprint>`. The fingerprint covers everything
@@ -23,18 +23,36 @@ use crate::config::{Connection, Credential, Grant, Provider, ProviderKind};
 /// a connection alike but configure it differently never share tokens, and a
 /// changed configuration starts from an empty cache.
 pub fn cache_key(connection: &Connection, provider: &Provider) -> Option<String> {
+    let mut h = std::hash::DefaultHasher::new();
+    if let (ProviderKind::ManagedIdentity(p), Credential::ManagedIdentity { resource }) =
+        (&provider.kind, &connection.credential)
+    {
+        (
+            "imds",
+            &p.cluster,
+            &p.authority,
+            &p.path,
+            &p.client_id,
+            resource,
+        )
+            .hash(&mut h);
+        return Some(format!(
+            "latchkey.v1.tok.{}.{:016x}",
+            connection.name,
+            h.finish()
+        ));
+    }
     let (ProviderKind::OAuth2(p), Credential::OAuth2(c)) = (&provider.kind, &connection.credential)
     else {
         return None;
     };
-    let mut h = std::hash::DefaultHasher::new();
-    (
-        &p.token_url,
-        &p.cluster,
-        &p.client_id,
-        p.client_secret.expose(),
-    )
-        .hash(&mut h);
+    // A store-held client secret rotates without changing the key: valid
+    // tokens stay cached across a rotation.
+    let secret = match &p.client_secret {
+        SecretRef::Value(s) => s.expose().to_string(),
+        SecretRef::Store(i) => format!("store:{i}"),
+    };
+    (&p.token_url, &p.cluster, &p.client_id, secret).hash(&mut h);
     let grant = match &c.grant {
         Grant::ClientCredentials => "client_credentials".to_string(),
         Grant::RefreshToken(rt) => format!("refresh_token:{}", rt.expose()),

@@ -35,8 +35,10 @@ pub struct TokenRequest {
     pub timeout_ms: u64,
 }
 
+/// `client_secret` is the provider's current secret (it may come from a store).
 pub fn build(
     provider: &OAuth2Provider,
+    client_secret: &Secret,
     conn: &OAuth2Connection,
     input: GrantInput,
 ) -> TokenRequest {
@@ -78,15 +80,14 @@ pub fn build(
             let id: String =
                 form_urlencoded::byte_serialize(provider.client_id.as_bytes()).collect();
             let secret: String =
-                form_urlencoded::byte_serialize(provider.client_secret.expose().as_bytes())
-                    .collect();
+                form_urlencoded::byte_serialize(client_secret.expose().as_bytes()).collect();
             let encoded =
                 base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
             Some(Secret::new(format!("Basic {encoded}")))
         }
         AuthMethod::ClientSecretPost => {
             form.append_pair("client_id", &provider.client_id);
-            form.append_pair("client_secret", provider.client_secret.expose());
+            form.append_pair("client_secret", client_secret.expose());
             None
         }
     };
@@ -119,12 +120,17 @@ mod tests {
             authority: "idp.test:8443".into(),
             path: "/oauth/token?tenant=a".into(),
             client_id: "gw client".into(),
-            client_secret: Secret::new("s3cr:t/+"),
+            client_secret: crate::config::SecretRef::Value(Secret::new("s3cr:t/+")),
             auth_method,
             timeout_ms: 2000,
             default_expires_in_s: 300,
             refresh_margin_s: 5,
         }
+    }
+
+    #[allow(non_snake_case)]
+    fn SECRET() -> Secret {
+        Secret::new("s3cr:t/+")
     }
 
     fn conn(grant: Grant) -> OAuth2Connection {
@@ -141,6 +147,7 @@ mod tests {
     fn client_credentials_with_basic_auth_whole_request() {
         let r = build(
             &provider(AuthMethod::ClientSecretBasic),
+            &SECRET(),
             &conn(Grant::ClientCredentials),
             GrantInput::None,
         );
@@ -183,6 +190,7 @@ mod tests {
         c.scopes = vec!["a".into()];
         let r = build(
             &provider(AuthMethod::ClientSecretPost),
+            &SECRET(),
             &c,
             GrantInput::None,
         );
@@ -201,13 +209,13 @@ mod tests {
         c.resource = None;
         c.extra_params.clear();
         let p = provider(AuthMethod::ClientSecretBasic);
-        let r = build(&p, &c, GrantInput::None);
+        let r = build(&p, &SECRET(), &c, GrantInput::None);
         assert_eq!(
             r.body.expose(),
             "grant_type=refresh_token&refresh_token=rt-configured"
         );
         let rotated = Secret::new("rt-2");
-        let r = build(&p, &c, GrantInput::RefreshToken(&rotated));
+        let r = build(&p, &SECRET(), &c, GrantInput::RefreshToken(&rotated));
         assert_eq!(
             r.body.expose(),
             "grant_type=refresh_token&refresh_token=rt-2"
@@ -224,6 +232,7 @@ mod tests {
         let subject = Secret::new("eyJ.subject.sig");
         let r = build(
             &provider(AuthMethod::ClientSecretBasic),
+            &SECRET(),
             &c,
             GrantInput::SubjectToken(&subject),
         );

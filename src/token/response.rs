@@ -95,26 +95,39 @@ impl fmt::Display for FetchError {
     }
 }
 
+/// A failure Envoy reports in-band for any dispatched call: a reset (no status),
+/// its own 503 for a connect failure, its own 504 for a timeout, or a body over
+/// [`MAX_BODY`].
+pub fn transport(status: Option<u32>, body: &[u8]) -> Option<FetchError> {
+    let Some(status) = status else {
+        return Some(FetchError::Connect);
+    };
+    if body.len() > MAX_BODY {
+        return Some(FetchError::TooLarge);
+    }
+    if status == 503
+        && body.starts_with(b"upstream connect error or disconnect/reset before headers")
+    {
+        return Some(FetchError::Connect);
+    }
+    if status == 504 && body == b"upstream request timeout" {
+        return Some(FetchError::Timeout);
+    }
+    None
+}
+
 /// Interprets a token response. `status` is `None` when the call was reset.
 pub fn parse(
     status: Option<u32>,
     body: &[u8],
     default_lifetime_ms: u64,
 ) -> Result<Token, FetchError> {
+    if let Some(e) = transport(status, body) {
+        return Err(e);
+    }
     let Some(status) = status else {
         return Err(FetchError::Connect);
     };
-    if body.len() > MAX_BODY {
-        return Err(FetchError::TooLarge);
-    }
-    if status == 503
-        && body.starts_with(b"upstream connect error or disconnect/reset before headers")
-    {
-        return Err(FetchError::Connect);
-    }
-    if status == 504 && body == b"upstream request timeout" {
-        return Err(FetchError::Timeout);
-    }
     let json: Option<Value> = serde_json::from_slice(body).ok();
     if !(200..300).contains(&status) {
         let code = json

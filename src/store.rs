@@ -1,0 +1,584 @@
+//! Secret stores and managed-identity tokens, as data: the calls latchkey makes
+//! to Azure Key Vault, HashiCorp Vault / OpenBao KV v2, Vault's AppRole login and
+//! Azure IMDS ([`HttpCall`]), and what their answers mean ([`parse_read`],
+//! [`parse_login`]). No I/O: the filter dispatches the call and hands the answer
+//! back. Values read are checked like configured ones: a control character is a
+//! failure, and the last good value stays.
+
+use std::fmt;
+
+use serde_json::Value;
+use url::form_urlencoded;
+
+use crate::config::{ManagedIdentityProvider, Store, StoreKind, VaultAuth};
+use crate::secret::{check_value, Secret};
+use crate::token::response::{transport, FetchError};
+
+/// One HTTP call through an Envoy cluster. `Debug` shows no secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCall {
+    pub cluster: String,
+    /// `:method`, `:path`, `:authority` and plain headers.
+    pub headers: Vec<(&'static str, String)>,
+    /// Headers that carry a credential.
+    pub secret_headers: Vec<(&'static str, Secret)>,
+    pub body: Option<Secret>,
+    pub timeout_ms: u64,
+}
+
+fn call(cluster: &str, method: &str, path: String, authority: &str, timeout_ms: u64) -> HttpCall {
+    HttpCall {
+        cluster: cluster.to_string(),
+        headers: vec![
+            (":method", method.to_string()),
+            (":path", path),
+            (":authority", authority.to_string()),
+            ("accept", "application/json".to_string()),
+        ],
+        secret_headers: Vec::new(),
+        body: None,
+        timeout_ms,
+    }
+}
+
+/// The read of a stored secret. `credential`: for Key Vault the identity's
+/// bearer token, for Vault the Vault token (configured, or from AppRole login).
+pub fn read_call(store: &Store, credential: &Secret) -> HttpCall {
+    let mut c = call(
+        &store.cluster,
+        "GET",
+        store.path.clone(),
+        &store.authority,
+        store.timeout_ms,
+    );
+    match &store.kind {
+        StoreKind::KeyVault { .. } => c.secret_headers.push((
+            "authorization",
+            Secret::new(format!("Bearer {}", credential.expose())),
+        )),
+        StoreKind::Vault { namespace, .. } => {
+            c.secret_headers.push(("x-vault-token", credential.clone()));
+            if let Some(ns) = namespace {
+                c.headers.push(("x-vault-namespace", ns.clone()));
+            }
+        }
+    }
+    c
+}
+
+/// The AppRole login of a Vault store; `None` for other stores.
+pub fn login_call(store: &Store) -> Option<HttpCall> {
+    let StoreKind::Vault {
+        auth:
+            VaultAuth::AppRole {
+                role_id,
+                secret_id,
+                login_path,
+            },
+        namespace,
+        ..
+    } = &store.kind
+    else {
+        return None;
+    };
+    let mut c = call(
+        &store.cluster,
+        "POST",
+        login_path.clone(),
+        &store.authority,
+        store.timeout_ms,
+    );
+    c.headers
+        .push(("content-type", "application/json".to_string()));
+    if let Some(ns) = namespace {
+        c.headers.push(("x-vault-namespace", ns.clone()));
+    }
+    let body = serde_json::json!({ "role_id": role_id, "secret_id": secret_id.expose() });
+    c.body = Some(Secret::new(body.to_string()));
+    Some(c)
+}
+
+/// An IMDS token request, as APIM's `authentication-managed-identity` sends it:
+/// `GET <endpoint>?api-version=2018-02-01&resource=…[&client_id=…]` with
+/// `Metadata: true` (IMDS refuses requests that carry `X-Forwarded-For`).
+pub fn imds_call(p: &ManagedIdentityProvider, resource: &str) -> HttpCall {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    q.append_pair("api-version", "2018-02-01");
+    q.append_pair("resource", resource);
+    if let Some(id) = &p.client_id {
+        q.append_pair("client_id", id);
+    }
+    let mut c = call(
+        &p.cluster,
+        "GET",
+        format!("{}?{}", p.path, q.finish()),
+        &p.authority,
+        p.timeout_ms,
+    );
+    c.headers.push(("metadata", "true".to_string()));
+    c
+}
+
+/// The shared-data key of a stored secret's cache:
+/// `latchkey.v1.sec.<name>.<fingerprint>`. The fingerprint covers where and how
+/// it is read, so a changed reference starts from an empty cache, and two plugins
+/// on one proxy never share a value they read differently.
+pub fn cache_key(store: &Store) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (&store.cluster, &store.authority, &store.path).hash(&mut h);
+    match &store.kind {
+        StoreKind::KeyVault { identity } => ("kv", identity).hash(&mut h),
+        StoreKind::Vault {
+            auth,
+            namespace,
+            field,
+        } => {
+            ("vault", namespace, field).hash(&mut h);
+            match auth {
+                VaultAuth::Token(t) => t.expose().hash(&mut h),
+                VaultAuth::AppRole {
+                    role_id,
+                    secret_id,
+                    login_path,
+                } => (role_id, secret_id.expose(), login_path).hash(&mut h),
+            }
+        }
+    }
+    format!("latchkey.v1.sec.{}.{:016x}", store.name, h.finish())
+}
+
+/// A value read from a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read {
+    pub value: Secret,
+    /// Key Vault: the version id (last segment of `id`); Vault: `data.metadata.version`.
+    pub version: String,
+}
+
+/// Why a read (or login) failed. `Display` holds no value and no store message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    Connect,
+    Timeout,
+    /// 401: Key Vault refused the identity token (expired or wrong resource).
+    Unauthorized,
+    /// 403: no permission (a missing role assignment or Vault policy).
+    Forbidden,
+    NotFound,
+    /// Key Vault: the secret (version) is disabled.
+    Disabled,
+    Status(u32),
+    Malformed,
+    /// No `value` (Key Vault) or no such field (Vault).
+    MissingValue,
+    /// The value has a control character.
+    ControlCharacter,
+    TooLarge,
+    /// The call could not be made (e.g. an unknown cluster).
+    Dispatch,
+    /// No token from the store's identity (or AppRole login) could be had.
+    Identity,
+}
+
+impl StoreError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Connect => "connect",
+            StoreError::Timeout => "timeout",
+            StoreError::Unauthorized => "unauthorized",
+            StoreError::Forbidden => "forbidden",
+            StoreError::NotFound => "not_found",
+            StoreError::Disabled => "disabled",
+            StoreError::Status(_) => "status",
+            StoreError::Malformed => "malformed",
+            StoreError::MissingValue => "missing_value",
+            StoreError::ControlCharacter => "control_character",
+            StoreError::TooLarge => "too_large",
+            StoreError::Dispatch => "dispatch",
+            StoreError::Identity => "identity",
+        }
+    }
+
+    pub const KINDS: [&'static str; 13] = [
+        "connect",
+        "timeout",
+        "unauthorized",
+        "forbidden",
+        "not_found",
+        "disabled",
+        "status",
+        "malformed",
+        "missing_value",
+        "control_character",
+        "too_large",
+        "dispatch",
+        "identity",
+    ];
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Status(s) => write!(f, "status: the store answered {s}"),
+            other => f.write_str(other.kind()),
+        }
+    }
+}
+
+fn status_error(status: u32, json: Option<&Value>) -> StoreError {
+    match status {
+        401 => StoreError::Unauthorized,
+        403 => {
+            // Key Vault: {"error":{"code":"Forbidden","innererror":{"code":"SecretDisabled"}}}
+            let inner = json
+                .and_then(|j| j.pointer("/error/innererror/code"))
+                .and_then(Value::as_str);
+            if inner == Some("SecretDisabled") {
+                StoreError::Disabled
+            } else {
+                StoreError::Forbidden
+            }
+        }
+        404 => StoreError::NotFound,
+        s => StoreError::Status(s),
+    }
+}
+
+fn from_transport(e: FetchError) -> StoreError {
+    match e {
+        FetchError::Timeout => StoreError::Timeout,
+        FetchError::TooLarge => StoreError::TooLarge,
+        _ => StoreError::Connect,
+    }
+}
+
+/// Interprets a store's answer to [`read_call`]. `status` is `None` on a reset.
+pub fn parse_read(kind: &StoreKind, status: Option<u32>, body: &[u8]) -> Result<Read, StoreError> {
+    if let Some(e) = transport(status, body) {
+        return Err(from_transport(e));
+    }
+    let status = status.unwrap_or(0);
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    if !(200..300).contains(&status) {
+        return Err(status_error(status, json.as_ref()));
+    }
+    let json = json.filter(Value::is_object).ok_or(StoreError::Malformed)?;
+    let (value, version) = match kind {
+        StoreKind::KeyVault { .. } => {
+            if json.pointer("/attributes/enabled") == Some(&Value::Bool(false)) {
+                return Err(StoreError::Disabled);
+            }
+            let value = match json.get("value") {
+                Some(Value::String(v)) if !v.is_empty() => v,
+                None | Some(Value::Null) | Some(Value::String(_)) => {
+                    return Err(StoreError::MissingValue)
+                }
+                Some(_) => return Err(StoreError::Malformed),
+            };
+            let id = json.get("id").and_then(Value::as_str).unwrap_or("");
+            let version = id.rsplit('/').next().unwrap_or("").to_string();
+            (value.clone(), version)
+        }
+        StoreKind::Vault { field, .. } => {
+            let data = json
+                .pointer("/data/data")
+                .and_then(Value::as_object)
+                .ok_or(StoreError::Malformed)?;
+            let value = match data.get(field) {
+                Some(Value::String(v)) if !v.is_empty() => v,
+                None | Some(Value::Null) | Some(Value::String(_)) => {
+                    return Err(StoreError::MissingValue)
+                }
+                Some(_) => return Err(StoreError::Malformed),
+            };
+            let version = json
+                .pointer("/data/metadata/version")
+                .and_then(Value::as_u64)
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            (value.clone(), version)
+        }
+    };
+    let value =
+        check_value(Secret::new(value), String::new).map_err(|_| StoreError::ControlCharacter)?;
+    Ok(Read {
+        value,
+        version: sanitize_version(&version),
+    })
+}
+
+/// A version id is logged and compared: keep it short and printable.
+fn sanitize_version(v: &str) -> String {
+    v.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .take(64)
+        .collect()
+}
+
+/// A Vault AppRole login answer: the client token and its lifetime in ms.
+pub fn parse_login(status: Option<u32>, body: &[u8]) -> Result<(Secret, u64), StoreError> {
+    if let Some(e) = transport(status, body) {
+        return Err(from_transport(e));
+    }
+    let status = status.unwrap_or(0);
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    if !(200..300).contains(&status) {
+        // Vault answers a bad role_id/secret_id with 400 "invalid role or secret ID".
+        return Err(match status {
+            400 => StoreError::Forbidden,
+            s => status_error(s, json.as_ref()),
+        });
+    }
+    let json = json.ok_or(StoreError::Malformed)?;
+    let token = json
+        .pointer("/auth/client_token")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| (0x21..0x7f).contains(&b)))
+        .ok_or(StoreError::Malformed)?;
+    let lease_s = json
+        .pointer("/auth/lease_duration")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    // A lease of 0 means "no expiry" (a root token); re-login hourly anyway.
+    let lifetime_ms = if lease_s == 0 {
+        3_600_000
+    } else {
+        lease_s * 1000
+    };
+    Ok((Secret::new(token), lifetime_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{StoreKind, VaultAuth};
+
+    fn kv() -> Store {
+        Store {
+            name: "partner_key".into(),
+            kind: StoreKind::KeyVault { identity: 0 },
+            cluster: "keyvault".into(),
+            authority: "kv-gw.vault.azure.net".into(),
+            path: "/secrets/partner-key?api-version=7.4".into(),
+            refresh_ms: Some(300_000),
+            timeout_ms: 2000,
+        }
+    }
+
+    fn vault(auth: VaultAuth) -> Store {
+        Store {
+            name: "orders_secret".into(),
+            kind: StoreKind::Vault {
+                auth,
+                namespace: Some("team-a".into()),
+                field: "client_secret".into(),
+            },
+            cluster: "vault".into(),
+            authority: "vault.internal:8200".into(),
+            path: "/v1/secret/data/orders/idp".into(),
+            refresh_ms: Some(60_000),
+            timeout_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn key_vault_read_is_a_bearer_get() {
+        let c = read_call(&kv(), &Secret::new("mi-token"));
+        assert_eq!(c.cluster, "keyvault");
+        assert_eq!(
+            c.headers,
+            vec![
+                (":method", "GET".to_string()),
+                (":path", "/secrets/partner-key?api-version=7.4".to_string()),
+                (":authority", "kv-gw.vault.azure.net".to_string()),
+                ("accept", "application/json".to_string()),
+            ]
+        );
+        assert_eq!(
+            c.secret_headers,
+            vec![("authorization", Secret::new("Bearer mi-token"))]
+        );
+        assert!(!format!("{c:?}").contains("mi-token"));
+    }
+
+    #[test]
+    fn vault_read_sends_token_and_namespace() {
+        let c = read_call(
+            &vault(VaultAuth::Token(Secret::new("hvs.x"))),
+            &Secret::new("hvs.x"),
+        );
+        assert!(c
+            .headers
+            .contains(&("x-vault-namespace", "team-a".to_string())));
+        assert_eq!(
+            c.secret_headers,
+            vec![("x-vault-token", Secret::new("hvs.x"))]
+        );
+        assert_eq!(login_call(&kv()), None);
+    }
+
+    #[test]
+    fn approle_login_posts_json() {
+        let s = vault(VaultAuth::AppRole {
+            role_id: "r-1".into(),
+            secret_id: Secret::new("s\"1"),
+            login_path: "/v1/auth/approle/login".into(),
+        });
+        let c = login_call(&s).unwrap();
+        assert_eq!(c.headers[0], (":method", "POST".to_string()));
+        assert_eq!(
+            c.headers[1],
+            (":path", "/v1/auth/approle/login".to_string())
+        );
+        assert_eq!(
+            c.body.unwrap().expose(),
+            r#"{"role_id":"r-1","secret_id":"s\"1"}"#
+        );
+    }
+
+    #[test]
+    fn imds_request_is_what_azure_expects() {
+        let p = ManagedIdentityProvider {
+            cluster: "imds".into(),
+            authority: "169.254.169.254".into(),
+            path: "/metadata/identity/oauth2/token".into(),
+            client_id: Some("abc-123".into()),
+            timeout_ms: 1000,
+            default_expires_in_s: 300,
+            refresh_margin_s: 5,
+        };
+        let c = imds_call(&p, "https://vault.azure.net");
+        assert_eq!(
+            c.headers[1],
+            (
+                ":path",
+                "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net&client_id=abc-123"
+                    .to_string()
+            )
+        );
+        assert!(c.headers.contains(&("metadata", "true".to_string())));
+        assert!(c.headers.iter().all(|(k, _)| *k != "x-forwarded-for"));
+    }
+
+    fn kvk() -> StoreKind {
+        kv().kind
+    }
+
+    #[test]
+    fn key_vault_answers() {
+        let ok = br#"{"value":"pk-1","id":"https://kv.vault.azure.net/secrets/partner-key/0123abcd","attributes":{"enabled":true}}"#;
+        let r = parse_read(&kvk(), Some(200), ok).unwrap();
+        assert_eq!(r.value.expose(), "pk-1");
+        assert_eq!(r.version, "0123abcd");
+        let disabled = br#"{"error":{"code":"Forbidden","message":"Operation get is not allowed on a disabled secret.","innererror":{"code":"SecretDisabled"}}}"#;
+        assert_eq!(
+            parse_read(&kvk(), Some(403), disabled),
+            Err(StoreError::Disabled)
+        );
+        assert_eq!(
+            parse_read(&kvk(), Some(403), br#"{"error":{"code":"Forbidden"}}"#),
+            Err(StoreError::Forbidden)
+        );
+        assert_eq!(
+            parse_read(&kvk(), Some(401), b""),
+            Err(StoreError::Unauthorized)
+        );
+        assert_eq!(
+            parse_read(&kvk(), Some(404), br#"{"error":{"code":"SecretNotFound"}}"#),
+            Err(StoreError::NotFound)
+        );
+        assert_eq!(
+            parse_read(&kvk(), Some(500), b"x"),
+            Err(StoreError::Status(500))
+        );
+        assert_eq!(
+            parse_read(&kvk(), Some(200), b"{nope"),
+            Err(StoreError::Malformed)
+        );
+        assert_eq!(
+            parse_read(&kvk(), Some(200), b"{}"),
+            Err(StoreError::MissingValue)
+        );
+        assert_eq!(
+            parse_read(&kvk(), Some(200), br#"{"value":"a\r\nb","id":"x/1"}"#),
+            Err(StoreError::ControlCharacter)
+        );
+        assert_eq!(
+            parse_read(
+                &kvk(),
+                Some(200),
+                br#"{"value":"v","attributes":{"enabled":false}}"#
+            ),
+            Err(StoreError::Disabled)
+        );
+        assert_eq!(parse_read(&kvk(), None, b""), Err(StoreError::Connect));
+        assert_eq!(
+            parse_read(&kvk(), Some(504), b"upstream request timeout"),
+            Err(StoreError::Timeout)
+        );
+        assert_eq!(
+            parse_read(
+                &kvk(),
+                Some(503),
+                b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+            ),
+            Err(StoreError::Connect)
+        );
+    }
+
+    #[test]
+    fn vault_answers() {
+        let k = vault(VaultAuth::Token(Secret::new("t"))).kind;
+        let ok =
+            br#"{"data":{"data":{"client_secret":"cs-2","other":"x"},"metadata":{"version":7}}}"#;
+        let r = parse_read(&k, Some(200), ok).unwrap();
+        assert_eq!((r.value.expose(), r.version.as_str()), ("cs-2", "7"));
+        assert_eq!(
+            parse_read(&k, Some(200), br#"{"data":{"data":{"other":"x"}}}"#),
+            Err(StoreError::MissingValue)
+        );
+        assert_eq!(
+            parse_read(&k, Some(200), br#"{"data":{"data":{"client_secret":5}}}"#),
+            Err(StoreError::Malformed)
+        );
+        assert_eq!(
+            parse_read(&k, Some(403), br#"{"errors":["permission denied"]}"#),
+            Err(StoreError::Forbidden)
+        );
+        assert_eq!(
+            parse_read(&k, Some(404), br#"{"errors":[]}"#),
+            Err(StoreError::NotFound)
+        );
+    }
+
+    #[test]
+    fn approle_login_answers() {
+        let (t, ms) = parse_login(
+            Some(200),
+            br#"{"auth":{"client_token":"hvs.abc","lease_duration":30}}"#,
+        )
+        .unwrap();
+        assert_eq!((t.expose(), ms), ("hvs.abc", 30_000));
+        assert_eq!(
+            parse_login(Some(400), br#"{"errors":["invalid role or secret ID"]}"#),
+            Err(StoreError::Forbidden)
+        );
+        assert_eq!(parse_login(Some(200), b"{}"), Err(StoreError::Malformed));
+        assert_eq!(
+            parse_login(Some(200), br#"{"auth":{"client_token":"a b"}}"#),
+            Err(StoreError::Malformed)
+        );
+    }
+
+    #[test]
+    fn errors_never_show_values() {
+        for e in StoreError::KINDS {
+            assert!(!e.contains(' '));
+        }
+        assert_eq!(
+            StoreError::Status(500).to_string(),
+            "status: the store answered 500"
+        );
+    }
+}
