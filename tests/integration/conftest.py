@@ -115,3 +115,42 @@ def envoy_factory(request, signer, upstream, tmp_path):
         envoy.stop()
     # After every test: no wasm VM crashed or was reloaded (a panic aborts the VM).
     assert vm_failures == [], "wasm VM failure:\n" + "\n".join(vm_failures[:10])
+
+
+# --------------------------------------------------------------------------- secret stores (v1.1)
+# Servers in secret_stores.py; contract tests in test_secret_store_servers.py.
+
+
+def _test_failed(request) -> bool:
+    return any(getattr(request.node, f"rep_{w}", None) is not None
+               and getattr(request.node, f"rep_{w}").failed for w in ("setup", "call"))
+
+
+@pytest.fixture
+def keyvault_stack(request):
+    """A started IMDS stand-in (`.imds`, plain HTTP) and Key Vault stand-in (`.kv`, HTTPS
+    with a fresh test CA `.ca`), sharing tokens; both stopped after the test. See
+    secret_stores.KeyVaultStack. `.clusters()` -> Envoy clusters "keyvault" (TLS, SNI
+    kv-test.vault.azure.net, trusted_ca) and "imds"."""
+    from secret_stores import KeyVaultStack
+    with KeyVaultStack() as stack:
+        yield stack
+        if stack.errors:
+            print("\n=== secret-store stand-in errors ===\n" + "\n".join(stack.errors))
+    assert stack.errors == [], "a stand-in handler raised (see output)"
+
+
+@pytest.fixture
+def openbao(request):
+    """A started real OpenBao dev server (KV v2 at secret/, audit log on), one per test
+    (it starts in well under a second); stopped after the test. See secret_stores.OpenBao."""
+    from secret_stores import OpenBao
+    bao = OpenBao(keep_workdir=True)
+    bao.start()
+    try:
+        yield bao
+    finally:
+        if _test_failed(request):
+            print(f"\n=== bao pid {bao.pid} {bao.url} ===\n{bao.diagnostics()}")
+        bao.stop()
+        bao._cleanup_workdir(force=True)

@@ -1,0 +1,609 @@
+"""Contract tests of the secret-store test servers in secret_stores.py (no latchkey).
+
+The Key Vault and IMDS stand-ins are fakes: here the real Azure SDK for Python
+(azure-keyvault-secrets' SecretClient with azure-identity's ManagedIdentityCredential)
+reads through them, so they speak the protocol real clients speak, and raw requests pin
+the exact answers latchkey will parse (`value`, `id`, status codes, error shapes). The
+OpenBao server is the real one: these tests pin the KV v2 / AppRole answers latchkey reads.
+An Envoy (no wasm filter) proves the TLS cluster builder reaches the KV stand-in.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import ssl
+import time
+import urllib.parse
+
+import pytest
+
+from harness import LOOPBACK, http_request, wait_until
+from secret_stores import (
+    IMDS_TOKEN_PATH,
+    KEY_VAULT_RESOURCE,
+    BaoError,
+    LocalCA,
+    tls_cluster,
+    read_policy_hcl,
+)
+
+azure_core_exceptions = pytest.importorskip("azure.core.exceptions")
+identity = pytest.importorskip("azure.identity")
+kv_secrets = pytest.importorskip("azure.keyvault.secrets")
+
+HttpResponseError = azure_core_exceptions.HttpResponseError
+ResourceNotFoundError = azure_core_exceptions.ResourceNotFoundError
+
+ID_RE = re.compile(r"^https://kv-test\.vault\.azure\.net/secrets/([0-9A-Za-z-]+)/([0-9a-f]{32})$")
+
+# Environment variables that make azure-identity / MSAL pick another managed-identity
+# source than IMDS (App Service, Arc, Service Fabric, ML, workload identity, Cloud Shell).
+_OTHER_MI_ENV = ("IDENTITY_ENDPOINT", "IDENTITY_HEADER", "IDENTITY_SERVER_THUMBPRINT",
+                 "IMDS_ENDPOINT", "MSI_ENDPOINT", "MSI_SECRET", "AZURE_CLIENT_ID",
+                 "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST",
+                 "AZUREPS_HOST_ENVIRONMENT", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
+                 "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def sdk(keyvault_stack, monkeypatch):
+    """Point azure-identity at the IMDS stand-in (AZURE_POD_IDENTITY_AUTHORITY_HOST, read by
+    azure-identity's ImdsCredential and MSAL's _obtain_token_on_azure_vm); returns a
+    factory of SecretClients on the KV stand-in that trust the test CA."""
+    for name in _OTHER_MI_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", keyvault_stack.imds.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    clients = []
+
+    def make(client_id: str | None = None):
+        cred = identity.ManagedIdentityCredential(client_id=client_id) if client_id \
+            else identity.ManagedIdentityCredential()
+        # The vault's real name can't resolve here: use https://localhost:<port> (the
+        # certificate names localhost too); the challenge's resource (vault.azure.net)
+        # then doesn't match the URL's domain, hence verify_challenge_resource=False.
+        client = kv_secrets.SecretClient(
+            vault_url=f"https://localhost:{keyvault_stack.kv.port}", credential=cred,
+            api_version="7.4", verify_challenge_resource=False,
+            connection_verify=str(keyvault_stack.kv.ca_path), retry_total=0)
+        clients.append((client, cred))
+        return client
+
+    yield make
+    for client, cred in clients:
+        client.close()
+        cred.close()
+
+
+def kv_request(stack, path: str, token: str | None = None, *, sni: str | None = "kv-test.vault.azure.net",
+               method: str = "GET", headers: dict | None = None, timeout: float = 10.0):
+    """One HTTPS request to the KV stand-in, trusting only the test CA, with SNI `sni`
+    (hostname checked against it, or against 127.0.0.1 when sni is None).
+    Returns (status, headers dict (lower-case names), body bytes)."""
+    ctx = stack.ca.client_context()
+    sock = socket.create_connection((LOOPBACK, stack.kv.port), timeout=timeout)
+    tls = ctx.wrap_socket(sock, server_hostname=sni or LOOPBACK)
+    conn = http.client.HTTPSConnection(LOOPBACK, stack.kv.port, timeout=timeout)
+    conn.sock = tls
+    hdrs = {"Host": sni or LOOPBACK, **(headers or {})}
+    if token is not None:
+        hdrs["Authorization"] = f"Bearer {token}"
+    try:
+        conn.request(method, path, headers=hdrs)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def imds_get(imds, query: dict | str | None = None, headers: dict | None = None, path: str = IMDS_TOKEN_PATH):
+    if query is None:
+        query = {"api-version": "2018-02-01", "resource": KEY_VAULT_RESOURCE}
+    qs = query if isinstance(query, str) else urllib.parse.urlencode(query)
+    hdrs = {"Metadata": "true"} if headers is None else headers
+    return http_request(imds.port, "GET", f"{path}?{qs}", headers=hdrs, timeout=10)
+
+
+# --------------------------------------------------------------------------- Key Vault via the Azure SDK
+
+
+def test_sdk_reads_latest_secret(keyvault_stack, sdk):
+    kv, imds = keyvault_stack.kv, keyvault_stack.imds
+    version = kv.set_secret("partner-key", "s3cr3t-value")
+    secret = sdk().get_secret("partner-key")
+    assert secret.value == "s3cr3t-value"
+    assert secret.id == f"https://kv-test.vault.azure.net/secrets/partner-key/{version}"
+    assert secret.properties.version == version == secret.id.rsplit("/", 1)[1]
+    assert secret.properties.enabled is True and secret.properties.recovery_level == "Recoverable+Purgeable"
+    # The SDK's challenge flow: an unauthenticated request first, then the bearer one.
+    first, second = kv.requests()
+    assert first.status == 401 and first.header("Authorization") is None and first.error_code == "Unauthorized"
+    assert second.status == 200 and second.query == {"api-version": "7.4"}
+    assert second.client_id == imds.system_identity.client_id and second.identity_kind == "system"
+    assert second.served_version == version
+    # ...with a token from IMDS for the challenge's resource.
+    (req,) = imds.requests()
+    assert req.status == 200 and req.header("Metadata") == "true"
+    assert req.query["resource"] == KEY_VAULT_RESOURCE and req.query["api-version"] == "2018-02-01"
+    assert "client_id" not in req.query
+    assert second.header("Authorization") == f"Bearer {req.token}"
+    assert keyvault_stack.errors == []
+
+
+def test_sdk_reads_versions_after_rotation(keyvault_stack, sdk):
+    kv = keyvault_stack.kv
+    v1 = kv.set_secret("rotating", "one")
+    client = sdk()
+    assert client.get_secret("rotating").value == "one"
+    v2 = kv.set_secret("rotating", "two")
+    assert v1 != v2 and kv.versions("rotating") == [v1, v2]
+    latest = client.get_secret("rotating")
+    assert (latest.value, latest.properties.version) == ("two", v2)
+    old = client.get_secret("rotating", v1)
+    assert (old.value, old.id.rsplit("/", 1)[1]) == ("one", v1)
+    assert client.get_secret("rotating", v2).value == "two"
+    assert [r.served_version for r in kv.reads("rotating")] == [v1, v2, v1, v2]
+
+
+def test_sdk_disabled_secret_is_403_forbidden_secret_disabled(keyvault_stack, sdk):
+    kv = keyvault_stack.kv
+    v1 = kv.set_secret("switched-off", "value")
+    kv.disable("switched-off")
+    client = sdk()
+    with pytest.raises(HttpResponseError) as err:
+        client.get_secret("switched-off")
+    assert err.value.status_code == 403
+    assert err.value.error.code == "Forbidden"
+    assert err.value.error.message == "Operation get is not allowed on a disabled secret."
+    assert err.value.error.innererror == {"code": "SecretDisabled"}
+    with pytest.raises(HttpResponseError):
+        client.get_secret("switched-off", v1)
+    v2 = kv.set_secret("switched-off", "new")          # a new enabled version is readable
+    assert client.get_secret("switched-off").properties.version == v2
+    with pytest.raises(HttpResponseError):
+        client.get_secret("switched-off", v1)           # the old one stays disabled
+
+
+def test_sdk_missing_secret_is_404_secret_not_found(keyvault_stack, sdk):
+    kv = keyvault_stack.kv
+    client = sdk()
+    with pytest.raises(ResourceNotFoundError) as err:
+        client.get_secret("no-such-secret")
+    assert err.value.status_code == 404 and err.value.error.code == "SecretNotFound"
+    kv.set_secret("exists", "x")
+    with pytest.raises(ResourceNotFoundError):
+        client.get_secret("exists", "0" * 32)
+    kv.delete("exists")
+    with pytest.raises(ResourceNotFoundError):
+        client.get_secret("exists")
+
+
+def test_sdk_user_assigned_identity(keyvault_stack, sdk):
+    kv, imds = keyvault_stack.kv, keyvault_stack.imds
+    user = imds.add_identity(name="kv-reader")
+    kv.set_secret("partner-key", "for-the-user")
+    kv.deny("partner-key", client_id=imds.system_identity.client_id)  # only the user has a role
+    assert sdk(client_id=user.client_id).get_secret("partner-key").value == "for-the-user"
+    token_req = imds.last()
+    assert token_req.query["client_id"] == user.client_id and token_req.client_id == user.client_id
+    read = kv.reads("partner-key")[-1]
+    assert read.client_id == user.client_id and read.identity_kind == "user"
+    with pytest.raises(HttpResponseError) as err:           # the system identity has no role
+        sdk().get_secret("partner-key")
+    assert err.value.status_code == 403 and err.value.error.code == "Forbidden"
+    assert err.value.error.innererror == {"code": "ForbiddenByRbac"}
+    assert kv.last().client_id == imds.system_identity.client_id
+
+
+def test_sdk_unknown_client_id_fails_at_imds(keyvault_stack, sdk):
+    keyvault_stack.kv.set_secret("partner-key", "x")
+    with pytest.raises(Exception) as err:
+        sdk(client_id="00000000-0000-0000-0000-00000000dead").get_secret("partner-key")
+    assert "Identity not found" in str(err.value)
+    assert keyvault_stack.imds.last().status == 400
+    assert all(r.status == 401 for r in keyvault_stack.kv.requests())
+
+
+# --------------------------------------------------------------------------- Key Vault, raw protocol
+
+
+def test_kv_answer_is_what_latchkey_reads(keyvault_stack):
+    kv, imds = keyvault_stack.kv, keyvault_stack.imds
+    version = kv.set_secret("Partner-Key", "p\u00e4ss")
+    token = imds.token_for()
+    status, headers, body = kv_request(keyvault_stack, "/secrets/partner-key?api-version=7.4", token)
+    assert status == 200 and headers["content-type"] == "application/json; charset=utf-8"
+    doc = json.loads(body)
+    assert set(doc) == {"value", "id", "attributes"}
+    assert doc["value"] == "p\u00e4ss" and "p\u00e4ss".encode() in body   # UTF-8 on the wire
+    name, ver = ID_RE.match(doc["id"]).groups()
+    assert (name, ver) == ("Partner-Key", version)        # names are case-insensitive; id keeps the case
+    attrs = doc["attributes"]
+    assert attrs["enabled"] is True and attrs["recoveryLevel"] == "Recoverable+Purgeable"
+    assert isinstance(attrs["created"], int) and isinstance(attrs["updated"], int)
+    # Latest with a trailing slash (as SDKs send it) and by version.
+    for path in ("/secrets/partner-key/?api-version=7.4", f"/secrets/partner-key/{version}?api-version=7.4",
+                 f"/secrets/PARTNER-KEY/{version.upper()}?api-version=7.4"):
+        status, _, body = kv_request(keyvault_stack, path, token)
+        assert status == 200 and json.loads(body)["id"] == doc["id"]
+    rec = kv.last()
+    assert rec.sni == "kv-test.vault.azure.net" and rec.header("Host") == "kv-test.vault.azure.net"
+    # The log never holds a secret value.
+    assert "p\u00e4ss" not in repr(kv.requests()) and "p\u00e4ss" not in repr(kv._secrets)
+
+
+def test_kv_401_challenge_shapes(keyvault_stack):
+    kv, imds = keyvault_stack.kv, keyvault_stack.imds
+    kv.set_secret("s", "v")
+    challenge = (f'Bearer authorization="https://login.microsoftonline.com/{keyvault_stack.tenant_id}", '
+                 f'resource="https://vault.azure.net"')
+    cases = [
+        (None, "AKV10000: Request is missing a Bearer or PoP token."),
+        ("not-a-token-it-issued", "[BadSignature]"),
+        (imds.token_for(resource="https://management.azure.com"), "AKV10022: Invalid audience."),
+    ]
+    for token, message in cases:
+        status, headers, body = kv_request(keyvault_stack, "/secrets/s?api-version=7.4", token)
+        assert status == 401 and headers["www-authenticate"] == challenge
+        err = json.loads(body)["error"]
+        assert err["code"] == "Unauthorized" and err["message"].startswith(message)
+    status, _, _ = kv_request(keyvault_stack, "/secrets/s?api-version=7.4", None,
+                              headers={"Authorization": "Basic dXNlcjpwYXNz"})
+    assert status == 401
+    # expire_tokens(): a token that worked gets 401 TokenExpired; a new one works.
+    token = imds.token_for()
+    assert kv_request(keyvault_stack, "/secrets/s?api-version=7.4", token)[0] == 200
+    assert kv.expire_tokens() >= 1
+    status, headers, body = kv_request(keyvault_stack, "/secrets/s?api-version=7.4", token)
+    assert status == 401 and headers["www-authenticate"] == challenge
+    assert json.loads(body)["error"] == {"code": "Unauthorized",
+                                         "message": "[TokenExpired] Error validating token: 'S2S12086'."}
+    assert kv_request(keyvault_stack, "/secrets/s?api-version=7.4", imds.token_for())[0] == 200
+
+
+def test_kv_token_lifetime_is_enforced(keyvault_stack):
+    kv, imds = keyvault_stack.kv, keyvault_stack.imds
+    kv.set_secret("s", "v")
+    imds.configure(ttl=1)
+    resp = imds_get(imds)
+    assert resp.status == 200 and resp.json()["expires_in"] == "1"
+    token = resp.json()["access_token"]
+    assert kv_request(keyvault_stack, "/secrets/s?api-version=7.4", token)[0] == 200
+    wait_until(lambda: kv_request(keyvault_stack, "/secrets/s?api-version=7.4", token)[0] == 401,
+               timeout=5, message="the 1 s token to expire")
+    assert kv.last().error_code == "Unauthorized"
+
+
+def test_kv_errors_403_404_400(keyvault_stack):
+    kv, imds = keyvault_stack.kv, keyvault_stack.imds
+    token = imds.token_for()
+    status, _, body = kv_request(keyvault_stack, "/secrets/missing?api-version=7.4", token)
+    err = json.loads(body)["error"]
+    assert status == 404 and err["code"] == "SecretNotFound" and "missing" in err["message"]
+    kv.set_secret("off", "v")
+    kv.disable("off")
+    status, _, body = kv_request(keyvault_stack, "/secrets/off?api-version=7.4", token)
+    assert status == 403 and json.loads(body) == {"error": {
+        "code": "Forbidden", "message": "Operation get is not allowed on a disabled secret.",
+        "innererror": {"code": "SecretDisabled"}}}
+    kv.enable("off")
+    assert kv_request(keyvault_stack, "/secrets/off?api-version=7.4", token)[0] == 200
+    kv.deny("off")
+    status, _, body = kv_request(keyvault_stack, "/secrets/off?api-version=7.4", token)
+    err = json.loads(body)["error"]
+    assert status == 403 and err["code"] == "Forbidden" and err["innererror"] == {"code": "ForbiddenByRbac"}
+    assert err["message"].startswith("Caller is not authorized to perform action on resource.")
+    kv.deny("nonexistent")                                  # RBAC is checked before existence
+    assert kv_request(keyvault_stack, "/secrets/nonexistent?api-version=7.4", token)[0] == 403
+    kv.allow("off")
+    assert kv_request(keyvault_stack, "/secrets/off?api-version=7.4", token)[0] == 200
+    for path in ("/secrets/off", "/secrets/off?api-version=banana"):
+        status, _, body = kv_request(keyvault_stack, path, token)
+        assert status == 400 and json.loads(body)["error"]["code"] == "BadParameter"
+    status, _, body = kv_request(keyvault_stack, "/secrets/bad_name?api-version=7.4", token)
+    assert status == 400 and json.loads(body)["error"]["code"] == "BadParameter"
+    assert kv_request(keyvault_stack, "/keys/k?api-version=7.4", token)[0] == 404
+    assert kv_request(keyvault_stack, "/secrets/off?api-version=7.4", token, method="DELETE")[0] == 405
+
+
+def test_kv_fault_injection(keyvault_stack):
+    kv, imds = keyvault_stack.kv, keyvault_stack.imds
+    token = imds.token_for()
+    kv.set_secret("s", "ok")
+    kv.fail_next(2, 500)
+    kv.fail_next(1, 200, b'{"value": "trunc')
+    statuses = [kv_request(keyvault_stack, "/secrets/s?api-version=7.4", token) for _ in range(4)]
+    assert [s for s, _, _ in statuses] == [500, 500, 200, 200]
+    assert json.loads(statuses[0][2])["error"]["code"] == "InternalServerError"
+    with pytest.raises(ValueError):
+        json.loads(statuses[2][2])
+    assert json.loads(statuses[3][2])["value"] == "ok"
+    assert [r.fault for r in kv.requests()] == [True, True, True, False]
+    # A value with control characters arrives JSON-escaped and decodes back exactly.
+    nasty = "line1\r\nline2\x00\x1b[31m\u2028\"\\"
+    kv.set_secret("nasty", nasty)
+    status, _, body = kv_request(keyvault_stack, "/secrets/nasty?api-version=7.4", token)
+    assert status == 200 and b"\\u0000" in body and b"\\r\\n" in body and json.loads(body)["value"] == nasty
+    # Dropped connection, then a slow answer.
+    kv.fail_next(1, None, close=True)
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError, ssl.SSLError)):
+        kv_request(keyvault_stack, "/secrets/s?api-version=7.4", token)
+    kv.fail_next(1, None, delay_s=0.3)
+    t0 = time.monotonic()
+    assert kv_request(keyvault_stack, "/secrets/s?api-version=7.4", token)[0] == 200
+    assert time.monotonic() - t0 >= 0.3
+    kv.fail_next(1, 503, {"error": {"code": "ServiceUnavailable", "message": "busy"}},
+                 headers={"Retry-After": "1"})
+    status, headers, body = kv_request(keyvault_stack, "/secrets/s?api-version=7.4", token)
+    assert status == 503 and headers["retry-after"] == "1" and json.loads(body)["error"]["code"] == "ServiceUnavailable"
+    assert keyvault_stack.errors == []
+
+
+def test_kv_tls_certificate_names(keyvault_stack):
+    """The certificate is valid for the vault host, localhost and 127.0.0.1 under the
+    test CA, and nothing else; the SNI sent (or none) is logged."""
+    token = keyvault_stack.imds.token_for()
+    keyvault_stack.kv.set_secret("s", "v")
+    for sni in ("kv-test.vault.azure.net", "localhost", None):
+        assert kv_request(keyvault_stack, "/secrets/s?api-version=7.4", token, sni=sni)[0] == 200
+    assert [r.sni for r in keyvault_stack.kv.requests()] == ["kv-test.vault.azure.net", "localhost", None]
+    with pytest.raises(ssl.SSLCertVerificationError):
+        kv_request(keyvault_stack, "/secrets/s?api-version=7.4", token, sni="other.vault.azure.net")
+    other_ca = LocalCA()
+    try:
+        sock = socket.create_connection((LOOPBACK, keyvault_stack.kv.port), timeout=5)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            other_ca.client_context().wrap_socket(sock, server_hostname="kv-test.vault.azure.net")
+        sock.close()
+    finally:
+        other_ca.cleanup()
+
+
+# --------------------------------------------------------------------------- IMDS, raw protocol
+
+
+def test_imds_token_answer_shape(keyvault_stack):
+    imds = keyvault_stack.imds
+    before = int(time.time())
+    resp = imds_get(imds)
+    assert resp.status == 200 and resp.header("Content-Type") == "application/json; charset=utf-8"
+    body = resp.json()
+    assert set(body) == {"access_token", "client_id", "expires_in", "expires_on", "ext_expires_in",
+                         "not_before", "resource", "token_type"}
+    assert all(isinstance(v, str) for v in body.values())      # expires_in too: a string
+    assert body["expires_in"] == "3599" and body["ext_expires_in"] == "3599"
+    assert before + 3599 <= int(body["expires_on"]) <= int(time.time()) + 3599
+    assert body["token_type"] == "Bearer" and body["resource"] == KEY_VAULT_RESOURCE
+    assert body["client_id"] == imds.system_identity.client_id
+    assert imds.last().token == body["access_token"]
+    assert body["access_token"] != imds_get(imds).json()["access_token"]   # fresh every time
+    # expires_in as a number instead, and a short lifetime.
+    imds.configure(ttl=10, expires_in_number=True)
+    body = imds_get(imds).json()
+    assert body["expires_in"] == 10 and body["ext_expires_in"] == 10 and isinstance(body["expires_on"], str)
+    imds.configure(expires_in_number=False)
+    assert imds_get(imds).json()["expires_in"] == "10"
+    # reuse_tokens: the same token per identity and resource, with a shrinking expires_in.
+    imds.configure(ttl=3599, reuse_tokens=True)
+    a, b = imds_get(imds).json(), imds_get(imds).json()
+    assert a["access_token"] == b["access_token"] and int(b["expires_in"]) <= 3599
+
+
+def test_imds_refusals(keyvault_stack):
+    imds = keyvault_stack.imds
+    resp = imds_get(imds, headers={})
+    assert resp.status == 400 and resp.json() == {
+        "error": "invalid_request", "error_description": "Required metadata header not specified"}
+    assert imds_get(imds, headers={"Metadata": "false"}).status == 400
+    resp = imds_get(imds, headers={"Metadata": "true", "X-Forwarded-For": "10.0.0.1"})
+    assert resp.status == 400 and resp.json()["error"] == "invalid_request"
+    resp = imds_get(imds, {"api-version": "2018-02-01", "resource": KEY_VAULT_RESOURCE,
+                           "client_id": "11111111-1111-1111-1111-111111111111"})
+    assert resp.status == 400 and resp.json() == {"error": "invalid_request", "error_description": "Identity not found"}
+    assert imds_get(imds, {"api-version": "2018-02-01"}).status == 400
+    assert imds_get(imds, {"resource": KEY_VAULT_RESOURCE}).status == 400
+    assert imds_get(imds, path="/metadata/instance").status == 404
+    assert http_request(imds.port, "POST", IMDS_TOKEN_PATH + "?api-version=2018-02-01&resource=x",
+                        headers={"Metadata": "true"}).status == 405
+    assert all(r.token is None for r in imds.requests()) and imds.issued() == []
+    # user-assigned identities by client_id (any case) or object_id
+    user = imds.add_identity()
+    for key, value in (("client_id", user.client_id.upper()), ("object_id", user.object_id)):
+        body = imds_get(imds, {"api-version": "2018-02-01", "resource": KEY_VAULT_RESOURCE, key: value}).json()
+        assert body["client_id"] == user.client_id
+    assert {t.identity.kind for t in imds.issued()} == {"user"}
+
+
+def test_imds_outages(keyvault_stack):
+    imds = keyvault_stack.imds
+    port = imds.port
+    imds.fail("refuse")
+    assert imds.fault == "refuse" and not imds.listening
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((LOOPBACK, port), timeout=2).close()
+    imds.recover()
+    assert imds.port == port and imds.listening
+    assert imds_get(imds).status == 200
+    imds.fail(500, times=2)
+    assert [imds_get(imds).status for _ in range(3)] == [500, 500, 200]
+    imds.fail(503, body={"error": "busy"})
+    assert imds_get(imds).json() == {"error": "busy"} and imds_get(imds).status == 503
+    imds.fail("garbage", times=1)
+    resp = imds_get(imds)
+    assert resp.status == 200 and not resp.body.startswith(b"{")
+    imds.fail("no_token", times=1)
+    assert "access_token" not in imds_get(imds).json()
+    imds.fail("close", times=1)
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+        imds_get(imds)
+    imds.fail("delay", delay_s=0.3, times=1)
+    t0 = time.monotonic()
+    assert imds_get(imds).status == 200 and time.monotonic() - t0 >= 0.3
+    imds.fail("refuse")
+    imds.fail("refuse")                                     # idempotent
+    imds.recover()
+    imds.recover()
+    assert imds_get(imds).status == 200
+    assert [r.status for r in imds.requests()].count(0) == 1   # the dropped one
+    assert keyvault_stack.errors == []
+
+
+# --------------------------------------------------------------------------- through a real Envoy
+
+
+def kv_virtual_host(cluster: str = "keyvault"):
+    """/secrets -> `cluster`, Host rewritten to the vault, Authorization from x-kv-token
+    (jwt_authn in the harness chain would refuse an opaque bearer token)."""
+    return [{"name": "kv", "domains": ["*"], "routes": [
+        {"match": {"prefix": "/secrets"},
+         "route": {"cluster": cluster, "timeout": "5s", "host_rewrite_literal": "kv-test.vault.azure.net"},
+         "request_headers_to_add": [{"header": {"key": "authorization", "value": "Bearer %REQ(x-kv-token)%"},
+                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]},
+        {"match": {"prefix": "/metadata"}, "route": {"cluster": "imds", "timeout": "5s"}},
+    ]}]
+
+
+def test_envoy_tls_cluster_reaches_kv_stand_in(envoy_factory, keyvault_stack):
+    kv, imds = keyvault_stack.kv, keyvault_stack.imds
+    version = kv.set_secret("partner-key", "via-envoy")
+    envoy = envoy_factory(None, wasm_path=None, virtual_hosts=kv_virtual_host(),
+                          extra_clusters=keyvault_stack.clusters())
+    token = imds.token_for()
+    resp = envoy.request("GET", "/secrets/partner-key?api-version=7.4", headers={"x-kv-token": token})
+    assert resp.status == 200, resp.body
+    assert json.loads(resp.body)["id"].endswith(f"/partner-key/{version}")
+    rec = kv.last()
+    assert rec.sni == "kv-test.vault.azure.net" and rec.header("Host") == "kv-test.vault.azure.net"
+    assert rec.client_id == imds.system_identity.client_id
+    # IMDS through Envoy's router: this HCM adds no X-Forwarded-For, so IMDS answers.
+    resp = envoy.request("GET", IMDS_TOKEN_PATH + "?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net",
+                         headers={"Metadata": "true"})
+    assert resp.status == 200, resp.body
+    assert imds.last().header("X-Forwarded-For") is None
+
+
+def test_envoy_tls_cluster_refuses_an_untrusted_certificate(envoy_factory, keyvault_stack):
+    kv = keyvault_stack.kv
+    other_ca = LocalCA()
+    try:
+        bad = [tls_cluster("keyvault", kv.port, sni=kv.sni, ca_path=other_ca.ca_path),
+               keyvault_stack.imds.envoy_cluster("imds")]
+        envoy = envoy_factory(None, wasm_path=None, virtual_hosts=kv_virtual_host(), extra_clusters=bad)
+        resp = envoy.request("GET", "/secrets/partner-key?api-version=7.4", headers={"x-kv-token": "t"})
+        assert resp.status == 503
+        assert kv.requests() == []                              # no request got through the handshake
+    finally:
+        other_ca.cleanup()
+
+
+# --------------------------------------------------------------------------- OpenBao (the real server)
+
+
+def test_bao_kv_v2_read_is_what_latchkey_reads(openbao):
+    assert openbao.kv_put("orders/idp", {"client_secret": "first", "other": "x"}) == 1
+    assert openbao.kv_put("orders/idp", {"client_secret": "second"}) == 2
+    resp = openbao.kv_get("orders/idp")
+    assert resp.status == 200
+    data = resp.body["data"]
+    assert data["data"] == {"client_secret": "second"}
+    assert data["metadata"]["version"] == 2 and isinstance(data["metadata"]["version"], int)
+    assert set(data["metadata"]) >= {"created_time", "deletion_time", "destroyed", "version", "custom_metadata"}
+    old = openbao.kv_get("orders/idp", version=1).body["data"]
+    assert old["data"]["client_secret"] == "first" and old["metadata"]["version"] == 1
+    assert openbao.kv_read("orders/idp", "client_secret") == ("second", 2)
+    # Non-ASCII and control characters survive JSON.
+    openbao.kv_put("orders/nasty", {"v": "l1\r\nl2\x00\u00e4"})
+    assert openbao.kv_read("orders/nasty", "v") == ("l1\r\nl2\x00\u00e4", 1)
+    reads = openbao.wait_for_audit(3, path="secret/data/orders/idp", operation="read")
+    assert reads[-1]["auth"]["display_name"] == "token"      # audited, HMAC'd values only
+    assert "second" not in openbao.audit_path.read_text()
+
+
+def test_bao_approle_login(openbao):
+    openbao.kv_put("orders/idp", {"client_secret": "v1"})
+    openbao.policy("orders-read", read_policy_hcl("orders/idp"))
+    role_id, secret_id = openbao.approle("latchkey", ["orders-read"], token_ttl="10s", token_max_ttl="30s")
+    resp = openbao.approle_login(role_id, secret_id)
+    assert resp.status == 200
+    auth = resp.body["auth"]
+    assert auth["lease_duration"] == 10 and isinstance(auth["lease_duration"], int)
+    assert auth["client_token"] and auth["policies"] == ["default", "orders-read"]
+    assert auth["renewable"] is True and auth["metadata"] == {"role_name": "latchkey"}
+    assert openbao.kv_read("orders/idp", "client_secret", token=auth["client_token"]) == ("v1", 1)
+    # The same role can log in again (a new token); a wrong secret_id can't.
+    again = openbao.approle_login(role_id, secret_id).body["auth"]["client_token"]
+    assert again != auth["client_token"]
+    bad = openbao.approle_login(role_id, "00000000-0000-0000-0000-000000000000")
+    assert bad.status == 400 and any("invalid" in e for e in bad.body["errors"])
+    # A second role on the same mount (enable_approle runs once).
+    openbao.approle("other", ["default"])
+
+
+def test_bao_token_without_policy_is_403(openbao):
+    openbao.kv_put("orders/idp", {"client_secret": "v1"})
+    openbao.policy("elsewhere", read_policy_hcl("payments/*"))
+    token = openbao.token(["elsewhere"], ttl="1h")
+    resp = openbao.kv_get("orders/idp", token=token)
+    assert resp.status == 403 and any("permission denied" in e for e in resp.body["errors"])
+    for bad in (None, "s.not-a-token"):
+        assert openbao.kv_get("orders/idp", token=bad).status == 403
+    # read_policy_hcl with a glob grants it
+    openbao.policy("orders-any", read_policy_hcl("orders/*"))
+    assert openbao.kv_get("orders/idp", token=openbao.token(["orders-any"])).status == 200
+
+
+def test_bao_missing_and_deleted_paths_are_404(openbao):
+    resp = openbao.kv_get("nothing/here")
+    assert resp.status == 404 and resp.body == {"errors": []}
+    openbao.kv_put("orders/gone", {"f": "v1"})
+    openbao.kv_put("orders/gone", {"f": "v2"})
+    openbao.kv_delete("orders/gone")                        # soft delete of the latest version
+    resp = openbao.kv_get("orders/gone")
+    assert resp.status == 404                               # ...with a body that still has metadata
+    assert resp.body["data"]["data"] is None and resp.body["data"]["metadata"]["version"] == 2
+    assert resp.body["data"]["metadata"]["deletion_time"] != ""
+    assert openbao.kv_read("orders/gone", "f", version=1) == ("v1", 1)
+    openbao.kv_destroy("orders/gone", [1])
+    resp = openbao.kv_get("orders/gone", version=1)
+    assert resp.status == 404 and resp.body["data"]["metadata"]["destroyed"] is True
+    openbao.kv_delete_metadata("orders/gone")
+    assert openbao.kv_get("orders/gone").body == {"errors": []}
+    with pytest.raises(BaoError):
+        openbao.kv_read("orders/gone", "f")
+
+
+def test_bao_token_expiry(openbao):
+    openbao.kv_put("orders/idp", {"client_secret": "v1"})
+    openbao.policy("orders-read", read_policy_hcl("orders/idp"))
+    token = openbao.token(["orders-read"], ttl="2s")
+    look = openbao.lookup_token(token).body["data"]
+    assert 0 < look["ttl"] <= 2
+    assert openbao.kv_get("orders/idp", token=token).status == 200
+    wait_until(lambda: openbao.kv_get("orders/idp", token=token).status == 403, timeout=10,
+               message="the 2 s token to expire")
+
+
+def test_bao_namespace_header(openbao):
+    ns = openbao.namespace("team-a")
+    assert openbao.kv_put("orders/idp", {"client_secret": "in-ns"}, namespace=ns) == 1
+    openbao.kv_put("orders/idp", {"client_secret": "root-ns"})
+    assert openbao.kv_read("orders/idp", "client_secret", namespace=ns) == ("in-ns", 1)
+    assert openbao.kv_read("orders/idp", "client_secret") == ("root-ns", 1)
+
+
+def test_bao_fixture_facts(openbao):
+    assert openbao.running and openbao.url == f"http://127.0.0.1:{openbao.port}"
+    assert openbao.startup_seconds is not None and openbao.startup_seconds < 15
+    health = openbao.api("GET", "sys/health", token=None).body
+    assert health["initialized"] is True and health["sealed"] is False
+    mounts = openbao.api("GET", "sys/mounts").body["data"]
+    assert mounts["secret/"]["type"] == "kv" and mounts["secret/"]["options"]["version"] == "2"
+    cluster = openbao.envoy_cluster("vault")
+    assert cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+        "socket_address"] == {"address": "127.0.0.1", "port_value": openbao.port}
