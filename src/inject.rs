@@ -336,6 +336,7 @@ mod tests {
                 .collect(),
             strip: strip.iter().map(|s| s.to_string()).collect(),
             drop_token_on_401: true,
+            needs_claims: true,
         }
     }
 

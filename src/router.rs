@@ -218,6 +218,7 @@ mod tests {
             inject: vec![],
             strip: vec![],
             drop_token_on_401: true,
+            needs_claims: true,
         }
     }
 

@@ -769,7 +769,15 @@ impl Builder<'_> {
                 strip.push(header_name(&index(&r.child("strip"), j), h)?);
             }
             let drop_token_on_401 = r.opt_bool("drop_token_on_401")?.unwrap_or(true);
+            let public = |a: Option<&Access>| a.is_some_and(|a| a.public);
+            let needs_claims = access.as_ref().is_some_and(|a| !a.public)
+                || inject.iter().any(|inj| {
+                    inj.connections.iter().any(|&ci| {
+                        !public(connections.items.get(ci).and_then(|c| c.access.as_ref()))
+                    })
+                });
             routes.push(Route {
+                needs_claims,
                 name: name.to_string(),
                 matcher,
                 access,

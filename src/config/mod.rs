@@ -267,6 +267,9 @@ pub struct Route {
     pub strip: Vec<String>,
     /// Drop a latchkey token from the cache when the upstream answers 401 to it.
     pub drop_token_on_401: bool,
+    /// Whether any policy on this route (its own, or a connection it may use)
+    /// looks at claims; when none does, the filter doesn't read them.
+    pub needs_claims: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

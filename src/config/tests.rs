@@ -495,3 +495,27 @@ fn bad_store_configurations_name_the_field() {
         assert_eq!(err.to_string(), want);
     }
 }
+
+#[test]
+fn routes_know_whether_they_need_claims() {
+    let v = json!({
+        "secrets": { "k": { "env": "PARTNER_API_KEY" } },
+        "providers": { "p": { "type": "api_key" } },
+        "connections": {
+            "open": { "provider": "p", "api_key": "k", "access": { "public": true } },
+            "members": { "provider": "p", "api_key": "k", "access": { "groups": ["g"] } }
+        },
+        "routes": [
+            { "name": "public_key", "match": { "path_prefix": "/a/" },
+              "inject": [ { "connections": ["open"], "header": "x-k" } ] },
+            { "name": "open_route", "match": { "path_prefix": "/b/" }, "access": { "public": true } },
+            { "name": "bare", "match": { "path_prefix": "/c/" } },
+            { "name": "guarded", "match": { "path_prefix": "/d/" }, "access": { "authenticated": true } },
+            { "name": "member_key", "match": { "path_prefix": "/e/" },
+              "inject": [ { "connections": ["open", "members"], "header": "x-k" } ] }
+        ]
+    });
+    let c = Config::parse(v.to_string().as_bytes(), &env).unwrap();
+    let needs: Vec<bool> = c.routes.iter().map(|r| r.needs_claims).collect();
+    assert_eq!(needs, [false, false, false, true, true]);
+}

@@ -88,6 +88,13 @@ extern "C" {
         return_map_data: *mut *mut u8,
         return_map_size: *mut usize,
     ) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
     fn proxy_replace_header_map_value(
         map_type: u32,
         key_data: *const u8,
@@ -304,6 +311,21 @@ pub fn header_pairs(map: Map) -> HostResult<HeaderPairs> {
         return Err(HostError(3));
     }
     Ok(HeaderPairs(bytes))
+}
+
+/// One header's value; `Ok(None)` when the map has no such header.
+pub fn header(map: Map, name: &str) -> HostResult<Option<Vec<u8>>> {
+    let mut data = std::ptr::null_mut();
+    let mut size = 0usize;
+    // SAFETY: pointer and length of a live &str, out-pointers to locals.
+    let code = unsafe {
+        proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size)
+    };
+    match code {
+        0 => Ok(Some(unsafe { owned(data, size) })),
+        NOT_FOUND => Ok(None),
+        other => Err(HostError(other)),
+    }
 }
 
 pub fn remove_header(map: Map, name: &str) -> HostResult<()> {

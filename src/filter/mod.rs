@@ -269,9 +269,7 @@ impl HttpContext for Http {
         if used.is_empty() {
             return Action::Continue;
         }
-        let status = host::header_pairs(Map::Response)
-            .ok()
-            .and_then(|h| h.get(":status").map(<[u8]>::to_vec));
+        let status = host::header(Map::Response, ":status").ok().flatten();
         if status.as_deref() == Some(b"401") {
             broker.drop_tokens(&state, &used, host::now_ms().unwrap_or(0));
         }
@@ -419,6 +417,8 @@ fn handle_request(
 
     let decision = match route {
         None => decide(config, None, None),
+        // Only public policies on this route: who the caller is changes nothing.
+        Some(r) if !r.needs_claims => decide(config, route_index, None),
         Some(_) => match read_identity(config, &headers) {
             Ok(identity) => decide(config, route_index, identity.as_ref()),
             Err(IdentityError::Host(e)) => return Err(e),
