@@ -1,10 +1,12 @@
 // Validates Kubernetes YAML files against Istio's CRD schemas, as shipped by npm
-// @kubernetes-models/istio (validators generated from Istio's crd-all.gen.yaml).
+// @kubernetes-models/istio (validators generated from Istio's crd-all.gen.yaml), and
+// core Kubernetes kinds (Deployment, ConfigMap, Service, ...) against npm kubernetes-models
+// (generated from Kubernetes' OpenAPI).
 //
 // Usage: node validate.mjs FILE...
 // Prints one JSON line per document: {file, index, apiVersion, kind, name, status, errors}
-// with status "valid", "invalid" or "skipped" (not an Istio kind). Exit 1 if any document
-// is invalid or an Istio kind has no schema, 2 on a usage or read error.
+// with status "valid" or "invalid"; `schema` names the package whose schema was used.
+// Exit 1 if any document is invalid or has no schema, 2 on a usage or read error.
 
 import fs from 'node:fs';
 import { parseAllDocuments } from 'yaml';
@@ -42,13 +44,16 @@ for (const file of files) {
     const name = data.metadata?.name;
     const [group, version] = apiVersion.split('/');
     const out = { file, index, apiVersion, kind, name };
-    if (!ISTIO_GROUPS.includes(group)) {
-      console.log(JSON.stringify({ ...out, status: 'skipped' }));
-      continue;
-    }
+    const istio = ISTIO_GROUPS.includes(group);
+    const schema = istio ? '@kubernetes-models/istio' : 'kubernetes-models';
+    // Core kinds: kubernetes-models/v1/ConfigMap, kubernetes-models/apps/v1/Deployment.
+    const modulePath = istio ? `${schema}/${group}/${version}/${kind}`
+      : `${schema}/${version === undefined ? group : `${group}/${version}`}/${kind}`;
+    out.schema = schema;
     let Model;
     try {
-      Model = (await import(`@kubernetes-models/istio/${group}/${version}/${kind}`))[kind];
+      Model = (await import(modulePath))[kind];
+      if (typeof Model !== 'function') throw new Error('no model');
     } catch (e) {
       failed = true;
       console.log(JSON.stringify({ ...out, status: 'invalid', errors: [`no schema for ${apiVersion} ${kind}`] }));
