@@ -2,7 +2,8 @@
 """The latchkey demo behind `make run`.
 
 Starts, all on 127.0.0.1: an echo upstream (it answers with the request it got, as
-JSON), oidc-provider (a real OAuth server, tests/oauth) as the token server, and
+JSON), oidc-provider (a real OAuth server, tests/oauth) as the token server, OpenBao
+(the Vault-compatible secret store, in dev mode) holding the partner API key, and
 Envoy 1.40 running envoy/demo.yaml with the freshly built latchkey module.
 Mints demo JWTs with envoy/demo/demo-signing-key.pem (a key for this demo only),
 prints curl lines to try, and runs until Ctrl-C, then stops everything it started.
@@ -31,11 +32,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 from harness import Upstream, http_request  # noqa: E402
 from token_servers import OidcProvider  # noqa: E402
+from secret_stores import OpenBao  # noqa: E402
 
 DEMO_CONFIG = REPO / "envoy" / "demo.yaml"
 DEMO_KEY = REPO / "envoy" / "demo" / "demo-signing-key.pem"
 WASM_PLACEHOLDER = "/opt/latchkey/latchkey.wasm"
-DEFAULT_PORTS = {"listen": 10000, "admin": 9901, "upstream": 18080, "idp": 18081}
+DEFAULT_PORTS = {"listen": 10000, "admin": 9901, "upstream": 18080, "idp": 18081,
+                 "vault": 18200}
+VAULT_ROOT = "demo-vault-root-token"  # envoy/demo.yaml's VAULT_TOKEN
+PARTNER_KEY = "demo-partner-key-7f3a"
+ROTATED_KEY = "demo-partner-key-rotated-2b9e"
 
 
 def mint(sub: str, groups: list[str]) -> str:
@@ -59,6 +65,7 @@ def render(wasm: Path, ports: dict[str, int], out: Path) -> None:
     text = DEMO_CONFIG.read_text().replace(WASM_PLACEHOLDER, str(wasm.resolve()))
     for name, default in DEFAULT_PORTS.items():
         text = text.replace(f"port_value: {default} ", f"port_value: {ports[name]} ")
+    text = text.replace("http://127.0.0.1:18200", f"http://127.0.0.1:{ports['vault']}")
     out.write_text(text)
 
 
@@ -87,6 +94,12 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def rotate_command(ports: dict[str, int]) -> str:
+    return (f"curl -s -H 'X-Vault-Token: {VAULT_ROOT}' "
+            f"-d '{{\"data\": {{\"api_key\": \"{ROTATED_KEY}\"}}}}' "
+            f"http://127.0.0.1:{ports['vault']}/v1/secret/data/partner")
+
+
 def instructions(ports: dict[str, int], alice: str, bob: str) -> str:
     base = f"http://127.0.0.1:{ports['listen']}"
     return f"""
@@ -113,7 +126,12 @@ injected. Applications never hold the keys: Envoy's latchkey does.
    curl -s -H "Authorization: Bearer $ALICE" {base}/orders/42 | python3 -m json.tool
    (run it twice: one token request, then the cached token)
 
-6. What latchkey counted
+6. Rotate the partner key in the secret store (OpenBao, http://127.0.0.1:{ports['vault']}):
+   latchkey re-reads it every 5 s; the next requests carry the new key, no restart.
+   {rotate_command(ports)}
+   curl -s -H "Authorization: Bearer $ALICE" {base}/partner/invoices | grep -i x-api-key
+
+7. What latchkey counted
    curl -s http://127.0.0.1:{ports['admin']}/stats | grep latchkey
 
 Access-log lines (route, connection, decision) appear below. Ctrl-C stops everything.
@@ -133,7 +151,8 @@ def self_test(ports: dict[str, int], alice: str, bob: str) -> list[str]:
     r = http_request(port, "GET", "/partner/invoices", headers=[("authorization", f"Bearer {alice}")])
     echoed = json.loads(r.body) if r.status == 200 else {}
     headers = {k.lower(): v for k, v in echoed.get("headers", [])}
-    check("header injection", r.status == 200 and headers.get("x-api-key") == "demo-partner-key-7f3a")
+    check("header injection (key from the store)",
+          r.status == 200 and headers.get("x-api-key") == PARTNER_KEY)
     r = http_request(port, "GET", "/weather?city=Oslo&appid=mine")
     echoed = json.loads(r.body) if r.status == 200 else {}
     check("query injection", echoed.get("path") == "/weather?city=Oslo&appid=demo-weather-key-19c2")
@@ -151,6 +170,16 @@ def self_test(ports: dict[str, int], alice: str, bob: str) -> list[str]:
         tokens.append(headers.get("authorization", ""))
     check("oauth token injected and cached",
           tokens[0].startswith("Bearer ey") and tokens[0] == tokens[1] and tokens[0] != f"Bearer {alice}")
+    # The printed rotation command, then the next requests carry the new key.
+    subprocess.run(rotate_command(ports), shell=True, check=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    seen = None
+    while time.monotonic() < deadline and seen != ROTATED_KEY:
+        r = http_request(port, "GET", "/partner/invoices", headers=[("authorization", f"Bearer {alice}")])
+        echoed = json.loads(r.body) if r.status == 200 else {}
+        seen = {k.lower(): v for k, v in echoed.get("headers", [])}.get("x-api-key")
+        time.sleep(0.25)
+    check("rotated key used with no restart", seen == ROTATED_KEY)
     return failures
 
 
@@ -177,6 +206,8 @@ def main() -> int:
 
     upstream = Upstream(ports["upstream"]).start()
     idp = OidcProvider(ttl=300, port=ports["idp"]).start()
+    vault = OpenBao(port=ports["vault"], root_token=VAULT_ROOT).start()
+    vault.kv_put("partner", {"api_key": PARTNER_KEY})
     cmd = [str(args.envoy), "-c", str(config), "--concurrency", "2", "--base-id",
            str(30000 + ports["admin"]), "--log-level", "warn"]
     out = subprocess.DEVNULL if args.self_test else None
@@ -185,7 +216,7 @@ def main() -> int:
         wait_ready(ports["admin"], envoy)
         if args.self_test:
             failures = self_test(ports, alice, bob)
-            print(f"{5 - len(failures)} passed, {len(failures)} failed")
+            print(f"{6 - len(failures)} passed, {len(failures)} failed")
             return 1 if failures else 0
         print(instructions(ports, alice, bob), flush=True)
         envoy.wait()
@@ -196,6 +227,7 @@ def main() -> int:
         return 0
     finally:
         stop(envoy)
+        vault.stop()
         idp.stop()
         upstream.stop()
 

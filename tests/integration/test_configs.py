@@ -29,11 +29,12 @@ def test_envoy_validates(config: Path, wasm_path, tmp_path):
 
 
 def test_demo_self_test(wasm_path):
-    ports = [free_port() for _ in range(4)]
+    ports = [free_port() for _ in range(5)]
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "--wasm", str(wasm_path),
          "--self-test", "--listen", str(ports[0]), "--admin", str(ports[1]),
-         "--upstream", str(ports[2]), "--idp", str(ports[3])],
+         "--upstream", str(ports[2]), "--idp", str(ports[3]), "--vault", str(ports[4])],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 passed, 0 failed" in result.stdout
+    assert "6 passed, 0 failed" in result.stdout
+    assert "PASS rotated key used with no restart" in result.stdout
