@@ -62,7 +62,14 @@ lint: setup
 unit:
 	$(CARGO) test --features cli
 
-integration: build check-tool $(ISTIO_NODE_STAMP)
+# skopeo and a registry (CNCF Distribution) from Debian, for the OCI image test's push/pull.
+OCI_TOOLS := /usr/bin/skopeo /usr/bin/docker-registry
+$(OCI_TOOLS):
+	@(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		skopeo docker-registry >/dev/null) \
+		|| { echo "the OCI test needs skopeo and docker-registry (Debian packages)"; exit 1; }
+
+integration: build check-tool $(ISTIO_NODE_STAMP) | $(OCI_TOOLS)
 	LATCHKEY_WASM=$(abspath $(WASM)) LATCHKEY_CHECKER=$(abspath $(CHECKER)) \
 		$(VPY) -m pytest -q -p no:cacheprovider tests/integration
 
