@@ -1,0 +1,104 @@
+"""Helpers for the offline checker (`latchkey check`) and the JSON Schema tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import jsonschema
+import yaml
+
+from harness import REPO_ROOT
+
+SCHEMA_PATH = REPO_ROOT / "schema" / "latchkey.schema.json"
+WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+
+
+def checker() -> str:
+    path = os.environ.get("LATCHKEY_CHECKER") or str(REPO_ROOT / "target" / "debug" / "latchkey")
+    assert Path(path).is_file(), f"{path} not found: `make check-tool` builds it"
+    return path
+
+
+def check(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+          timeout: float = 30) -> subprocess.CompletedProcess:
+    full_env = None
+    if env is not None:
+        full_env = {"PATH": os.environ.get("PATH", ""), **env}
+    return subprocess.run([checker(), *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def validator() -> jsonschema.Draft202012Validator:
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def schema_errors(doc: Any) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validator().iter_errors(doc)]
+
+
+def wasm_filters(node: Any) -> Iterator[dict]:
+    """Every wasm HTTP filter `config` in an Envoy configuration tree."""
+    if isinstance(node, dict):
+        if node.get("@type") == WASM_TYPE and "config" in node:
+            yield node["config"]
+            return
+        for v in node.values():
+            yield from wasm_filters(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from wasm_filters(v)
+
+
+def filter_configuration(config: dict) -> str | None:
+    c = config.get("configuration")
+    if isinstance(c, dict):
+        return c.get("value")
+    return c
+
+
+def json_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```json\n(.*?)```", markdown, re.S)
+
+
+def parse_block(block: str) -> tuple[Any, bool]:
+    """A JSON example: (document, complete). A fragment (`"secrets": {…}, …`) is wrapped
+    into a document; it may name things it does not define."""
+    text = block.strip()
+    if text.startswith("{"):
+        return json.loads(text), True
+    return json.loads("{" + text + "}"), False
+
+
+def example_configs() -> list[tuple[str, Any, bool]]:
+    """Every latchkey configuration the repository ships as an example: (where, doc, complete)."""
+    out: list[tuple[str, Any, bool]] = []
+    for i, block in enumerate(json_blocks((REPO_ROOT / "README.md").read_text())):
+        doc, complete = parse_block(block)
+        out.append((f"README.md json block {i + 1}", doc, complete))
+    for f in sorted((REPO_ROOT / "envoy").glob("*.yaml")):
+        for d in yaml.safe_load_all(f.read_text()):
+            for cfg in wasm_filters(d):
+                out.append((f"envoy/{f.name} wasm filter {cfg.get('name')}",
+                            json.loads(filter_configuration(cfg)), True))
+    for f in sorted((REPO_ROOT / "deploy").rglob("*.yaml")):
+        for d in yaml.safe_load_all(f.read_text()):
+            if d and d.get("kind") == "WasmPlugin":
+                out.append((f"{f.relative_to(REPO_ROOT)} pluginConfig", d["spec"]["pluginConfig"], True))
+    return out
+
+
+def spec_examples() -> list[tuple[str, Any]]:
+    """The JSON examples of ../shared/SPEC.md (fragments wrapped into a document)."""
+    spec = REPO_ROOT.parent / "shared" / "SPEC.md"
+    if not spec.is_file():
+        return []
+    return [(f"SPEC.md json block {i + 1}", parse_block(block)[0])
+            for i, block in enumerate(json_blocks(spec.read_text()))]

@@ -1,0 +1,90 @@
+"""latchkey's stats on /stats/prometheus carry route, connection and reason as labels.
+
+Envoy's `stats_tags` do it (the first group of each regex leaves the stat name, the second
+is the label's value). Every Envoy configuration latchkey ships has the same four, and so
+does the Istio bootstrap override (deploy/istio/gateway.yaml); test_istio_shaped.py scrapes
+that one through Istio's stats matcher. The scrape is parsed with prometheus-client's
+text-format parser.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+import istio_shape as ist
+import prom
+from harness import REPO_ROOT, Envoy, bearer, envoy_config, free_port, static_cluster
+from token_servers import closed_port
+
+SHIPPED = sorted((REPO_ROOT / "envoy").glob("*.yaml"))
+
+
+def canonical_tags() -> list[dict]:
+    return yaml.safe_load((REPO_ROOT / "envoy" / "demo.yaml").read_text())["stats_config"]["stats_tags"]
+
+
+def test_every_shipped_envoy_configuration_has_the_same_stats_tags():
+    tags = canonical_tags()
+    assert [t["tag_name"] for t in tags] == ["route", "connection", "secret", "reason"]
+    for f in SHIPPED:
+        for doc in yaml.safe_load_all(f.read_text()):
+            if doc and "static_resources" in doc:
+                assert doc.get("stats_config", {}).get("stats_tags") == tags, f.name
+    assert json.loads(ist.bootstrap_override())["stats_config"]["stats_tags"] == tags
+
+
+def test_prometheus_labels(upstream, signer, wasm_path, tmp_path):
+    config = {
+        "secrets": {"k": {"inline": "prom-key"}, "s": {"inline": "prom-secret"}},
+        "providers": {"keys": {"type": "api_key"},
+                      "idp": {"type": "oauth2", "cluster": "idp", "token_url": "http://idp.test/token",
+                              "client_id": "c", "client_secret": "s", "timeout_ms": 1000}},
+        "connections": {
+            "billing_key": {"provider": "keys", "api_key": "k", "access": {"groups": ["billing"]}},
+            "orders_token": {"provider": "idp", "grant": "client_credentials",
+                             "access": {"authenticated": True}},
+        },
+        "routes": [
+            {"name": "partner", "match": {"path_prefix": "/partner/"},
+             "inject": [{"connections": ["billing_key"], "header": "x-api-key"}]},
+            {"name": "orders", "match": {"path_prefix": "/orders/"},
+             "inject": [{"connections": ["orders_token"], "header": "authorization"}]},
+        ],
+        "unmatched": "deny",
+    }
+    cfg = envoy_config(free_port(), free_port(), upstream.port, wasm_path, config, signer.jwks(),
+                       extra_clusters=[static_cluster("idp", closed_port())])
+    # The canonical tags, given to this Envoy the way demo.yaml gives them.
+    cfg["stats_config"] = {"stats_tags": canonical_tags()}
+    with Envoy(cfg, tmp_path / "envoy") as envoy:
+        check_labels(envoy, signer)
+
+
+def check_labels(envoy, signer):
+    alice = signer.token({"sub": "alice", "groups": ["billing"]})
+    bob = signer.token({"sub": "bob", "groups": ["support"]})
+    assert envoy.request("GET", "/partner/x", headers=[bearer(alice)]).status == 200
+    assert envoy.request("GET", "/partner/x", headers=[bearer(alice)]).status == 200
+    assert envoy.request("GET", "/partner/x", headers=[bearer(bob)]).status == 403
+    assert envoy.request("GET", "/partner/x").status == 401
+    assert envoy.request("GET", "/elsewhere").status == 403
+    assert envoy.request("GET", "/orders/1", headers=[bearer(alice)]).status == 503
+    envoy.wait_for_stat("wasmcustom.latchkey.connection.orders_token.token.failure.connect", 1)
+    p = prom.scrape(envoy)
+    assert p.get("latchkey_requests_allowed") == 2
+    assert p.get("latchkey_requests_denied", reason="forbidden") == 1
+    assert p.get("latchkey_requests_denied", reason="unauthenticated") == 1
+    assert p.get("latchkey_requests_denied", reason="unmatched") == 1
+    assert p.get("latchkey_requests_unavailable") == 1
+    assert p.get("latchkey_connection_injected", connection="billing_key") == 2
+    assert p.get("latchkey_connection_token_failure", connection="orders_token", reason="connect") == 1
+    # The total has no reason label: it is the sum of the others.
+    assert p.get("latchkey_connection_token_failure", connection="orders_token") == 1
+    assert p.types["latchkey_connection_token_state"] == "gauge"
+    # Names are never baked into metric names.
+    names = [f for f in p.families("latchkey_")]
+    assert names and not [n for n in names if "billing_key" in n or "orders_token" in n
+                          or "forbidden" in n or n.endswith("_connect")]
