@@ -903,16 +903,11 @@ fn oauth2_connection(c: &Obj, secrets: &Named<SecretRef>) -> Result<OAuth2Connec
                     "required when grant is \"refresh_token\"",
                 )
             })?;
-            match secrets.get(c.child("refresh_token"), "secret", name)? {
-                SecretRef::Value(v) => Grant::RefreshToken(v.clone()),
-                SecretRef::Store(_) => {
-                    return Err(ConfigError::invalid(
-                        c.child("refresh_token"),
-                        name,
-                        "a refresh token can't come from a secret store yet: give it by env",
-                    ))
-                }
-            }
+            Grant::RefreshToken(
+                secrets
+                    .get(c.child("refresh_token"), "secret", name)?
+                    .clone(),
+            )
         }
         "token_exchange" => Grant::TokenExchange {
             subject_token_type: c

@@ -238,8 +238,8 @@ pub struct OAuth2Connection {
 #[derive(Debug)]
 pub enum Grant {
     ClientCredentials,
-    /// A pre-consented connection: the refresh token is a secret.
-    RefreshToken(Secret),
+    /// A pre-consented connection: the refresh token is a secret (perhaps in a store).
+    RefreshToken(SecretRef),
     /// RFC 8693: the caller's bearer token is the subject token.
     TokenExchange {
         subject_token_type: String,

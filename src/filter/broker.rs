@@ -465,18 +465,25 @@ impl Broker {
         Ok(Access::Wait)
     }
 
-    /// The credentials a connection's own token fetch needs first: its client
-    /// secret, when that comes from a store.
-    fn prerequisite(loaded: &Loaded, connection: usize) -> Option<usize> {
+    /// The stores a connection's own token fetch needs first: its client secret
+    /// and its refresh token, when they come from a store.
+    fn prerequisites(loaded: &Loaded, connection: usize) -> Vec<usize> {
         let config = &loaded.config;
-        let conn = config.connection(connection)?;
-        match &config.provider_of(conn)?.kind {
-            ProviderKind::OAuth2(p) => match p.client_secret {
-                SecretRef::Store(i) => Some(i),
-                SecretRef::Value(_) => None,
-            },
-            _ => None,
+        let Some(conn) = config.connection(connection) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        if let Some(ProviderKind::OAuth2(p)) = config.provider_of(conn).map(|p| &p.kind) {
+            if let SecretRef::Store(i) = p.client_secret {
+                out.push(i);
+            }
         }
+        if let Credential::OAuth2(o) = &conn.credential {
+            if let Grant::RefreshToken(SecretRef::Store(i)) = o.grant {
+                out.push(i);
+            }
+        }
+        out
     }
 
     /// Starts reading every store, so that the first request finds its value.
@@ -535,12 +542,13 @@ impl Broker {
                     }
                 }
                 Credential::OAuth2(_) | Credential::ManagedIdentity { .. } => {
-                    if let Some(si) = Self::prerequisite(loaded, ci) {
+                    let mut ready = true;
+                    for si in Self::prerequisites(loaded, ci) {
                         match self.acquire(loaded, Owner::Store(si), None, now, false)? {
                             Access::Ready(_) => {}
                             Access::Wait => {
                                 wait_for(Owner::Store(si));
-                                continue;
+                                ready = false;
                             }
                             Access::Reject { retry_after_ms } => {
                                 return Ok(Resolution::Reject {
@@ -549,6 +557,9 @@ impl Broker {
                                 })
                             }
                         }
+                    }
+                    if !ready {
+                        continue;
                     }
                     match self.acquire(loaded, Owner::Connection(ci), subject, now, on_request)? {
                         Access::Ready(t) => {
@@ -723,6 +734,20 @@ impl Broker {
                         .filter(|v| !v.is_empty())
                         .map(Secret::new),
                     _ => None,
+                };
+                // No rotated refresh token yet: the configured one, perhaps from a store.
+                let rotated = match (rotated, &oc.grant) {
+                    (None, Grant::RefreshToken(SecretRef::Store(i))) => {
+                        match self.need(&f, Owner::Store(*i), now) {
+                            Ok(v) => Some(Secret::new(v.token)),
+                            Err(Some(())) => return Sent::Deferred(Box::new(f)),
+                            Err(None) => {
+                                self.complete(&f, Err(FetchError::Dispatch), now);
+                                return Sent::Done;
+                            }
+                        }
+                    }
+                    (r, _) => r,
                 };
                 let input = match (&rotated, &f.subject) {
                     (Some(rt), _) => GrantInput::RefreshToken(rt),
@@ -1057,6 +1082,7 @@ impl Broker {
                 Some(old) if old == new => {}
                 Some(old) => {
                     m.store(i, StoreStat::VersionChange);
+                    self.forget_rotated_refresh_tokens(&loaded, i);
                     host::log(
                         Level::Info,
                         &format!("secret {}: new version {new:?} (was {old:?})", st.name),
@@ -1066,6 +1092,27 @@ impl Broker {
                     Level::Info,
                     &format!("secret {}: read version {new:?}", st.name),
                 ),
+            }
+        }
+    }
+
+    /// A store's refresh token changed (re-consented): refresh tokens the token
+    /// server rotated from the old one no longer apply.
+    fn forget_rotated_refresh_tokens(&self, loaded: &Loaded, store: usize) {
+        for (ci, conn) in loaded.config.connections.iter().enumerate() {
+            let Credential::OAuth2(o) = &conn.credential else {
+                continue;
+            };
+            if !matches!(o.grant, Grant::RefreshToken(SecretRef::Store(i)) if i == store) {
+                continue;
+            }
+            let key = loaded
+                .tokens
+                .get(ci)
+                .and_then(Option::as_ref)
+                .and_then(|s| s.rt_key.as_deref());
+            if let Some(k) = key {
+                let _ = host::set_shared_data(k, b"", 0);
             }
         }
     }

@@ -55,7 +55,8 @@ pub fn cache_key(connection: &Connection, provider: &Provider) -> Option<String>
     (&p.token_url, &p.cluster, &p.client_id, secret).hash(&mut h);
     let grant = match &c.grant {
         Grant::ClientCredentials => "client_credentials".to_string(),
-        Grant::RefreshToken(rt) => format!("refresh_token:{}", rt.expose()),
+        Grant::RefreshToken(SecretRef::Value(rt)) => format!("refresh_token:{}", rt.expose()),
+        Grant::RefreshToken(SecretRef::Store(i)) => format!("refresh_token:store:{i}"),
         Grant::TokenExchange { subject_token_type } => {
             format!("token_exchange:{subject_token_type}")
         }

@@ -7,7 +7,7 @@
 use base64::Engine;
 use url::form_urlencoded;
 
-use crate::config::{AuthMethod, Grant, OAuth2Connection, OAuth2Provider};
+use crate::config::{AuthMethod, Grant, OAuth2Connection, OAuth2Provider, SecretRef};
 use crate::secret::Secret;
 
 pub const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -45,12 +45,16 @@ pub fn build(
     let mut form = form_urlencoded::Serializer::new(String::new());
     match (&conn.grant, input) {
         (Grant::RefreshToken(configured), input) => {
-            let current = match input {
-                GrantInput::RefreshToken(rt) => rt,
-                _ => configured,
+            // The glue passes the current one (rotated, or read from a store).
+            let current = match (input, configured) {
+                (GrantInput::RefreshToken(rt), _) => Some(rt),
+                (_, SecretRef::Value(rt)) => Some(rt),
+                (_, SecretRef::Store(_)) => None,
             };
             form.append_pair("grant_type", "refresh_token");
-            form.append_pair("refresh_token", current.expose());
+            if let Some(rt) = current {
+                form.append_pair("refresh_token", rt.expose());
+            }
         }
         (Grant::TokenExchange { subject_token_type }, input) => {
             form.append_pair("grant_type", GRANT_TOKEN_EXCHANGE);
@@ -203,7 +207,9 @@ mod tests {
 
     #[test]
     fn refresh_token_uses_the_current_token() {
-        let mut c = conn(Grant::RefreshToken(Secret::new("rt-configured")));
+        let mut c = conn(Grant::RefreshToken(SecretRef::Value(Secret::new(
+            "rt-configured",
+        ))));
         c.scopes.clear();
         c.audience = None;
         c.resource = None;

@@ -414,3 +414,42 @@ def test_managed_identity_token_injected_upstream(envoy_factory, upstream, stack
     assert len(issued) == 1 and issued[0].resource == "https://management.azure.com"
     assert upstream.last().header("authorization") == f"Bearer {issued[0].token}"
     assert stat(envoy, "connection.arm.token.requests") == 1
+
+
+# ------------------------------------------- token requests with secrets from a store
+
+
+def test_client_secret_and_refresh_token_from_a_store(envoy_factory, upstream, bao):
+    from token_servers import FaultTokenServer
+    bao.kv_put("idp", {"client_secret": "cs-from-bao-1", "refresh_token": "rt-from-bao-1"})
+    store = {"cluster": "vault", "url": bao.url, "path": "idp", "token": "vault_token"}
+    with FaultTokenServer(ttl=3600) as idp:
+        cfg = {
+            "secrets": {
+                "vault_token": {"env": "VAULT_TOKEN"},
+                "cs": {"vault": {**store, "field": "client_secret"}},
+                "rt": {"vault": {**store, "field": "refresh_token"}},
+            },
+            "providers": {"idp": {"type": "oauth2", "cluster": "idp",
+                                  "token_url": f"http://127.0.0.1:{idp.port}/token",
+                                  "client_id": "gw", "client_secret": "cs",
+                                  "auth_method": "client_secret_post"}},
+            "connections": {"orders": {"provider": "idp", "grant": "refresh_token",
+                                       "refresh_token": "rt", "access": {"public": True}}},
+            "routes": [{"name": "orders", "match": {"path_prefix": "/orders/"},
+                        "inject": [{"connections": ["orders"], "header": "authorization"}]}],
+        }
+        envoy = envoy_factory(cfg, wasm_env={"VAULT_TOKEN": bao.root_token}, routes=ROUTES,
+                              extra_clusters=[bao.envoy_cluster("vault"),
+                                              static_cluster("idp", idp.port)],
+                              component_log_level="wasm:debug")
+        for _ in range(3):
+            resp = envoy.request("GET", "/orders/1")
+            assert resp.status == 200, resp
+            assert upstream.last().header("authorization") == "Bearer fake-1"
+        assert idp.count() == 1
+        assert idp.last().body == (b"grant_type=refresh_token&refresh_token=rt-from-bao-1"
+                                   b"&client_id=gw&client_secret=cs-from-bao-1")
+        assert stat(envoy, "secret.cs.reads") == 1 and stat(envoy, "secret.rt.reads") == 1
+        log = envoy.log_text()
+        assert "cs-from-bao-1" not in log and "rt-from-bao-1" not in log and "fake-1" not in log
