@@ -40,8 +40,10 @@ $(STAMP): tests/requirements.txt
 	@touch $@
 
 # --lib: the crate's `latchkey` binary (the checker) must never become latchkey.wasm.
+# Then only the callbacks latchkey uses stay exported (scripts/wasm_exports.py says why).
 build: setup
 	$(CARGO) build --release --target $(TARGET) --lib
+	@$(PYTHON) scripts/wasm_exports.py $(WASM)
 	@ls -l $(WASM)
 
 # `latchkey check FILE` / `latchkey schema`, built for this machine.

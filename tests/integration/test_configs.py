@@ -38,3 +38,17 @@ def test_demo_self_test(wasm_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "6 passed, 0 failed" in result.stdout
     assert "PASS rotated key used with no restart" in result.stdout
+
+
+def test_module_exports_only_the_callbacks_latchkey_uses(wasm_path):
+    """make build prunes the SDK's unused callbacks (scripts/wasm_exports.py); Envoy
+    then never enters the VM for request/response bodies, trailers or logs."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import wasm_exports
+
+    names = set()
+    for sid, body, _ in wasm_exports.sections(wasm_path.read_bytes()):
+        if sid == wasm_exports.EXPORT_SECTION:
+            names = {name for name, _ in wasm_exports.exports(body)}
+    assert names == wasm_exports.KEEP
+    assert "proxy_on_log" not in names and "proxy_on_response_body" not in names
