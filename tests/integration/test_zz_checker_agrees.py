@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +30,8 @@ _original_start = harness.Envoy.start
 
 def _record(envoy: harness.Envoy, started: bool) -> None:
     for cfg in cu.wasm_filters(envoy.config):
-        if cfg.get("root_id") != "latchkey":
+        code = cfg.get("vm_config", {}).get("code", {}).get("local", {}).get("filename", "")
+        if "latchkey" not in Path(code).name:  # e.g. the harness's no-op module
             continue
         text = cu.filter_configuration(cfg)
         if text is None:
