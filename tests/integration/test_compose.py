@@ -57,7 +57,7 @@ def test_compose_config_is_valid():
 
 def test_services_and_images(resolved):
     services = resolved["services"]
-    assert set(services) == {"envoy", "echo", "token-server"}
+    assert set(services) == {"envoy", "echo", "token-server", "vault", "vault-seed"}
     assert services["envoy"]["image"] == "envoyproxy/envoy:v1.40.0"
     for s in services.values():
         assert s["network_mode"] == "host"
@@ -91,6 +91,21 @@ def test_token_server_runs_the_test_oauth_server(resolved):
     mounts = {Path(v["source"]).resolve() for v in resolved["services"]["token-server"]["volumes"]}
     assert (REPO_ROOT / "tests" / "oauth" / "server.mjs").resolve() in mounts
     assert "node server.mjs 18081" in " ".join(resolved["services"]["token-server"]["command"])
+
+
+def test_the_store_is_seeded_as_make_run_seeds_it(resolved):
+    """demo.yaml reads the partner key from OpenBao: the seed writes the key scripts/demo.py
+    writes, at the path and field demo.yaml reads, with the token demo.yaml holds."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import demo
+    seed = resolved["services"]["vault-seed"]
+    assert seed["entrypoint"][-2:] == ["partner", f"api_key={demo.PARTNER_KEY}"]
+    assert seed["environment"]["BAO_TOKEN"] == demo.VAULT_ROOT
+    text = (REPO_ROOT / "envoy" / "demo.yaml").read_text()
+    assert f"VAULT_TOKEN: {demo.VAULT_ROOT}" in text and "http://127.0.0.1:18200" in text
+    assert '"path": "partner", "field": "api_key"' in text
+    assert f"-dev-root-token-id={demo.VAULT_ROOT}" in resolved["services"]["vault"]["command"]
+    assert resolved["services"]["vault"]["image"].startswith("openbao/openbao:")
 
 
 def test_echo_upstream_script_answers_like_the_harness():
