@@ -19,7 +19,7 @@ ISTIO_NODE_STAMP := tests/istio/node_modules/.package-lock.json
 CHECKER := target/debug/latchkey
 OCI_DIR := target/oci
 
-.PHONY: all setup build lint unit integration test run bench clean check-tool oci
+.PHONY: all setup build lint unit integration test run bench clean check-tool oci fuzz
 
 all: build
 
@@ -90,6 +90,30 @@ bench: build $(BENCH_STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) \
 		|| { echo "make bench needs wrk (Debian package wrk)"; exit 1; }
 	$(VPY) bench/bench.py --wasm $(WASM)
+
+# Coverage-guided fuzzing (cargo-fuzz / libFuzzer, fuzz/: its own package, not built by
+# the targets above): the configuration parser, the claim decoders and the protobuf round
+# trip, the query rewrite, the path readings and the router. Each target runs FUZZ_SECONDS,
+# one job, niced, from the seeds in fuzz/seeds/; the corpus grows in fuzz/corpus/ and
+# crashes land in fuzz/artifacts/ (both ignored). Fails if any target finds a crash.
+# cargo-fuzz needs unstable flags: RUSTC_BOOTSTRAP=1 lets the stable toolchain take them.
+# FUZZ_FLAGS="--sanitizer none --features skip-known-bugs" steps over the known bugs.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= config claims query path
+FUZZ_FLAGS ?= --sanitizer none
+
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@failed=""; \
+	for t in $(FUZZ_TARGETS); do \
+		case $$t in query|path) dict=url ;; *) dict=json ;; esac; \
+		mkdir -p fuzz/corpus/$$t; \
+		echo "== fuzz $$t: $(FUZZ_SECONDS)s"; \
+		RUSTC_BOOTSTRAP=1 nice -n 10 $(CARGO) fuzz run $(FUZZ_FLAGS) $$t fuzz/corpus/$$t fuzz/seeds/$$t -- \
+			-dict=fuzz/dict/$$dict.dict -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+			|| failed="$$failed $$t"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: crash in:$$failed (inputs in fuzz/artifacts/)"; exit 1; fi
 
 clean:
 	$(CARGO) clean

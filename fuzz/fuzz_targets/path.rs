@@ -41,6 +41,7 @@ fn router() -> &'static Router {
                     inject: vec![],
                     strip: vec![],
                     drop_token_on_401: true,
+                    needs_claims: false,
                 }
             })
             .collect();
