@@ -219,7 +219,7 @@ pub fn read(raw: &[u8], view: View) -> String {
         } else {
             seg
         };
-        let decoded = decode(seg, !decode_separators);
+        let decoded = decode(seg, !decode_separators, view == View::Servlet);
         if decode_separators {
             // A decoded `/` or `\` separates segments too.
             let decoded: Vec<u8> = decoded
@@ -280,8 +280,11 @@ fn resolve_segments(segments: Vec<Vec<u8>>, merge: bool) -> Vec<Vec<u8>> {
 }
 
 /// Percent-decodes a segment. With `keep_separators`, `%2F` and `%5C` stay as
-/// they are (upper-cased): in that view they are data, not separators.
-fn decode(seg: &[u8], keep_separators: bool) -> Vec<u8> {
+/// they are (upper-cased): in that view they are data, not separators. With
+/// `keep_semicolon`, `%3B` stays too: the servlet view splits parameters off at a
+/// raw `;`, so a decoded one must not look like one (reading a reading again
+/// would then drop it; found by fuzzing: `/%3B`).
+fn decode(seg: &[u8], keep_separators: bool, keep_semicolon: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(seg.len());
     let mut i = 0;
     while let Some(&b) = seg.get(i) {
@@ -292,6 +295,8 @@ fn decode(seg: &[u8], keep_separators: bool) -> Vec<u8> {
                 let d = (h << 4) | l;
                 if keep_separators && (d == b'/' || d == b'\\') {
                     out.extend_from_slice(if d == b'/' { b"%2F" } else { b"%5C" });
+                } else if keep_semicolon && d == b';' {
+                    out.extend_from_slice(b"%3B");
                 } else {
                     out.push(d);
                 }
@@ -443,8 +448,14 @@ mod tests {
             ["/priv;a=b/x", "/priv;a=b/x", "/priv;a=b/x", "/priv/x"]
         );
         assert_eq!(views("/admin;x")[3], "/admin");
-        // An encoded `;` is data in every view.
-        assert_eq!(views("/admin%3bx")[3], "/admin;x");
+        // An encoded `;` is data in every view; the servlet view keeps it escaped,
+        // so that it never reads as a parameter (fuzz crash input `/%3B`).
+        assert_eq!(views("/admin%3bx")[0], "/admin;x");
+        assert_eq!(views("/admin%3bx")[3], "/admin%3Bx");
+        assert_eq!(
+            read(read(b"/%3B", View::Servlet).as_bytes(), View::Servlet),
+            "/%3B"
+        );
     }
 
     #[test]
@@ -494,6 +505,8 @@ mod tests {
             "/x;p/../y;q",
             "/..%5c..%5cz",
             "//a//..//b",
+            "/%3B",
+            "/a%3B;b/c",
         ] {
             for v in [View::Rfc3986, View::Decoding, View::Servlet] {
                 let once = read(p.as_bytes(), v);

@@ -14,7 +14,9 @@
 
 use serde_json::{Map, Number, Value};
 
-/// Deepest object/list nesting read from a payload.
+/// Deepest nesting of protobuf messages read from a payload. Each JSON object or
+/// list level is two messages (a `Value` holding a `Struct` or `ListValue`), so a
+/// payload may nest 16 JSON containers; the 17th is refused.
 pub const MAX_DEPTH: usize = 32;
 
 /// The payload `jwt_authn` stored under `filter` / `key` in a serialized

@@ -144,8 +144,13 @@ impl Router {
             scan(list);
         }
         for &len in &self.prefix_lens {
-            let Some(head) = req.path.get(..len) else {
+            if len > req.path.len() {
                 break;
+            }
+            // A length inside a multi-byte character can't be a configured prefix
+            // of this path; longer ones still can (found by fuzzing: `/é/`).
+            let Some(head) = req.path.get(..len) else {
+                continue;
             };
             if let Some(list) = self.by_prefix.get(head) {
                 scan(list);
@@ -302,6 +307,21 @@ mod tests {
         // A prefix longer than the path, and a non-ASCII path, are no trouble.
         assert_eq!(r.find(&req(None, "h", "/", "GET")), Some(2));
         assert_eq!(r.find(&req(None, "h", "/é", "GET")), Some(2));
+    }
+
+    #[test]
+    fn a_prefix_length_inside_a_multibyte_character_does_not_end_the_search() {
+        // Fuzz crash input `/é/` with routes `/x` and `/é/`: length 2 falls inside `é`.
+        let routes = vec![
+            route(prefix("/x")),
+            route(prefix("/é/")),
+            route(prefix("/日本/")),
+        ];
+        let r = Router::new(&routes);
+        assert_eq!(r.find(&req(None, "h", "/é/", "GET")), Some(1));
+        assert_eq!(r.find(&req(None, "h", "/é/x", "GET")), Some(1));
+        assert_eq!(r.find(&req(None, "h", "/日本/a", "GET")), Some(2));
+        assert_eq!(find_path(&r, "/%C3%A9/x"), Ok(Some(1)));
     }
 
     #[test]
