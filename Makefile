@@ -40,10 +40,24 @@ $(STAMP): tests/requirements.txt
 	@touch $@
 
 # --lib: the crate's `latchkey` binary (the checker) must never become latchkey.wasm.
-# Then only the callbacks latchkey uses stay exported (scripts/wasm_exports.py says why).
-build: setup
+# The module Envoy loads is cargo's output with only the callbacks latchkey uses exported
+# (scripts/wasm_exports.py says why), then optimized by binaryen's wasm-opt, which also
+# drops the code of the callbacks no longer exported. Always from cargo's own output, so
+# the same source gives the same bytes (the OCI digest is reproducible).
+LINKED := target/$(TARGET)/release/deps/latchkey.wasm
+WASM_OPT := tools/binaryen/node_modules/.bin/wasm-opt
+BINARYEN_STAMP := tools/binaryen/node_modules/.package-lock.json
+WASM_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
+	--enable-nontrapping-float-to-int
+$(BINARYEN_STAMP): tools/binaryen/package-lock.json
+	npm ci --prefix tools/binaryen --no-audit --no-fund
+
+build: setup $(BINARYEN_STAMP)
 	$(CARGO) build --release --target $(TARGET) --lib
-	@$(PYTHON) scripts/wasm_exports.py $(WASM)
+	@rm -f $(WASM) $(WASM).pruned
+	@$(PYTHON) scripts/wasm_exports.py $(LINKED) $(WASM).pruned
+	@$(WASM_OPT) -O3 $(WASM_FEATURES) $(WASM).pruned -o $(WASM)
+	@rm -f $(WASM).pruned
 	@ls -l $(WASM)
 
 # `latchkey check FILE` / `latchkey schema`, built for this machine.

@@ -20,7 +20,7 @@ Why each kept export is needed:
   proxy_on_done                   forgetting a waiting request; root flush at shutdown
   proxy_on_delete                 frees the SDK's per-context state
 
-Usage: wasm_exports.py MODULE            rewrite MODULE in place (no-op if already done)
+Usage: wasm_exports.py MODULE OUT        write MODULE with only those exports to OUT
        wasm_exports.py --list MODULE     print its exports
 """
 
@@ -113,6 +113,7 @@ def prune(data: bytes) -> tuple[bytes, list[str]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("module", type=Path)
+    ap.add_argument("out", type=Path, nargs="?", help="where to write the pruned module")
     ap.add_argument("--list", action="store_true", help="print the exports and exit")
     args = ap.parse_args()
     data = args.module.read_bytes()
@@ -121,18 +122,17 @@ def main() -> int:
             if sid == EXPORT_SECTION:
                 print("\n".join(name for name, _ in exports(body)))
         return 0
+    if args.out is None:
+        ap.error("give OUT (or --list)")
     pruned, dropped = prune(data)
-    if not dropped:
-        print(f"{args.module}: exports already pruned")
-        return 0
-    # Write a new file and rename it over: never a half-written module.
-    fd, tmp = tempfile.mkstemp(dir=args.module.parent, prefix=".prune-")
+    # Write a new file and rename it over: never a half-written module, and never
+    # through a hard link into cargo's own output.
+    fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=".prune-")
     with os.fdopen(fd, "wb") as f:
         f.write(pruned)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, args.module)
-    print(f"{args.module}: kept {len(KEEP)} exports, dropped {len(dropped)} "
-          f"({', '.join(sorted(dropped))})")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, args.out)
+    print(f"{args.out}: kept {len(KEEP)} exports, dropped {len(dropped)}")
     return 0
 
 
