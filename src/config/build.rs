@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use super::error::{ConfigError, ErrorKind};
-use super::json::{as_object, index, str_list, Obj};
+use super::json::{as_object, index, join, str_list, Obj};
 use super::*;
 use crate::router::Router;
 use crate::secret::{Secret, SecretSource};
@@ -51,6 +51,7 @@ const TOP: &[&str] = &[
     "connections",
     "routes",
     "unmatched",
+    "filter_state",
 ];
 const CLAIMS: &[&str] = &["from", "key", "subject", "groups"];
 const SECRET: &[&str] = &[
@@ -172,6 +173,7 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
         unmatched,
         claim_paths: b.claim_paths,
         warnings: b.warnings,
+        filter_state: top.opt_bool("filter_state")?.unwrap_or(true),
     })
 }
 
@@ -726,7 +728,9 @@ impl Builder<'_> {
         connections: &Named<Connection>,
     ) -> Result<Vec<Route>, ConfigError> {
         let mut routes: Vec<Route> = Vec::new();
-        let mut names: HashMap<String, String> = HashMap::new();
+        // Route name -> index of the route that first used it (paths are only
+        // formatted for an error: 10,000 routes must load fast).
+        let mut names: HashMap<&str, usize> = HashMap::new();
         let Some(items) = top.opt_array("routes")? else {
             return Ok(routes);
         };
@@ -739,11 +743,11 @@ impl Builder<'_> {
                     ErrorKind::Duplicate {
                         what: "route name",
                         name: name.to_string(),
-                        first: first.clone(),
+                        first: join(&index("routes", *first), "name"),
                     },
                 ));
             }
-            names.insert(name.to_string(), r.child("name"));
+            names.insert(name, i);
             let matcher = route_match(&r)?;
             let access = match r.get("access") {
                 Some(v) => Some(self.access(&r.child("access"), v)?),
@@ -988,8 +992,12 @@ fn route_match(r: &Obj) -> Result<RouteMatch, ConfigError> {
                 "give \"path_prefix\" or \"path_exact\", not both",
             ))
         }
-        (Some(p), None) => Some(PathMatch::Prefix(path_value(&m.child("path_prefix"), p)?)),
-        (None, Some(p)) => Some(PathMatch::Exact(path_value(&m.child("path_exact"), p)?)),
+        (Some(p), None) => Some(PathMatch::Prefix(
+            path_value(p).map_err(|e| e.at(m.child("path_prefix")))?,
+        )),
+        (None, Some(p)) => Some(PathMatch::Exact(
+            path_value(p).map_err(|e| e.at(m.child("path_exact")))?,
+        )),
         (None, None) => None,
     };
     if let Some(methods) = m.opt_str_list("methods")? {
@@ -1031,8 +1039,19 @@ fn injection(
     }
     let mut indices = Vec::with_capacity(list.len());
     for (i, name) in list.iter().enumerate() {
-        let p = index(&e.child("connections"), i);
-        let ci = connections.lookup(p.clone(), "connection", name)?;
+        let p = || index(&e.child("connections"), i);
+        let ci = match connections.index.get(*name) {
+            Some(ci) => *ci,
+            None => {
+                return Err(ConfigError::new(
+                    p(),
+                    ErrorKind::UnknownReference {
+                        what: "connection",
+                        name: name.to_string(),
+                    },
+                ))
+            }
+        };
         if connections
             .items
             .get(ci)
@@ -1046,7 +1065,7 @@ fn injection(
         }
         if indices.contains(&ci) {
             return Err(ConfigError::new(
-                p,
+                p(),
                 ErrorKind::Duplicate {
                     what: "connection",
                     name: name.to_string(),
@@ -1070,7 +1089,7 @@ fn injection(
             ))
         }
         (Some(h), None) => {
-            let name = header_name(&e.child("header"), h)?;
+            let name = header_name("", h).map_err(|err| err.at(e.child("header")))?;
             if FORBIDDEN_HEADERS.contains(&name.as_str()) {
                 return Err(ConfigError::invalid(
                     e.child("header"),
@@ -1240,19 +1259,20 @@ fn header_value_ok(path: &str, v: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn path_value(path: &str, value: &str) -> Result<String, ConfigError> {
+/// A route path; the error's path is set by the caller (`ConfigError::at`).
+fn path_value(value: &str) -> Result<String, ConfigError> {
     if !value.starts_with('/') {
-        return Err(ConfigError::invalid(path, value, "must start with \"/\""));
+        return Err(ConfigError::invalid("", value, "must start with \"/\""));
     }
     if value.contains('?') {
         return Err(ConfigError::invalid(
-            path,
+            "",
             value,
             "paths are matched without the query string; remove \"?…\"",
         ));
     }
     if let Some(problem) = crate::path::config_path_problem(value) {
-        return Err(ConfigError::invalid(path, value, problem));
+        return Err(ConfigError::invalid("", value, problem));
     }
     Ok(value.to_string())
 }

@@ -56,6 +56,14 @@ impl ConfigError {
         }
     }
 
+    /// The same error at `path` (for checks that learn their path only on failure).
+    pub fn at(self, path: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            ..self
+        }
+    }
+
     pub fn invalid(path: impl Into<String>, value: &str, reason: impl Into<String>) -> Self {
         Self::new(
             path,

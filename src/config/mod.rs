@@ -35,6 +35,9 @@ pub struct Config {
     pub claim_paths: Vec<ClaimPath>,
     /// Things worth a warning in the log at load time (inline secrets). No values.
     pub warnings: Vec<String>,
+    /// Write `latchkey.route`, `.connection`, `.decision` filter state for access
+    /// logs (`filter_state`, default true; three host writes per request).
+    pub filter_state: bool,
 }
 
 pub const SUBJECT_CLAIM: usize = 0;

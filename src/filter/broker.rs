@@ -37,8 +37,9 @@ use crate::token::response::{self, FetchError, MAX_BODY};
 const KICK_MS: u32 = 1;
 /// Tick while requests wait for a token another worker fetches.
 const POLL_MS: u32 = 10;
-/// Tick when nothing waits but stores' age gauges are kept.
-const IDLE_MS: u32 = 1000;
+/// Tick when nothing waits: counters kept in the VM are flushed, stores' age
+/// gauges updated. Counts reach Envoy at most this long after a request.
+pub const IDLE_MS: u32 = 1000;
 /// CAS attempts before giving up on a contended key for this round.
 const CAS_TRIES: usize = 4;
 
@@ -346,10 +347,9 @@ impl Broker {
             KICK_MS
         } else if !self.waiters.is_empty() || !self.deferred.is_empty() {
             POLL_MS
-        } else if self.has_stores {
-            IDLE_MS
         } else {
-            0
+            // Stats kept in the VM are flushed on this tick (and stores' ages kept).
+            IDLE_MS
         };
         self.set_tick(ms);
     }
@@ -1186,7 +1186,12 @@ impl Broker {
         let used = Cred::tokens(&creds);
         let done = self.in_context(id, || {
             apply(&edits)?;
-            set_filter_state(Some(&route.name), w.connection_label.as_deref(), "allowed");
+            set_filter_state(
+                &w.loaded,
+                Some(&route.name),
+                w.connection_label.as_deref(),
+                "allowed",
+            );
             host::resume_request()
         });
         if done {

@@ -45,6 +45,12 @@ impl TokenStat {
     }
 }
 
+thread_local! {
+    /// Counts not yet handed to Envoy, by stat id (one VM is one thread).
+    static PENDING: std::cell::RefCell<std::collections::HashMap<u32, i64>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
 /// A counter defined when first counted.
 #[derive(Debug)]
 struct Lazy {
@@ -228,10 +234,28 @@ impl Metrics {
         }
     }
 
+    /// Counts one, in the VM: the count reaches Envoy at the next [`Metrics::flush`]
+    /// (every tick, at most a second later), not with a host call per request.
     pub fn inc(id: Option<u32>) {
-        if let Some(id) = id {
+        let Some(id) = id else { return };
+        let counted = PENDING.with(|p| match p.try_borrow_mut() {
+            Ok(mut p) => {
+                *p.entry(id).or_insert(0) += 1;
+                true
+            }
+            Err(_) => false,
+        });
+        if !counted {
             // A stat that can't be counted is not worth failing a request over.
             let _ = host::increment_metric(id, 1);
+        }
+    }
+
+    /// Hands the counts kept in this VM to Envoy.
+    pub fn flush() {
+        let counts = PENDING.with(|p| p.try_borrow_mut().map(|mut p| std::mem::take(&mut *p)));
+        for (id, n) in counts.unwrap_or_default() {
+            let _ = host::increment_metric(id, n);
         }
     }
 

@@ -129,6 +129,12 @@ impl Loaded {
 }
 
 impl Context for Root {
+    /// The VM is going away: hand Envoy the counts it still holds.
+    fn on_done(&mut self) -> bool {
+        Metrics::flush();
+        true
+    }
+
     fn on_http_call_response(
         &mut self,
         token_id: u32,
@@ -170,6 +176,8 @@ impl RootContext for Root {
                 let loaded = Rc::new(Loaded::new(config));
                 if let Ok(mut b) = self.broker.try_borrow_mut() {
                     b.has_stores = !loaded.stores.is_empty();
+                    // The idle tick flushes counters kept in the VM.
+                    b.kick();
                     if b.has_stores {
                         // Read every store on the first tick: the first request
                         // then finds its value.
@@ -204,6 +212,7 @@ impl RootContext for Root {
                 b.prefetch(state, host::now_ms().unwrap_or(0));
             }
             b.on_tick();
+            Metrics::flush();
             if let (true, Some(state)) = (b.has_stores, &self.state) {
                 if let Ok(now) = host::now_ms() {
                     b.update_ages(state, now);
@@ -325,7 +334,7 @@ pub fn local_reply(
         }
     };
     if !decision.is_empty() {
-        set_filter_state(route, connection, decision);
+        set_filter_state(loaded, route, connection, decision);
     }
     let r = reply(refusal, route);
     let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -338,12 +347,21 @@ pub fn local_reply(
 }
 
 /// Filter state for access logs: `%FILTER_STATE(wasm.latchkey.decision:PLAIN)%`.
-pub fn set_filter_state(route: Option<&str>, connection: Option<&str>, decision: &str) {
-    let items = [
-        ("latchkey.route", route.unwrap_or("-")),
-        ("latchkey.connection", connection.unwrap_or("-")),
-        ("latchkey.decision", decision),
-    ];
+pub fn set_filter_state(
+    loaded: &Loaded,
+    route: Option<&str>,
+    connection: Option<&str>,
+    decision: &str,
+) {
+    let items = if loaded.config.filter_state {
+        &[
+            ("latchkey.route", route.unwrap_or("-")),
+            ("latchkey.connection", connection.unwrap_or("-")),
+            ("latchkey.decision", decision),
+        ][..]
+    } else {
+        &[][..]
+    };
     for (key, value) in items {
         if let Err(e) = host::set_property(&[key], value.as_bytes()) {
             host::log(Level::Debug, &format!("can't set filter state {key}: {e}"));
@@ -406,7 +424,7 @@ fn handle_request(
             let reason = refusal.reason();
             host::log(Level::Debug, &format!("400: {reason}"));
             Metrics::inc(metrics.denied_bad_path);
-            set_filter_state(None, None, "denied_bad_path");
+            set_filter_state(state, None, None, "denied_bad_path");
             local_reply(state, &Refused::BadPath(reason), None, None);
             return Ok(Action::Pause);
         }
@@ -431,7 +449,7 @@ fn handle_request(
             Err(IdentityError::Malformed(e)) => {
                 host::log(Level::Debug, &format!("401: {e}"));
                 Metrics::inc(metrics.denied_bad_claims);
-                set_filter_state(route_label, None, "denied_bad_claims");
+                set_filter_state(state, route_label, None, "denied_bad_claims");
                 local_reply(
                     state,
                     &Refused::Denied(Denial::Unauthenticated),
@@ -445,7 +463,7 @@ fn handle_request(
 
     let deny = |m: Option<u32>, label: &str, denial: Denial, route: Option<&str>| {
         Metrics::inc(m);
-        set_filter_state(route, None, label);
+        set_filter_state(state, route, None, label);
         local_reply(state, &Refused::Denied(denial), route, None);
         Ok(Action::Pause)
     };
@@ -453,7 +471,7 @@ fn handle_request(
         Decision::UnmatchedAllowed => {
             Metrics::inc(metrics.unmatched);
             apply(&edits)?;
-            set_filter_state(None, None, "unmatched_allowed");
+            set_filter_state(state, None, None, "unmatched_allowed");
             return Ok(Action::Continue);
         }
         Decision::UnmatchedDenied => {
@@ -512,7 +530,12 @@ fn handle_request(
             edits.extend(inject::plan(route, &resolved, &sent, full_path));
             apply(&edits)?;
             metrics.allowed(&picks);
-            set_filter_state(Some(&route.name), connection_label.as_deref(), "allowed");
+            set_filter_state(
+                state,
+                Some(&route.name),
+                connection_label.as_deref(),
+                "allowed",
+            );
             if route.drop_token_on_401 {
                 broker.record_used(context_id, Cred::tokens(&creds));
             }

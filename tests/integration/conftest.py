@@ -19,7 +19,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import REPO_ROOT, Envoy, Signer, Upstream, envoy_config, free_port  # noqa: E402
+from harness import (REPO_ROOT, Envoy, EnvoyStartError, Signer, Upstream,  # noqa: E402
+                     envoy_config, free_port)
 
 # What Envoy logs when a wasm VM traps (a panic is an abort, i.e. `unreachable`).
 VM_FAILURE = re.compile(r"Uncaught RuntimeError|Wasm VM failed|failed: Uncaught|panicked at|Plugin configured to fail")
@@ -79,21 +80,30 @@ def envoy_factory(request, signer, upstream, tmp_path):
               env=None, **config_kwargs) -> Envoy:
         if wasm_path is _DEFAULT:
             wasm_path = request.getfixturevalue("wasm_path")
-        workdir = tmp_path / f"envoy{len(started)}"
-        workdir.mkdir()
-        config_kwargs.setdefault("access_log_path", workdir / "access.log")
-        config = envoy_config(
-            listener_port=free_port(), admin_port=free_port(),
-            upstream_port=upstream_port if upstream_port is not None else upstream.port,
-            wasm_path=wasm_path, plugin_config=plugin_config,
-            jwks=jwks if jwks is not None else signer.jwks(), **config_kwargs)
-        envoy = Envoy(config, workdir, log_level=log_level,
-                      component_log_level=component_log_level, concurrency=concurrency,
-                      extra_args=extra_args, env=env)
-        started.append(envoy)
-        envoy.start()
-        healthy.append(envoy)
-        return envoy
+        # free_port() is "free a moment ago": another process may bind the port before
+        # Envoy does. Then Envoy exits with "Address already in use"; try new ports.
+        for attempt in range(3):
+            workdir = tmp_path / f"envoy{len(started)}"
+            workdir.mkdir()
+            kwargs = dict(config_kwargs)
+            kwargs.setdefault("access_log_path", workdir / "access.log")
+            config = envoy_config(
+                listener_port=free_port(), admin_port=free_port(),
+                upstream_port=upstream_port if upstream_port is not None else upstream.port,
+                wasm_path=wasm_path, plugin_config=plugin_config,
+                jwks=jwks if jwks is not None else signer.jwks(), **kwargs)
+            envoy = Envoy(config, workdir, log_level=log_level,
+                          component_log_level=component_log_level, concurrency=concurrency,
+                          extra_args=extra_args, env=env)
+            started.append(envoy)
+            try:
+                envoy.start()
+            except EnvoyStartError as e:
+                if "Address already in use" in str(e) and attempt < 2:
+                    continue
+                raise
+            healthy.append(envoy)
+            return envoy
 
     yield start
 
@@ -102,7 +112,7 @@ def envoy_factory(request, signer, upstream, tmp_path):
     vm_failures = []
     for envoy in healthy:
         if envoy.running:
-            stats = envoy.stats()
+            stats = envoy.stats(settle=False)
             reloads = {k: v for k, v in stats.items() if k.startswith("wasm.") and "vm_reload" in k and v}
             if reloads:
                 vm_failures.append(f"{envoy.workdir}: {reloads}")

@@ -211,6 +211,20 @@ class Response(NamedTuple):
         return json.loads(self.body)
 
 
+# latchkey keeps its counters in the VM and hands them to Envoy on a 1 s tick
+# (README, Observability). Reading stats waits until that tick has passed since the
+# last request this process sent: the flush period is the documented contract.
+STATS_FLUSH_S = 1.0
+_last_request = [0.0]
+
+
+def settle_wasm_stats() -> None:
+    """Wait until counts of the requests sent so far have reached Envoy's stats."""
+    wait = _last_request[0] + STATS_FLUSH_S + 0.3 - time.monotonic()
+    if wait > 0:
+        time.sleep(wait)
+
+
 HeaderValue = str | bytes
 Headers = Iterable[tuple[str | bytes, HeaderValue]] | dict[str, HeaderValue] | None
 
@@ -244,6 +258,7 @@ def http_request(port: int, method: str, path: str, headers: Headers = None,
         return Response(resp.status, resp.getheaders(), resp.read())
     finally:
         conn.close()
+        _last_request[0] = time.monotonic()
 
 
 def raw_http_request(port: int, data: bytes, timeout: float = 15.0) -> bytes:
@@ -253,13 +268,16 @@ def raw_http_request(port: int, data: bytes, timeout: float = 15.0) -> bytes:
     framing). Send `Connection: close` in `data` so the read ends promptly.
     """
     chunks = []
-    with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
-        s.sendall(data)
-        try:
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        except socket.timeout:
-            pass
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
+            s.sendall(data)
+            try:
+                while chunk := s.recv(65536):
+                    chunks.append(chunk)
+            except socket.timeout:
+                pass
+    finally:
+        _last_request[0] = time.monotonic()
     return b"".join(chunks)
 
 
@@ -979,7 +997,10 @@ class Envoy:
 
     # -- admin
     def admin_get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
-        """GET an admin endpoint; returns (status, body)."""
+        """GET an admin endpoint; returns (status, body). A Prometheus scrape first waits
+        for latchkey's counters to be flushed (`settle_wasm_stats`)."""
+        if path.startswith("/stats/prometheus"):
+            settle_wasm_stats()
         conn = http.client.HTTPConnection(LOOPBACK, self.admin_port, timeout=timeout)
         try:
             conn.request("GET", path)
@@ -998,11 +1019,14 @@ class Envoy:
         finally:
             conn.close()
 
-    def stats(self, filter: str | None = None) -> dict[str, int | float]:
+    def stats(self, filter: str | None = None, settle: bool = True) -> dict[str, int | float]:
         """Counters and gauges from /stats?format=json as {name: value} (no histograms).
 
-        `filter` is Envoy's regex filter (e.g. "wasmcustom\\.").
+        `filter` is Envoy's regex filter (e.g. "wasmcustom\\."). `settle`: first wait
+        until latchkey's counters of the requests sent so far are flushed.
         """
+        if settle:
+            settle_wasm_stats()
         path = "/stats?format=json"
         if filter:
             path += "&filter=" + urllib.parse.quote(filter, safe="")
@@ -1015,9 +1039,10 @@ class Envoy:
                 out[entry["name"]] = entry["value"]
         return out
 
-    def stat(self, name: str, default: int | float | None = 0) -> int | float | None:
+    def stat(self, name: str, default: int | float | None = 0,
+             settle: bool = True) -> int | float | None:
         """One counter/gauge by exact name (`default` if absent)."""
-        return self.stats(filter="^" + re.escape(name) + "$").get(name, default)
+        return self.stats(filter="^" + re.escape(name) + "$", settle=settle).get(name, default)
 
     def wait_for_stat(self, name: str, predicate: Callable[[Any], bool] | int,
                       timeout: float = 10.0) -> int | float:
@@ -1026,7 +1051,8 @@ class Envoy:
         box: list[Any] = []
 
         def ok() -> bool:
-            box[:] = [self.stat(name, None)]
+            # Polling for a condition needs no settling: it waits for the flush itself.
+            box[:] = [self.stat(name, None, settle=False)]
             return check(box[0])
         try:
             wait_until(ok, timeout, message=f"stat {name}")

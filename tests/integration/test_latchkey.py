@@ -108,6 +108,15 @@ def test_first_admitting_connection_wins(envoy, upstream, signer):
     assert "latchkey_route=orders latchkey_connection=ops latchkey_decision=allowed" in line
 
 
+def test_filter_state_can_be_turned_off(envoy_factory, upstream, signer):
+    envoy = envoy_factory(plugin_config(filter_state=False), wasm_env=WASM_ENV, routes=ROUTES)
+    token = signer.token({"sub": "olga", "groups": ["billing"]})
+    assert envoy.request("GET", "/orders", headers=[bearer(token)]).status == 200
+    assert upstream.last().header_values("x-api-key") == [OPS_KEY]
+    line = envoy.wait_for_access_log(1)[-1]
+    assert "latchkey_route=- latchkey_connection=- latchkey_decision=-" in line
+
+
 def test_groups_as_space_separated_string(envoy, upstream, signer):
     token = signer.token({"sub": "bob", "groups": "staff billing"})
     assert envoy.request("GET", "/orders", headers=[bearer(token)]).status == 200

@@ -28,8 +28,8 @@ KEY_V1 = "pk-stored-v1-Jq8"
 KEY_V2 = "pk-stored-v2-Rw3"
 
 
-def stat(envoy, name):
-    return envoy.stat(f"wasmcustom.latchkey.{name}")
+def stat(envoy, name, settle=True):
+    return envoy.stat(f"wasmcustom.latchkey.{name}", settle=settle)
 
 
 def partner_route(connection="partner"):
@@ -206,7 +206,7 @@ def test_vault_refusals_are_503_and_counted(envoy_factory, upstream, bao, case, 
                          secrets={"vault_token": {"env": "VAULT_TOKEN"}})
     envoy = envoy_factory(cfg, wasm_env={"VAULT_TOKEN": token}, routes=ROUTES,
                           extra_clusters=[bao.envoy_cluster("vault")])
-    wait_until(lambda: stat(envoy, f"secret.partner_key.failure.{kind}") >= 1, timeout=10,
+    wait_until(lambda: stat(envoy, f"secret.partner_key.failure.{kind}", settle=False) >= 1, timeout=10,
                message=f"failure.{kind}")
     resp = envoy.request("GET", "/partner/x")
     assert resp.status == 503, resp
@@ -365,7 +365,7 @@ def test_key_vault_faults_keep_the_last_good_value(envoy_factory, upstream, stac
     envoy = kv_envoy(envoy_factory, stack, kv_config(stack, refresh_s=1))
     assert get_key(envoy, upstream)[1] == KEY_V1
     fault(stack.kv)
-    wait_until(lambda: (get_key(envoy, upstream), stat(envoy, f"secret.partner_key.failure.{kind}"))[1] >= 1,
+    wait_until(lambda: (get_key(envoy, upstream), stat(envoy, f"secret.partner_key.failure.{kind}", settle=False))[1] >= 1,
                timeout=8, interval=0.2, message=f"failure.{kind}")
     resp, key = get_key(envoy, upstream)
     assert resp.status == 200 and key == KEY_V1, resp
@@ -379,7 +379,7 @@ def test_key_vault_faults_before_the_first_read_are_503(envoy_factory, upstream,
     stack.kv.set_secret("partner-key", KEY_V1)
     fault(stack.kv)
     envoy = kv_envoy(envoy_factory, stack, kv_config(stack))
-    wait_until(lambda: stat(envoy, f"secret.partner_key.failure.{kind}") >= 1, timeout=8,
+    wait_until(lambda: stat(envoy, f"secret.partner_key.failure.{kind}", settle=False) >= 1, timeout=8,
                message=f"failure.{kind}")
     resp = envoy.request("GET", "/partner/x")
     assert resp.status == 503 and int(resp.header("retry-after")) >= 1, resp
