@@ -108,6 +108,17 @@ def test_first_admitting_connection_wins(envoy, upstream, signer):
     assert "latchkey_route=orders latchkey_connection=ops latchkey_decision=allowed" in line
 
 
+def test_counters_reach_envoy_within_a_second(envoy, upstream):
+    """Counts are kept in the VM and flushed on its 1 s tick (README, Observability)."""
+    import time
+    sent = time.monotonic()
+    for _ in range(5):
+        assert envoy.request("GET", "/search?q=1").status == 200
+    envoy.wait_for_stat("wasmcustom.latchkey.requests.allowed", 5, timeout=5)
+    assert time.monotonic() - sent < 3.0
+    assert stat(envoy, "connection.open_search.injected") == 5
+
+
 def test_filter_state_can_be_turned_off(envoy_factory, upstream, signer):
     envoy = envoy_factory(plugin_config(filter_state=False), wasm_env=WASM_ENV, routes=ROUTES)
     token = signer.token({"sub": "olga", "groups": ["billing"]})
