@@ -13,6 +13,7 @@
 
 pub mod claims;
 pub mod config;
+pub mod discovery;
 pub mod inject;
 pub mod pairs;
 pub mod path;

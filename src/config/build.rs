@@ -52,6 +52,7 @@ const TOP: &[&str] = &[
     "routes",
     "unmatched",
     "filter_state",
+    "discovery",
 ];
 const CLAIMS: &[&str] = &["from", "key", "subject", "groups"];
 const SECRET: &[&str] = &[
@@ -174,6 +175,13 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
         claim_paths: b.claim_paths,
         warnings: b.warnings,
         filter_state: top.opt_bool("filter_state")?.unwrap_or(true),
+        discovery: match top.opt_obj("discovery", &["path"])? {
+            None => None,
+            Some(d) => {
+                let p = d.req_str("path")?;
+                Some(path_value(p).map_err(|e| e.at(d.child("path")))?)
+            }
+        },
     })
 }
 

@@ -38,6 +38,8 @@ pub struct Config {
     /// Write `latchkey.route`, `.connection`, `.decision` filter state for access
     /// logs (`filter_state`, default true; three host writes per request).
     pub filter_state: bool,
+    /// `discovery.path`: a GET of it is answered with what the caller may use.
+    pub discovery: Option<String>,
 }
 
 pub const SUBJECT_CLAIM: usize = 0;

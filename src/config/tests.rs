@@ -143,7 +143,7 @@ fn bad_configurations_name_the_field_and_value() {
          Box::new(|v| v["connections"]["orders_read"]["provider"] = json!("orders_idpp"))),
         ("providers.orders_idp.clster: unknown field; expected one of \"type\", \"cluster\", \"token_url\", \"client_id\", \"client_secret\", \"auth_method\", \"timeout_ms\", \"default_expires_in_s\", \"refresh_margin_s\", \"endpoint\"",
          Box::new(|v| v["providers"]["orders_idp"]["clster"] = json!("idp"))),
-        ("colour: unknown field; expected one of \"claims\", \"secrets\", \"providers\", \"connections\", \"routes\", \"unmatched\", \"filter_state\"",
+        ("colour: unknown field; expected one of \"claims\", \"secrets\", \"providers\", \"connections\", \"routes\", \"unmatched\", \"filter_state\", \"discovery\"",
          Box::new(|v| v["colour"] = json!("blue"))),
         ("routes[0].match.route_name: expected a string, found a number",
          Box::new(|v| v["routes"][0]["match"]["route_name"] = json!(5))),

@@ -89,6 +89,7 @@ pub struct Metrics {
     pub denied_unmatched: Option<u32>,
     pub denied_bad_claims: Option<u32>,
     pub denied_bad_path: Option<u32>,
+    pub discovery: Option<u32>,
     pub unavailable: Option<u32>,
     pub internal_errors: Option<u32>,
     /// Per connection index: `injected`, defined on first use (defining 10,000
@@ -163,6 +164,7 @@ impl Metrics {
             denied_unmatched: counter("latchkey.requests.denied.unmatched"),
             denied_bad_claims: counter("latchkey.requests.denied.bad_claims"),
             denied_bad_path: counter("latchkey.requests.denied.bad_path"),
+            discovery: counter("latchkey.requests.discovery"),
             unavailable: counter("latchkey.requests.unavailable"),
             internal_errors: counter("latchkey.requests.internal_error"),
             ..Metrics::default()

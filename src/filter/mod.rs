@@ -406,6 +406,12 @@ fn handle_request(
     let headers = host::header_pairs(Map::Request)?;
     let full_path = headers.get(":path").unwrap_or(b"/");
     let path_only = full_path.split(|&b| b == b'?').next().unwrap_or_default();
+    if let Some(dp) = &config.discovery {
+        let method = text(headers.get(":method"));
+        if (method == "GET" || method == "HEAD") && path_only == dp.as_bytes() {
+            return discovery(state, &headers);
+        }
+    }
     let route_name = if config.router.needs_route_name() {
         host::property(&["xds", "route_name"])?.and_then(|v| String::from_utf8(v).ok())
     } else {
@@ -577,6 +583,31 @@ fn handle_request(
             Ok(Action::Pause)
         }
     }
+}
+
+/// Answers `discovery.path` with what this caller may use. Per caller: never cached.
+fn discovery(state: &Rc<Loaded>, headers: &host::HeaderPairs) -> Result<Action, HostError> {
+    let config = &state.config;
+    let identity = match read_identity(config, headers) {
+        Ok(id) => id,
+        Err(IdentityError::Host(e)) => return Err(e),
+        Err(IdentityError::Malformed(e)) => {
+            host::log(Level::Debug, &format!("401: {e}"));
+            Metrics::inc(state.metrics.denied_bad_claims);
+            local_reply(state, &Refused::Denied(Denial::Unauthenticated), None, None);
+            return Ok(Action::Pause);
+        }
+    };
+    let body = crate::discovery::document(config, identity.as_ref()).to_string();
+    Metrics::inc(state.metrics.discovery);
+    set_filter_state(state, None, None, "discovery");
+    let headers = [
+        ("content-type", "application/json"),
+        ("cache-control", "no-store"),
+        ("vary", "authorization"),
+    ];
+    host::send_local_response(200, "latchkey_discovery", &headers, body.as_bytes())?;
+    Ok(Action::Pause)
 }
 
 fn needs_time(config: &Config, picks: &[usize]) -> bool {
