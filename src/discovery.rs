@@ -55,6 +55,9 @@ pub fn document(config: &Config, id: Option<&Identity>) -> Value {
                 match &inj.target {
                     Target::Header { name, .. } => e.insert("header".into(), json!(name)),
                     Target::Query { name } => e.insert("query".into(), json!(name)),
+                    Target::ClusterHeader { name } => {
+                        e.insert("cluster_header".into(), json!(name))
+                    }
                 };
                 Some(Value::Object(e))
             })
@@ -69,6 +72,7 @@ fn provider_type(kind: &ProviderKind) -> &'static str {
         ProviderKind::ApiKey => "api_key",
         ProviderKind::OAuth2(_) => "oauth2",
         ProviderKind::ManagedIdentity(_) => "azure_managed_identity",
+        ProviderKind::ClientCertificate => "client_certificate",
     }
 }
 

@@ -206,6 +206,14 @@ pub fn plan(route: &Route, resolved: &[Resolved], sent: &[&str], path: &[u8]) ->
                     value,
                 });
             }
+            Target::ClusterHeader { name } => {
+                // The chosen connection's cluster; the Envoy route reads it.
+                edits.retain(|e| !matches!(e, Edit::Set { name: n, .. } if n == name));
+                edits.push(Edit::Set {
+                    name: name.clone(),
+                    value: cred.secret.clone(),
+                });
+            }
             Target::Query { name } => {
                 let current = new_path.as_deref().unwrap_or(path);
                 new_path = Some(rewrite_query(current, name, cred.secret.expose()));

@@ -88,6 +88,7 @@ const CONNECTION: &[&str] = &[
     "resource",
     "extra_params",
     "access",
+    "cluster",
 ];
 const ACCESS: &[&str] = &["public", "authenticated", "users", "groups", "claims"];
 const ROUTE: &[&str] = &[
@@ -99,7 +100,7 @@ const ROUTE: &[&str] = &[
     "drop_token_on_401",
 ];
 const MATCH: &[&str] = &["route_name", "host", "path_prefix", "path_exact", "methods"];
-const INJECT: &[&str] = &["connections", "header", "query", "prefix"];
+const INJECT: &[&str] = &["connections", "header", "query", "cluster_header", "prefix"];
 
 /// Token request parameters latchkey sets itself; `extra_params` may not override them.
 const RESERVED_TOKEN_PARAMS: &[&str] = &[
@@ -163,6 +164,19 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
             ))
         }
     };
+    let cluster_headers = {
+        let mut names: Vec<String> = routes
+            .iter()
+            .flat_map(|r| &r.inject)
+            .filter_map(|i| match &i.target {
+                Target::ClusterHeader { name } => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    };
     let router = Router::new(&routes);
     Ok(Config {
         claims,
@@ -175,6 +189,7 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
         claim_paths: b.claim_paths,
         warnings: b.warnings,
         filter_state: top.opt_bool("filter_state")?.unwrap_or(true),
+        cluster_headers,
         discovery: match top.opt_obj("discovery", &["path"])? {
             None => None,
             Some(d) => {
@@ -538,7 +553,7 @@ impl Builder<'_> {
                             matches!(&p.kind, ProviderKind::OAuth2(op) if matches!(op.client_secret, SecretRef::Value(_)))
                         })
                 }
-                Credential::ApiKey(_) => false,
+                Credential::ApiKey(_) | Credential::ClientCertificate { .. } => false,
             });
             if !ok {
                 return Err(ConfigError::invalid(
@@ -593,11 +608,22 @@ impl Builder<'_> {
                 "azure_managed_identity" => {
                     ProviderKind::ManagedIdentity(managed_identity_provider(&p)?)
                 }
+                "client_certificate" => {
+                    for field in PROVIDER.iter().filter(|f| **f != "type") {
+                        if p.has(field) {
+                            return Err(ConfigError::not_allowed(
+                                p.child(field),
+                                "not allowed for a client_certificate provider (connections name the cluster)",
+                            ));
+                        }
+                    }
+                    ProviderKind::ClientCertificate
+                }
                 other => {
                     return Err(ConfigError::invalid(
                         p.child("type"),
                         other,
-                        "expected \"api_key\", \"oauth2\" or \"azure_managed_identity\"",
+                        "expected \"api_key\", \"oauth2\", \"azure_managed_identity\" or \"client_certificate\"",
                     ))
                 }
             };
@@ -630,6 +656,24 @@ impl Builder<'_> {
             let credential = match kind {
                 Some(ProviderKind::OAuth2(_)) => {
                     Credential::OAuth2(oauth2_connection(&c, secrets)?)
+                }
+                Some(ProviderKind::ClientCertificate) => {
+                    for field in CONNECTION
+                        .iter()
+                        .filter(|f| !["provider", "cluster", "access"].contains(f))
+                    {
+                        if c.has(field) {
+                            return Err(ConfigError::not_allowed(
+                                c.child(field),
+                                "not allowed for a connection of a client_certificate provider",
+                            ));
+                        }
+                    }
+                    let cluster = c.req_str("cluster")?;
+                    header_value_ok(&c.child("cluster"), cluster)?;
+                    Credential::ClientCertificate {
+                        cluster: cluster.to_string(),
+                    }
                 }
                 Some(ProviderKind::ManagedIdentity(_)) => {
                     for field in CONNECTION
@@ -899,11 +943,13 @@ fn managed_identity_provider(p: &Obj) -> Result<ManagedIdentityProvider, ConfigE
 }
 
 fn oauth2_connection(c: &Obj, secrets: &Named<SecretRef>) -> Result<OAuth2Connection, ConfigError> {
-    if c.has("api_key") {
-        return Err(ConfigError::not_allowed(
-            c.child("api_key"),
-            "not allowed for a connection of an oauth2 provider",
-        ));
+    for field in ["api_key", "cluster"] {
+        if c.has(field) {
+            return Err(ConfigError::not_allowed(
+                c.child(field),
+                "not allowed for a connection of an oauth2 provider",
+            ));
+        }
     }
     let grant_name = c.req_str("grant")?;
     let grant = match grant_name {
@@ -1083,6 +1129,47 @@ fn injection(
         }
         indices.push(ci);
     }
+    let certs = indices.iter().filter(|&&ci| {
+        connections
+            .items
+            .get(ci)
+            .is_some_and(|c| matches!(c.credential, Credential::ClientCertificate { .. }))
+    });
+    let certs = certs.count();
+    if let Some(h) = e.opt_str("cluster_header")? {
+        for field in ["header", "query", "prefix"] {
+            if e.has(field) {
+                return Err(ConfigError::not_allowed(
+                    e.child(field),
+                    "not allowed with \"cluster_header\"",
+                ));
+            }
+        }
+        if certs != indices.len() {
+            return Err(ConfigError::not_allowed(
+                e.child("connections"),
+                "a cluster_header entry takes client_certificate connections only",
+            ));
+        }
+        let name = header_name("", h).map_err(|err| err.at(e.child("cluster_header")))?;
+        if FORBIDDEN_HEADERS.contains(&name.as_str()) || name.starts_with(':') {
+            return Err(ConfigError::invalid(
+                e.child("cluster_header"),
+                h,
+                "Envoy owns this header; latchkey can't set it",
+            ));
+        }
+        return Ok(Injection {
+            connections: indices,
+            target: Target::ClusterHeader { name },
+        });
+    }
+    if certs > 0 {
+        return Err(ConfigError::not_allowed(
+            e.child("connections"),
+            "client_certificate connections go in a \"cluster_header\" entry",
+        ));
+    }
     let target = match (e.opt_str("header")?, e.opt_str("query")?) {
         (Some(_), Some(_)) => {
             return Err(ConfigError::not_allowed(
@@ -1093,7 +1180,7 @@ fn injection(
         (None, None) => {
             return Err(ConfigError::not_allowed(
                 e.path.clone(),
-                "give exactly one of \"header\" or \"query\"",
+                "give exactly one of \"header\", \"query\" or \"cluster_header\"",
             ))
         }
         (Some(h), None) => {

@@ -40,6 +40,9 @@ pub struct Config {
     pub filter_state: bool,
     /// `discovery.path`: a GET of it is answered with what the caller may use.
     pub discovery: Option<String>,
+    /// Every `cluster_header` routes use (lowercased): removed from every request
+    /// a client sends, so that no client picks a cluster or certificate itself.
+    pub cluster_headers: Vec<String>,
 }
 
 pub const SUBJECT_CLAIM: usize = 0;
@@ -159,6 +162,8 @@ pub enum ProviderKind {
     OAuth2(OAuth2Provider),
     /// Azure Instance Metadata Service tokens (`azure_managed_identity`).
     ManagedIdentity(ManagedIdentityProvider),
+    /// Client certificates held by Envoy clusters (mTLS); connections name the cluster.
+    ClientCertificate,
 }
 
 #[derive(Debug)]
@@ -218,6 +223,10 @@ pub enum Credential {
     /// A managed-identity token for `resource`.
     ManagedIdentity {
         resource: String,
+    },
+    /// The Envoy cluster whose TLS transport socket presents the certificate.
+    ClientCertificate {
+        cluster: String,
     },
 }
 
@@ -309,6 +318,9 @@ pub enum Target {
     },
     /// Query parameter name, as configured.
     Query { name: String },
+    /// Lowercased header naming the upstream cluster (client certificates): set to
+    /// the chosen connection's cluster; the Envoy route picks its cluster from it.
+    ClusterHeader { name: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

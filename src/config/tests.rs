@@ -163,7 +163,7 @@ fn bad_configurations_name_the_field_and_value() {
          Box::new(|v| v["routes"][0]["access"] = json!({"public": false}))),
         ("routes[1].inject[0]: give exactly one of \"header\" or \"query\", not both",
          Box::new(|v| v["routes"][1]["inject"][0]["header"] = json!("x-api-key"))),
-        ("routes[1].inject[0]: give exactly one of \"header\" or \"query\"",
+        ("routes[1].inject[0]: give exactly one of \"header\", \"query\" or \"cluster_header\"",
          Box::new(|v| { v["routes"][1]["inject"][0].as_object_mut().unwrap().remove("query"); })),
         ("routes[0].inject[0].header: invalid value \"x api key\": not a valid HTTP header name",
          Box::new(|v| v["routes"][0]["inject"][0]["header"] = json!("x api key"))),
@@ -197,7 +197,7 @@ fn bad_configurations_name_the_field_and_value() {
          Box::new(|v| v["claims"]["from"] = json!("jwt"))),
         ("unmatched: invalid value \"block\": expected \"allow\" or \"deny\"",
          Box::new(|v| v["unmatched"] = json!("block"))),
-        ("providers.partner.type: invalid value \"apikey\": expected \"api_key\", \"oauth2\" or \"azure_managed_identity\"",
+        ("providers.partner.type: invalid value \"apikey\": expected \"api_key\", \"oauth2\", \"azure_managed_identity\" or \"client_certificate\"",
          Box::new(|v| v["providers"]["partner"]["type"] = json!("apikey"))),
         ("providers.partner.cluster: not allowed for an api_key provider",
          Box::new(|v| v["providers"]["partner"]["cluster"] = json!("c"))),
@@ -518,4 +518,53 @@ fn routes_know_whether_they_need_claims() {
     let c = Config::parse(v.to_string().as_bytes(), &env).unwrap();
     let needs: Vec<bool> = c.routes.iter().map(|r| r.needs_claims).collect();
     assert_eq!(needs, [false, false, false, true, true]);
+}
+
+#[test]
+fn client_certificate_connections_and_cluster_headers() {
+    let v = json!({
+        "providers": { "partner_mtls": { "type": "client_certificate" } },
+        "connections": {
+            "cert_a": { "provider": "partner_mtls", "cluster": "partner_a", "access": { "groups": ["billing"] } },
+            "cert_b": { "provider": "partner_mtls", "cluster": "partner_b", "access": { "users": ["svc"] } }
+        },
+        "routes": [ { "name": "partner", "match": { "path_prefix": "/partner/" },
+                      "inject": [ { "connections": ["cert_a", "cert_b"], "cluster_header": "X-Latchkey-Cluster" } ] } ]
+    });
+    let c = Config::parse(v.to_string().as_bytes(), &env).unwrap();
+    assert_eq!(c.cluster_headers, ["x-latchkey-cluster"]);
+    assert_eq!(
+        c.routes[0].inject[0].target,
+        Target::ClusterHeader {
+            name: "x-latchkey-cluster".into()
+        }
+    );
+    assert!(
+        matches!(&c.connections[0].credential, Credential::ClientCertificate { cluster } if cluster == "partner_a")
+    );
+    type Edit = Box<dyn FnOnce(&mut Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        ("routes[0].inject[0].header: not allowed with \"cluster_header\"",
+         Box::new(|v| v["routes"][0]["inject"][0]["header"] = json!("x-k"))),
+        ("connections.cert_a.cluster: required field is missing",
+         Box::new(|v| { v["connections"]["cert_a"].as_object_mut().unwrap().remove("cluster"); })),
+        ("connections.cert_a.api_key: not allowed for a connection of a client_certificate provider",
+         Box::new(|v| v["connections"]["cert_a"]["api_key"] = json!("k"))),
+        ("providers.partner_mtls.cluster: not allowed for a client_certificate provider (connections name the cluster)",
+         Box::new(|v| v["providers"]["partner_mtls"]["cluster"] = json!("c"))),
+        ("routes[0].inject[0].connections: client_certificate connections go in a \"cluster_header\" entry",
+         Box::new(|v| { let e = v["routes"][0]["inject"][0].as_object_mut().unwrap(); e.remove("cluster_header"); e.insert("header".into(), json!("x-k")); })),
+        ("routes[0].inject[0].cluster_header: invalid value \"host\": Envoy owns this header; latchkey can't set it",
+         Box::new(|v| v["routes"][0]["inject"][0]["cluster_header"] = json!("host"))),
+    ];
+    for (want, mutate) in cases {
+        let mut doc = v.clone();
+        mutate(&mut doc);
+        assert_eq!(
+            Config::parse(doc.to_string().as_bytes(), &env)
+                .unwrap_err()
+                .to_string(),
+            want
+        );
+    }
 }

@@ -520,6 +520,11 @@ impl Broker {
                 deadline = Some(deadline.map_or(d, |x: u64| x.min(d)));
             };
             match &conn.credential {
+                Credential::ClientCertificate { cluster } => out.push(Cred {
+                    secret: Secret::new(cluster.clone()),
+                    default_prefix: "",
+                    token: None,
+                }),
                 Credential::ApiKey(SecretRef::Value(secret)) => out.push(Cred {
                     secret: secret.clone(),
                     default_prefix: "",

@@ -70,7 +70,7 @@ impl Loaded {
                 let (timeout_ms, margin_s, default_s) = match &provider.kind {
                     ProviderKind::OAuth2(p) => (p.timeout_ms, p.refresh_margin_s, p.default_expires_in_s),
                     ProviderKind::ManagedIdentity(p) => (p.timeout_ms, p.refresh_margin_s, p.default_expires_in_s),
-                    ProviderKind::ApiKey => return None,
+                    ProviderKind::ApiKey | ProviderKind::ClientCertificate => return None,
                 };
                 let key = crate::token::cache_key(c, provider)?;
                 let refresh = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::RefreshToken(_)));
@@ -444,6 +444,11 @@ fn handle_request(
     if let ClaimsSource::Header { name } = &config.claims.source {
         inject::remove_all(name, sent.iter().copied(), &mut edits);
     }
+    // Nor does a client-sent cluster header: no client picks a cluster (or a
+    // client certificate) itself.
+    for name in &config.cluster_headers {
+        inject::remove_all(name, sent.iter().copied(), &mut edits);
+    }
 
     let decision = match route {
         None => decide(config, None, None),
@@ -612,9 +617,12 @@ fn discovery(state: &Rc<Loaded>, headers: &host::HeaderPairs) -> Result<Action, 
 
 fn needs_time(config: &Config, picks: &[usize]) -> bool {
     picks.iter().any(|&c| {
-        config
-            .connection(c)
-            .is_some_and(|c| !matches!(c.credential, Credential::ApiKey(SecretRef::Value(_))))
+        config.connection(c).is_some_and(|c| {
+            !matches!(
+                c.credential,
+                Credential::ApiKey(SecretRef::Value(_)) | Credential::ClientCertificate { .. }
+            )
+        })
     })
 }
 

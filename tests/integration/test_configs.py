@@ -21,6 +21,17 @@ def test_there_are_configs():
 def test_envoy_validates(config: Path, wasm_path, tmp_path):
     # The configs name the module where the compose demo mounts it.
     text = config.read_text().replace("/opt/latchkey/latchkey.wasm", str(wasm_path))
+    if "/etc/latchkey/certs/" in text:
+        # The client-certificate example's SDS files, with a real certificate each.
+        from test_client_certs import CA, write_sds
+        ca = CA(tmp_path)
+        for name in ("partner-a", "partner-b"):
+            d = tmp_path / "certs" / name
+            d.mkdir(parents=True)
+            cert, key = ca.issue(name, name)
+            write_sds(d, name.replace("-", "_cert_"), cert, key)
+            (d / "sds.json").rename(d / "sds.yaml")
+        text = text.replace("/etc/latchkey/certs/", f"{tmp_path}/certs/")
     rendered = tmp_path / config.name
     rendered.write_text(text)
     result = validate(rendered)
