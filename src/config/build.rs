@@ -586,14 +586,7 @@ impl Builder<'_> {
             let p = Obj::new(format!("providers.{name}"), value, PROVIDER)?;
             let kind = match p.req_str("type")? {
                 "api_key" => {
-                    for field in PROVIDER.iter().filter(|f| **f != "type") {
-                        if p.has(field) {
-                            return Err(ConfigError::not_allowed(
-                                p.child(field),
-                                "not allowed for an api_key provider",
-                            ));
-                        }
-                    }
+                    only_fields(&p, PROVIDER, &["type"], "not allowed for an api_key provider")?;
                     ProviderKind::ApiKey
                 }
                 "oauth2" => {
@@ -609,14 +602,7 @@ impl Builder<'_> {
                     ProviderKind::ManagedIdentity(managed_identity_provider(&p)?)
                 }
                 "client_certificate" => {
-                    for field in PROVIDER.iter().filter(|f| **f != "type") {
-                        if p.has(field) {
-                            return Err(ConfigError::not_allowed(
-                                p.child(field),
-                                "not allowed for a client_certificate provider (connections name the cluster)",
-                            ));
-                        }
-                    }
+                    only_fields(&p, PROVIDER, &["type"], "not allowed for a client_certificate provider (connections name the cluster)")?;
                     ProviderKind::ClientCertificate
                 }
                 other => {
@@ -658,17 +644,12 @@ impl Builder<'_> {
                     Credential::OAuth2(oauth2_connection(&c, secrets)?)
                 }
                 Some(ProviderKind::ClientCertificate) => {
-                    for field in CONNECTION
-                        .iter()
-                        .filter(|f| !["provider", "cluster", "access"].contains(f))
-                    {
-                        if c.has(field) {
-                            return Err(ConfigError::not_allowed(
-                                c.child(field),
-                                "not allowed for a connection of a client_certificate provider",
-                            ));
-                        }
-                    }
+                    only_fields(
+                        &c,
+                        CONNECTION,
+                        &["provider", "cluster", "access"],
+                        "not allowed for a connection of a client_certificate provider",
+                    )?;
                     let cluster = c.req_str("cluster")?;
                     header_value_ok(&c.child("cluster"), cluster)?;
                     Credential::ClientCertificate {
@@ -676,17 +657,12 @@ impl Builder<'_> {
                     }
                 }
                 Some(ProviderKind::ManagedIdentity(_)) => {
-                    for field in CONNECTION
-                        .iter()
-                        .filter(|f| !["provider", "resource", "access"].contains(f))
-                    {
-                        if c.has(field) {
-                            return Err(ConfigError::not_allowed(
-                                c.child(field),
-                                "not allowed for a connection of an azure_managed_identity provider",
-                            ));
-                        }
-                    }
+                    only_fields(
+                        &c,
+                        CONNECTION,
+                        &["provider", "resource", "access"],
+                        "not allowed for a connection of an azure_managed_identity provider",
+                    )?;
                     let resource = c.req_str("resource")?;
                     super::token_url::parse(resource).map_err(|e| {
                         ConfigError::invalid(c.child("resource"), resource, e.to_string())
@@ -696,17 +672,12 @@ impl Builder<'_> {
                     }
                 }
                 _ => {
-                    for field in CONNECTION
-                        .iter()
-                        .filter(|f| !["provider", "api_key", "access"].contains(f))
-                    {
-                        if c.has(field) {
-                            return Err(ConfigError::not_allowed(
-                                c.child(field),
-                                "not allowed for a connection of an api_key provider",
-                            ));
-                        }
-                    }
+                    only_fields(
+                        &c,
+                        CONNECTION,
+                        &["provider", "api_key", "access"],
+                        "not allowed for a connection of an api_key provider",
+                    )?;
                     let secret = c.req_str("api_key")?;
                     Credential::ApiKey(secrets.get(c.child("api_key"), "secret", secret)?.clone())
                 }
@@ -911,14 +882,12 @@ fn token_lifetimes(p: &Obj) -> Result<(u64, u64), ConfigError> {
 }
 
 fn managed_identity_provider(p: &Obj) -> Result<ManagedIdentityProvider, ConfigError> {
-    for field in PROVIDER.iter().filter(|f| !MI_PROVIDER.contains(f)) {
-        if p.has(field) {
-            return Err(ConfigError::not_allowed(
-                p.child(field),
-                "not allowed for an azure_managed_identity provider",
-            ));
-        }
-    }
+    only_fields(
+        p,
+        PROVIDER,
+        MI_PROVIDER,
+        "not allowed for an azure_managed_identity provider",
+    )?;
     let endpoint = p.opt_str("endpoint")?.unwrap_or(IMDS_ENDPOINT);
     let url = super::token_url::parse(endpoint)
         .map_err(|e| ConfigError::invalid(p.child("endpoint"), endpoint, e.to_string()))?;
@@ -1261,6 +1230,20 @@ fn host_value(path: &str, host: &str) -> Result<String, ConfigError> {
         return Err(ConfigError::invalid(path, host, "not a host name"));
     }
     Ok(crate::router::normalize_host(host).to_ascii_lowercase())
+}
+
+/// Refuses any field of `all` that is set on `o` but not in `allowed` (the fields of
+/// one kind of provider or connection), naming it with `reason`.
+fn only_fields(
+    o: &Obj,
+    all: &[&str],
+    allowed: &[&str],
+    reason: &'static str,
+) -> Result<(), ConfigError> {
+    match all.iter().find(|f| !allowed.contains(f) && o.has(f)) {
+        Some(field) => Err(ConfigError::not_allowed(o.child(field), reason)),
+        None => Ok(()),
+    }
 }
 
 /// `timeout_ms` of a store or provider (default 5 s, at most 5 min).
