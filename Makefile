@@ -19,7 +19,7 @@ ISTIO_NODE_STAMP := tests/istio/node_modules/.package-lock.json
 CHECKER := target/debug/latchkey
 OCI_DIR := target/oci
 
-.PHONY: all setup build lint unit integration test run bench clean check-tool oci fuzz
+.PHONY: all setup build lint unit integration test run bench bench-quick clean check-tool oci fuzz
 
 all: build
 
@@ -104,6 +104,16 @@ bench: build $(BENCH_STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) \
 		|| { echo "make bench needs wrk (Debian package wrk)"; exit 1; }
 	$(VPY) bench/bench.py --wasm $(WASM)
+
+# Per-filter CPU cost in under 3 minutes (issue #10): one Envoy, one listener per variant,
+# load slices interleaved across variants; median and IQR per variant in bench/out/quick.json.
+# Measures the module as it is (builds it only if missing: `make build` first after a change).
+bench-quick: $(STAMP)
+	@test -f $(WASM) || { rustup target list --installed 2>/dev/null | grep -qx $(TARGET) || rustup target add $(TARGET); \
+		$(CARGO) build --release --target $(TARGET) --lib; }
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) \
+		|| { echo "make bench-quick needs wrk (Debian package wrk)"; exit 1; }
+	timeout -k 10 175 $(VPY) bench/quick.py --wasm $(WASM)
 
 # Coverage-guided fuzzing (cargo-fuzz / libFuzzer, fuzz/: its own package, not built by
 # the targets above): the configuration parser, the claim decoders and the protobuf round
