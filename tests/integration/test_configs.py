@@ -32,6 +32,11 @@ def test_envoy_validates(config: Path, wasm_path, tmp_path):
             write_sds(d, name.replace("-", "_cert_"), cert, key)
             (d / "sds.json").rename(d / "sds.yaml")
         text = text.replace("/etc/latchkey/certs/", f"{tmp_path}/certs/")
+    if "/etc/latchkey/oauth2/" in text:
+        # The browser sign-in example's SDS files: the oauth2 filter's client and HMAC secrets.
+        from test_browser_signin import write_oauth2_secrets
+        write_oauth2_secrets(tmp_path / "oauth2")
+        text = text.replace("/etc/latchkey/oauth2", f"{tmp_path}/oauth2")
     rendered = tmp_path / config.name
     rendered.write_text(text)
     result = validate(rendered)

@@ -60,6 +60,10 @@ NPM_INSTALL_HINT = "run `npm ci --prefix tests/oauth --no-audit --no-fund` (from
 CLIENTS: dict[str, str] = {"gw-basic": "gw-basic-secret", "gw-post": "gw-post-secret"}
 CLIENT_AUTH_METHODS: dict[str, str] = {"gw-basic": "client_secret_basic",
                                        "gw-post": "client_secret_post"}
+# The browser sign-in client, registered only when OidcProvider(browser_redirect_uris=...)
+# is given (authorization code + PKCE, client_secret_basic; not in CLIENTS).
+BROWSER_CLIENT_ID = "gw-browser"
+BROWSER_CLIENT_SECRET = "gw-browser-secret"
 DEFAULT_RESOURCE = "https://api.test"          # JWT access tokens, the default resource
 OPAQUE_RESOURCE = "https://opaque.api.test"    # opaque (introspectable) access tokens
 RESOURCE_SCOPES = ("orders.read", "orders.write")
@@ -162,7 +166,11 @@ class OidcProvider:
     the token-exchange grant verifies subject tokens with (default: decoded only, `sub`,
     `exp` and `nbf` still checked). ``port``: 0 lets node bind any free port (no race).
     ``debug``: let oidc-provider log to the stderr file (``stderr_path``, in ``log_dir`` or
-    the temp dir; an empty one in the temp dir is deleted by stop()). ``startup_timeout``:
+    the temp dir; an empty one in the temp dir is deleted by stop()). ``browser_redirect_uris``:
+    register the browser sign-in client BROWSER_CLIENT_ID with these redirect URIs and turn
+    on oidc-provider's login and consent forms (/interaction/<uid>; see server.mjs).
+    ``accounts``: extra claims per account id, e.g. {"alice": {"groups": ["billing"]}}
+    (released with scope ``groups``). ``startup_timeout``:
     how long node may take to print READY, not counting time this process was suspended
     (see harness.StartupDeadline); a failure stops node first, then reports its state, how
     it ended, its stdout (read to the end) and its stderr.
@@ -172,7 +180,9 @@ class OidcProvider:
                  refresh_ttl: int | None = None, subject_jwks: dict | str | None = None,
                  port: int = 0, history: int = 50, debug: bool = False,
                  startup_timeout: float = 30.0, env: dict[str, str] | None = None,
-                 log_dir: str | os.PathLike | None = None):
+                 log_dir: str | os.PathLike | None = None,
+                 browser_redirect_uris: list[str] | None = None,
+                 accounts: dict[str, dict[str, Any]] | None = None):
         self.ttl = int(ttl)
         self.exchange_ttl = exchange_ttl
         self.refresh_ttl = refresh_ttl
@@ -183,6 +193,8 @@ class OidcProvider:
         self.startup_timeout = startup_timeout
         self.extra_env = env or {}
         self.log_dir = Path(log_dir) if log_dir else None
+        self.browser_redirect_uris = list(browser_redirect_uris or [])
+        self.accounts = accounts
         self.proc: subprocess.Popen | None = None
         self._port: int | None = None
         self._stderr_file = None
@@ -214,6 +226,10 @@ class OidcProvider:
         if self.subject_jwks is not None:
             env["OAUTH_SUBJECT_JWKS"] = (self.subject_jwks if isinstance(self.subject_jwks, str)
                                          else json.dumps(self.subject_jwks))
+        if self.browser_redirect_uris:
+            env["OAUTH_BROWSER_REDIRECT_URIS"] = " ".join(self.browser_redirect_uris)
+        if self.accounts is not None:
+            env["OAUTH_ACCOUNTS"] = json.dumps(self.accounts)
         if self.debug:
             env["OAUTH_DEBUG"] = "1"
         else:
@@ -431,7 +447,8 @@ class OidcProvider:
     def last_token_requests(self, n: int | None = None) -> list[dict[str, Any]]:
         """The last `n` (default all kept) token requests, oldest first: {time, method, path,
         headers: [[name, value]...], form: {field: value}, grant_type, client_id, status,
-        error}. `form` is the parsed body (secrets included: test-only)."""
+        error, id_token}. `form` is the parsed body (secrets included: test-only); `id_token`
+        is the ID token the answer carried, or None."""
         return self._get_json("/__test/token-requests" + (f"?n={int(n)}" if n is not None else ""))
 
     def wait_for_token_requests(self, count: int, grant_type: str | None = None,

@@ -20,8 +20,26 @@
 //   OAUTH_KEEPALIVE_MS       idle keep-alive timeout of client connections (default 120000)
 //   OAUTH_DEBUG=1            let oidc-provider and this script log (quiet otherwise)
 //
+// Browser sign-in (authorization code + PKCE), off unless OAUTH_BROWSER_REDIRECT_URIS is set:
+//   OAUTH_BROWSER_REDIRECT_URIS  redirect URIs (space- or comma-separated, e.g. Envoy's oauth2
+//                            callback http://127.0.0.1:<port>/oauth2/callback): registers the
+//                            confidential client gw-browser (response_type code, grants
+//                            authorization_code + refresh_token, client_secret_basic, PKCE S256
+//                            required: an authorization request without code_challenge is
+//                            refused) and turns on oidc-provider's devInteractions: GET
+//                            /interaction/<uid> serves a login form (any login, any password:
+//                            POST prompt=login&login=<account>&password=...) and then a consent
+//                            form (POST prompt=consent). Scope `groups` releases the account's
+//                            `groups` claim, also in the ID token.
+//   OAUTH_BROWSER_CLIENT_ID / OAUTH_BROWSER_CLIENT_SECRET   (default gw-browser / gw-browser-secret)
+//   OAUTH_ACCOUNTS           JSON {"<account>": {<claims>}}, e.g. {"alice": {"groups": ["billing"]}}:
+//                            extra claims of those accounts, released where a scope maps them
+//                            (scope `groups`: `groups`). Default: none; every account id is
+//                            valid and has only `sub`.
+//
 // Clients (static): gw-basic / gw-basic-secret (client_secret_basic),
-//                   gw-post / gw-post-secret (client_secret_post).
+//                   gw-post / gw-post-secret (client_secret_post),
+//                   gw-browser (only with OAUTH_BROWSER_REDIRECT_URIS, above).
 // Resources: https://api.test (JWT access tokens, the default resource) and
 //            https://opaque.api.test (opaque access tokens, introspectable); both carry the
 //            scopes `orders.read orders.write`.
@@ -29,6 +47,7 @@
 // Test endpoints (same port, never part of a real deployment):
 //   GET  /__test/stats            counts of token-endpoint requests per grant type / outcome
 //   GET  /__test/token-requests   last N token requests (?n=) with headers and form fields
+//                                 (and the id_token the answer carried, if any)
 //   POST /__test/reset            zero the stats and forget the recorded requests
 //   POST /__test/refresh-token    mint a pre-consented refresh token through oidc-provider's
 //                                 own Grant and RefreshToken models; JSON body optional:
@@ -71,6 +90,24 @@ const REFRESH_TTL = intArg(process.env.OAUTH_REFRESH_TTL, 86400, 'OAUTH_REFRESH_
 const HISTORY = intArg(process.env.OAUTH_HISTORY, 50, 'OAUTH_HISTORY') || 50;
 const KEEPALIVE_MS = intArg(process.env.OAUTH_KEEPALIVE_MS, 120000, 'OAUTH_KEEPALIVE_MS') || 120000;
 const HOST = '127.0.0.1';
+
+const BROWSER_REDIRECT_URIS = (process.env.OAUTH_BROWSER_REDIRECT_URIS || '').split(/[\s,]+/).filter(Boolean);
+const BROWSER = BROWSER_REDIRECT_URIS.length > 0;
+const BROWSER_CLIENT_ID = process.env.OAUTH_BROWSER_CLIENT_ID || 'gw-browser';
+const BROWSER_CLIENT_SECRET = process.env.OAUTH_BROWSER_CLIENT_SECRET || 'gw-browser-secret';
+let ACCOUNTS = {};
+if (process.env.OAUTH_ACCOUNTS) {
+  try {
+    ACCOUNTS = JSON.parse(process.env.OAUTH_ACCOUNTS);
+  } catch (e) {
+    process.stderr.write(`invalid OAUTH_ACCOUNTS: ${e.message}\n`);
+    process.exit(2);
+  }
+  if (!ACCOUNTS || typeof ACCOUNTS !== 'object' || Array.isArray(ACCOUNTS)) {
+    process.stderr.write('invalid OAUTH_ACCOUNTS: not a JSON object\n');
+    process.exit(2);
+  }
+}
 
 const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
 const TT_ACCESS_TOKEN = 'urn:ietf:params:oauth:token-type:access_token';
@@ -189,9 +226,12 @@ const configuration = {
   jwks: { keys: [signingKey()] },
   cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
   scopes: ['openid', 'offline_access', 'orders.read', 'orders.write'],
-  findAccount: async (_ctx, id) => ({ accountId: id, claims: async () => ({ sub: id }) }),
+  findAccount: async (_ctx, id) => ({
+    accountId: id,
+    claims: async () => ({ ...(Object.hasOwn(ACCOUNTS, id) ? ACCOUNTS[id] : {}), sub: id }),
+  }),
   features: {
-    devInteractions: { enabled: false },
+    devInteractions: { enabled: BROWSER },
     clientCredentials: { enabled: true },
     introspection: { enabled: true, allowedPolicy: async () => true },
     revocation: { enabled: true },
@@ -224,6 +264,30 @@ const configuration = {
     BackchannelAuthenticationRequest: 600,
   },
 };
+
+if (BROWSER) {
+  // The browser sign-in client (Envoy's oauth2 filter): confidential, so oidc-provider would
+  // not require PKCE by default; it is required here, so a flow that works proves the
+  // client sent code_challenge (S256, the only method oidc-provider accepts) and code_verifier.
+  configuration.clients.push({
+    client_id: BROWSER_CLIENT_ID,
+    client_secret: BROWSER_CLIENT_SECRET,
+    token_endpoint_auth_method: 'client_secret_basic',
+    response_types: ['code'],
+    grant_types: ['authorization_code', 'refresh_token'],
+    redirect_uris: BROWSER_REDIRECT_URIS,
+    scope: 'openid offline_access groups',
+  });
+  configuration.pkce = {
+    required: (_ctx, client) => client.clientAuthMethod === 'none' || client.clientId === BROWSER_CLIENT_ID,
+  };
+  configuration.scopes.push('groups');
+  configuration.claims = {
+    acr: null, sid: null, auth_time: null, iss: null, openid: ['sub'], groups: ['groups'],
+  };
+  // The scope's claims go into the ID token too (not only /me): the gateway reads them there.
+  configuration.conformIdTokenClaims = false;
+}
 
 // Bind first (port 0 allowed), then build the provider with the real issuer.
 const server = http.createServer();
@@ -403,6 +467,8 @@ provider.use(async (ctx, next) => {
       time: at, method: ctx.method, path: ctx.path, headers, form, grant_type: grantType,
       client_id: (() => { try { return ctx.oidc?.client?.clientId ?? null; } catch { return null; } })(),
       status: ctx.status, error: body.error ?? null,
+      // The ID token the answer carried (null if none): lets a test decode and verify it.
+      id_token: typeof body.id_token === 'string' ? body.id_token : null,
     });
     if (history.length > HISTORY) history = history.slice(-HISTORY);
     log(ctx.method, ctx.path, grantType, ctx.status, body.error ?? '');
