@@ -531,12 +531,25 @@ impl Broker {
                     token: None,
                 }),
                 Credential::ApiKey(SecretRef::Store(si)) => {
-                    match self.acquire(loaded, Owner::Store(*si), None, now, on_request)? {
-                        Access::Ready(v) => out.push(Cred {
-                            secret: Secret::new(v.token),
+                    // This VM's copy, kept fresh by the tick: no host call.
+                    if let Some(secret) = loaded.store_value(*si) {
+                        out.push(Cred {
+                            secret,
                             default_prefix: "",
                             token: None,
-                        }),
+                        });
+                        continue;
+                    }
+                    match self.acquire(loaded, Owner::Store(*si), None, now, on_request)? {
+                        Access::Ready(v) => {
+                            let secret = Secret::new(v.token);
+                            loaded.set_store_value(*si, secret.clone());
+                            out.push(Cred {
+                                secret,
+                                default_prefix: "",
+                                token: None,
+                            })
+                        }
                         Access::Wait => wait_for(Owner::Store(*si)),
                         Access::Reject { retry_after_ms } => {
                             return Ok(Resolution::Reject {
@@ -654,24 +667,21 @@ impl Broker {
         self.retick();
     }
 
-    /// Records how old each store's value is (off the request path).
-    pub fn update_ages(&mut self, loaded: &Loaded, now: u64) {
+    /// Once a second, off the request path: refreshes this VM's copy of every
+    /// store value from the shared cache (starting a re-read when one is due, as a
+    /// request would), and records how old each value is.
+    pub fn tend_stores(&mut self, loaded: &Rc<Loaded>, now: u64) {
         if now < self.last_ages_ms + u64::from(IDLE_MS) {
             return;
         }
         self.last_ages_ms = now;
-        for (i, slot) in loaded.stores.iter().enumerate() {
-            let Ok(Some((bytes, cas))) = host::shared_data(&slot.key) else {
-                continue;
-            };
-            let (CacheState::Ready { token, .. } | CacheState::Refreshing { token, .. }) =
-                decode_cached(&slot.key, &bytes, cas)
-            else {
-                continue;
-            };
-            loaded
-                .metrics
-                .store_age(i, now.saturating_sub(token.obtained_ms) / 1000);
+        for i in 0..loaded.stores.len() {
+            if let Ok(Access::Ready(v)) = self.acquire(loaded, Owner::Store(i), None, now, false) {
+                loaded
+                    .metrics
+                    .store_age(i, now.saturating_sub(v.obtained_ms) / 1000);
+                loaded.set_store_value(i, Secret::new(v.token));
+            }
         }
     }
 
@@ -1073,11 +1083,16 @@ impl Broker {
                 FetchOutcome::Failed { kind: e.kind() }
             }
         };
-        let new_version = match &outcome {
-            FetchOutcome::Stored { version, .. } => Some(version.clone()),
-            _ => None,
+        let (new_version, new_value) = match &outcome {
+            FetchOutcome::Stored { version, value, .. } => {
+                (Some(version.clone()), Some(Secret::new(value.clone())))
+            }
+            _ => (None, None),
         };
         let replaced = self.install(f, outcome, now, &slot.policy);
+        if let (Some(_), Some(v)) = (&replaced, new_value) {
+            loaded.set_store_value(i, v);
+        }
         if let (Some(new), Some(old)) = (new_version, replaced) {
             let old = match old {
                 CacheState::Refreshing { token, .. } => Some(token.version),

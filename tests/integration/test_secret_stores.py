@@ -146,11 +146,12 @@ def test_vault_rotation_under_load_reaches_the_next_requests(envoy_factory, upst
     assert all(seen in ([KEY_V1], [KEY_V2]) for _, _, seen in results)
     rot = rotated_at["t"] - load_start
     first_new = min(ts for ts, _, seen in results if seen == [KEY_V2])
-    # Within refresh_s (1 s) plus one read, the next requests carry the new key.
+    # Re-read every refresh_s (1 s) on the 1 s tick; every worker's copy follows
+    # within a tick: the next requests carry the new key within about 3 s.
     lag = first_new - rot
     print(f"rotation to first use of the new value: {lag * 1000:.0f} ms")
-    assert lag < 2.0, lag
-    assert all(seen == [KEY_V2] for ts, _, seen in results if ts > rot + 2.0)
+    assert lag < 3.0, lag
+    assert all(seen == [KEY_V2] for ts, _, seen in results if ts > rot + 3.5)
     reads = stat(envoy, "secret.partner_key.reads") - reads_before
     elapsed = time.monotonic() - load_start
     print(f"store reads in {elapsed:.1f} s with refresh_s=1: {reads}")
