@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import warnings
 import weakref
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -130,6 +131,13 @@ class TokenResponse(NamedTuple):
         return None
 
 
+HANG_S = 15.0  # a start normally takes 0.2-1.5 s
+
+
+class OidcStartWarning(UserWarning):
+    """A hung oidc-provider start that was retried (with node's report attached)."""
+
+
 class OidcStartError(RuntimeError):
     """node exited or never printed READY; the message carries how it ended, its stdout and
     its stderr."""
@@ -212,7 +220,24 @@ class OidcProvider:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> "OidcProvider":
-        """Start node and wait (bounded) for its `READY <port>` line."""
+        """Start node and wait (bounded) for its `READY <port>` line.
+
+        node has been seen, rarely, to stop before READY with its main thread asleep in
+        a futex and no output (0.5 s of CPU, then nothing for 30 s; not reproduced in
+        hundreds of starts). The cause is not known yet. Such a start is given up after
+        HANG_S, with a node diagnostic report (JS stack, native stack, libuv handles)
+        attached to a pytest warning so the next occurrence says where it hung, and
+        node is started once more."""
+        try:
+            return self._start_once(min(self.startup_timeout, HANG_S))
+        except OidcStartError as e:
+            if "not READY" not in str(e):
+                raise
+            warnings.warn(OidcStartWarning(f"oidc-provider start hung; starting again:\n{e}"))
+            self.proc = None
+            return self._start_once(self.startup_timeout)
+
+    def _start_once(self, timeout: float) -> "OidcProvider":
         if self.proc is not None:
             raise RuntimeError("OidcProvider already started")
         node = node_modules_ready()
@@ -241,19 +266,49 @@ class OidcProvider:
         os.close(fd)
         self.stderr_path = Path(name)
         self._stderr_file = open(self.stderr_path, "wb")
+        self._report_dir = Path(tempfile.mkdtemp(prefix="oidc-report-"))
         self.proc = subprocess.Popen(
-            [str(node), str(SERVER_SCRIPT), str(self.requested_port), str(self.ttl)],
+            [str(node), "--report-on-signal", "--report-signal=SIGUSR2", "--report-compact",
+             f"--report-directory={self._report_dir}",
+             str(SERVER_SCRIPT), str(self.requested_port), str(self.ttl)],
             cwd=OAUTH_DIR, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=self._stderr_file)
         _LIVE_PROVIDERS.add(self)
         try:
-            self._port = self._wait_ready()
+            self._port = self._wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_ready(self) -> int:
+    def _node_report(self) -> str:
+        """Ask a running node for its diagnostic report (SIGUSR2) and summarise it."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return ""
+        try:
+            proc.send_signal(signal.SIGUSR2)
+        except OSError:
+            return ""
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            files = sorted(self._report_dir.glob("*.json"))
+            if files:
+                try:
+                    report = json.loads(files[-1].read_text())
+                except ValueError:
+                    time.sleep(0.1)
+                    continue
+                js = report.get("javascriptStack", {})
+                native = [f.get("symbol", "") for f in report.get("nativeStack", [])][:12]
+                handles = [f"{h.get('type')}{' active' if h.get('is_active') else ''}"
+                           for h in report.get("libuv", [])]
+                return (f"node report: js stack: {js.get('message')!r} {js.get('stack', [])[:12]}\n"
+                        f"native stack: {native}\nlibuv handles: {handles}")
+            time.sleep(0.1)
+        return "node report: none written within 3 s"
+
+    def _wait_ready(self, timeout: float) -> int:
         lines: "queue.Queue[bytes | None]" = queue.Queue()
         stdout = self.proc.stdout
 
@@ -268,7 +323,7 @@ class OidcProvider:
         threading.Thread(target=pump, name=f"oidc-stdout-{self.proc.pid}", daemon=True).start()
         # Every round reads what node printed BEFORE the deadline is looked at: a READY line
         # that is already in the pipe always counts, however late this loop gets to it.
-        deadline = StartupDeadline(self.startup_timeout, max_round=_READY_POLL_S + STALL_SLACK_S)
+        deadline = StartupDeadline(timeout, max_round=_READY_POLL_S + STALL_SLACK_S)
         seen: list[str] = []
         while True:
             try:
@@ -290,11 +345,11 @@ class OidcProvider:
             elif self.proc.poll() is not None and lines.empty():
                 raise self._start_error("oidc-provider exited before READY", lines, seen, deadline)
             if deadline.expired():
-                raise self._start_error(f"oidc-provider not READY after {self.startup_timeout:g}s",
-                                        lines, seen, deadline)
+                raise self._start_error(f"oidc-provider not READY after {timeout:g}s",
+                                        lines, seen, deadline, report=self._node_report())
 
     def _start_error(self, what: str, lines: "queue.Queue[bytes | None]", seen: list[str],
-                     deadline: StartupDeadline) -> OidcStartError:
+                     deadline: StartupDeadline, report: str = "") -> OidcStartError:
         """Stop node, THEN describe the failure: its state while we waited, how it ended,
         everything it printed on stdout (read to EOF) and its stderr, complete by then."""
         proc = self.proc
@@ -314,6 +369,8 @@ class OidcProvider:
         if state:
             parts.append(f"node while waited for: {state}")
         parts += [f"node {ended}", f"stdout: {seen!r}", self.diagnostics()]
+        if report:
+            parts.append(report)
         return OidcStartError("\n".join(parts))
 
     def _terminate(self, timeout: float = 5.0) -> str:
@@ -343,6 +400,9 @@ class OidcProvider:
             if proc.stdout:
                 proc.stdout.close()
             assert not pid_alive(proc.pid), f"oidc-provider pid {proc.pid} survived stop()"
+        report_dir = getattr(self, "_report_dir", None)
+        if report_dir is not None:
+            shutil.rmtree(report_dir, ignore_errors=True)
         if self._stderr_file is not None:
             self._stderr_file.close()
             self._stderr_file = None
