@@ -306,7 +306,21 @@ class OidcProvider:
                 return (f"node report: js stack: {js.get('message')!r} {js.get('stack', [])[:12]}\n"
                         f"native stack: {native}\nlibuv handles: {handles}")
             time.sleep(0.1)
-        return "node report: none written within 3 s"
+        return "node report: none written within 3 s (the main thread is blocked)\n" + self._gdb_stacks()
+
+    def _gdb_stacks(self) -> str:
+        """Every thread's native stack of the running node, from gdb (when installed)."""
+        gdb = shutil.which("gdb")
+        if gdb is None or self.proc is None or self.proc.poll() is not None:
+            return "gdb: not available"
+        try:
+            r = subprocess.run([gdb, "-p", str(self.proc.pid), "-batch", "-nx",
+                                "-ex", "thread apply all bt 12"],
+                               capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"gdb: {e}"
+        frames = [l for l in r.stdout.splitlines() if l.startswith(("Thread ", "#"))]
+        return "gdb, all threads:\n" + "\n".join(frames[:120])
 
     def _wait_ready(self, timeout: float) -> int:
         lines: "queue.Queue[bytes | None]" = queue.Queue()
