@@ -200,8 +200,15 @@ function checkSubjectToken(token) {
 
 // ------------------------------------------------------------------ provider
 
-function signingKey() {
-  const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+// Asynchronous on purpose: Node 20's generateKeyPairSync can deadlock. A garbage
+// collection during the synchronous job runs ~KeyGenJob on the main thread, which
+// waits for a mutex the same thread holds (seen with gdb: node asleep in
+// __lll_lock_wait under KeyGenJob<RsaKeyGenTraits>::~KeyGenJob, no output, forever).
+async function signingKey() {
+  const { privateKey } = await new Promise((resolve, reject) => {
+    crypto.generateKeyPair('rsa', { modulusLength: 2048 }, (err, publicKey, privateKey) => (
+      err ? reject(err) : resolve({ publicKey, privateKey })));
+  });
   return {
     ...privateKey.export({ format: 'jwk' }), kid: `oauth-test-${crypto.randomBytes(4).toString('hex')}`, alg: 'RS256', use: 'sig',
   };
@@ -223,7 +230,7 @@ const configuration = {
       ...clientDefaults, client_id: 'gw-post', client_secret: 'gw-post-secret', token_endpoint_auth_method: 'client_secret_post',
     },
   ],
-  jwks: { keys: [signingKey()] },
+  jwks: { keys: [(await signingKey())] },
   cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
   scopes: ['openid', 'offline_access', 'orders.read', 'orders.write'],
   findAccount: async (_ctx, id) => ({
