@@ -321,6 +321,68 @@ mod tests {
     }
 
     #[test]
+    fn a_list_holds_only_its_elements() {
+        let l = ClaimValue::List(vec!["a".into(), "b c".into()]);
+        assert!(l.holds("a") && l.holds("b c"));
+        assert!(!l.holds("b") && !l.holds("x") && !l.holds(""));
+        assert!(!ClaimValue::List(vec![]).holds(""));
+        assert!(!ClaimValue::Object.holds(""));
+        let s = ClaimValue::Scalar("orders.read orders.write".into());
+        assert!(s.holds("orders.write") && !s.holds("orders"));
+    }
+
+    #[test]
+    fn error_messages() {
+        assert_eq!(
+            ClaimsError::BadBase64.to_string(),
+            "claims header is not base64url"
+        );
+        assert_eq!(
+            ClaimsError::BadJson.to_string(),
+            "claims header is not JSON"
+        );
+        assert_eq!(
+            ClaimsError::NotObject.to_string(),
+            "claims header is not a JSON object"
+        );
+        assert_eq!(
+            ClaimsError::BadMetadata.to_string(),
+            "jwt_authn metadata is not a well-formed payload"
+        );
+    }
+
+    #[test]
+    fn numbers_compare_as_json_writes_them() {
+        // Header JSON keeps integers exact, beyond 2^53 too; a float that is whole
+        // reads as an integer ("2", not "2.0").
+        let json = r#"{"big":9007199254740993,"whole":2.0,"neg":-0.0,"half":0.5}"#;
+        let id = Identity::from_header(
+            b64(json).as_bytes(),
+            &paths(&["big", "whole", "neg", "half"]),
+        )
+        .unwrap();
+        let text = |i| match id.claim(i) {
+            Some(ClaimValue::Scalar(s)) => s.as_str(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            [text(0), text(1), text(2), text(3)],
+            ["9007199254740993", "2", "0", "0.5"]
+        );
+        assert_eq!(number_text(3.0), "3");
+        assert_eq!(number_text(-0.0), "0");
+        assert_eq!(number_text(2.5), "2.5");
+        // At and past 2^53 a double is not an exact integer: written as a double
+        // (shortest round-trip digits), not as the integer it happens to hold.
+        assert_eq!(number_text(2f64.powi(60)), "1152921504606847000");
+        assert_eq!(number_text(f64::NAN), "NaN");
+        // Equivalent mutant: `<` → `<=` in the 2^53 bound. At exactly 2^53 both
+        // branches write "9007199254740992" (the shortest round-trip digits are
+        // the integer's), so no input tells them apart.
+        assert_eq!(number_text(9_007_199_254_740_992.0), "9007199254740992");
+    }
+
+    #[test]
     fn groups_from_list_claim() {
         let id = Identity::new(vec![
             Some(ClaimValue::Scalar("bob".into())),

@@ -330,6 +330,16 @@ mod tests {
         assert_eq!(decode(b"%"), b"%");
     }
 
+    #[test]
+    fn decoding_percent_escapes_and_plus() {
+        assert_eq!(decode(b"a%41%7e+b"), b"aA~ b");
+        assert_eq!(decode(b"%5f%5F%2B"), b"__+");
+        assert_eq!(decode(b"%C3%A9"), "é".as_bytes());
+        assert_eq!(decode(b"%g1%1"), b"%g1%1");
+        // Equivalent mutant: `h << 4 | l` with `^` (or `+`) for `|`: `h << 4` has
+        // no low bits, so the three are the same byte.
+    }
+
     fn route(inject: Vec<(Target, &str)>, strip: &[&str]) -> Route {
         Route {
             name: "r".into(),
@@ -418,11 +428,63 @@ mod tests {
     }
 
     #[test]
+    fn plan_sets_the_cluster_header_and_keeps_the_other_edits() {
+        let cluster = Secret::new("partner_a");
+        let key = Secret::new("k1");
+        let r = route(
+            vec![
+                (
+                    Target::Header {
+                        name: "x-key".into(),
+                        prefix: None,
+                    },
+                    "",
+                ),
+                (
+                    Target::ClusterHeader {
+                        name: "x-latchkey-cluster".into(),
+                    },
+                    "",
+                ),
+            ],
+            &["cookie"],
+        );
+        let resolved = [
+            Resolved {
+                secret: &key,
+                default_prefix: "",
+            },
+            Resolved {
+                secret: &cluster,
+                default_prefix: "",
+            },
+        ];
+        let edits = plan(&r, &resolved, &["cookie", "x-key"], b"/p");
+        assert_eq!(
+            edits,
+            vec![
+                Edit::Remove("cookie".into()),
+                Edit::Set {
+                    name: "x-key".into(),
+                    value: Secret::new("k1")
+                },
+                Edit::Set {
+                    name: "x-latchkey-cluster".into(),
+                    value: Secret::new("partner_a")
+                },
+            ]
+        );
+    }
+
+    #[test]
     fn header_equivalence() {
         assert!(same_header("x-api-key", "x-api-key"));
         assert!(same_header("X_API_KEY", "x-api-key"));
         assert!(same_header("x_api-key", "x-api-key"));
         assert!(!same_header("x-api-keys", "x-api-key"));
+        // Same length, another name: only `_`/`-` and case fold.
+        assert!(!same_header("x-api-kez", "x-api-key"));
+        assert!(!same_header("x.api.key", "x-api-key"));
         let mut edits = vec![];
         remove_all(
             "x-api-key",

@@ -70,6 +70,16 @@ mod tests {
     }
 
     #[test]
+    fn encode_sizes_its_buffer_once() {
+        // The capacity computed up front is the encoding's exact length (no
+        // reallocation while writing): 4 + 8 per pair + each key and value + 2 NULs.
+        let items: Vec<(&[u8], &[u8])> = vec![(b":status", b"401"), (b"ab", b"cdef")];
+        let bytes = encode(&items);
+        assert_eq!(bytes.len(), 4 + 2 * 8 + (7 + 3 + 2) + (2 + 4 + 2));
+        assert_eq!(bytes.capacity(), bytes.len());
+    }
+
+    #[test]
     fn malformed_is_none() {
         let mut bytes = encode(&[(b"a", b"")]);
         bytes.pop();

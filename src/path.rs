@@ -86,8 +86,10 @@ pub enum Readings<'a> {
     /// Every view reads the path as these bytes (already canonical, no escapes).
     Same(&'a str),
     /// The views' readings, in [`View::ALL`] order. `escapes_plain` when the raw
-    /// path escapes a character that needs no escape (`%61`, `%2E`) or a
-    /// separator (`%2F`, `%5C`): a server matching raw bytes sees another path.
+    /// path escapes a character that needs no escape (`%61`, `%2E`): a server
+    /// matching raw bytes sees another path than the readings show. An escaped
+    /// separator (`%2F`, `%5C`) needs no flag: the decoding view splits on it, so
+    /// the readings themselves differ.
     Differ {
         readings: [String; 4],
         escapes_plain: bool,
@@ -136,7 +138,7 @@ pub fn analyze(raw: &[u8]) -> Result<Readings<'_>, PathError> {
                 if decoded < 0x20 || decoded == 0x7f {
                     return Err(PathError::ControlCharacter);
                 }
-                escapes_plain |= is_unreserved(decoded) || decoded == b'/' || decoded == b'\\';
+                escapes_plain |= is_unreserved(decoded);
                 if decoded == b'%' && decodes_to_hex_pair(raw, i + 3) {
                     return Err(PathError::DoubleEscape);
                 }
@@ -458,6 +460,10 @@ mod tests {
         );
     }
 
+    // Equivalent mutants (`make mutants`): `(h << 4) | l` with `^` for `|`, in
+    // `analyze`, `decodes_to_hex_pair` and `decode`. `h << 4` has no low bits and
+    // `l` < 16, so `|`, `^` and `+` give the same byte; the escapes below (and in
+    // every test here) decode alike under all three.
     #[test]
     fn unreserved_escapes_decode_everywhere() {
         assert_eq!(views("/%70riv/x"), ["/priv/x"; 4].map(str::to_string));
@@ -486,6 +492,56 @@ mod tests {
         // `%25` followed by text that is not an escape is a literal percent sign.
         assert_eq!(views("/100%25off")[0], "/100%off");
         assert_eq!(views("/100%25")[0], "/100%");
+    }
+
+    #[test]
+    fn refusals_have_stable_names_and_messages() {
+        let all = [
+            PathError::NotAbsolute,
+            PathError::ControlCharacter,
+            PathError::Fragment,
+            PathError::InvalidEscape,
+            PathError::DoubleEscape,
+        ];
+        assert_eq!(
+            all.map(PathError::reason),
+            [
+                "path_not_absolute",
+                "path_control_character",
+                "path_fragment",
+                "path_invalid_escape",
+                "path_double_escape"
+            ]
+        );
+        assert_eq!(
+            all.map(|e| e.to_string()),
+            [
+                "the path does not start with \"/\"",
+                "the path has a control character",
+                "the path has a \"#\"",
+                "the path has a \"%\" not followed by two hex digits",
+                "the path has a double percent-escape",
+            ]
+        );
+    }
+
+    #[test]
+    fn every_byte_after_an_escape_is_checked() {
+        assert_eq!(analyze(b"/a%41#b"), Err(PathError::Fragment));
+        assert_eq!(analyze(b"/a%41b\0c"), Err(PathError::ControlCharacter));
+        assert_eq!(views("/a%41b%42c"), ["/aAbBc"; 4].map(str::to_string));
+    }
+
+    #[test]
+    fn a_decoded_percent_is_a_double_escape_only_before_two_hex_digits() {
+        // `%25` then one hex digit and something else: a literal percent sign.
+        assert_eq!(views("/x%254z")[0], "/x%4z");
+        assert_eq!(views("/x%25a-")[0], "/x%a-");
+        // The second character comes from an escape that is itself invalid.
+        assert_eq!(analyze(b"/x%25a%4z"), Err(PathError::InvalidEscape));
+        assert_eq!(analyze(b"/x%25a%41"), Err(PathError::DoubleEscape));
+        assert_eq!(analyze(b"/x%25%41%42"), Err(PathError::DoubleEscape));
+        assert_eq!(views("/x%25%41%5a-")[1], "/x%AZ-");
     }
 
     #[test]
@@ -523,6 +579,17 @@ mod tests {
         assert!(analyze(b"/a//b").unwrap().unstable());
         assert!(analyze(b"/%61dmin").unwrap().unstable());
         assert!(analyze(b"/a%2Fb").unwrap().unstable());
+        // An escaped separator makes the decoding view differ by itself (a `%2F`
+        // or `%5C` never survives decoding), so it needs no `escapes_plain`.
+        for p in ["/a%2Fb", "/a%2fb", "/a%5Cb", "/a%5c"] {
+            let r = analyze(p.as_bytes()).unwrap();
+            assert!(
+                matches!(&r, Readings::Differ { readings, escapes_plain: false }
+                    if readings[0] != readings[2]),
+                "{p}: {r:?}"
+            );
+            assert!(r.unstable(), "{p}");
+        }
         assert!(!analyze(b"/caf%C3%A9").unwrap().unstable());
     }
 
@@ -532,7 +599,15 @@ mod tests {
         assert_eq!(config_path_problem("/a b/é"), None);
         assert_eq!(config_path_problem("/"), None);
         for bad in [
-            "/a%20b", "/a;b", "/a\\b", "/a//b", "/a/./b", "/a/..", "/a\u{0}",
+            "/a%20b",
+            "/a;b",
+            "/a\\b",
+            "/a//b",
+            "/a/./b",
+            "/a/..",
+            "/a\u{0}",
+            "/a#b",
+            "/a\u{fffd}",
         ] {
             assert!(config_path_problem(bad).is_some(), "{bad}");
         }

@@ -330,6 +330,105 @@ mod tests {
         assert_eq!(payload(&[0x08, 0x01], F, "payload"), Err(())); // field 1 not bytes
     }
 
+    /// A length-delimited field (lengths below 128).
+    fn ld(number: u8, data: &[u8]) -> Vec<u8> {
+        let mut out = vec![number << 3 | 2, data.len() as u8];
+        out.extend_from_slice(data);
+        out
+    }
+
+    /// A Metadata whose jwt_authn Struct is `structure` (raw bytes).
+    fn with_struct(structure: &[u8]) -> Vec<u8> {
+        ld(1, &[ld(1, F.as_bytes()), ld(2, structure)].concat())
+    }
+
+    /// The payload Struct `{"payload": <value bytes>}`.
+    fn with_value(value: &[u8]) -> Vec<u8> {
+        with_struct(&ld(1, &[ld(1, b"payload"), ld(2, value)].concat()))
+    }
+
+    // Equivalent mutants (`make mutants`): in the test encoder, `number << 3 | 2`
+    // (`bytes_field`) and `2 << 3 | 1` (`value`) with `^` for `|`: the shifted
+    // field number has no low bits, so both give the same tag byte.
+    #[test]
+    fn fixed32_fields_are_skipped() {
+        let mut md = encode::metadata(F, "payload", &json!({"sub": "bob"}));
+        md.extend([0x4d, 1, 2, 3, 4]); // field 9, wire type 5
+        assert_eq!(payload(&md, F, "payload"), Ok(Some(json!({"sub": "bob"}))));
+        // A fixed64 inside a Value where a number is expected is its double.
+        let mut v = vec![2 << 3 | 1];
+        v.extend(2.5f64.to_le_bytes());
+        assert_eq!(payload(&with_value(&v), F, "payload"), Ok(Some(json!(2.5))));
+    }
+
+    #[test]
+    fn known_fields_with_the_wrong_wire_type_are_errors() {
+        let p = |md: &[u8]| payload(md, F, "payload");
+        // Map entry key (1) or value (2) as a varint.
+        assert_eq!(p(&ld(1, &[0x08, 0x01])), Err(()));
+        assert_eq!(
+            p(&ld(1, &[ld(1, F.as_bytes()), vec![0x10, 0x01]].concat())),
+            Err(())
+        );
+        // Struct.fields (1) as a varint.
+        assert_eq!(p(&with_struct(&[0x08, 0x01])), Err(()));
+        // Value: string_value (3) as a varint, number_value (2) as bytes, a varint
+        // struct_value (5) or list_value (6), bool_value (4) as bytes.
+        for bad in [
+            [0x18, 0x01],
+            [0x12, 0x00],
+            [0x28, 0x01],
+            [0x30, 0x01],
+            [0x22, 0x00],
+        ] {
+            assert_eq!(p(&with_value(&bad)), Err(()), "{bad:?}");
+        }
+        // ListValue.values (1) as a varint.
+        assert_eq!(p(&with_value(&ld(6, &[0x08, 0x01]))), Err(()));
+        // Unknown fields of a Value are skipped; the last known one wins.
+        assert_eq!(
+            p(&with_value(&[0x38, 0x01, 0x20, 0x01])),
+            Ok(Some(json!(true)))
+        );
+    }
+
+    /// `n` JSON containers, nested, inside the payload object: lists or objects,
+    /// the innermost holding `leaf` (or nothing).
+    fn nested(n: usize, object: bool, leaf: Option<Value>) -> Value {
+        let wrap = |v: Option<Value>| match (object, v) {
+            (true, Some(v)) => json!({ "k": v }),
+            (true, None) => json!({}),
+            (false, Some(v)) => json!([v]),
+            (false, None) => json!([]),
+        };
+        let mut v = wrap(leaf);
+        for _ in 1..n {
+            v = wrap(Some(v));
+        }
+        json!({ "deep": v })
+    }
+
+    #[test]
+    fn sixteen_containers_are_read_and_the_seventeenth_is_refused() {
+        let read = |v: &Value| payload(&encode::metadata(F, "payload", v), F, "payload");
+        for object in [false, true] {
+            // The payload object itself is the first container.
+            let ok = nested(15, object, None);
+            assert_eq!(read(&ok), Ok(Some(ok.clone())), "object {object}");
+            assert_eq!(read(&nested(16, object, None)), Err(()), "object {object}");
+            let leaf = nested(14, object, Some(json!("x")));
+            assert_eq!(read(&leaf), Ok(Some(leaf.clone())), "object {object}");
+            assert_eq!(
+                read(&nested(15, object, Some(json!("x")))),
+                Err(()),
+                "object {object}"
+            );
+        }
+        // Equivalent mutant: `>` → `>=` in decode_value's depth check. Values are
+        // always read at odd depths (Struct and ListValue at even ones, from 0),
+        // so a Value never sits at depth MAX_DEPTH (32) itself.
+    }
+
     #[test]
     fn deep_nesting_is_refused() {
         let mut v = json!("leaf");

@@ -169,6 +169,104 @@ mod tests {
         assert!(!admits(&a, Some(&id("bob", &[]))));
     }
 
+    fn config(unmatched: &str) -> Config {
+        let json = serde_json::json!({
+            "secrets": { "k": { "inline": "v" } },
+            "providers": { "p": { "type": "api_key" } },
+            "connections": {
+                "admins": { "provider": "p", "api_key": "k", "access": { "groups": ["admins"] } },
+                "anyone": { "provider": "p", "api_key": "k", "access": { "authenticated": true } }
+            },
+            "routes": [
+                { "name": "guarded", "match": { "path_prefix": "/g/" },
+                  "access": { "users": ["alice"] },
+                  "inject": [ { "connections": ["admins", "anyone"], "header": "x-k" } ] },
+                { "name": "admins_only", "match": { "path_prefix": "/a/" },
+                  "inject": [ { "connections": ["admins"], "header": "x-k" } ] },
+                { "name": "open", "match": { "path_prefix": "/o/" } }
+            ],
+            "unmatched": unmatched
+        });
+        Config::parse(json.to_string().as_bytes(), &|_| None).unwrap()
+    }
+
+    #[test]
+    fn decide_checks_the_route_then_picks_a_connection_per_entry() {
+        let c = config("deny");
+        let admins = c
+            .connections
+            .iter()
+            .position(|x| x.name == "admins")
+            .unwrap();
+        let anyone = c
+            .connections
+            .iter()
+            .position(|x| x.name == "anyone")
+            .unwrap();
+        let alice = id("alice", &[]);
+        let alice_admin = id("alice", &["admins"]);
+        let bob = id("bob", &["admins"]);
+        // The route's own access comes first: bob is refused although a connection admits him.
+        assert_eq!(
+            decide(&c, Some(0), Some(&bob)),
+            Decision::Denied {
+                route: 0,
+                denial: Denial::Forbidden
+            }
+        );
+        assert_eq!(
+            decide(&c, Some(0), None),
+            Decision::Denied {
+                route: 0,
+                denial: Denial::Unauthenticated
+            }
+        );
+        // The first admitting connection, in the configured order.
+        assert_eq!(
+            decide(&c, Some(0), Some(&alice)),
+            Decision::Allowed {
+                route: 0,
+                picks: vec![anyone]
+            }
+        );
+        assert_eq!(
+            decide(&c, Some(0), Some(&alice_admin)),
+            Decision::Allowed {
+                route: 0,
+                picks: vec![admins]
+            }
+        );
+        // No access on the route: only the entries decide.
+        assert_eq!(
+            decide(&c, Some(1), Some(&bob)),
+            Decision::Allowed {
+                route: 1,
+                picks: vec![admins]
+            }
+        );
+        assert_eq!(
+            decide(&c, Some(1), Some(&alice)),
+            Decision::Denied {
+                route: 1,
+                denial: Denial::Forbidden
+            }
+        );
+        assert_eq!(
+            decide(&c, Some(2), None),
+            Decision::Allowed {
+                route: 2,
+                picks: vec![]
+            }
+        );
+        // No route (or an index past the routes): `unmatched` decides.
+        assert_eq!(decide(&c, None, Some(&alice)), Decision::UnmatchedDenied);
+        assert_eq!(decide(&c, Some(9), None), Decision::UnmatchedDenied);
+        assert_eq!(
+            decide(&config("allow"), None, None),
+            Decision::UnmatchedAllowed
+        );
+    }
+
     #[test]
     fn claims_or_users() {
         let a = Access {

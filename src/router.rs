@@ -294,6 +294,38 @@ mod tests {
     }
 
     #[test]
+    fn a_route_name_route_with_a_path_checks_the_path() {
+        // Filed under its route name, so the lookup doesn't check the path: `matches` does.
+        let routes = vec![
+            route(RouteMatch {
+                route_name: Some("api".into()),
+                path: Some(PathMatch::Prefix("/admin/".into())),
+                ..Default::default()
+            }),
+            route(RouteMatch {
+                route_name: Some("api".into()),
+                ..Default::default()
+            }),
+        ];
+        let r = Router::new(&routes);
+        assert_eq!(r.find(&req(Some("api"), "h", "/admin/x", "GET")), Some(0));
+        assert_eq!(r.find(&req(Some("api"), "h", "/public/x", "GET")), Some(1));
+        assert_eq!(r.find(&req(Some("api"), "h", "/admin", "GET")), Some(1));
+        assert_eq!(r.find(&req(None, "h", "/admin/x", "GET")), None);
+    }
+
+    #[test]
+    fn route_name_is_read_only_when_a_route_matches_on_it() {
+        assert!(!Router::new(&[route(prefix("/a/"))]).needs_route_name());
+        assert!(!Router::new(&[]).needs_route_name());
+        let by_name = route(RouteMatch {
+            route_name: Some("n".into()),
+            ..Default::default()
+        });
+        assert!(Router::new(&[route(prefix("/a/")), by_name]).needs_route_name());
+    }
+
+    #[test]
     fn prefixes_of_several_lengths() {
         let routes = vec![
             route(prefix("/a/b/")),

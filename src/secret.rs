@@ -121,7 +121,11 @@ mod tests {
         assert_eq!(format!("{s}"), "[redacted]");
         assert_eq!(format!("{:?}", Some(&s)), "Some([redacted])");
         let src = SecretSource::Inline(Secret::new("hunter2"));
-        assert!(!format!("{src:?}").contains("hunter2"));
+        assert_eq!(format!("{src:?}"), "Inline([redacted])");
+        assert_eq!(
+            format!("{:?}", SecretSource::Env("API_KEY".into())),
+            "Env(\"API_KEY\")"
+        );
         assert_eq!(s.expose(), "hunter2");
     }
 

@@ -353,6 +353,7 @@ pub fn parse_login(status: Option<u32>, body: &[u8]) -> Result<(Secret, u64), St
 mod tests {
     use super::*;
     use crate::config::{StoreKind, VaultAuth};
+    use crate::token::response::MAX_BODY;
 
     fn kv() -> Store {
         Store {
@@ -569,6 +570,87 @@ mod tests {
             parse_login(Some(200), br#"{"auth":{"client_token":"a b"}}"#),
             Err(StoreError::Malformed)
         );
+    }
+
+    #[test]
+    fn empty_and_too_large_answers() {
+        assert_eq!(
+            parse_read(&kvk(), Some(200), br#"{"value":""}"#),
+            Err(StoreError::MissingValue)
+        );
+        let k = vault(VaultAuth::Token(Secret::new("t"))).kind;
+        assert_eq!(
+            parse_read(&k, Some(200), br#"{"data":{"data":{"client_secret":""}}}"#),
+            Err(StoreError::MissingValue)
+        );
+        let huge = format!(r#"{{"value":"{}"}}"#, "v".repeat(MAX_BODY));
+        assert_eq!(
+            parse_read(&kvk(), Some(200), huge.as_bytes()),
+            Err(StoreError::TooLarge)
+        );
+        assert_eq!(
+            parse_login(Some(200), huge.as_bytes()),
+            Err(StoreError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn versions_are_kept_short_and_printable() {
+        assert_eq!(sanitize_version("0a1B-2.3"), "0a1B-2.3");
+        assert_eq!(sanitize_version("v1/\r\n x_y:z"), "v1xyz");
+        assert_eq!(sanitize_version(&"7".repeat(100)), "7".repeat(64));
+        let ok = br#"{"value":"v","id":"https://kv/secrets/n/ab\r\ncd"}"#;
+        assert_eq!(parse_read(&kvk(), Some(200), ok).unwrap().version, "abcd");
+    }
+
+    #[test]
+    fn cache_keys_name_the_secret_and_fingerprint_where_it_is_read() {
+        let k = cache_key(&kv());
+        let hex = k.strip_prefix("latchkey.v1.sec.partner_key.").unwrap();
+        assert!(
+            hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{k}"
+        );
+        assert_eq!(cache_key(&kv()), k);
+        let moved = Store {
+            path: "/secrets/other?api-version=7.4".into(),
+            ..kv()
+        };
+        assert_ne!(cache_key(&moved), k);
+        let token = cache_key(&vault(VaultAuth::Token(Secret::new("a"))));
+        assert!(token.starts_with("latchkey.v1.sec.orders_secret."));
+        assert_ne!(cache_key(&vault(VaultAuth::Token(Secret::new("b")))), token);
+        let role = |sid: &str| {
+            cache_key(&vault(VaultAuth::AppRole {
+                role_id: "r".into(),
+                secret_id: Secret::new(sid),
+                login_path: "/v1/auth/approle/login".into(),
+            }))
+        };
+        assert_eq!(role("s1"), role("s1"));
+        assert_ne!(role("s1"), role("s2"));
+        assert!(!role("s1").contains("s1"));
+    }
+
+    #[test]
+    fn error_kinds_are_the_listed_names() {
+        let all = [
+            StoreError::Connect,
+            StoreError::Timeout,
+            StoreError::Unauthorized,
+            StoreError::Forbidden,
+            StoreError::NotFound,
+            StoreError::Disabled,
+            StoreError::Status(500),
+            StoreError::Malformed,
+            StoreError::MissingValue,
+            StoreError::ControlCharacter,
+            StoreError::TooLarge,
+            StoreError::Dispatch,
+            StoreError::Identity,
+        ];
+        assert_eq!(all.map(|e| e.kind()), StoreError::KINDS);
+        assert_eq!(StoreError::Timeout.to_string(), "timeout");
     }
 
     #[test]

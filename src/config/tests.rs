@@ -568,3 +568,264 @@ fn client_certificate_connections_and_cluster_headers() {
         );
     }
 }
+
+// Mutation testing (`make mutants`): the checks below pin behaviour that no test
+// above asserted, each found by a mutant that survived.
+
+/// Loads the store configuration after `edit`: the error message, or the warnings.
+fn store_result(edit: impl FnOnce(&mut Value)) -> Result<Vec<String>, String> {
+    let mut v = store_config();
+    edit(&mut v);
+    Config::parse(v.to_string().as_bytes(), &env)
+        .map(|c| c.warnings)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn token_credentials_are_the_cached_ones() {
+    let c = Config::parse(store_config().to_string().as_bytes(), &env).unwrap();
+    let is_token = |n: &str| {
+        c.connections
+            .iter()
+            .find(|x| x.name == n)
+            .unwrap()
+            .credential
+            .is_token()
+    };
+    assert!(is_token("orders"));
+    assert!(is_token("kv_reader"));
+    assert!(!is_token("partner_prod"));
+}
+
+#[test]
+fn required_strings_must_not_be_empty() {
+    assert_eq!(
+        error_after(|v| v["providers"]["orders_idp"]["client_id"] = json!("")),
+        "providers.orders_idp.client_id: must not be an empty string"
+    );
+    assert_eq!(
+        error_after(|v| v["connections"]["partner_prod"]["access"] = json!({"claims": {"scp": ""}})),
+        "connections.partner_prod.access.claims.scp: expected an array of strings, found a string"
+    );
+}
+
+#[test]
+fn store_refresh_bounds_and_the_low_refresh_warning() {
+    let refresh = |r: u64| store_result(|v| v["secrets"]["partner_key"]["refresh_s"] = json!(r));
+    let low = |w: &Vec<String>| w.iter().any(|w| w.contains("is re-read every"));
+    assert!(refresh(86_400).is_ok_and(|w| !low(&w)));
+    assert_eq!(
+        refresh(86_401).unwrap_err(),
+        "secrets.partner_key.refresh_s: invalid value \"86401\": must be between 1 and 86400"
+    );
+    let w = refresh(29).unwrap();
+    assert!(
+        w.contains(&"secret \"partner_key\" is re-read every 29 s: below 30 s the store sees a read per proxy that often".to_string()),
+        "{w:?}"
+    );
+    assert!(refresh(30).is_ok_and(|w| !low(&w)));
+    assert!(refresh(1).is_ok_and(|w| low(&w)));
+}
+
+#[test]
+fn vault_paths_and_mounts_are_plain_segments() {
+    for bad in ["a//b", "a/./b", "./a", "a/.", "a/b/.."] {
+        assert_eq!(
+            store_result(|v| v["secrets"]["orders_secret"]["vault"]["path"] = json!(bad)).unwrap_err(),
+            format!("secrets.orders_secret.vault.path: invalid value \"{bad}\": not a Vault path (letters, digits, \"-_.\" segments separated by \"/\")")
+        );
+    }
+    assert!(
+        store_result(|v| v["secrets"]["orders_secret"]["vault"]["path"] = json!("a.b/c-d_e"))
+            .is_ok()
+    );
+    for (bad, shown) in [
+        ("/", ""),
+        ("a b", "a b"),
+        ("kv//x", "kv//x"),
+        ("kv/./x", "kv/./x"),
+        ("kv/..", "kv/.."),
+        ("..", ".."),
+    ] {
+        assert_eq!(
+            store_result(|v| v["secrets"]["orders_secret"]["vault"]["mount"] = json!(bad)).unwrap_err(),
+            format!("secrets.orders_secret.vault.mount: invalid value \"{shown}\": not a Vault mount path"),
+            "{bad}"
+        );
+    }
+    let c = store_result(|v| v["secrets"]["orders_secret"]["vault"]["mount"] = json!("/kv/v2/"));
+    assert!(c.is_ok(), "{c:?}");
+    let c = Config::parse(
+        {
+            let mut v = store_config();
+            v["secrets"]["orders_secret"]["vault"]["mount"] = json!("/kv/v2/");
+            v
+        }
+        .to_string()
+        .as_bytes(),
+        &env,
+    )
+    .unwrap();
+    let s = c.stores.iter().find(|s| s.name == "orders_secret").unwrap();
+    assert_eq!(s.path, "/v1/kv/v2/data/orders/idp");
+}
+
+#[test]
+fn vault_namespace_is_a_header_value() {
+    let ns =
+        |n: &str| store_result(|v| v["secrets"]["orders_secret"]["vault"]["namespace"] = json!(n));
+    for bad in ["team\r\na", "a\u{1f}", "a\u{7f}", "\u{0}"] {
+        assert_eq!(
+            ns(bad).unwrap_err(),
+            format!(
+                "secrets.orders_secret.vault.namespace: invalid value {bad:?}: not a valid header value (control characters)"
+            ),
+            "{bad:?}"
+        );
+    }
+    assert!(ns("team a/b ~é").is_ok());
+}
+
+#[test]
+fn key_vault_identity_must_need_no_caller_nor_a_stored_secret() {
+    let refused = |conn: &str| {
+        format!("secrets.partner_key.identity: invalid value \"{conn}\": must be an azure_managed_identity connection, or an oauth2 one that needs no caller and whose client_secret is not in a store")
+    };
+    let add = |v: &mut Value, grant: &str, secret: &str| {
+        v["secrets"]["idp_secret"] = json!({"env": "ORDERS_CLIENT_SECRET"});
+        v["providers"]["plain_idp"] = json!({"type": "oauth2", "cluster": "idp",
+            "token_url": "https://idp/token", "client_id": "gw", "client_secret": secret});
+        v["connections"]["reader"] = json!({"provider": "plain_idp", "grant": grant});
+        v["secrets"]["partner_key"]["identity"] = json!("reader");
+        if grant == "token_exchange" {
+            v["connections"]["reader"]["access"] = json!({"authenticated": true});
+        }
+    };
+    // An oauth2 connection with client credentials from env: fine.
+    assert!(store_result(|v| add(v, "client_credentials", "idp_secret")).is_ok());
+    // Its client secret in a store, or a grant that needs the caller: refused.
+    assert_eq!(
+        store_result(|v| add(v, "client_credentials", "orders_secret")).unwrap_err(),
+        refused("reader")
+    );
+    assert_eq!(
+        store_result(|v| add(v, "token_exchange", "idp_secret")).unwrap_err(),
+        refused("reader")
+    );
+}
+
+#[test]
+fn token_lifetimes_default_and_configured() {
+    let c = load(&spec_example()).unwrap();
+    let oauth = |c: &Config| {
+        c.providers
+            .iter()
+            .find_map(|p| match &p.kind {
+                ProviderKind::OAuth2(o) => Some((o.default_expires_in_s, o.refresh_margin_s)),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(oauth(&c), (300, 5));
+    let mut v = spec_example();
+    v["providers"]["orders_idp"]["default_expires_in_s"] = json!(120);
+    v["providers"]["orders_idp"]["refresh_margin_s"] = json!(0);
+    assert_eq!(oauth(&load(&v).unwrap()), (120, 0));
+    assert_eq!(
+        error_after(|v| v["providers"]["orders_idp"]["default_expires_in_s"] = json!(0)),
+        "providers.orders_idp.default_expires_in_s: invalid value \"0\": must be at least 1"
+    );
+    let mut v = store_config();
+    v["providers"]["azure_mi"]["default_expires_in_s"] = json!(60);
+    v["providers"]["azure_mi"]["refresh_margin_s"] = json!(7);
+    let c = Config::parse(v.to_string().as_bytes(), &env).unwrap();
+    let mi = c
+        .providers
+        .iter()
+        .find_map(|p| match &p.kind {
+            ProviderKind::ManagedIdentity(m) => Some((m.default_expires_in_s, m.refresh_margin_s)),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(mi, (60, 7));
+}
+
+#[test]
+fn timeouts_up_to_five_minutes() {
+    let mut v = spec_example();
+    v["providers"]["orders_idp"]["timeout_ms"] = json!(300_000);
+    assert!(load(&v).is_ok());
+    assert_eq!(
+        error_after(|v| v["providers"]["orders_idp"]["timeout_ms"] = json!(300_001)),
+        "providers.orders_idp.timeout_ms: invalid value \"300001\": must be between 1 and 300000"
+    );
+}
+
+#[test]
+fn head_is_added_to_get_once() {
+    let methods = |m: Value| {
+        let mut v = spec_example();
+        v["routes"][1]["match"]["methods"] = m;
+        load(&v).unwrap().routes[1].matcher.methods.clone()
+    };
+    assert_eq!(methods(json!(["GET", "HEAD"])), ["GET", "HEAD"]);
+    assert_eq!(methods(json!(["head", "get"])), ["HEAD", "GET"]);
+    assert_eq!(methods(json!(["HEAD"])), ["HEAD"]);
+    assert_eq!(methods(json!(["POST"])), ["POST"]);
+}
+
+#[test]
+fn header_prefixes_take_tabs_and_non_ascii_but_no_control_characters() {
+    let prefix = |p: &str| {
+        let mut v = spec_example();
+        v["routes"][0]["inject"][0]["prefix"] = json!(p);
+        load(&v).map(|c| c.routes[0].inject[0].target.clone())
+    };
+    assert_eq!(
+        prefix("Clé\t").unwrap(),
+        Target::Header {
+            name: "authorization".into(),
+            prefix: Some("Clé\t".into())
+        }
+    );
+    assert!(prefix("Key ~").is_ok());
+    for bad in ["a\u{7f}", "a\u{1f}", "\n"] {
+        assert!(prefix(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn key_vault_identifiers() {
+    let id = |s: &str| {
+        store_result(|v| {
+            v["secrets"]["partner_key"] = json!({"azure_key_vault": s, "cluster": "keyvault",
+                                                 "identity": "kv_reader"});
+        })
+    };
+    let not_secret = |s: &str| {
+        format!("secrets.partner_key.azure_key_vault: invalid value \"{s}\": not a secret identifier: expected /secrets/<name> or /secrets/<name>/<version> (names: letters, digits, -)")
+    };
+    let long = "a".repeat(127);
+    assert!(id(&format!("https://kv.vault.azure.net/secrets/{long}")).is_ok());
+    let r = id("https://KV.vault.azure.net:443/secrets/n-1/AbC0");
+    assert!(r.is_ok(), "{r:?}");
+    for bad in [
+        format!("https://kv.vault.azure.net/secrets/{long}a"),
+        "https://kv.vault.azure.net/secrets/a_b".to_string(),
+        "https://kv.vault.azure.net/secrets/a_b/abc".to_string(),
+        format!("https://kv.vault.azure.net/secrets/{long}a/abc"),
+        "https://kv.vault.azure.net/secrets/n/xyz".to_string(),
+        "https://kv.vault.azure.net/secrets//abc".to_string(),
+    ] {
+        assert_eq!(id(&bad).unwrap_err(), not_secret(&bad));
+    }
+    for bad in [
+        "https:///secrets/n",
+        "https://kv_1.vault.azure.net/secrets/n",
+    ] {
+        assert_eq!(
+            id(bad).unwrap_err(),
+            format!("secrets.partner_key.azure_key_vault: invalid value \"{bad}\": not a valid vault host")
+        );
+    }
+}

@@ -582,6 +582,28 @@ mod tests {
     }
 
     #[test]
+    fn backoff_jitter_spans_exactly_half_to_the_full_delay() {
+        // Equal jitter over a 1000 ms delay (1 failure): 500 + jitter % 501, so
+        // every value from 500 to 1000 inclusive, and nothing outside.
+        let all: std::collections::BTreeSet<u64> = (0..2000).map(|j| P.backoff_ms(1, j)).collect();
+        assert!(
+            all == (500..=1000).collect(),
+            "{:?}",
+            (all.first(), all.last(), all.len())
+        );
+        assert_eq!(P.backoff_ms(1, 500), 1000);
+        assert_eq!(P.backoff_ms(1, 501), 500);
+        // The cap bounds the delay, jitter included; a zero base still waits a little.
+        let capped = (0..100_000).map(|j| P.backoff_ms(30, j)).max();
+        assert_eq!(capped, Some(60_000));
+        let zero = Policy {
+            backoff_base_ms: 0,
+            ..P
+        };
+        assert_eq!((zero.backoff_ms(1, 0), zero.backoff_ms(1, 1)), (1, 2));
+    }
+
+    #[test]
     fn failed_refresh_keeps_the_valid_token() {
         let Ready { token, .. } = ready(10_000, 0) else {
             panic!()
@@ -646,6 +668,42 @@ mod tests {
             Some(Fetching { lease, failures: 0 })
         );
         assert_eq!(on_upstream_401(&Empty, 7), None);
+        // A 401 for an older token leaves a refreshing key alone.
+        assert_eq!(on_upstream_401(&refreshing, 6), None);
+    }
+
+    #[test]
+    fn a_refresh_lease_is_taken_over_exactly_when_it_ends() {
+        let Ready { token, .. } = ready(10_000, 0) else {
+            panic!()
+        };
+        let refreshing = Refreshing {
+            token: token.clone(),
+            lease: Lease {
+                owner: 1,
+                until_ms: 6000,
+            },
+            failures: 2,
+        };
+        assert_eq!(
+            on_request(&refreshing, 5999, 2, &P),
+            Decision::Use(token.clone())
+        );
+        let d = on_request(&refreshing, 6000, 2, &P);
+        assert_eq!(
+            d,
+            Decision::UseAndRefresh {
+                token: token.clone(),
+                next: Refreshing {
+                    token,
+                    lease: Lease {
+                        owner: 2,
+                        until_ms: 9000
+                    },
+                    failures: 2
+                }
+            }
+        );
     }
 
     #[test]
@@ -676,6 +734,13 @@ mod tests {
         assert_eq!(CacheState::decode(b""), Empty);
         assert_eq!(CacheState::decode(b"{\"s\":\"Nope\"}"), Empty);
         assert!(!format!("{:?}", ready(1000, 5)).contains("\"at\""));
+        let Ready { token, .. } = ready(1000, 5) else {
+            panic!()
+        };
+        assert_eq!(
+            format!("{token:?}"),
+            "Cached { token: \"[redacted]\", id: 7, usable_until_ms: 905, refresh_at_ms: 255, version: \"\" }"
+        );
     }
 
     #[test]

@@ -159,6 +159,47 @@ mod tests {
         assert_eq!(Subject::of("opaque-token").expires_ms, None);
         assert_eq!(jwt_exp_ms(&jwt(r#"{"sub":"x"}"#)), None);
         assert_eq!(jwt_exp_ms("a.!!!.c"), None);
+        // Only a positive `exp` counts; a fraction of a second is kept.
+        assert_eq!(jwt_exp_ms(&jwt(r#"{"exp":0}"#)), None);
+        assert_eq!(jwt_exp_ms(&jwt(r#"{"exp":-5}"#)), None);
+        assert_eq!(jwt_exp_ms(&jwt(r#"{"exp":"1700000000"}"#)), None);
+        assert_eq!(jwt_exp_ms(&jwt(r#"{"exp":1.5}"#)), Some(1500));
+        assert_eq!(jwt_exp_ms("only.two"), None);
+    }
+
+    #[test]
+    fn at_most_max_callers_are_cached_per_connection() {
+        assert_eq!(MAX_CALLERS, 1024);
+        let mut sets = vec![Set::default(); SETS];
+        for i in 0..5000u64 {
+            let s = Subject::of(&format!("subject-{i}"));
+            sets[s.set].put(&s.hash, CacheState::Empty, i);
+        }
+        let cached: usize = sets.iter().map(|s| s.0.len()).sum();
+        assert_eq!(cached, MAX_CALLERS);
+    }
+
+    #[test]
+    fn set_state_and_touch() {
+        let mut s = Set::default();
+        let fetching = CacheState::Fetching {
+            lease: Lease {
+                owner: 1,
+                until_ms: 10,
+            },
+            failures: 1,
+        };
+        s.put("a", fetching.clone(), 2000);
+        s.put("b", CacheState::Empty, 2000);
+        assert_eq!(s.state("a"), fetching);
+        assert_eq!(s.state("b"), CacheState::Empty);
+        // A second after the last use, and not before.
+        assert!(!s.touch("a", 2999));
+        assert!(s.touch("a", 3000));
+        assert_eq!(s.0[0].used_ms, 3000);
+        assert!(!s.touch("zzz", 9000));
+        s.put("a", CacheState::Empty, 4000);
+        assert_eq!((s.state("a"), s.0.len()), (CacheState::Empty, 2));
     }
 
     #[test]

@@ -68,3 +68,61 @@ pub fn cache_key(connection: &Connection, provider: &Provider) -> Option<String>
         h.finish()
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn config(scopes: &[&str], client_id: &str) -> Config {
+        let json = serde_json::json!({
+            "secrets": { "s": { "inline": "cs" } },
+            "providers": {
+                "idp": { "type": "oauth2", "cluster": "idp", "token_url": "https://idp/token",
+                         "client_id": client_id, "client_secret": "s" },
+                "mi": { "type": "azure_managed_identity", "cluster": "imds" },
+                "keys": { "type": "api_key" }
+            },
+            "connections": {
+                "orders": { "provider": "idp", "grant": "client_credentials", "scopes": scopes,
+                            "access": { "authenticated": true } },
+                "vault": { "provider": "mi", "resource": "https://vault.azure.net",
+                           "access": { "authenticated": true } },
+                "key": { "provider": "keys", "api_key": "s", "access": { "public": true } }
+            }
+        });
+        Config::parse(json.to_string().as_bytes(), &|_| None).unwrap()
+    }
+
+    fn key(c: &Config, name: &str) -> Option<String> {
+        let conn = c.connections.iter().find(|x| x.name == name).unwrap();
+        cache_key(conn, &c.providers[conn.provider])
+    }
+
+    #[test]
+    fn cache_keys_name_the_connection_and_fingerprint_what_makes_its_token() {
+        let a = config(&["read"], "gw");
+        let orders = key(&a, "orders").unwrap();
+        let vault = key(&a, "vault").unwrap();
+        for (k, name) in [(&orders, "orders"), (&vault, "vault")] {
+            let hex = k.strip_prefix(&format!("latchkey.v1.tok.{name}.")).unwrap();
+            assert!(
+                hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{k}"
+            );
+        }
+        // API keys have no token cache.
+        assert_eq!(key(&a, "key"), None);
+        // Same configuration, same key; another scope or client, another key.
+        assert_eq!(
+            key(&config(&["read"], "gw"), "orders"),
+            Some(orders.clone())
+        );
+        assert_ne!(
+            key(&config(&["write"], "gw"), "orders"),
+            Some(orders.clone())
+        );
+        assert_ne!(key(&config(&["read"], "gw2"), "orders"), Some(orders));
+        assert_eq!(key(&config(&["write"], "gw2"), "vault"), Some(vault));
+    }
+}

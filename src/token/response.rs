@@ -279,6 +279,44 @@ mod tests {
     }
 
     #[test]
+    fn a_body_of_max_body_bytes_is_accepted() {
+        assert_eq!(MAX_BODY, 65_536);
+        let token = "a".repeat(MAX_BODY - r#"{"access_token":""}"#.len());
+        let body = format!(r#"{{"access_token":"{token}"}}"#);
+        assert_eq!(body.len(), MAX_BODY);
+        assert_eq!(ok(&body).unwrap().access_token.expose(), token);
+        assert_eq!(transport(Some(200), body.as_bytes()), None);
+        assert_eq!(
+            transport(Some(200), format!("{body} ").as_bytes()),
+            Some(FetchError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn envoys_own_answers_are_recognised_only_with_their_status() {
+        assert_eq!(
+            transport(Some(504), b"upstream request timeout"),
+            Some(FetchError::Timeout)
+        );
+        assert_eq!(transport(Some(504), b"gateway timeout"), None);
+        assert_eq!(transport(Some(200), b"upstream request timeout"), None);
+        assert_eq!(
+            transport(
+                Some(200),
+                b"upstream connect error or disconnect/reset before headers"
+            ),
+            None
+        );
+        assert_eq!(transport(Some(503), b"busy"), None);
+    }
+
+    #[test]
+    fn an_empty_refresh_token_is_no_rotation() {
+        let t = ok(r#"{"access_token":"a","refresh_token":""}"#).unwrap();
+        assert_eq!(t.refresh_token, None);
+    }
+
+    #[test]
     fn error_display_holds_no_description_and_sanitized_code() {
         let e = parse(
             Some(400),
