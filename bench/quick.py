@@ -487,6 +487,14 @@ def main() -> int:
     ap.add_argument("--upstream", choices=("local", "envoy"), default="local",
                     help="local: direct_response in the Envoy under test; envoy: a second Envoy on CPU 1")
     ap.add_argument("--no-store", action="store_true", help="skip latchkey_store_header (no OpenBao)")
+    ap.add_argument("--compare", type=Path, metavar="WASM",
+                    help="a second module: its latchkey variants run beside the first's, suffixed _b, "
+                         "in the same Envoy and the same rounds (an A/B of a change)")
+    ap.add_argument("--explore", action="store_true",
+                    help="also latchkey_header_nofs (filter_state: false) and latchkey_header_path "
+                         "(matched by path_prefix instead of route_name): what those host calls cost")
+    ap.add_argument("--only", metavar="NAMES",
+                    help="comma-separated variants to run (baselines are always kept)")
     ap.add_argument("--no-keep-awake", action="store_true",
                     help="no SCHED_IDLE busy loop on CPU 0 (an idle CPU makes the numbers swing)")
     args = ap.parse_args()
@@ -556,8 +564,15 @@ def main() -> int:
             clusters.append(static_cluster("upstream", up_port))
         route = direct_route if args.upstream == "local" else cluster_route
 
-        def lk(vm: str, plugin: dict, env: dict | None = None) -> dict:
-            return with_vm_id(wasm_filter(wasm, plugin, env or wasm_env), vm)
+        wasm_b = None
+        if args.compare:
+            wasm_b = work / "latchkey_b.wasm"
+            stable_copy(args.compare, wasm_b)
+            module["compare"] = {"path": str(args.compare), "bytes": wasm_b.stat().st_size,
+                                 "sha256": hashlib.sha256(wasm_b.read_bytes()).hexdigest()}
+
+        def lk(vm: str, plugin: dict, env: dict | None = None, module_path: Path | None = None) -> dict:
+            return with_vm_id(wasm_filter(module_path or wasm, plugin, env or wasm_env), vm)
 
         env_key = {"env": "BENCH_KEY"}
         # name: (filters, request headers, path, baseline, copies counted, description)
@@ -574,6 +589,16 @@ def main() -> int:
                                [], "/bench?q=1&api_key=client", "baseline", n,
                                "latchkey: API key (env) into the query (replacing the client's), public"),
         }
+        if args.explore:
+            nofs = {**key_plugin("header_nofs", env_key, {"header": "x-api-key"}), "filter_state": False}
+            variants["latchkey_header_nofs"] = (
+                [lk("lk-header-nofs", nofs)] * n, [], "/bench", "baseline", n,
+                "latchkey_header with filter_state: false")
+            by_path = key_plugin("header_path", env_key, {"header": "x-api-key"})
+            by_path["routes"][0]["match"] = {"path_prefix": "/"}
+            variants["latchkey_header_path"] = (
+                [lk("lk-header-path", by_path)] * n, [], "/bench", "baseline", n,
+                "latchkey_header with the route matched by path_prefix (no xds.route_name read)")
         if bao is not None:
             vault = {"vault": {"cluster": "vault", "url": bao.url, "path": "bench", "field": "key",
                                "token": "vault_token"}, "refresh_s": 86400}
@@ -587,6 +612,23 @@ def main() -> int:
             [jwt] + [lk("lk-oauth", oauth_plugin("oauth", idp.port, {"groups": ["bench"]}))] * n,
             bearer, "/bench", "jwt_authn_empty", n,
             "jwt_authn, then latchkey: groups claim check + cached OAuth2 client-credentials token")
+        if wasm_b is not None:
+            for name in [k for k in variants if k.startswith("latchkey_") and k != "latchkey_store_header"]:
+                filters, headers, path, base, copies, desc = variants[name]
+                b_filters = []
+                for f in filters:
+                    if f["typed_config"].get("config", {}).get("vm_config", {}).get("code", {}) \
+                            .get("local", {}).get("filename") == str(wasm):
+                        f = json.loads(json.dumps(f))
+                        cfg = f["typed_config"]["config"]
+                        cfg["vm_config"]["code"]["local"]["filename"] = str(wasm_b)
+                        cfg["vm_config"]["vm_id"] += "-b"
+                    b_filters.append(f)
+                variants[name + "_b"] = (b_filters, headers, path, base, copies, desc + " [--compare module]")
+        if args.only:
+            keep = set(args.only.split(",")) | {"baseline", "lua"}
+            keep |= {v[3] for k, v in variants.items() if k in keep and v[3]}
+            variants = {k: v for k, v in variants.items() if k in keep}
 
         ports = {name: free_port() for name in variants}
         config = {
@@ -683,10 +725,11 @@ def main() -> int:
                 raise RuntimeError("; ".join(short))
             time.sleep(0.25)
         token_requests = idp.count() - tokens_before
-        checks["latchkey_oauth_cached"]["token_requests_during_slices"] = token_requests
+        if "latchkey_oauth_cached" in checks:
+            checks["latchkey_oauth_cached"]["token_requests_during_slices"] = token_requests
         if token_requests:
             raise RuntimeError(f"latchkey_oauth_cached: {token_requests} token requests while measured (not cached)")
-        if bao is not None:
+        if bao is not None and "latchkey_store_header" in checks:
             key = "wasmcustom.latchkey.secret.k.reads"
             checks["latchkey_store_header"]["store_reads_during_slices"] = stats_after.get(key, 0) - stats_before.get(key, 0)
             checks["latchkey_store_header"]["store_reads_total"] = stats_after.get(key, 0)
