@@ -178,6 +178,16 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
         names
     };
     let router = Router::new(&routes);
+    let filter_state = top.opt_bool("filter_state")?;
+    let mut notes = Vec::new();
+    if filter_state.is_none() {
+        notes.push(
+            "filter_state is not set: access logs get no wasm.latchkey.route, .connection or \
+             .decision (set \"filter_state\": true to write them; before v1.1 they were \
+             always written)"
+                .to_string(),
+        );
+    }
     Ok(Config {
         claims,
         stores,
@@ -188,7 +198,8 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
         unmatched,
         claim_paths: b.claim_paths,
         warnings: b.warnings,
-        filter_state: top.opt_bool("filter_state")?.unwrap_or(true),
+        notes,
+        filter_state: filter_state.unwrap_or(false),
         cluster_headers,
         discovery: match top.opt_obj("discovery", &["path"])? {
             None => None,

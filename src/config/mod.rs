@@ -35,8 +35,10 @@ pub struct Config {
     pub claim_paths: Vec<ClaimPath>,
     /// Things worth a warning in the log at load time (inline secrets). No values.
     pub warnings: Vec<String>,
+    /// Worth an info line at load time (a default that changed).
+    pub notes: Vec<String>,
     /// Write `latchkey.route`, `.connection`, `.decision` filter state for access
-    /// logs (`filter_state`, default true; three host writes per request).
+    /// logs (`filter_state`, default false: three host writes per request).
     pub filter_state: bool,
     /// `discovery.path`: a GET of it is answered with what the caller may use.
     pub discovery: Option<String>,

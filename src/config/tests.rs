@@ -123,6 +123,19 @@ fn defaults() {
     assert_eq!(c.claim_paths[GROUPS_CLAIM].dotted, "groups");
     assert_eq!(c.unmatched, Unmatched::Allow);
     assert!(c.routes.is_empty());
+    // Off unless asked for (v1.1), and the load says so once.
+    assert!(!c.filter_state);
+    assert_eq!(c.notes.len(), 1);
+    assert!(
+        c.notes[0].contains("\"filter_state\": true"),
+        "{}",
+        c.notes[0]
+    );
+    for (v, on) in [(true, true), (false, false)] {
+        let c = load(&json!({ "filter_state": v })).unwrap();
+        assert_eq!(c.filter_state, on);
+        assert!(c.notes.is_empty());
+    }
 }
 
 #[test]

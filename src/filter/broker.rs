@@ -40,6 +40,12 @@ const POLL_MS: u32 = 10;
 /// Tick when nothing waits: counters kept in the VM are flushed, stores' age
 /// gauges updated. Counts reach Envoy at most this long after a request.
 pub const IDLE_MS: u32 = 1000;
+/// A VM serves a token from its own copy only while it stays good (no refresh
+/// due) for this long: three idle ticks. The tick that checks it runs on the
+/// same worker thread as the requests, so it can't fall behind them by more
+/// than one event-loop turn; the copy is re-checked (and dropped near its
+/// refresh point) about every second.
+const HOT_GRACE_MS: u64 = 3 * IDLE_MS as u64;
 /// CAS attempts before giving up on a contended key for this round.
 const CAS_TRIES: usize = 4;
 
@@ -284,6 +290,7 @@ pub struct Broker {
     /// Stores are read on the next tick.
     pub prefetch_due: bool,
     last_ages_ms: u64,
+    last_hot_ms: u64,
     inflight: HashMap<u32, Fetch>,
     waiters: BTreeMap<u32, Waiter>,
     /// Tokens each live request carried, for upstream-401 handling.
@@ -322,6 +329,7 @@ impl Broker {
             has_stores: false,
             prefetch_due: false,
             last_ages_ms: 0,
+            last_hot_ms: 0,
             inflight: HashMap::new(),
             waiters: BTreeMap::new(),
             used: HashMap::new(),
@@ -560,6 +568,14 @@ impl Broker {
                     }
                 }
                 Credential::OAuth2(_) | Credential::ManagedIdentity { .. } => {
+                    // This VM's copy, checked by the tick: no host call.
+                    if let Some(t) = loaded.hot_token(ci) {
+                        if on_request {
+                            loaded.metrics.token(ci, TokenStat::CacheHit);
+                        }
+                        out.push(Self::token_cred(loaded, ci, None, t));
+                        continue;
+                    }
                     let mut ready = true;
                     for si in Self::prerequisites(loaded, ci) {
                         match self.acquire(loaded, Owner::Store(si), None, now, false)? {
@@ -582,12 +598,10 @@ impl Broker {
                     match self.acquire(loaded, Owner::Connection(ci), subject, now, on_request)? {
                         Access::Ready(t) => {
                             let slot = loaded.tokens.get(ci).and_then(Option::as_ref);
-                            let addr = slot.and_then(|s| s.addr(ci, subject));
-                            out.push(Cred {
-                                token: addr.map(|a| (a, t.id)),
-                                secret: Secret::new(t.token),
-                                default_prefix: "Bearer ",
-                            })
+                            if slot.is_some_and(|s| !s.exchange) && t.hot_until(now, HOT_GRACE_MS) {
+                                loaded.set_hot_token(ci, Some(t.clone()));
+                            }
+                            out.push(Self::token_cred(loaded, ci, subject, t))
                         }
                         Access::Wait => wait_for(Owner::Connection(ci)),
                         Access::Reject { retry_after_ms } => {
@@ -604,6 +618,18 @@ impl Broker {
             Some(deadline_ms) => Resolution::Wait { deadline_ms },
             None => Resolution::Ready(out),
         })
+    }
+
+    /// The credential for connection `ci`'s token `t`, with where it is cached
+    /// (for an upstream 401).
+    fn token_cred(loaded: &Loaded, ci: usize, subject: Option<&Secret>, t: Cached) -> Cred {
+        let slot = loaded.tokens.get(ci).and_then(Option::as_ref);
+        let addr = slot.and_then(|s| s.addr(ci, subject));
+        Cred {
+            token: addr.map(|a| (a, t.id)),
+            secret: Secret::new(t.token),
+            default_prefix: "Bearer ",
+        }
     }
 
     fn queue(
@@ -682,6 +708,40 @@ impl Broker {
                     .store_age(i, now.saturating_sub(v.obtained_ms) / 1000);
                 loaded.set_store_value(i, Secret::new(v.token));
             }
+        }
+    }
+
+    /// About once a second, off the request path: renews this VM's copy of each
+    /// connection's token from the shared cache (a token another worker fetched
+    /// or refreshed), or drops it when it won't stay good until the next check;
+    /// requests then take the shared path, which refreshes ahead as before.
+    pub fn tend_tokens(&mut self, loaded: &Rc<Loaded>, now: u64) {
+        if now < self.last_hot_ms + u64::from(IDLE_MS) / 2 {
+            return;
+        }
+        self.last_hot_ms = now;
+        // Read first: a drop after this read moves it again, and the copies taken
+        // below are dropped before a request uses them.
+        let Some(generation) = Loaded::read_hot_generation() else {
+            loaded.cool_hot_tokens();
+            return;
+        };
+        loaded.hot_generation.set(generation);
+        for (c, slot) in loaded.tokens.iter().enumerate() {
+            let Some(addr) = slot
+                .as_ref()
+                .filter(|s| !s.exchange)
+                .and_then(|s| s.addr(c, None))
+            else {
+                continue;
+            };
+            let hot = match load(&addr) {
+                Ok((CacheState::Ready { token, .. }, _)) if token.hot_until(now, HOT_GRACE_MS) => {
+                    Some(token)
+                }
+                _ => None,
+            };
+            loaded.set_hot_token(c, hot);
         }
     }
 
@@ -1140,6 +1200,11 @@ impl Broker {
     /// The upstream answered 401 to a request that carried these tokens.
     pub fn drop_tokens(&mut self, loaded: &Loaded, used: &[(Addr, u64)], now: u64) {
         for (addr, id) in used {
+            if let (Owner::Connection(c), None) = (addr.owner, &addr.subject) {
+                if loaded.hot_token(c).is_some_and(|t| t.id == *id) {
+                    loaded.set_hot_token(c, None);
+                }
+            }
             for _ in 0..CAS_TRIES {
                 let Ok((state, stored)) = load(addr) else {
                     break;
@@ -1151,6 +1216,13 @@ impl Broker {
                     Ok(true) => {
                         if let Owner::Connection(c) = addr.owner {
                             loaded.metrics.token(c, TokenStat::DroppedOn401);
+                            // Every worker's copy of it goes too.
+                            if host::set_shared_data(super::HOT_GENERATION, b"", 0).is_err() {
+                                host::log(
+                                    Level::Warn,
+                                    "can't tell other workers a token was dropped",
+                                );
+                            }
                         }
                         break;
                     }

@@ -25,7 +25,7 @@ use crate::policy::{decide, Decision, Denial};
 use crate::response::{reply, Refusal};
 use crate::router::RequestInfo;
 use crate::secret::Secret;
-use crate::token::cache::Policy;
+use crate::token::cache::{Cached, Policy};
 use broker::{Broker, Cred, Resolution, StoreSlot, TokenSlot, Waiter};
 use host::{HostError, Level, Map};
 use metrics::Metrics;
@@ -52,7 +52,21 @@ pub struct Loaded {
     /// This VM's copy of each store's current value, kept fresh by the tick
     /// (`Broker::tend_stores`): a request reads it with no host call at all.
     pub store_values: RefCell<Vec<Option<Secret>>>,
+    /// This VM's copy of each connection's current token (not for token
+    /// exchange), kept while the tick finds it good for a few seconds more
+    /// (`Broker::tend_tokens`): a request then reads neither the shared cache
+    /// nor the clock.
+    pub hot_tokens: RefCell<Vec<Option<Cached>>>,
+    /// The CAS of [`HOT_GENERATION`] when the copies above were taken: a token
+    /// dropped on an upstream 401 by any worker moves it, and every VM's copies
+    /// are then dropped before the next request uses one.
+    pub hot_generation: std::cell::Cell<u32>,
 }
+
+/// An always-empty shared-data key whose CAS moves whenever a worker drops a
+/// token the upstream refused. Reading it costs a request one host call and no
+/// copy; a VM's token copies are good only while it hasn't moved.
+pub const HOT_GENERATION: &str = "latchkey.tokens.generation";
 
 impl Loaded {
     /// This VM's copy of store `i`'s value, if it has one.
@@ -61,6 +75,53 @@ impl Loaded {
             .try_borrow()
             .ok()
             .and_then(|v| v.get(i).cloned().flatten())
+    }
+
+    /// This VM's copy of connection `c`'s token, if it holds one.
+    pub fn hot_token(&self, c: usize) -> Option<Cached> {
+        self.hot_tokens
+            .try_borrow()
+            .ok()
+            .and_then(|v| v.get(c).cloned().flatten())
+    }
+
+    pub fn has_hot_token(&self, c: usize) -> bool {
+        self.hot_tokens
+            .try_borrow()
+            .is_ok_and(|v| v.get(c).is_some_and(Option::is_some))
+    }
+
+    /// The current [`HOT_GENERATION`]; `None` when it can't be read (then no
+    /// copy may be used).
+    pub fn read_hot_generation() -> Option<u32> {
+        match host::shared_data(HOT_GENERATION) {
+            Ok(Some((_, cas))) => Some(cas),
+            _ => None,
+        }
+    }
+
+    /// Drops this VM's token copies if a worker dropped a token since they were
+    /// taken (or the generation can't be read).
+    pub fn check_hot_generation(&self) {
+        let now = Self::read_hot_generation();
+        if now != Some(self.hot_generation.get()) {
+            self.cool_hot_tokens();
+            self.hot_generation.set(now.unwrap_or(0));
+        }
+    }
+
+    pub fn cool_hot_tokens(&self) {
+        if let Ok(mut v) = self.hot_tokens.try_borrow_mut() {
+            v.iter_mut().for_each(|t| *t = None);
+        }
+    }
+
+    pub fn set_hot_token(&self, c: usize, token: Option<Cached>) {
+        if let Ok(mut v) = self.hot_tokens.try_borrow_mut() {
+            if let Some(slot) = v.get_mut(c) {
+                *slot = token;
+            }
+        }
     }
 
     pub fn set_store_value(&self, i: usize, value: Secret) {
@@ -83,7 +144,7 @@ fn precreate(key: &str) {
 impl Loaded {
     fn new(config: Config) -> Loaded {
         let metrics = Metrics::define(&config);
-        let tokens = config
+        let tokens: Vec<Option<TokenSlot>> = config
             .connections
             .iter()
             .map(|c| {
@@ -141,12 +202,19 @@ impl Loaded {
             })
             .collect();
         let store_values = RefCell::new(vec![None; config.stores.len()]);
+        let hot_tokens = RefCell::new(vec![None; config.connections.len()]);
+        if tokens.iter().any(Option::is_some) {
+            precreate(HOT_GENERATION);
+        }
+        let hot_generation = std::cell::Cell::new(Loaded::read_hot_generation().unwrap_or(0));
         Loaded {
             config,
             metrics,
             tokens,
             stores,
             store_values,
+            hot_tokens,
+            hot_generation,
         }
     }
 }
@@ -190,6 +258,9 @@ impl RootContext for Root {
             Ok(config) => {
                 for w in &config.warnings {
                     host::log(Level::Warn, w);
+                }
+                for n in &config.notes {
+                    host::log(Level::Info, n);
                 }
                 let (routes, connections, providers) = (
                     config.routes.len(),
@@ -236,9 +307,16 @@ impl RootContext for Root {
             }
             b.on_tick();
             Metrics::flush();
-            if let (true, Some(state)) = (b.has_stores, &self.state) {
-                if let Ok(now) = host::now_ms() {
-                    b.tend_stores(state, now);
+            if let Some(state) = &self.state {
+                match host::now_ms() {
+                    Ok(now) => {
+                        b.tend_tokens(state, now);
+                        if b.has_stores {
+                            b.tend_stores(state, now);
+                        }
+                    }
+                    // No clock, no check: every request goes to the shared cache.
+                    Err(_) => state.cool_hot_tokens(),
                 }
             }
         }
@@ -548,6 +626,10 @@ fn handle_request(
         .filter_map(|&c| config.connection(c).map(|c| c.name.as_str()))
         .collect();
     let connection_label = (!names.is_empty()).then(|| names.join(","));
+    // A token this VM holds serves only if no worker dropped one since.
+    if picks.iter().any(|&c| state.has_hot_token(c)) {
+        state.check_hot_generation();
+    }
     // The clock is a host call: only token lookups need it.
     let now = if needs_time(state, &picks) {
         host::now_ms()?
@@ -639,17 +721,20 @@ fn discovery(state: &Rc<Loaded>, headers: &host::HeaderPairs) -> Result<Action, 
 }
 
 fn needs_time(loaded: &Loaded, picks: &[usize]) -> bool {
-    picks.iter().any(|&c| {
+    picks.iter().any(|&ci| {
         loaded
             .config
-            .connection(c)
-            .is_some_and(|c| match &c.credential {
+            .connection(ci)
+            .is_some_and(|conn| match &conn.credential {
                 Credential::ApiKey(SecretRef::Value(_)) | Credential::ClientCertificate { .. } => {
                     false
                 }
                 // A store value this VM already holds costs no clock read.
                 Credential::ApiKey(SecretRef::Store(i)) => loaded.store_value(*i).is_none(),
-                _ => true,
+                // Nor does a token it holds (checked by the tick).
+                Credential::OAuth2(_) | Credential::ManagedIdentity { .. } => {
+                    !loaded.has_hot_token(ci)
+                }
             })
     })
 }

@@ -95,6 +95,15 @@ impl Cached {
         now < self.usable_until_ms
     }
 
+    /// Whether a VM may serve this token from its own copy, with no look at the
+    /// shared cache and no clock read per request, until it checks again at most
+    /// `grace_ms` after `now`: that is, whether [`on_request`] would still answer
+    /// a plain [`Decision::Use`] (no refresh due, still usable) `grace_ms` from now.
+    pub fn hot_until(&self, now: u64, grace_ms: u64) -> bool {
+        let at = now.saturating_add(grace_ms);
+        at < self.refresh_at_ms && self.usable(at)
+    }
+
     /// A token of `lifetime_ms` received at `now`: refreshed at half its
     /// lifetime, and at least `refresh_margin_ms` before expiry, but never
     /// before a quarter of its lifetime (so short tokens don't refresh in a loop).
@@ -401,6 +410,39 @@ mod tests {
             Decision::UseAndRefresh { next, .. } | Decision::Fetch { next } => Some(next.clone()),
             _ => None,
         }
+    }
+
+    /// A VM's own copy is served only while `on_request` would answer a plain
+    /// `Use` for the whole grace period, to the millisecond.
+    #[test]
+    fn hot_copy_only_while_use_holds_for_the_grace() {
+        let t = Cached::new("at".into(), 7, 100_000, 0, &P);
+        assert_eq!(t.refresh_at_ms, 50_000);
+        let state = Ready {
+            token: t.clone(),
+            failures: 0,
+        };
+        let grace = 3000;
+        // The last instant still good: `now + grace` is the last Use.
+        assert!(t.hot_until(46_999, grace));
+        assert!(matches!(
+            on_request(&state, 46_999 + grace, 1, &P),
+            Decision::Use(_)
+        ));
+        assert!(!t.hot_until(47_000, grace));
+        assert!(matches!(
+            on_request(&state, 47_000 + grace, 1, &P),
+            Decision::UseAndRefresh { .. }
+        ));
+        // A token whose use ends before its refresh point (a stored value
+        // never does; a token may after a clock jump) is bounded by its use.
+        let short = Cached {
+            usable_until_ms: 10_000,
+            ..t.clone()
+        };
+        assert!(short.hot_until(6_999, grace));
+        assert!(!short.hot_until(7_000, grace));
+        assert!(!short.hot_until(u64::MAX - 1, grace));
     }
 
     #[test]

@@ -218,6 +218,12 @@ STATS_FLUSH_S = 1.0
 _last_request = [0.0]
 
 
+def note_request_sent() -> None:
+    """For requests sent by other means than http_request (a kept-alive connection):
+    stats read after this wait for their counts too."""
+    _last_request[0] = time.monotonic()
+
+
 def settle_wasm_stats() -> None:
     """Wait until counts of the requests sent so far have reached Envoy's stats."""
     wait = _last_request[0] + STATS_FLUSH_S + 0.3 - time.monotonic()

@@ -29,6 +29,7 @@ ROUTES = [
 
 def plugin_config(**overrides):
     cfg = {
+        "filter_state": True,  # the access-log assertions below read it
         "secrets": {
             "partner_key": {"env": "PARTNER_KEY"},
             "query_key": {"env": "QUERY_KEY"},
@@ -119,12 +120,19 @@ def test_counters_reach_envoy_within_a_second(envoy, upstream):
     assert stat(envoy, "connection.open_search.injected") == 5
 
 
-def test_filter_state_can_be_turned_off(envoy_factory, upstream, signer):
-    envoy = envoy_factory(plugin_config(filter_state=False), wasm_env=WASM_ENV, routes=ROUTES)
+def test_filter_state_is_off_unless_asked_for(envoy_factory, upstream, signer):
+    """v1.1: no filter state without "filter_state": true, and the load says so."""
+    cfg = plugin_config()
+    del cfg["filter_state"]
+    envoy = envoy_factory(cfg, wasm_env=WASM_ENV, routes=ROUTES)
+    envoy.wait_for_log(r"info.*filter_state is not set: access logs get no wasm\.latchkey\.route")
     token = signer.token({"sub": "olga", "groups": ["billing"]})
     assert envoy.request("GET", "/orders", headers=[bearer(token)]).status == 200
     assert upstream.last().header_values("x-api-key") == [OPS_KEY]
     line = envoy.wait_for_access_log(1)[-1]
+    assert "latchkey_route=- latchkey_connection=- latchkey_decision=-" in line
+    assert envoy.request("GET", "/orders").status == 401
+    line = envoy.wait_for_access_log(2)[-1]
     assert "latchkey_route=- latchkey_connection=- latchkey_decision=-" in line
 
 

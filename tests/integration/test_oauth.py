@@ -13,7 +13,7 @@ import urllib.parse
 
 import pytest
 
-from harness import free_port, static_cluster, wait_until
+from harness import free_port, note_request_sent, static_cluster, wait_until
 from token_servers import FaultTokenServer, closed_port
 
 CLIENT_SECRET = "cs-9f8e7d-very-secret"
@@ -29,6 +29,7 @@ def oauth_config(port, *, timeout_ms=1000, auth_method="client_secret_basic", gr
     if grant == "refresh_token":
         conn["refresh_token"] = "rt"
     return {
+        "filter_state": True,  # an access-log assertion reads it
         "secrets": {"client_secret": {"env": "CLIENT_SECRET"}, "rt": {"env": "REFRESH_TOKEN"}},
         "providers": {"idp": {"type": "oauth2", "cluster": cluster,
                               "token_url": f"http://127.0.0.1:{port}/token",
@@ -216,6 +217,55 @@ def test_upstream_401_drops_the_token(envoy_factory, upstream, idp):
     assert upstream.last().header("authorization") == "Bearer fake-2"
     assert idp.count() == 2
     assert tstat(envoy, "dropped_on_401") == 1
+
+
+def test_upstream_401_drops_every_workers_copy(envoy_factory, upstream, idp):
+    """Each worker VM serves a token from its own copy (no shared-data read per
+    request); a 401 seen by one worker must end every worker's use of that token at
+    once, not at their next tick. 16 keep-alive connections spread over both workers
+    (checked from the worker thread ids in the debug log); one of them gets the 401;
+    the very next request on each connection carries the new token."""
+    import http.client
+    import re
+
+    envoy = start(envoy_factory, idp.port, component_log_level="wasm:debug")
+    conns = [http.client.HTTPConnection("127.0.0.1", envoy.port, timeout=10) for _ in range(16)]
+
+    def get(conn, path):
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status
+        finally:
+            note_request_sent()
+
+    try:
+        for rnd in range(2):  # the second round is served from each worker's copy
+            for i, c in enumerate(conns):
+                assert get(c, f"/orders/warm-{rnd}-{i}") == 200
+        assert {r.header("authorization") for r in upstream.requests()} == {"Bearer fake-1"}
+        assert idp.count() == 1
+        line = re.compile(r"\]\[(\d+)\]\[debug\]\[wasm\].*route=orders connection=orders_read decision=allowed")
+        workers = {m.group(1) for m in line.finditer(envoy.log_text())}
+        assert len(workers) == 2, f"the 16 connections all landed on one worker: {workers}"
+
+        # Three times, from a different connection each time: a worker's tick
+        # (about once a second) would also drop its copy, so one round alone could
+        # pass by luck without the generation check.
+        for rnd, first in enumerate((0, 5, 11)):
+            upstream.respond_with(401, path_prefix="/orders/reject", times=1)
+            assert get(conns[first], "/orders/reject") == 401
+            seen = len(upstream.requests())
+            for i, c in enumerate(conns):
+                assert get(c, f"/orders/after-{rnd}-{i}") == 200
+            after = upstream.requests()[seen:]
+            assert [r.header("authorization") for r in after] == [f"Bearer fake-{rnd + 2}"] * len(conns), rnd
+    finally:
+        for c in conns:
+            c.close()
+    assert idp.count() == 4
+    assert tstat(envoy, "dropped_on_401") == 3
 
 
 def test_upstream_401_keeps_the_token_when_disabled(envoy_factory, upstream, idp):
