@@ -17,8 +17,12 @@ Why each kept export is needed:
   proxy_on_response_headers       upstream 401 drops a token
   proxy_on_http_call_response     token and secret-store calls
   proxy_on_tick                   dispatching calls, waking waiters, stats
-  proxy_on_done                   forgetting a waiting request; root flush at shutdown
-  proxy_on_delete                 frees the SDK's per-context state
+  proxy_on_delete                 frees the SDK's per-context state; dropping an HTTP
+                                  context forgets its waiting request, dropping the
+                                  root context (also at VM shutdown) flushes the stats
+Not kept: proxy_on_done (per stream: one VM entry fewer; the host treats a missing
+one as "done", and still calls proxy_on_delete, for root contexts at shutdown too:
+proxy-wasm-cpp-host WasmBase::startShutdown).
 
 Usage: wasm_exports.py MODULE OUT        write MODULE with only those exports to OUT
        wasm_exports.py --list MODULE     print its exports
@@ -36,7 +40,7 @@ KEEP = frozenset({
     "memory", "_initialize", "proxy_abi_version_0_2_1", "proxy_on_memory_allocate",
     "proxy_on_vm_start", "proxy_on_configure", "proxy_on_context_create",
     "proxy_on_request_headers", "proxy_on_response_headers", "proxy_on_http_call_response",
-    "proxy_on_tick", "proxy_on_done", "proxy_on_delete",
+    "proxy_on_tick", "proxy_on_delete",
 })
 MAGIC = b"\0asm\x01\0\0\0"
 EXPORT_SECTION = 7

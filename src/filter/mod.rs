@@ -219,13 +219,17 @@ impl Loaded {
     }
 }
 
-impl Context for Root {
-    /// The VM is going away: hand Envoy the counts it still holds.
-    fn on_done(&mut self) -> bool {
+/// The root context goes away with its plugin, or with the VM (Envoy calls
+/// `proxy_on_delete` for it at shutdown, and the SDK drops it then): hand Envoy
+/// the counts this VM still holds. `proxy_on_done` is not exported, so that
+/// Envoy doesn't enter the VM for it on every request.
+impl Drop for Root {
+    fn drop(&mut self) {
         Metrics::flush();
-        true
     }
+}
 
+impl Context for Root {
     fn on_http_call_response(
         &mut self,
         token_id: u32,
@@ -341,12 +345,15 @@ struct Http {
     broker: Rc<RefCell<Broker>>,
 }
 
-impl Context for Http {
-    fn on_done(&mut self) -> bool {
+impl Context for Http {}
+
+/// The stream is gone (`proxy_on_delete`: finished, or the client left while
+/// it waited for a token).
+impl Drop for Http {
+    fn drop(&mut self) {
         if let Ok(mut b) = self.broker.try_borrow_mut() {
             b.forget(self.id);
         }
-        true
     }
 }
 

@@ -372,3 +372,26 @@ def test_twenty_updates_leave_memory_flat(gateway, record_property):
     # Flat: the last ten updates together add less than 8 MiB.
     assert (rss[-1] - rss[10]) / 1024 < 8, rss
     assert growth_mb < 16, rss
+
+
+def test_counts_still_in_a_vm_reach_envoy_when_it_goes_away(gateway):
+    """latchkey keeps its counts in the VM and hands them to Envoy on a 1 s tick, and
+    when the VM goes away (the root context's proxy_on_delete, which Envoy calls at
+    VM shutdown). A vmConfig.env change makes Envoy build new VMs and tear the old ones
+    down; the requests served just before it are all counted."""
+    gw = gateway
+    alice = gw.signer.token({"sub": "alice", "groups": ["billing"]})
+    allowed = lambda: prom.scrape(gw.envoy).get("latchkey_requests_allowed") or 0  # noqa: E731
+    loads = lambda: len(re.findall(r"latchkey: configuration loaded", gw.envoy.log_text()))  # noqa: E731
+    assert gw.request("/partner/invoices", alice).status == 200
+    wait_until(lambda: allowed() == 1, 5, message="the first count, on the tick")
+    before = loads()
+    for _ in range(5):
+        assert gw.request("/partner/invoices", alice).status == 200
+    # Straight away, well inside the tick: new VMs (an env change), the old ones go.
+    gw.plugin["spec"]["vmConfig"]["env"].append({"name": "LATCHKEY_TEST_VM", "value": "2"})
+    gw.write_ecds(gw.plugin["spec"]["pluginConfig"])
+    wait_until(lambda: loads() > before, 10, message="new VMs loading the configuration")
+    wait_until(lambda: gw.request("/partner/invoices", alice).status == 200, 10, message="the new VMs")
+    # 6 before the swap, and the one just sent (the new VMs' tick).
+    wait_until(lambda: allowed() == 7, 5, message="7 requests counted")
