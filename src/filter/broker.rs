@@ -29,6 +29,7 @@ use crate::inject::{self, Edit, Resolved};
 use crate::secret::Secret;
 use crate::store::{self, HttpCall, StoreError};
 use crate::token::cache::{self, CacheState, Cached, Decision, FetchOutcome, Policy};
+use crate::token::cas::{self, Attempt};
 use crate::token::exchange::{Set, Subject};
 use crate::token::request::{self, GrantInput};
 use crate::token::response::{self, FetchError, MAX_BODY};
@@ -432,45 +433,57 @@ impl Broker {
                 retry_after_ms: 1000,
             });
         };
-        for _ in 0..CAS_TRIES {
-            let (state, mut stored) = load(&addr)?;
+        let outcome = cas::retry(CAS_TRIES, || {
+            let (state, mut stored) = match load(&addr) {
+                Ok(x) => x,
+                Err(e) => return Attempt::Done(Err(e)),
+            };
             let owner_id = random_u64();
-            match cache::on_request(&state, now, owner_id, &policy) {
-                Decision::Use(token) => {
-                    if on_request {
-                        count(TokenStat::CacheHit);
-                    }
-                    if let (Some(s), Some(set)) = (&addr.subject, &mut stored.set) {
-                        // Least-recently-used bookkeeping; losing this race is harmless.
-                        if set.touch(&s.hash, now) {
-                            let _ = host::set_shared_data(&addr.key, &set.encode(), stored.cas);
+            Attempt::Done(Ok(
+                match cache::on_request(&state, now, owner_id, &policy) {
+                    Decision::Use(token) => {
+                        if on_request {
+                            count(TokenStat::CacheHit);
                         }
+                        if let (Some(s), Some(set)) = (&addr.subject, &mut stored.set) {
+                            // Least-recently-used bookkeeping; losing this race is harmless.
+                            if set.touch(&s.hash, now) {
+                                let _ = host::set_shared_data(&addr.key, &set.encode(), stored.cas);
+                            }
+                        }
+                        Access::Ready(token)
                     }
-                    return Ok(Access::Ready(token));
-                }
-                Decision::UseAndRefresh { token, next } => {
-                    if store(loaded, &addr, stored, &next, now)? {
-                        self.queue(loaded, &addr, owner_id, subject, now, &policy);
+                    Decision::UseAndRefresh { token, next } => {
+                        // Losing this race is harmless too: another worker refreshes.
+                        match store(loaded, &addr, stored, &next, now) {
+                            Ok(true) => self.queue(loaded, &addr, owner_id, subject, now, &policy),
+                            Ok(false) => {}
+                            Err(e) => return Attempt::Done(Err(e)),
+                        }
+                        if on_request {
+                            count(TokenStat::CacheHit);
+                        }
+                        Access::Ready(token)
                     }
-                    if on_request {
-                        count(TokenStat::CacheHit);
+                    Decision::Wait => Access::Wait,
+                    Decision::Fetch { next } => match store(loaded, &addr, stored, &next, now) {
+                        Ok(true) => {
+                            self.queue(loaded, &addr, owner_id, subject, now, &policy);
+                            Access::Wait
+                        }
+                        // Another worker may have started the fetch: look again.
+                        Ok(false) => return Attempt::Conflict,
+                        Err(e) => return Attempt::Done(Err(e)),
+                    },
+                    Decision::Reject { retry_after_ms } => {
+                        count(TokenStat::BackoffRejected);
+                        Access::Reject { retry_after_ms }
                     }
-                    return Ok(Access::Ready(token));
-                }
-                Decision::Wait => return Ok(Access::Wait),
-                Decision::Fetch { next } => {
-                    if store(loaded, &addr, stored, &next, now)? {
-                        self.queue(loaded, &addr, owner_id, subject, now, &policy);
-                        return Ok(Access::Wait);
-                    }
-                }
-                Decision::Reject { retry_after_ms } => {
-                    count(TokenStat::BackoffRejected);
-                    return Ok(Access::Reject { retry_after_ms });
-                }
-            }
-        }
-        Ok(Access::Wait)
+                },
+            ))
+        });
+        // Contended all round: wait, and look again on the tick.
+        outcome.unwrap_or(Ok(Access::Wait))
     }
 
     /// The stores a connection's own token fetch needs first: its client secret
@@ -1070,9 +1083,9 @@ impl Broker {
         now: u64,
         policy: &Policy,
     ) -> Option<CacheState> {
-        for _ in 0..CAS_TRIES {
+        cas::retry(CAS_TRIES, || {
             let Ok((state, stored)) = load(&f.addr) else {
-                return None;
+                return Attempt::Done(None);
             };
             let Some(next) =
                 cache::on_result(&state, f.owner, outcome.clone(), now, policy, random_u64())
@@ -1084,15 +1097,15 @@ impl Broker {
                         self.describe(f)
                     ),
                 );
-                return None;
+                return Attempt::Done(None);
             };
             match store(&f.loaded, &f.addr, stored, &next, now) {
-                Ok(true) => return Some(state),
-                Err(_) => return None,
-                Ok(false) => continue,
+                Ok(true) => Attempt::Done(Some(state)),
+                Err(_) => Attempt::Done(None),
+                Ok(false) => Attempt::Conflict,
             }
-        }
-        None
+        })
+        .flatten()
     }
 
     /// A store read or login of this VM finished.
@@ -1205,29 +1218,25 @@ impl Broker {
                     loaded.set_hot_token(c, None);
                 }
             }
-            for _ in 0..CAS_TRIES {
+            let dropped = cas::retry(CAS_TRIES, || {
                 let Ok((state, stored)) = load(addr) else {
-                    break;
+                    return Attempt::Done(false);
                 };
+                // Not (or no longer) the cached token: nothing to drop.
                 let Some(next) = cache::on_upstream_401(&state, *id) else {
-                    break;
+                    return Attempt::Done(false);
                 };
                 match store(loaded, addr, stored, &next, now) {
-                    Ok(true) => {
-                        if let Owner::Connection(c) = addr.owner {
-                            loaded.metrics.token(c, TokenStat::DroppedOn401);
-                            // Every worker's copy of it goes too.
-                            if host::set_shared_data(super::HOT_GENERATION, b"", 0).is_err() {
-                                host::log(
-                                    Level::Warn,
-                                    "can't tell other workers a token was dropped",
-                                );
-                            }
-                        }
-                        break;
-                    }
-                    Ok(false) => continue,
-                    Err(_) => break,
+                    Ok(true) => Attempt::Done(true),
+                    Ok(false) => Attempt::Conflict,
+                    Err(_) => Attempt::Done(false),
+                }
+            });
+            if let (Some(true), Owner::Connection(c)) = (dropped, addr.owner) {
+                loaded.metrics.token(c, TokenStat::DroppedOn401);
+                // Every worker's copy of it goes too.
+                if host::set_shared_data(super::HOT_GENERATION, b"", 0).is_err() {
+                    host::log(Level::Warn, "can't tell other workers a token was dropped");
                 }
             }
         }

@@ -4,6 +4,7 @@
 //! call and passes the time in.
 
 pub mod cache;
+pub mod cas;
 pub mod exchange;
 pub mod request;
 pub mod response;
