@@ -19,7 +19,7 @@ ISTIO_NODE_STAMP := tests/istio/node_modules/.package-lock.json
 CHECKER := target/debug/latchkey
 OCI_DIR := target/oci
 
-.PHONY: all setup build lint unit integration test run bench bench-quick clean check-tool oci fuzz \
+.PHONY: all setup build lint unit integration test run bench bench-quick bench-load clean check-tool oci fuzz \
 	mutants mutants-diff
 
 all: build
@@ -115,6 +115,10 @@ bench-quick: $(STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) \
 		|| { echo "make bench-quick needs wrk (Debian package wrk)"; exit 1; }
 	timeout -k 10 175 $(VPY) bench/quick.py --wasm $(WASM)
+
+# Configuration load time and VM memory for 10 and 10,000 routes (bench/out/load.json).
+bench-load: build $(STAMP)
+	timeout -k 10 600 $(VPY) bench/load_time.py --wasm $(WASM)
 
 # Coverage-guided fuzzing (cargo-fuzz / libFuzzer, fuzz/: its own package, not built by
 # the targets above): the configuration parser, the claim decoders and the protobuf round

@@ -133,6 +133,19 @@ impl Loaded {
     }
 }
 
+/// The VM's linear memory (what it holds, configuration included, plus the
+/// allocator's free space), in KiB.
+fn vm_memory_kib() -> usize {
+    #[cfg(target_arch = "wasm32")]
+    {
+        core::arch::wasm32::memory_size(0) * 64
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        0
+    }
+}
+
 /// Creates a shared-data key if it is absent: "create if absent" by CAS is not
 /// atomic in the host, so every key is created at configure time.
 fn precreate(key: &str) {
@@ -289,9 +302,10 @@ impl RootContext for Root {
                     Level::Info,
                     &format!(
                         "configuration loaded: {routes} routes, {connections} connections, \
-                         {providers} providers in {}.{:03} ms",
+                         {providers} providers in {}.{:03} ms; VM memory {} KiB",
                         took_us / 1000,
-                        took_us % 1000
+                        took_us % 1000,
+                        vm_memory_kib()
                     ),
                 );
                 true
