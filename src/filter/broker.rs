@@ -1248,6 +1248,10 @@ impl Broker {
             let Some(w) = self.waiters.remove(&id) else {
                 continue;
             };
+            // As on the request path: a copy serves only if no worker dropped a token since.
+            if w.picks.iter().any(|&c| w.loaded.has_hot_token(c)) {
+                w.loaded.check_hot_generation();
+            }
             let resolution = self.resolve(&w.loaded, &w.picks, w.subject.as_ref(), now, false);
             match resolution {
                 Ok(Resolution::Wait { .. }) if now < w.deadline_ms => {
