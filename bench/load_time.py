@@ -2,9 +2,9 @@
 """How long latchkey takes to load a large configuration, and the VM memory it then has.
 
 For N routes (each with its own API-key connection, matched by path prefix or by
-route name), starts one Envoy (--concurrency 1; Envoy 1.40 then starts three VMs for the
-filter, each loading the configuration, at about the same time), reads latchkey's
-own log line
+route name), starts one Envoy (--concurrency 1; Envoy 1.40 then loads the configuration in
+three VMs, one after another: twice on the main thread, then on the worker), reads
+latchkey's own log line
 "configuration loaded: … in X ms; VM memory K KiB" from each VM, and stops it.
 Several rounds, the sizes interleaved; prints the median and range per size and
 writes bench/out/load.json. VM memory is the wasm linear memory after the load
@@ -77,6 +77,9 @@ def main() -> int:
     ap.add_argument("--routes", default="10,10000")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "load.json")
     args = ap.parse_args()
+    args.wasm = args.wasm.resolve()  # Envoy runs elsewhere: an absolute path
+    if not args.wasm.is_file():
+        raise SystemExit(f"{args.wasm} missing: make build")
     sizes = [int(x) for x in args.routes.split(",")]
     runs: dict[str, list[tuple[float, int]]] = {}
     with tempfile.TemporaryDirectory(prefix="latchkey-load-") as tmp:
