@@ -4,7 +4,9 @@
 //! Invariants:
 //! - it never panics;
 //! - on `Err`, neither `Display` nor `Debug` of the error holds the sentinel;
-//! - on `Ok`, `Debug` of the whole configuration does not hold it.
+//! - on `Ok`, `Debug` of the whole configuration does not hold it;
+//! - latchkey's own JSON tree (`config::json::Value`) reads what
+//!   `serde_json::Value` reads: the same value, or the same error.
 //!
 //! An input that itself spells the sentinel in a JSON string (key or value,
 //! after unescaping) is skipped: latchkey quotes configured names and values in
@@ -30,7 +32,13 @@ fn spells_sentinel(v: &Value) -> bool {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(doc) = serde_json::from_slice::<Value>(data) {
+    let theirs = serde_json::from_slice::<Value>(data);
+    match (latchkey::config::json::Value::parse(data), &theirs) {
+        (Ok(ours), Ok(theirs)) => assert_eq!(&ours.to_serde(), theirs, "read differently"),
+        (Err(ours), Err(theirs)) => assert_eq!(ours.to_string(), theirs.to_string()),
+        (ours, theirs) => panic!("one reading failed: ours {ours:?}, serde_json {theirs:?}"),
+    }
+    if let Ok(doc) = theirs {
         if spells_sentinel(&doc) {
             return;
         }

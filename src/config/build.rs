@@ -2,10 +2,8 @@
 
 use std::collections::HashMap;
 
-use serde_json::Value;
-
 use super::error::{ConfigError, ErrorKind};
-use super::json::{as_object, index, join, str_list, Obj};
+use super::json::{as_object, index, join, str_list, Obj, Value};
 use super::*;
 use crate::router::Router;
 use crate::secret::{Secret, SecretSource};
@@ -134,7 +132,7 @@ const DEFAULT_EXPIRES_IN_S: u64 = 300;
 const DEFAULT_REFRESH_MARGIN_S: u64 = 5;
 
 pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-    let doc: Value = serde_json::from_slice(text).map_err(|e| {
+    let doc = Value::parse(text).map_err(|e| {
         // serde_json's message for syntax errors holds a position, not content.
         ConfigError::new("", ErrorKind::NotJson(e.to_string()))
     })?;
@@ -326,7 +324,7 @@ impl Builder<'_> {
             return Ok((out, stores));
         };
         for (name, value) in as_object("secrets", v)? {
-            let s = Obj::new(format!("secrets.{name}"), value, SECRET)?;
+            let s = Obj::new(join("secrets", name), value, SECRET)?;
             let given: Vec<&str> = ["env", "inline", "azure_key_vault", "vault"]
                 .into_iter()
                 .filter(|k| s.has(k))
@@ -349,14 +347,14 @@ impl Builder<'_> {
                     }
                 }
                 let secret = self.static_secret(name, &s)?;
-                self.static_values.insert(name.clone(), secret.clone());
+                self.static_values.insert(name.to_string(), secret.clone());
                 out.push(name, SecretRef::Value(secret));
             }
         }
         // Stores second: their own credentials (a Vault token, an AppRole
         // secret_id) name static secrets, in any order.
         for (name, value) in as_object("secrets", v)? {
-            let s = Obj::new(format!("secrets.{name}"), value, SECRET)?;
+            let s = Obj::new(join("secrets", name), value, SECRET)?;
             if s.has("env") || s.has("inline") {
                 continue;
             }
@@ -594,7 +592,7 @@ impl Builder<'_> {
             return Ok(out);
         };
         for (name, value) in as_object("providers", v)? {
-            let p = Obj::new(format!("providers.{name}"), value, PROVIDER)?;
+            let p = Obj::new(join("providers", name), value, PROVIDER)?;
             let kind = match p.req_str("type")? {
                 "api_key" => {
                     only_fields(&p, PROVIDER, &["type"], "not allowed for an api_key provider")?;
@@ -627,7 +625,7 @@ impl Builder<'_> {
             out.push(
                 name,
                 Provider {
-                    name: name.clone(),
+                    name: name.to_string(),
                     kind,
                 },
             );
@@ -646,7 +644,7 @@ impl Builder<'_> {
             return Ok(out);
         };
         for (name, value) in as_object("connections", v)? {
-            let c = Obj::new(format!("connections.{name}"), value, CONNECTION)?;
+            let c = Obj::new(join("connections", name), value, CONNECTION)?;
             let provider_name = c.req_str("provider")?;
             let provider = providers.lookup(c.child("provider"), "provider", provider_name)?;
             let kind = providers.items.get(provider).map(|p| &p.kind);
@@ -701,7 +699,7 @@ impl Builder<'_> {
             out.push(
                 name,
                 Connection {
-                    name: name.clone(),
+                    name: name.to_string(),
                     provider,
                     credential,
                     access,
@@ -723,11 +721,11 @@ impl Builder<'_> {
         if let Some(c) = a.get("claims") {
             let cpath = a.child("claims");
             for (claim, values) in as_object(&cpath, c)? {
-                let p = format!("{cpath}.{claim}");
+                let p = join(&cpath, claim);
                 claim_path_valid(&p, claim)?;
                 let values = match values {
                     Value::Array(items) => owned(str_list(&p, items)?),
-                    Value::String(s) if !s.is_empty() => vec![s.clone()],
+                    Value::String(s) if !s.is_empty() => vec![s.to_string()],
                     other => {
                         return Err(ConfigError::new(
                             p,
@@ -991,14 +989,14 @@ fn oauth2_connection(c: &Obj, secrets: &Named<SecretRef>) -> Result<OAuth2Connec
     if let Some(v) = c.get("extra_params") {
         let path = c.child("extra_params");
         for (k, val) in as_object(&path, v)? {
-            let p = format!("{path}.{k}");
-            if RESERVED_TOKEN_PARAMS.contains(&k.as_str()) {
+            let p = join(&path, k);
+            if RESERVED_TOKEN_PARAMS.contains(&k) {
                 return Err(ConfigError::not_allowed(
                     p,
                     "latchkey sets this token request parameter itself",
                 ));
             }
-            extra_params.push((k.clone(), super::json::as_str(&p, val)?.to_string()));
+            extra_params.push((k.to_string(), super::json::as_str(&p, val)?.to_string()));
         }
     }
     Ok(OAuth2Connection {

@@ -11,7 +11,9 @@
 
 mod build;
 mod error;
-mod json;
+/// The JSON reader the configuration is built from (public for the fuzz target,
+/// which checks it reads what `serde_json::Value` reads).
+pub mod json;
 mod token_url;
 
 pub use error::{ConfigError, ErrorKind};
