@@ -131,6 +131,10 @@ fn defaults() {
         "{}",
         c.notes[0]
     );
+    // A null field is an absent one.
+    let c = load(&json!({ "unmatched": null, "filter_state": null, "routes": null })).unwrap();
+    assert_eq!(c.unmatched, Unmatched::Allow);
+    assert!(!c.filter_state && c.routes.is_empty());
     for (v, on) in [(true, true), (false, false)] {
         let c = load(&json!({ "filter_state": v })).unwrap();
         assert_eq!(c.filter_state, on);
