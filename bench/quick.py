@@ -64,7 +64,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 sys.path.insert(0, str(REPO / "bench"))
 from harness import (Envoy, Signer, free_port, http_request, jwt_authn_filter,  # noqa: E402
-                     static_cluster, wasm_filter)
+                     static_cluster, wasm_filter, wasm_module)
 from token_servers import FaultTokenServer  # noqa: E402
 from bench import (API_KEY, HCM_TYPE, ROUTER, credential_injector, generic_credential,  # noqa: E402
                    lua_filter, static_secret)
@@ -96,36 +96,7 @@ def empty_module() -> bytes:
     wasm filter (the per-stream context), the floor under any proxy-wasm filter.
     (harness.noop_proxy_wasm_module has 8 exports: it also has context-create, VM-start,
     configure and header callbacks.)"""
-    def uleb(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            byte, n = n & 0x7F, n >> 7
-            out.append(byte | (0x80 if n else 0))
-            if not n:
-                return bytes(out)
-
-    def vec(items: list[bytes]) -> bytes:
-        return uleb(len(items)) + b"".join(items)
-
-    def name(s: str) -> bytes:
-        return uleb(len(s)) + s.encode()
-
-    def section(section_id: int, payload: bytes) -> bytes:
-        return bytes([section_id]) + uleb(len(payload)) + payload
-
-    types = [b"\x60" + vec([]) + vec([]),              # () -> ()
-             b"\x60" + vec([b"\x7f"]) + vec([b"\x7f"])]  # (i32) -> i32
-    bodies = [b"\x00\x0b",                              # nothing
-              b"\x00\x41\x80\x08\x0b"]                  # i32.const 1024
-    exports = [name("proxy_abi_version_0_2_1") + b"\x00" + uleb(0),
-               name("proxy_on_memory_allocate") + b"\x00" + uleb(1),
-               name("memory") + b"\x02" + uleb(0)]
-    return (b"\x00asm\x01\x00\x00\x00"
-            + section(1, vec(types))
-            + section(3, vec([uleb(0), uleb(1)]))
-            + section(5, vec([b"\x00\x01"]))  # one memory, min 1 page
-            + section(7, vec(exports))
-            + section(10, vec([uleb(len(b)) + b for b in bodies])))
+    return wasm_module([("proxy_abi_version_0_2_1", 0, None), ("proxy_on_memory_allocate", 1, 1024)])
 
 
 # --------------------------------------------------------------------------- configs

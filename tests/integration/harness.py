@@ -759,13 +759,10 @@ def _find_file_access_log_paths(node: Any) -> list[str]:
     return found
 
 
-def noop_proxy_wasm_module(configure_ok: bool = True) -> bytes:
-    """A minimal proxy-wasm (ABI 0.2.1) module that does nothing, hand-assembled.
-
-    For harness self-checks of the wasm filter config without the latchkey build:
-    requests pass untouched; with `configure_ok=False` on_configure returns false, so
-    Envoy refuses to start ("Unable to create Wasm plugin").
-    """
+def wasm_module(funcs: list[tuple[str, int, int | None]]) -> bytes:
+    """A hand-assembled wasm module: one exported function per (export name, number of
+    i32 params, constant i32 result or None for no result), and one exported memory of
+    one page. Enough for stand-in proxy-wasm modules."""
     def uleb(n: int) -> bytes:
         out = bytearray()
         while True:
@@ -793,15 +790,6 @@ def noop_proxy_wasm_module(configure_ok: bool = True) -> bytes:
         return bytes([section_id]) + uleb(len(payload)) + payload
 
     i32 = b"\x7f"
-    funcs = [  # export name, number of i32 params, constant i32 result (None: no result)
-        ("proxy_abi_version_0_2_1", 0, None),
-        ("proxy_on_memory_allocate", 1, 1024),
-        ("proxy_on_context_create", 2, None),
-        ("proxy_on_vm_start", 2, 1),
-        ("proxy_on_configure", 2, 1 if configure_ok else 0),
-        ("proxy_on_request_headers", 3, 0),
-        ("proxy_on_response_headers", 3, 0),
-    ]
     types = [b"\x60" + vec([i32] * params) + vec([i32] if result is not None else [])
              for _, params, result in funcs]
     bodies = []
@@ -816,6 +804,24 @@ def noop_proxy_wasm_module(configure_ok: bool = True) -> bytes:
             + section(5, vec([b"\x00\x01"]))  # one memory, min 1 page
             + section(7, vec(exports))
             + section(10, vec(bodies)))
+
+
+def noop_proxy_wasm_module(configure_ok: bool = True) -> bytes:
+    """A minimal proxy-wasm (ABI 0.2.1) module that does nothing, hand-assembled.
+
+    For harness self-checks of the wasm filter config without the latchkey build:
+    requests pass untouched; with `configure_ok=False` on_configure returns false, so
+    Envoy refuses to start ("Unable to create Wasm plugin").
+    """
+    return wasm_module([
+        ("proxy_abi_version_0_2_1", 0, None),
+        ("proxy_on_memory_allocate", 1, 1024),
+        ("proxy_on_context_create", 2, None),
+        ("proxy_on_vm_start", 2, 1),
+        ("proxy_on_configure", 2, 1 if configure_ok else 0),
+        ("proxy_on_request_headers", 3, 0),
+        ("proxy_on_response_headers", 3, 0),
+    ])
 
 
 # --------------------------------------------------------------------------- envoy
