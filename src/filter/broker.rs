@@ -724,10 +724,12 @@ impl Broker {
         }
     }
 
-    /// About once a second, off the request path: renews this VM's copy of each
-    /// connection's token from the shared cache (a token another worker fetched
-    /// or refreshed), or drops it when it won't stay good until the next check;
-    /// requests then take the shared path, which refreshes ahead as before.
+    /// About once a second, off the request path: renews each token copy this VM
+    /// holds from the shared cache (a token another worker fetched or refreshed),
+    /// or drops it when it won't stay good until the next check; requests then
+    /// take the shared path, which refreshes ahead as before and takes a new copy.
+    /// Only connections that hold a copy are read: the tick's work is bounded by
+    /// the connections in use, not by how many are configured.
     pub fn tend_tokens(&mut self, loaded: &Rc<Loaded>, now: u64) {
         if now < self.last_hot_ms + u64::from(IDLE_MS) / 2 {
             return;
@@ -741,6 +743,9 @@ impl Broker {
         };
         loaded.hot_generation.set(generation);
         for (c, slot) in loaded.tokens.iter().enumerate() {
+            if !loaded.has_hot_token(c) {
+                continue;
+            }
             let Some(addr) = slot
                 .as_ref()
                 .filter(|s| !s.exchange)
