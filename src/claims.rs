@@ -47,6 +47,41 @@ impl ClaimValue {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Identity {
     values: Vec<Option<ClaimValue>>,
+    /// What identifies the verified token itself, when the request path asked
+    /// for it (token exchange binds its subject token to it).
+    binding: Option<Binding>,
+}
+
+/// The claims that identify one JWT: `iss`, `sub`, `exp`, `iat` and `jti`, each
+/// as [`ClaimValue`] (absent: `None`). Two tokens with the same binding are,
+/// for token exchange, the same token: a token server that issued both gave
+/// them the same issuer, subject, times and id.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Binding([Option<(char, String)>; 5]);
+
+impl Binding {
+    pub const CLAIMS: [&'static str; 5] = ["iss", "sub", "exp", "iat", "jti"];
+
+    /// The binding claims of a JSON payload; `None` unless it is an object.
+    /// Each is kept with its JSON type, and a number by its value (the verified
+    /// payload's numbers come as doubles from the metadata, a JWT's as written).
+    pub fn of(doc: &Value) -> Option<Binding> {
+        let obj = doc.as_object()?;
+        Some(Binding(Self::CLAIMS.map(|name| {
+            obj.get(name).and_then(|v| match v {
+                Value::Null => None,
+                Value::String(s) => Some(('s', s.clone())),
+                Value::Number(n) => n.as_f64().map(|n| ('n', number_text(n))),
+                Value::Bool(b) => Some(('b', b.to_string())),
+                other => Some(('j', other.to_string())),
+            })
+        })))
+    }
+
+    /// Whether any binding claim is present (a payload with none binds nothing).
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(Option::is_none)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,15 +117,35 @@ const B64URL: GeneralPurpose = GeneralPurpose::new(
 
 impl Identity {
     pub fn new(values: Vec<Option<ClaimValue>>) -> Self {
-        Identity { values }
+        Identity {
+            values,
+            binding: None,
+        }
     }
 
-    /// Decodes a `forward_payload_header`-style header value.
-    pub fn from_header(value: &[u8], paths: &[ClaimPath]) -> Result<Identity, ClaimsError> {
+    /// Decodes a `forward_payload_header`-style header value; with `bind`, also
+    /// keeps the payload's [`Binding`].
+    pub fn from_header(
+        value: &[u8],
+        paths: &[ClaimPath],
+        bind: bool,
+    ) -> Result<Identity, ClaimsError> {
         let value = value.trim_ascii();
         let json = B64URL.decode(value).map_err(|_| ClaimsError::BadBase64)?;
         let doc: Value = serde_json::from_slice(&json).map_err(|_| ClaimsError::BadJson)?;
-        Identity::from_json(&doc, paths).ok_or(ClaimsError::NotObject)
+        let id = Identity::from_json(&doc, paths).ok_or(ClaimsError::NotObject)?;
+        Ok(if bind { id.bound_to(&doc) } else { id })
+    }
+
+    /// This identity with the binding claims of `doc`, its verified payload.
+    fn bound_to(mut self, doc: &Value) -> Identity {
+        self.binding = Binding::of(doc);
+        self
+    }
+
+    /// The verified token's binding claims, if they were asked for.
+    pub fn binding(&self) -> Option<&Binding> {
+        self.binding.as_ref()
     }
 
     /// The payload `jwt_authn` stored with `payload_in_metadata: <key>`, from the
@@ -99,11 +154,12 @@ impl Identity {
         metadata: &[u8],
         key: &str,
         paths: &[ClaimPath],
+        bind: bool,
     ) -> Result<Option<Identity>, ClaimsError> {
         match crate::pb::payload(metadata, JWT_AUTHN, key) {
             Ok(None) => Ok(None),
             Ok(Some(doc)) => Identity::from_json(&doc, paths)
-                .map(Some)
+                .map(|id| Some(if bind { id.bound_to(&doc) } else { id }))
                 .ok_or(ClaimsError::BadMetadata),
             Err(()) => Err(ClaimsError::BadMetadata),
         }
@@ -123,7 +179,10 @@ impl Identity {
                     .and_then(from_json)
             })
             .collect();
-        Some(Identity { values })
+        Some(Identity {
+            values,
+            binding: None,
+        })
     }
 
     pub fn claim(&self, i: usize) -> Option<&ClaimValue> {
@@ -209,6 +268,7 @@ mod tests {
             &paths(&[
                 "sub", "groups", "tier", "beta", "ratio", "org", "org.id", "nope",
             ]),
+            false,
         )
         .unwrap()
         .unwrap();
@@ -222,15 +282,15 @@ mod tests {
         assert_eq!(id.claim(7), None);
         // No JWT on the request; another key; a broken message.
         assert_eq!(
-            Identity::from_metadata(b"", "payload", &paths(&["sub"])),
+            Identity::from_metadata(b"", "payload", &paths(&["sub"]), false),
             Ok(None)
         );
         assert_eq!(
-            Identity::from_metadata(&md, "other", &paths(&["sub"])),
+            Identity::from_metadata(&md, "other", &paths(&["sub"]), false),
             Ok(None)
         );
         assert_eq!(
-            Identity::from_metadata(&[0x0a, 0x05], "payload", &paths(&["sub"])),
+            Identity::from_metadata(&[0x0a, 0x05], "payload", &paths(&["sub"]), false),
             Err(ClaimsError::BadMetadata)
         );
     }
@@ -241,17 +301,22 @@ mod tests {
         let list_bytes = String::from_utf8(crate::pairs::encode(&[(b"true", b"")])).unwrap();
         for s in ["\u{1}", list_bytes.as_str()] {
             let md = metadata(serde_json::json!({ "sub": "x", "is_admin": s }));
-            let id =
-                Identity::from_metadata(&md, "payload", &paths(&["sub", "groups", "is_admin"]))
-                    .unwrap()
-                    .unwrap();
+            let id = Identity::from_metadata(
+                &md,
+                "payload",
+                &paths(&["sub", "groups", "is_admin"]),
+                false,
+            )
+            .unwrap()
+            .unwrap();
             assert_eq!(id.claim(2), Some(&ClaimValue::Scalar(s.to_string())));
             assert!(!id.claim(2).unwrap().holds("true"));
         }
         let md = metadata(serde_json::json!({ "sub": "x", "n": "2", "b": "true" }));
-        let id = Identity::from_metadata(&md, "payload", &paths(&["sub", "groups", "n", "b"]))
-            .unwrap()
-            .unwrap();
+        let id =
+            Identity::from_metadata(&md, "payload", &paths(&["sub", "groups", "n", "b"]), false)
+                .unwrap()
+                .unwrap();
         // The string "true" holds "true" as a string; no type is inferred from it.
         assert_eq!(id.claim(3), Some(&ClaimValue::Scalar("true".into())));
     }
@@ -271,6 +336,7 @@ mod tests {
                 "n",
                 "missing.x",
             ]),
+            false,
         )
         .unwrap();
         assert_eq!(id.subject(), Some("alice"));
@@ -289,7 +355,8 @@ mod tests {
         let padded = base64::engine::general_purpose::URL_SAFE.encode(json);
         assert!(padded.ends_with('='));
         for v in [padded, b64(json)] {
-            let id = Identity::from_header(v.as_bytes(), &paths(&["sub", "groups"])).unwrap();
+            let id =
+                Identity::from_header(v.as_bytes(), &paths(&["sub", "groups"]), false).unwrap();
             assert_eq!(id.subject(), Some("a"));
             assert_eq!(id.groups().count(), 0);
         }
@@ -299,23 +366,23 @@ mod tests {
     fn malformed_headers_are_errors() {
         let p = paths(&["sub", "groups"]);
         assert_eq!(
-            Identity::from_header(b"%%%", &p),
+            Identity::from_header(b"%%%", &p, false),
             Err(ClaimsError::BadBase64)
         );
         assert_eq!(
-            Identity::from_header(b64("{nope").as_bytes(), &p),
+            Identity::from_header(b64("{nope").as_bytes(), &p, false),
             Err(ClaimsError::BadJson)
         );
         assert_eq!(
-            Identity::from_header(b64("[1]").as_bytes(), &p),
+            Identity::from_header(b64("[1]").as_bytes(), &p, false),
             Err(ClaimsError::NotObject)
         );
         assert_eq!(
-            Identity::from_header(b64("\"s\"").as_bytes(), &p),
+            Identity::from_header(b64("\"s\"").as_bytes(), &p, false),
             Err(ClaimsError::NotObject)
         );
         assert_eq!(
-            Identity::from_header(&[0xff, 0x00], &p),
+            Identity::from_header(&[0xff, 0x00], &p, false),
             Err(ClaimsError::BadBase64)
         );
     }
@@ -359,6 +426,7 @@ mod tests {
         let id = Identity::from_header(
             b64(json).as_bytes(),
             &paths(&["big", "whole", "neg", "half"]),
+            false,
         )
         .unwrap();
         let text = |i| match id.claim(i) {

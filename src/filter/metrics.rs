@@ -89,6 +89,8 @@ pub struct Metrics {
     pub denied_unmatched: Option<u32>,
     pub denied_bad_claims: Option<u32>,
     pub denied_bad_path: Option<u32>,
+    /// Token exchange refused a subject token that isn't the verified JWT.
+    pub denied_bad_subject: Option<u32>,
     pub discovery: Option<u32>,
     pub unavailable: Option<u32>,
     pub internal_errors: Option<u32>,
@@ -164,6 +166,7 @@ impl Metrics {
             denied_unmatched: counter("latchkey.requests.denied.unmatched"),
             denied_bad_claims: counter("latchkey.requests.denied.bad_claims"),
             denied_bad_path: counter("latchkey.requests.denied.bad_path"),
+            denied_bad_subject: counter("latchkey.requests.denied.bad_subject"),
             discovery: counter("latchkey.requests.discovery"),
             unavailable: counter("latchkey.requests.unavailable"),
             internal_errors: counter("latchkey.requests.internal_error"),

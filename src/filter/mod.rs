@@ -26,6 +26,7 @@ use crate::response::{reply, Refusal};
 use crate::router::RequestInfo;
 use crate::secret::Secret;
 use crate::token::cache::{Cached, Policy};
+use crate::token::exchange::verified_subject;
 use broker::{Broker, Cred, Resolution, StoreSlot, TokenSlot, Waiter};
 use host::{HostError, Level, Map};
 use metrics::Metrics;
@@ -57,6 +58,9 @@ pub struct Loaded {
     /// (`Broker::tend_tokens`): a request then reads neither the shared cache
     /// nor the clock.
     pub hot_tokens: RefCell<Vec<Option<Cached>>>,
+    /// Per route: whether an inject entry may pick a token-exchange connection
+    /// (the caller's identity then keeps its verified token's binding claims).
+    pub exchange_routes: Vec<bool>,
     /// The CAS of [`HOT_GENERATION`] when the copies above were taken: a token
     /// dropped on an upstream 401 by any worker moves it, and every VM's copies
     /// are then dropped before the next request uses one.
@@ -69,6 +73,12 @@ pub struct Loaded {
 pub const HOT_GENERATION: &str = "latchkey.tokens.generation";
 
 impl Loaded {
+    /// Whether route `r`'s identity must keep its binding claims.
+    pub fn binds(&self, r: Option<usize>) -> bool {
+        r.and_then(|r| self.exchange_routes.get(r).copied())
+            .unwrap_or(false)
+    }
+
     /// This VM's copy of store `i`'s value, if it has one.
     pub fn store_value(&self, i: usize) -> Option<Secret> {
         self.store_values
@@ -220,6 +230,15 @@ impl Loaded {
             precreate(HOT_GENERATION);
         }
         let hot_generation = std::cell::Cell::new(Loaded::read_hot_generation().unwrap_or(0));
+        let exchange_routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                r.inject
+                    .iter()
+                    .any(|i| needs_subject(&config, &i.connections))
+            })
+            .collect();
         Loaded {
             config,
             metrics,
@@ -227,6 +246,7 @@ impl Loaded {
             stores,
             store_values,
             hot_tokens,
+            exchange_routes,
             hot_generation,
         }
     }
@@ -572,12 +592,12 @@ fn handle_request(
         inject::remove_all(name, sent.iter().copied(), &mut edits);
     }
 
-    let decision = match route {
-        None => decide(config, None, None),
-        // Only public policies on this route: who the caller is changes nothing.
-        Some(r) if !r.needs_claims => decide(config, route_index, None),
-        Some(_) => match read_identity(config, &headers) {
-            Ok(identity) => decide(config, route_index, identity.as_ref()),
+    let identity = match route {
+        // No route, or only public policies on it: who the caller is changes nothing.
+        None => None,
+        Some(r) if !r.needs_claims => None,
+        Some(_) => match read_identity(config, &headers, state.binds(route_index)) {
+            Ok(identity) => identity,
             Err(IdentityError::Host(e)) => return Err(e),
             Err(IdentityError::Malformed(e)) => {
                 host::log(Level::Debug, &format!("401: {e}"));
@@ -592,6 +612,10 @@ fn handle_request(
                 return Ok(Action::Pause);
             }
         },
+    };
+    let decision = match route {
+        None => decide(config, None, None),
+        Some(_) => decide(config, route_index, identity.as_ref()),
     };
 
     let deny = |m: Option<u32>, label: &str, denial: Denial, route: Option<&str>| {
@@ -657,10 +681,32 @@ fn handle_request(
     } else {
         0
     };
-    // Token exchange sends the caller's own bearer token as the subject token.
-    let subject = needs_subject(config, &picks)
-        .then(|| headers.get("authorization").and_then(bearer_token))
-        .flatten();
+    // Token exchange sends the caller's own bearer token as the subject token:
+    // exactly the JWT jwt_authn verified, or the caller gets 401.
+    let subject = if needs_subject(config, &picks) {
+        let values: Vec<&[u8]> = headers
+            .iter()
+            .filter(|(k, _)| *k == "authorization")
+            .map(|(_, v)| v)
+            .collect();
+        match verified_subject(&values, identity.as_ref().and_then(Identity::binding)) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                host::log(Level::Debug, &format!("401: {e}"));
+                Metrics::inc(metrics.denied_bad_subject);
+                set_filter_state(state, route_label, None, "denied_bad_subject");
+                local_reply(
+                    state,
+                    &Refused::Denied(Denial::Unauthenticated),
+                    route_label,
+                    None,
+                );
+                return Ok(Action::Pause);
+            }
+        }
+    } else {
+        None
+    };
     match broker.resolve(state, &picks, subject.as_ref(), now, true)? {
         Resolution::Ready(creds) => {
             let resolved = Cred::resolved(&creds);
@@ -719,7 +765,7 @@ fn handle_request(
 /// Answers `discovery.path` with what this caller may use. Per caller: never cached.
 fn discovery(state: &Rc<Loaded>, headers: &host::HeaderPairs) -> Result<Action, HostError> {
     let config = &state.config;
-    let identity = match read_identity(config, headers) {
+    let identity = match read_identity(config, headers, false) {
         Ok(id) => id,
         Err(IdentityError::Host(e)) => return Err(e),
         Err(IdentityError::Malformed(e)) => {
@@ -768,14 +814,6 @@ fn needs_subject(config: &Config, picks: &[usize]) -> bool {
     })
 }
 
-/// The token of an `Authorization: Bearer <token>` value.
-fn bearer_token(value: &[u8]) -> Option<Secret> {
-    let v = std::str::from_utf8(value).ok()?.trim();
-    let (scheme, token) = v.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| Secret::new(token))
-}
-
 enum IdentityError {
     Host(HostError),
     Malformed(crate::claims::ClaimsError),
@@ -788,21 +826,23 @@ impl From<HostError> for IdentityError {
 }
 
 /// The caller's claims; `Ok(None)` when it brought none.
+/// With `bind`, the identity keeps the verified token's binding claims.
 fn read_identity(
     config: &Config,
     headers: &host::HeaderPairs,
+    bind: bool,
 ) -> Result<Option<Identity>, IdentityError> {
     match &config.claims.source {
         ClaimsSource::None => Ok(None),
         ClaimsSource::Header { name } => match headers.get(name) {
             None => Ok(None),
-            Some(v) => Identity::from_header(v, &config.claim_paths)
+            Some(v) => Identity::from_header(v, &config.claim_paths, bind)
                 .map(Some)
                 .map_err(IdentityError::Malformed),
         },
         ClaimsSource::JwtMetadata { key } => match host::property(&["metadata"])? {
             None => Ok(None),
-            Some(md) => Identity::from_metadata(&md, key, &config.claim_paths)
+            Some(md) => Identity::from_metadata(&md, key, &config.claim_paths, bind)
                 .map_err(IdentityError::Malformed),
         },
     }

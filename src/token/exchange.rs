@@ -17,6 +17,8 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use super::cache::CacheState;
+use crate::claims::Binding;
+use crate::secret::Secret;
 
 pub const SETS: usize = 256;
 pub const WAYS: usize = 4;
@@ -46,6 +48,87 @@ impl Subject {
             expires_ms: jwt_exp_ms(token),
         }
     }
+}
+
+/// Why a request's subject token can't be exchanged (the caller gets 401).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectError {
+    /// No `authorization` header, or more than one.
+    NoBearer,
+    /// Not exactly `Bearer <JWT>`: another scheme, extra spaces, characters
+    /// outside base64url, not three segments, anything before or after.
+    NotStrictBearer,
+    /// Its payload isn't a JSON object.
+    BadPayload,
+    /// No verified payload to bind it to (or one with none of the binding claims).
+    Unverified,
+    /// Its `iss`/`sub`/`exp`/`iat`/`jti` differ from the verified payload's:
+    /// it is not the token `jwt_authn` verified.
+    NotTheVerifiedToken,
+}
+
+impl std::fmt::Display for SubjectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SubjectError::NoBearer => "no single authorization header",
+            SubjectError::NotStrictBearer => "authorization is not exactly 'Bearer <JWT>'",
+            SubjectError::BadPayload => "the bearer token's payload is not a JSON object",
+            SubjectError::Unverified => "no verified JWT payload to bind the bearer token to",
+            SubjectError::NotTheVerifiedToken => {
+                "the bearer token is not the JWT jwt_authn verified"
+            }
+        })
+    }
+}
+
+/// Token exchange's subject token (SPEC v1.2): the request's one
+/// `authorization` value must be exactly `Bearer <JWT>` (scheme in any case, one
+/// space, three non-empty base64url segments, nothing else), and the JWT's
+/// binding claims must equal those of the payload `jwt_authn` verified
+/// (`verified`). So the token exchanged is the token that was verified, never a
+/// second one sent beside it, and padding around it can't mint new cache keys.
+pub fn verified_subject(
+    authorization: &[&[u8]],
+    verified: Option<&Binding>,
+) -> Result<Secret, SubjectError> {
+    let [value] = authorization else {
+        return Err(SubjectError::NoBearer);
+    };
+    let jwt = strict_bearer(value).ok_or(SubjectError::NotStrictBearer)?;
+    let verified = verified
+        .filter(|b| !b.is_empty())
+        .ok_or(SubjectError::Unverified)?;
+    let payload = jwt.split('.').nth(1).ok_or(SubjectError::NotStrictBearer)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| SubjectError::BadPayload)?;
+    let doc: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| SubjectError::BadPayload)?;
+    let binding = Binding::of(&doc).ok_or(SubjectError::BadPayload)?;
+    if &binding != verified {
+        return Err(SubjectError::NotTheVerifiedToken);
+    }
+    Ok(Secret::new(jwt))
+}
+
+/// The JWT of an exact `Bearer <JWT>` value.
+fn strict_bearer(value: &[u8]) -> Option<&str> {
+    let (scheme, jwt) = value.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let b64url = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
+    let mut segments = 0;
+    for seg in jwt.split(|&b| b == b'.') {
+        if seg.is_empty() || !seg.iter().all(b64url) {
+            return None;
+        }
+        segments += 1;
+    }
+    if segments != 3 {
+        return None;
+    }
+    std::str::from_utf8(jwt).ok()
 }
 
 /// The `exp` claim (seconds) of a JWT, in milliseconds; `None` for anything else.
@@ -144,6 +227,108 @@ mod tests {
     fn jwt(payload: &str) -> String {
         let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
         format!("{}.{}.sig", b(r#"{"alg":"RS256"}"#), b(payload))
+    }
+
+    fn binding(payload: &str) -> Binding {
+        Binding::of(&serde_json::from_str(payload).unwrap()).unwrap()
+    }
+
+    const PAYLOAD: &str = r#"{"iss":"https://idp","sub":"alice","exp":1700000000,"iat":1699990000,"jti":"j1","scp":"x"}"#;
+
+    #[test]
+    fn subject_is_exactly_the_verified_bearer_jwt() {
+        let t = jwt(PAYLOAD);
+        let verified = binding(PAYLOAD);
+        let ok = |v: &str| verified_subject(&[v.as_bytes()], Some(&verified));
+        assert_eq!(ok(&format!("Bearer {t}")).unwrap().expose(), t);
+        // The scheme in any case.
+        assert_eq!(ok(&format!("bEARER {t}")).unwrap().expose(), t);
+        // Padding jwt_authn skips, or anything else around the JWT, is refused.
+        for bad in [
+            format!("Bearer ~!*{t}"),
+            format!("Bearer  {t}"),
+            format!("Bearer {t} "),
+            format!(" Bearer {t}"),
+            format!("Bearer {t}.x"),
+            format!("Bearer {t}="),
+            format!("Bearer\t{t}"),
+            format!("Token {t}"),
+            format!("Bearer{t}"),
+            "Bearer a.b".to_string(),
+            "Bearer a..c".to_string(),
+            "Bearer ".to_string(),
+            "Bear".to_string(),
+            String::new(),
+        ] {
+            assert_eq!(ok(&bad), Err(SubjectError::NotStrictBearer), "{bad:?}");
+        }
+        // Exactly one authorization value.
+        let v = format!("Bearer {t}");
+        assert_eq!(
+            verified_subject(&[v.as_bytes(), v.as_bytes()], Some(&verified)),
+            Err(SubjectError::NoBearer)
+        );
+        assert_eq!(
+            verified_subject(&[], Some(&verified)),
+            Err(SubjectError::NoBearer)
+        );
+        // No verified payload, or one that binds nothing: refused.
+        assert_eq!(
+            verified_subject(&[v.as_bytes()], None),
+            Err(SubjectError::Unverified)
+        );
+        assert_eq!(
+            verified_subject(&[v.as_bytes()], Some(&binding(r#"{"scp":"x"}"#))),
+            Err(SubjectError::Unverified)
+        );
+        // A payload that isn't a JSON object.
+        let not_object = format!("Bearer {}", jwt("[1]"));
+        assert_eq!(ok(&not_object), Err(SubjectError::BadPayload));
+        let not_json = format!("Bearer {}", jwt("{nope"));
+        assert_eq!(ok(&not_json), Err(SubjectError::BadPayload));
+    }
+
+    #[test]
+    fn another_token_than_the_verified_one_is_refused() {
+        let verified = binding(PAYLOAD);
+        // Each binding claim counts: another user, issuer, time or id, or one
+        // claim missing or added.
+        for other in [
+            r#"{"iss":"https://idp","sub":"bob","exp":1700000000,"iat":1699990000,"jti":"j1"}"#,
+            r#"{"iss":"https://evil","sub":"alice","exp":1700000000,"iat":1699990000,"jti":"j1"}"#,
+            r#"{"iss":"https://idp","sub":"alice","exp":1700000001,"iat":1699990000,"jti":"j1"}"#,
+            r#"{"iss":"https://idp","sub":"alice","exp":1700000000,"iat":1699990001,"jti":"j1"}"#,
+            r#"{"iss":"https://idp","sub":"alice","exp":1700000000,"iat":1699990000,"jti":"j2"}"#,
+            r#"{"iss":"https://idp","sub":"alice","exp":1700000000,"iat":1699990000}"#,
+            r#"{"iss":"https://idp","sub":"alice","exp":"1700000000","iat":1699990000,"jti":"j1"}"#,
+        ] {
+            let v = format!("Bearer {}", jwt(other));
+            assert_eq!(
+                verified_subject(&[v.as_bytes()], Some(&verified)),
+                Err(SubjectError::NotTheVerifiedToken),
+                "{other}"
+            );
+        }
+        // Claims outside the binding don't matter; a numeric claim compares by
+        // value whichever way the verified payload came (metadata numbers are doubles).
+        let same =
+            r#"{"jti":"j1","iat":1699990000.0,"exp":1.7e9,"sub":"alice","iss":"https://idp"}"#;
+        let v = format!("Bearer {}", jwt(same));
+        assert!(verified_subject(&[v.as_bytes()], Some(&verified)).is_ok());
+    }
+
+    #[test]
+    fn subject_errors_say_what_is_wrong_without_the_token() {
+        for e in [
+            SubjectError::NoBearer,
+            SubjectError::NotStrictBearer,
+            SubjectError::BadPayload,
+            SubjectError::Unverified,
+            SubjectError::NotTheVerifiedToken,
+        ] {
+            let text = e.to_string();
+            assert!(!text.is_empty() && !text.contains("eyJ"), "{text}");
+        }
     }
 
     #[test]
