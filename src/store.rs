@@ -460,6 +460,20 @@ mod tests {
         );
         assert!(c.headers.contains(&("metadata", "true".to_string())));
         assert!(c.headers.iter().all(|(k, _)| *k != "x-forwarded-for"));
+        // App ID URIs and application (client) ID GUIDs, percent-encoded.
+        let path = |resource: &str| imds_call(&p, resource).headers[1].1.clone();
+        assert_eq!(
+            path("api://backend-app"),
+            "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=api%3A%2F%2Fbackend-app&client_id=abc-123"
+        );
+        assert_eq!(
+            path("7f3c1a2b-4d5e-6f70-8192-a3b4c5d6e7f8"),
+            "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=7f3c1a2b-4d5e-6f70-8192-a3b4c5d6e7f8&client_id=abc-123"
+        );
+        assert_eq!(
+            path("https://backend.contoso.com/api?x=%2F&y"),
+            "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fbackend.contoso.com%2Fapi%3Fx%3D%252F%26y&client_id=abc-123"
+        );
     }
 
     fn kvk() -> StoreKind {

@@ -673,9 +673,8 @@ impl Builder<'_> {
                         "not allowed for a connection of an azure_managed_identity provider",
                     )?;
                     let resource = c.req_str("resource")?;
-                    super::token_url::parse(resource).map_err(|e| {
-                        ConfigError::invalid(c.child("resource"), resource, e.to_string())
-                    })?;
+                    managed_identity_resource(resource)
+                        .map_err(|r| ConfigError::invalid(c.child("resource"), resource, r))?;
                     Credential::ManagedIdentity {
                         resource: resource.to_string(),
                     }
@@ -1310,6 +1309,66 @@ fn key_vault_id(id: &str) -> Result<KeyVaultId, String> {
         }
         _ => Err("not a secret identifier: expected /secrets/<name> or /secrets/<name>/<version> (names: letters, digits, -)".into()),
     }
+}
+
+/// A managed-identity `resource`, in the forms APIM's
+/// `authentication-managed-identity` takes: an absolute URI of any scheme (a
+/// resource or app ID URI: `https://vault.azure.net`, `api://backend-app`) or an
+/// application (client) ID GUID. It is sent percent-encoded in the IMDS query.
+fn managed_identity_resource(r: &str) -> Result<(), &'static str> {
+    const EXPECTED: &str = "expected an absolute URI (https://vault.azure.net, api://backend-app) or an application (client) ID GUID";
+    if r.trim().is_empty() {
+        return Err("must not be empty or blank");
+    }
+    if !r.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("has spaces, control or non-ASCII characters");
+    }
+    if is_guid(r) {
+        return Ok(());
+    }
+    // RFC 3986 §4.3: absolute-URI = scheme ":" hier-part [ "?" query ]
+    let (scheme, rest) = r.split_once(':').ok_or(EXPECTED)?;
+    let scheme_ok = scheme
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic())
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
+    if !scheme_ok || rest.is_empty() {
+        return Err(EXPECTED);
+    }
+    if let Some(after) = rest.strip_prefix("//") {
+        if after.is_empty() || after.starts_with(['/', '?']) {
+            return Err("has no host after \"//\"");
+        }
+    }
+    if rest.contains('#') {
+        return Err("must not have a #fragment");
+    }
+    if rest.bytes().any(|b| b"\"<>\\^`{|}".contains(&b)) {
+        return Err("has characters a URI can't hold (percent-encode them)");
+    }
+    let bytes = rest.as_bytes();
+    let bad_escape = bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !(bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if bad_escape {
+        return Err("has a \"%\" that is not a percent-encoded byte");
+    }
+    Ok(())
+}
+
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, hexadecimal (either case).
+fn is_guid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// One path segment of a Vault mount (`secret`, `approle`).

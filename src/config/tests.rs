@@ -846,3 +846,98 @@ fn key_vault_identifiers() {
         );
     }
 }
+
+#[test]
+fn managed_identity_resources_are_uris_or_guids() {
+    let resource = |r: &str| store_result(|v| v["connections"]["kv_reader"]["resource"] = json!(r));
+    // The forms APIM's authentication-managed-identity takes.
+    for ok in [
+        "https://vault.azure.net",
+        "https://management.azure.com/",
+        "api://backend-app",
+        "api://00000000-0000-0000-0000-000000000001",
+        "urn:example:backend",
+        "https://backend.contoso.com/api?x=%2F",
+        "7f3c1a2b-4d5e-6f70-8192-a3b4c5d6e7f8",
+        "7F3C1A2B-4D5E-6F70-8192-A3B4C5D6E7F8",
+    ] {
+        assert!(resource(ok).is_ok(), "{ok}: {:?}", resource(ok));
+    }
+    let c = Config::parse(
+        {
+            let mut v = store_config();
+            v["connections"]["kv_reader"]["resource"] = json!("api://backend-app");
+            v
+        }
+        .to_string()
+        .as_bytes(),
+        &env,
+    )
+    .unwrap();
+    let reader = c
+        .connections
+        .iter()
+        .find(|x| x.name == "kv_reader")
+        .unwrap();
+    assert!(
+        matches!(&reader.credential, Credential::ManagedIdentity { resource } if resource == "api://backend-app")
+    );
+    let expected = "expected an absolute URI (https://vault.azure.net, api://backend-app) or an application (client) ID GUID";
+    for (bad, why) in [
+        ("   ", "must not be empty or blank"),
+        (
+            "api://backend app",
+            "has spaces, control or non-ASCII characters",
+        ),
+        (
+            "api://backend\tapp",
+            "has spaces, control or non-ASCII characters",
+        ),
+        (
+            "api://backend\u{7f}",
+            "has spaces, control or non-ASCII characters",
+        ),
+        (
+            "https://vault\r\n.azure.net",
+            "has spaces, control or non-ASCII characters",
+        ),
+        (
+            "api://bäckend",
+            "has spaces, control or non-ASCII characters",
+        ),
+        ("backend-app", expected),
+        ("vault.azure.net", expected),
+        ("7f3c1a2b-4d5e-6f70-8192-a3b4c5d6e7f", expected),
+        ("7f3c1a2b4d5e6f708192a3b4c5d6e7f8", expected),
+        ("7f3c1a2b-4d5e-6f70-8192-a3b4c5d6e7fg", expected),
+        (":backend", expected),
+        ("1api://backend", expected),
+        ("ap_i://backend", expected),
+        ("api:", expected),
+        ("api://", "has no host after \"//\""),
+        ("https:///path", "has no host after \"//\""),
+        ("api://backend#x", "must not have a #fragment"),
+        (
+            "api://backend/{x}",
+            "has characters a URI can't hold (percent-encode them)",
+        ),
+        (
+            "api://backend/%zz",
+            "has a \"%\" that is not a percent-encoded byte",
+        ),
+        (
+            "api://backend/%2",
+            "has a \"%\" that is not a percent-encoded byte",
+        ),
+    ] {
+        assert_eq!(
+            resource(bad).unwrap_err(),
+            format!("connections.kv_reader.resource: invalid value {bad:?}: {why}"),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(
+        resource("").unwrap_err(),
+        "connections.kv_reader.resource: must not be an empty string"
+    );
+}
