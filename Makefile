@@ -67,9 +67,14 @@ check-tool:
 	@ls -l $(CHECKER)
 
 # The module as a Wasm OCI image (compat format) for Istio / Envoy Gateway: an OCI image
-# layout in $(OCI_DIR)/latchkey and the same as a tarball; prints both digests.
+# layout in $(OCI_DIR)/latchkey and the same as a tarball; prints both digests. Also
+# renders the digests into the committed manifests in OCI_PINNED (every `sha256:` pin in
+# them): run it after any change under src/ and commit them, or
+# tests/integration/test_pinned_digests.py fails (Istio refuses a mismatched module).
+OCI_PINNED := deploy envoy compose.yaml
 oci: build
-	$(VPY) scripts/oci.py --wasm $(WASM) --out $(OCI_DIR) --wasmplugin deploy/istio/wasmplugin.yaml
+	$(VPY) scripts/oci.py --wasm $(WASM) --out $(OCI_DIR) --wasmplugin deploy/istio/wasmplugin.yaml \
+		$(addprefix --pin ,$(OCI_PINNED))
 
 lint: setup
 	$(CARGO) fmt --check

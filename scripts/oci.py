@@ -17,6 +17,14 @@ entries, fixed compression level. The same module gives the same image digest.
   wasmplugin.yaml           with --wasmplugin FILE: FILE with its `sha256:` set to this
                             image's digest, ready to apply once the image is pushed
 
+With --pin PATH (a file or a directory of YAML files, repeatable; `make oci` passes the
+committed manifests: deploy/, envoy/, compose.yaml), every `sha256: <64 hex>` line and
+every `oci://…@sha256:<64 hex>` reference in them is rewritten in place: in a YAML
+document that pulls from an `oci://` URL with the image digest, in any other (`https://`,
+`file://`, Envoy's remote source) with the module sha256. Files with nothing pinned are
+left alone. So a committed manifest never carries a digest of an older module:
+tests/integration/test_pinned_digests.py fails when one differs from the built module's.
+
 Prints the digests:
   module sha256    of latchkey.wasm itself: a WasmPlugin with `url: https://…/latchkey.wasm`
                    or `file://…` checks `sha256` against this
@@ -170,6 +178,56 @@ def pin_wasmplugin(text: str, image_digest: str) -> str:
     return out
 
 
+_PIN_LINE = re.compile(r'^(\s+sha256:[ \t]*)("?)[0-9a-f]{64}\2(?=[ \t]*(?:#.*)?$)', re.M)
+_OCI_URL = re.compile(r'^[ \t]*-?[ \t]*(?:url|uri):[ \t]*["\']?oci://', re.M)
+_PIN_REF = re.compile(r'(oci://[^\s"\'#]*@sha256:)[0-9a-f]{64}')
+_DOC_SEP = re.compile(r'(^---[^\n]*\n)', re.M)
+
+
+def pin_manifest(text: str, image_digest: str, module_sha256: str) -> tuple[str, int]:
+    """`text` (YAML, one or more documents) with every pinned digest set; and how many.
+
+    A document whose `url:` is an `oci://` URL gets the image digest (Istio's agent compares the
+    manifest digest it pulled); any other gets the module's sha256 (https://, file://,
+    Envoy's remote source compare the module's bytes). Only the hex digits change.
+    """
+    image_hex = image_digest.removeprefix("sha256:")
+    parts, count = [], 0
+    for part in _DOC_SEP.split(text):
+        if _DOC_SEP.fullmatch(part):
+            parts.append(part)
+            continue
+        want = image_hex if _OCI_URL.search(part) else module_sha256
+        part, n1 = _PIN_LINE.subn(lambda m: m.group(1) + m.group(2) + want + m.group(2), part)
+        part, n2 = _PIN_REF.subn(lambda m: m.group(1) + image_hex, part)
+        parts.append(part)
+        count += n1 + n2
+    return "".join(parts), count
+
+
+def pin_paths(paths: list[Path], image_digest: str, module_sha256: str) -> list[tuple[Path, bool]]:
+    """Rewrite the pinned digests in `paths` (files, or directories searched for *.yaml and
+    *.yml) in place. Returns (file, changed) for every file that pins a digest."""
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix in (".yaml", ".yml") and f.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"--pin {p}: no such file or directory")
+    done = []
+    for f in files:
+        text = f.read_text()
+        new, n = pin_manifest(text, image_digest, module_sha256)
+        if n == 0:
+            continue
+        if new != text:
+            f.write_text(new)
+        done.append((f, new != text))
+    return done
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--wasm", type=Path, required=True, help="the built latchkey.wasm")
@@ -178,6 +236,9 @@ def main() -> int:
     ap.add_argument("--tag", default=None, help="image tag (default: the crate version)")
     ap.add_argument("--wasmplugin", type=Path, default=None,
                     help="a WasmPlugin manifest to write to OUT/wasmplugin.yaml with this image's sha256")
+    ap.add_argument("--pin", type=Path, action="append", default=[], metavar="PATH",
+                    help="rewrite the pinned digests in this committed file, or in the YAML files "
+                         "under this directory, in place (repeatable)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args()
     if not args.wasm.is_file():
@@ -189,6 +250,9 @@ def main() -> int:
         pinned = args.out / "wasmplugin.yaml"
         pinned.write_text(pin_wasmplugin(args.wasmplugin.read_text(), r["image_digest"]))
         r["wasmplugin"] = str(pinned)
+    if args.pin:
+        pinned_files = pin_paths(args.pin, r["image_digest"], r["module_sha256"])
+        r["pinned"] = [{"file": str(f), "changed": changed} for f, changed in pinned_files]
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -207,6 +271,9 @@ then in the WasmPlugin:
   sha256: {r['image_digest'].removeprefix('sha256:')}""")
     if "wasmplugin" in r:
         print(f"  (written into {rel(r['wasmplugin'])})")
+    for p in r.get("pinned", []):
+        state = "updated: commit it" if p["changed"] else "already current"
+        print(f"pinned digest in {rel(p['file'])}: {state}")
     return 0
 
 
