@@ -695,6 +695,14 @@ impl Builder<'_> {
                 Some(v) => Some(self.access(&c.child("access"), v)?),
                 None => None,
             };
+            let exchange = matches!(&credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. }));
+            if exchange && access.as_ref().is_some_and(|a| a.public) {
+                return Err(ConfigError::not_allowed(
+                    join(&c.child("access"), "public"),
+                    "a token_exchange connection can't be public: it exchanges the caller's \
+                     verified JWT, and a public connection admits callers without one",
+                ));
+            }
             out.push(
                 name,
                 Connection {

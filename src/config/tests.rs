@@ -941,3 +941,27 @@ fn managed_identity_resources_are_uris_or_guids() {
         "connections.kv_reader.resource: must not be an empty string"
     );
 }
+
+#[test]
+fn token_exchange_connections_are_never_public() {
+    let exchange = |access: Value| {
+        let mut v = spec_example();
+        v["connections"]["obo"] = json!({"provider": "orders_idp", "grant": "token_exchange",
+                                          "access": access});
+        load(&v).map(|_| ()).map_err(|e| e.to_string())
+    };
+    let refused = "connections.obo.access.public: a token_exchange connection can't be public: \
+                   it exchanges the caller's verified JWT, and a public connection admits \
+                   callers without one";
+    assert_eq!(exchange(json!({"public": true})).unwrap_err(), refused);
+    assert_eq!(
+        exchange(json!({"public": true, "authenticated": true})).unwrap_err(),
+        refused
+    );
+    assert!(exchange(json!({"authenticated": true})).is_ok());
+    assert!(exchange(json!({"public": false, "groups": ["g"]})).is_ok());
+    // Other grants may be public.
+    let mut v = spec_example();
+    v["connections"]["orders_read"]["access"] = json!({"public": true});
+    assert!(load(&v).is_ok());
+}
