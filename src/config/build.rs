@@ -151,6 +151,7 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
     let connections = b.connections(&top, &secrets, &providers)?;
     b.identities(&mut stores, &connections, &providers)?;
     let routes = b.routes(&top, &connections)?;
+    b.warn_injected_identities(&stores, &connections, &routes);
     let unmatched = match top.opt_str("unmatched")? {
         None | Some("allow") => Unmatched::Allow,
         Some("deny") => Unmatched::Deny,
@@ -580,6 +581,37 @@ impl Builder<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A Key Vault identity's token is for the vault: a route that injects the
+    /// same connection sends it upstream. Allowed (one connection may serve both
+    /// on purpose), but worth a warning; one per connection.
+    fn warn_injected_identities(
+        &mut self,
+        stores: &[Store],
+        connections: &Named<Connection>,
+        routes: &[Route],
+    ) {
+        for (ci, conn) in connections.items.iter().enumerate() {
+            let Some(store) = stores
+                .iter()
+                .find(|s| matches!(s.kind, StoreKind::KeyVault { identity } if identity == ci))
+            else {
+                continue;
+            };
+            let Some(route) = routes
+                .iter()
+                .find(|r| r.inject.iter().any(|inj| inj.connections.contains(&ci)))
+            else {
+                continue;
+            };
+            self.warnings.push(format!(
+                "connection \"{}\" is the Key Vault identity of secret \"{}\" and route \"{}\" \
+                 injects it: a token that can read the vault leaves the gateway; give the route \
+                 a connection of its own",
+                conn.name, store.name, route.name
+            ));
+        }
     }
 
     fn providers(

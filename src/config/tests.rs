@@ -965,3 +965,42 @@ fn token_exchange_connections_are_never_public() {
     v["connections"]["orders_read"]["access"] = json!({"public": true});
     assert!(load(&v).is_ok());
 }
+
+#[test]
+fn an_injected_key_vault_identity_is_warned_about() {
+    let injected = "connection \"kv_reader\" is the Key Vault identity of secret \"partner_key\" \
+                    and route \"kv\" injects it: a token that can read the vault leaves the \
+                    gateway; give the route a connection of its own";
+    let warned = |w: &Vec<String>| w.iter().any(|w| w.contains("Key Vault identity"));
+    // Only a store uses it: no warning.
+    assert!(store_result(|_| {}).is_ok_and(|w| !warned(&w)));
+    let w = store_result(|v| {
+        v["connections"]["kv_reader"]["access"] = json!({"authenticated": true});
+        let inject = json!([{"connections": ["kv_reader"], "header": "authorization"}]);
+        v["routes"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "kv", "match": {"path_prefix": "/kv/"}, "inject": inject}));
+        // A second route injecting it: still one warning, naming the first.
+        v["routes"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "kv2", "match": {"path_prefix": "/kv2/"}, "inject": inject}));
+    })
+    .unwrap();
+    assert_eq!(
+        w.iter()
+            .filter(|w| w.contains("Key Vault identity"))
+            .collect::<Vec<_>>(),
+        vec![injected],
+        "{w:?}"
+    );
+    // An injected connection that is no store's identity: no warning.
+    let w = store_result(|v| {
+        v["connections"]["mi_upstream"] = json!({"provider": "azure_mi",
+            "resource": "api://backend-app", "access": {"authenticated": true}});
+        v["routes"][1]["inject"][0]["connections"] = json!(["mi_upstream"]);
+    })
+    .unwrap();
+    assert!(!warned(&w), "{w:?}");
+}
