@@ -156,18 +156,26 @@ pub struct Read {
     pub version: String,
 }
 
-/// Why a read (or login) failed. `Display` holds no value and no store message.
+/// Why a read (or login) failed. `Display` (what the log shows) is the kind and,
+/// when the store answered with an error status, that status: `forbidden (HTTP
+/// 403)`; never a value, a body or a store message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
     Connect,
     Timeout,
-    /// 401: Key Vault refused the identity token (expired or wrong resource).
+    /// HTTP 401: the store refused the credential (Key Vault: the identity token
+    /// expired or is for another resource).
     Unauthorized,
-    /// 403: no permission (a missing role assignment or Vault policy).
-    Forbidden,
+    /// No permission, with the status: 403 (a missing role assignment or Vault
+    /// policy; for Vault also a token it no longer honours), or 400 to an AppRole
+    /// login (a wrong role or secret ID).
+    Forbidden(u32),
+    /// HTTP 404.
     NotFound,
-    /// Key Vault: the secret (version) is disabled.
-    Disabled,
+    /// Key Vault: the secret (version) is disabled; the status when the store
+    /// refused the read (403), `None` when a 2xx answer said so.
+    Disabled(Option<u32>),
+    /// Any other non-2xx status.
     Status(u32),
     Malformed,
     /// No `value` (Key Vault) or no such field (Vault).
@@ -187,9 +195,9 @@ impl StoreError {
             StoreError::Connect => "connect",
             StoreError::Timeout => "timeout",
             StoreError::Unauthorized => "unauthorized",
-            StoreError::Forbidden => "forbidden",
+            StoreError::Forbidden(_) => "forbidden",
             StoreError::NotFound => "not_found",
-            StoreError::Disabled => "disabled",
+            StoreError::Disabled(_) => "disabled",
             StoreError::Status(_) => "status",
             StoreError::Malformed => "malformed",
             StoreError::MissingValue => "missing_value",
@@ -197,6 +205,37 @@ impl StoreError {
             StoreError::TooLarge => "too_large",
             StoreError::Dispatch => "dispatch",
             StoreError::Identity => "identity",
+        }
+    }
+
+    /// The HTTP status the store answered, when the failure is that status.
+    pub fn status(&self) -> Option<u32> {
+        match self {
+            StoreError::Unauthorized => Some(401),
+            StoreError::NotFound => Some(404),
+            StoreError::Forbidden(s) | StoreError::Status(s) => Some(*s),
+            StoreError::Disabled(s) => *s,
+            _ => None,
+        }
+    }
+
+    /// Whether the store refused the credential latchkey obtained for it, so
+    /// that a new one may succeed: Key Vault answered 401 (the identity token),
+    /// or a Vault store with AppRole answered 401 or 403 (the login token: Vault
+    /// answers 403 to a token it no longer honours, as to a missing policy). The
+    /// filter then drops that cached credential and reads once more. A configured
+    /// Vault token can't be renewed: never.
+    pub fn credential_refused(&self, kind: &StoreKind) -> bool {
+        match kind {
+            StoreKind::KeyVault { .. } => *self == StoreError::Unauthorized,
+            StoreKind::Vault {
+                auth: VaultAuth::AppRole { .. },
+                ..
+            } => matches!(self, StoreError::Unauthorized | StoreError::Forbidden(403)),
+            StoreKind::Vault {
+                auth: VaultAuth::Token(_),
+                ..
+            } => false,
         }
     }
 
@@ -219,9 +258,10 @@ impl StoreError {
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StoreError::Status(s) => write!(f, "status: the store answered {s}"),
-            other => f.write_str(other.kind()),
+        f.write_str(self.kind())?;
+        match self.status() {
+            Some(s) => write!(f, " (HTTP {s})"),
+            None => Ok(()),
         }
     }
 }
@@ -235,9 +275,9 @@ fn status_error(status: u32, json: Option<&Value>) -> StoreError {
                 .and_then(|j| j.pointer("/error/innererror/code"))
                 .and_then(Value::as_str);
             if inner == Some("SecretDisabled") {
-                StoreError::Disabled
+                StoreError::Disabled(Some(403))
             } else {
-                StoreError::Forbidden
+                StoreError::Forbidden(403)
             }
         }
         404 => StoreError::NotFound,
@@ -267,7 +307,7 @@ pub fn parse_read(kind: &StoreKind, status: Option<u32>, body: &[u8]) -> Result<
     let (value, version) = match kind {
         StoreKind::KeyVault { .. } => {
             if json.pointer("/attributes/enabled") == Some(&Value::Bool(false)) {
-                return Err(StoreError::Disabled);
+                return Err(StoreError::Disabled(None));
             }
             let value = match json.get("value") {
                 Some(Value::String(v)) if !v.is_empty() => v,
@@ -316,7 +356,17 @@ fn sanitize_version(v: &str) -> String {
         .collect()
 }
 
-/// A Vault AppRole login answer: the client token and its lifetime in ms.
+/// How long an AppRole login token is used at most: its `lease_duration`, capped.
+pub const MAX_LOGIN_LEASE_S: u64 = 86_400;
+/// How long a login token without a lease is used (`lease_duration` 0: a token
+/// that doesn't expire; missing, negative or not a whole number: none given).
+pub const UNLEASED_LOGIN_MS: u64 = 3_600_000;
+
+/// A Vault AppRole login answer: the client token and how long to use it, in
+/// ms: its `lease_duration`, at most [`MAX_LOGIN_LEASE_S`] (a huge lease can't
+/// overflow), or [`UNLEASED_LOGIN_MS`] without one. A token Vault stops honouring
+/// earlier is answered 403, and the filter logs in again
+/// ([`StoreError::credential_refused`]).
 pub fn parse_login(status: Option<u32>, body: &[u8]) -> Result<(Secret, u64), StoreError> {
     if let Some(e) = transport(status, body) {
         return Err(from_transport(e));
@@ -326,7 +376,7 @@ pub fn parse_login(status: Option<u32>, body: &[u8]) -> Result<(Secret, u64), St
     if !(200..300).contains(&status) {
         // Vault answers a bad role_id/secret_id with 400 "invalid role or secret ID".
         return Err(match status {
-            400 => StoreError::Forbidden,
+            400 => StoreError::Forbidden(400),
             s => status_error(s, json.as_ref()),
         });
     }
@@ -342,9 +392,9 @@ pub fn parse_login(status: Option<u32>, body: &[u8]) -> Result<(Secret, u64), St
         .unwrap_or(0);
     // A lease of 0 means "no expiry" (a root token); re-login hourly anyway.
     let lifetime_ms = if lease_s == 0 {
-        3_600_000
+        UNLEASED_LOGIN_MS
     } else {
-        lease_s * 1000
+        lease_s.min(MAX_LOGIN_LEASE_S).saturating_mul(1000)
     };
     Ok((Secret::new(token), lifetime_ms))
 }
@@ -489,11 +539,11 @@ mod tests {
         let disabled = br#"{"error":{"code":"Forbidden","message":"Operation get is not allowed on a disabled secret.","innererror":{"code":"SecretDisabled"}}}"#;
         assert_eq!(
             parse_read(&kvk(), Some(403), disabled),
-            Err(StoreError::Disabled)
+            Err(StoreError::Disabled(Some(403)))
         );
         assert_eq!(
             parse_read(&kvk(), Some(403), br#"{"error":{"code":"Forbidden"}}"#),
-            Err(StoreError::Forbidden)
+            Err(StoreError::Forbidden(403))
         );
         assert_eq!(
             parse_read(&kvk(), Some(401), b""),
@@ -525,7 +575,7 @@ mod tests {
                 Some(200),
                 br#"{"value":"v","attributes":{"enabled":false}}"#
             ),
-            Err(StoreError::Disabled)
+            Err(StoreError::Disabled(None))
         );
         assert_eq!(parse_read(&kvk(), None, b""), Err(StoreError::Connect));
         assert_eq!(
@@ -559,7 +609,7 @@ mod tests {
         );
         assert_eq!(
             parse_read(&k, Some(403), br#"{"errors":["permission denied"]}"#),
-            Err(StoreError::Forbidden)
+            Err(StoreError::Forbidden(403))
         );
         assert_eq!(
             parse_read(&k, Some(404), br#"{"errors":[]}"#),
@@ -577,7 +627,7 @@ mod tests {
         assert_eq!((t.expose(), ms), ("hvs.abc", 30_000));
         assert_eq!(
             parse_login(Some(400), br#"{"errors":["invalid role or secret ID"]}"#),
-            Err(StoreError::Forbidden)
+            Err(StoreError::Forbidden(400))
         );
         assert_eq!(parse_login(Some(200), b"{}"), Err(StoreError::Malformed));
         assert_eq!(
@@ -652,9 +702,9 @@ mod tests {
             StoreError::Connect,
             StoreError::Timeout,
             StoreError::Unauthorized,
-            StoreError::Forbidden,
+            StoreError::Forbidden(403),
             StoreError::NotFound,
-            StoreError::Disabled,
+            StoreError::Disabled(None),
             StoreError::Status(500),
             StoreError::Malformed,
             StoreError::MissingValue,
@@ -672,9 +722,120 @@ mod tests {
         for e in StoreError::KINDS {
             assert!(!e.contains(' '));
         }
+        assert_eq!(StoreError::Status(500).to_string(), "status (HTTP 500)");
+    }
+
+    #[test]
+    fn logged_failures_carry_the_http_status() {
+        let kv = |status, body: &[u8]| parse_read(&kvk(), Some(status), body).unwrap_err();
+        let shown = [
+            (kv(401, b""), "unauthorized (HTTP 401)"),
+            (
+                kv(403, br#"{"error":{"code":"Forbidden"}}"#),
+                "forbidden (HTTP 403)",
+            ),
+            (
+                kv(
+                    403,
+                    br#"{"error":{"innererror":{"code":"SecretDisabled"}}}"#,
+                ),
+                "disabled (HTTP 403)",
+            ),
+            (kv(404, b"{}"), "not_found (HTTP 404)"),
+            (kv(429, b"slow down"), "status (HTTP 429)"),
+            (kv(500, b"x"), "status (HTTP 500)"),
+            (
+                parse_login(Some(400), br#"{"errors":["invalid role or secret ID"]}"#).unwrap_err(),
+                "forbidden (HTTP 400)",
+            ),
+            (
+                parse_read(
+                    &kvk(),
+                    Some(200),
+                    br#"{"value":"v","attributes":{"enabled":false}}"#,
+                )
+                .unwrap_err(),
+                "disabled",
+            ),
+            (kv(200, b"{}"), "missing_value"),
+            (parse_read(&kvk(), None, b"").unwrap_err(), "connect"),
+            (kv(504, b"upstream request timeout"), "timeout"),
+            (StoreError::Identity, "identity"),
+        ];
+        for (e, want) in shown {
+            assert_eq!(e.to_string(), want, "{e:?}");
+        }
+        // The metric label stays the kind alone.
+        assert_eq!(StoreError::Forbidden(403).kind(), "forbidden");
+        assert_eq!(StoreError::Disabled(Some(403)).kind(), "disabled");
+        // No body and no store message in the log line.
+        let e = kv(
+            403,
+            br#"{"error":{"code":"Forbidden","message":"Caller s3cr3t is not authorized"}}"#,
+        );
+        assert!(!e.to_string().contains("s3cr3t") && !format!("{e:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn a_refused_login_or_identity_token_is_told_apart() {
+        let approle = vault(VaultAuth::AppRole {
+            role_id: "r".into(),
+            secret_id: Secret::new("s"),
+            login_path: "/v1/auth/approle/login".into(),
+        })
+        .kind;
+        let token = vault(VaultAuth::Token(Secret::new("t"))).kind;
+        let denied = br#"{"errors":["permission denied"]}"#;
+        let read = |k: &StoreKind, status| parse_read(k, Some(status), denied).unwrap_err();
+        // AppRole: a 403 (or 401) to the read means log in again.
+        assert!(read(&approle, 403).credential_refused(&approle));
+        assert!(read(&approle, 401).credential_refused(&approle));
+        // A configured Vault token can't be renewed.
+        assert!(!read(&token, 403).credential_refused(&token));
+        assert!(!read(&token, 401).credential_refused(&token));
+        // Key Vault: a 401 means a new identity token; a 403 is a missing role.
+        assert!(read(&kvk(), 401).credential_refused(&kvk()));
+        assert!(!read(&kvk(), 403).credential_refused(&kvk()));
+        // Other failures are not the credential's.
+        for e in [
+            StoreError::NotFound,
+            StoreError::Status(500),
+            StoreError::Forbidden(400),
+            StoreError::Disabled(Some(403)),
+            StoreError::Timeout,
+            StoreError::Identity,
+        ] {
+            assert!(!e.credential_refused(&approle), "{e:?}");
+            assert!(!e.credential_refused(&kvk()), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn login_leases_are_capped_and_never_overflow() {
+        let lease = |l: &str| {
+            let body = format!(r#"{{"auth":{{"client_token":"hvs.abc","lease_duration":{l}}}}}"#);
+            parse_login(Some(200), body.as_bytes()).map(|(_, ms)| ms)
+        };
+        assert_eq!(lease("1"), Ok(1000));
+        assert_eq!(lease("86400"), Ok(86_400_000));
+        assert_eq!(lease("86401"), Ok(MAX_LOGIN_LEASE_S * 1000));
+        assert_eq!(lease(&u64::MAX.to_string()), Ok(86_400_000));
+        assert_eq!(lease(&(u64::MAX / 1000 + 1).to_string()), Ok(86_400_000));
+        // No lease, or none usable: re-login hourly.
+        for l in [
+            "0",
+            "-1",
+            "-9223372036854775808",
+            "1e30",
+            "2.5",
+            "\"60\"",
+            "null",
+        ] {
+            assert_eq!(lease(l), Ok(UNLEASED_LOGIN_MS), "{l}");
+        }
         assert_eq!(
-            StoreError::Status(500).to_string(),
-            "status: the store answered 500"
+            parse_login(Some(200), br#"{"auth":{"client_token":"hvs.abc"}}"#).map(|(_, ms)| ms),
+            Ok(3_600_000)
         );
     }
 }
