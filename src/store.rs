@@ -10,7 +10,7 @@ use std::fmt;
 use serde_json::Value;
 use url::form_urlencoded;
 
-use crate::config::{ManagedIdentityProvider, Store, StoreKind, VaultAuth};
+use crate::config::{Config, ManagedIdentityProvider, Store, StoreKind, VaultAuth};
 use crate::secret::{check_value, Secret};
 use crate::token::response::{transport, FetchError};
 
@@ -120,15 +120,35 @@ pub fn imds_call(p: &ManagedIdentityProvider, resource: &str) -> HttpCall {
 }
 
 /// The shared-data key of a stored secret's cache:
-/// `latchkey.v1.sec.<name>.<fingerprint>`. The fingerprint covers where and how
-/// it is read, so a changed reference starts from an empty cache, and two plugins
-/// on one proxy never share a value they read differently.
-pub fn cache_key(store: &Store) -> String {
+/// `latchkey.v1.<namespace>.sec.<name>.<fingerprint>` (`namespace`: see
+/// [`crate::token::key_namespace`]). The fingerprint covers where and how it is
+/// read (cluster, host, path; Key Vault: the identity connection, by its name and
+/// what makes its token; Vault: namespace, field and credentials), so a changed
+/// reference starts from an empty cache, and two plugins on one proxy never
+/// share a value they read differently.
+pub fn cache_key(namespace: &str, config: &Config, store: &Store) -> String {
+    format!(
+        "latchkey.v1.{}.sec.{}.{:016x}",
+        crate::token::key_namespace(namespace),
+        store.name,
+        fingerprint(config, store, crate::token::KEY_DEPTH)
+    )
+}
+
+/// Where and how a store is read, hashed (see [`cache_key`]).
+pub(crate) fn fingerprint(config: &Config, store: &Store, depth: u8) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
     (&store.cluster, &store.authority, &store.path).hash(&mut h);
     match &store.kind {
-        StoreKind::KeyVault { identity } => ("kv", identity).hash(&mut h),
+        StoreKind::KeyVault { identity } => {
+            let conn = config.connection(*identity);
+            let token = match (conn, depth.checked_sub(1)) {
+                (Some(c), Some(d)) => crate::token::fingerprint(config, c, d),
+                _ => None,
+            };
+            ("kv", conn.map(|c| &c.name), token).hash(&mut h);
+        }
         StoreKind::Vault {
             auth,
             namespace,
@@ -145,7 +165,7 @@ pub fn cache_key(store: &Store) -> String {
             }
         }
     }
-    format!("latchkey.v1.sec.{}.{:016x}", store.name, h.finish())
+    h.finish()
 }
 
 /// A value read from a store.
@@ -667,25 +687,31 @@ mod tests {
         assert_eq!(parse_read(&kvk(), Some(200), ok).unwrap().version, "abcd");
     }
 
+    fn no_config() -> Config {
+        Config::parse(b"{}", &|_| None).unwrap()
+    }
+
     #[test]
     fn cache_keys_name_the_secret_and_fingerprint_where_it_is_read() {
-        let k = cache_key(&kv());
-        let hex = k.strip_prefix("latchkey.v1.sec.partner_key.").unwrap();
+        let none = no_config();
+        let key = |s: &Store| cache_key("lk", &none, s);
+        let k = key(&kv());
+        let hex = k.strip_prefix("latchkey.v1.lk.sec.partner_key.").unwrap();
         assert!(
             hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
             "{k}"
         );
-        assert_eq!(cache_key(&kv()), k);
+        assert_eq!(key(&kv()), k);
         let moved = Store {
             path: "/secrets/other?api-version=7.4".into(),
             ..kv()
         };
-        assert_ne!(cache_key(&moved), k);
-        let token = cache_key(&vault(VaultAuth::Token(Secret::new("a"))));
-        assert!(token.starts_with("latchkey.v1.sec.orders_secret."));
-        assert_ne!(cache_key(&vault(VaultAuth::Token(Secret::new("b")))), token);
+        assert_ne!(key(&moved), k);
+        let token = key(&vault(VaultAuth::Token(Secret::new("a"))));
+        assert!(token.starts_with("latchkey.v1.lk.sec.orders_secret."));
+        assert_ne!(key(&vault(VaultAuth::Token(Secret::new("b")))), token);
         let role = |sid: &str| {
-            cache_key(&vault(VaultAuth::AppRole {
+            key(&vault(VaultAuth::AppRole {
                 role_id: "r".into(),
                 secret_id: Secret::new(sid),
                 login_path: "/v1/auth/approle/login".into(),
@@ -694,6 +720,55 @@ mod tests {
         assert_eq!(role("s1"), role("s1"));
         assert_ne!(role("s1"), role("s2"));
         assert!(!role("s1").contains("s1"));
+    }
+
+    /// A Key Vault secret read with connection `identity` (an IMDS token for
+    /// `resource`); `other` names another connection: the configuration lists
+    /// connections in name order, so the identity's index follows the names.
+    fn kv_config(identity: &str, other: &str, resource: &str) -> Config {
+        let text = format!(
+            r#"{{"secrets": {{"pk": {{"azure_key_vault": "https://kv.vault.azure.net/secrets/pk",
+                                   "cluster": "keyvault", "identity": "{identity}"}}}},
+               "providers": {{"mi": {{"type": "azure_managed_identity", "cluster": "imds"}}}},
+               "connections": {{
+                 "{other}": {{"provider": "mi", "resource": "api://other"}},
+                 "{identity}": {{"provider": "mi", "resource": "{resource}"}}}}}}"#
+        );
+        Config::parse(text.as_bytes(), &|_| None).unwrap()
+    }
+
+    #[test]
+    fn key_vault_keys_follow_the_identity_by_name_not_position() {
+        let key = |c: &Config| cache_key("lk", c, &c.stores[0]);
+        let first = kv_config("kv_reader", "zz_other", "https://vault.azure.net");
+        let second = kv_config("kv_reader", "aa_other", "https://vault.azure.net");
+        let index = |c: &Config| match c.stores[0].kind {
+            StoreKind::KeyVault { identity } => identity,
+            StoreKind::Vault { .. } => usize::MAX,
+        };
+        assert_ne!(index(&first), index(&second));
+        // Another position, the same identity: the same key.
+        assert_eq!(key(&first), key(&second));
+        // Another identity, or the same name making another token: another key.
+        let renamed = kv_config("kv_reader2", "zz_other", "https://vault.azure.net");
+        assert_ne!(key(&renamed), key(&first));
+        let other_resource = kv_config("kv_reader", "zz_other", "api://backend-app");
+        assert_ne!(key(&other_resource), key(&first));
+    }
+
+    #[test]
+    fn keys_are_namespaced_by_plugin() {
+        let c = kv_config("kv_reader", "zz_other", "https://vault.azure.net");
+        let a = cache_key("latchkey", &c, &c.stores[0]);
+        let b = cache_key("istio-system.latchkey/v2", &c, &c.stores[0]);
+        assert!(a.starts_with("latchkey.v1.latchkey.sec.pk."), "{a}");
+        assert!(
+            b.starts_with("latchkey.v1.istio-system%2Elatchkey%2Fv2.sec.pk."),
+            "{b}"
+        );
+        // Only the namespace differs.
+        assert_eq!(a.rsplit('.').next(), b.rsplit('.').next());
+        assert!(cache_key("", &c, &c.stores[0]).starts_with("latchkey.v1..sec.pk."));
     }
 
     #[test]

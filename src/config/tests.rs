@@ -916,6 +916,7 @@ fn managed_identity_resources_are_uris_or_guids() {
         ("api:", expected),
         ("api://", "has no host after \"//\""),
         ("https:///path", "has no host after \"//\""),
+        ("api://?x", "has no host after \"//\""),
         ("api://backend#x", "must not have a #fragment"),
         (
             "api://backend/{x}",

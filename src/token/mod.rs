@@ -15,68 +15,113 @@ pub use response::{FetchError, Token};
 
 use std::hash::{Hash, Hasher};
 
-use crate::config::{Connection, Credential, Grant, Provider, ProviderKind, SecretRef};
+use crate::config::{Config, Connection, Credential, Grant, ProviderKind, SecretRef};
+
+/// How many store references and Key Vault identities a fingerprint follows
+/// (a client secret in a Key Vault whose identity is an oauth2 connection is
+/// two); past it, a reference counts by its name. Bounds the recursion whatever
+/// the configuration.
+pub(crate) const KEY_DEPTH: u8 = 4;
+
+/// The plugin's part of every shared-data key: the name it is given (Envoy's
+/// plugin name) with every byte other than an ASCII letter, digit, `_` or `-`
+/// percent-encoded (`.` too, since it separates the key's fields, and `%`), so
+/// two plugins on one proxy (one VM id: Istio's is empty) never share a key
+/// and a key says which plugin it is for. An empty name stays empty.
+pub fn key_namespace(plugin: &str) -> String {
+    let mut out = String::with_capacity(plugin.len());
+    for b in plugin.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
 
 /// The shared-data key of a connection's token cache:
-/// `latchkey.v1.tok.<connection>.<fingerprint>`. The fingerprint covers everything
-/// that makes a token (token URL, client, grant, scopes, audience, resource, extra
-/// parameters), so two plugins on one proxy (Istio shares one namespace) that name
-/// a connection alike but configure it differently never share tokens, and a
-/// changed configuration starts from an empty cache.
-pub fn cache_key(connection: &Connection, provider: &Provider) -> Option<String> {
-    let mut h = std::hash::DefaultHasher::new();
-    if let (ProviderKind::ManagedIdentity(p), Credential::ManagedIdentity { resource }) =
-        (&provider.kind, &connection.credential)
-    {
-        (
-            "imds",
-            &p.cluster,
-            &p.authority,
-            &p.path,
-            &p.client_id,
-            resource,
-        )
-            .hash(&mut h);
-        return Some(format!(
-            "latchkey.v1.tok.{}.{:016x}",
-            connection.name,
-            h.finish()
-        ));
-    }
-    let (ProviderKind::OAuth2(p), Credential::OAuth2(c)) = (&provider.kind, &connection.credential)
-    else {
-        return None;
-    };
-    // A store-held client secret rotates without changing the key: valid
-    // tokens stay cached across a rotation.
-    let secret = match &p.client_secret {
-        SecretRef::Value(s) => s.expose().to_string(),
-        SecretRef::Store(i) => format!("store:{i}"),
-    };
-    (&p.token_url, &p.cluster, &p.client_id, secret).hash(&mut h);
-    let grant = match &c.grant {
-        Grant::ClientCredentials => "client_credentials".to_string(),
-        Grant::RefreshToken(SecretRef::Value(rt)) => format!("refresh_token:{}", rt.expose()),
-        Grant::RefreshToken(SecretRef::Store(i)) => format!("refresh_token:store:{i}"),
-        Grant::TokenExchange { subject_token_type } => {
-            format!("token_exchange:{subject_token_type}")
-        }
-    };
-    (grant, &c.scopes, &c.audience, &c.resource, &c.extra_params).hash(&mut h);
+/// `latchkey.v1.<namespace>.tok.<connection>.<fingerprint>` (`namespace`: see
+/// [`key_namespace`]). The fingerprint covers everything that makes a token
+/// (token URL, client, grant, scopes, audience, resource, extra parameters, and
+/// for a client secret or refresh token kept in a store, that store's own key),
+/// so a connection configured differently, or whose secret is read from
+/// elsewhere, never shares tokens, and a changed configuration starts from an
+/// empty cache. A store-held secret counts by where it is read, not its value:
+/// valid tokens stay cached across a rotation. `None` for a connection without
+/// a token (api_key, client certificate).
+pub fn cache_key(namespace: &str, config: &Config, connection: &Connection) -> Option<String> {
+    let fp = fingerprint(config, connection, KEY_DEPTH)?;
     Some(format!(
-        "latchkey.v1.tok.{}.{:016x}",
-        connection.name,
-        h.finish()
+        "latchkey.v1.{}.tok.{}.{fp:016x}",
+        key_namespace(namespace),
+        connection.name
     ))
+}
+
+/// What makes a connection's token, hashed; `None` without a token.
+pub(crate) fn fingerprint(config: &Config, connection: &Connection, depth: u8) -> Option<u64> {
+    let provider = config.provider_of(connection)?;
+    let mut h = std::hash::DefaultHasher::new();
+    match (&provider.kind, &connection.credential) {
+        (ProviderKind::ManagedIdentity(p), Credential::ManagedIdentity { resource }) => {
+            (
+                "imds",
+                &p.cluster,
+                &p.authority,
+                &p.path,
+                &p.client_id,
+                resource,
+            )
+                .hash(&mut h);
+        }
+        (ProviderKind::OAuth2(p), Credential::OAuth2(c)) => {
+            ("oauth2", &p.token_url, &p.cluster, &p.client_id).hash(&mut h);
+            hash_secret(config, &p.client_secret, depth, &mut h);
+            match &c.grant {
+                Grant::ClientCredentials => "client_credentials".hash(&mut h),
+                Grant::RefreshToken(rt) => {
+                    "refresh_token".hash(&mut h);
+                    hash_secret(config, rt, depth, &mut h);
+                }
+                Grant::TokenExchange { subject_token_type } => {
+                    ("token_exchange", subject_token_type).hash(&mut h)
+                }
+            }
+            (&c.scopes, &c.audience, &c.resource, &c.extra_params).hash(&mut h);
+        }
+        _ => return None,
+    }
+    Some(h.finish())
+}
+
+/// A secret as a fingerprint sees it: a value known at load, or the store it is
+/// read from (its name and fingerprint: where and how it is read).
+fn hash_secret(config: &Config, secret: &SecretRef, depth: u8, h: &mut impl Hasher) {
+    match secret {
+        SecretRef::Value(v) => ("value", v.expose()).hash(h),
+        SecretRef::Store(i) => {
+            let store = config.stores.get(*i);
+            let fp = match (store, depth.checked_sub(1)) {
+                (Some(st), Some(d)) => Some(crate::store::fingerprint(config, st, d)),
+                _ => None,
+            };
+            ("store", store.map(|st| &st.name), fp).hash(h);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use serde_json::{json, Value};
+
+    fn parse(json: &Value) -> Config {
+        Config::parse(json.to_string().as_bytes(), &|_| None).unwrap()
+    }
 
     fn config(scopes: &[&str], client_id: &str) -> Config {
-        let json = serde_json::json!({
+        parse(&json!({
             "secrets": { "s": { "inline": "cs" } },
             "providers": {
                 "idp": { "type": "oauth2", "cluster": "idp", "token_url": "https://idp/token",
@@ -91,13 +136,16 @@ mod tests {
                            "access": { "authenticated": true } },
                 "key": { "provider": "keys", "api_key": "s", "access": { "public": true } }
             }
-        });
-        Config::parse(json.to_string().as_bytes(), &|_| None).unwrap()
+        }))
+    }
+
+    fn key_in(ns: &str, c: &Config, name: &str) -> Option<String> {
+        let conn = c.connections.iter().find(|x| x.name == name).unwrap();
+        cache_key(ns, c, conn)
     }
 
     fn key(c: &Config, name: &str) -> Option<String> {
-        let conn = c.connections.iter().find(|x| x.name == name).unwrap();
-        cache_key(conn, &c.providers[conn.provider])
+        key_in("lk", c, name)
     }
 
     #[test]
@@ -106,7 +154,9 @@ mod tests {
         let orders = key(&a, "orders").unwrap();
         let vault = key(&a, "vault").unwrap();
         for (k, name) in [(&orders, "orders"), (&vault, "vault")] {
-            let hex = k.strip_prefix(&format!("latchkey.v1.tok.{name}.")).unwrap();
+            let hex = k
+                .strip_prefix(&format!("latchkey.v1.lk.tok.{name}."))
+                .unwrap();
             assert!(
                 hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
                 "{k}"
@@ -125,5 +175,100 @@ mod tests {
         );
         assert_ne!(key(&config(&["read"], "gw2"), "orders"), Some(orders));
         assert_eq!(key(&config(&["write"], "gw2"), "vault"), Some(vault));
+    }
+
+    /// `orders` takes its client secret, and `pre` its refresh token, from Vault
+    /// stores; `path` is where the client secret is read. With `extra`, one more
+    /// store sorts before them: the configuration lists secrets in name order,
+    /// so their indices move.
+    fn stored(extra: bool, path: &str, rt_path: &str) -> Config {
+        let vault = |p: &str, f: &str| {
+            json!({ "vault": { "cluster": "vault", "url": "http://vault:8200",
+                               "path": p, "field": f, "token": "vt" } })
+        };
+        let mut v = json!({
+            "secrets": { "vt": { "inline": "hvs.x" }, "cs": vault(path, "client_secret"),
+                         "rt": vault(rt_path, "refresh_token") },
+            "providers": { "idp": { "type": "oauth2", "cluster": "idp",
+                "token_url": "https://idp/token", "client_id": "gw", "client_secret": "cs" } },
+            "connections": {
+                "orders": { "provider": "idp", "grant": "client_credentials",
+                            "access": { "authenticated": true } },
+                "pre": { "provider": "idp", "grant": "refresh_token", "refresh_token": "rt",
+                         "access": { "authenticated": true } }
+            }
+        });
+        if extra {
+            v["secrets"]["a_first"] = vault("unused", "f");
+        }
+        parse(&v)
+    }
+
+    #[test]
+    fn store_held_secrets_count_by_store_reference_not_position() {
+        let a = stored(false, "orders/idp", "orders/rt");
+        let b = stored(true, "orders/idp", "orders/rt");
+        let index = |c: &Config, n: &str| c.stores.iter().position(|s| s.name == n);
+        assert_ne!(index(&a, "cs"), index(&b, "cs"));
+        assert_ne!(index(&a, "rt"), index(&b, "rt"));
+        // The stores moved: same keys.
+        assert_eq!(key(&a, "orders"), key(&b, "orders"));
+        assert_eq!(key(&a, "pre"), key(&b, "pre"));
+        // The client secret is read from elsewhere: both connections' keys change.
+        let moved = stored(false, "orders/other", "orders/rt");
+        assert_ne!(key(&moved, "orders"), key(&a, "orders"));
+        assert_ne!(key(&moved, "pre"), key(&a, "pre"));
+        // The refresh token is: only `pre`'s key changes (and with it the key of
+        // its rotated refresh token, `<key>.rt`).
+        let other_rt = stored(false, "orders/idp", "orders/rt2");
+        assert_eq!(key(&other_rt, "orders"), key(&a, "orders"));
+        assert_ne!(key(&other_rt, "pre"), key(&a, "pre"));
+    }
+
+    #[test]
+    fn key_namespaces_are_the_plugin_name_made_safe() {
+        assert_eq!(key_namespace("latchkey"), "latchkey");
+        assert_eq!(key_namespace("Lk_2-a"), "Lk_2-a");
+        assert_eq!(key_namespace(""), "");
+        assert_eq!(
+            key_namespace("istio-system.latchkey"),
+            "istio-system%2Elatchkey"
+        );
+        assert_eq!(key_namespace("a b/%\u{e9}"), "a%20b%2F%25%C3%A9");
+        // `.` separates the key's fields: namespaces can't run into them.
+        assert_ne!(key_namespace("a.tok.b"), key_namespace("a"));
+        let c = config(&["read"], "gw");
+        let a = key_in("a", &c, "orders").unwrap();
+        let b = key_in("istio-system.latchkey", &c, "orders").unwrap();
+        assert!(a.starts_with("latchkey.v1.a.tok.orders."), "{a}");
+        assert!(
+            b.starts_with("latchkey.v1.istio-system%2Elatchkey.tok.orders."),
+            "{b}"
+        );
+        assert_eq!(a.rsplit('.').next(), b.rsplit('.').next());
+    }
+
+    #[test]
+    fn a_cycle_of_references_still_gives_a_key() {
+        // A Key Vault secret whose identity's refresh token is that secret: the
+        // fingerprints stop following after KEY_DEPTH references.
+        let c = parse(&json!({
+            "secrets": {
+                "cs": { "inline": "x" },
+                "rt": { "azure_key_vault": "https://kv.vault.azure.net/secrets/rt",
+                        "cluster": "keyvault", "identity": "reader" }
+            },
+            "providers": { "idp": { "type": "oauth2", "cluster": "idp",
+                "token_url": "https://idp/token", "client_id": "gw", "client_secret": "cs" } },
+            "connections": {
+                "reader": { "provider": "idp", "grant": "refresh_token", "refresh_token": "rt" }
+            }
+        }));
+        let k = key(&c, "reader").unwrap();
+        assert!(k.starts_with("latchkey.v1.lk.tok.reader."), "{k}");
+        assert_eq!(key(&c, "reader"), Some(k));
+        assert!(
+            crate::store::cache_key("lk", &c, &c.stores[0]).starts_with("latchkey.v1.lk.sec.rt.")
+        );
     }
 }
