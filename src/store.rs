@@ -518,6 +518,7 @@ mod tests {
             timeout_ms: 1000,
             default_expires_in_s: 300,
             refresh_margin_s: 5,
+            drop_on_401_after_s: 10,
         };
         let c = imds_call(&p, "https://vault.azure.net");
         assert_eq!(

@@ -37,6 +37,7 @@ const MI_PROVIDER: &[&str] = &[
     "timeout_ms",
     "default_expires_in_s",
     "refresh_margin_s",
+    "drop_on_401_after_s",
 ];
 const IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
 const DEFAULT_REFRESH_S: u64 = 300;
@@ -51,6 +52,7 @@ const TOP: &[&str] = &[
     "unmatched",
     "filter_state",
     "discovery",
+    "max_paused_requests",
 ];
 const CLAIMS: &[&str] = &["from", "key", "subject", "groups"];
 const SECRET: &[&str] = &[
@@ -73,6 +75,7 @@ const PROVIDER: &[&str] = &[
     "timeout_ms",
     "default_expires_in_s",
     "refresh_margin_s",
+    "drop_on_401_after_s",
     "endpoint",
 ];
 const CONNECTION: &[&str] = &[
@@ -130,6 +133,12 @@ const DEFAULT_TIMEOUT_MS: u64 = 5000;
 const MAX_TIMEOUT_MS: u64 = 300_000;
 const DEFAULT_EXPIRES_IN_S: u64 = 300;
 const DEFAULT_REFRESH_MARGIN_S: u64 = 5;
+/// Requests one worker may hold paused for a credential; past it, 503 at once.
+const DEFAULT_MAX_PAUSED_REQUESTS: u64 = 1024;
+const MAX_PAUSED_REQUESTS: u64 = 100_000;
+/// The `cluster_header` name the README and the Envoy examples use.
+pub const DOCUMENTED_CLUSTER_HEADER: &str = "x-latchkey-cluster";
+const DEFAULT_DROP_ON_401_AFTER_S: u64 = 10;
 
 pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     let doc = Value::parse(text).map_err(|e| {
@@ -172,11 +181,24 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
                 _ => None,
             })
             .collect();
+        // The documented name too, whether or not this configuration uses it: an
+        // Envoy route may route on it (the shipped examples do).
+        names.push(DOCUMENTED_CLUSTER_HEADER.to_string());
         names.sort();
         names.dedup();
         names
     };
     let router = Router::new(&routes);
+    let max_paused_requests = top
+        .opt_u64("max_paused_requests")?
+        .unwrap_or(DEFAULT_MAX_PAUSED_REQUESTS);
+    if !(1..=MAX_PAUSED_REQUESTS).contains(&max_paused_requests) {
+        return Err(ConfigError::invalid(
+            top.child("max_paused_requests"),
+            &max_paused_requests.to_string(),
+            format!("must be 1 to {MAX_PAUSED_REQUESTS}"),
+        ));
+    }
     let filter_state = top.opt_bool("filter_state")?;
     let mut notes = Vec::new();
     if filter_state.is_none() {
@@ -199,6 +221,7 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
         warnings: b.warnings,
         notes,
         filter_state: filter_state.unwrap_or(false),
+        max_paused_requests: max_paused_requests as usize,
         cluster_headers,
         discovery: match top.opt_obj("discovery", &["path"])? {
             None => None,
@@ -900,6 +923,7 @@ fn oauth2_provider(p: &Obj, secrets: &Named<SecretRef>) -> Result<OAuth2Provider
     let (default_expires_in_s, refresh_margin_s) = token_lifetimes(p)?;
     Ok(OAuth2Provider {
         refresh_margin_s,
+        drop_on_401_after_s: drop_on_401_after(p)?,
         cluster,
         token_url: token_url.to_string(),
         authority,
@@ -910,6 +934,22 @@ fn oauth2_provider(p: &Obj, secrets: &Named<SecretRef>) -> Result<OAuth2Provider
         timeout_ms,
         default_expires_in_s,
     })
+}
+
+/// How old a token must be before an upstream 401 may refresh it (SPEC v1.2):
+/// a caller can provoke 401s, so a young token is never refreshed on one.
+fn drop_on_401_after(p: &Obj) -> Result<u64, ConfigError> {
+    let s = p
+        .opt_u64("drop_on_401_after_s")?
+        .unwrap_or(DEFAULT_DROP_ON_401_AFTER_S);
+    if s > 3600 {
+        return Err(ConfigError::invalid(
+            p.child("drop_on_401_after_s"),
+            &s.to_string(),
+            "must be at most 3600",
+        ));
+    }
+    Ok(s)
 }
 
 fn token_lifetimes(p: &Obj) -> Result<(u64, u64), ConfigError> {
@@ -956,6 +996,7 @@ fn managed_identity_provider(p: &Obj) -> Result<ManagedIdentityProvider, ConfigE
         timeout_ms: timeout(p)?,
         default_expires_in_s,
         refresh_margin_s,
+        drop_on_401_after_s: drop_on_401_after(p)?,
     })
 }
 

@@ -42,6 +42,9 @@ pub struct Config {
     /// Write `latchkey.route`, `.connection`, `.decision` filter state for access
     /// logs (`filter_state`, default false: three host writes per request).
     pub filter_state: bool,
+    /// Requests one worker (VM) may hold paused waiting for a credential
+    /// (`max_paused_requests`, default 1024); past it they get 503 at once.
+    pub max_paused_requests: usize,
     /// `discovery.path`: a GET of it is answered with what the caller may use.
     pub discovery: Option<String>,
     /// Every `cluster_header` routes use (lowercased): removed from every request
@@ -181,6 +184,8 @@ pub struct ManagedIdentityProvider {
     pub timeout_ms: u64,
     pub default_expires_in_s: u64,
     pub refresh_margin_s: u64,
+    /// An upstream 401 refreshes a token only once it is this old.
+    pub drop_on_401_after_s: u64,
 }
 
 #[derive(Debug)]
@@ -200,6 +205,8 @@ pub struct OAuth2Provider {
     pub default_expires_in_s: u64,
     /// A token is refreshed at half its lifetime, and at least this long before it expires.
     pub refresh_margin_s: u64,
+    /// An upstream 401 refreshes a token only once it is this old (SPEC v1.2).
+    pub drop_on_401_after_s: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -158,9 +158,9 @@ fn bad_configurations_name_the_field_and_value() {
     let cases: Vec<(&str, Edit)> = vec![
         ("connections.orders_read.provider: unknown provider \"orders_idpp\"",
          Box::new(|v| v["connections"]["orders_read"]["provider"] = json!("orders_idpp"))),
-        ("providers.orders_idp.clster: unknown field; expected one of \"type\", \"cluster\", \"token_url\", \"client_id\", \"client_secret\", \"auth_method\", \"timeout_ms\", \"default_expires_in_s\", \"refresh_margin_s\", \"endpoint\"",
+        ("providers.orders_idp.clster: unknown field; expected one of \"type\", \"cluster\", \"token_url\", \"client_id\", \"client_secret\", \"auth_method\", \"timeout_ms\", \"default_expires_in_s\", \"refresh_margin_s\", \"drop_on_401_after_s\", \"endpoint\"",
          Box::new(|v| v["providers"]["orders_idp"]["clster"] = json!("idp"))),
-        ("colour: unknown field; expected one of \"claims\", \"secrets\", \"providers\", \"connections\", \"routes\", \"unmatched\", \"filter_state\", \"discovery\"",
+        ("colour: unknown field; expected one of \"claims\", \"secrets\", \"providers\", \"connections\", \"routes\", \"unmatched\", \"filter_state\", \"discovery\", \"max_paused_requests\"",
          Box::new(|v| v["colour"] = json!("blue"))),
         ("routes[0].match.route_name: expected a string, found a number",
          Box::new(|v| v["routes"][0]["match"]["route_name"] = json!(5))),

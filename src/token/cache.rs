@@ -50,6 +50,16 @@ impl Policy {
         }
     }
 
+    /// The longest backoff after `failures` consecutive failures (0 for none).
+    pub fn backoff_cap_ms(&self, failures: u32) -> u64 {
+        if failures == 0 {
+            return 0;
+        }
+        self.backoff_base_ms
+            .saturating_mul(1u64 << failures.clamp(1, 20).saturating_sub(1))
+            .min(self.backoff_max_ms)
+    }
+
     /// Exponential backoff after `failures` consecutive failures (≥ 1), with
     /// "equal jitter": half fixed, half random (`jitter` is any random number).
     pub fn backoff_ms(&self, failures: u32, jitter: u64) -> u64 {
@@ -76,6 +86,14 @@ pub struct Cached {
     /// A stored secret's version id (empty for tokens).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub version: String,
+    /// When an upstream 401 last started a refresh of this token (0: never):
+    /// at most one such refresh per window.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refreshed_on_401_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl fmt::Debug for Cached {
@@ -119,6 +137,7 @@ impl Cached {
             refresh_at_ms: now + refresh_in,
             obtained_ms: now,
             version: String::new(),
+            refreshed_on_401_ms: 0,
         }
     }
 
@@ -139,6 +158,7 @@ impl Cached {
             refresh_at_ms: refresh_in_ms.map_or(u64::MAX, |r| now.saturating_add(r)),
             obtained_ms: now,
             version,
+            refreshed_on_401_ms: 0,
         }
     }
 }
@@ -342,10 +362,11 @@ pub fn on_result(
             let failures = failures.saturating_add(1);
             let delay = policy.backoff_ms(failures, jitter);
             match current {
-                // Keep serving the current token; try again after the backoff.
+                // Keep serving the current token; try again after the backoff, or
+                // (a refresh an upstream 401 started early) when it was due anyway.
                 Some(token) if token.usable(now) => Ready {
                     token: Cached {
-                        refresh_at_ms: now.saturating_add(delay),
+                        refresh_at_ms: now.saturating_add(delay).max(token.refresh_at_ms),
                         ..token.clone()
                     },
                     failures,
@@ -360,8 +381,48 @@ pub fn on_result(
     })
 }
 
-/// The upstream answered 401 to token `id`: drop it if it is still the cached one.
-pub fn on_upstream_401(state: &CacheState, id: u64) -> Option<CacheState> {
+/// What an upstream 401 to token `id` does (SPEC v1.2). A caller can provoke
+/// 401s, so the token is never thrown away: `Some(next)` starts a refresh (CAS
+/// the state to `next`; if that succeeds, `owner` fetches) while the token keeps
+/// serving until its successor arrives, and stays in use if the refresh fails.
+/// `None`, nothing to do, when the token is no longer the cached one, is younger
+/// than `window_ms`, was already refreshed on a 401 within `window_ms`, is
+/// being refreshed, or a failed refresh is backing off.
+pub fn on_upstream_401(
+    state: &CacheState,
+    id: u64,
+    now: u64,
+    owner: u64,
+    window_ms: u64,
+    policy: &Policy,
+) -> Option<CacheState> {
+    let CacheState::Ready { token, failures } = state else {
+        return None;
+    };
+    let young = now < token.obtained_ms.saturating_add(window_ms);
+    let forced = token.refreshed_on_401_ms;
+    // Once per window; after failed refreshes, no more often than the backoff.
+    let recently =
+        forced != 0 && now < forced.saturating_add(window_ms.max(policy.backoff_cap_ms(*failures)));
+    // An ordinary refresh failed and backs off: a 401 doesn't cut that short.
+    let backing_off = forced == 0 && *failures > 0 && now < token.refresh_at_ms;
+    if token.id != id || young || recently || backing_off || !token.usable(now) {
+        return None;
+    }
+    Some(CacheState::Refreshing {
+        token: Cached {
+            refreshed_on_401_ms: now.max(1),
+            ..token.clone()
+        },
+        lease: policy.lease(owner, now),
+        failures: *failures,
+    })
+}
+
+/// The gateway's own call was refused with token `id` (a Key Vault read
+/// answered 401): drop it if it is still the cached one, so the retry fetches a
+/// fresh one. Not for upstream answers, which a caller can provoke.
+pub fn on_refused(state: &CacheState, id: u64) -> Option<CacheState> {
     use CacheState::*;
     match state {
         Ready { token, .. } if token.id == id => Some(Empty),
@@ -691,10 +752,10 @@ mod tests {
     }
 
     #[test]
-    fn upstream_401_drops_only_the_cached_token() {
+    fn a_refused_gateway_call_drops_only_the_cached_token() {
         let s = ready(10_000, 0);
-        assert_eq!(on_upstream_401(&s, 6), None);
-        assert_eq!(on_upstream_401(&s, 7), Some(Empty));
+        assert_eq!(on_refused(&s, 6), None);
+        assert_eq!(on_refused(&s, 7), Some(Empty));
         let Ready { token, .. } = s else { panic!() };
         let lease = Lease {
             owner: 1,
@@ -706,12 +767,129 @@ mod tests {
             failures: 0,
         };
         assert_eq!(
-            on_upstream_401(&refreshing, 7),
+            on_refused(&refreshing, 7),
             Some(Fetching { lease, failures: 0 })
         );
-        assert_eq!(on_upstream_401(&Empty, 7), None);
+        assert_eq!(on_refused(&Empty, 7), None);
         // A 401 for an older token leaves a refreshing key alone.
-        assert_eq!(on_upstream_401(&refreshing, 6), None);
+        assert_eq!(on_refused(&refreshing, 6), None);
+    }
+
+    const W: u64 = 10_000;
+
+    #[test]
+    fn upstream_401_refreshes_an_old_enough_token_and_keeps_it_serving() {
+        let s = ready(600_000, 0);
+        // Not the cached token, or younger than the window: nothing.
+        assert_eq!(on_upstream_401(&s, 6, 20_000, 2, W, &P), None);
+        assert_eq!(on_upstream_401(&s, 7, W - 1, 2, W, &P), None);
+        // Old enough: a refresh owned by the worker that saw the 401, the token
+        // still serving meanwhile.
+        let next = on_upstream_401(&s, 7, W, 2, W, &P).unwrap();
+        let Refreshing {
+            token,
+            lease,
+            failures: 0,
+        } = &next
+        else {
+            panic!("{next:?}")
+        };
+        assert_eq!(token.token, "at");
+        assert_eq!(token.refreshed_on_401_ms, W);
+        assert_eq!(
+            *lease,
+            Lease {
+                owner: 2,
+                until_ms: W + 3000
+            }
+        );
+        assert_eq!(
+            on_request(&next, W + 1, 3, &P),
+            Decision::Use(token.clone())
+        );
+        // While it refreshes, more 401s change nothing.
+        assert_eq!(on_upstream_401(&next, 7, W + 5, 3, W, &P), None);
+        // The refresh fails: the old token stays in use, and a 401 within the
+        // window (even once the backoff is over) starts no second refresh.
+        let failed = on_result(
+            &next,
+            2,
+            FetchOutcome::Failed { kind: "connect" },
+            W + 100,
+            &P,
+            0,
+        )
+        .unwrap();
+        let Ready { token: kept, .. } = &failed else {
+            panic!("{failed:?}")
+        };
+        assert_eq!(kept.token, "at");
+        assert_eq!(
+            on_request(&failed, W + 200, 3, &P),
+            Decision::Use(kept.clone())
+        );
+        assert_eq!(on_upstream_401(&failed, 7, 2 * W - 1, 3, W, &P), None);
+        // After the window, and the backoff, it may refresh again.
+        assert!(on_upstream_401(&failed, 7, 2 * W, 3, W, &P).is_some());
+        // The new token is young: a 401 to it waits for the window.
+        let fresh = on_result(&next, 2, fetched(600_000), W + 50, &P, 0).unwrap();
+        assert_eq!(on_upstream_401(&fresh, 8, W + 60, 3, W, &P), None);
+        assert!(on_upstream_401(&fresh, 8, 2 * W + 50, 3, W, &P).is_some());
+    }
+
+    #[test]
+    fn upstream_401_waits_for_a_failed_refresh_to_back_off() {
+        let Ready { token, .. } = ready(600_000, 0) else {
+            panic!()
+        };
+        // Two failed refreshes: next try at 40 s.
+        let backing = Ready {
+            token: Cached {
+                refresh_at_ms: 40_000,
+                ..token
+            },
+            failures: 2,
+        };
+        assert_eq!(on_upstream_401(&backing, 7, 39_999, 2, W, &P), None);
+        assert!(on_upstream_401(&backing, 7, 40_000, 2, W, &P).is_some());
+        // A window of 0 still can't bypass the backoff.
+        assert_eq!(on_upstream_401(&backing, 7, 20_000, 2, 0, &P), None);
+        // Nor refresh a token that is no longer usable, nor a key without one.
+        assert_eq!(on_upstream_401(&backing, 7, 600_000, 2, 0, &P), None);
+        assert_eq!(on_upstream_401(&Empty, 7, 50_000, 2, W, &P), None);
+    }
+
+    #[test]
+    fn a_thousand_401s_start_one_refresh_per_window() {
+        // One 401 every 10 ms for 10 s, against a token of an hour: the state
+        // machine alone allows exactly one refresh (applied as the CAS would).
+        let mut state = ready(3_600_000, 0);
+        let mut refreshes = 0;
+        for i in 0..1000u64 {
+            let now = 10_000 + i * 10;
+            if let Some(next) = on_upstream_401(&state, 7, now, i, W, &P) {
+                refreshes += 1;
+                state = next;
+            }
+            // The refresh fails at once each time (the token server is down).
+            if let Refreshing { lease, .. } = &state {
+                let owner = lease.owner;
+                state = on_result(
+                    &state,
+                    owner,
+                    FetchOutcome::Failed { kind: "connect" },
+                    now,
+                    &P,
+                    0,
+                )
+                .unwrap();
+            }
+            assert!(matches!(
+                on_request(&state, now, 99, &P),
+                Decision::Use(_) | Decision::UseAndRefresh { .. }
+            ));
+        }
+        assert_eq!(refreshes, 1);
     }
 
     #[test]

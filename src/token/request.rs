@@ -129,6 +129,7 @@ mod tests {
             timeout_ms: 2000,
             default_expires_in_s: 300,
             refresh_margin_s: 5,
+            drop_on_401_after_s: 10,
         }
     }
 
