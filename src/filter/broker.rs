@@ -61,6 +61,8 @@ pub struct TokenSlot {
     pub rt_key: Option<String>,
     pub policy: Policy,
     pub default_lifetime_ms: u64,
+    /// An upstream 401 refreshes a token only once it is this old.
+    pub drop_on_401_after_ms: u64,
 }
 
 impl TokenSlot {
@@ -206,8 +208,17 @@ pub struct Cred {
     pub secret: Secret,
     /// `""` for API keys, `"Bearer "` for tokens (when the entry gives no prefix).
     pub default_prefix: &'static str,
-    /// For tokens: where it is cached and its id, so an upstream 401 can drop it.
-    pub token: Option<(Addr, u64)>,
+    /// For tokens: where it is cached and its id, so an upstream 401 can refresh it.
+    pub token: Option<Used>,
+}
+
+/// A token a request carried upstream: where it is cached, its id, and (token
+/// exchange) the subject token a refresh needs.
+#[derive(Clone)]
+pub struct Used {
+    addr: Addr,
+    id: u64,
+    subject: Option<Secret>,
 }
 
 impl Cred {
@@ -221,7 +232,7 @@ impl Cred {
             .collect()
     }
 
-    pub fn tokens(creds: &[Cred]) -> Vec<(Addr, u64)> {
+    pub fn tokens(creds: &[Cred]) -> Vec<Used> {
         creds.iter().filter_map(|c| c.token.clone()).collect()
     }
 }
@@ -232,6 +243,8 @@ pub enum Resolution {
     Ready(Vec<Cred>),
     Wait {
         deadline_ms: u64,
+        /// The shared-data keys whose change may end the wait.
+        keys: Vec<String>,
     },
     Reject {
         connection: usize,
@@ -253,6 +266,10 @@ pub struct Waiter {
     pub connection_label: Option<String>,
     /// The caller's bearer token, for token exchange.
     pub subject: Option<Secret>,
+    /// The shared-data keys it waits on, and their CAS when it last looked: it
+    /// is looked at again only when one of them moves (or its deadline passes).
+    pub keys: Vec<String>,
+    pub seen: Vec<Option<u32>>,
 }
 
 /// A fetch to dispatch, or in flight.
@@ -264,9 +281,12 @@ struct Fetch {
     /// Give up waiting for a credential this fetch needs after this.
     defer_until_ms: u64,
     /// The identity token a Key Vault read carried (dropped on a 401).
-    identity: Option<(Addr, u64)>,
+    identity: Option<Used>,
     /// A Key Vault 401 is retried once, with a fresh identity token.
     retried: bool,
+    /// A refresh an upstream 401 started: when its token is installed, every
+    /// worker drops its copy of the refused one at once.
+    after_401: bool,
 }
 
 /// What a store read or a Vault login brought.
@@ -295,7 +315,7 @@ pub struct Broker {
     inflight: HashMap<u32, Fetch>,
     waiters: BTreeMap<u32, Waiter>,
     /// Tokens each live request carried, for upstream-401 handling.
-    used: HashMap<u32, Vec<(Addr, u64)>>,
+    used: HashMap<u32, Vec<Used>>,
     tick_ms: u32,
 }
 
@@ -456,7 +476,9 @@ impl Broker {
                     Decision::UseAndRefresh { token, next } => {
                         // Losing this race is harmless too: another worker refreshes.
                         match store(loaded, &addr, stored, &next, now) {
-                            Ok(true) => self.queue(loaded, &addr, owner_id, subject, now, &policy),
+                            Ok(true) => {
+                                self.queue(loaded, &addr, owner_id, subject, now, &policy, false)
+                            }
                             Ok(false) => {}
                             Err(e) => return Attempt::Done(Err(e)),
                         }
@@ -468,7 +490,7 @@ impl Broker {
                     Decision::Wait => Access::Wait,
                     Decision::Fetch { next } => match store(loaded, &addr, stored, &next, now) {
                         Ok(true) => {
-                            self.queue(loaded, &addr, owner_id, subject, now, &policy);
+                            self.queue(loaded, &addr, owner_id, subject, now, &policy, false);
                             Access::Wait
                         }
                         // Another worker may have started the fetch: look again.
@@ -526,6 +548,7 @@ impl Broker {
         let config = &loaded.config;
         let mut out = Vec::with_capacity(picks.len());
         let mut deadline: Option<u64> = None;
+        let mut keys: Vec<String> = Vec::new();
         for &ci in picks {
             let Some(conn) = config.connection(ci) else {
                 return Ok(Resolution::Reject {
@@ -533,12 +556,15 @@ impl Broker {
                     retry_after_ms: 1000,
                 });
             };
-            let timeout_of = |owner: Owner| {
-                Self::entry(loaded, owner, subject).map_or(5000, |(_, p)| p.fetch_timeout_ms)
-            };
             let mut wait_for = |owner: Owner| {
-                let d = now + timeout_of(owner);
+                let entry = Self::entry(loaded, owner, subject);
+                let d = now + entry.as_ref().map_or(5000, |(_, p)| p.fetch_timeout_ms);
                 deadline = Some(deadline.map_or(d, |x: u64| x.min(d)));
+                if let Some((addr, _)) = entry {
+                    if !keys.contains(&addr.key) {
+                        keys.push(addr.key);
+                    }
+                }
             };
             match &conn.credential {
                 Credential::ClientCertificate { cluster } => out.push(Cred {
@@ -628,7 +654,7 @@ impl Broker {
             }
         }
         Ok(match deadline {
-            Some(deadline_ms) => Resolution::Wait { deadline_ms },
+            Some(deadline_ms) => Resolution::Wait { deadline_ms, keys },
             None => Resolution::Ready(out),
         })
     }
@@ -639,12 +665,17 @@ impl Broker {
         let slot = loaded.tokens.get(ci).and_then(Option::as_ref);
         let addr = slot.and_then(|s| s.addr(ci, subject));
         Cred {
-            token: addr.map(|a| (a, t.id)),
+            token: addr.map(|addr| Used {
+                addr,
+                id: t.id,
+                subject: subject.cloned(),
+            }),
             secret: Secret::new(t.token),
             default_prefix: "Bearer ",
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn queue(
         &mut self,
         loaded: &Rc<Loaded>,
@@ -653,6 +684,7 @@ impl Broker {
         subject: Option<&Secret>,
         now: u64,
         policy: &Policy,
+        after_401: bool,
     ) {
         self.pending.push(Fetch {
             loaded: loaded.clone(),
@@ -662,25 +694,32 @@ impl Broker {
             defer_until_ms: now + policy.fetch_timeout_ms,
             identity: None,
             retried: false,
+            after_401,
         });
         self.set_tick(KICK_MS);
     }
 
-    pub fn wait(&mut self, context_id: u32, waiter: Waiter) {
+    /// How many requests this VM holds paused.
+    pub fn paused(&self) -> usize {
+        self.waiters.len()
+    }
+
+    pub fn wait(&mut self, context_id: u32, mut waiter: Waiter) {
         waiter.loaded.metrics.waits(&waiter.picks);
+        waiter.seen = waiter.keys.iter().map(|k| key_cas(k)).collect();
         self.waiters.insert(context_id, waiter);
         if self.pending.is_empty() {
             self.set_tick(POLL_MS);
         }
     }
 
-    pub fn record_used(&mut self, context_id: u32, used: Vec<(Addr, u64)>) {
+    pub fn record_used(&mut self, context_id: u32, used: Vec<Used>) {
         if !used.is_empty() {
             self.used.insert(context_id, used);
         }
     }
 
-    pub fn take_used(&mut self, context_id: u32) -> Vec<(Addr, u64)> {
+    pub fn take_used(&mut self, context_id: u32) -> Vec<Used> {
         self.used.remove(&context_id).unwrap_or_default()
     }
 
@@ -877,7 +916,11 @@ impl Broker {
                     Ok(t) => {
                         let addr = Self::entry(&loaded, Owner::Connection(*identity), None)
                             .map(|(a, _)| a);
-                        f.identity = addr.map(|a| (a, t.id));
+                        f.identity = addr.map(|addr| Used {
+                            addr,
+                            id: t.id,
+                            subject: None,
+                        });
                         Secret::new(t.token)
                     }
                     Err(Some(())) => return Sent::Deferred(Box::new(f)),
@@ -895,7 +938,17 @@ impl Broker {
                 auth: VaultAuth::AppRole { .. },
                 ..
             } => match self.need(&f, Owner::Login(i), now) {
-                Ok(t) => Secret::new(t.token),
+                Ok(t) => {
+                    // Vault answers 403 to a login it no longer honours: then it
+                    // is dropped and the read made once more, after a new login.
+                    f.identity =
+                        Self::entry(&loaded, Owner::Login(i), None).map(|(addr, _)| Used {
+                            addr,
+                            id: t.id,
+                            subject: None,
+                        });
+                    Secret::new(t.token)
+                }
                 Err(Some(())) => return Sent::Deferred(Box::new(f)),
                 Err(None) => {
                     self.complete_store(&f, i, Err(StoreError::Identity), now);
@@ -1000,11 +1053,16 @@ impl Broker {
                     (Some(b), Some(st)) => store::parse_read(&st.kind, status, b),
                     (Some(_), None) => Err(StoreError::Dispatch),
                 };
-                if result == Err(StoreError::Unauthorized) && !f.retried {
+                let refused = matches!(
+                    (&result, f.loaded.config.stores.get(i)),
+                    (Err(e), Some(st)) if e.credential_refused(&st.kind)
+                );
+                if refused && !f.retried {
                     if let Some(identity) = f.identity.take() {
-                        // An expired identity token: drop it and read again, once.
+                        // An expired identity token or Vault login: drop it and
+                        // read again, once.
                         let loaded = f.loaded.clone();
-                        self.drop_tokens(&loaded, &[identity], now);
+                        self.drop_refused(&loaded, &identity, now);
                         self.pending.push(Fetch {
                             retried: true,
                             defer_until_ms: now
@@ -1076,7 +1134,12 @@ impl Broker {
                 FetchOutcome::Failed { kind: e.kind() }
             }
         };
-        self.install(f, outcome, now, &slot.policy);
+        let new_token = matches!(outcome, FetchOutcome::Token { .. });
+        let replaced = self.install(f, outcome, now, &slot.policy);
+        if f.after_401 && new_token && replaced.is_some() {
+            // Every worker's copy of the refused token goes now, not at its tick.
+            bump_generation();
+        }
     }
 
     /// Writes a fetch's outcome into the shared state (CAS, retried), if this
@@ -1215,42 +1278,104 @@ impl Broker {
         }
     }
 
-    /// The upstream answered 401 to a request that carried these tokens.
-    pub fn drop_tokens(&mut self, loaded: &Loaded, used: &[(Addr, u64)], now: u64) {
-        for (addr, id) in used {
-            if let (Owner::Connection(c), None) = (addr.owner, &addr.subject) {
-                if loaded.hot_token(c).is_some_and(|t| t.id == *id) {
-                    loaded.set_hot_token(c, None);
-                }
-            }
-            let dropped = cas::retry(CAS_TRIES, || {
-                let Ok((state, stored)) = load(addr) else {
+    /// The upstream answered 401 to a request that carried these tokens: each
+    /// old enough, and not refreshed on a 401 lately, is refreshed in the
+    /// background while it keeps serving (SPEC v1.2: a caller can provoke 401s).
+    pub fn on_upstream_401(&mut self, loaded: &Rc<Loaded>, used: &[Used], now: u64) {
+        for u in used {
+            let Owner::Connection(c) = u.addr.owner else {
+                continue;
+            };
+            let Some(slot) = loaded.tokens.get(c).and_then(Option::as_ref) else {
+                continue;
+            };
+            let (window, policy) = (slot.drop_on_401_after_ms, slot.policy);
+            let owner = random_u64();
+            let started = cas::retry(CAS_TRIES, || {
+                let Ok((state, stored)) = load(&u.addr) else {
                     return Attempt::Done(false);
                 };
-                // Not (or no longer) the cached token: nothing to drop.
-                let Some(next) = cache::on_upstream_401(&state, *id) else {
+                let Some(next) = cache::on_upstream_401(&state, u.id, now, owner, window, &policy)
+                else {
                     return Attempt::Done(false);
                 };
-                match store(loaded, addr, stored, &next, now) {
+                match store(loaded, &u.addr, stored, &next, now) {
                     Ok(true) => Attempt::Done(true),
                     Ok(false) => Attempt::Conflict,
                     Err(_) => Attempt::Done(false),
                 }
             });
-            if let (Some(true), Owner::Connection(c)) = (dropped, addr.owner) {
+            if started == Some(true) {
                 loaded.metrics.token(c, TokenStat::DroppedOn401);
-                // Every worker's copy of it goes too.
-                if host::set_shared_data(super::HOT_GENERATION, b"", 0).is_err() {
-                    host::log(Level::Warn, "can't tell other workers a token was dropped");
-                }
+                self.queue(
+                    loaded,
+                    &u.addr,
+                    owner,
+                    u.subject.as_ref(),
+                    now,
+                    &policy,
+                    true,
+                );
+            } else {
+                loaded.metrics.token(c, TokenStat::Ignored401);
             }
         }
     }
 
+    /// The gateway's own call was refused with this token (a Key Vault read
+    /// answered 401): drop it, so the retry fetches a fresh one.
+    fn drop_refused(&mut self, loaded: &Loaded, used: &Used, now: u64) {
+        let dropped = cas::retry(CAS_TRIES, || {
+            let Ok((state, stored)) = load(&used.addr) else {
+                return Attempt::Done(false);
+            };
+            let Some(next) = cache::on_refused(&state, used.id) else {
+                return Attempt::Done(false);
+            };
+            match store(loaded, &used.addr, stored, &next, now) {
+                Ok(true) => Attempt::Done(true),
+                Ok(false) => Attempt::Conflict,
+                Err(_) => Attempt::Done(false),
+            }
+        });
+        if dropped == Some(true) {
+            if let Owner::Connection(c) = used.addr.owner {
+                loaded.metrics.token(c, TokenStat::DroppedOn401);
+            }
+            bump_generation();
+        }
+    }
+
+    /// Looks again at each paused request whose keys moved since it last
+    /// looked (a fetch finished, here or on another worker), or whose deadline
+    /// passed; the others cost one compare. Each key is read once per round.
     fn service_waiters(&mut self, now: u64) {
-        let ids: Vec<u32> = self.waiters.keys().copied().collect();
-        for id in ids {
-            let Some(w) = self.waiters.remove(&id) else {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let mut current: HashMap<String, Option<u32>> = HashMap::new();
+        for w in self.waiters.values() {
+            for k in &w.keys {
+                if !current.contains_key(k) {
+                    current.insert(k.clone(), key_cas(k));
+                }
+            }
+        }
+        let due: Vec<u32> = self
+            .waiters
+            .iter()
+            .filter(|(_, w)| {
+                now >= w.deadline_ms
+                    || w.keys.is_empty()
+                    || w.keys
+                        .iter()
+                        .zip(&w.seen)
+                        .any(|(k, seen)| current.get(k) != Some(seen))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let Some(mut w) = self.waiters.remove(&id) else {
                 continue;
             };
             // As on the request path: a copy serves only if no worker dropped a token since.
@@ -1259,7 +1384,16 @@ impl Broker {
             }
             let resolution = self.resolve(&w.loaded, &w.picks, w.subject.as_ref(), now, false);
             match resolution {
-                Ok(Resolution::Wait { .. }) if now < w.deadline_ms => {
+                Ok(Resolution::Wait { keys, .. }) if now < w.deadline_ms => {
+                    // What it saw before this look: a move during it is looked at next round.
+                    w.seen = keys
+                        .iter()
+                        .map(|k| match current.get(k) {
+                            Some(cas) => *cas,
+                            None => key_cas(k),
+                        })
+                        .collect();
+                    w.keys = keys;
                     self.waiters.insert(id, w);
                 }
                 Ok(Resolution::Ready(creds)) => self.finish(id, &w, creds),
@@ -1344,6 +1478,19 @@ impl Broker {
             host::log(Level::Error, &format!("can't resume a request: {e}"));
         }
         r.is_ok()
+    }
+}
+
+/// A shared-data key's CAS (`None`: absent or unreadable).
+fn key_cas(key: &str) -> Option<u32> {
+    host::shared_data(key).ok().flatten().map(|(_, cas)| cas)
+}
+
+/// Moves [`super::HOT_GENERATION`]: every VM drops its token copies before a
+/// request uses one again.
+fn bump_generation() {
+    if host::set_shared_data(super::HOT_GENERATION, b"", 0).is_err() {
+        host::log(Level::Warn, "can't tell other workers a token was replaced");
     }
 }
 

@@ -18,17 +18,19 @@ pub enum TokenStat {
     Wait,
     BackoffRejected,
     DroppedOn401,
+    Ignored401,
     Failure,
 }
 
 impl TokenStat {
-    const ALL: [TokenStat; 7] = [
+    const ALL: [TokenStat; 8] = [
         TokenStat::Requests,
         TokenStat::Success,
         TokenStat::CacheHit,
         TokenStat::Wait,
         TokenStat::BackoffRejected,
         TokenStat::DroppedOn401,
+        TokenStat::Ignored401,
         TokenStat::Failure,
     ];
 
@@ -40,6 +42,7 @@ impl TokenStat {
             TokenStat::Wait => "wait",
             TokenStat::BackoffRejected => "backoff_rejected",
             TokenStat::DroppedOn401 => "dropped_on_401",
+            TokenStat::Ignored401 => "ignored_401",
             TokenStat::Failure => "failure",
         }
     }
@@ -93,6 +96,8 @@ pub struct Metrics {
     pub denied_bad_subject: Option<u32>,
     pub discovery: Option<u32>,
     pub unavailable: Option<u32>,
+    /// Refused at once: this worker already held `max_paused_requests` paused.
+    pub paused_limit: Option<u32>,
     pub internal_errors: Option<u32>,
     /// Per connection index: `injected`, defined on first use (defining 10,000
     /// stats at load would dominate the load time of a large configuration).
@@ -169,6 +174,7 @@ impl Metrics {
             denied_bad_subject: counter("latchkey.requests.denied.bad_subject"),
             discovery: counter("latchkey.requests.discovery"),
             unavailable: counter("latchkey.requests.unavailable"),
+            paused_limit: counter("latchkey.requests.paused_limit"),
             internal_errors: counter("latchkey.requests.internal_error"),
             ..Metrics::default()
         };

@@ -58,6 +58,9 @@ pub struct Loaded {
     /// (`Broker::tend_tokens`): a request then reads neither the shared cache
     /// nor the clock.
     pub hot_tokens: RefCell<Vec<Option<Cached>>>,
+    /// Discovery answers, serialized once per configuration (only when
+    /// `discovery.path` is set).
+    pub discovery: Option<crate::discovery::Index>,
     /// Per route: whether an inject entry may pick a token-exchange connection
     /// (the caller's identity then keeps its verified token's binding claims).
     pub exchange_routes: Vec<bool>,
@@ -165,19 +168,21 @@ fn precreate(key: &str) {
 }
 
 impl Loaded {
-    fn new(config: Config) -> Loaded {
+    /// `namespace`: the plugin's name, so that two plugins sharing a VM id never
+    /// share a shared-data key.
+    fn new(config: Config, namespace: &str) -> Loaded {
         let metrics = Metrics::define(&config);
         let tokens: Vec<Option<TokenSlot>> = config
             .connections
             .iter()
             .map(|c| {
                 let provider = config.provider_of(c)?;
-                let (timeout_ms, margin_s, default_s) = match &provider.kind {
-                    ProviderKind::OAuth2(p) => (p.timeout_ms, p.refresh_margin_s, p.default_expires_in_s),
-                    ProviderKind::ManagedIdentity(p) => (p.timeout_ms, p.refresh_margin_s, p.default_expires_in_s),
+                let (timeout_ms, margin_s, default_s, after_401_s) = match &provider.kind {
+                    ProviderKind::OAuth2(p) => (p.timeout_ms, p.refresh_margin_s, p.default_expires_in_s, p.drop_on_401_after_s),
+                    ProviderKind::ManagedIdentity(p) => (p.timeout_ms, p.refresh_margin_s, p.default_expires_in_s, p.drop_on_401_after_s),
                     ProviderKind::ApiKey | ProviderKind::ClientCertificate => return None,
                 };
-                let key = crate::token::cache_key(c, provider)?;
+                let key = crate::token::cache_key(namespace, &config, c)?;
                 let refresh = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::RefreshToken(_)));
                 let exchange = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. }));
                 let rt_key = refresh.then(|| format!("{key}.rt"));
@@ -187,6 +192,7 @@ impl Loaded {
                     rt_key,
                     policy: Policy::new(timeout_ms, margin_s * 1000),
                     default_lifetime_ms: default_s * 1000,
+                    drop_on_401_after_ms: after_401_s * 1000,
                 };
                 // Create the keys now: "create if absent" by CAS is not atomic in the host.
                 let keys: Vec<String> = if exchange {
@@ -204,7 +210,7 @@ impl Loaded {
             .stores
             .iter()
             .map(|st| {
-                let key = crate::store::cache_key(st);
+                let key = crate::store::cache_key(namespace, &config, st);
                 let login_key = matches!(
                     &st.kind,
                     crate::config::StoreKind::Vault {
@@ -230,6 +236,10 @@ impl Loaded {
             precreate(HOT_GENERATION);
         }
         let hot_generation = std::cell::Cell::new(Loaded::read_hot_generation().unwrap_or(0));
+        let discovery = config
+            .discovery
+            .as_ref()
+            .map(|_| crate::discovery::Index::new(&config));
         let exchange_routes = config
             .routes
             .iter()
@@ -246,6 +256,7 @@ impl Loaded {
             stores,
             store_values,
             hot_tokens,
+            discovery,
             exchange_routes,
             hot_generation,
         }
@@ -304,7 +315,13 @@ impl RootContext for Root {
                     config.connections.len(),
                     config.providers.len(),
                 );
-                let loaded = Rc::new(Loaded::new(config));
+                // Envoy's plugin name (empty when unset): shared-data keys are namespaced by it.
+                let plugin = host::property(&["plugin_name"])
+                    .ok()
+                    .flatten()
+                    .and_then(|v| String::from_utf8(v).ok())
+                    .unwrap_or_default();
+                let loaded = Rc::new(Loaded::new(config, &plugin));
                 if let Ok(mut b) = self.broker.try_borrow_mut() {
                     b.has_stores = !loaded.stores.is_empty();
                     // The idle tick flushes counters kept in the VM.
@@ -428,7 +445,7 @@ impl HttpContext for Http {
         }
         let status = host::header(Map::Response, ":status").ok().flatten();
         if status.as_deref() == Some(b"401") {
-            broker.drop_tokens(&state, &used, host::now_ms().unwrap_or(0));
+            broker.on_upstream_401(&state, &used, host::now_ms().unwrap_or(0));
         }
         Action::Continue
     }
@@ -742,7 +759,26 @@ fn handle_request(
             );
             Ok(Action::Pause)
         }
-        Resolution::Wait { deadline_ms } => {
+        Resolution::Wait { deadline_ms, keys } => {
+            if broker.paused() >= config.max_paused_requests {
+                // Bounded waiting: past the cap, 503 at once rather than one more
+                // paused stream in memory.
+                Metrics::inc(metrics.paused_limit);
+                let name = picks
+                    .first()
+                    .and_then(|&c| config.connection(c))
+                    .map_or(String::new(), |c| c.name.clone());
+                local_reply(
+                    state,
+                    &Refused::Unavailable {
+                        connection: name,
+                        retry_after_s: 1,
+                    },
+                    Some(&route.name),
+                    connection_label.as_deref(),
+                );
+                return Ok(Action::Pause);
+            }
             broker.wait(
                 context_id,
                 Waiter {
@@ -755,6 +791,8 @@ fn handle_request(
                     pre_edits: edits,
                     connection_label,
                     subject,
+                    keys,
+                    seen: Vec::new(),
                 },
             );
             Ok(Action::Pause)
@@ -775,7 +813,10 @@ fn discovery(state: &Rc<Loaded>, headers: &host::HeaderPairs) -> Result<Action, 
             return Ok(Action::Pause);
         }
     };
-    let body = crate::discovery::document(config, identity.as_ref()).to_string();
+    let Some(index) = &state.discovery else {
+        return Err(HostError(2));
+    };
+    let body = index.answer(config, identity.as_ref());
     Metrics::inc(state.metrics.discovery);
     set_filter_state(state, None, None, "discovery");
     let headers = [
