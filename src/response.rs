@@ -22,6 +22,8 @@ pub enum Refusal<'a> {
     },
     /// A host call failed: latchkey fails closed.
     Internal,
+    /// No configuration is loaded: nothing can be decided, so nothing is forwarded.
+    NotConfigured,
     /// 400: the path reads differently to different servers, or is malformed
     /// (`reason` is one of `PathRefusal::reason`'s names).
     BadPath {
@@ -36,6 +38,7 @@ pub fn reply(refusal: Refusal, route: Option<&str>) -> LocalReply {
         Refusal::Denied(Denial::Forbidden) => (403, "forbidden"),
         Refusal::Unavailable { .. } => (503, "credential_unavailable"),
         Refusal::Internal => (500, "internal_error"),
+        Refusal::NotConfigured => (503, "not_configured"),
         Refusal::BadPath { .. } => (400, "bad_request"),
     };
     // Written by hand to keep the documented key order; values JSON-escaped.
@@ -61,6 +64,7 @@ pub fn reply(refusal: Refusal, route: Option<&str>) -> LocalReply {
             body.push_str(",\"reason\":");
             body.push_str(&quote(reason));
         }
+        Refusal::NotConfigured => headers.push(("retry-after", "5".to_string())),
         _ => {}
     }
     body.push('}');
@@ -78,6 +82,20 @@ fn quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_configuration_is_503_with_retry_after() {
+        let r = reply(Refusal::NotConfigured, None);
+        assert_eq!(r.status, 503);
+        assert_eq!(r.body, r#"{"error":"not_configured"}"#);
+        assert_eq!(
+            r.headers,
+            vec![
+                ("content-type", "application/json".to_string()),
+                ("retry-after", "5".to_string())
+            ]
+        );
+    }
 
     #[test]
     fn bad_path_names_the_reason() {

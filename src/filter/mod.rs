@@ -411,8 +411,18 @@ impl Drop for Http {
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let Some(state) = self.state.clone() else {
-            // Never configured: refuse rather than forward without policy.
-            host::log(Level::Error, "no configuration loaded");
+            // Never configured: refuse rather than forward without policy, and answer
+            // (a paused request would hang until the client gave up).
+            host::log(Level::Error, "no configuration loaded: 503");
+            let r = reply(Refusal::NotConfigured, None);
+            let headers: Vec<(&str, &str)> =
+                r.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let _ = host::send_local_response(
+                r.status,
+                "latchkey_not_configured",
+                &headers,
+                r.body.as_bytes(),
+            );
             return Action::Pause;
         };
         let Ok(mut broker) = self.broker.try_borrow_mut() else {

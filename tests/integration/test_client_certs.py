@@ -172,9 +172,14 @@ def mtls(tmp_path, signer, upstream, wasm_path):
         cert, key = ca.issue(f"partner-{n}", f"client_{n}")
         write_sds(d, f"cert_{n}", cert, key)
         dirs[n] = d
+    # As envoy/client-certs.yaml: the cluster_header route matches only the clusters
+    # latchkey may choose; without one the request gets a 403 of Envoy's.
     vhosts = [{"name": "all", "domains": ["*"], "routes": [
-        {"name": "partner", "match": {"prefix": "/partner/"},
+        {"name": "partner", "match": {"prefix": "/partner/", "headers": [
+            {"name": HEADER, "string_match": {"safe_regex": {"regex": "partner_a|partner_b"}}}]},
          "route": {"cluster_header": HEADER, "timeout": "10s"}},
+        {"name": "partner_unassigned", "match": {"prefix": "/partner/"},
+         "direct_response": {"status": 403, "body": {"inline_string": "no certificate chosen"}}},
         {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]}]
     config = envoy_config(free_port(), free_port(), upstream.port, wasm_path, CONFIG,
                           signer.jwks(), virtual_hosts=vhosts, extra_clusters=[

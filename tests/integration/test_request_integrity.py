@@ -389,3 +389,26 @@ def test_two_thousand_paused_requests_are_bounded_and_all_answered(envoy_factory
     # paused request each 1-10 ms (and a stream each past the cap) would cost.
     assert cpu_waiting < 1.5, cpu_waiting
     assert rss_peak - rss0 < 200 * 1024, rss_peak - rss0
+
+
+# ---------------------------------------------------------------- cluster header
+
+
+def test_the_documented_cluster_header_is_stripped_without_cluster_header_entries(
+        envoy_factory, upstream):
+    """An Envoy route may route on x-latchkey-cluster (the shipped example does) while
+    the loaded configuration has no cluster_header entry: the client's copy is removed
+    from every request all the same."""
+    cfg = {
+        "secrets": {"k": {"env": "KEY"}},
+        "providers": {"keys": {"type": "api_key"}},
+        "connections": {"open": {"provider": "keys", "api_key": "k", "access": {"public": True}}},
+        "routes": [{"name": "orders", "match": {"path_prefix": "/orders"},
+                    "inject": [{"connections": ["open"], "header": "x-key"}]}],
+    }
+    envoy = envoy_factory(cfg, wasm_env={"KEY": "k-1"}, routes=ROUTES)
+    for path in ("/orders/a", "/elsewhere"):
+        resp = envoy.request("GET", path, headers=[("x-latchkey-cluster", "evil"),
+                                                   ("X-Latchkey-Cluster", "evil2")])
+        assert resp.status == 200, resp
+        assert upstream.last().header("x-latchkey-cluster") is None, path
