@@ -13,6 +13,7 @@
 
 pub mod claims;
 pub mod config;
+pub mod credential;
 pub mod discovery;
 pub mod inject;
 pub mod pairs;
@@ -22,7 +23,5 @@ pub mod policy;
 pub mod response;
 pub mod router;
 pub mod secret;
-pub mod store;
-pub mod token;
 
 pub mod filter;

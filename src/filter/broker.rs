@@ -2,7 +2,7 @@
 //! fetched credential (OAuth2 and managed-identity tokens, values read from secret
 //! stores, Vault AppRole logins), owns the fetches this VM makes, and the requests
 //! paused on this VM waiting for one. All of them go through one state machine
-//! ([`crate::token::cache`]): one fetch per key for the whole proxy, refresh ahead,
+//! ([`crate::credential::cache`]): one fetch per key for the whole proxy, refresh ahead,
 //! backoff, last good value kept.
 //!
 //! A fetch may need another credential first (a Key Vault read needs its
@@ -25,14 +25,14 @@ use super::host::{self, HostError, Level, Map, CAS_MISMATCH};
 use super::metrics::{StoreStat, TokenStat};
 use super::{apply, local_reply, set_filter_state, Loaded, Refused};
 use crate::config::{Credential, Grant, ProviderKind, SecretRef, StoreKind, VaultAuth};
+use crate::credential::cache::{self, CacheState, Cached, Decision, FetchOutcome, Policy};
+use crate::credential::cas::{self, Attempt};
+use crate::credential::exchange::{Set, Subject};
+use crate::credential::store::{self, HttpCall, StoreError};
+use crate::credential::token_request::{self, GrantInput};
+use crate::credential::token_response::{self, FetchError, MAX_BODY};
 use crate::inject::{self, Edit, Resolved};
 use crate::secret::Secret;
-use crate::store::{self, HttpCall, StoreError};
-use crate::token::cache::{self, CacheState, Cached, Decision, FetchOutcome, Policy};
-use crate::token::cas::{self, Attempt};
-use crate::token::exchange::{Set, Subject};
-use crate::token::request::{self, GrantInput};
-use crate::token::response::{self, FetchError, MAX_BODY};
 
 /// Tick while a fetch waits to be dispatched.
 const KICK_MS: u32 = 1;
@@ -886,7 +886,7 @@ impl Broker {
                     (None, Some(subject)) => GrantInput::SubjectToken(subject),
                     (None, None) => GrantInput::None,
                 };
-                let req = request::build(op, &client_secret, oc, input);
+                let req = token_request::build(op, &client_secret, oc, input);
                 HttpCall {
                     cluster: req.cluster,
                     headers: req.headers,
@@ -1043,7 +1043,7 @@ impl Broker {
                     .map_or(300_000, |s| s.default_lifetime_ms);
                 let result = match &body {
                     None => Err(FetchError::TooLarge),
-                    Some(b) => response::parse(status, b, default_ms),
+                    Some(b) => token_response::parse(status, b, default_ms),
                 };
                 self.complete(&f, result, now);
             }
@@ -1088,7 +1088,7 @@ impl Broker {
         self.retick();
     }
 
-    fn complete(&mut self, f: &Fetch, result: Result<response::Token, FetchError>, now: u64) {
+    fn complete(&mut self, f: &Fetch, result: Result<token_response::Token, FetchError>, now: u64) {
         let Owner::Connection(connection) = f.addr.owner else {
             return;
         };
@@ -1114,7 +1114,7 @@ impl Broker {
                     }
                 }
                 // A token obtained for a caller never outlives the caller's own token.
-                let lifetime_ms = crate::token::exchange::capped_lifetime_ms(
+                let lifetime_ms = crate::credential::exchange::capped_lifetime_ms(
                     t.lifetime_ms,
                     f.addr.subject.as_ref().and_then(|s| s.expires_ms),
                     now,

@@ -6,8 +6,8 @@ use std::cell::Cell;
 
 use super::host::{self, Level, MetricKind};
 use crate::config::Config;
-use crate::store::StoreError;
-use crate::token::FetchError;
+use crate::credential::store::StoreError;
+use crate::credential::FetchError;
 
 /// Token counters of an oauth2 connection: `latchkey.connection.<name>.token.<stat>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,13 +20,13 @@ use proxy_wasm::types::{Action, ContextType};
 
 use crate::claims::Identity;
 use crate::config::{ClaimsSource, Config, Credential, Grant, ProviderKind, SecretRef};
+use crate::credential::cache::{Cached, Policy};
+use crate::credential::exchange::verified_subject;
 use crate::inject::{self, Edit};
 use crate::policy::{decide, Decision, Denial};
 use crate::response::{reply, Refusal};
 use crate::router::RequestInfo;
 use crate::secret::Secret;
-use crate::token::cache::{Cached, Policy};
-use crate::token::exchange::verified_subject;
 use broker::{Broker, Cred, Resolution, StoreSlot, TokenSlot, Waiter};
 use host::{HostError, Level, Map};
 use metrics::Metrics;
@@ -182,7 +182,7 @@ impl Loaded {
                     ProviderKind::ManagedIdentity(p) => (p.timeout_ms, p.refresh_margin_s, p.default_expires_in_s, p.drop_on_401_after_s),
                     ProviderKind::ApiKey | ProviderKind::ClientCertificate => return None,
                 };
-                let key = crate::token::cache_key(namespace, &config, c)?;
+                let key = crate::credential::keys::token_key(namespace, &config, c)?;
                 let refresh = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::RefreshToken(_)));
                 let exchange = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. }));
                 let rt_key = refresh.then(|| format!("{key}.rt"));
@@ -196,7 +196,7 @@ impl Loaded {
                 };
                 // Create the keys now: "create if absent" by CAS is not atomic in the host.
                 let keys: Vec<String> = if exchange {
-                    (0..crate::token::exchange::SETS).map(|i| slot.set_key(i)).collect()
+                    (0..crate::credential::exchange::SETS).map(|i| slot.set_key(i)).collect()
                 } else {
                     std::iter::once(slot.key.clone()).chain(slot.rt_key.clone()).collect()
                 };
@@ -210,7 +210,7 @@ impl Loaded {
             .stores
             .iter()
             .map(|st| {
-                let key = crate::store::cache_key(namespace, &config, st);
+                let key = crate::credential::keys::store_key(namespace, &config, st);
                 let login_key = matches!(
                     &st.kind,
                     crate::config::StoreKind::Vault {

@@ -1,21 +1,16 @@
-//! OAuth2 tokens, as data: what to send to a token server ([`request`]), what
-//! its answer means ([`response`]), and the per-key cache state machine shared by
-//! every worker ([`cache`]). No I/O and no clock here: the filter performs the
-//! call and passes the time in.
-
-pub mod cache;
-pub mod cas;
-pub mod exchange;
-pub mod request;
-pub mod response;
-
-pub use cache::{CacheState, Decision, Policy};
-pub use request::{GrantInput, TokenRequest};
-pub use response::{FetchError, Token};
+//! Where each fetched credential lives in proxy-wasm shared data: the keys of
+//! tokens (`latchkey.v1.<plugin>.tok.<connection>.<fingerprint>`) and of stored
+//! secrets (`latchkey.v1.<plugin>.sec.<name>.<fingerprint>`). A fingerprint
+//! hashes what makes the credential (never exposing a value), so a changed
+//! configuration starts from an empty cache and two plugins sharing a VM id never
+//! share a key. Token and store fingerprints refer to each other (a client secret
+//! read from a store, a Key Vault read with an identity's token): both live here.
 
 use std::hash::{Hash, Hasher};
 
-use crate::config::{Config, Connection, Credential, Grant, ProviderKind, SecretRef};
+use crate::config::{
+    Config, Connection, Credential, Grant, ProviderKind, SecretRef, Store, StoreKind, VaultAuth,
+};
 
 /// How many store references and Key Vault identities a fingerprint follows
 /// (a client secret in a Key Vault whose identity is an oauth2 connection is
@@ -50,8 +45,8 @@ pub fn key_namespace(plugin: &str) -> String {
 /// empty cache. A store-held secret counts by where it is read, not its value:
 /// valid tokens stay cached across a rotation. `None` for a connection without
 /// a token (api_key, client certificate).
-pub fn cache_key(namespace: &str, config: &Config, connection: &Connection) -> Option<String> {
-    let fp = fingerprint(config, connection, KEY_DEPTH)?;
+pub fn token_key(namespace: &str, config: &Config, connection: &Connection) -> Option<String> {
+    let fp = token_fingerprint(config, connection, KEY_DEPTH)?;
     Some(format!(
         "latchkey.v1.{}.tok.{}.{fp:016x}",
         key_namespace(namespace),
@@ -60,7 +55,11 @@ pub fn cache_key(namespace: &str, config: &Config, connection: &Connection) -> O
 }
 
 /// What makes a connection's token, hashed; `None` without a token.
-pub(crate) fn fingerprint(config: &Config, connection: &Connection, depth: u8) -> Option<u64> {
+pub(crate) fn token_fingerprint(
+    config: &Config,
+    connection: &Connection,
+    depth: u8,
+) -> Option<u64> {
     let provider = config.provider_of(connection)?;
     let mut h = std::hash::DefaultHasher::new();
     match (&provider.kind, &connection.credential) {
@@ -103,12 +102,60 @@ fn hash_secret(config: &Config, secret: &SecretRef, depth: u8, h: &mut impl Hash
         SecretRef::Store(i) => {
             let store = config.stores.get(*i);
             let fp = match (store, depth.checked_sub(1)) {
-                (Some(st), Some(d)) => Some(crate::store::fingerprint(config, st, d)),
+                (Some(st), Some(d)) => Some(store_fingerprint(config, st, d)),
                 _ => None,
             };
             ("store", store.map(|st| &st.name), fp).hash(h);
         }
     }
+}
+
+/// The shared-data key of a stored secret's cache:
+/// `latchkey.v1.<namespace>.sec.<name>.<fingerprint>` (`namespace`: see
+/// [`key_namespace`]). The fingerprint covers where and how it is
+/// read (cluster, host, path; Key Vault: the identity connection, by its name and
+/// what makes its token; Vault: namespace, field and credentials), so a changed
+/// reference starts from an empty cache, and two plugins on one proxy never
+/// share a value they read differently.
+pub fn store_key(namespace: &str, config: &Config, store: &Store) -> String {
+    format!(
+        "latchkey.v1.{}.sec.{}.{:016x}",
+        key_namespace(namespace),
+        store.name,
+        store_fingerprint(config, store, KEY_DEPTH)
+    )
+}
+
+/// Where and how a store is read, hashed (see [`store_key`]).
+pub(crate) fn store_fingerprint(config: &Config, store: &Store, depth: u8) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    (&store.cluster, &store.authority, &store.path).hash(&mut h);
+    match &store.kind {
+        StoreKind::KeyVault { identity } => {
+            let conn = config.connection(*identity);
+            let token = match (conn, depth.checked_sub(1)) {
+                (Some(c), Some(d)) => token_fingerprint(config, c, d),
+                _ => None,
+            };
+            ("kv", conn.map(|c| &c.name), token).hash(&mut h);
+        }
+        StoreKind::Vault {
+            auth,
+            namespace,
+            field,
+        } => {
+            ("vault", namespace, field).hash(&mut h);
+            match auth {
+                VaultAuth::Token(t) => t.expose().hash(&mut h),
+                VaultAuth::AppRole {
+                    role_id,
+                    secret_id,
+                    login_path,
+                } => (role_id, secret_id.expose(), login_path).hash(&mut h),
+            }
+        }
+    }
+    h.finish()
 }
 
 #[cfg(test)]
@@ -141,7 +188,7 @@ mod tests {
 
     fn key_in(ns: &str, c: &Config, name: &str) -> Option<String> {
         let conn = c.connections.iter().find(|x| x.name == name).unwrap();
-        cache_key(ns, c, conn)
+        token_key(ns, c, conn)
     }
 
     fn key(c: &Config, name: &str) -> Option<String> {
@@ -267,8 +314,6 @@ mod tests {
         let k = key(&c, "reader").unwrap();
         assert!(k.starts_with("latchkey.v1.lk.tok.reader."), "{k}");
         assert_eq!(key(&c, "reader"), Some(k));
-        assert!(
-            crate::store::cache_key("lk", &c, &c.stores[0]).starts_with("latchkey.v1.lk.sec.rt.")
-        );
+        assert!(store_key("lk", &c, &c.stores[0]).starts_with("latchkey.v1.lk.sec.rt."));
     }
 }

@@ -10,9 +10,9 @@ use std::fmt;
 use serde_json::Value;
 use url::form_urlencoded;
 
-use crate::config::{Config, ManagedIdentityProvider, Store, StoreKind, VaultAuth};
+use crate::config::{ManagedIdentityProvider, Store, StoreKind, VaultAuth};
+use crate::credential::token_response::{transport, FetchError};
 use crate::secret::{check_value, Secret};
-use crate::token::response::{transport, FetchError};
 
 /// One HTTP call through an Envoy cluster. `Debug` shows no secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,55 +117,6 @@ pub fn imds_call(p: &ManagedIdentityProvider, resource: &str) -> HttpCall {
     );
     c.headers.push(("metadata", "true".to_string()));
     c
-}
-
-/// The shared-data key of a stored secret's cache:
-/// `latchkey.v1.<namespace>.sec.<name>.<fingerprint>` (`namespace`: see
-/// [`crate::token::key_namespace`]). The fingerprint covers where and how it is
-/// read (cluster, host, path; Key Vault: the identity connection, by its name and
-/// what makes its token; Vault: namespace, field and credentials), so a changed
-/// reference starts from an empty cache, and two plugins on one proxy never
-/// share a value they read differently.
-pub fn cache_key(namespace: &str, config: &Config, store: &Store) -> String {
-    format!(
-        "latchkey.v1.{}.sec.{}.{:016x}",
-        crate::token::key_namespace(namespace),
-        store.name,
-        fingerprint(config, store, crate::token::KEY_DEPTH)
-    )
-}
-
-/// Where and how a store is read, hashed (see [`cache_key`]).
-pub(crate) fn fingerprint(config: &Config, store: &Store, depth: u8) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    (&store.cluster, &store.authority, &store.path).hash(&mut h);
-    match &store.kind {
-        StoreKind::KeyVault { identity } => {
-            let conn = config.connection(*identity);
-            let token = match (conn, depth.checked_sub(1)) {
-                (Some(c), Some(d)) => crate::token::fingerprint(config, c, d),
-                _ => None,
-            };
-            ("kv", conn.map(|c| &c.name), token).hash(&mut h);
-        }
-        StoreKind::Vault {
-            auth,
-            namespace,
-            field,
-        } => {
-            ("vault", namespace, field).hash(&mut h);
-            match auth {
-                VaultAuth::Token(t) => t.expose().hash(&mut h),
-                VaultAuth::AppRole {
-                    role_id,
-                    secret_id,
-                    login_path,
-                } => (role_id, secret_id.expose(), login_path).hash(&mut h),
-            }
-        }
-    }
-    h.finish()
 }
 
 /// A value read from a store.
@@ -422,8 +373,9 @@ pub fn parse_login(status: Option<u32>, body: &[u8]) -> Result<(Secret, u64), St
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{StoreKind, VaultAuth};
-    use crate::token::response::MAX_BODY;
+    use crate::config::{Config, StoreKind, VaultAuth};
+    use crate::credential::keys::store_key as cache_key;
+    use crate::credential::token_response::MAX_BODY;
 
     fn kv() -> Store {
         Store {

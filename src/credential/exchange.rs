@@ -222,7 +222,7 @@ impl Set {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::cache::{Cached, Lease, Policy};
+    use crate::credential::cache::{Cached, Lease, Policy};
 
     fn jwt(payload: &str) -> String {
         let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
