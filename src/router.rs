@@ -8,12 +8,38 @@
 //! only the buckets its own values select (one hash lookup per distinct prefix
 //! length for prefixes) and takes the lowest-numbered route that fully matches.
 //! Nothing is allocated per request unless the Host header has upper-case letters.
+//!
+//! The router owns its match types ([`RouteMatch`], [`PathMatch`]): the
+//! configuration builds them and hands them over, and nothing here depends on
+//! the configuration.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use crate::config::{PathMatch, Route, RouteMatch};
 use crate::path::{analyze, PathError, Readings};
+
+/// A route's `match`: every field given must hold. Built by the configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteMatch {
+    pub route_name: Option<String>,
+    /// Lowercased, without port.
+    pub host: Option<String>,
+    pub path: Option<PathMatch>,
+    /// Uppercased.
+    pub methods: Vec<String>,
+}
+
+impl AsRef<RouteMatch> for RouteMatch {
+    fn as_ref(&self) -> &RouteMatch {
+        self
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+}
 
 /// Why a request's path is refused (400).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,10 +86,11 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(routes: &[Route]) -> Self {
+    /// Files every route's match; a route's number is its place in `routes`.
+    pub fn new<R: AsRef<RouteMatch>>(routes: &[R]) -> Self {
         let mut r = Router::default();
         for (i, route) in routes.iter().enumerate() {
-            let m = &route.matcher;
+            let m = route.as_ref();
             r.matchers.push(m.clone());
             if let Some(name) = &m.route_name {
                 r.by_route_name.entry(name.clone()).or_default().push(i);
@@ -215,18 +242,6 @@ fn host_key(host: &str) -> Cow<'_, str> {
 mod tests {
     use super::*;
 
-    fn route(m: RouteMatch) -> Route {
-        Route {
-            name: String::new(),
-            matcher: m,
-            access: None,
-            inject: vec![],
-            strip: vec![],
-            drop_token_on_401: true,
-            needs_claims: true,
-        }
-    }
-
     fn req<'a>(
         rn: Option<&'a str>,
         host: &'a str,
@@ -251,16 +266,16 @@ mod tests {
     #[test]
     fn first_match_wins_across_buckets() {
         let routes = vec![
-            route(RouteMatch {
+            RouteMatch {
                 host: Some("api.test".into()),
                 ..Default::default()
-            }),
-            route(prefix("/orders")),
-            route(RouteMatch {
+            },
+            prefix("/orders"),
+            RouteMatch {
                 route_name: Some("orders".into()),
                 ..Default::default()
-            }),
-            route(RouteMatch::default()),
+            },
+            RouteMatch::default(),
         ];
         let r = Router::new(&routes);
         assert_eq!(
@@ -278,12 +293,12 @@ mod tests {
 
     #[test]
     fn all_given_fields_must_hold() {
-        let routes = vec![route(RouteMatch {
+        let routes = vec![RouteMatch {
             route_name: Some("p".into()),
             host: Some("h".into()),
             path: Some(PathMatch::Exact("/a".into())),
             methods: vec!["GET".into(), "HEAD".into()],
-        })];
+        }];
         let r = Router::new(&routes);
         assert_eq!(r.find(&req(Some("p"), "h", "/a", "HEAD")), Some(0));
         assert_eq!(r.find(&req(Some("p"), "h", "/a", "POST")), None);
@@ -297,15 +312,15 @@ mod tests {
     fn a_route_name_route_with_a_path_checks_the_path() {
         // Filed under its route name, so the lookup doesn't check the path: `matches` does.
         let routes = vec![
-            route(RouteMatch {
+            RouteMatch {
                 route_name: Some("api".into()),
                 path: Some(PathMatch::Prefix("/admin/".into())),
                 ..Default::default()
-            }),
-            route(RouteMatch {
+            },
+            RouteMatch {
                 route_name: Some("api".into()),
                 ..Default::default()
-            }),
+            },
         ];
         let r = Router::new(&routes);
         assert_eq!(r.find(&req(Some("api"), "h", "/admin/x", "GET")), Some(0));
@@ -316,22 +331,18 @@ mod tests {
 
     #[test]
     fn route_name_is_read_only_when_a_route_matches_on_it() {
-        assert!(!Router::new(&[route(prefix("/a/"))]).needs_route_name());
-        assert!(!Router::new(&[]).needs_route_name());
-        let by_name = route(RouteMatch {
+        assert!(!Router::new(&[prefix("/a/")]).needs_route_name());
+        assert!(!Router::new::<RouteMatch>(&[]).needs_route_name());
+        let by_name = RouteMatch {
             route_name: Some("n".into()),
             ..Default::default()
-        });
-        assert!(Router::new(&[route(prefix("/a/")), by_name]).needs_route_name());
+        };
+        assert!(Router::new(&[prefix("/a/"), by_name]).needs_route_name());
     }
 
     #[test]
     fn prefixes_of_several_lengths() {
-        let routes = vec![
-            route(prefix("/a/b/")),
-            route(prefix("/a/")),
-            route(prefix("/")),
-        ];
+        let routes = vec![prefix("/a/b/"), prefix("/a/"), prefix("/")];
         let r = Router::new(&routes);
         assert_eq!(r.find(&req(None, "h", "/a/b/c", "GET")), Some(0));
         assert_eq!(r.find(&req(None, "h", "/a/bc", "GET")), Some(1));
@@ -344,11 +355,7 @@ mod tests {
     #[test]
     fn a_prefix_length_inside_a_multibyte_character_does_not_end_the_search() {
         // Fuzz crash input `/é/` with routes `/x` and `/é/`: length 2 falls inside `é`.
-        let routes = vec![
-            route(prefix("/x")),
-            route(prefix("/é/")),
-            route(prefix("/日本/")),
-        ];
+        let routes = vec![prefix("/x"), prefix("/é/"), prefix("/日本/")];
         let r = Router::new(&routes);
         assert_eq!(r.find(&req(None, "h", "/é/", "GET")), Some(1));
         assert_eq!(r.find(&req(None, "h", "/é/x", "GET")), Some(1));
@@ -358,24 +365,22 @@ mod tests {
 
     #[test]
     fn later_catch_all_does_not_shadow_earlier_specific_route() {
-        let routes = vec![route(prefix("/x")), route(RouteMatch::default())];
+        let routes = vec![prefix("/x"), RouteMatch::default()];
         let r = Router::new(&routes);
         assert_eq!(r.find(&req(None, "h", "/x", "GET")), Some(0));
-        let routes = vec![route(RouteMatch::default()), route(prefix("/x"))];
+        let routes = vec![RouteMatch::default(), prefix("/x")];
         let r = Router::new(&routes);
         assert_eq!(r.find(&req(None, "h", "/x", "GET")), Some(0));
     }
 
     #[test]
     fn many_routes_last_one_matches() {
-        let routes: Vec<Route> = (0..10_000)
-            .map(|i| {
-                route(RouteMatch {
-                    route_name: Some(format!("r{i}")),
-                    ..Default::default()
-                })
+        let routes: Vec<RouteMatch> = (0..10_000)
+            .map(|i| RouteMatch {
+                route_name: Some(format!("r{i}")),
+                ..Default::default()
             })
-            .chain((0..10_000).map(|i| route(prefix(&format!("/p{i}/")))))
+            .chain((0..10_000).map(|i| prefix(&format!("/p{i}/"))))
             .collect();
         let r = Router::new(&routes);
         assert_eq!(r.find(&req(Some("r9999"), "h", "/", "GET")), Some(9999));
@@ -389,7 +394,7 @@ mod tests {
 
     #[test]
     fn a_credential_never_follows_a_path_out_of_its_route() {
-        let routes = vec![route(prefix("/partner/")), route(prefix("/admin"))];
+        let routes = vec![prefix("/partner/"), prefix("/admin")];
         let r = Router::new(&routes);
         assert_eq!(find_path(&r, "/partner/x"), Ok(Some(0)));
         assert_eq!(find_path(&r, "/partner/x;v=1"), Ok(Some(0)));
@@ -417,11 +422,11 @@ mod tests {
     #[test]
     fn no_encoding_skips_a_protected_route() {
         let routes = vec![
-            route(prefix("/priv/")),
-            route(RouteMatch {
+            prefix("/priv/"),
+            RouteMatch {
                 path: Some(PathMatch::Exact("/admin".into())),
                 ..Default::default()
-            }),
+            },
         ];
         let r = Router::new(&routes);
         // Every reading lands in the protected route: checked there.
@@ -451,10 +456,10 @@ mod tests {
 
     #[test]
     fn route_name_routes_refuse_paths_that_normalise_differently() {
-        let routes = vec![route(RouteMatch {
+        let routes = vec![RouteMatch {
             route_name: Some("admin".into()),
             ..Default::default()
-        })];
+        }];
         let r = Router::new(&routes);
         let by_name = |p: &str| r.find_path(&req(Some("default"), "h", "", "GET"), p.as_bytes());
         assert_eq!(by_name("/x/../admin"), Err(PathRefusal::Unstable));

@@ -16,6 +16,8 @@ mod error;
 pub mod json;
 mod token_url;
 
+/// The router's own match types, which a [`Route`] holds.
+pub use crate::router::{PathMatch, RouteMatch};
 pub use error::{ConfigError, ErrorKind};
 
 use crate::router::Router;
@@ -297,20 +299,11 @@ pub struct Route {
     pub needs_claims: bool,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RouteMatch {
-    pub route_name: Option<String>,
-    /// Lowercased, without port.
-    pub host: Option<String>,
-    pub path: Option<PathMatch>,
-    /// Uppercased.
-    pub methods: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PathMatch {
-    Prefix(String),
-    Exact(String),
+/// The router reads a route's match, and nothing else of it.
+impl AsRef<RouteMatch> for Route {
+    fn as_ref(&self) -> &RouteMatch {
+        &self.matcher
+    }
 }
 
 #[derive(Debug)]
