@@ -597,6 +597,7 @@ class ImdsRequest(NamedTuple):
     status: int                     # what it answered (0: connection dropped)
     client_id: str | None = None    # identity a token was issued for
     token: str | None = None        # the token issued
+    target: str = ""                # the request target exactly as sent (raw query encoding)
 
     def header(self, name: str) -> str | None:
         return _header(self.headers, name)
@@ -806,7 +807,7 @@ class ImdsServer(_Service):
         self.log.append(ImdsRequest(req.method, req.path, req.query, req.headers, req.at,
                                     0 if reply.close else reply.status,
                                     issued.client_id if issued else None,
-                                    issued.token if issued else None))
+                                    issued.token if issued else None, req.target))
         return reply
 
     def _answer(self, req: _Request, fault: _Fault | None) -> tuple[_Reply, IssuedToken | None]:

@@ -16,12 +16,14 @@ import json
 import re
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from harness import free_port, static_cluster, wait_until
+from harness import free_port, static_cluster, wait_until, wasm_filter
 from secret_stores import KeyVaultStack, OpenBao, read_policy_hcl
+from token_servers import DEFAULT_RESOURCE, OidcProvider
 
 ROUTES = [{"name": "default", "prefix": "/"}]
 KEY_V1 = "pk-stored-v1-Jq8"
@@ -216,6 +218,97 @@ def test_vault_refusals_are_503_and_counted(envoy_factory, upstream, bao, case, 
     assert int(resp.header("retry-after")) >= 1
     assert upstream.requests() == []
     envoy.wait_for_log(f"secret partner_key: read failed: {kind}")
+
+
+def approle_token_accessors(bao, role: str) -> list[str]:
+    """Accessors of the live tokens AppRole `role` logins made (root lists them all)."""
+    resp = bao.api("GET", "auth/token/accessors?list=true")
+    assert resp.status == 200, resp
+    out = []
+    for accessor in resp.body["data"]["keys"]:
+        look = bao.api("POST", "auth/token/lookup-accessor", {"accessor": accessor})
+        if look.status == 200 and (look.body["data"].get("meta") or {}).get("role_name") == role:
+            out.append(accessor)
+    return out
+
+
+def test_vault_approle_logs_in_again_when_vault_answers_403(envoy_factory, upstream, bao):
+    """Vault answers 403 to a login token it no longer honours (here: revoked through
+    OpenBao's API by its accessor). latchkey drops that login, logs in again and re-reads
+    at once, instead of failing `forbidden` until the login's lease (an hour here) ends."""
+    bao.kv_put("partner", {"key": KEY_V1})
+    bao.policy("partner-read", read_policy_hcl("partner"))
+    role_id, secret_id = bao.approle("latchkey", ["partner-read"], token_ttl="1h",
+                                     token_max_ttl="1h")
+    secret = {**vault_secret(bao, approle={"role_id": role_id, "secret_id": "sid"}),
+              "refresh_s": 1}
+    cfg = api_key_config(secret, secrets={"sid": {"env": "VAULT_SECRET_ID"}})
+    envoy = envoy_factory(cfg, wasm_env={"VAULT_SECRET_ID": secret_id}, routes=ROUTES,
+                          extra_clusters=[bao.envoy_cluster("vault")],
+                          component_log_level="wasm:debug")
+    assert get_key(envoy, upstream)[1] == KEY_V1
+    envoy.wait_for_stat("wasmcustom.latchkey.secret.partner_key.reads", 2)   # re-reading
+    assert stat(envoy, "secret.partner_key.logins") == 1
+    assert len(bao.audit_requests("auth/approle/login")) == 1
+    # Revoke latchkey's login token (the only token role "latchkey" has: one login for
+    # the whole proxy), by its accessor.
+    (accessor,) = approle_token_accessors(bao, "latchkey")
+    revoked = bao.api("POST", "auth/token/revoke-accessor", {"accessor": accessor})
+    assert revoked.status in (200, 204), revoked
+    assert approle_token_accessors(bao, "latchkey") == []
+    bao.kv_put("partner", {"key": KEY_V2})
+    try:
+        wait_until(lambda: get_key(envoy, upstream)[1] == KEY_V2, timeout=6, interval=0.2,
+                   message="the value re-read after a new login")
+    except TimeoutError as e:
+        failed = [l for l in envoy.log_text().splitlines() if "partner_key" in l and "failed" in l]
+        raise AssertionError(
+            f"{e}: logins {stat(envoy, 'secret.partner_key.logins')}, failure.forbidden "
+            f"{stat(envoy, 'secret.partner_key.failure.forbidden')}, log:\n" + "\n".join(failed[-3:]))
+    # One new login for the whole proxy, the refused read retried with it: no failure.
+    assert stat(envoy, "secret.partner_key.logins") == 2
+    assert stat(envoy, "secret.partner_key.failure") == 0
+    assert len(bao.audit_requests("auth/approle/login")) == 2
+    assert len(approle_token_accessors(bao, "latchkey")) == 1
+    refused = [e for e in bao.audit_entries()
+               if e.get("type") == "response" and e.get("request", {}).get("path") == "secret/data/partner"
+               and "permission denied" in (e.get("error") or "")]
+    assert len(refused) >= 1, "no read was refused: the revocation did not reach latchkey"
+    log = envoy.log_text()
+    assert secret_id not in log and KEY_V1 not in log and KEY_V2 not in log
+
+
+STORE_FAILURE_LINES = [
+    ("vault_403", "forbidden (HTTP 403)"),
+    ("vault_404", "not_found (HTTP 404)"),
+    ("key_vault_disabled_403", "disabled (HTTP 403)"),
+]
+
+
+@pytest.mark.parametrize("case,reason", STORE_FAILURE_LINES, ids=[c for c, _ in STORE_FAILURE_LINES])
+def test_store_read_failure_log_line_carries_the_http_status(request, envoy_factory, upstream, case,
+                                                             reason):
+    """What operators search for: the log line of a failed read names the store's HTTP
+    status next to latchkey's reason (Vault is the real OpenBao; Key Vault the stand-in)."""
+    if case.startswith("vault"):
+        bao = request.getfixturevalue("bao")
+        bao.kv_put("partner", {"key": KEY_V1})
+        token = bao.token(["default"]) if case == "vault_403" else bao.root_token
+        cfg = api_key_config(vault_secret(bao, token="vault_token",
+                                          path="partner" if case == "vault_403" else "nope"),
+                             secrets={"vault_token": {"env": "VAULT_TOKEN"}})
+        envoy = envoy_factory(cfg, wasm_env={"VAULT_TOKEN": token}, routes=ROUTES,
+                              extra_clusters=[bao.envoy_cluster("vault")])
+    else:
+        kv_stack = request.getfixturevalue("stack")
+        kv_stack.kv.set_secret("partner-key", KEY_V1)
+        kv_stack.kv.disable("partner-key")
+        envoy = kv_envoy(envoy_factory, kv_stack, kv_config(kv_stack))
+    kind = reason.split(" ")[0]
+    envoy.wait_for_stat(f"wasmcustom.latchkey.secret.partner_key.failure.{kind}", 1)
+    line = envoy.wait_for_log(r"secret partner_key: read failed: .*").group(0)
+    assert line == f"secret partner_key: read failed: {reason}"
+    assert envoy.request("GET", "/partner/x").status == 503
 
 
 def test_store_down_at_start_then_back(envoy_factory, upstream):
@@ -417,6 +510,60 @@ def test_managed_identity_token_injected_upstream(envoy_factory, upstream, stack
     assert stat(envoy, "connection.arm.token.requests") == 1
 
 
+@pytest.mark.parametrize("resource", ["api://backend-app", "6f1b0c3e-5d2a-4b8e-9c7f-0a1b2c3d4e5f"],
+                         ids=["app_id_uri", "guid"])
+def test_managed_identity_resource_app_id_uri_or_guid(envoy_factory, upstream, stack, resource):
+    """APIM's authentication-managed-identity takes an application ID URI or an
+    application (client) ID GUID as `resource`: it loads, and IMDS gets it
+    percent-encoded in the query."""
+    cfg = {
+        "providers": {"azure_mi": {"type": "azure_managed_identity", "cluster": "imds",
+                                   "endpoint": stack.imds.endpoint}},
+        "connections": {"backend": {"provider": "azure_mi", "resource": resource,
+                                    "access": {"public": True}}},
+        "routes": [{"name": "backend", "match": {"path_prefix": "/backend/"},
+                    "inject": [{"connections": ["backend"], "header": "authorization"}]}],
+    }
+    envoy = envoy_factory(cfg, routes=ROUTES, extra_clusters=stack.clusters())
+    for _ in range(3):
+        resp = envoy.request("GET", "/backend/items")
+        assert resp.status == 200, resp
+    (req,) = stack.imds.requests()
+    encoded = urllib.parse.quote(resource, safe="")
+    assert f"&resource={encoded}" in req.target or f"?resource={encoded}" in req.target, req.target
+    if resource.startswith("api://"):
+        assert "resource=api%3A%2F%2Fbackend-app" in req.target, req.target
+    assert req.query["resource"] == resource and req.query["api-version"] == "2018-02-01"
+    (issued,) = stack.imds.issued()
+    assert issued.resource == resource
+    assert upstream.last().header("authorization") == f"Bearer {issued.token}"
+
+
+def test_injected_key_vault_identity_is_warned_about_at_load(envoy_factory, upstream, stack):
+    """A connection that is a Key Vault `identity` and that a route also injects sends a
+    token that can read the vault upstream: it loads (an operator may mean it), with a
+    warning in Envoy's log naming the connection, the secret and the route."""
+    stack.kv.set_secret("partner-key", KEY_V1)
+    cfg = kv_config(stack, connections={
+        "kv_reader": {"provider": "azure_mi", "resource": "https://vault.azure.net",
+                      "access": {"public": True}}},
+        routes=[{"name": "leaky", "match": {"path_prefix": "/leaky/"},
+                 "inject": [{"connections": ["kv_reader"], "header": "authorization"}]}])
+    envoy = kv_envoy(envoy_factory, stack, cfg)
+    warning = ('connection "kv_reader" is the Key Vault identity of secret "partner_key" and '
+               'route "leaky" injects it: a token that can read the vault leaves the gateway; '
+               'give the route a connection of its own')
+    # Logged while the configuration loads, before Envoy is ready (the log file is
+    # flushed every 100 ms: a short wait).
+    envoy.wait_for_log(re.escape(warning), timeout=5)
+    lines = [l for l in envoy.log_text().splitlines() if warning in l]
+    assert all("[warning][wasm]" in l for l in lines), lines
+    # Loaded and serving as configured.
+    assert get_key(envoy, upstream)[1] == KEY_V1
+    assert envoy.request("GET", "/leaky/x").status == 200
+    assert upstream.last().header("authorization") == f"Bearer {stack.imds.issued()[-1].token}"
+
+
 # ------------------------------------------- token requests with secrets from a store
 
 
@@ -454,3 +601,65 @@ def test_client_secret_and_refresh_token_from_a_store(envoy_factory, upstream, b
         assert stat(envoy, "secret.cs.reads") == 1 and stat(envoy, "secret.rt.reads") == 1
         log = envoy.log_text()
         assert "cs-from-bao-1" not in log and "rt-from-bao-1" not in log and "fake-1" not in log
+
+
+# ------------------------------------------- two plugins on one VM id
+
+
+def team_plugin(wasm_path, oidc, bao, team):
+    """A latchkey plugin named `team` (Envoy's plugin `name`; vm_id "latchkey" as every
+    plugin of the harness) whose connection "orders" refreshes the refresh token kept at
+    Vault path `team` and injects the token as x-orders-token on /<team>/. Two of these
+    differ only in their name, route and where their refresh token is read."""
+    cfg = {
+        "secrets": {
+            "vault_token": {"env": "VAULT_TOKEN"},
+            "client_secret": {"env": "CLIENT_SECRET"},
+            "rt": {"vault": {"cluster": "vault", "url": bao.url, "path": team,
+                             "field": "refresh_token", "token": "vault_token"}},
+        },
+        "providers": {"idp": {"type": "oauth2", "cluster": "idp", "token_url": oidc.token_url,
+                              "client_id": "gw-basic", "client_secret": "client_secret",
+                              "timeout_ms": 3000}},
+        "connections": {"orders": {"provider": "idp", "grant": "refresh_token",
+                                   "refresh_token": "rt", "resource": DEFAULT_RESOURCE,
+                                   "access": {"public": True}}},
+        "routes": [{"name": team, "match": {"path_prefix": f"/{team}/"},
+                    "inject": [{"connections": ["orders"], "header": "x-orders-token"}]}],
+    }
+    f = wasm_filter(wasm_path, cfg, wasm_env={"VAULT_TOKEN": bao.root_token,
+                                              "CLIENT_SECRET": "gw-basic-secret"})
+    f["name"] = f"latchkey-{team}"              # the HTTP filter's name in the chain
+    f["typed_config"]["config"]["name"] = team  # the plugin's name: the key namespace
+    assert f["typed_config"]["config"]["vm_config"]["vm_id"] == "latchkey"
+    return f
+
+
+def test_two_plugins_on_one_vm_id_never_share_tokens(envoy_factory, upstream, wasm_path, bao):
+    """Two latchkey plugins in one filter chain, one VM id (as under Istio, where every
+    plugin's is empty), named differently, each with a connection "orders" at the same
+    token server and client but its own refresh token (another account's grant). Each
+    route must get its own plugin's token: shared-data keys are namespaced by plugin."""
+    with OidcProvider(ttl=300) as oidc:
+        rt = {team: oidc.mint_refresh_token(account_id=f"svc-{team}") for team in ("team-a", "team-b")}
+        for team, token in rt.items():
+            bao.kv_put(team, {"refresh_token": token})
+        # Both plugins ahead of jwt_authn (pre_filters; the harness's own plugin left out):
+        # their connections are public, no caller identity is needed.
+        envoy = envoy_factory(None, wasm_path=None, routes=ROUTES,
+                              pre_filters=[team_plugin(wasm_path, oidc, bao, "team-a"),
+                                           team_plugin(wasm_path, oidc, bao, "team-b")],
+                              extra_clusters=[bao.envoy_cluster("vault"),
+                                              static_cluster("idp", oidc.port)])
+        seen = {"team-a": set(), "team-b": set()}
+        for team in ("team-a", "team-b", "team-a", "team-b", "team-b", "team-a"):
+            resp = envoy.request("GET", f"/{team}/orders")
+            assert resp.status == 200, resp
+            scheme, _, token = upstream.last().header("x-orders-token").partition(" ")
+            assert scheme == "Bearer"
+            seen[team].add(oidc.verify_access_token(token)["sub"])
+        assert seen == {"team-a": {"svc-team-a"}, "team-b": {"svc-team-b"}}
+        # One refresh per plugin, each with its own refresh token.
+        forms = [r["form"] for r in oidc.last_token_requests() if r.get("grant_type") == "refresh_token"]
+        assert sorted(f["refresh_token"] for f in forms) == sorted(rt.values())
+        assert oidc.token_request_count("refresh_token", ok_only=True) == 2
