@@ -1,20 +1,33 @@
 //! The plugin configuration (v1): the public contract users write.
 //!
-//! Loading is two steps. [`json`] reads the document with the path of every field
-//! at hand; [`build`] validates it and produces the runtime types below, resolving
-//! every name (provider, secret, connection, claim) to an index or a value. The
-//! result is complete or there is none: [`Config::parse`] returns the first error,
-//! and the filter keeps its previous configuration (or refuses to start).
+//! Loading is in phases. [`json`] reads the document with the path of every field
+//! at hand; `names` gives every secret, provider and connection its index; then
+//! one module per section validates it and produces the runtime types below,
+//! resolving every name to an index or a value (`build` runs them in order).
+//! Every string a field holds is checked by the one rule for its kind, in
+//! `lexical`. The result is complete or there is none: [`Config::parse`]
+//! returns the first error, and the filter keeps its previous configuration (or
+//! refuses to start).
 //!
 //! Everything the request path needs (lowercased header names, the route index,
 //! the list of claims to read) is prepared here, once.
 
+mod access;
 mod build;
+mod claims;
+mod connections;
 mod error;
+mod fields;
+mod http_url;
 /// The JSON reader the configuration is built from (public for the fuzz target,
 /// which checks it reads what `serde_json::Value` reads).
 pub mod json;
-mod token_url;
+mod lexical;
+mod names;
+mod providers;
+mod routes;
+mod secrets;
+mod stores;
 
 /// The router's own match types, which a [`Route`] holds.
 pub use crate::router::{PathMatch, RouteMatch};

@@ -1,20 +1,20 @@
-//! `token_url`: an absolute `http(s)` URL, split into what a dispatched call
-//! needs (`:authority`, `:path`).
+//! An absolute `http(s)` URL (an OAuth2 `token_url`, a Vault `url`, an IMDS
+//! `endpoint`), split into what a dispatched call needs (`:authority`, `:path`).
 //!
 //! Deliberately strict and small rather than a general URL parser: `url::Url`
-//! brings IDNA tables that cost about 130 KB of the module for a field that names
-//! one token endpoint. Host names must be ASCII (punycode for IDNs); no user info
+//! brings IDNA tables that cost about 130 KB of the module for fields that each
+//! name one endpoint. Host names must be ASCII (punycode for IDNs); no user info
 //! (credentials belong in `client_id`/`client_secret`), no fragment. A default
 //! port (80 for http, 443 for https) is dropped from the authority, as HTTP
 //! clients send it.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenUrl {
+pub struct HttpUrl {
     pub authority: String,
     pub path: String,
 }
 
-/// Why a `token_url` was refused; `Display` is the reason shown after the value.
+/// Why a URL was refused; `Display` is the reason shown after the value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UrlError {
     NotAbsolute,
@@ -44,7 +44,7 @@ impl std::fmt::Display for UrlError {
     }
 }
 
-pub fn parse(url: &str) -> Result<TokenUrl, UrlError> {
+pub fn parse(url: &str) -> Result<HttpUrl, UrlError> {
     if !url.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(UrlError::Characters);
     }
@@ -106,7 +106,7 @@ pub fn parse(url: &str) -> Result<TokenUrl, UrlError> {
     } else {
         format!("/{path}")
     };
-    Ok(TokenUrl { authority, path })
+    Ok(HttpUrl { authority, path })
 }
 
 #[cfg(test)]
@@ -143,7 +143,7 @@ mod tests {
     }
 
     #[test]
-    fn refuses_what_is_not_a_token_endpoint() {
+    fn refuses_what_is_not_an_http_endpoint() {
         for (url, err) in [
             ("idp.internal/token", UrlError::NotAbsolute),
             ("ftp://idp/token", UrlError::Scheme),

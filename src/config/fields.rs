@@ -1,0 +1,48 @@
+//! Readers of fields that several sections share: the Envoy `cluster` a fetch
+//! goes through, a fetch's `timeout_ms`, and the refusal of fields that belong to
+//! another kind of provider or connection.
+
+use super::error::ConfigError;
+use super::json::Obj;
+use super::lexical;
+
+const DEFAULT_TIMEOUT_MS: u64 = 5000;
+const MAX_TIMEOUT_MS: u64 = 300_000;
+
+/// The required `cluster` of `o`: an Envoy cluster name ([`lexical::cluster_name`]).
+pub fn cluster(o: &Obj) -> Result<String, ConfigError> {
+    let name = o.req_str("cluster")?;
+    lexical::cluster_name(name).map_err(|e| e.at(o.child("cluster")))?;
+    Ok(name.to_string())
+}
+
+/// `timeout_ms` of a store or provider (default 5 s, at most 5 min).
+pub fn timeout_ms(o: &Obj) -> Result<u64, ConfigError> {
+    let timeout_ms = o.opt_u64("timeout_ms")?.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
+        return Err(ConfigError::invalid(
+            o.child("timeout_ms"),
+            &timeout_ms.to_string(),
+            format!("must be between 1 and {MAX_TIMEOUT_MS}"),
+        ));
+    }
+    Ok(timeout_ms)
+}
+
+/// Refuses any field of `all` that is set on `o` but not in `allowed` (the fields of
+/// one kind of provider or connection), naming it with `reason`.
+pub fn only_fields(
+    o: &Obj,
+    all: &[&str],
+    allowed: &[&str],
+    reason: &'static str,
+) -> Result<(), ConfigError> {
+    match all.iter().find(|f| !allowed.contains(f) && o.has(f)) {
+        Some(field) => Err(ConfigError::not_allowed(o.child(field), reason)),
+        None => Ok(()),
+    }
+}
+
+pub fn owned(v: Vec<&str>) -> Vec<String> {
+    v.into_iter().map(str::to_string).collect()
+}
