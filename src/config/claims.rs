@@ -40,10 +40,7 @@ pub fn read(top: &Obj) -> Result<(ClaimsConfig, ClaimPaths), ConfigError> {
     };
     let key = get("key")?.unwrap_or("payload");
     if key.is_empty() {
-        return Err(ConfigError::not_allowed(
-            "claims.key",
-            "must not be an empty string",
-        ));
+        return Err(ConfigError::empty_string("claims.key"));
     }
     let source = match get("from")?.unwrap_or("jwt_metadata") {
         "jwt_metadata" => ClaimsSource::JwtMetadata {

@@ -77,6 +77,11 @@ impl ConfigError {
     pub fn not_allowed(path: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::new(path, ErrorKind::NotAllowed(reason.into()))
     }
+
+    /// An empty string where a value is needed.
+    pub fn empty_string(path: impl Into<String>) -> Self {
+        Self::not_allowed(path, "must not be an empty string")
+    }
 }
 
 impl fmt::Display for ConfigError {

@@ -349,9 +349,7 @@ impl<'a> Obj<'a> {
     pub fn req_str(&self, key: &str) -> Result<&'a str, ConfigError> {
         match self.required(key)? {
             Value::String(s) if !s.is_empty() => Ok(s),
-            Value::String(_) => {
-                Err(ConfigError::new(self.child(key), ErrorKind::EmptyList).with_empty_string())
-            }
+            Value::String(_) => Err(ConfigError::empty_string(self.child(key))),
             v => as_str(&self.child(key), v),
         }
     }
@@ -415,7 +413,7 @@ pub fn str_list<'a>(path: &str, items: &'a [Value<'_>]) -> Result<Vec<&'a str>, 
         let p = index(path, i);
         let s = as_str(&p, item)?;
         if s.is_empty() {
-            return Err(ConfigError::new(p, ErrorKind::EmptyList).with_empty_string());
+            return Err(ConfigError::empty_string(p));
         }
         out.push(s);
     }
@@ -433,13 +431,6 @@ pub fn as_str<'a>(path: &str, v: &'a Value<'_>) -> Result<&'a str, ConfigError> 
     match v {
         Value::String(s) => Ok(s),
         other => Err(wrong_type(path, "a string", other)),
-    }
-}
-
-impl ConfigError {
-    /// An empty string where a value is needed reads better as "must not be empty".
-    fn with_empty_string(self) -> Self {
-        ConfigError::not_allowed(self.path, "must not be an empty string")
     }
 }
 

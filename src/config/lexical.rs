@@ -112,7 +112,7 @@ pub fn header_value_prefix(prefix: &str) -> Result<(), ConfigError> {
 /// would start a line of its own.
 pub fn cluster_name(name: &str) -> Result<(), ConfigError> {
     if name.is_empty() {
-        return Err(ConfigError::not_allowed("", "must not be an empty string"));
+        return Err(ConfigError::empty_string(""));
     }
     header_value(name)
 }
@@ -121,7 +121,7 @@ pub fn cluster_name(name: &str) -> Result<(), ConfigError> {
 /// text; it is percent-encoded where it is written.
 pub fn query_param_name(name: &str) -> Result<(), ConfigError> {
     if name.is_empty() {
-        return Err(ConfigError::not_allowed("", "must not be an empty string"));
+        return Err(ConfigError::empty_string(""));
     }
     Ok(())
 }

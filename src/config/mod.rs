@@ -118,7 +118,7 @@ pub struct Store {
 #[derive(Debug)]
 pub enum StoreKind {
     /// Azure Key Vault: `GET <identifier>?api-version=7.4` with a bearer token
-    /// from connection `identity`.
+    /// from connection `identity` (its index in [`Config::connections`]).
     KeyVault { identity: usize },
     /// HashiCorp Vault / OpenBao KV v2: `data.data.<field>`.
     Vault {

@@ -1005,3 +1005,140 @@ fn an_injected_key_vault_identity_is_warned_about() {
     .unwrap();
     assert!(!warned(&w), "{w:?}");
 }
+
+#[test]
+fn a_store_reference_points_at_the_store_it_names() {
+    // Values and stores interleaved in key order: the first pass numbers the
+    // stores as the secrets reader builds them.
+    let mut v = store_config();
+    v["secrets"]["a_value"] = json!({"env": "PARTNER_API_KEY"});
+    v["secrets"]["zz_store"] = json!({"azure_key_vault": "https://kv.vault.azure.net/secrets/z",
+                                       "cluster": "keyvault", "identity": "kv_reader"});
+    for (conn, secret) in [
+        ("c_partner", "partner_key"),
+        ("c_orders", "orders_secret"),
+        ("c_role", "by_role"),
+        ("c_pinned", "pinned"),
+        ("c_zz", "zz_store"),
+    ] {
+        v["connections"][conn] =
+            json!({"provider": "partner", "api_key": secret, "access": {"authenticated": true}});
+    }
+    let c = load(&v).unwrap();
+    assert_eq!(c.stores.len(), 5);
+    for conn in &c.connections {
+        let Credential::ApiKey(SecretRef::Store(i)) = &conn.credential else {
+            continue;
+        };
+        let want = v["connections"][&conn.name]["api_key"].as_str().unwrap();
+        assert_eq!(c.stores[*i].name, want, "{}", conn.name);
+    }
+    let stored: Vec<&str> = c.stores.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        stored,
+        [
+            "by_role",
+            "orders_secret",
+            "partner_key",
+            "pinned",
+            "zz_store"
+        ]
+    );
+}
+
+#[test]
+fn a_key_vault_identity_may_name_a_connection_anywhere() {
+    // The first pass knows every connection before the secrets are read.
+    let mut v = store_config();
+    v["connections"]["zz_reader"] =
+        json!({"provider": "azure_mi", "resource": "https://vault.azure.net"});
+    v["secrets"]["partner_key"]["identity"] = json!("zz_reader");
+    let c = load(&v).unwrap();
+    let zz = c
+        .connections
+        .iter()
+        .position(|x| x.name == "zz_reader")
+        .unwrap();
+    assert_eq!(zz, c.connections.len() - 1);
+    let kv = c.stores.iter().find(|s| s.name == "partner_key").unwrap();
+    assert!(matches!(kv.kind, StoreKind::KeyVault { identity } if identity == zz));
+}
+
+#[test]
+fn every_cluster_is_a_non_empty_header_value() {
+    // Each cluster field: its path in messages, and its JSON pointer.
+    let fields = [
+        ("providers.idp.cluster", "/providers/idp/cluster"),
+        ("providers.azure_mi.cluster", "/providers/azure_mi/cluster"),
+        (
+            "secrets.partner_key.cluster",
+            "/secrets/partner_key/cluster",
+        ),
+        (
+            "secrets.orders_secret.vault.cluster",
+            "/secrets/orders_secret/vault/cluster",
+        ),
+        ("connections.cert.cluster", "/connections/cert/cluster"),
+    ];
+    let with = |pointer: &str, cluster: &str| {
+        let mut v = store_config();
+        v["providers"]["mtls"] = json!({"type": "client_certificate"});
+        v["connections"]["cert"] = json!({"provider": "mtls", "cluster": "partner_a"});
+        *v.pointer_mut(pointer).unwrap() = json!(cluster);
+        load(&v).map(|_| ()).map_err(|e| e.to_string())
+    };
+    for (path, set) in fields {
+        assert_eq!(with(set, "outbound|443||idp.example.com"), Ok(()), "{path}");
+        assert_eq!(with(set, "a\tb"), Ok(()), "{path}");
+        assert_eq!(
+            with(set, "idp\r\nx: y"),
+            Err(format!(
+                "{path}: invalid value \"idp\\r\\nx: y\": not a valid header value (control characters)"
+            ))
+        );
+        assert_eq!(
+            with(set, "idp "),
+            Err(format!(
+                "{path}: invalid value \"idp \": not a valid header value (leading or trailing whitespace)"
+            ))
+        );
+        assert_eq!(
+            with(set, ""),
+            Err(format!("{path}: must not be an empty string"))
+        );
+    }
+}
+
+#[test]
+fn header_values_follow_rfc_9110_field_value() {
+    let ns =
+        |n: &str| store_result(|v| v["secrets"]["orders_secret"]["vault"]["namespace"] = json!(n));
+    assert!(ns("team\ta").is_ok());
+    assert!(ns("").is_ok());
+    for bad in [" team", "team ", "\tteam", "team\t"] {
+        assert_eq!(
+            ns(bad).unwrap_err(),
+            format!("secrets.orders_secret.vault.namespace: invalid value {bad:?}: not a valid header value (leading or trailing whitespace)")
+        );
+    }
+    // A prefix is the start of a value: it may end in whitespace, not start with it.
+    let prefix = |p: &str| {
+        let mut v = spec_example();
+        v["routes"][0]["inject"][0]["prefix"] = json!(p);
+        load(&v).map(|_| ()).map_err(|e| e.to_string())
+    };
+    assert_eq!(prefix("Bearer "), Ok(()));
+    assert_eq!(prefix(""), Ok(()));
+    assert_eq!(
+        prefix(" Bearer "),
+        Err("routes[0].inject[0].prefix: invalid value \" Bearer \": not a valid header value (leading whitespace)".into())
+    );
+}
+
+#[test]
+fn an_empty_query_parameter_is_refused() {
+    assert_eq!(
+        error_after(|v| v["routes"][1]["inject"][0]["query"] = json!("")),
+        "routes[1].inject[0].query: must not be an empty string"
+    );
+}
