@@ -20,6 +20,7 @@ pub mod pairs;
 pub mod path;
 pub mod pb;
 pub mod policy;
+pub mod request;
 pub mod response;
 pub mod router;
 pub mod secret;

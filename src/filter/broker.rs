@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use super::host::{self, HostError, Level, Map, CAS_MISMATCH};
 use super::metrics::{StoreStat, TokenStat};
-use super::{apply, local_reply, set_filter_state, Loaded, Refused};
+use super::{apply, Loaded};
 use crate::config::{Credential, Grant, ProviderKind, SecretRef, StoreKind, VaultAuth};
 use crate::credential::cache::{self, CacheState, Cached, Decision, FetchOutcome, Policy};
 use crate::credential::cas::{self, Attempt};
@@ -31,7 +31,8 @@ use crate::credential::exchange::{Set, Subject};
 use crate::credential::store::{self, HttpCall, StoreError};
 use crate::credential::token_request::{self, GrantInput};
 use crate::credential::token_response::{self, FetchError, MAX_BODY};
-use crate::inject::{self, Edit, Resolved};
+use crate::inject::Resolved;
+use crate::request::{self, Needed};
 use crate::secret::Secret;
 
 /// Tick while a fetch waits to be dispatched.
@@ -252,20 +253,15 @@ pub enum Resolution {
     },
 }
 
-/// A request paused until its tokens arrive.
+/// A request paused until its credentials arrive.
 pub struct Waiter {
     pub loaded: Rc<Loaded>,
-    pub route: usize,
-    pub picks: Vec<usize>,
+    /// What the request path decided, and still needs.
+    pub needed: Needed,
     pub deadline_ms: u64,
     /// Header names the client sent, and its `:path` (headers can't be read later).
     pub sent: Vec<String>,
     pub path: Vec<u8>,
-    /// Edits decided before waiting (the claims header removal).
-    pub pre_edits: Vec<Edit>,
-    pub connection_label: Option<String>,
-    /// The caller's bearer token, for token exchange.
-    pub subject: Option<Secret>,
     /// The shared-data keys it waits on, and their CAS when it last looked: it
     /// is looked at again only when one of them moves (or its deadline passes).
     pub keys: Vec<String>,
@@ -705,7 +701,7 @@ impl Broker {
     }
 
     pub fn wait(&mut self, context_id: u32, mut waiter: Waiter) {
-        waiter.loaded.metrics.waits(&waiter.picks);
+        waiter.loaded.metrics.waits(&waiter.needed.picks);
         waiter.seen = waiter.keys.iter().map(|k| key_cas(k)).collect();
         self.waiters.insert(context_id, waiter);
         if self.pending.is_empty() {
@@ -1379,10 +1375,16 @@ impl Broker {
                 continue;
             };
             // As on the request path: a copy serves only if no worker dropped a token since.
-            if w.picks.iter().any(|&c| w.loaded.has_hot_token(c)) {
+            if w.needed.picks.iter().any(|&c| w.loaded.has_hot_token(c)) {
                 w.loaded.check_hot_generation();
             }
-            let resolution = self.resolve(&w.loaded, &w.picks, w.subject.as_ref(), now, false);
+            let resolution = self.resolve(
+                &w.loaded,
+                &w.needed.picks,
+                w.needed.subject.as_ref(),
+                now,
+                false,
+            );
             match resolution {
                 Ok(Resolution::Wait { keys, .. }) if now < w.deadline_ms => {
                     // What it saw before this look: a move during it is looked at next round.
@@ -1396,74 +1398,57 @@ impl Broker {
                     w.keys = keys;
                     self.waiters.insert(id, w);
                 }
-                Ok(Resolution::Ready(creds)) => self.finish(id, &w, creds),
+                Ok(Resolution::Ready(creds)) => self.finish(id, w, creds),
                 Ok(Resolution::Reject {
                     connection,
                     retry_after_ms,
-                }) => self.refuse(id, &w, connection, retry_after_ms),
+                }) => {
+                    let loaded = w.loaded.clone();
+                    let outcome =
+                        request::unavailable(&loaded.config, w.needed, connection, retry_after_ms);
+                    self.in_context(id, || apply(&loaded, &outcome).map(|_| ()));
+                }
                 Ok(Resolution::Wait { .. }) => {
-                    let ci = w.picks.first().copied().unwrap_or(0);
-                    self.refuse(id, &w, ci, 1000);
+                    let loaded = w.loaded.clone();
+                    let ci = w.needed.picks.first().copied().unwrap_or(0);
+                    let outcome = request::unavailable(&loaded.config, w.needed, ci, 1000);
+                    self.in_context(id, || apply(&loaded, &outcome).map(|_| ()));
                 }
                 Err(e) => {
                     host::log(
                         Level::Error,
                         &format!("host call failed while a request waited: {e}"),
                     );
-                    self.in_context(id, || {
-                        local_reply(&w.loaded, &Refused::Internal, route_name(&w), None);
-                        Ok(())
-                    });
+                    let outcome = request::internal(&w.loaded.config, Some(w.needed.route));
+                    self.in_context(id, || apply(&w.loaded, &outcome).map(|_| ()));
                 }
             }
         }
     }
 
-    fn finish(&mut self, id: u32, w: &Waiter, creds: Vec<Cred>) {
-        let Some(route) = w.loaded.config.route(w.route) else {
-            return;
-        };
-        let resolved = Cred::resolved(&creds);
+    /// A paused request's credentials are there: the same outcome as on the
+    /// request path, applied in its context, then it goes on.
+    fn finish(&mut self, id: u32, w: Waiter, creds: Vec<Cred>) {
+        let loaded = w.loaded;
+        let keep = loaded
+            .config
+            .route(w.needed.route)
+            .is_some_and(|r| r.drop_token_on_401);
         let sent: Vec<&str> = w.sent.iter().map(String::as_str).collect();
-        let mut edits = w.pre_edits.clone();
-        edits.extend(inject::plan(route, &resolved, &sent, &w.path));
-        let used = Cred::tokens(&creds);
+        let outcome = request::finish(
+            &loaded.config,
+            w.needed,
+            &Cred::resolved(&creds),
+            &sent,
+            &w.path,
+        );
         let done = self.in_context(id, || {
-            apply(&edits)?;
-            set_filter_state(
-                &w.loaded,
-                Some(&route.name),
-                w.connection_label.as_deref(),
-                "allowed",
-            );
+            apply(&loaded, &outcome)?;
             host::resume_request()
         });
-        if done {
-            w.loaded.metrics.allowed(&w.picks);
-            if route.drop_token_on_401 {
-                self.record_used(id, used);
-            }
+        if done && keep {
+            self.record_used(id, Cred::tokens(&creds));
         }
-    }
-
-    fn refuse(&mut self, id: u32, w: &Waiter, connection: usize, retry_after_ms: u64) {
-        let name = w
-            .loaded
-            .config
-            .connection(connection)
-            .map_or(String::new(), |c| c.name.clone());
-        self.in_context(id, || {
-            local_reply(
-                &w.loaded,
-                &Refused::Unavailable {
-                    connection: name,
-                    retry_after_s: retry_after_ms.div_ceil(1000),
-                },
-                route_name(w),
-                w.connection_label.as_deref(),
-            );
-            Ok(())
-        });
     }
 
     /// Runs `f` with `id` as the effective context, then returns to the root.
@@ -1492,8 +1477,4 @@ fn bump_generation() {
     if host::set_shared_data(super::HOT_GENERATION, b"", 0).is_err() {
         host::log(Level::Warn, "can't tell other workers a token was replaced");
     }
-}
-
-fn route_name(w: &Waiter) -> Option<&str> {
-    w.loaded.config.route(w.route).map(|r| r.name.as_str())
 }

@@ -18,14 +18,11 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use crate::claims::Identity;
-use crate::config::{ClaimsSource, Config, Credential, Grant, ProviderKind, SecretRef};
+use crate::config::{Config, Credential, Grant, ProviderKind, SecretRef};
 use crate::credential::cache::{Cached, Policy};
-use crate::credential::exchange::verified_subject;
-use crate::inject::{self, Edit};
-use crate::policy::{decide, Decision, Denial};
+use crate::inject::Edit;
+use crate::request::{self, HostFault, Outcome, Step, Verdict};
 use crate::response::{reply, Refusal};
-use crate::router::RequestInfo;
 use crate::secret::Secret;
 use broker::{Broker, Cred, Resolution, StoreSlot, TokenSlot, Waiter};
 use host::{HostError, Level, Map};
@@ -61,9 +58,6 @@ pub struct Loaded {
     /// Discovery answers, serialized once per configuration (only when
     /// `discovery.path` is set).
     pub discovery: Option<crate::discovery::Index>,
-    /// Per route: whether an inject entry may pick a token-exchange connection
-    /// (the caller's identity then keeps its verified token's binding claims).
-    pub exchange_routes: Vec<bool>,
     /// The CAS of [`HOT_GENERATION`] when the copies above were taken: a token
     /// dropped on an upstream 401 by any worker moves it, and every VM's copies
     /// are then dropped before the next request uses one.
@@ -76,12 +70,6 @@ pub struct Loaded {
 pub const HOT_GENERATION: &str = "latchkey.tokens.generation";
 
 impl Loaded {
-    /// Whether route `r`'s identity must keep its binding claims.
-    pub fn binds(&self, r: Option<usize>) -> bool {
-        r.and_then(|r| self.exchange_routes.get(r).copied())
-            .unwrap_or(false)
-    }
-
     /// This VM's copy of store `i`'s value, if it has one.
     pub fn store_value(&self, i: usize) -> Option<Secret> {
         self.store_values
@@ -240,15 +228,7 @@ impl Loaded {
             .discovery
             .as_ref()
             .map(|_| crate::discovery::Index::new(&config));
-        let exchange_routes = config
-            .routes
-            .iter()
-            .map(|r| {
-                r.inject
-                    .iter()
-                    .any(|i| needs_subject(&config, &i.connections))
-            })
-            .collect();
+
         Loaded {
             config,
             metrics,
@@ -257,7 +237,6 @@ impl Loaded {
             store_values,
             hot_tokens,
             discovery,
-            exchange_routes,
             hot_generation,
         }
     }
@@ -426,19 +405,11 @@ impl HttpContext for Http {
             return Action::Pause;
         };
         let Ok(mut broker) = self.broker.try_borrow_mut() else {
-            local_reply(&state, &Refused::Internal, None, None);
-            return Action::Pause;
+            return fail_closed(&state, None, HostError(0));
         };
         match handle_request(&state, &mut broker, self.id) {
             Ok(action) => action,
-            Err(e) => {
-                host::log(
-                    Level::Error,
-                    &format!("host call failed on the request path: {e}"),
-                );
-                local_reply(&state, &Refused::Internal, None, None);
-                Action::Pause
-            }
+            Err(e) => fail_closed(&state, None, e),
         }
     }
 
@@ -461,108 +432,123 @@ impl HttpContext for Http {
     }
 }
 
-/// Why latchkey answers a request itself.
-pub enum Refused {
-    Denied(Denial),
-    BadPath(&'static str),
-    Unavailable {
-        connection: String,
-        retry_after_s: u64,
-    },
-    Internal,
+/// The host reads the request path makes only when it needs them.
+struct HostReads;
+
+impl request::Lazy for HostReads {
+    fn route_name(&mut self) -> Result<Option<Vec<u8>>, HostFault> {
+        host::property(&["xds", "route_name"]).map_err(|e| HostFault(e.0))
+    }
+
+    fn metadata(&mut self) -> Result<Option<Vec<u8>>, HostFault> {
+        host::property(&["metadata"]).map_err(|e| HostFault(e.0))
+    }
 }
 
-/// Sends latchkey's JSON reply for the current (effective) request, counts it and
-/// records the decision for the access log.
-pub fn local_reply(
-    loaded: &Loaded,
-    refused: &Refused,
-    route: Option<&str>,
-    connection: Option<&str>,
-) {
+/// The one place an [`Outcome`] reaches the host: the header edits (when the
+/// request goes on), counters, filter state and the debug line, then
+/// latchkey's own reply if it has one.
+pub fn apply(loaded: &Loaded, o: &Outcome) -> Result<Action, HostError> {
+    if o.verdict.forwards() {
+        for edit in &o.edits {
+            match edit {
+                Edit::Remove(name) => host::remove_header(Map::Request, name)?,
+                Edit::Set { name, value } => {
+                    host::replace_header(Map::Request, name, value.expose().as_bytes())?
+                }
+                Edit::SetPath(path) => host::replace_header(Map::Request, ":path", path)?,
+            }
+        }
+    }
     let m = &loaded.metrics;
-    let (refusal, decision) = match refused {
-        Refused::Denied(d) => (Refusal::Denied(*d), ""),
-        Refused::BadPath(reason) => (Refusal::BadPath { reason }, ""),
-        Refused::Unavailable {
-            connection,
-            retry_after_s,
-        } => {
+    match o.verdict {
+        Verdict::Allowed => m.allowed(&o.picks),
+        Verdict::UnmatchedAllowed => Metrics::inc(m.unmatched),
+        Verdict::DeniedUnmatched => Metrics::inc(m.denied_unmatched),
+        Verdict::DeniedUnauthenticated => Metrics::inc(m.denied_unauthenticated),
+        Verdict::DeniedForbidden => Metrics::inc(m.denied_forbidden),
+        Verdict::DeniedBadClaims => Metrics::inc(m.denied_bad_claims),
+        Verdict::DeniedBadPath => Metrics::inc(m.denied_bad_path),
+        Verdict::DeniedBadSubject => Metrics::inc(m.denied_bad_subject),
+        Verdict::Unavailable => Metrics::inc(m.unavailable),
+        Verdict::PausedLimit => {
             Metrics::inc(m.unavailable);
-            (
-                Refusal::Unavailable {
-                    connection,
-                    retry_after_s: *retry_after_s,
-                },
-                "credential_unavailable",
-            )
+            Metrics::inc(m.paused_limit);
         }
-        Refused::Internal => {
-            Metrics::inc(m.internal_errors);
-            (Refusal::Internal, "internal_error")
+        Verdict::Internal => Metrics::inc(m.internal_errors),
+        Verdict::Discovery => Metrics::inc(m.discovery),
+    }
+    record(loaded, o);
+    if let Some(r) = &o.reply {
+        let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        if let Err(e) =
+            host::send_local_response(r.status, o.verdict.details(), &headers, r.body.as_bytes())
+        {
+            host::log(
+                Level::Error,
+                &format!("can't send the {} reply: {e}", r.status),
+            );
         }
-    };
-    if !decision.is_empty() {
-        set_filter_state(loaded, route, connection, decision);
     }
-    let r = reply(refusal, route);
-    let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    if let Err(e) = host::send_local_response(r.status, "latchkey", &headers, r.body.as_bytes()) {
-        host::log(
-            Level::Error,
-            &format!("can't send the {} reply: {e}", r.status),
-        );
-    }
+    Ok(if o.verdict.forwards() {
+        Action::Continue
+    } else {
+        Action::Pause
+    })
 }
 
-/// Filter state for access logs: `%FILTER_STATE(wasm.latchkey.decision:PLAIN)%`.
-pub fn set_filter_state(
-    loaded: &Loaded,
-    route: Option<&str>,
-    connection: Option<&str>,
-    decision: &str,
-) {
-    let items = if loaded.config.filter_state {
-        &[
-            ("latchkey.route", route.unwrap_or("-")),
-            ("latchkey.connection", connection.unwrap_or("-")),
-            ("latchkey.decision", decision),
-        ][..]
-    } else {
-        &[][..]
+/// Filter state for access logs (`%FILTER_STATE(wasm.latchkey.decision:PLAIN)%`,
+/// with `filter_state: true`) and the debug line.
+fn record(loaded: &Loaded, o: &Outcome) {
+    let debug = host::log_enabled(Level::Debug);
+    if !loaded.config.filter_state && !debug {
+        return;
+    }
+    if let (Some(why), true) = (&o.why, debug) {
+        host::log(Level::Debug, why);
+    }
+    let config = &loaded.config;
+    let route = o
+        .route
+        .and_then(|r| config.route(r))
+        .map_or("-", |r| r.name.as_str());
+    let connection = match o.verdict {
+        Verdict::Allowed | Verdict::Unavailable | Verdict::PausedLimit if !o.picks.is_empty() => o
+            .picks
+            .iter()
+            .filter_map(|&c| config.connection(c).map(|c| c.name.as_str()))
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => "-".to_string(),
     };
-    for (key, value) in items {
-        if let Err(e) = host::set_property(&[key], value.as_bytes()) {
-            host::log(Level::Debug, &format!("can't set filter state {key}: {e}"));
+    let decision = o.verdict.label();
+    if config.filter_state {
+        for (key, value) in [
+            ("latchkey.route", route),
+            ("latchkey.connection", connection.as_str()),
+            ("latchkey.decision", decision),
+        ] {
+            if let Err(e) = host::set_property(&[key], value.as_bytes()) {
+                host::log(Level::Debug, &format!("can't set filter state {key}: {e}"));
+            }
         }
     }
-    if host::log_enabled(Level::Debug) {
+    if debug {
         host::log(
             Level::Debug,
-            &format!(
-                "route={} connection={} decision={decision}",
-                route.unwrap_or("-"),
-                connection.unwrap_or("-")
-            ),
+            &format!("route={route} connection={connection} decision={decision}"),
         );
     }
 }
 
-pub fn apply(edits: &[Edit]) -> Result<(), HostError> {
-    for edit in edits {
-        match edit {
-            Edit::Remove(name) => host::remove_header(Map::Request, name)?,
-            Edit::Set { name, value } => {
-                host::replace_header(Map::Request, name, value.expose().as_bytes())?
-            }
-            Edit::SetPath(path) => host::replace_header(Map::Request, ":path", path)?,
-        }
-    }
-    Ok(())
-}
-
-fn text(v: Option<&[u8]>) -> &str {
-    v.and_then(|v| std::str::from_utf8(v).ok()).unwrap_or("")
+/// Fails a request closed: 500, counted, logged.
+fn fail_closed(loaded: &Loaded, route: Option<usize>, e: HostError) -> Action {
+    host::log(
+        Level::Error,
+        &format!("host call failed on the request path: {e}"),
+    );
+    // Sending the reply is itself a host call: nothing more to do if it fails.
+    apply(loaded, &request::internal(&loaded.config, route)).unwrap_or(Action::Pause)
 }
 
 fn handle_request(
@@ -571,236 +557,62 @@ fn handle_request(
     context_id: u32,
 ) -> Result<Action, HostError> {
     let config = &state.config;
-    let metrics = &state.metrics;
     let headers = host::header_pairs(Map::Request)?;
-    let full_path = headers.get(":path").unwrap_or(b"/");
-    let path_only = full_path.split(|&b| b == b'?').next().unwrap_or_default();
-    if let Some(dp) = &config.discovery {
-        let method = text(headers.get(":method"));
-        if (method == "GET" || method == "HEAD") && path_only == dp.as_bytes() {
-            return discovery(state, &headers);
-        }
-    }
-    let route_name = if config.router.needs_route_name() {
-        host::property(&["xds", "route_name"])?.and_then(|v| String::from_utf8(v).ok())
-    } else {
-        None
+    let pairs: Vec<(&str, &[u8])> = headers.iter().collect();
+    let needed = match request::start(config, state.discovery.as_ref(), &pairs, &mut HostReads)
+        .map_err(|f| HostError(f.0))?
+    {
+        Step::Done(outcome) => return apply(state, &outcome),
+        Step::Needs(needed) => needed,
     };
-    let info = RequestInfo {
-        route_name: route_name.as_deref(),
-        host: text(headers.get(":authority")),
-        path: "",
-        method: text(headers.get(":method")),
-    };
-    // The path as every kind of upstream reads it: one route for all, or 400.
-    let route_index = match config.router.find_path(&info, path_only) {
-        Ok(r) => r,
-        Err(refusal) => {
-            let reason = refusal.reason();
-            host::log(Level::Debug, &format!("400: {reason}"));
-            Metrics::inc(metrics.denied_bad_path);
-            set_filter_state(state, None, None, "denied_bad_path");
-            local_reply(state, &Refused::BadPath(reason), None, None);
-            return Ok(Action::Pause);
-        }
-    };
-    let route = route_index.and_then(|i| config.route(i));
-    let route_label = route.map(|r| r.name.as_str());
-    let sent: Vec<&str> = headers.iter().map(|(k, _)| k).collect();
-
-    // The claims header never reaches the upstream, whatever happens next.
-    let mut edits = Vec::new();
-    if let ClaimsSource::Header { name } = &config.claims.source {
-        inject::remove_all(name, sent.iter().copied(), &mut edits);
-    }
-    // Nor does a client-sent cluster header: no client picks a cluster (or a
-    // client certificate) itself.
-    for name in &config.cluster_headers {
-        inject::remove_all(name, sent.iter().copied(), &mut edits);
-    }
-
-    let identity = match route {
-        // No route, or only public policies on it: who the caller is changes nothing.
-        None => None,
-        Some(r) if !r.needs_claims => None,
-        Some(_) => match read_identity(config, &headers, state.binds(route_index)) {
-            Ok(identity) => identity,
-            Err(IdentityError::Host(e)) => return Err(e),
-            Err(IdentityError::Malformed(e)) => {
-                host::log(Level::Debug, &format!("401: {e}"));
-                Metrics::inc(metrics.denied_bad_claims);
-                set_filter_state(state, route_label, None, "denied_bad_claims");
-                local_reply(
-                    state,
-                    &Refused::Denied(Denial::Unauthenticated),
-                    route_label,
-                    None,
-                );
-                return Ok(Action::Pause);
-            }
-        },
-    };
-    let decision = match route {
-        None => decide(config, None, None),
-        Some(_) => decide(config, route_index, identity.as_ref()),
-    };
-
-    let deny = |m: Option<u32>, label: &str, denial: Denial, route: Option<&str>| {
-        Metrics::inc(m);
-        set_filter_state(state, route, None, label);
-        local_reply(state, &Refused::Denied(denial), route, None);
-        Ok(Action::Pause)
-    };
-    let (route_i, picks) = match decision {
-        Decision::UnmatchedAllowed => {
-            Metrics::inc(metrics.unmatched);
-            apply(&edits)?;
-            set_filter_state(state, None, None, "unmatched_allowed");
-            return Ok(Action::Continue);
-        }
-        Decision::UnmatchedDenied => {
-            return deny(
-                metrics.denied_unmatched,
-                "denied_unmatched",
-                Denial::Forbidden,
-                None,
-            )
-        }
-        Decision::Denied {
-            denial: Denial::Unauthenticated,
-            ..
-        } => {
-            return deny(
-                metrics.denied_unauthenticated,
-                "denied_unauthenticated",
-                Denial::Unauthenticated,
-                route_label,
-            )
-        }
-        Decision::Denied {
-            denial: Denial::Forbidden,
-            ..
-        } => {
-            return deny(
-                metrics.denied_forbidden,
-                "denied_forbidden",
-                Denial::Forbidden,
-                route_label,
-            )
-        }
-        Decision::Allowed { route, picks } => (route, picks),
-    };
-    let Some(route) = config.route(route_i) else {
-        return Err(HostError(2));
-    };
-    let names: Vec<&str> = picks
-        .iter()
-        .filter_map(|&c| config.connection(c).map(|c| c.name.as_str()))
-        .collect();
-    let connection_label = (!names.is_empty()).then(|| names.join(","));
     // A token this VM holds serves only if no worker dropped one since.
-    if picks.iter().any(|&c| state.has_hot_token(c)) {
+    if needed.picks.iter().any(|&c| state.has_hot_token(c)) {
         state.check_hot_generation();
     }
     // The clock is a host call: only token lookups need it.
-    let now = if needs_time(state, &picks) {
+    let now = if needs_time(state, &needed.picks) {
         host::now_ms()?
     } else {
         0
     };
-    // Token exchange sends the caller's own bearer token as the subject token:
-    // exactly the JWT jwt_authn verified, or the caller gets 401.
-    let subject = if needs_subject(config, &picks) {
-        let values: Vec<&[u8]> = headers
-            .iter()
-            .filter(|(k, _)| *k == "authorization")
-            .map(|(_, v)| v)
-            .collect();
-        match verified_subject(&values, identity.as_ref().and_then(Identity::binding)) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                host::log(Level::Debug, &format!("401: {e}"));
-                Metrics::inc(metrics.denied_bad_subject);
-                set_filter_state(state, route_label, None, "denied_bad_subject");
-                local_reply(
-                    state,
-                    &Refused::Denied(Denial::Unauthenticated),
-                    route_label,
-                    None,
-                );
-                return Ok(Action::Pause);
-            }
-        }
-    } else {
-        None
-    };
-    match broker.resolve(state, &picks, subject.as_ref(), now, true)? {
+    let sent: Vec<&str> = pairs.iter().map(|(k, _)| *k).collect();
+    let path = pairs
+        .iter()
+        .find(|(k, _)| *k == ":path")
+        .map_or(&b"/"[..], |(_, v)| *v);
+    match broker.resolve(state, &needed.picks, needed.subject.as_ref(), now, true)? {
         Resolution::Ready(creds) => {
-            let resolved = Cred::resolved(&creds);
-            edits.extend(inject::plan(route, &resolved, &sent, full_path));
-            apply(&edits)?;
-            metrics.allowed(&picks);
-            set_filter_state(
-                state,
-                Some(&route.name),
-                connection_label.as_deref(),
-                "allowed",
-            );
-            if route.drop_token_on_401 {
+            let keep = config
+                .route(needed.route)
+                .is_some_and(|r| r.drop_token_on_401);
+            let outcome = request::finish(config, needed, &Cred::resolved(&creds), &sent, path);
+            let action = apply(state, &outcome)?;
+            if keep {
                 broker.record_used(context_id, Cred::tokens(&creds));
             }
-            Ok(Action::Continue)
+            Ok(action)
         }
         Resolution::Reject {
             connection,
             retry_after_ms,
-        } => {
-            let name = config
-                .connection(connection)
-                .map_or(String::new(), |c| c.name.clone());
-            local_reply(
-                state,
-                &Refused::Unavailable {
-                    connection: name,
-                    retry_after_s: retry_after_ms.div_ceil(1000),
-                },
-                Some(&route.name),
-                connection_label.as_deref(),
-            );
-            Ok(Action::Pause)
-        }
+        } => apply(
+            state,
+            &request::unavailable(config, needed, connection, retry_after_ms),
+        ),
         Resolution::Wait { deadline_ms, keys } => {
             if broker.paused() >= config.max_paused_requests {
                 // Bounded waiting: past the cap, 503 at once rather than one more
                 // paused stream in memory.
-                Metrics::inc(metrics.paused_limit);
-                let name = picks
-                    .first()
-                    .and_then(|&c| config.connection(c))
-                    .map_or(String::new(), |c| c.name.clone());
-                local_reply(
-                    state,
-                    &Refused::Unavailable {
-                        connection: name,
-                        retry_after_s: 1,
-                    },
-                    Some(&route.name),
-                    connection_label.as_deref(),
-                );
-                return Ok(Action::Pause);
+                return apply(state, &request::paused_limit(config, needed));
             }
             broker.wait(
                 context_id,
                 Waiter {
                     loaded: state.clone(),
-                    route: route_i,
-                    picks,
+                    needed,
                     deadline_ms,
                     sent: sent.iter().map(|s| s.to_string()).collect(),
-                    path: full_path.to_vec(),
-                    pre_edits: edits,
-                    connection_label,
-                    subject,
+                    path: path.to_vec(),
                     keys,
                     seen: Vec::new(),
                 },
@@ -808,34 +620,6 @@ fn handle_request(
             Ok(Action::Pause)
         }
     }
-}
-
-/// Answers `discovery.path` with what this caller may use. Per caller: never cached.
-fn discovery(state: &Rc<Loaded>, headers: &host::HeaderPairs) -> Result<Action, HostError> {
-    let config = &state.config;
-    let identity = match read_identity(config, headers, false) {
-        Ok(id) => id,
-        Err(IdentityError::Host(e)) => return Err(e),
-        Err(IdentityError::Malformed(e)) => {
-            host::log(Level::Debug, &format!("401: {e}"));
-            Metrics::inc(state.metrics.denied_bad_claims);
-            local_reply(state, &Refused::Denied(Denial::Unauthenticated), None, None);
-            return Ok(Action::Pause);
-        }
-    };
-    let Some(index) = &state.discovery else {
-        return Err(HostError(2));
-    };
-    let body = index.answer(config, identity.as_ref());
-    Metrics::inc(state.metrics.discovery);
-    set_filter_state(state, None, None, "discovery");
-    let headers = [
-        ("content-type", "application/json"),
-        ("cache-control", "no-store"),
-        ("vary", "authorization"),
-    ];
-    host::send_local_response(200, "latchkey_discovery", &headers, body.as_bytes())?;
-    Ok(Action::Pause)
 }
 
 fn needs_time(loaded: &Loaded, picks: &[usize]) -> bool {
@@ -855,46 +639,4 @@ fn needs_time(loaded: &Loaded, picks: &[usize]) -> bool {
                 }
             })
     })
-}
-
-fn needs_subject(config: &Config, picks: &[usize]) -> bool {
-    picks.iter().any(|&c| {
-        config.connection(c).is_some_and(|c| {
-            matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. }))
-        })
-    })
-}
-
-enum IdentityError {
-    Host(HostError),
-    Malformed(crate::claims::ClaimsError),
-}
-
-impl From<HostError> for IdentityError {
-    fn from(e: HostError) -> Self {
-        IdentityError::Host(e)
-    }
-}
-
-/// The caller's claims; `Ok(None)` when it brought none.
-/// With `bind`, the identity keeps the verified token's binding claims.
-fn read_identity(
-    config: &Config,
-    headers: &host::HeaderPairs,
-    bind: bool,
-) -> Result<Option<Identity>, IdentityError> {
-    match &config.claims.source {
-        ClaimsSource::None => Ok(None),
-        ClaimsSource::Header { name } => match headers.get(name) {
-            None => Ok(None),
-            Some(v) => Identity::from_header(v, &config.claim_paths, bind)
-                .map(Some)
-                .map_err(IdentityError::Malformed),
-        },
-        ClaimsSource::JwtMetadata { key } => match host::property(&["metadata"])? {
-            None => Ok(None),
-            Some(md) => Identity::from_metadata(&md, key, &config.claim_paths, bind)
-                .map_err(IdentityError::Malformed),
-        },
-    }
 }

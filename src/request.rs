@@ -1,0 +1,460 @@
+//! One request's decision, as data: what the glue read from the host goes in
+//! (the request headers, and on demand the Envoy route name and `jwt_authn`'s
+//! metadata), and out comes either an [`Outcome`] (the header edits, the local
+//! reply if any, and one [`Verdict`] that knows its label, status and details)
+//! or the credentials still [`Needed`]. When they are resolved, now or after a
+//! wait, [`finish`] (or [`unavailable`], [`paused_limit`]) gives the outcome:
+//! the same code for both. The glue applies an outcome in one place and
+//! decides nothing itself.
+//!
+//! Order of the checks (SPEC "routes" and v1.2 "Tokens"): discovery; the route,
+//! with the path read as every upstream reads it (else 400); the claims header
+//! and every cluster header are removed whatever happens next; the caller's
+//! claims (malformed: 401); the access policy and the connection per inject
+//! entry (401/403, or unmatched allow/deny); for token exchange, the subject
+//! token must be exactly the JWT `jwt_authn` verified (else 401).
+
+use crate::claims::Identity;
+use crate::config::{ClaimsSource, Config, Credential, Grant};
+use crate::credential::exchange::verified_subject;
+use crate::discovery::Index;
+use crate::inject::{self, Edit, Resolved};
+use crate::policy::{decide, Decision, Denial};
+use crate::response::{reply, LocalReply, Refusal};
+use crate::router::RequestInfo;
+use crate::secret::Secret;
+
+/// A host read failed (its status): the glue fails the request closed with 500.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostFault(pub u32);
+
+/// What the request path reads from the host only when it needs it.
+pub trait Lazy {
+    /// The Envoy route's `name` (`xds.route_name`).
+    fn route_name(&mut self) -> Result<Option<Vec<u8>>, HostFault>;
+    /// The request's dynamic metadata (serialized `Metadata`).
+    fn metadata(&mut self) -> Result<Option<Vec<u8>>, HostFault>;
+}
+
+/// How a request ended: each knows its access-log label, its counter and, for
+/// those latchkey answers itself, its status and response details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forwarded with its credentials.
+    Allowed,
+    /// No route matched; `unmatched: allow` forwards it as it is.
+    UnmatchedAllowed,
+    /// No route matched; `unmatched: deny`: 403.
+    DeniedUnmatched,
+    /// Claims needed and none: 401.
+    DeniedUnauthenticated,
+    /// The caller's claims don't admit it: 403.
+    DeniedForbidden,
+    /// Malformed claims: 401.
+    DeniedBadClaims,
+    /// The path reads differently to different upstreams, or is malformed: 400.
+    DeniedBadPath,
+    /// Token exchange: the bearer token isn't the JWT `jwt_authn` verified: 401.
+    DeniedBadSubject,
+    /// No valid credential in time: 503.
+    Unavailable,
+    /// This worker already holds `max_paused_requests` paused: 503 at once.
+    PausedLimit,
+    /// A host call failed: 500.
+    Internal,
+    /// The discovery document: 200.
+    Discovery,
+}
+
+impl Verdict {
+    /// The access-log label (`wasm.latchkey.decision`) and the local reply's
+    /// response details (`latchkey_<label>`, in `%RESPONSE_CODE_DETAILS%`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Allowed => "allowed",
+            Verdict::UnmatchedAllowed => "unmatched_allowed",
+            Verdict::DeniedUnmatched => "denied_unmatched",
+            Verdict::DeniedUnauthenticated => "denied_unauthenticated",
+            Verdict::DeniedForbidden => "denied_forbidden",
+            Verdict::DeniedBadClaims => "denied_bad_claims",
+            Verdict::DeniedBadPath => "denied_bad_path",
+            Verdict::DeniedBadSubject => "denied_bad_subject",
+            Verdict::Unavailable => "credential_unavailable",
+            Verdict::PausedLimit => "paused_limit",
+            Verdict::Internal => "internal_error",
+            Verdict::Discovery => "discovery",
+        }
+    }
+
+    /// The response details of latchkey's own reply.
+    pub fn details(self) -> &'static str {
+        match self {
+            Verdict::Allowed => "latchkey_allowed",
+            Verdict::UnmatchedAllowed => "latchkey_unmatched_allowed",
+            Verdict::DeniedUnmatched => "latchkey_denied_unmatched",
+            Verdict::DeniedUnauthenticated => "latchkey_denied_unauthenticated",
+            Verdict::DeniedForbidden => "latchkey_denied_forbidden",
+            Verdict::DeniedBadClaims => "latchkey_denied_bad_claims",
+            Verdict::DeniedBadPath => "latchkey_denied_bad_path",
+            Verdict::DeniedBadSubject => "latchkey_denied_bad_subject",
+            Verdict::Unavailable => "latchkey_credential_unavailable",
+            Verdict::PausedLimit => "latchkey_paused_limit",
+            Verdict::Internal => "latchkey_internal_error",
+            Verdict::Discovery => "latchkey_discovery",
+        }
+    }
+
+    /// Whether the request goes on upstream.
+    pub fn forwards(self) -> bool {
+        matches!(self, Verdict::Allowed | Verdict::UnmatchedAllowed)
+    }
+}
+
+/// Everything the glue does to end (or forward) a request.
+#[derive(Debug)]
+pub struct Outcome {
+    pub verdict: Verdict,
+    /// Request header changes, applied before forwarding (and before a reply:
+    /// the claims and cluster headers go in every case).
+    pub edits: Vec<Edit>,
+    /// latchkey's own answer (`None`: forward).
+    pub reply: Option<LocalReply>,
+    /// The route (index) and the connection per inject entry, for logs and counters.
+    pub route: Option<usize>,
+    pub picks: Vec<usize>,
+    /// Why, for the debug log (no secret, no header value).
+    pub why: Option<String>,
+}
+
+impl Outcome {
+    fn new(verdict: Verdict, route: Option<usize>, edits: Vec<Edit>) -> Outcome {
+        Outcome {
+            verdict,
+            edits,
+            reply: None,
+            route,
+            picks: Vec::new(),
+            why: None,
+        }
+    }
+
+    /// A refusal on `route` (its name goes in the body).
+    fn refused(
+        verdict: Verdict,
+        config: &Config,
+        route: Option<usize>,
+        edits: Vec<Edit>,
+    ) -> Outcome {
+        let refusal = match verdict {
+            Verdict::DeniedUnmatched | Verdict::DeniedForbidden => {
+                Refusal::Denied(Denial::Forbidden)
+            }
+            Verdict::Internal => Refusal::Internal,
+            _ => Refusal::Denied(Denial::Unauthenticated),
+        };
+        let name = route.and_then(|r| config.route(r)).map(|r| r.name.as_str());
+        Outcome {
+            reply: Some(reply(refusal, name)),
+            ..Outcome::new(verdict, route, edits)
+        }
+    }
+
+    fn because(mut self, why: impl Into<String>) -> Outcome {
+        self.why = Some(why.into());
+        self
+    }
+}
+
+/// A request allowed on a route whose credentials must be resolved first.
+#[derive(Debug)]
+pub struct Needed {
+    pub route: usize,
+    /// The connection serving each inject entry.
+    pub picks: Vec<usize>,
+    /// Token exchange: the verified JWT (the subject token).
+    pub subject: Option<Secret>,
+    /// Edits decided already (claims and cluster headers removed).
+    pub edits: Vec<Edit>,
+}
+
+/// What [`start`] found.
+#[derive(Debug)]
+pub enum Step {
+    Done(Outcome),
+    Needs(Needed),
+}
+
+/// The request's first look: from its headers (`(name, value)` as Envoy holds
+/// them), and on demand the route name and metadata.
+pub fn start(
+    config: &Config,
+    discovery: Option<&Index>,
+    headers: &[(&str, &[u8])],
+    lazy: &mut impl Lazy,
+) -> Result<Step, HostFault> {
+    let get = |name: &str| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+    let text = |name: &str| {
+        get(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .unwrap_or("")
+    };
+    let full_path = get(":path").unwrap_or(b"/");
+    let path_only = full_path.split(|&b| b == b'?').next().unwrap_or_default();
+    let method = text(":method");
+    if let (Some(dp), Some(index)) = (&config.discovery, discovery) {
+        if (method == "GET" || method == "HEAD") && path_only == dp.as_bytes() {
+            return answer_discovery(config, index, headers, lazy).map(Step::Done);
+        }
+    }
+    let route_name = if config.router.needs_route_name() {
+        lazy.route_name()?.and_then(|v| String::from_utf8(v).ok())
+    } else {
+        None
+    };
+    let info = RequestInfo {
+        route_name: route_name.as_deref(),
+        host: text(":authority"),
+        path: "",
+        method,
+    };
+    // The path as every kind of upstream reads it: one route for all, or 400.
+    let route_index = match config.router.find_path(&info, path_only) {
+        Ok(r) => r,
+        Err(refusal) => {
+            let reason = refusal.reason();
+            let outcome = Outcome {
+                reply: Some(reply(Refusal::BadPath { reason }, None)),
+                ..Outcome::new(Verdict::DeniedBadPath, None, Vec::new())
+            };
+            return Ok(Step::Done(outcome.because(format!("400: {reason}"))));
+        }
+    };
+    let route = route_index.and_then(|i| config.route(i));
+
+    // The claims header never reaches the upstream, whatever happens next; nor
+    // does a client-sent cluster header: no client picks a cluster (or a client
+    // certificate) itself.
+    let sent = || headers.iter().map(|(k, _)| *k);
+    let mut edits = Vec::new();
+    if let ClaimsSource::Header { name } = &config.claims.source {
+        inject::remove_all(name, sent(), &mut edits);
+    }
+    for name in &config.cluster_headers {
+        inject::remove_all(name, sent(), &mut edits);
+    }
+
+    let exchanges = route.is_some_and(|r| {
+        r.inject
+            .iter()
+            .any(|i| i.connections.iter().any(|&c| is_exchange(config, c)))
+    });
+    let identity = match route {
+        // No route, or only public policies on it: who the caller is changes nothing.
+        None => None,
+        Some(r) if !r.needs_claims => None,
+        Some(_) => match read_identity(config, headers, exchanges, lazy)? {
+            Ok(identity) => identity,
+            Err(e) => {
+                let outcome =
+                    Outcome::refused(Verdict::DeniedBadClaims, config, route_index, edits);
+                return Ok(Step::Done(outcome.because(format!("401: {e}"))));
+            }
+        },
+    };
+    let (route_i, picks) = match decide(config, route_index, identity.as_ref()) {
+        Decision::UnmatchedAllowed => {
+            return Ok(Step::Done(Outcome::new(
+                Verdict::UnmatchedAllowed,
+                None,
+                edits,
+            )))
+        }
+        Decision::UnmatchedDenied => {
+            return Ok(Step::Done(Outcome::refused(
+                Verdict::DeniedUnmatched,
+                config,
+                None,
+                edits,
+            )))
+        }
+        Decision::Denied { denial, .. } => {
+            let verdict = match denial {
+                Denial::Unauthenticated => Verdict::DeniedUnauthenticated,
+                Denial::Forbidden => Verdict::DeniedForbidden,
+            };
+            return Ok(Step::Done(Outcome::refused(
+                verdict,
+                config,
+                route_index,
+                edits,
+            )));
+        }
+        Decision::Allowed { route, picks } => (route, picks),
+    };
+    // Token exchange sends the caller's own bearer token as the subject token:
+    // exactly the JWT jwt_authn verified, or the caller gets 401.
+    let subject = if picks.iter().any(|&c| is_exchange(config, c)) {
+        let values: Vec<&[u8]> = headers
+            .iter()
+            .filter(|(k, _)| *k == "authorization")
+            .map(|(_, v)| *v)
+            .collect();
+        match verified_subject(&values, identity.as_ref().and_then(Identity::binding)) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                let outcome =
+                    Outcome::refused(Verdict::DeniedBadSubject, config, Some(route_i), edits);
+                return Ok(Step::Done(outcome.because(format!("401: {e}"))));
+            }
+        }
+    } else {
+        None
+    };
+    Ok(Step::Needs(Needed {
+        route: route_i,
+        picks,
+        subject,
+        edits,
+    }))
+}
+
+/// The outcome once every credential is resolved (one per inject entry, in
+/// order): the route's injections and strips after the edits decided before.
+/// `sent` are the header names the client sent, `path` its `:path`.
+pub fn finish(
+    config: &Config,
+    needed: Needed,
+    resolved: &[Resolved],
+    sent: &[&str],
+    path: &[u8],
+) -> Outcome {
+    let Needed {
+        route,
+        picks,
+        edits,
+        ..
+    } = needed;
+    let Some(r) = config.route(route) else {
+        return Outcome::refused(Verdict::Internal, config, None, edits);
+    };
+    let mut edits = edits;
+    edits.extend(inject::plan(r, resolved, sent, path));
+    Outcome {
+        picks,
+        ..Outcome::new(Verdict::Allowed, Some(route), edits)
+    }
+}
+
+/// No valid credential of `connection` in time: 503 with `retry-after`.
+pub fn unavailable(
+    config: &Config,
+    needed: Needed,
+    connection: usize,
+    retry_after_ms: u64,
+) -> Outcome {
+    refuse_503(
+        config,
+        needed,
+        connection,
+        retry_after_ms,
+        Verdict::Unavailable,
+    )
+}
+
+/// This worker holds `max_paused_requests` paused already: 503 at once, naming
+/// the first connection the request would have waited for.
+pub fn paused_limit(config: &Config, needed: Needed) -> Outcome {
+    let connection = needed.picks.first().copied().unwrap_or(usize::MAX);
+    refuse_503(config, needed, connection, 1000, Verdict::PausedLimit)
+}
+
+fn refuse_503(
+    config: &Config,
+    needed: Needed,
+    connection: usize,
+    retry_after_ms: u64,
+    verdict: Verdict,
+) -> Outcome {
+    let name = config
+        .connection(connection)
+        .map_or("", |c| c.name.as_str());
+    let route_name = config.route(needed.route).map(|r| r.name.as_str());
+    let refusal = Refusal::Unavailable {
+        connection: name,
+        retry_after_s: retry_after_ms.div_ceil(1000),
+    };
+    Outcome {
+        reply: Some(reply(refusal, route_name)),
+        picks: needed.picks,
+        ..Outcome::new(verdict, Some(needed.route), needed.edits)
+    }
+}
+
+/// A host call failed on the request path: 500, fail closed.
+pub fn internal(config: &Config, route: Option<usize>) -> Outcome {
+    Outcome::refused(Verdict::Internal, config, route, Vec::new())
+}
+
+fn answer_discovery(
+    config: &Config,
+    index: &Index,
+    headers: &[(&str, &[u8])],
+    lazy: &mut impl Lazy,
+) -> Result<Outcome, HostFault> {
+    let identity = match read_identity(config, headers, false, lazy)? {
+        Ok(id) => id,
+        Err(e) => {
+            return Ok(
+                Outcome::refused(Verdict::DeniedBadClaims, config, None, Vec::new())
+                    .because(format!("401: {e}")),
+            )
+        }
+    };
+    let body = index.answer(config, identity.as_ref());
+    let reply = LocalReply {
+        status: 200,
+        headers: vec![
+            ("content-type", "application/json".to_string()),
+            ("cache-control", "no-store".to_string()),
+            ("vary", "authorization".to_string()),
+        ],
+        body,
+    };
+    Ok(Outcome {
+        reply: Some(reply),
+        ..Outcome::new(Verdict::Discovery, None, Vec::new())
+    })
+}
+
+fn is_exchange(config: &Config, connection: usize) -> bool {
+    config.connection(connection).is_some_and(|c| {
+        matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. }))
+    })
+}
+
+/// The caller's claims (`Ok(None)`: it brought none); the inner error is a
+/// malformed claims source (401). With `bind`, the identity keeps the verified
+/// token's binding claims.
+fn read_identity(
+    config: &Config,
+    headers: &[(&str, &[u8])],
+    bind: bool,
+    lazy: &mut impl Lazy,
+) -> Result<Result<Option<Identity>, crate::claims::ClaimsError>, HostFault> {
+    Ok(match &config.claims.source {
+        ClaimsSource::None => Ok(None),
+        ClaimsSource::Header { name } => {
+            match headers.iter().find(|(k, _)| k == name).map(|(_, v)| *v) {
+                None => Ok(None),
+                Some(v) => Identity::from_header(v, &config.claim_paths, bind).map(Some),
+            }
+        }
+        ClaimsSource::JwtMetadata { key } => match lazy.metadata()? {
+            None => Ok(None),
+            Some(md) => Identity::from_metadata(&md, key, &config.claim_paths, bind),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests;
