@@ -1142,3 +1142,111 @@ fn an_empty_query_parameter_is_refused() {
         "routes[1].inject[0].query: must not be an empty string"
     );
 }
+
+#[test]
+fn drop_on_401_after_defaults_to_10_s_and_is_at_most_an_hour() {
+    let after = |v: &Value| {
+        let c = load(v).unwrap();
+        c.providers
+            .iter()
+            .filter_map(|p| match &p.kind {
+                ProviderKind::OAuth2(o) => Some(o.drop_on_401_after_s),
+                ProviderKind::ManagedIdentity(m) => Some(m.drop_on_401_after_s),
+                _ => None,
+            })
+            .collect::<Vec<u64>>()
+    };
+    assert_eq!(after(&spec_example()), [10]);
+    assert_eq!(after(&store_config()), [10, 10]);
+    for (p, s) in [("orders_idp", 0), ("orders_idp", 3600)] {
+        let mut v = spec_example();
+        v["providers"][p]["drop_on_401_after_s"] = json!(s);
+        assert_eq!(after(&v), [s]);
+    }
+    let mut v = store_config();
+    v["providers"]["azure_mi"]["drop_on_401_after_s"] = json!(3600);
+    v["providers"]["idp"]["drop_on_401_after_s"] = json!(7);
+    assert_eq!(after(&v), [3600, 7]);
+    assert_eq!(
+        error_after(|v| v["providers"]["orders_idp"]["drop_on_401_after_s"] = json!(3601)),
+        "providers.orders_idp.drop_on_401_after_s: invalid value \"3601\": must be at most 3600"
+    );
+    assert_eq!(
+        store_result(|v| v["providers"]["azure_mi"]["drop_on_401_after_s"] = json!(3601))
+            .unwrap_err(),
+        "providers.azure_mi.drop_on_401_after_s: invalid value \"3601\": must be at most 3600"
+    );
+}
+
+#[test]
+fn a_route_s_match_is_compiled_whole_and_the_router_uses_it() {
+    let mut v = spec_example();
+    v["routes"][1]["match"] = json!({"route_name": "partner-rt", "host": "Partner.Example:443",
+                                      "path_exact": "/partner/x", "methods": ["post"]});
+    let c = load(&v).unwrap();
+    assert_eq!(
+        c.routes[1].matcher,
+        RouteMatch {
+            route_name: Some("partner-rt".into()),
+            host: Some("partner.example".into()),
+            path: Some(PathMatch::Exact("/partner/x".into())),
+            methods: vec!["POST".into()],
+        }
+    );
+    let req = |route_name, path, method| crate::router::RequestInfo {
+        route_name,
+        host: "partner.example",
+        path,
+        method,
+    };
+    assert_eq!(
+        c.router
+            .find(&req(Some("partner-rt"), "/partner/x", "POST")),
+        Some(1)
+    );
+    assert_eq!(
+        c.router.find(&req(Some("orders"), "/partner/x", "POST")),
+        Some(0)
+    );
+    assert_eq!(
+        c.router.find(&req(Some("partner-rt"), "/partner/x", "GET")),
+        None
+    );
+}
+
+#[test]
+fn every_cluster_header_is_stripped_with_the_documented_one() {
+    let v = json!({
+        "providers": { "mtls": { "type": "client_certificate" } },
+        "connections": {
+            "a": { "provider": "mtls", "cluster": "ca", "access": { "authenticated": true } },
+            "b": { "provider": "mtls", "cluster": "cb", "access": { "authenticated": true } }
+        },
+        "routes": [
+            { "name": "r1", "match": { "path_prefix": "/1/" },
+              "inject": [ { "connections": ["a"], "cluster_header": "X-Partner-Cluster" } ] },
+            { "name": "r2", "match": { "path_prefix": "/2/" },
+              "inject": [ { "connections": ["b"], "cluster_header": "x-partner-cluster" } ] },
+            { "name": "r3", "match": { "path_prefix": "/3/" },
+              "inject": [ { "connections": ["a", "b"], "cluster_header": "a-cluster" } ] }
+        ]
+    });
+    let c = load(&v).unwrap();
+    assert_eq!(
+        c.cluster_headers,
+        ["a-cluster", "x-latchkey-cluster", "x-partner-cluster"]
+    );
+    let c = load(&json!({})).unwrap();
+    assert_eq!(c.cluster_headers, ["x-latchkey-cluster"]);
+    // Only client certificates go in a cluster_header entry.
+    let mut v = v;
+    v["secrets"] = json!({"k": {"env": "PARTNER_API_KEY"}});
+    v["providers"]["keys"] = json!({"type": "api_key"});
+    v["connections"]["key"] =
+        json!({"provider": "keys", "api_key": "k", "access": {"authenticated": true}});
+    v["routes"][2]["inject"][0]["connections"] = json!(["a", "key"]);
+    assert_eq!(
+        load(&v).unwrap_err().to_string(),
+        "routes[2].inject[0].connections: a cluster_header entry takes client_certificate connections only"
+    );
+}
