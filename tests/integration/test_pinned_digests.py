@@ -116,3 +116,31 @@ def test_committed_digests_match_the_built_module(digests, wasm_path):
         f"committed digests differ from the module built at {wasm_path}; Istio's agent would "
         "refuse it and with FAIL_CLOSE every request would fail:\n" + "\n".join(lines) + "\n"
         + FIX.format(files=", ".join(sorted({f for f, _, _, _ in stale}))))
+
+
+# Everything under deploy/ that loads latchkey: Istio's two APIs and Envoy Gateway's.
+PLUGIN_KINDS = {"WasmPlugin", "TrafficExtension", "EnvoyExtensionPolicy"}
+
+
+def test_every_plugin_manifest_pins_the_module_where_make_oci_renders_it():
+    """Each WasmPlugin, TrafficExtension and EnvoyExtensionPolicy under deploy/ pins the
+    module once, with the same image digest as every other, in a form scripts/oci.py --pin
+    (`make oci`) rewrites: a new manifest can't be left out of the render, and the test
+    above then covers it. Independent of the module built."""
+    oci = _oci_module()
+    image, module = "e" * 64, "f" * 64
+    seen = []
+    for f in sorted((REPO_ROOT / "deploy").rglob("*.yaml")):
+        text = f.read_text()
+        rendered, _ = oci.pin_manifest(text, "sha256:" + image, module)
+        for before, after in zip(list(yaml.safe_load_all(text)), list(yaml.safe_load_all(rendered))):
+            if not before or before.get("kind") not in PLUGIN_KINDS:
+                continue
+            rel = f"{f.relative_to(REPO_ROOT)} {before['kind']}"
+            seen.append(rel)
+            assert len(_pins(before)) == 1, f"{rel}: expected one pinned sha256, found {_pins(before)}"
+            # An oci:// image: `make oci` writes the image digest.
+            assert [h for _, h in _pins(after)] == [image], f"{rel}: `make oci` does not rewrite its pin"
+    assert len(seen) >= 7, seen
+    committed = {hexd for f, _, hexd, kind in pinned_digests() if f.startswith("deploy/") and kind == "image"}
+    assert len(committed) == 1, f"deploy/ pins different digests: {committed}; run `make oci`"
