@@ -16,13 +16,16 @@ pub mod config;
 pub mod credential;
 pub mod discovery;
 pub mod inject;
+pub mod loaded;
 pub mod pairs;
 pub mod path;
 pub mod pb;
 pub mod policy;
+pub mod proxy;
 pub mod request;
 pub mod response;
 pub mod router;
 pub mod secret;
+pub mod stats;
 
 pub mod filter;

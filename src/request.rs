@@ -24,9 +24,7 @@ use crate::response::{reply, LocalReply, Refusal};
 use crate::router::RequestInfo;
 use crate::secret::Secret;
 
-/// A host read failed (its status): the glue fails the request closed with 500.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HostFault(pub u32);
+pub use crate::proxy::HostFault;
 
 /// What the request path reads from the host only when it needs it.
 pub trait Lazy {

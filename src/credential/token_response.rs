@@ -189,9 +189,59 @@ fn sanitize_code(code: &str) -> String {
         .collect()
 }
 
+/// How long token `t`, received at `now`, may be cached: its `expires_in`, but
+/// never past its own `exp` when it is a JWT (a server may round `exp` down to
+/// the second it issued it in and still say `expires_in: 5`, so the token dies
+/// up to a second before `now + expires_in`), nor past the subject token's
+/// `exp` (token exchange: a token obtained for a caller never outlives the
+/// caller's own).
+pub fn lifetime_ms(t: &Token, subject_exp_ms: Option<u64>, now: u64) -> u64 {
+    use super::exchange::{capped_lifetime_ms, jwt_exp_ms};
+    let own = capped_lifetime_ms(t.lifetime_ms, jwt_exp_ms(t.access_token.expose()), now);
+    capped_lifetime_ms(own, subject_exp_ms, now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_jwt_access_token_is_never_cached_past_its_own_exp() {
+        use base64::Engine;
+        let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let jwt = |exp: u64| {
+            format!(
+                "{}.{}.sig",
+                b(r#"{"alg":"RS256"}"#),
+                b(&format!(r#"{{"exp":{exp}}}"#))
+            )
+        };
+        let token = |access: String, lifetime_ms: u64| Token {
+            access_token: Secret::new(access),
+            lifetime_ms,
+            refresh_token: None,
+        };
+        // Issued at 100.9 s with exp 105 (rounded down) and expires_in 5: 4.1 s.
+        let now = 100_900;
+        assert_eq!(lifetime_ms(&token(jwt(105), 5_000), None, now), 4_100);
+        // An exp later than expires_in changes nothing; nor does an opaque token.
+        assert_eq!(lifetime_ms(&token(jwt(200), 5_000), None, now), 5_000);
+        assert_eq!(
+            lifetime_ms(&token("opaque".into(), 5_000), None, now),
+            5_000
+        );
+        // The subject's exp caps it too (token exchange), and the earlier one wins.
+        assert_eq!(
+            lifetime_ms(&token(jwt(105), 5_000), Some(103_000), now),
+            2_100
+        );
+        assert_eq!(
+            lifetime_ms(&token("opaque".into(), 5_000), Some(103_000), now),
+            2_100
+        );
+        // Already past exp: the shortest lifetime, never 0 or a wrap.
+        assert_eq!(lifetime_ms(&token(jwt(100), 5_000), None, now), 1);
+    }
 
     const DEFAULT: u64 = 300_000;
 

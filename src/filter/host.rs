@@ -8,6 +8,9 @@
 //! bindings to the same ABI (0.2.1) functions instead. The SDK still provides the
 //! context dispatch and the memory allocator the host calls back into.
 
+use std::time::Duration;
+
+use crate::credential::store::HttpCall;
 use crate::pairs;
 
 /// A host status other than Ok, as the ABI numbers it.
@@ -50,26 +53,10 @@ pub enum Map {
     CallResponse = 6,
 }
 
-#[derive(Debug, Clone, Copy, PartialOrd, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Level {
-    Debug = 1,
-    Info = 2,
-    Warn = 3,
-    Error = 4,
-    Critical = 5,
-}
-
-#[derive(Debug, Clone, Copy)]
-#[repr(u32)]
-pub enum MetricKind {
-    Counter = 0,
-    Gauge = 1,
-}
+pub use crate::proxy::{Level, MetricKind};
 
 const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
-pub const CAS_MISMATCH: u32 = 8;
 
 #[allow(clashing_extern_declarations)]
 #[link(wasm_import_module = "env")]
@@ -397,6 +384,28 @@ pub fn send_local_response(
             -1,
         )
     })
+}
+
+/// Sends a call through an Envoy cluster from the active context (the root:
+/// the answer comes back to it); the call's id. This one goes through the SDK,
+/// whose dispatcher must register the id to route the answer back (an answer
+/// it doesn't know panics in the SDK); the SDK panics on a status other than
+/// Ok, BadArgument and InternalFailure, the only ones Envoy's `httpCall`
+/// returns.
+pub fn dispatch_http_call(call: &HttpCall) -> HostResult<u32> {
+    let mut headers: Vec<(&str, &str)> =
+        call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    for (k, v) in &call.secret_headers {
+        headers.push((k, v.expose()));
+    }
+    proxy_wasm::hostcalls::dispatch_http_call(
+        &call.cluster,
+        headers,
+        call.body.as_ref().map(|b| b.expose().as_bytes()),
+        vec![],
+        Duration::from_millis(call.timeout_ms),
+    )
+    .map_err(|status| HostError(status as u32))
 }
 
 pub fn define_metric(kind: MetricKind, name: &str) -> HostResult<u32> {

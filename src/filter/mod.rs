@@ -1,16 +1,14 @@
-//! The proxy-wasm glue: the only code that talks to the host.
-//!
-//! [`Root`] loads the configuration (`on_configure`; a bad one is refused whole),
-//! defines the stats, prepares the shared token cache keys and runs the VM's
-//! token [`broker`] (ticks and token-call responses). [`Http`] runs the request
-//! flow in `on_http_request_headers`: read the headers once, match the route,
-//! read the claims, decide, resolve credentials, then change the request and
-//! continue, pause until a token arrives, or answer with a local reply. Any host
-//! error on that path fails closed with a 500; nothing here can panic.
+//! The proxy-wasm glue: the only code that talks to the host, and it decides
+//! nothing. [`Root`] loads the configuration (`on_configure`; a bad one is
+//! refused whole) and runs the VM's credential broker on its tick: it sends the
+//! calls the broker has due, hands it each answer, and applies the outcome of
+//! every paused request whose wait is over. [`Http`] reads a request's headers
+//! once, asks [`crate::request`] for the outcome (resolving its credentials
+//! through the broker), and applies it in one place ([`apply`]). Any host error
+//! on that path fails closed with a 500; nothing here can panic.
 
-mod broker;
 mod host;
-mod metrics;
+mod proxy;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -18,119 +16,45 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use crate::config::{Config, Credential, Grant, ProviderKind, SecretRef};
-use crate::credential::cache::{Cached, Policy};
+use crate::config::Config;
+use crate::credential::broker::{Broker, Cred, Resolution, Resumed, Waiter};
+use crate::credential::token_response::MAX_BODY;
 use crate::inject::Edit;
+use crate::loaded::{needs_time, Loaded};
+use crate::proxy::Proxy;
 use crate::request::{self, HostFault, Outcome, Step, Verdict};
 use crate::response::{reply, Refusal};
-use crate::secret::Secret;
-use broker::{Broker, Cred, Resolution, StoreSlot, TokenSlot, Waiter};
 use host::{HostError, Level, Map};
-use metrics::Metrics;
+use proxy::ProxyHost;
 
 proxy_wasm::main! {{
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(Root { state: None, broker: Rc::new(RefCell::new(Broker::new(context_id))) })
+        Box::new(Root {
+            id: context_id,
+            state: None,
+            broker: Rc::new(RefCell::new(Broker::new(ProxyHost))),
+        })
     });
 }}
 
 struct Root {
+    id: u32,
     state: Option<Rc<Loaded>>,
-    broker: Rc<RefCell<Broker>>,
+    broker: Rc<RefCell<Broker<ProxyHost>>>,
 }
 
-/// A loaded configuration with what the request path needs beside it.
-pub struct Loaded {
-    pub config: Config,
-    pub metrics: Metrics,
-    /// Token cache per connection index (oauth2 and managed-identity connections).
-    pub tokens: Vec<Option<TokenSlot>>,
-    /// Value cache per store index.
-    pub stores: Vec<StoreSlot>,
-    /// This VM's copy of each store's current value, kept fresh by the tick
-    /// (`Broker::tend_stores`): a request reads it with no host call at all.
-    pub store_values: RefCell<Vec<Option<Secret>>>,
-    /// This VM's copy of each connection's current token (not for token
-    /// exchange), kept while the tick finds it good for a few seconds more
-    /// (`Broker::tend_tokens`): a request then reads neither the shared cache
-    /// nor the clock.
-    pub hot_tokens: RefCell<Vec<Option<Cached>>>,
-    /// Discovery answers, serialized once per configuration (only when
-    /// `discovery.path` is set).
-    pub discovery: Option<crate::discovery::Index>,
-    /// The CAS of [`HOT_GENERATION`] when the copies above were taken: a token
-    /// dropped on an upstream 401 by any worker moves it, and every VM's copies
-    /// are then dropped before the next request uses one.
-    pub hot_generation: std::cell::Cell<u32>,
+thread_local! {
+    /// The tick period set last (one root context per VM).
+    static TICK_MS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
-/// An always-empty shared-data key whose CAS moves whenever a worker drops a
-/// token the upstream refused. Reading it costs a request one host call and no
-/// copy; a VM's token copies are good only while it hasn't moved.
-pub const HOT_GENERATION: &str = "latchkey.tokens.generation";
-
-impl Loaded {
-    /// This VM's copy of store `i`'s value, if it has one.
-    pub fn store_value(&self, i: usize) -> Option<Secret> {
-        self.store_values
-            .try_borrow()
-            .ok()
-            .and_then(|v| v.get(i).cloned().flatten())
-    }
-
-    /// This VM's copy of connection `c`'s token, if it holds one.
-    pub fn hot_token(&self, c: usize) -> Option<Cached> {
-        self.hot_tokens
-            .try_borrow()
-            .ok()
-            .and_then(|v| v.get(c).cloned().flatten())
-    }
-
-    pub fn has_hot_token(&self, c: usize) -> bool {
-        self.hot_tokens
-            .try_borrow()
-            .is_ok_and(|v| v.get(c).is_some_and(Option::is_some))
-    }
-
-    /// The current [`HOT_GENERATION`]; `None` when it can't be read (then no
-    /// copy may be used).
-    pub fn read_hot_generation() -> Option<u32> {
-        match host::shared_data(HOT_GENERATION) {
-            Ok(Some((_, cas))) => Some(cas),
-            _ => None,
-        }
-    }
-
-    /// Drops this VM's token copies if a worker dropped a token since they were
-    /// taken (or the generation can't be read).
-    pub fn check_hot_generation(&self) {
-        let now = Self::read_hot_generation();
-        if now != Some(self.hot_generation.get()) {
-            self.cool_hot_tokens();
-            self.hot_generation.set(now.unwrap_or(0));
-        }
-    }
-
-    pub fn cool_hot_tokens(&self) {
-        if let Ok(mut v) = self.hot_tokens.try_borrow_mut() {
-            v.iter_mut().for_each(|t| *t = None);
-        }
-    }
-
-    pub fn set_hot_token(&self, c: usize, token: Option<Cached>) {
-        if let Ok(mut v) = self.hot_tokens.try_borrow_mut() {
-            if let Some(slot) = v.get_mut(c) {
-                *slot = token;
-            }
-        }
-    }
-
-    pub fn set_store_value(&self, i: usize, value: Secret) {
-        if let Ok(mut v) = self.store_values.try_borrow_mut() {
-            if let Some(slot) = v.get_mut(i) {
-                *slot = Some(value);
-            }
-        }
+/// Sets the tick the broker wants now: fast while a fetch waits to be sent, a
+/// poll while requests wait, once a second otherwise (a host call only when it
+/// changes).
+fn retick(broker: &Broker<ProxyHost>) {
+    let ms = broker.wanted_tick_ms();
+    if TICK_MS.with(std::cell::Cell::get) != ms && host::set_tick_period_ms(ms).is_ok() {
+        TICK_MS.with(|t| t.set(ms));
     }
 }
 
@@ -147,97 +71,44 @@ fn vm_memory_kib() -> usize {
     }
 }
 
-/// Creates a shared-data key if it is absent: "create if absent" by CAS is not
-/// atomic in the host, so every key is created at configure time.
-fn precreate(key: &str) {
-    if let Ok(None) = host::shared_data(key) {
-        let _ = host::set_shared_data(key, b"", 0);
-    }
-}
-
-impl Loaded {
-    /// `namespace`: the plugin's name, so that two plugins sharing a VM id never
-    /// share a shared-data key.
-    fn new(config: Config, namespace: &str) -> Loaded {
-        let metrics = Metrics::define(&config);
-        let tokens: Vec<Option<TokenSlot>> = config
-            .connections
-            .iter()
-            .map(|c| {
-                let provider = config.provider_of(c)?;
-                let (timeout_ms, margin_s, default_s, after_401_s) = match &provider.kind {
-                    ProviderKind::OAuth2(p) => (p.timeout_ms, p.refresh_margin_s, p.default_expires_in_s, p.drop_on_401_after_s),
-                    ProviderKind::ManagedIdentity(p) => (p.timeout_ms, p.refresh_margin_s, p.default_expires_in_s, p.drop_on_401_after_s),
-                    ProviderKind::ApiKey | ProviderKind::ClientCertificate => return None,
-                };
-                let key = crate::credential::keys::token_key(namespace, &config, c)?;
-                let refresh = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::RefreshToken(_)));
-                let exchange = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. }));
-                let rt_key = refresh.then(|| format!("{key}.rt"));
-                let slot = TokenSlot {
-                    key,
-                    exchange,
-                    rt_key,
-                    policy: Policy::new(timeout_ms, margin_s * 1000),
-                    default_lifetime_ms: default_s * 1000,
-                    drop_on_401_after_ms: after_401_s * 1000,
-                };
-                // Create the keys now: "create if absent" by CAS is not atomic in the host.
-                let keys: Vec<String> = if exchange {
-                    (0..crate::credential::exchange::SETS).map(|i| slot.set_key(i)).collect()
-                } else {
-                    std::iter::once(slot.key.clone()).chain(slot.rt_key.clone()).collect()
-                };
-                for k in &keys {
-                    precreate(k);
-                }
-                Some(slot)
-            })
-            .collect();
-        let stores = config
-            .stores
-            .iter()
-            .map(|st| {
-                let key = crate::credential::keys::store_key(namespace, &config, st);
-                let login_key = matches!(
-                    &st.kind,
-                    crate::config::StoreKind::Vault {
-                        auth: crate::config::VaultAuth::AppRole { .. },
-                        ..
-                    }
-                )
-                .then(|| format!("{key}.login"));
-                precreate(&key);
-                if let Some(k) = &login_key {
-                    precreate(k);
-                }
-                StoreSlot {
-                    key,
-                    login_key,
-                    policy: Policy::new(st.timeout_ms, 0),
-                }
-            })
-            .collect();
-        let store_values = RefCell::new(vec![None; config.stores.len()]);
-        let hot_tokens = RefCell::new(vec![None; config.connections.len()]);
-        if tokens.iter().any(Option::is_some) {
-            precreate(HOT_GENERATION);
+impl Root {
+    fn retick(&self) {
+        if let Ok(b) = self.broker.try_borrow() {
+            retick(&b);
         }
-        let hot_generation = std::cell::Cell::new(Loaded::read_hot_generation().unwrap_or(0));
-        let discovery = config
-            .discovery
-            .as_ref()
-            .map(|_| crate::discovery::Index::new(&config));
+    }
 
-        Loaded {
-            config,
-            metrics,
-            tokens,
-            stores,
-            store_values,
-            hot_tokens,
-            discovery,
-            hot_generation,
+    /// Applies the outcome of each paused request whose wait is over, in its
+    /// own context, and lets those that go on continue.
+    fn resume(&mut self, now: u64) {
+        let resumed = match self.broker.try_borrow_mut() {
+            Ok(mut b) => b.due_waiters(now),
+            Err(_) => return,
+        };
+        for Resumed {
+            id,
+            loaded,
+            outcome,
+            used,
+        } in resumed
+        {
+            if host::set_effective_context(id).is_err() {
+                continue; // the request has gone away
+            }
+            let done = apply(&loaded, &outcome).and_then(|action| match action {
+                Action::Continue => host::resume_request(),
+                _ => Ok(()),
+            });
+            let _ = host::set_effective_context(self.id);
+            match done {
+                Ok(()) if !used.is_empty() => {
+                    if let Ok(mut b) = self.broker.try_borrow_mut() {
+                        b.record_used(id, used);
+                    }
+                }
+                Ok(()) => {}
+                Err(e) => host::log(Level::Error, &format!("can't resume a request: {e}")),
+            }
         }
     }
 }
@@ -248,22 +119,37 @@ impl Loaded {
 /// Envoy doesn't enter the VM for it on every request.
 impl Drop for Root {
     fn drop(&mut self) {
-        Metrics::flush();
+        proxy::flush();
     }
 }
 
 impl Context for Root {
     fn on_http_call_response(
         &mut self,
-        token_id: u32,
+        id: u32,
         _headers: usize,
         body_size: usize,
         _trailers: usize,
     ) {
+        let now = host::now_ms().unwrap_or(0);
         match self.broker.try_borrow_mut() {
-            Ok(mut b) => b.on_http_call_response(token_id, body_size),
-            Err(_) => host::log(Level::Error, "token broker busy; response dropped"),
+            Ok(mut b) if b.awaits(id) => {
+                let status = host::header_pairs(Map::CallResponse).ok().and_then(|h| {
+                    h.get(":status")
+                        .and_then(|s| std::str::from_utf8(s).ok()?.parse::<u32>().ok())
+                });
+                let body = (body_size <= MAX_BODY)
+                    .then(|| host::http_call_response_body(body_size).unwrap_or_default());
+                b.on_answer(id, status, body, now);
+            }
+            Ok(_) => return,
+            Err(_) => {
+                host::log(Level::Error, "credential broker busy; answer dropped");
+                return;
+            }
         }
+        self.resume(now);
+        self.retick();
     }
 }
 
@@ -281,79 +167,67 @@ impl RootContext for Root {
         };
         let env = |name: &str| std::env::var(name).ok();
         let started = host::now_ns().unwrap_or(0);
-        match Config::parse(&text, &env) {
-            Ok(config) => {
-                for w in &config.warnings {
-                    host::log(Level::Warn, w);
-                }
-                for n in &config.notes {
-                    host::log(Level::Info, n);
-                }
-                let (routes, connections, providers) = (
-                    config.routes.len(),
-                    config.connections.len(),
-                    config.providers.len(),
-                );
-                // Envoy's plugin name (empty when unset): shared-data keys are namespaced by it.
-                let plugin = host::property(&["plugin_name"])
-                    .ok()
-                    .flatten()
-                    .and_then(|v| String::from_utf8(v).ok())
-                    .unwrap_or_default();
-                let loaded = Rc::new(Loaded::new(config, &plugin));
-                if let Ok(mut b) = self.broker.try_borrow_mut() {
-                    b.has_stores = !loaded.stores.is_empty();
-                    // The idle tick flushes counters kept in the VM.
-                    b.kick();
-                    if b.has_stores {
-                        // Read every store on the first tick: the first request
-                        // then finds its value.
-                        b.prefetch_due = true;
-                        b.kick();
-                    }
-                }
-                self.state = Some(loaded);
-                let took_us = host::now_ns().unwrap_or(0).saturating_sub(started) / 1000;
-                host::log(
-                    Level::Info,
-                    &format!(
-                        "configuration loaded: {routes} routes, {connections} connections, \
-                         {providers} providers in {}.{:03} ms; VM memory {} KiB",
-                        took_us / 1000,
-                        took_us % 1000,
-                        vm_memory_kib()
-                    ),
-                );
-                true
-            }
+        let config = match Config::parse(&text, &env) {
+            Ok(config) => config,
             Err(e) => {
                 host::log(Level::Critical, &format!("configuration rejected: {e}"));
-                false
+                return false;
             }
+        };
+        for w in &config.warnings {
+            host::log(Level::Warn, w);
         }
+        for n in &config.notes {
+            host::log(Level::Info, n);
+        }
+        let (routes, connections, providers) = (
+            config.routes.len(),
+            config.connections.len(),
+            config.providers.len(),
+        );
+        // Envoy's plugin name (empty when unset): shared-data keys are namespaced by it.
+        let plugin = host::property(&["plugin_name"])
+            .ok()
+            .flatten()
+            .and_then(|v| String::from_utf8(v).ok())
+            .unwrap_or_default();
+        let loaded = Rc::new(Loaded::new(&ProxyHost, config, &plugin));
+        if let Ok(mut b) = self.broker.try_borrow_mut() {
+            b.configured(&loaded);
+        }
+        self.state = Some(loaded);
+        // The idle tick flushes counters kept in the VM; a store read is due at once.
+        self.retick();
+        let took_us = host::now_ns().unwrap_or(0).saturating_sub(started) / 1000;
+        host::log(
+            Level::Info,
+            &format!(
+                "configuration loaded: {routes} routes, {connections} connections, \
+                 {providers} providers in {}.{:03} ms; VM memory {} KiB",
+                took_us / 1000,
+                took_us % 1000,
+                vm_memory_kib()
+            ),
+        );
+        true
     }
 
     fn on_tick(&mut self) {
-        if let Ok(mut b) = self.broker.try_borrow_mut() {
-            if let (true, Some(state)) = (b.prefetch_due, &self.state) {
-                b.prefetch_due = false;
-                b.prefetch(state, host::now_ms().unwrap_or(0));
-            }
-            b.on_tick();
-            Metrics::flush();
-            if let Some(state) = &self.state {
-                match host::now_ms() {
-                    Ok(now) => {
-                        b.tend_tokens(state, now);
-                        if b.has_stores {
-                            b.tend_stores(state, now);
-                        }
-                    }
-                    // No clock, no check: every request goes to the shared cache.
-                    Err(_) => state.cool_hot_tokens(),
+        let now = host::now_ms();
+        if let (Ok(mut b), Ok(now)) = (self.broker.try_borrow_mut(), now) {
+            b.on_tick(self.state.as_ref(), now);
+        }
+        proxy::flush();
+        match now {
+            Ok(now) => self.resume(now),
+            // No clock, no check: every request goes to the shared cache.
+            Err(_) => {
+                if let Some(state) = &self.state {
+                    state.cool_hot_tokens();
                 }
             }
         }
+        self.retick();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -372,13 +246,13 @@ impl RootContext for Root {
 struct Http {
     id: u32,
     state: Option<Rc<Loaded>>,
-    broker: Rc<RefCell<Broker>>,
+    broker: Rc<RefCell<Broker<ProxyHost>>>,
 }
 
 impl Context for Http {}
 
 /// The stream is gone (`proxy_on_delete`: finished, or the client left while
-/// it waited for a token).
+/// it waited for a credential).
 impl Drop for Http {
     fn drop(&mut self) {
         if let Ok(mut b) = self.broker.try_borrow_mut() {
@@ -427,6 +301,7 @@ impl HttpContext for Http {
         let status = host::header(Map::Response, ":status").ok().flatten();
         if status.as_deref() == Some(b"401") {
             broker.on_upstream_401(&state, &used, host::now_ms().unwrap_or(0));
+            retick(&broker);
         }
         Action::Continue
     }
@@ -460,23 +335,24 @@ pub fn apply(loaded: &Loaded, o: &Outcome) -> Result<Action, HostError> {
             }
         }
     }
-    let m = &loaded.metrics;
+    let m = &loaded.stats;
+    let p = &ProxyHost;
     match o.verdict {
-        Verdict::Allowed => m.allowed(&o.picks),
-        Verdict::UnmatchedAllowed => Metrics::inc(m.unmatched),
-        Verdict::DeniedUnmatched => Metrics::inc(m.denied_unmatched),
-        Verdict::DeniedUnauthenticated => Metrics::inc(m.denied_unauthenticated),
-        Verdict::DeniedForbidden => Metrics::inc(m.denied_forbidden),
-        Verdict::DeniedBadClaims => Metrics::inc(m.denied_bad_claims),
-        Verdict::DeniedBadPath => Metrics::inc(m.denied_bad_path),
-        Verdict::DeniedBadSubject => Metrics::inc(m.denied_bad_subject),
-        Verdict::Unavailable => Metrics::inc(m.unavailable),
+        Verdict::Allowed => m.allowed(p, &o.picks),
+        Verdict::UnmatchedAllowed => p.count(m.unmatched),
+        Verdict::DeniedUnmatched => p.count(m.denied_unmatched),
+        Verdict::DeniedUnauthenticated => p.count(m.denied_unauthenticated),
+        Verdict::DeniedForbidden => p.count(m.denied_forbidden),
+        Verdict::DeniedBadClaims => p.count(m.denied_bad_claims),
+        Verdict::DeniedBadPath => p.count(m.denied_bad_path),
+        Verdict::DeniedBadSubject => p.count(m.denied_bad_subject),
+        Verdict::Unavailable => p.count(m.unavailable),
         Verdict::PausedLimit => {
-            Metrics::inc(m.unavailable);
-            Metrics::inc(m.paused_limit);
+            p.count(m.unavailable);
+            p.count(m.paused_limit);
         }
-        Verdict::Internal => Metrics::inc(m.internal_errors),
-        Verdict::Discovery => Metrics::inc(m.discovery),
+        Verdict::Internal => p.count(m.internal_errors),
+        Verdict::Discovery => p.count(m.discovery),
     }
     record(loaded, o);
     if let Some(r) = &o.reply {
@@ -553,7 +429,7 @@ fn fail_closed(loaded: &Loaded, route: Option<usize>, e: HostError) -> Action {
 
 fn handle_request(
     state: &Rc<Loaded>,
-    broker: &mut Broker,
+    broker: &mut Broker<ProxyHost>,
     context_id: u32,
 ) -> Result<Action, HostError> {
     let config = &state.config;
@@ -565,11 +441,7 @@ fn handle_request(
         Step::Done(outcome) => return apply(state, &outcome),
         Step::Needs(needed) => needed,
     };
-    // A token this VM holds serves only if no worker dropped one since.
-    if needed.picks.iter().any(|&c| state.has_hot_token(c)) {
-        state.check_hot_generation();
-    }
-    // The clock is a host call: only token lookups need it.
+    // The clock is a host call: only credentials this VM holds no copy of need it.
     let now = if needs_time(state, &needed.picks) {
         host::now_ms()?
     } else {
@@ -580,8 +452,13 @@ fn handle_request(
         .iter()
         .find(|(k, _)| *k == ":path")
         .map_or(&b"/"[..], |(_, v)| *v);
-    match broker.resolve(state, &needed.picks, needed.subject.as_ref(), now, true)? {
+    match broker
+        .resolve(state, &needed.picks, needed.subject.as_ref(), now, true)
+        .map_err(|f| HostError(f.0))?
+    {
         Resolution::Ready(creds) => {
+            // A refresh it started goes out on the next tick.
+            retick(broker);
             let keep = config
                 .route(needed.route)
                 .is_some_and(|r| r.drop_token_on_401);
@@ -617,26 +494,8 @@ fn handle_request(
                     seen: Vec::new(),
                 },
             );
+            retick(broker);
             Ok(Action::Pause)
         }
     }
-}
-
-fn needs_time(loaded: &Loaded, picks: &[usize]) -> bool {
-    picks.iter().any(|&ci| {
-        loaded
-            .config
-            .connection(ci)
-            .is_some_and(|conn| match &conn.credential {
-                Credential::ApiKey(SecretRef::Value(_)) | Credential::ClientCertificate { .. } => {
-                    false
-                }
-                // A store value this VM already holds costs no clock read.
-                Credential::ApiKey(SecretRef::Store(i)) => loaded.store_value(*i).is_none(),
-                // Nor does a token it holds (checked by the tick).
-                Credential::OAuth2(_) | Credential::ManagedIdentity { .. } => {
-                    !loaded.has_hot_token(ci)
-                }
-            })
-    })
 }

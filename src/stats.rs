@@ -1,13 +1,14 @@
-//! Envoy stats latchkey defines (as `wasmcustom.<name>` in `/stats`, and without
-//! that prefix, dots as underscores, in Prometheus output). The same name in
-//! every VM is one stat, so counts are proxy-wide.
+//! The stats latchkey defines, by name, and their ids (as `wasmcustom.<name>`
+//! in Envoy's `/stats`, and without that prefix, dots as underscores, in
+//! Prometheus output). The same name in every VM is one stat, so counts are
+//! proxy-wide. Defining and counting go through [`Proxy`].
 
 use std::cell::Cell;
 
-use super::host::{self, Level, MetricKind};
 use crate::config::Config;
 use crate::credential::store::StoreError;
 use crate::credential::FetchError;
+use crate::proxy::{Level, MetricKind, Proxy};
 
 /// Token counters of an oauth2 connection: `latchkey.connection.<name>.token.<stat>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,12 +49,6 @@ impl TokenStat {
     }
 }
 
-thread_local! {
-    /// Counts not yet handed to Envoy, by stat id (one VM is one thread).
-    static PENDING: std::cell::RefCell<std::collections::HashMap<u32, i64>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
-}
-
 /// A counter defined when first counted.
 #[derive(Debug)]
 struct Lazy {
@@ -70,11 +65,11 @@ impl Lazy {
         }
     }
 
-    fn id(&self) -> Option<u32> {
+    fn id(&self, p: &impl Proxy) -> Option<u32> {
         match self.id.get() {
             Some(id) => id,
             None => {
-                let id = counter(&self.name);
+                let id = p.define(MetricKind::Counter, &self.name);
                 self.id.set(Some(id));
                 id
             }
@@ -84,7 +79,7 @@ impl Lazy {
 
 /// Stat ids; `None` where the host refused to define one (then not counted).
 #[derive(Debug, Default)]
-pub struct Metrics {
+pub struct Stats {
     pub allowed: Option<u32>,
     pub unmatched: Option<u32>,
     pub denied_unauthenticated: Option<u32>,
@@ -134,20 +129,6 @@ pub enum StoreStat {
     Login,
 }
 
-fn define(kind: MetricKind, name: &str) -> Option<u32> {
-    match host::define_metric(kind, name) {
-        Ok(id) => Some(id),
-        Err(e) => {
-            host::log(Level::Warn, &format!("can't define stat {name}: {e}"));
-            None
-        }
-    }
-}
-
-fn counter(name: &str) -> Option<u32> {
-    define(MetricKind::Counter, name)
-}
-
 /// A name safe to put in a stat name: `[A-Za-z0-9_-]`, anything else as `_`.
 pub fn stat_segment(name: &str) -> String {
     name.chars()
@@ -161,9 +142,17 @@ pub fn stat_segment(name: &str) -> String {
         .collect()
 }
 
-impl Metrics {
-    pub fn define(config: &Config) -> Metrics {
-        let mut m = Metrics {
+impl Stats {
+    pub fn define(p: &impl Proxy, config: &Config) -> Stats {
+        let define = |kind: MetricKind, name: &str| {
+            let id = p.define(kind, name);
+            if id.is_none() {
+                p.log(Level::Warn, &format!("can't define stat {name}"));
+            }
+            id
+        };
+        let counter = |name: &str| define(MetricKind::Counter, name);
+        let mut m = Stats {
             allowed: counter("latchkey.requests.allowed"),
             unmatched: counter("latchkey.requests.unmatched"),
             denied_unauthenticated: counter("latchkey.requests.denied.unauthenticated"),
@@ -176,7 +165,7 @@ impl Metrics {
             unavailable: counter("latchkey.requests.unavailable"),
             paused_limit: counter("latchkey.requests.paused_limit"),
             internal_errors: counter("latchkey.requests.internal_error"),
-            ..Metrics::default()
+            ..Stats::default()
         };
         for c in &config.connections {
             let base = format!("latchkey.connection.{}", stat_segment(&c.name));
@@ -218,11 +207,11 @@ impl Metrics {
         m
     }
 
-    pub fn store(&self, store: usize, stat: StoreStat) {
+    pub fn store(&self, p: &impl Proxy, store: usize, stat: StoreStat) {
         let Some(s) = self.stores.get(store) else {
             return;
         };
-        Self::inc(match stat {
+        p.count(match stat {
             StoreStat::Read => s.reads,
             StoreStat::Success => s.success,
             StoreStat::VersionChange => s.version_changes,
@@ -230,56 +219,29 @@ impl Metrics {
         });
     }
 
-    pub fn store_failure(&self, store: usize, kind: &'static str) {
+    pub fn store_failure(&self, p: &impl Proxy, store: usize, kind: &'static str) {
         let Some(s) = self.stores.get(store) else {
             return;
         };
-        Self::inc(s.failure);
+        p.count(s.failure);
         let i = StoreError::KINDS.iter().position(|k| *k == kind);
-        Self::inc(i.and_then(|i| s.failures.get(i).copied().flatten()));
+        p.count(i.and_then(|i| s.failures.get(i).copied().flatten()));
     }
 
-    pub fn store_age(&self, store: usize, seconds: u64) {
-        if let Some(id) = self.stores.get(store).and_then(|s| s.age_s) {
-            let _ = host::record_metric(id, seconds);
-        }
-    }
-
-    /// Counts one, in the VM: the count reaches Envoy at the next [`Metrics::flush`]
-    /// (every tick, at most a second later), not with a host call per request.
-    pub fn inc(id: Option<u32>) {
-        let Some(id) = id else { return };
-        let counted = PENDING.with(|p| match p.try_borrow_mut() {
-            Ok(mut p) => {
-                *p.entry(id).or_insert(0) += 1;
-                true
-            }
-            Err(_) => false,
-        });
-        if !counted {
-            // A stat that can't be counted is not worth failing a request over.
-            let _ = host::increment_metric(id, 1);
-        }
-    }
-
-    /// Hands the counts kept in this VM to Envoy.
-    pub fn flush() {
-        let counts = PENDING.with(|p| p.try_borrow_mut().map(|mut p| std::mem::take(&mut *p)));
-        for (id, n) in counts.unwrap_or_default() {
-            let _ = host::increment_metric(id, n);
-        }
+    pub fn store_age(&self, p: &impl Proxy, store: usize, seconds: u64) {
+        p.record(self.stores.get(store).and_then(|s| s.age_s), seconds);
     }
 
     /// A request forwarded with the credentials of these connections.
-    pub fn allowed(&self, picks: &[usize]) {
-        Self::inc(self.allowed);
+    pub fn allowed(&self, p: &impl Proxy, picks: &[usize]) {
+        p.count(self.allowed);
         for &c in picks {
-            Self::inc(self.injected.get(c).and_then(Lazy::id));
+            p.count(self.injected.get(c).and_then(|l| l.id(p)));
         }
     }
 
-    pub fn token(&self, connection: usize, stat: TokenStat) {
-        Self::inc(
+    pub fn token(&self, p: &impl Proxy, connection: usize, stat: TokenStat) {
+        p.count(
             self.tokens
                 .get(connection)
                 .and_then(|t| t.get(stat as usize))
@@ -288,22 +250,20 @@ impl Metrics {
         );
     }
 
-    pub fn token_failure(&self, connection: usize, kind: &'static str) {
-        self.token(connection, TokenStat::Failure);
+    pub fn token_failure(&self, p: &impl Proxy, connection: usize, kind: &'static str) {
+        self.token(p, connection, TokenStat::Failure);
         let i = FetchError::KINDS.iter().position(|k| *k == kind);
-        Self::inc(i.and_then(|i| self.failures.get(connection)?.get(i).copied().flatten()));
+        p.count(i.and_then(|i| self.failures.get(connection)?.get(i).copied().flatten()));
     }
 
     /// Requests paused for these connections' tokens.
-    pub fn waits(&self, picks: &[usize]) {
+    pub fn waits(&self, p: &impl Proxy, picks: &[usize]) {
         for &c in picks {
-            self.token(c, TokenStat::Wait);
+            self.token(p, c, TokenStat::Wait);
         }
     }
 
-    pub fn token_state(&self, connection: usize, value: u64) {
-        if let Some(id) = self.state.get(connection).copied().flatten() {
-            let _ = host::record_metric(id, value);
-        }
+    pub fn token_state(&self, p: &impl Proxy, connection: usize, value: u64) {
+        p.record(self.state.get(connection).copied().flatten(), value);
     }
 }

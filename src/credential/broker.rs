@@ -10,30 +10,30 @@
 //! secret from a store): it then stays deferred, and is retried on the tick, until
 //! that credential is there or its lease runs out.
 //!
-//! Token calls are dispatched from the root context (in `on_tick`), so that a
-//! background refresh outlives the request that triggered it; the SDK delivers a
-//! call's response to the context that was active when it was dispatched. Paused
-//! requests are re-checked when a fetch of this VM completes and, for fetches
-//! made by other workers, on a short tick while any request waits.
+//! Pure: shared data, calls, logs and stats go through [`Proxy`]; time comes in.
+//! The glue dispatches from the root context (in `on_tick`), so that a
+//! background refresh outlives the request that triggered it, hands each
+//! answer to [`Broker::on_answer`], and applies the outcomes of paused requests
+//! [`Broker::due_waiters`] gives back. Paused requests are looked at again when a
+//! key they wait on moves: a fetch of this VM or another worker's.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
-use std::time::Duration;
 
-use super::host::{self, HostError, Level, Map, CAS_MISMATCH};
-use super::metrics::{StoreStat, TokenStat};
-use super::{apply, Loaded};
 use crate::config::{Credential, Grant, ProviderKind, SecretRef, StoreKind, VaultAuth};
 use crate::credential::cache::{self, CacheState, Cached, Decision, FetchOutcome, Policy};
 use crate::credential::cas::{self, Attempt};
 use crate::credential::exchange::{Set, Subject};
 use crate::credential::store::{self, HttpCall, StoreError};
 use crate::credential::token_request::{self, GrantInput};
-use crate::credential::token_response::{self, FetchError, MAX_BODY};
+use crate::credential::token_response::{self, FetchError};
 use crate::inject::Resolved;
-use crate::request::{self, Needed};
+use crate::loaded::{Loaded, HOT_GENERATION};
+use crate::proxy::{HostFault, Level, Proxy};
+use crate::request::{self, Needed, Outcome};
 use crate::secret::Secret;
+use crate::stats::{StoreStat, TokenStat};
 
 /// Tick while a fetch waits to be dispatched.
 const KICK_MS: u32 = 1;
@@ -150,8 +150,8 @@ fn decode_cached(key: &str, bytes: &[u8], cas: u32) -> CacheState {
     })
 }
 
-fn load(addr: &Addr) -> Result<(CacheState, Stored), HostError> {
-    let (bytes, cas) = host::shared_data(&addr.key)?.unwrap_or_default();
+fn load(p: &impl Proxy, addr: &Addr) -> Result<(CacheState, Stored), HostFault> {
+    let (bytes, cas) = p.shared_get(&addr.key)?.unwrap_or_default();
     Ok(match &addr.subject {
         None => (
             decode_cached(&addr.key, &bytes, cas),
@@ -172,12 +172,13 @@ fn load(addr: &Addr) -> Result<(CacheState, Stored), HostError> {
 
 /// CAS-writes an entry's state; `Ok(false)` when another writer came first.
 fn store(
+    p: &impl Proxy,
     loaded: &Loaded,
     addr: &Addr,
     stored: Stored,
     next: &CacheState,
     now: u64,
-) -> Result<bool, HostError> {
+) -> Result<bool, HostFault> {
     let bytes = match (&addr.subject, stored.set) {
         (Some(s), Some(mut set)) => {
             set.put(&s.hash, next.clone(), now);
@@ -185,16 +186,11 @@ fn store(
         }
         _ => next.encode(),
     };
-    match host::set_shared_data(&addr.key, &bytes, stored.cas) {
-        Ok(()) => {
-            if let (None, Owner::Connection(c)) = (&addr.subject, addr.owner) {
-                loaded.metrics.token_state(c, next.gauge());
-            }
-            Ok(true)
-        }
-        Err(HostError(CAS_MISMATCH)) => Ok(false),
-        Err(e) => Err(e),
+    let written = p.shared_set(&addr.key, &bytes, stored.cas)?;
+    if let (true, None, Owner::Connection(c)) = (written, &addr.subject, addr.owner) {
+        loaded.stats.token_state(p, c, next.gauge());
     }
+    Ok(written)
 }
 
 /// What a request gets for one oauth2 connection.
@@ -298,8 +294,9 @@ enum Sent {
     Deferred(Box<Fetch>),
 }
 
-pub struct Broker {
-    pub root_id: u32,
+pub struct Broker<P: Proxy> {
+    /// The host, through which everything is read, written, sent and counted.
+    pub proxy: P,
     pending: Vec<Fetch>,
     deferred: Vec<Fetch>,
     /// Whether the loaded configuration has stores (their age gauges tick).
@@ -312,7 +309,6 @@ pub struct Broker {
     waiters: BTreeMap<u32, Waiter>,
     /// Tokens each live request carried, for upstream-401 handling.
     used: HashMap<u32, Vec<Used>>,
-    tick_ms: u32,
 }
 
 thread_local! {
@@ -337,10 +333,10 @@ pub fn random_u64() -> u64 {
     })
 }
 
-impl Broker {
-    pub fn new(root_id: u32) -> Self {
+impl<P: Proxy> Broker<P> {
+    pub fn new(proxy: P) -> Self {
         Broker {
-            root_id,
+            proxy,
             pending: Vec::new(),
             deferred: Vec::new(),
             has_stores: false,
@@ -350,33 +346,20 @@ impl Broker {
             inflight: HashMap::new(),
             waiters: BTreeMap::new(),
             used: HashMap::new(),
-            tick_ms: 0,
-        }
-    }
-
-    /// Ticks soon (work is due on the next tick).
-    pub fn kick(&mut self) {
-        self.set_tick(KICK_MS);
-    }
-
-    fn set_tick(&mut self, ms: u32) {
-        if self.tick_ms != ms && host::set_tick_period_ms(ms).is_ok() {
-            self.tick_ms = ms;
         }
     }
 
     /// The tick this VM needs now: fast while a fetch waits to go out, a poll while
-    /// requests wait, none otherwise.
-    fn retick(&mut self) {
-        let ms = if !self.pending.is_empty() || self.prefetch_due {
+    /// requests wait, once a second otherwise.
+    pub fn wanted_tick_ms(&self) -> u32 {
+        if !self.pending.is_empty() || self.prefetch_due {
             KICK_MS
         } else if !self.waiters.is_empty() || !self.deferred.is_empty() {
             POLL_MS
         } else {
             // Stats kept in the VM are flushed on this tick (and stores' ages kept).
             IDLE_MS
-        };
-        self.set_tick(ms);
+        }
     }
 
     /// The cache entry and timing of an owner; `None` for token exchange
@@ -423,22 +406,22 @@ impl Broker {
         subject: Option<&Secret>,
         now: u64,
         on_request: bool,
-    ) -> Result<Access, HostError> {
-        let m = &loaded.metrics;
+    ) -> Result<Access, HostFault> {
+        let m = &loaded.stats;
         let connection = match owner {
             Owner::Connection(c) => Some(c),
             _ => None,
         };
-        let count = |stat: TokenStat| {
+        let count = |p: &P, stat: TokenStat| {
             if let Some(c) = connection {
-                m.token(c, stat);
+                m.token(p, c, stat);
             }
         };
         let Some((addr, policy)) = Self::entry(loaded, owner, subject) else {
             let name = connection
                 .and_then(|c| loaded.config.connection(c))
                 .map_or("?", |c| c.name.as_str());
-            host::log(
+            self.proxy.log(
                 Level::Warn,
                 &format!(
                     "connection {name}: token_exchange needs the caller's bearer token in \
@@ -450,7 +433,7 @@ impl Broker {
             });
         };
         let outcome = cas::retry(CAS_TRIES, || {
-            let (state, mut stored) = match load(&addr) {
+            let (state, mut stored) = match load(&self.proxy, &addr) {
                 Ok(x) => x,
                 Err(e) => return Attempt::Done(Err(e)),
             };
@@ -459,19 +442,19 @@ impl Broker {
                 match cache::on_request(&state, now, owner_id, &policy) {
                     Decision::Use(token) => {
                         if on_request {
-                            count(TokenStat::CacheHit);
+                            count(&self.proxy, TokenStat::CacheHit);
                         }
                         if let (Some(s), Some(set)) = (&addr.subject, &mut stored.set) {
                             // Least-recently-used bookkeeping; losing this race is harmless.
                             if set.touch(&s.hash, now) {
-                                let _ = host::set_shared_data(&addr.key, &set.encode(), stored.cas);
+                                let _ = self.proxy.shared_set(&addr.key, &set.encode(), stored.cas);
                             }
                         }
                         Access::Ready(token)
                     }
                     Decision::UseAndRefresh { token, next } => {
                         // Losing this race is harmless too: another worker refreshes.
-                        match store(loaded, &addr, stored, &next, now) {
+                        match store(&self.proxy, loaded, &addr, stored, &next, now) {
                             Ok(true) => {
                                 self.queue(loaded, &addr, owner_id, subject, now, &policy, false)
                             }
@@ -479,22 +462,24 @@ impl Broker {
                             Err(e) => return Attempt::Done(Err(e)),
                         }
                         if on_request {
-                            count(TokenStat::CacheHit);
+                            count(&self.proxy, TokenStat::CacheHit);
                         }
                         Access::Ready(token)
                     }
                     Decision::Wait => Access::Wait,
-                    Decision::Fetch { next } => match store(loaded, &addr, stored, &next, now) {
-                        Ok(true) => {
-                            self.queue(loaded, &addr, owner_id, subject, now, &policy, false);
-                            Access::Wait
+                    Decision::Fetch { next } => {
+                        match store(&self.proxy, loaded, &addr, stored, &next, now) {
+                            Ok(true) => {
+                                self.queue(loaded, &addr, owner_id, subject, now, &policy, false);
+                                Access::Wait
+                            }
+                            // Another worker may have started the fetch: look again.
+                            Ok(false) => return Attempt::Conflict,
+                            Err(e) => return Attempt::Done(Err(e)),
                         }
-                        // Another worker may have started the fetch: look again.
-                        Ok(false) => return Attempt::Conflict,
-                        Err(e) => return Attempt::Done(Err(e)),
-                    },
+                    }
                     Decision::Reject { retry_after_ms } => {
-                        count(TokenStat::BackoffRejected);
+                        count(&self.proxy, TokenStat::BackoffRejected);
                         Access::Reject { retry_after_ms }
                     }
                 },
@@ -525,6 +510,29 @@ impl Broker {
         out
     }
 
+    /// A configuration was loaded: its stores are read on the next tick, so
+    /// that the first request finds their values.
+    pub fn configured(&mut self, loaded: &Loaded) {
+        self.has_stores = !loaded.stores.is_empty();
+        self.prefetch_due = self.has_stores;
+    }
+
+    /// The tick's work: the stores' first reads, every fetch that is due, and
+    /// (about once a second) this VM's copies of tokens and store values.
+    pub fn on_tick(&mut self, loaded: Option<&Rc<Loaded>>, now: u64) {
+        if let (true, Some(state)) = (self.prefetch_due, loaded) {
+            self.prefetch_due = false;
+            self.prefetch(state, now);
+        }
+        self.dispatch_due(now);
+        if let Some(state) = loaded {
+            self.tend_tokens(state, now);
+            if self.has_stores {
+                self.tend_stores(state, now);
+            }
+        }
+    }
+
     /// Starts reading every store, so that the first request finds its value.
     pub fn prefetch(&mut self, loaded: &Rc<Loaded>, now: u64) {
         for i in 0..loaded.stores.len() {
@@ -540,7 +548,11 @@ impl Broker {
         subject: Option<&Secret>,
         now: u64,
         on_request: bool,
-    ) -> Result<Resolution, HostError> {
+    ) -> Result<Resolution, HostFault> {
+        // A token this VM holds serves only if no worker replaced one since.
+        if picks.iter().any(|&c| loaded.has_hot_token(c)) {
+            loaded.check_hot_generation(&self.proxy);
+        }
         let config = &loaded.config;
         let mut out = Vec::with_capacity(picks.len());
         let mut deadline: Option<u64> = None;
@@ -606,7 +618,7 @@ impl Broker {
                     // This VM's copy, checked by the tick: no host call.
                     if let Some(t) = loaded.hot_token(ci) {
                         if on_request {
-                            loaded.metrics.token(ci, TokenStat::CacheHit);
+                            loaded.stats.token(&self.proxy, ci, TokenStat::CacheHit);
                         }
                         out.push(Self::token_cred(loaded, ci, None, t));
                         continue;
@@ -692,7 +704,6 @@ impl Broker {
             retried: false,
             after_401,
         });
-        self.set_tick(KICK_MS);
     }
 
     /// How many requests this VM holds paused.
@@ -701,12 +712,13 @@ impl Broker {
     }
 
     pub fn wait(&mut self, context_id: u32, mut waiter: Waiter) {
-        waiter.loaded.metrics.waits(&waiter.needed.picks);
-        waiter.seen = waiter.keys.iter().map(|k| key_cas(k)).collect();
+        waiter.loaded.stats.waits(&self.proxy, &waiter.needed.picks);
+        waiter.seen = waiter
+            .keys
+            .iter()
+            .map(|k| key_cas(&self.proxy, k))
+            .collect();
         self.waiters.insert(context_id, waiter);
-        if self.pending.is_empty() {
-            self.set_tick(POLL_MS);
-        }
     }
 
     pub fn record_used(&mut self, context_id: u32, used: Vec<Used>) {
@@ -725,11 +737,9 @@ impl Broker {
         self.used.remove(&context_id);
     }
 
-    pub fn on_tick(&mut self) {
-        let now = match host::now_ms() {
-            Ok(n) => n,
-            Err(_) => return,
-        };
+    /// Sends every fetch that is due (from the root context: see the module
+    /// doc); those that still need another credential wait for the next tick.
+    pub fn dispatch_due(&mut self, now: u64) {
         let mut queue = std::mem::take(&mut self.deferred);
         queue.append(&mut self.pending);
         for f in queue {
@@ -737,8 +747,6 @@ impl Broker {
                 self.deferred.push(*f);
             }
         }
-        self.service_waiters(now);
-        self.retick();
     }
 
     /// Once a second, off the request path: refreshes this VM's copy of every
@@ -752,8 +760,8 @@ impl Broker {
         for i in 0..loaded.stores.len() {
             if let Ok(Access::Ready(v)) = self.acquire(loaded, Owner::Store(i), None, now, false) {
                 loaded
-                    .metrics
-                    .store_age(i, now.saturating_sub(v.obtained_ms) / 1000);
+                    .stats
+                    .store_age(&self.proxy, i, now.saturating_sub(v.obtained_ms) / 1000);
                 loaded.set_store_value(i, Secret::new(v.token));
             }
         }
@@ -772,7 +780,7 @@ impl Broker {
         self.last_hot_ms = now;
         // Read first: a drop after this read moves it again, and the copies taken
         // below are dropped before a request uses them.
-        let Some(generation) = Loaded::read_hot_generation() else {
+        let Some(generation) = Loaded::read_hot_generation(&self.proxy) else {
             loaded.cool_hot_tokens();
             return;
         };
@@ -788,7 +796,7 @@ impl Broker {
             else {
                 continue;
             };
-            let hot = match load(&addr) {
+            let hot = match load(&self.proxy, &addr) {
                 Ok((CacheState::Ready { token, .. }, _)) if token.hot_until(now, HOT_GRACE_MS) => {
                     Some(token)
                 }
@@ -809,7 +817,7 @@ impl Broker {
                 };
                 match store::login_call(st) {
                     Some(call) => {
-                        f.loaded.metrics.store(i, StoreStat::Login);
+                        f.loaded.stats.store(&self.proxy, i, StoreStat::Login);
                         self.send(f, call, now)
                     }
                     None => Sent::Done,
@@ -855,7 +863,9 @@ impl Broker {
                 };
                 let slot = loaded.tokens.get(connection).and_then(Option::as_ref);
                 let rotated = match (slot.and_then(|s| s.rt_key.as_deref()), &oc.grant) {
-                    (Some(k), Grant::RefreshToken(_)) => host::shared_data(k)
+                    (Some(k), Grant::RefreshToken(_)) => self
+                        .proxy
+                        .shared_get(k)
                         .ok()
                         .flatten()
                         .and_then(|(v, _)| String::from_utf8(v).ok())
@@ -897,7 +907,9 @@ impl Broker {
             }
             _ => return Sent::Done,
         };
-        loaded.metrics.token(connection, TokenStat::Requests);
+        loaded
+            .stats
+            .token(&self.proxy, connection, TokenStat::Requests);
         self.send(f, call, now)
     }
 
@@ -952,34 +964,21 @@ impl Broker {
                 }
             },
         };
-        loaded.metrics.store(i, StoreStat::Read);
+        loaded.stats.store(&self.proxy, i, StoreStat::Read);
         self.send(f, store::read_call(st, &credential), now)
     }
 
     /// Dispatches a call from the root context.
     fn send(&mut self, f: Fetch, call: HttpCall, now: u64) -> Sent {
-        let mut headers: Vec<(&str, &str)> =
-            call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        for (k, v) in &call.secret_headers {
-            headers.push((k, v.expose()));
-        }
-        // The SDK registers the call with the active (root) context.
-        let sent = proxy_wasm::hostcalls::dispatch_http_call(
-            &call.cluster,
-            headers,
-            call.body.as_ref().map(|b| b.expose().as_bytes()),
-            vec![],
-            Duration::from_millis(call.timeout_ms),
-        );
-        match sent {
+        match self.proxy.dispatch(&call) {
             Ok(token) => {
                 self.inflight.insert(token, f);
             }
             Err(status) => {
-                host::log(
+                self.proxy.log(
                     Level::Error,
                     &format!(
-                        "{}: can't call cluster {:?}: {status:?}",
+                        "{}: can't call cluster {:?}: {status}",
                         self.describe(&f),
                         call.cluster
                     ),
@@ -1014,20 +1013,16 @@ impl Broker {
         }
     }
 
-    /// A token call of this VM answered (or failed).
-    pub fn on_http_call_response(&mut self, token: u32, body_size: usize) {
-        let Some(mut f) = self.inflight.remove(&token) else {
+    /// Whether call `id` is one of this VM's, still awaited.
+    pub fn awaits(&self, id: u32) -> bool {
+        self.inflight.contains_key(&id)
+    }
+
+    /// Call `id` of this VM answered: its HTTP status (`None`: no answer) and
+    /// body (`None`: larger than [`token_response::MAX_BODY`]).
+    pub fn on_answer(&mut self, id: u32, status: Option<u32>, body: Option<Vec<u8>>, now: u64) {
+        let Some(mut f) = self.inflight.remove(&id) else {
             return;
-        };
-        let now = host::now_ms().unwrap_or(0);
-        let status = host::header_pairs(Map::CallResponse).ok().and_then(|h| {
-            h.get(":status")
-                .and_then(|s| std::str::from_utf8(s).ok()?.parse::<u32>().ok())
-        });
-        let body = if body_size > MAX_BODY {
-            None
-        } else {
-            Some(host::http_call_response_body(body_size).unwrap_or_default())
         };
         match f.addr.owner {
             Owner::Connection(c) => {
@@ -1066,7 +1061,6 @@ impl Broker {
                                     .map_or(5000, |(_, p)| p.fetch_timeout_ms),
                             ..f
                         });
-                        self.retick();
                         return;
                     }
                 }
@@ -1080,8 +1074,6 @@ impl Broker {
                 self.complete_store(&f, i, result.map(|(t, ms)| Got::Login(t, ms)), now);
             }
         }
-        self.service_waiters(now);
-        self.retick();
     }
 
     fn complete(&mut self, f: &Fetch, result: Result<token_response::Token, FetchError>, now: u64) {
@@ -1098,10 +1090,12 @@ impl Broker {
             .map_or("?", |c| c.name.as_str());
         let outcome = match result {
             Ok(t) => {
-                loaded.metrics.token(connection, TokenStat::Success);
+                loaded
+                    .stats
+                    .token(&self.proxy, connection, TokenStat::Success);
                 if let (Some(rt), Some(k)) = (&t.refresh_token, &slot.rt_key) {
-                    if let Err(e) = host::set_shared_data(k, rt.expose().as_bytes(), 0) {
-                        host::log(
+                    if let Err(e) = self.proxy.shared_set(k, rt.expose().as_bytes(), 0) {
+                        self.proxy.log(
                             Level::Error,
                             &format!(
                                 "connection {name}: can't store the rotated refresh token: {e}"
@@ -1109,12 +1103,8 @@ impl Broker {
                         );
                     }
                 }
-                // A token obtained for a caller never outlives the caller's own token.
-                let lifetime_ms = crate::credential::exchange::capped_lifetime_ms(
-                    t.lifetime_ms,
-                    f.addr.subject.as_ref().and_then(|s| s.expires_ms),
-                    now,
-                );
+                let subject_exp = f.addr.subject.as_ref().and_then(|s| s.expires_ms);
+                let lifetime_ms = token_response::lifetime_ms(&t, subject_exp, now);
                 FetchOutcome::Token {
                     token: t.access_token.expose().to_string(),
                     id: random_u64(),
@@ -1122,8 +1112,10 @@ impl Broker {
                 }
             }
             Err(e) => {
-                loaded.metrics.token_failure(connection, e.kind());
-                host::log(
+                loaded
+                    .stats
+                    .token_failure(&self.proxy, connection, e.kind());
+                self.proxy.log(
                     Level::Warn,
                     &format!("connection {name}: token fetch failed: {e}"),
                 );
@@ -1134,7 +1126,7 @@ impl Broker {
         let replaced = self.install(f, outcome, now, &slot.policy);
         if f.after_401 && new_token && replaced.is_some() {
             // Every worker's copy of the refused token goes now, not at its tick.
-            bump_generation();
+            bump_generation(&self.proxy);
         }
     }
 
@@ -1148,13 +1140,13 @@ impl Broker {
         policy: &Policy,
     ) -> Option<CacheState> {
         cas::retry(CAS_TRIES, || {
-            let Ok((state, stored)) = load(&f.addr) else {
+            let Ok((state, stored)) = load(&self.proxy, &f.addr) else {
                 return Attempt::Done(None);
             };
             let Some(next) =
                 cache::on_result(&state, f.owner, outcome.clone(), now, policy, random_u64())
             else {
-                host::log(
+                self.proxy.log(
                     Level::Debug,
                     &format!(
                         "{}: fetch result dropped: lease taken over",
@@ -1163,7 +1155,7 @@ impl Broker {
                 );
                 return Attempt::Done(None);
             };
-            match store(&f.loaded, &f.addr, stored, &next, now) {
+            match store(&self.proxy, &f.loaded, &f.addr, stored, &next, now) {
                 Ok(true) => Attempt::Done(Some(state)),
                 Err(_) => Attempt::Done(None),
                 Ok(false) => Attempt::Conflict,
@@ -1181,12 +1173,12 @@ impl Broker {
         let Some(st) = loaded.config.stores.get(i) else {
             return;
         };
-        let m = &loaded.metrics;
+        let m = &loaded.stats;
         let login = matches!(f.addr.owner, Owner::Login(_));
         let what = if login { "Vault login" } else { "read" };
         let outcome = match result {
             Ok(Got::Read(read)) => {
-                m.store(i, StoreStat::Success);
+                m.store(&self.proxy, i, StoreStat::Success);
                 FetchOutcome::Stored {
                     value: read.value.expose().to_string(),
                     id: random_u64(),
@@ -1200,12 +1192,12 @@ impl Broker {
                 lifetime_ms,
             },
             Err(e) => {
-                m.store_failure(i, e.kind());
+                m.store_failure(&self.proxy, i, e.kind());
                 let had = matches!(
-                    load(&f.addr).map(|(s, _)| s),
+                    load(&self.proxy, &f.addr).map(|(s, _)| s),
                     Ok(CacheState::Refreshing { .. })
                 );
-                host::log(
+                self.proxy.log(
                     Level::Warn,
                     &format!(
                         "secret {}: {what} failed: {e}{}",
@@ -1238,14 +1230,14 @@ impl Broker {
             match old {
                 Some(old) if old == new => {}
                 Some(old) => {
-                    m.store(i, StoreStat::VersionChange);
+                    m.store(&self.proxy, i, StoreStat::VersionChange);
                     self.forget_rotated_refresh_tokens(&loaded, i);
-                    host::log(
+                    self.proxy.log(
                         Level::Info,
                         &format!("secret {}: new version {new:?} (was {old:?})", st.name),
                     );
                 }
-                None => host::log(
+                None => self.proxy.log(
                     Level::Info,
                     &format!("secret {}: read version {new:?}", st.name),
                 ),
@@ -1269,7 +1261,7 @@ impl Broker {
                 .and_then(Option::as_ref)
                 .and_then(|s| s.rt_key.as_deref());
             if let Some(k) = key {
-                let _ = host::set_shared_data(k, b"", 0);
+                let _ = self.proxy.shared_set(k, b"", 0);
             }
         }
     }
@@ -1288,21 +1280,21 @@ impl Broker {
             let (window, policy) = (slot.drop_on_401_after_ms, slot.policy);
             let owner = random_u64();
             let started = cas::retry(CAS_TRIES, || {
-                let Ok((state, stored)) = load(&u.addr) else {
+                let Ok((state, stored)) = load(&self.proxy, &u.addr) else {
                     return Attempt::Done(false);
                 };
                 let Some(next) = cache::on_upstream_401(&state, u.id, now, owner, window, &policy)
                 else {
                     return Attempt::Done(false);
                 };
-                match store(loaded, &u.addr, stored, &next, now) {
+                match store(&self.proxy, loaded, &u.addr, stored, &next, now) {
                     Ok(true) => Attempt::Done(true),
                     Ok(false) => Attempt::Conflict,
                     Err(_) => Attempt::Done(false),
                 }
             });
             if started == Some(true) {
-                loaded.metrics.token(c, TokenStat::DroppedOn401);
+                loaded.stats.token(&self.proxy, c, TokenStat::DroppedOn401);
                 self.queue(
                     loaded,
                     &u.addr,
@@ -1313,7 +1305,7 @@ impl Broker {
                     true,
                 );
             } else {
-                loaded.metrics.token(c, TokenStat::Ignored401);
+                loaded.stats.token(&self.proxy, c, TokenStat::Ignored401);
             }
         }
     }
@@ -1322,13 +1314,13 @@ impl Broker {
     /// answered 401): drop it, so the retry fetches a fresh one.
     fn drop_refused(&mut self, loaded: &Loaded, used: &Used, now: u64) {
         let dropped = cas::retry(CAS_TRIES, || {
-            let Ok((state, stored)) = load(&used.addr) else {
+            let Ok((state, stored)) = load(&self.proxy, &used.addr) else {
                 return Attempt::Done(false);
             };
             let Some(next) = cache::on_refused(&state, used.id) else {
                 return Attempt::Done(false);
             };
-            match store(loaded, &used.addr, stored, &next, now) {
+            match store(&self.proxy, loaded, &used.addr, stored, &next, now) {
                 Ok(true) => Attempt::Done(true),
                 Ok(false) => Attempt::Conflict,
                 Err(_) => Attempt::Done(false),
@@ -1336,24 +1328,27 @@ impl Broker {
         });
         if dropped == Some(true) {
             if let Owner::Connection(c) = used.addr.owner {
-                loaded.metrics.token(c, TokenStat::DroppedOn401);
+                loaded.stats.token(&self.proxy, c, TokenStat::DroppedOn401);
             }
-            bump_generation();
+            bump_generation(&self.proxy);
         }
     }
 
     /// Looks again at each paused request whose keys moved since it last
     /// looked (a fetch finished, here or on another worker), or whose deadline
     /// passed; the others cost one compare. Each key is read once per round.
-    fn service_waiters(&mut self, now: u64) {
+    /// Gives back the requests whose wait is over, with their outcome, for the
+    /// glue to apply in their own context (and resume those that go on).
+    pub fn due_waiters(&mut self, now: u64) -> Vec<Resumed> {
+        let mut out = Vec::new();
         if self.waiters.is_empty() {
-            return;
+            return out;
         }
         let mut current: HashMap<String, Option<u32>> = HashMap::new();
         for w in self.waiters.values() {
             for k in &w.keys {
                 if !current.contains_key(k) {
-                    current.insert(k.clone(), key_cas(k));
+                    current.insert(k.clone(), key_cas(&self.proxy, k));
                 }
             }
         }
@@ -1374,10 +1369,6 @@ impl Broker {
             let Some(mut w) = self.waiters.remove(&id) else {
                 continue;
             };
-            // As on the request path: a copy serves only if no worker dropped a token since.
-            if w.needed.picks.iter().any(|&c| w.loaded.has_hot_token(c)) {
-                w.loaded.check_hot_generation();
-            }
             let resolution = self.resolve(
                 &w.loaded,
                 &w.needed.picks,
@@ -1385,96 +1376,87 @@ impl Broker {
                 now,
                 false,
             );
-            match resolution {
+            let loaded = w.loaded.clone();
+            let config = &loaded.config;
+            let (outcome, used) = match resolution {
                 Ok(Resolution::Wait { keys, .. }) if now < w.deadline_ms => {
                     // What it saw before this look: a move during it is looked at next round.
                     w.seen = keys
                         .iter()
                         .map(|k| match current.get(k) {
                             Some(cas) => *cas,
-                            None => key_cas(k),
+                            None => key_cas(&self.proxy, k),
                         })
                         .collect();
                     w.keys = keys;
                     self.waiters.insert(id, w);
+                    continue;
                 }
-                Ok(Resolution::Ready(creds)) => self.finish(id, w, creds),
+                Ok(Resolution::Ready(creds)) => {
+                    let keep = config
+                        .route(w.needed.route)
+                        .is_some_and(|r| r.drop_token_on_401);
+                    let sent: Vec<&str> = w.sent.iter().map(String::as_str).collect();
+                    let outcome =
+                        request::finish(config, w.needed, &Cred::resolved(&creds), &sent, &w.path);
+                    let used = if keep {
+                        Cred::tokens(&creds)
+                    } else {
+                        Vec::new()
+                    };
+                    (outcome, used)
+                }
                 Ok(Resolution::Reject {
                     connection,
                     retry_after_ms,
-                }) => {
-                    let loaded = w.loaded.clone();
-                    let outcome =
-                        request::unavailable(&loaded.config, w.needed, connection, retry_after_ms);
-                    self.in_context(id, || apply(&loaded, &outcome).map(|_| ()));
-                }
+                }) => (
+                    request::unavailable(config, w.needed, connection, retry_after_ms),
+                    Vec::new(),
+                ),
                 Ok(Resolution::Wait { .. }) => {
-                    let loaded = w.loaded.clone();
                     let ci = w.needed.picks.first().copied().unwrap_or(0);
-                    let outcome = request::unavailable(&loaded.config, w.needed, ci, 1000);
-                    self.in_context(id, || apply(&loaded, &outcome).map(|_| ()));
+                    (request::unavailable(config, w.needed, ci, 1000), Vec::new())
                 }
                 Err(e) => {
-                    host::log(
+                    self.proxy.log(
                         Level::Error,
                         &format!("host call failed while a request waited: {e}"),
                     );
-                    let outcome = request::internal(&w.loaded.config, Some(w.needed.route));
-                    self.in_context(id, || apply(&w.loaded, &outcome).map(|_| ()));
+                    (request::internal(config, Some(w.needed.route)), Vec::new())
                 }
-            }
+            };
+            out.push(Resumed {
+                id,
+                loaded,
+                outcome,
+                used,
+            });
         }
+        out
     }
+}
 
-    /// A paused request's credentials are there: the same outcome as on the
-    /// request path, applied in its context, then it goes on.
-    fn finish(&mut self, id: u32, w: Waiter, creds: Vec<Cred>) {
-        let loaded = w.loaded;
-        let keep = loaded
-            .config
-            .route(w.needed.route)
-            .is_some_and(|r| r.drop_token_on_401);
-        let sent: Vec<&str> = w.sent.iter().map(String::as_str).collect();
-        let outcome = request::finish(
-            &loaded.config,
-            w.needed,
-            &Cred::resolved(&creds),
-            &sent,
-            &w.path,
-        );
-        let done = self.in_context(id, || {
-            apply(&loaded, &outcome)?;
-            host::resume_request()
-        });
-        if done && keep {
-            self.record_used(id, Cred::tokens(&creds));
-        }
-    }
-
-    /// Runs `f` with `id` as the effective context, then returns to the root.
-    /// `false` if the request has gone away or a host call failed.
-    fn in_context(&self, id: u32, f: impl FnOnce() -> Result<(), HostError>) -> bool {
-        if host::set_effective_context(id).is_err() {
-            return false;
-        }
-        let r = f();
-        let _ = host::set_effective_context(self.root_id);
-        if let Err(e) = &r {
-            host::log(Level::Error, &format!("can't resume a request: {e}"));
-        }
-        r.is_ok()
-    }
+/// A paused request whose wait is over: its outcome, and the tokens it carries
+/// upstream (for an upstream 401) if it goes on.
+pub struct Resumed {
+    pub id: u32,
+    pub loaded: Rc<Loaded>,
+    pub outcome: Outcome,
+    pub used: Vec<Used>,
 }
 
 /// A shared-data key's CAS (`None`: absent or unreadable).
-fn key_cas(key: &str) -> Option<u32> {
-    host::shared_data(key).ok().flatten().map(|(_, cas)| cas)
+fn key_cas(p: &impl Proxy, key: &str) -> Option<u32> {
+    p.shared_get(key).ok().flatten().map(|(_, cas)| cas)
 }
 
-/// Moves [`super::HOT_GENERATION`]: every VM drops its token copies before a
+/// Moves [`HOT_GENERATION`]: every VM drops its token copies before a
 /// request uses one again.
-fn bump_generation() {
-    if host::set_shared_data(super::HOT_GENERATION, b"", 0).is_err() {
-        host::log(Level::Warn, "can't tell other workers a token was replaced");
+fn bump_generation(p: &impl Proxy) {
+    if p.shared_set(HOT_GENERATION, b"", 0).is_err() {
+        p.log(Level::Warn, "can't tell other workers a token was replaced");
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,631 @@
+//! The broker natively, over an in-memory proxy: each credential kind's call
+//! and answer, the shared cache across two "workers" (two brokers on one shared
+//! data), a paused request resumed or refused, a refresh an upstream 401 starts.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use serde_json::json;
+
+use super::*;
+use crate::config::Config;
+use crate::proxy::MetricKind;
+
+/// Shared data, calls, logs and stats in memory. Two brokers given clones of
+/// one `Shared` see one proxy's shared data, as two workers do.
+/// Shared data: value and CAS per key.
+type SharedMap = Rc<RefCell<HashMap<String, (Vec<u8>, u32)>>>;
+
+#[derive(Default, Clone)]
+struct Fake {
+    shared: SharedMap,
+    calls: Rc<RefCell<Vec<(u32, HttpCall)>>>,
+    next_id: Rc<Cell<u32>>,
+    logs: Rc<RefCell<Vec<(Level, String)>>>,
+    stats: Rc<RefCell<Vec<String>>>,
+    counts: Rc<RefCell<HashMap<u32, u64>>>,
+    refuse_dispatch: Rc<Cell<bool>>,
+}
+
+impl Proxy for Fake {
+    fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostFault> {
+        Ok(self.shared.borrow().get(key).cloned())
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<bool, HostFault> {
+        let mut m = self.shared.borrow_mut();
+        let current = m.get(key).map_or(0, |(_, c)| *c);
+        if cas != 0 && cas != current {
+            return Ok(false);
+        }
+        m.insert(key.to_string(), (value.to_vec(), current + 1));
+        Ok(true)
+    }
+
+    fn dispatch(&self, call: &HttpCall) -> Result<u32, HostFault> {
+        if self.refuse_dispatch.get() {
+            return Err(HostFault(2));
+        }
+        let id = self.next_id.get() + 1;
+        self.next_id.set(id);
+        self.calls.borrow_mut().push((id, call.clone()));
+        Ok(id)
+    }
+
+    fn log(&self, level: Level, message: &str) {
+        self.logs.borrow_mut().push((level, message.to_string()));
+    }
+
+    fn log_enabled(&self, _level: Level) -> bool {
+        true
+    }
+
+    fn define(&self, _kind: MetricKind, name: &str) -> Option<u32> {
+        let mut s = self.stats.borrow_mut();
+        s.push(name.to_string());
+        Some(s.len() as u32 - 1)
+    }
+
+    fn count(&self, id: Option<u32>) {
+        if let Some(id) = id {
+            *self.counts.borrow_mut().entry(id).or_insert(0) += 1;
+        }
+    }
+
+    fn record(&self, id: Option<u32>, value: u64) {
+        if let Some(id) = id {
+            self.counts.borrow_mut().insert(id, value);
+        }
+    }
+}
+
+impl Fake {
+    fn stat(&self, name: &str) -> u64 {
+        let stats = self.stats.borrow();
+        let Some(i) = stats.iter().position(|n| n == name) else {
+            return 0;
+        };
+        self.counts.borrow().get(&(i as u32)).copied().unwrap_or(0)
+    }
+
+    fn take_calls(&self) -> Vec<(u32, HttpCall)> {
+        std::mem::take(&mut *self.calls.borrow_mut())
+    }
+
+    fn logged(&self, part: &str) -> bool {
+        self.logs.borrow().iter().any(|(_, m)| m.contains(part))
+    }
+}
+
+fn header<'a>(call: &'a HttpCall, name: &str) -> Option<&'a str> {
+    call.headers
+        .iter()
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+fn config() -> Config {
+    let v = json!({
+        "secrets": {
+            "cs": { "inline": "client-secret-1" },
+            "rt": { "inline": "rt-configured" },
+            "kv_secret": { "azure_key_vault": "https://kv.vault.azure.net/secrets/partner",
+                           "cluster": "keyvault", "identity": "kv_reader", "refresh_s": 60 },
+            "vault_secret": { "vault": { "cluster": "vault", "url": "http://vault:8200",
+                                         "mount": "secret", "path": "orders", "field": "key",
+                                         "approle": { "role_id": "role-1", "secret_id": "cs" } } }
+        },
+        "providers": {
+            "idp": { "type": "oauth2", "cluster": "idp", "token_url": "https://idp.test/token",
+                     "client_id": "gw", "client_secret": "cs", "drop_on_401_after_s": 0 },
+            "mi": { "type": "azure_managed_identity", "cluster": "imds" },
+            "keys": { "type": "api_key" }
+        },
+        "connections": {
+            "orders": { "provider": "idp", "grant": "client_credentials", "scopes": ["orders.read"],
+                        "access": { "public": true } },
+            "rotating": { "provider": "idp", "grant": "refresh_token", "refresh_token": "rt",
+                          "access": { "public": true } },
+            "obo": { "provider": "idp", "grant": "token_exchange",
+                     "access": { "authenticated": true } },
+            "backend": { "provider": "mi", "resource": "api://backend-app",
+                         "access": { "public": true } },
+            "kv_reader": { "provider": "mi", "resource": "https://vault.azure.net" },
+            "partner": { "provider": "keys", "api_key": "kv_secret", "access": { "public": true } },
+            "vaulted": { "provider": "keys", "api_key": "vault_secret", "access": { "public": true } }
+        },
+        "routes": [ { "name": "orders", "match": { "path_prefix": "/orders" },
+                      "inject": [ { "connections": ["orders"], "header": "authorization" } ] } ]
+    });
+    Config::parse(v.to_string().as_bytes(), &|_| None).unwrap()
+}
+
+fn setup() -> (Broker<Fake>, Rc<Loaded>) {
+    let fake = Fake::default();
+    let loaded = Rc::new(Loaded::new(&fake, config(), "test"));
+    let mut b = Broker::new(fake);
+    b.configured(&loaded);
+    (b, loaded)
+}
+
+fn conn(loaded: &Loaded, name: &str) -> usize {
+    loaded
+        .config
+        .connections
+        .iter()
+        .position(|c| c.name == name)
+        .unwrap()
+}
+
+fn token_answer(token: &str, extra: serde_json::Value) -> Vec<u8> {
+    let mut v = json!({ "access_token": token, "token_type": "Bearer", "expires_in": 3600 });
+    if let (Some(m), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        m.extend(e.clone());
+    }
+    v.to_string().into_bytes()
+}
+
+fn ready(r: Resolution) -> Vec<Cred> {
+    match r {
+        Resolution::Ready(c) => c,
+        Resolution::Wait { .. } => panic!("waits"),
+        Resolution::Reject { .. } => panic!("rejected"),
+    }
+}
+
+fn waits(r: &Resolution) -> bool {
+    matches!(r, Resolution::Wait { .. })
+}
+
+#[test]
+fn a_client_credentials_token_is_fetched_once_sent_as_built_and_cached() {
+    let (mut b, loaded) = setup();
+    let c = conn(&loaded, "orders");
+    let r = b.resolve(&loaded, &[c], None, 1_000, true).unwrap();
+    assert!(waits(&r));
+    // A second request on the other worker waits for the same fetch.
+    let mut other = Broker::new(b.proxy.clone());
+    assert!(waits(
+        &other.resolve(&loaded, &[c], None, 1_001, true).unwrap()
+    ));
+    assert_eq!(other.wanted_tick_ms(), IDLE_MS);
+    assert_eq!(b.wanted_tick_ms(), KICK_MS);
+    b.dispatch_due(1_002);
+    other.dispatch_due(1_002);
+    let calls = b.proxy.take_calls();
+    assert_eq!(calls.len(), 1, "one fetch for both workers");
+    let (id, call) = &calls[0];
+    assert_eq!(call.cluster, "idp");
+    assert_eq!(header(call, ":method"), Some("POST"));
+    assert_eq!(header(call, ":path"), Some("/token"));
+    assert_eq!(header(call, ":authority"), Some("idp.test"));
+    assert_eq!(
+        call.body.as_ref().unwrap().expose(),
+        "grant_type=client_credentials&scope=orders.read"
+    );
+    assert!(b.awaits(*id));
+    b.on_answer(*id, Some(200), Some(token_answer("at-1", json!({}))), 1_050);
+    assert!(!b.awaits(*id));
+    let creds = ready(other.resolve(&loaded, &[c], None, 1_060, true).unwrap());
+    assert_eq!(creds[0].secret.expose(), "at-1");
+    assert_eq!(creds[0].default_prefix, "Bearer ");
+    assert_eq!(b.proxy.stat("latchkey.connection.orders.token.requests"), 1);
+    assert_eq!(b.proxy.stat("latchkey.connection.orders.token.success"), 1);
+    assert_eq!(
+        b.proxy.stat("latchkey.connection.orders.token.cache_hit"),
+        1
+    );
+    assert_eq!(b.proxy.stat("latchkey.connection.orders.token.state"), 2);
+    // No secret in any log line.
+    assert!(!b
+        .proxy
+        .logs
+        .borrow()
+        .iter()
+        .any(|(_, m)| m.contains("at-1") || m.contains("client-secret-1")));
+}
+
+fn waiter(loaded: &Rc<Loaded>, c: usize, deadline_ms: u64, keys: Vec<String>) -> Waiter {
+    Waiter {
+        loaded: loaded.clone(),
+        needed: Needed {
+            route: 0,
+            picks: vec![c],
+            subject: None,
+            edits: Vec::new(),
+        },
+        deadline_ms,
+        sent: vec!["authorization".into()],
+        path: b"/orders/1".to_vec(),
+        keys,
+        seen: Vec::new(),
+    }
+}
+
+fn keys_of(r: Resolution) -> (u64, Vec<String>) {
+    match r {
+        Resolution::Wait { deadline_ms, keys } => (deadline_ms, keys),
+        _ => panic!("not waiting"),
+    }
+}
+
+#[test]
+fn a_paused_request_resumes_with_the_token_once_its_key_moves() {
+    let (mut b, loaded) = setup();
+    let c = conn(&loaded, "orders");
+    let (deadline, keys) = keys_of(b.resolve(&loaded, &[c], None, 0, true).unwrap());
+    assert_eq!(deadline, 5_000);
+    assert_eq!(keys.len(), 1);
+    b.wait(7, waiter(&loaded, c, deadline, keys));
+    assert_eq!(b.paused(), 1);
+    b.prefetch_due = false; // (this configuration's stores are not this test's)
+    assert_eq!(b.wanted_tick_ms(), KICK_MS);
+    b.dispatch_due(1);
+    assert_eq!(b.wanted_tick_ms(), POLL_MS);
+    // Nothing moved: no outcome yet.
+    assert!(b.due_waiters(2).is_empty());
+    let (id, _) = b.proxy.take_calls()[0].clone();
+    b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 10);
+    let resumed = b.due_waiters(11);
+    assert_eq!(resumed.len(), 1);
+    let r = &resumed[0];
+    assert_eq!(r.id, 7);
+    assert_eq!(r.outcome.verdict, crate::request::Verdict::Allowed);
+    assert!(r.outcome.edits.iter().any(|e| matches!(e,
+        crate::inject::Edit::Set { name, value } if name == "authorization" && value.expose() == "Bearer at-1")));
+    assert_eq!(r.used.len(), 1, "the token it carries, for an upstream 401");
+    assert_eq!(b.paused(), 0);
+    assert_eq!(b.wanted_tick_ms(), IDLE_MS);
+}
+
+#[test]
+fn a_failed_fetch_refuses_the_paused_request_and_backs_off() {
+    let (mut b, loaded) = setup();
+    let c = conn(&loaded, "orders");
+    let (deadline, keys) = keys_of(b.resolve(&loaded, &[c], None, 0, true).unwrap());
+    b.wait(3, waiter(&loaded, c, deadline, keys));
+    b.dispatch_due(1);
+    let (id, _) = b.proxy.take_calls()[0].clone();
+    b.on_answer(id, Some(500), Some(b"oops".to_vec()), 20);
+    let resumed = b.due_waiters(21);
+    assert_eq!(resumed.len(), 1);
+    let o = &resumed[0].outcome;
+    assert_eq!(o.verdict, crate::request::Verdict::Unavailable);
+    let reply = o.reply.as_ref().unwrap();
+    assert_eq!(reply.status, 503);
+    assert!(reply.body.contains(r#""connection":"orders""#));
+    assert!(b
+        .proxy
+        .logged("connection orders: token fetch failed: status"));
+    assert_eq!(
+        b.proxy
+            .stat("latchkey.connection.orders.token.failure.status"),
+        1
+    );
+    // Backing off: the next request is refused at once, with no call.
+    match b.resolve(&loaded, &[c], None, 30, true).unwrap() {
+        Resolution::Reject {
+            connection,
+            retry_after_ms,
+        } => {
+            assert_eq!(connection, c);
+            assert!(retry_after_ms > 0 && retry_after_ms <= 1000);
+        }
+        _ => panic!("not rejected"),
+    }
+    b.dispatch_due(31);
+    assert!(b.proxy.take_calls().is_empty());
+}
+
+#[test]
+fn a_paused_request_past_its_deadline_is_refused() {
+    let (mut b, loaded) = setup();
+    let c = conn(&loaded, "orders");
+    let (deadline, keys) = keys_of(b.resolve(&loaded, &[c], None, 0, true).unwrap());
+    b.wait(9, waiter(&loaded, c, deadline, keys));
+    b.dispatch_due(1);
+    assert!(b.due_waiters(deadline - 1).is_empty());
+    let resumed = b.due_waiters(deadline);
+    assert_eq!(
+        resumed[0].outcome.verdict,
+        crate::request::Verdict::Unavailable
+    );
+    // A dispatch the host refuses fails the fetch at once.
+    let (mut b, loaded) = setup();
+    b.proxy.refuse_dispatch.set(true);
+    assert!(waits(&b.resolve(&loaded, &[c], None, 0, true).unwrap()));
+    b.dispatch_due(1);
+    assert!(b.proxy.logged("can't call cluster \"idp\": BadArgument"));
+    assert_eq!(
+        b.proxy
+            .stat("latchkey.connection.orders.token.failure.dispatch"),
+        1
+    );
+}
+
+#[test]
+fn a_managed_identity_token_is_asked_of_imds_with_the_resource_encoded() {
+    let (mut b, loaded) = setup();
+    let c = conn(&loaded, "backend");
+    assert!(waits(&b.resolve(&loaded, &[c], None, 0, true).unwrap()));
+    b.dispatch_due(1);
+    let (id, call) = b.proxy.take_calls()[0].clone();
+    assert_eq!(call.cluster, "imds");
+    assert_eq!(header(&call, ":method"), Some("GET"));
+    assert_eq!(
+        header(&call, ":path"),
+        Some("/metadata/identity/oauth2/token?api-version=2018-02-01&resource=api%3A%2F%2Fbackend-app")
+    );
+    assert_eq!(header(&call, "metadata"), Some("true"));
+    // IMDS sends expires_in as a string.
+    let answer = json!({ "access_token": "mi-1", "token_type": "Bearer", "expires_in": "3599" });
+    b.on_answer(id, Some(200), Some(answer.to_string().into_bytes()), 5);
+    let creds = ready(b.resolve(&loaded, &[c], None, 6, true).unwrap());
+    assert_eq!(creds[0].secret.expose(), "mi-1");
+}
+
+#[test]
+fn a_key_vault_value_waits_for_its_identity_token_then_is_read_and_copied() {
+    let (mut b, loaded) = setup();
+    let c = conn(&loaded, "partner");
+    b.on_tick(Some(&loaded), 0); // prefetch: every store read starts
+    let r = b.resolve(&loaded, &[c], None, 1, true).unwrap();
+    assert!(waits(&r));
+    b.dispatch_due(2);
+    // First the identity token (the read is deferred until it comes).
+    let calls = b.proxy.take_calls();
+    let imds: Vec<&(u32, HttpCall)> = calls.iter().filter(|(_, c)| c.cluster == "imds").collect();
+    assert_eq!(imds.len(), 1);
+    assert!(header(&imds[0].1, ":path")
+        .unwrap()
+        .contains("resource=https%3A%2F%2Fvault.azure.net"));
+    b.on_answer(
+        imds[0].0,
+        Some(200),
+        Some(token_answer("kv-token", json!({}))),
+        3,
+    );
+    b.dispatch_due(4);
+    let calls = b.proxy.take_calls();
+    let kv: Vec<&(u32, HttpCall)> = calls
+        .iter()
+        .filter(|(_, c)| c.cluster == "keyvault")
+        .collect();
+    assert_eq!(kv.len(), 1);
+    let call = &kv[0].1;
+    assert_eq!(header(call, ":authority"), Some("kv.vault.azure.net"));
+    assert_eq!(
+        header(call, ":path"),
+        Some("/secrets/partner?api-version=7.4")
+    );
+    assert_eq!(call.secret_headers[0].1.expose(), "Bearer kv-token");
+    let answer =
+        json!({ "value": "pk-from-kv", "id": "https://kv.vault.azure.net/secrets/partner/v1" });
+    b.on_answer(kv[0].0, Some(200), Some(answer.to_string().into_bytes()), 5);
+    let creds = ready(b.resolve(&loaded, &[c], None, 6, true).unwrap());
+    assert_eq!(creds[0].secret.expose(), "pk-from-kv");
+    assert_eq!(creds[0].default_prefix, "");
+    // This VM keeps a copy: the next request needs no clock.
+    assert_eq!(
+        loaded.store_value(0).map(|s| s.expose().to_string()),
+        Some("pk-from-kv".into())
+    );
+    assert!(b.proxy.logged("secret kv_secret: read version \"v1\""));
+    assert_eq!(b.proxy.stat("latchkey.secret.kv_secret.success"), 1);
+}
+
+#[test]
+fn a_key_vault_401_drops_the_identity_token_and_reads_once_more() {
+    let (mut b, loaded) = setup();
+    b.on_tick(Some(&loaded), 0);
+    b.dispatch_due(0); // the identity token's fetch, queued by the read
+    let calls = b.proxy.take_calls();
+    let imds = calls.iter().find(|(_, c)| c.cluster == "imds").unwrap();
+    b.on_answer(
+        imds.0,
+        Some(200),
+        Some(token_answer("old-kv-token", json!({}))),
+        1,
+    );
+    b.dispatch_due(2);
+    let kv = b
+        .proxy
+        .take_calls()
+        .into_iter()
+        .find(|(_, c)| c.cluster == "keyvault")
+        .unwrap();
+    assert_eq!(kv.1.secret_headers[0].1.expose(), "Bearer old-kv-token");
+    b.on_answer(kv.0, Some(401), Some(b"{}".to_vec()), 3);
+    assert_eq!(
+        b.proxy
+            .stat("latchkey.connection.kv_reader.token.dropped_on_401"),
+        1
+    );
+    // The read again needs a new identity token first: two ticks.
+    b.dispatch_due(4);
+    b.dispatch_due(4);
+    let calls = b.proxy.take_calls();
+    let imds = calls.iter().find(|(_, c)| c.cluster == "imds").unwrap();
+    b.on_answer(
+        imds.0,
+        Some(200),
+        Some(token_answer("new-kv-token", json!({}))),
+        5,
+    );
+    b.dispatch_due(6);
+    let kv = b
+        .proxy
+        .take_calls()
+        .into_iter()
+        .find(|(_, c)| c.cluster == "keyvault")
+        .unwrap();
+    assert_eq!(kv.1.secret_headers[0].1.expose(), "Bearer new-kv-token");
+}
+
+#[test]
+fn a_vault_value_is_read_after_an_approle_login() {
+    let (mut b, loaded) = setup();
+    let c = conn(&loaded, "vaulted");
+    b.on_tick(Some(&loaded), 0);
+    let _ = b.resolve(&loaded, &[c], None, 1, true).unwrap();
+    b.dispatch_due(2);
+    let calls = b.proxy.take_calls();
+    let login = calls
+        .iter()
+        .find(|(_, c)| c.cluster == "vault")
+        .unwrap()
+        .clone();
+    assert_eq!(header(&login.1, ":method"), Some("POST"));
+    assert_eq!(header(&login.1, ":path"), Some("/v1/auth/approle/login"));
+    let body: serde_json::Value =
+        serde_json::from_str(login.1.body.as_ref().unwrap().expose()).unwrap();
+    assert_eq!(
+        body,
+        json!({ "role_id": "role-1", "secret_id": "client-secret-1" })
+    );
+    let answer = json!({ "auth": { "client_token": "hvs.login", "lease_duration": 3600 } });
+    b.on_answer(login.0, Some(200), Some(answer.to_string().into_bytes()), 3);
+    assert_eq!(b.proxy.stat("latchkey.secret.vault_secret.logins"), 1);
+    b.dispatch_due(4);
+    let read = b
+        .proxy
+        .take_calls()
+        .into_iter()
+        .find(|(_, c)| c.cluster == "vault")
+        .unwrap();
+    assert_eq!(header(&read.1, ":path"), Some("/v1/secret/data/orders"));
+    assert_eq!(read.1.secret_headers[0].1.expose(), "hvs.login");
+    let answer =
+        json!({ "data": { "data": { "key": "vault-value" }, "metadata": { "version": 3 } } });
+    b.on_answer(read.0, Some(200), Some(answer.to_string().into_bytes()), 5);
+    let creds = ready(b.resolve(&loaded, &[c], None, 6, true).unwrap());
+    assert_eq!(creds[0].secret.expose(), "vault-value");
+}
+
+#[test]
+fn a_rotated_refresh_token_is_kept_and_used_next() {
+    let (mut b, loaded) = setup();
+    let c = conn(&loaded, "rotating");
+    let _ = b.resolve(&loaded, &[c], None, 0, true).unwrap();
+    b.dispatch_due(1);
+    let (id, call) = b.proxy.take_calls()[0].clone();
+    assert_eq!(
+        call.body.as_ref().unwrap().expose(),
+        "grant_type=refresh_token&refresh_token=rt-configured"
+    );
+    b.on_answer(
+        id,
+        Some(200),
+        Some(token_answer("at-1", json!({ "refresh_token": "rt-2" }))),
+        2,
+    );
+    let creds = ready(b.resolve(&loaded, &[c], None, 3, true).unwrap());
+    // The upstream refuses it: a refresh starts (the window is 0 here), with rt-2.
+    b.on_upstream_401(&loaded, &Cred::tokens(&creds), 4);
+    assert_eq!(
+        b.proxy
+            .stat("latchkey.connection.rotating.token.dropped_on_401"),
+        1
+    );
+    b.dispatch_due(5);
+    let (id, call) = b.proxy.take_calls()[0].clone();
+    assert_eq!(
+        call.body.as_ref().unwrap().expose(),
+        "grant_type=refresh_token&refresh_token=rt-2"
+    );
+    // Meanwhile the old token serves.
+    assert_eq!(
+        ready(b.resolve(&loaded, &[c], None, 6, true).unwrap())[0]
+            .secret
+            .expose(),
+        "at-1"
+    );
+    let generation = b.proxy.shared_get(HOT_GENERATION).unwrap().map(|(_, c)| c);
+    b.on_answer(id, Some(200), Some(token_answer("at-2", json!({}))), 7);
+    // Installed: every worker's copy of the refused token goes.
+    assert_ne!(
+        b.proxy.shared_get(HOT_GENERATION).unwrap().map(|(_, c)| c),
+        generation
+    );
+    assert_eq!(
+        ready(b.resolve(&loaded, &[c], None, 8, true).unwrap())[0]
+            .secret
+            .expose(),
+        "at-2"
+    );
+    // A second 401, to a token that is no longer the cached one, is ignored.
+    b.on_upstream_401(&loaded, &Cred::tokens(&creds), 9);
+    assert_eq!(
+        b.proxy
+            .stat("latchkey.connection.rotating.token.ignored_401"),
+        1
+    );
+}
+
+#[test]
+fn token_exchange_is_cached_per_subject_and_sends_the_subject_token() {
+    let (mut b, loaded) = setup();
+    let c = conn(&loaded, "obo");
+    let alice = Secret::new("a.alice.s");
+    let bob = Secret::new("b.bob.s");
+    assert!(waits(
+        &b.resolve(&loaded, &[c], Some(&alice), 0, true).unwrap()
+    ));
+    assert!(waits(
+        &b.resolve(&loaded, &[c], Some(&bob), 0, true).unwrap()
+    ));
+    b.dispatch_due(1);
+    let calls = b.proxy.take_calls();
+    assert_eq!(calls.len(), 2, "one exchange per caller");
+    for (i, (id, call)) in calls.iter().enumerate() {
+        let body = call.body.as_ref().unwrap().expose();
+        let subject = if i == 0 { "a.alice.s" } else { "b.bob.s" };
+        assert!(body.contains(&format!("subject_token={subject}")), "{body}");
+        assert!(body
+            .starts_with("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange"));
+        b.on_answer(
+            *id,
+            Some(200),
+            Some(token_answer(&format!("x-{i}"), json!({}))),
+            2,
+        );
+    }
+    assert_eq!(
+        ready(b.resolve(&loaded, &[c], Some(&alice), 3, true).unwrap())[0]
+            .secret
+            .expose(),
+        "x-0"
+    );
+    assert_eq!(
+        ready(b.resolve(&loaded, &[c], Some(&bob), 3, true).unwrap())[0]
+            .secret
+            .expose(),
+        "x-1"
+    );
+    // Without a subject token there is nothing to exchange: refused.
+    assert!(matches!(
+        b.resolve(&loaded, &[c], None, 4, true).unwrap(),
+        Resolution::Reject { .. }
+    ));
+}
+
+#[test]
+fn a_token_copy_serves_without_shared_reads_until_a_worker_replaces_it() {
+    let (mut b, loaded) = setup();
+    let c = conn(&loaded, "orders");
+    let _ = b.resolve(&loaded, &[c], None, 0, true).unwrap();
+    b.dispatch_due(1);
+    let (id, _) = b.proxy.take_calls()[0].clone();
+    b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
+    ready(b.resolve(&loaded, &[c], None, 3, true).unwrap());
+    assert!(loaded.has_hot_token(c));
+    // Another worker's write of the generation drops this VM's copies.
+    b.proxy.shared_set(HOT_GENERATION, b"", 0).unwrap();
+    loaded.check_hot_generation(&b.proxy);
+    assert!(!loaded.has_hot_token(c));
+    // The tick takes a new copy from the shared cache.
+    b.on_tick(Some(&loaded), 2_000);
+    ready(b.resolve(&loaded, &[c], None, 2_001, true).unwrap());
+    assert!(loaded.has_hot_token(c));
+}

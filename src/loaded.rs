@@ -1,0 +1,226 @@
+//! A loaded configuration with what serving it needs beside the configuration
+//! itself: the stats' ids, the discovery index, each fetched credential's
+//! shared-data slot, and this VM's own copies of tokens and store values (a
+//! request served from a copy makes no host call for it). One per plugin
+//! configuration; requests and fetches hold it (`Rc`) until they end, so a
+//! configuration swap never changes what a request in flight sees.
+
+use std::cell::RefCell;
+
+use crate::config::{Config, Credential, Grant, ProviderKind, SecretRef};
+use crate::credential::broker::{StoreSlot, TokenSlot};
+use crate::credential::cache::{Cached, Policy};
+use crate::proxy::Proxy;
+use crate::secret::Secret;
+use crate::stats::Stats;
+
+/// A loaded configuration with what the request path needs beside it.
+pub struct Loaded {
+    pub config: Config,
+    pub stats: Stats,
+    /// Token cache per connection index (oauth2 and managed-identity connections).
+    pub tokens: Vec<Option<TokenSlot>>,
+    /// Value cache per store index.
+    pub stores: Vec<StoreSlot>,
+    /// This VM's copy of each store's current value, kept fresh by the tick
+    /// (`Broker::tend_stores`): a request reads it with no host call at all.
+    pub store_values: RefCell<Vec<Option<Secret>>>,
+    /// This VM's copy of each connection's current token (not for token
+    /// exchange), kept while the tick finds it good for a few seconds more
+    /// (`Broker::tend_tokens`): a request then reads neither the shared cache
+    /// nor the clock.
+    pub hot_tokens: RefCell<Vec<Option<Cached>>>,
+    /// Discovery answers, serialized once per configuration (only when
+    /// `discovery.path` is set).
+    pub discovery: Option<crate::discovery::Index>,
+    /// The CAS of [`HOT_GENERATION`] when the copies above were taken: a token
+    /// dropped on an upstream 401 by any worker moves it, and every VM's copies
+    /// are then dropped before the next request uses one.
+    pub hot_generation: std::cell::Cell<u32>,
+}
+
+/// An always-empty shared-data key whose CAS moves whenever a worker drops a
+/// token the upstream refused. Reading it costs a request one host call and no
+/// copy; a VM's token copies are good only while it hasn't moved.
+pub const HOT_GENERATION: &str = "latchkey.tokens.generation";
+
+impl Loaded {
+    /// This VM's copy of store `i`'s value, if it has one.
+    pub fn store_value(&self, i: usize) -> Option<Secret> {
+        self.store_values
+            .try_borrow()
+            .ok()
+            .and_then(|v| v.get(i).cloned().flatten())
+    }
+
+    /// This VM's copy of connection `c`'s token, if it holds one.
+    pub fn hot_token(&self, c: usize) -> Option<Cached> {
+        self.hot_tokens
+            .try_borrow()
+            .ok()
+            .and_then(|v| v.get(c).cloned().flatten())
+    }
+
+    pub fn has_hot_token(&self, c: usize) -> bool {
+        self.hot_tokens
+            .try_borrow()
+            .is_ok_and(|v| v.get(c).is_some_and(Option::is_some))
+    }
+
+    /// The current [`HOT_GENERATION`]; `None` when it can't be read (then no
+    /// copy may be used).
+    pub fn read_hot_generation(p: &impl Proxy) -> Option<u32> {
+        match p.shared_get(HOT_GENERATION) {
+            Ok(Some((_, cas))) => Some(cas),
+            _ => None,
+        }
+    }
+
+    /// Drops this VM's token copies if a worker dropped a token since they were
+    /// taken (or the generation can't be read).
+    pub fn check_hot_generation(&self, p: &impl Proxy) {
+        let now = Self::read_hot_generation(p);
+        if now != Some(self.hot_generation.get()) {
+            self.cool_hot_tokens();
+            self.hot_generation.set(now.unwrap_or(0));
+        }
+    }
+
+    pub fn cool_hot_tokens(&self) {
+        if let Ok(mut v) = self.hot_tokens.try_borrow_mut() {
+            v.iter_mut().for_each(|t| *t = None);
+        }
+    }
+
+    pub fn set_hot_token(&self, c: usize, token: Option<Cached>) {
+        if let Ok(mut v) = self.hot_tokens.try_borrow_mut() {
+            if let Some(slot) = v.get_mut(c) {
+                *slot = token;
+            }
+        }
+    }
+
+    pub fn set_store_value(&self, i: usize, value: Secret) {
+        if let Ok(mut v) = self.store_values.try_borrow_mut() {
+            if let Some(slot) = v.get_mut(i) {
+                *slot = Some(value);
+            }
+        }
+    }
+}
+
+/// Creates a shared-data key if it is absent: "create if absent" by CAS is not
+/// atomic in the host, so every key is created at configure time.
+fn precreate(p: &impl Proxy, key: &str) {
+    if let Ok(None) = p.shared_get(key) {
+        let _ = p.shared_set(key, b"", 0);
+    }
+}
+
+impl Loaded {
+    /// `namespace`: the plugin's name, so that two plugins sharing a VM id never
+    /// share a shared-data key.
+    pub fn new(p: &impl Proxy, config: Config, namespace: &str) -> Loaded {
+        let stats = Stats::define(p, &config);
+        let tokens: Vec<Option<TokenSlot>> = config
+            .connections
+            .iter()
+            .map(|c| {
+                let provider = config.provider_of(c)?;
+                let (timeout_ms, margin_s, default_s, after_401_s) = match &provider.kind {
+                    ProviderKind::OAuth2(p) => (p.timeout_ms, p.refresh_margin_s, p.default_expires_in_s, p.drop_on_401_after_s),
+                    ProviderKind::ManagedIdentity(p) => (p.timeout_ms, p.refresh_margin_s, p.default_expires_in_s, p.drop_on_401_after_s),
+                    ProviderKind::ApiKey | ProviderKind::ClientCertificate => return None,
+                };
+                let key = crate::credential::keys::token_key(namespace, &config, c)?;
+                let refresh = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::RefreshToken(_)));
+                let exchange = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. }));
+                let rt_key = refresh.then(|| format!("{key}.rt"));
+                let slot = TokenSlot {
+                    key,
+                    exchange,
+                    rt_key,
+                    policy: Policy::new(timeout_ms, margin_s * 1000),
+                    default_lifetime_ms: default_s * 1000,
+                    drop_on_401_after_ms: after_401_s * 1000,
+                };
+                // Create the keys now: "create if absent" by CAS is not atomic in the host.
+                let keys: Vec<String> = if exchange {
+                    (0..crate::credential::exchange::SETS).map(|i| slot.set_key(i)).collect()
+                } else {
+                    std::iter::once(slot.key.clone()).chain(slot.rt_key.clone()).collect()
+                };
+                for k in &keys {
+                    precreate(p, k);
+                }
+                Some(slot)
+            })
+            .collect();
+        let stores = config
+            .stores
+            .iter()
+            .map(|st| {
+                let key = crate::credential::keys::store_key(namespace, &config, st);
+                let login_key = matches!(
+                    &st.kind,
+                    crate::config::StoreKind::Vault {
+                        auth: crate::config::VaultAuth::AppRole { .. },
+                        ..
+                    }
+                )
+                .then(|| format!("{key}.login"));
+                precreate(p, &key);
+                if let Some(k) = &login_key {
+                    precreate(p, k);
+                }
+                StoreSlot {
+                    key,
+                    login_key,
+                    policy: Policy::new(st.timeout_ms, 0),
+                }
+            })
+            .collect();
+        let store_values = RefCell::new(vec![None; config.stores.len()]);
+        let hot_tokens = RefCell::new(vec![None; config.connections.len()]);
+        if tokens.iter().any(Option::is_some) {
+            precreate(p, HOT_GENERATION);
+        }
+        let hot_generation = std::cell::Cell::new(Loaded::read_hot_generation(p).unwrap_or(0));
+        let discovery = config
+            .discovery
+            .as_ref()
+            .map(|_| crate::discovery::Index::new(&config));
+
+        Loaded {
+            config,
+            stats,
+            tokens,
+            stores,
+            store_values,
+            hot_tokens,
+            discovery,
+            hot_generation,
+        }
+    }
+}
+
+/// Whether resolving `picks` needs the clock: only a token or store value this
+/// VM holds no copy of does.
+pub fn needs_time(loaded: &Loaded, picks: &[usize]) -> bool {
+    picks.iter().any(|&ci| {
+        loaded
+            .config
+            .connection(ci)
+            .is_some_and(|conn| match &conn.credential {
+                Credential::ApiKey(SecretRef::Value(_)) | Credential::ClientCertificate { .. } => {
+                    false
+                }
+                // A store value this VM already holds costs no clock read.
+                Credential::ApiKey(SecretRef::Store(i)) => loaded.store_value(*i).is_none(),
+                // Nor does a token it holds (checked by the tick).
+                Credential::OAuth2(_) | Credential::ManagedIdentity { .. } => {
+                    !loaded.has_hot_token(ci)
+                }
+            })
+    })
+}
