@@ -95,10 +95,30 @@ def example_configs() -> list[tuple[str, Any, bool]]:
     return out
 
 
-def spec_examples() -> list[tuple[str, Any]]:
-    """The JSON examples of ../shared/SPEC.md (fragments wrapped into a document)."""
-    spec = REPO_ROOT.parent / "shared" / "SPEC.md"
+SPEC_PATH = REPO_ROOT.parent / "shared" / "SPEC.md"
+
+# SPEC.md sections whose features are not built yet, with their issue: their
+# examples use fields the schema (and the filter) don't know until then.
+SPEC_SECTIONS_NOT_BUILT = {
+    "User-delegated connections (v1.2)": 18,
+    "Client authentication without a stored secret (v1.2)": 19,
+}
+
+
+def spec_examples() -> list[tuple[str, Any, str]]:
+    """The JSON examples of ../shared/SPEC.md (fragments wrapped into a document), each
+    with the `## ` section it stands in."""
+    spec = SPEC_PATH
     if not spec.is_file():
         return []
-    return [(f"SPEC.md json block {i + 1}", parse_block(block)[0])
-            for i, block in enumerate(json_blocks(spec.read_text()))]
+    out = []
+    section = ""
+    n = 0
+    for part in re.split(r"(^## .*$)", spec.read_text(), flags=re.M):
+        if part.startswith("## "):
+            section = part[3:].strip()
+            continue
+        for block in json_blocks(part):
+            n += 1
+            out.append((f"SPEC.md json block {n}", parse_block(block)[0], section))
+    return out
