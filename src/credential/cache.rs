@@ -752,6 +752,47 @@ mod tests {
     }
 
     #[test]
+    fn the_backoff_cap_doubles_from_the_base_to_the_max() {
+        let caps: Vec<u64> = (0..9).map(|f| P.backoff_cap_ms(f)).collect();
+        assert_eq!(
+            caps,
+            [0, 1000, 2000, 4000, 8000, 16_000, 32_000, 60_000, 60_000]
+        );
+        assert_eq!(P.backoff_cap_ms(u32::MAX), 60_000);
+        // Every backoff lies within its cap.
+        for f in 1..9 {
+            for jitter in [0, 7, u64::MAX] {
+                assert!(P.backoff_ms(f, jitter) <= P.backoff_cap_ms(f));
+            }
+        }
+    }
+
+    #[test]
+    fn a_401_refresh_time_is_written_only_when_there_is_one() {
+        let t = Cached::new("at".into(), 7, 10_000, 0, &P);
+        let plain = String::from_utf8(
+            Ready {
+                token: t.clone(),
+                failures: 0,
+            }
+            .encode(),
+        )
+        .unwrap();
+        assert!(!plain.contains("refreshed_on_401_ms"), "{plain}");
+        let marked = Ready {
+            token: Cached {
+                refreshed_on_401_ms: 1234,
+                ..t
+            },
+            failures: 0,
+        };
+        let text = String::from_utf8(marked.encode()).unwrap();
+        assert!(text.contains(r#""refreshed_on_401_ms":1234"#), "{text}");
+        assert_eq!(CacheState::decode(text.as_bytes()), marked);
+        assert_eq!(CacheState::decode(plain.as_bytes()).gauge(), 2);
+    }
+
+    #[test]
     fn a_refused_gateway_call_drops_only_the_cached_token() {
         let s = ready(10_000, 0);
         assert_eq!(on_refused(&s, 6), None);

@@ -255,6 +255,9 @@ mod tests {
             format!("Token {t}"),
             format!("Bearer{t}"),
             "Bearer a.b".to_string(),
+            // An empty signature (an unsigned JWT) or header segment.
+            format!("Bearer {}.", &t[..t.rfind('.').unwrap()]),
+            format!("Bearer .{}", &t[t.find('.').unwrap() + 1..]),
             "Bearer a..c".to_string(),
             "Bearer ".to_string(),
             "Bear".to_string(),
