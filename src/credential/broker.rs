@@ -22,16 +22,17 @@ use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 
 use crate::config::{Credential, Grant, ProviderKind, SecretRef, StoreKind, VaultAuth};
-use crate::credential::cache::{self, CacheState, Cached, Decision, FetchOutcome, Policy};
+use crate::credential::cache::{self, CacheState, Cached, Choice, FetchOutcome, Policy};
 use crate::credential::cas::{self, Attempt};
-use crate::credential::exchange::{Set, Subject};
+use crate::credential::exchange::Set;
+pub use crate::credential::slot::{Addr, Owner, StoreSlot, TokenSlot};
 use crate::credential::store::{self, HttpCall, StoreError};
 use crate::credential::token_request::{self, GrantInput};
 use crate::credential::token_response::{self, FetchError};
 use crate::inject::Resolved;
-use crate::loaded::{Loaded, HOT_GENERATION};
 use crate::proxy::{HostFault, Level, Proxy};
 use crate::request::{self, Needed, Outcome};
+use crate::runtime::{Runtime, COPY_GENERATION};
 use crate::secret::Secret;
 use crate::stats::{StoreStat, TokenStat};
 
@@ -47,79 +48,9 @@ pub const IDLE_MS: u32 = 1000;
 /// same worker thread as the requests, so it can't fall behind them by more
 /// than one event-loop turn; the copy is re-checked (and dropped near its
 /// refresh point) about every second.
-const HOT_GRACE_MS: u64 = 3 * IDLE_MS as u64;
+const COPY_GRACE_MS: u64 = 3 * IDLE_MS as u64;
 /// CAS attempts before giving up on a contended key for this round.
 const CAS_TRIES: usize = 4;
-
-/// A connection's token cache, prepared at configure time.
-#[derive(Debug)]
-pub struct TokenSlot {
-    /// The shared-data key; for token exchange, the prefix of its set keys.
-    pub key: String,
-    /// Token exchange: one entry per caller, in bounded sets.
-    pub exchange: bool,
-    /// Where a rotated refresh token is kept (refresh_token grant only).
-    pub rt_key: Option<String>,
-    pub policy: Policy,
-    pub default_lifetime_ms: u64,
-    /// An upstream 401 refreshes a token only once it is this old.
-    pub drop_on_401_after_ms: u64,
-}
-
-impl TokenSlot {
-    /// The shared-data key of set `i` of a token-exchange connection.
-    pub fn set_key(&self, i: usize) -> String {
-        format!("{}.x{i}", self.key)
-    }
-
-    /// Where the entry for this connection (and caller) lives; `None` for token
-    /// exchange without a subject token.
-    fn addr(&self, connection: usize, subject: Option<&Secret>) -> Option<Addr> {
-        let owner = Owner::Connection(connection);
-        if !self.exchange {
-            return Some(Addr {
-                owner,
-                key: self.key.clone(),
-                subject: None,
-            });
-        }
-        let s = Subject::of(subject?.expose());
-        Some(Addr {
-            owner,
-            key: self.set_key(s.set),
-            subject: Some(s),
-        })
-    }
-}
-
-/// A stored secret's cache, prepared at configure time.
-#[derive(Debug)]
-pub struct StoreSlot {
-    /// `latchkey.v1.sec.<name>.<fingerprint>`.
-    pub key: String,
-    /// The AppRole login token's key (Vault with `approle` only).
-    pub login_key: Option<String>,
-    pub policy: Policy,
-}
-
-/// What a cache entry belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Owner {
-    /// A token of connection `i` (OAuth2 or managed identity).
-    Connection(usize),
-    /// The value of store `i`.
-    Store(usize),
-    /// The Vault AppRole login token of store `i`.
-    Login(usize),
-}
-
-/// Where one cache entry lives: a connection's key, or a caller's entry in a set.
-#[derive(Debug, Clone)]
-pub struct Addr {
-    owner: Owner,
-    key: String,
-    subject: Option<Subject>,
-}
 
 /// What was read with a state, to write it back by CAS.
 struct Stored {
@@ -173,7 +104,7 @@ fn load(p: &impl Proxy, addr: &Addr) -> Result<(CacheState, Stored), HostFault> 
 /// CAS-writes an entry's state; `Ok(false)` when another writer came first.
 fn store(
     p: &impl Proxy,
-    loaded: &Loaded,
+    loaded: &Runtime,
     addr: &Addr,
     stored: Stored,
     next: &CacheState,
@@ -194,14 +125,14 @@ fn store(
 }
 
 /// What a request gets for one oauth2 connection.
-pub enum Access {
+pub enum Lookup {
     Ready(Cached),
     Wait,
     Reject { retry_after_ms: u64 },
 }
 
 /// The credential serving one inject entry.
-pub struct Cred {
+pub struct EntryCredential {
     pub secret: Secret,
     /// `""` for API keys, `"Bearer "` for tokens (when the entry gives no prefix).
     pub default_prefix: &'static str,
@@ -218,8 +149,8 @@ pub struct Used {
     subject: Option<Secret>,
 }
 
-impl Cred {
-    pub fn resolved(creds: &[Cred]) -> Vec<Resolved<'_>> {
+impl EntryCredential {
+    pub fn resolved(creds: &[EntryCredential]) -> Vec<Resolved<'_>> {
         creds
             .iter()
             .map(|c| Resolved {
@@ -229,7 +160,7 @@ impl Cred {
             .collect()
     }
 
-    pub fn tokens(creds: &[Cred]) -> Vec<Used> {
+    pub fn tokens(creds: &[EntryCredential]) -> Vec<Used> {
         creds.iter().filter_map(|c| c.token.clone()).collect()
     }
 }
@@ -237,7 +168,7 @@ impl Cred {
 /// All the credentials of a request, or why not yet / not at all.
 pub enum Resolution {
     /// One per inject entry.
-    Ready(Vec<Cred>),
+    Ready(Vec<EntryCredential>),
     Wait {
         deadline_ms: u64,
         /// The shared-data keys whose change may end the wait.
@@ -251,7 +182,7 @@ pub enum Resolution {
 
 /// A request paused until its credentials arrive.
 pub struct Waiter {
-    pub loaded: Rc<Loaded>,
+    pub loaded: Rc<Runtime>,
     /// What the request path decided, and still needs.
     pub needed: Needed,
     pub deadline_ms: u64,
@@ -266,7 +197,7 @@ pub struct Waiter {
 
 /// A fetch to dispatch, or in flight.
 struct Fetch {
-    loaded: Rc<Loaded>,
+    loaded: Rc<Runtime>,
     addr: Addr,
     owner: u64,
     subject: Option<Secret>,
@@ -282,7 +213,7 @@ struct Fetch {
 }
 
 /// What a store read or a Vault login brought.
-enum Got {
+enum StoreAnswer {
     Read(store::Read),
     Login(Secret, u64),
 }
@@ -304,7 +235,7 @@ pub struct Broker<P: Proxy> {
     /// Stores are read on the next tick.
     pub prefetch_due: bool,
     last_ages_ms: u64,
-    last_hot_ms: u64,
+    last_copies_ms: u64,
     inflight: HashMap<u32, Fetch>,
     waiters: BTreeMap<u32, Waiter>,
     /// Tokens each live request carried, for upstream-401 handling.
@@ -342,7 +273,7 @@ impl<P: Proxy> Broker<P> {
             has_stores: false,
             prefetch_due: false,
             last_ages_ms: 0,
-            last_hot_ms: 0,
+            last_copies_ms: 0,
             inflight: HashMap::new(),
             waiters: BTreeMap::new(),
             used: HashMap::new(),
@@ -364,7 +295,7 @@ impl<P: Proxy> Broker<P> {
 
     /// The cache entry and timing of an owner; `None` for token exchange
     /// without a subject token, or an owner that has no cache.
-    fn entry(loaded: &Loaded, owner: Owner, subject: Option<&Secret>) -> Option<(Addr, Policy)> {
+    fn entry(loaded: &Runtime, owner: Owner, subject: Option<&Secret>) -> Option<(Addr, Policy)> {
         match owner {
             Owner::Connection(c) => {
                 let slot = loaded.tokens.get(c)?.as_ref()?;
@@ -401,12 +332,12 @@ impl<P: Proxy> Broker<P> {
     /// look (counted as a cache hit when served), not a re-check.
     pub fn acquire(
         &mut self,
-        loaded: &Rc<Loaded>,
+        loaded: &Rc<Runtime>,
         owner: Owner,
         subject: Option<&Secret>,
         now: u64,
         on_request: bool,
-    ) -> Result<Access, HostFault> {
+    ) -> Result<Lookup, HostFault> {
         let m = &loaded.stats;
         let connection = match owner {
             Owner::Connection(c) => Some(c),
@@ -428,7 +359,7 @@ impl<P: Proxy> Broker<P> {
                      authorization (set forward: true on the jwt_authn provider)"
                 ),
             );
-            return Ok(Access::Reject {
+            return Ok(Lookup::Reject {
                 retry_after_ms: 1000,
             });
         };
@@ -440,7 +371,7 @@ impl<P: Proxy> Broker<P> {
             let owner_id = random_u64();
             Attempt::Done(Ok(
                 match cache::on_request(&state, now, owner_id, &policy) {
-                    Decision::Use(token) => {
+                    Choice::Use(token) => {
                         if on_request {
                             count(&self.proxy, TokenStat::CacheHit);
                         }
@@ -450,9 +381,9 @@ impl<P: Proxy> Broker<P> {
                                 let _ = self.proxy.shared_set(&addr.key, &set.encode(), stored.cas);
                             }
                         }
-                        Access::Ready(token)
+                        Lookup::Ready(token)
                     }
-                    Decision::UseAndRefresh { token, next } => {
+                    Choice::UseAndRefresh { token, next } => {
                         // Losing this race is harmless too: another worker refreshes.
                         match store(&self.proxy, loaded, &addr, stored, &next, now) {
                             Ok(true) => {
@@ -464,34 +395,34 @@ impl<P: Proxy> Broker<P> {
                         if on_request {
                             count(&self.proxy, TokenStat::CacheHit);
                         }
-                        Access::Ready(token)
+                        Lookup::Ready(token)
                     }
-                    Decision::Wait => Access::Wait,
-                    Decision::Fetch { next } => {
+                    Choice::Wait => Lookup::Wait,
+                    Choice::Fetch { next } => {
                         match store(&self.proxy, loaded, &addr, stored, &next, now) {
                             Ok(true) => {
                                 self.queue(loaded, &addr, owner_id, subject, now, &policy, false);
-                                Access::Wait
+                                Lookup::Wait
                             }
                             // Another worker may have started the fetch: look again.
                             Ok(false) => return Attempt::Conflict,
                             Err(e) => return Attempt::Done(Err(e)),
                         }
                     }
-                    Decision::Reject { retry_after_ms } => {
+                    Choice::Reject { retry_after_ms } => {
                         count(&self.proxy, TokenStat::BackoffRejected);
-                        Access::Reject { retry_after_ms }
+                        Lookup::Reject { retry_after_ms }
                     }
                 },
             ))
         });
         // Contended all round: wait, and look again on the tick.
-        outcome.unwrap_or(Ok(Access::Wait))
+        outcome.unwrap_or(Ok(Lookup::Wait))
     }
 
     /// The stores a connection's own token fetch needs first: its client secret
     /// and its refresh token, when they come from a store.
-    fn prerequisites(loaded: &Loaded, connection: usize) -> Vec<usize> {
+    fn prerequisites(loaded: &Runtime, connection: usize) -> Vec<usize> {
         let config = &loaded.config;
         let Some(conn) = config.connection(connection) else {
             return Vec::new();
@@ -512,29 +443,29 @@ impl<P: Proxy> Broker<P> {
 
     /// A configuration was loaded: its stores are read on the next tick, so
     /// that the first request finds their values.
-    pub fn configured(&mut self, loaded: &Loaded) {
+    pub fn configured(&mut self, loaded: &Runtime) {
         self.has_stores = !loaded.stores.is_empty();
         self.prefetch_due = self.has_stores;
     }
 
     /// The tick's work: the stores' first reads, every fetch that is due, and
     /// (about once a second) this VM's copies of tokens and store values.
-    pub fn on_tick(&mut self, loaded: Option<&Rc<Loaded>>, now: u64) {
+    pub fn on_tick(&mut self, loaded: Option<&Rc<Runtime>>, now: u64) {
         if let (true, Some(state)) = (self.prefetch_due, loaded) {
             self.prefetch_due = false;
             self.prefetch(state, now);
         }
         self.dispatch_due(now);
         if let Some(state) = loaded {
-            self.tend_tokens(state, now);
+            self.renew_token_copies(state, now);
             if self.has_stores {
-                self.tend_stores(state, now);
+                self.renew_store_copies(state, now);
             }
         }
     }
 
     /// Starts reading every store, so that the first request finds its value.
-    pub fn prefetch(&mut self, loaded: &Rc<Loaded>, now: u64) {
+    pub fn prefetch(&mut self, loaded: &Rc<Runtime>, now: u64) {
         for i in 0..loaded.stores.len() {
             let _ = self.acquire(loaded, Owner::Store(i), None, now, false);
         }
@@ -543,15 +474,15 @@ impl<P: Proxy> Broker<P> {
     /// Resolves every inject entry's credential for `picks`.
     pub fn resolve(
         &mut self,
-        loaded: &Rc<Loaded>,
+        loaded: &Rc<Runtime>,
         picks: &[usize],
         subject: Option<&Secret>,
         now: u64,
         on_request: bool,
     ) -> Result<Resolution, HostFault> {
         // A token this VM holds serves only if no worker replaced one since.
-        if picks.iter().any(|&c| loaded.has_hot_token(c)) {
-            loaded.check_hot_generation(&self.proxy);
+        if picks.iter().any(|&c| loaded.has_token_copy(c)) {
+            loaded.check_copy_generation(&self.proxy);
         }
         let config = &loaded.config;
         let mut out = Vec::with_capacity(picks.len());
@@ -575,12 +506,12 @@ impl<P: Proxy> Broker<P> {
                 }
             };
             match &conn.credential {
-                Credential::ClientCertificate { cluster } => out.push(Cred {
+                Credential::ClientCertificate { cluster } => out.push(EntryCredential {
                     secret: Secret::new(cluster.clone()),
                     default_prefix: "",
                     token: None,
                 }),
-                Credential::ApiKey(SecretRef::Value(secret)) => out.push(Cred {
+                Credential::ApiKey(SecretRef::Value(secret)) => out.push(EntryCredential {
                     secret: secret.clone(),
                     default_prefix: "",
                     token: None,
@@ -588,7 +519,7 @@ impl<P: Proxy> Broker<P> {
                 Credential::ApiKey(SecretRef::Store(si)) => {
                     // This VM's copy, kept fresh by the tick: no host call.
                     if let Some(secret) = loaded.store_value(*si) {
-                        out.push(Cred {
+                        out.push(EntryCredential {
                             secret,
                             default_prefix: "",
                             token: None,
@@ -596,17 +527,17 @@ impl<P: Proxy> Broker<P> {
                         continue;
                     }
                     match self.acquire(loaded, Owner::Store(*si), None, now, on_request)? {
-                        Access::Ready(v) => {
+                        Lookup::Ready(v) => {
                             let secret = Secret::new(v.token);
                             loaded.set_store_value(*si, secret.clone());
-                            out.push(Cred {
+                            out.push(EntryCredential {
                                 secret,
                                 default_prefix: "",
                                 token: None,
                             })
                         }
-                        Access::Wait => wait_for(Owner::Store(*si)),
-                        Access::Reject { retry_after_ms } => {
+                        Lookup::Wait => wait_for(Owner::Store(*si)),
+                        Lookup::Reject { retry_after_ms } => {
                             return Ok(Resolution::Reject {
                                 connection: ci,
                                 retry_after_ms,
@@ -616,7 +547,7 @@ impl<P: Proxy> Broker<P> {
                 }
                 Credential::OAuth2(_) | Credential::ManagedIdentity { .. } => {
                     // This VM's copy, checked by the tick: no host call.
-                    if let Some(t) = loaded.hot_token(ci) {
+                    if let Some(t) = loaded.token_copy(ci) {
                         if on_request {
                             loaded.stats.token(&self.proxy, ci, TokenStat::CacheHit);
                         }
@@ -626,12 +557,12 @@ impl<P: Proxy> Broker<P> {
                     let mut ready = true;
                     for si in Self::prerequisites(loaded, ci) {
                         match self.acquire(loaded, Owner::Store(si), None, now, false)? {
-                            Access::Ready(_) => {}
-                            Access::Wait => {
+                            Lookup::Ready(_) => {}
+                            Lookup::Wait => {
                                 wait_for(Owner::Store(si));
                                 ready = false;
                             }
-                            Access::Reject { retry_after_ms } => {
+                            Lookup::Reject { retry_after_ms } => {
                                 return Ok(Resolution::Reject {
                                     connection: ci,
                                     retry_after_ms,
@@ -643,15 +574,17 @@ impl<P: Proxy> Broker<P> {
                         continue;
                     }
                     match self.acquire(loaded, Owner::Connection(ci), subject, now, on_request)? {
-                        Access::Ready(t) => {
+                        Lookup::Ready(t) => {
                             let slot = loaded.tokens.get(ci).and_then(Option::as_ref);
-                            if slot.is_some_and(|s| !s.exchange) && t.hot_until(now, HOT_GRACE_MS) {
-                                loaded.set_hot_token(ci, Some(t.clone()));
+                            if slot.is_some_and(|s| !s.exchange)
+                                && t.copyable_until(now, COPY_GRACE_MS)
+                            {
+                                loaded.set_token_copy(ci, Some(t.clone()));
                             }
                             out.push(Self::token_cred(loaded, ci, subject, t))
                         }
-                        Access::Wait => wait_for(Owner::Connection(ci)),
-                        Access::Reject { retry_after_ms } => {
+                        Lookup::Wait => wait_for(Owner::Connection(ci)),
+                        Lookup::Reject { retry_after_ms } => {
                             return Ok(Resolution::Reject {
                                 connection: ci,
                                 retry_after_ms,
@@ -669,10 +602,15 @@ impl<P: Proxy> Broker<P> {
 
     /// The credential for connection `ci`'s token `t`, with where it is cached
     /// (for an upstream 401).
-    fn token_cred(loaded: &Loaded, ci: usize, subject: Option<&Secret>, t: Cached) -> Cred {
+    fn token_cred(
+        loaded: &Runtime,
+        ci: usize,
+        subject: Option<&Secret>,
+        t: Cached,
+    ) -> EntryCredential {
         let slot = loaded.tokens.get(ci).and_then(Option::as_ref);
         let addr = slot.and_then(|s| s.addr(ci, subject));
-        Cred {
+        EntryCredential {
             token: addr.map(|addr| Used {
                 addr,
                 id: t.id,
@@ -686,7 +624,7 @@ impl<P: Proxy> Broker<P> {
     #[allow(clippy::too_many_arguments)]
     fn queue(
         &mut self,
-        loaded: &Rc<Loaded>,
+        loaded: &Rc<Runtime>,
         addr: &Addr,
         owner: u64,
         subject: Option<&Secret>,
@@ -752,13 +690,13 @@ impl<P: Proxy> Broker<P> {
     /// Once a second, off the request path: refreshes this VM's copy of every
     /// store value from the shared cache (starting a re-read when one is due, as a
     /// request would), and records how old each value is.
-    pub fn tend_stores(&mut self, loaded: &Rc<Loaded>, now: u64) {
+    pub fn renew_store_copies(&mut self, loaded: &Rc<Runtime>, now: u64) {
         if now < self.last_ages_ms + u64::from(IDLE_MS) {
             return;
         }
         self.last_ages_ms = now;
         for i in 0..loaded.stores.len() {
-            if let Ok(Access::Ready(v)) = self.acquire(loaded, Owner::Store(i), None, now, false) {
+            if let Ok(Lookup::Ready(v)) = self.acquire(loaded, Owner::Store(i), None, now, false) {
                 loaded
                     .stats
                     .store_age(&self.proxy, i, now.saturating_sub(v.obtained_ms) / 1000);
@@ -773,20 +711,20 @@ impl<P: Proxy> Broker<P> {
     /// take the shared path, which refreshes ahead as before and takes a new copy.
     /// Only connections that hold a copy are read: the tick's work is bounded by
     /// the connections in use, not by how many are configured.
-    pub fn tend_tokens(&mut self, loaded: &Rc<Loaded>, now: u64) {
-        if now < self.last_hot_ms + u64::from(IDLE_MS) / 2 {
+    pub fn renew_token_copies(&mut self, loaded: &Rc<Runtime>, now: u64) {
+        if now < self.last_copies_ms + u64::from(IDLE_MS) / 2 {
             return;
         }
-        self.last_hot_ms = now;
+        self.last_copies_ms = now;
         // Read first: a drop after this read moves it again, and the copies taken
         // below are dropped before a request uses them.
-        let Some(generation) = Loaded::read_hot_generation(&self.proxy) else {
-            loaded.cool_hot_tokens();
+        let Some(generation) = Runtime::read_copy_generation(&self.proxy) else {
+            loaded.drop_token_copies();
             return;
         };
-        loaded.hot_generation.set(generation);
+        loaded.copy_generation.set(generation);
         for (c, slot) in loaded.tokens.iter().enumerate() {
-            if !loaded.has_hot_token(c) {
+            if !loaded.has_token_copy(c) {
                 continue;
             }
             let Some(addr) = slot
@@ -797,12 +735,14 @@ impl<P: Proxy> Broker<P> {
                 continue;
             };
             let hot = match load(&self.proxy, &addr) {
-                Ok((CacheState::Ready { token, .. }, _)) if token.hot_until(now, HOT_GRACE_MS) => {
+                Ok((CacheState::Ready { token, .. }, _))
+                    if token.copyable_until(now, COPY_GRACE_MS) =>
+                {
                     Some(token)
                 }
                 _ => None,
             };
-            loaded.set_hot_token(c, hot);
+            loaded.set_token_copy(c, hot);
         }
     }
 
@@ -830,8 +770,8 @@ impl<P: Proxy> Broker<P> {
     /// deferred (`Err(Some)`) or has failed for want of it (`Err(None)`).
     fn need(&mut self, f: &Fetch, owner: Owner, now: u64) -> Result<Cached, Option<()>> {
         match self.acquire(&f.loaded, owner, None, now, false) {
-            Ok(Access::Ready(t)) => Ok(t),
-            Ok(Access::Wait) if now < f.defer_until_ms => Err(Some(())),
+            Ok(Lookup::Ready(t)) => Ok(t),
+            Ok(Lookup::Wait) if now < f.defer_until_ms => Err(Some(())),
             _ => Err(None),
         }
     }
@@ -1064,14 +1004,14 @@ impl<P: Proxy> Broker<P> {
                         return;
                     }
                 }
-                self.complete_store(&f, i, result.map(Got::Read), now);
+                self.complete_store(&f, i, result.map(StoreAnswer::Read), now);
             }
             Owner::Login(i) => {
                 let result = match &body {
                     None => Err(StoreError::TooLarge),
                     Some(b) => store::parse_login(status, b),
                 };
-                self.complete_store(&f, i, result.map(|(t, ms)| Got::Login(t, ms)), now);
+                self.complete_store(&f, i, result.map(|(t, ms)| StoreAnswer::Login(t, ms)), now);
             }
         }
     }
@@ -1165,7 +1105,13 @@ impl<P: Proxy> Broker<P> {
     }
 
     /// A store read or login of this VM finished.
-    fn complete_store(&mut self, f: &Fetch, i: usize, result: Result<Got, StoreError>, now: u64) {
+    fn complete_store(
+        &mut self,
+        f: &Fetch,
+        i: usize,
+        result: Result<StoreAnswer, StoreError>,
+        now: u64,
+    ) {
         let loaded = f.loaded.clone();
         let Some(slot) = loaded.stores.get(i) else {
             return;
@@ -1177,7 +1123,7 @@ impl<P: Proxy> Broker<P> {
         let login = matches!(f.addr.owner, Owner::Login(_));
         let what = if login { "Vault login" } else { "read" };
         let outcome = match result {
-            Ok(Got::Read(read)) => {
+            Ok(StoreAnswer::Read(read)) => {
                 m.store(&self.proxy, i, StoreStat::Success);
                 FetchOutcome::Stored {
                     value: read.value.expose().to_string(),
@@ -1186,7 +1132,7 @@ impl<P: Proxy> Broker<P> {
                     refresh_in_ms: st.refresh_ms,
                 }
             }
-            Ok(Got::Login(token, lifetime_ms)) => FetchOutcome::Token {
+            Ok(StoreAnswer::Login(token, lifetime_ms)) => FetchOutcome::Token {
                 token: token.expose().to_string(),
                 id: random_u64(),
                 lifetime_ms,
@@ -1247,7 +1193,7 @@ impl<P: Proxy> Broker<P> {
 
     /// A store's refresh token changed (re-consented): refresh tokens the token
     /// server rotated from the old one no longer apply.
-    fn forget_rotated_refresh_tokens(&self, loaded: &Loaded, store: usize) {
+    fn forget_rotated_refresh_tokens(&self, loaded: &Runtime, store: usize) {
         for (ci, conn) in loaded.config.connections.iter().enumerate() {
             let Credential::OAuth2(o) = &conn.credential else {
                 continue;
@@ -1269,7 +1215,7 @@ impl<P: Proxy> Broker<P> {
     /// The upstream answered 401 to a request that carried these tokens: each
     /// old enough, and not refreshed on a 401 lately, is refreshed in the
     /// background while it keeps serving (SPEC v1.2: a caller can provoke 401s).
-    pub fn on_upstream_401(&mut self, loaded: &Rc<Loaded>, used: &[Used], now: u64) {
+    pub fn on_upstream_401(&mut self, loaded: &Rc<Runtime>, used: &[Used], now: u64) {
         for u in used {
             let Owner::Connection(c) = u.addr.owner else {
                 continue;
@@ -1312,7 +1258,7 @@ impl<P: Proxy> Broker<P> {
 
     /// The gateway's own call was refused with this token (a Key Vault read
     /// answered 401): drop it, so the retry fetches a fresh one.
-    fn drop_refused(&mut self, loaded: &Loaded, used: &Used, now: u64) {
+    fn drop_refused(&mut self, loaded: &Runtime, used: &Used, now: u64) {
         let dropped = cas::retry(CAS_TRIES, || {
             let Ok((state, stored)) = load(&self.proxy, &used.addr) else {
                 return Attempt::Done(false);
@@ -1397,10 +1343,15 @@ impl<P: Proxy> Broker<P> {
                         .route(w.needed.route)
                         .is_some_and(|r| r.drop_token_on_401);
                     let sent: Vec<&str> = w.sent.iter().map(String::as_str).collect();
-                    let outcome =
-                        request::finish(config, w.needed, &Cred::resolved(&creds), &sent, &w.path);
+                    let outcome = request::finish(
+                        config,
+                        w.needed,
+                        &EntryCredential::resolved(&creds),
+                        &sent,
+                        &w.path,
+                    );
                     let used = if keep {
-                        Cred::tokens(&creds)
+                        EntryCredential::tokens(&creds)
                     } else {
                         Vec::new()
                     };
@@ -1440,7 +1391,7 @@ impl<P: Proxy> Broker<P> {
 /// upstream (for an upstream 401) if it goes on.
 pub struct Resumed {
     pub id: u32,
-    pub loaded: Rc<Loaded>,
+    pub loaded: Rc<Runtime>,
     pub outcome: Outcome,
     pub used: Vec<Used>,
 }
@@ -1450,10 +1401,10 @@ fn key_cas(p: &impl Proxy, key: &str) -> Option<u32> {
     p.shared_get(key).ok().flatten().map(|(_, cas)| cas)
 }
 
-/// Moves [`HOT_GENERATION`]: every VM drops its token copies before a
+/// Moves [`COPY_GENERATION`]: every VM drops its token copies before a
 /// request uses one again.
 fn bump_generation(p: &impl Proxy) {
-    if p.shared_set(HOT_GENERATION, b"", 0).is_err() {
+    if p.shared_set(COPY_GENERATION, b"", 0).is_err() {
         p.log(Level::Warn, "can't tell other workers a token was replaced");
     }
 }

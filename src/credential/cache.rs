@@ -116,8 +116,8 @@ impl Cached {
     /// Whether a VM may serve this token from its own copy, with no look at the
     /// shared cache and no clock read per request, until it checks again at most
     /// `grace_ms` after `now`: that is, whether [`on_request`] would still answer
-    /// a plain [`Decision::Use`] (no refresh due, still usable) `grace_ms` from now.
-    pub fn hot_until(&self, now: u64, grace_ms: u64) -> bool {
+    /// a plain [`Choice::Use`] (no refresh due, still usable) `grace_ms` from now.
+    pub fn copyable_until(&self, now: u64, grace_ms: u64) -> bool {
         let at = now.saturating_add(grace_ms);
         at < self.refresh_at_ms && self.usable(at)
     }
@@ -194,7 +194,7 @@ pub enum CacheState {
 
 /// What a request should do, given the key's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub enum Choice {
     /// Inject this token.
     Use(Cached),
     /// Inject this token, and start a background refresh: CAS the state to
@@ -230,9 +230,9 @@ impl CacheState {
     }
 }
 
-pub fn on_request(state: &CacheState, now: u64, owner: u64, policy: &Policy) -> Decision {
+pub fn on_request(state: &CacheState, now: u64, owner: u64, policy: &Policy) -> Choice {
     use CacheState::*;
-    let fetch = |failures: u32| Decision::Fetch {
+    let fetch = |failures: u32| Choice::Fetch {
         next: Fetching {
             lease: policy.lease(owner, now),
             failures,
@@ -241,7 +241,7 @@ pub fn on_request(state: &CacheState, now: u64, owner: u64, policy: &Policy) -> 
     match state {
         Ready { token, failures } if token.usable(now) => {
             if now >= token.refresh_at_ms {
-                Decision::UseAndRefresh {
+                Choice::UseAndRefresh {
                     token: token.clone(),
                     next: Refreshing {
                         token: token.clone(),
@@ -250,7 +250,7 @@ pub fn on_request(state: &CacheState, now: u64, owner: u64, policy: &Policy) -> 
                     },
                 }
             } else {
-                Decision::Use(token.clone())
+                Choice::Use(token.clone())
             }
         }
         Refreshing {
@@ -259,10 +259,10 @@ pub fn on_request(state: &CacheState, now: u64, owner: u64, policy: &Policy) -> 
             failures,
         } if token.usable(now) => {
             if now < lease.until_ms {
-                Decision::Use(token.clone())
+                Choice::Use(token.clone())
             } else {
                 // The refresh was lost: take it over.
-                Decision::UseAndRefresh {
+                Choice::UseAndRefresh {
                     token: token.clone(),
                     next: Refreshing {
                         token: token.clone(),
@@ -277,7 +277,7 @@ pub fn on_request(state: &CacheState, now: u64, owner: u64, policy: &Policy) -> 
         }
         | Fetching { lease, failures } => {
             if now < lease.until_ms {
-                Decision::Wait
+                Choice::Wait
             } else {
                 fetch(*failures)
             }
@@ -286,7 +286,7 @@ pub fn on_request(state: &CacheState, now: u64, owner: u64, policy: &Policy) -> 
             until_ms, failures, ..
         } => {
             if now < *until_ms {
-                Decision::Reject {
+                Choice::Reject {
                     retry_after_ms: until_ms - now,
                 }
             } else {
@@ -466,9 +466,9 @@ mod tests {
     }
 
     /// Applies a decision's CAS target, as the filter does when its CAS succeeds.
-    fn next_of(d: &Decision) -> Option<CacheState> {
+    fn next_of(d: &Choice) -> Option<CacheState> {
         match d {
-            Decision::UseAndRefresh { next, .. } | Decision::Fetch { next } => Some(next.clone()),
+            Choice::UseAndRefresh { next, .. } | Choice::Fetch { next } => Some(next.clone()),
             _ => None,
         }
     }
@@ -485,15 +485,15 @@ mod tests {
         };
         let grace = 3000;
         // The last instant still good: `now + grace` is the last Use.
-        assert!(t.hot_until(46_999, grace));
+        assert!(t.copyable_until(46_999, grace));
         assert!(matches!(
             on_request(&state, 46_999 + grace, 1, &P),
-            Decision::Use(_)
+            Choice::Use(_)
         ));
-        assert!(!t.hot_until(47_000, grace));
+        assert!(!t.copyable_until(47_000, grace));
         assert!(matches!(
             on_request(&state, 47_000 + grace, 1, &P),
-            Decision::UseAndRefresh { .. }
+            Choice::UseAndRefresh { .. }
         ));
         // A token whose use ends before its refresh point (a stored value
         // never does; a token may after a clock jump) is bounded by its use.
@@ -501,9 +501,9 @@ mod tests {
             usable_until_ms: 10_000,
             ..t.clone()
         };
-        assert!(short.hot_until(6_999, grace));
-        assert!(!short.hot_until(7_000, grace));
-        assert!(!short.hot_until(u64::MAX - 1, grace));
+        assert!(short.copyable_until(6_999, grace));
+        assert!(!short.copyable_until(7_000, grace));
+        assert!(!short.copyable_until(u64::MAX - 1, grace));
     }
 
     #[test]
@@ -520,8 +520,8 @@ mod tests {
                 failures: 0
             }
         );
-        assert_eq!(on_request(&fetching, 10, 2, &P), Decision::Wait);
-        assert_eq!(on_request(&fetching, 2999, 3, &P), Decision::Wait);
+        assert_eq!(on_request(&fetching, 10, 2, &P), Choice::Wait);
+        assert_eq!(on_request(&fetching, 2999, 3, &P), Choice::Wait);
         let s = on_result(&fetching, 1, fetched(10_000), 50, &P, 0).unwrap();
         let Ready { token, failures: 0 } = &s else {
             panic!("{s:?}")
@@ -529,7 +529,7 @@ mod tests {
         assert_eq!(token.token, "new");
         assert_eq!(token.usable_until_ms, 50 + 10_000 - 1000);
         assert_eq!(token.refresh_at_ms, 50 + 5000);
-        assert_eq!(on_request(&s, 60, 9, &P), Decision::Use(token.clone()));
+        assert_eq!(on_request(&s, 60, 9, &P), Choice::Use(token.clone()));
     }
 
     #[test]
@@ -560,11 +560,11 @@ mod tests {
     #[test]
     fn refresh_ahead_never_makes_requests_wait() {
         let s = ready(10_000, 0);
-        let Decision::Use(_) = on_request(&s, 4999, 1, &P) else {
+        let Choice::Use(_) = on_request(&s, 4999, 1, &P) else {
             panic!()
         };
         let d = on_request(&s, 5000, 2, &P);
-        let Decision::UseAndRefresh { token, next } = d else {
+        let Choice::UseAndRefresh { token, next } = d else {
             panic!("{d:?}")
         };
         assert_eq!(token.token, "at");
@@ -573,7 +573,7 @@ mod tests {
         };
         assert_eq!(lease.owner, 2);
         // While refreshing, everyone uses the current token.
-        assert!(matches!(on_request(&next, 6000, 3, &P), Decision::Use(_)));
+        assert!(matches!(on_request(&next, 6000, 3, &P), Choice::Use(_)));
         let s2 = on_result(&next, 2, fetched(10_000), 6100, &P, 0).unwrap();
         let Ready { token, .. } = &s2 else { panic!() };
         assert_eq!((token.token.as_str(), token.id), ("new", 8));
@@ -585,12 +585,9 @@ mod tests {
         // usable until 9000 (skew 1000)
         assert!(matches!(
             on_request(&s, 8999, 1, &P),
-            Decision::UseAndRefresh { .. }
+            Choice::UseAndRefresh { .. }
         ));
-        assert!(matches!(
-            on_request(&s, 9000, 1, &P),
-            Decision::Fetch { .. }
-        ));
+        assert!(matches!(on_request(&s, 9000, 1, &P), Choice::Fetch { .. }));
         let Ready { token, .. } = &s else { panic!() };
         let refreshing = Refreshing {
             token: token.clone(),
@@ -600,7 +597,7 @@ mod tests {
             },
             failures: 0,
         };
-        assert_eq!(on_request(&refreshing, 9000, 2, &P), Decision::Wait);
+        assert_eq!(on_request(&refreshing, 9000, 2, &P), Choice::Wait);
     }
 
     #[test]
@@ -631,7 +628,7 @@ mod tests {
         );
         assert_eq!(
             on_request(&s, 300, 2, &P),
-            Decision::Reject {
+            Choice::Reject {
                 retry_after_ms: 300
             }
         );
@@ -737,7 +734,7 @@ mod tests {
         };
         assert_eq!(t.token, "at");
         assert_eq!(t.refresh_at_ms, 5100 + 500);
-        assert!(matches!(on_request(&s, 5200, 2, &P), Decision::Use(_)));
+        assert!(matches!(on_request(&s, 5200, 2, &P), Choice::Use(_)));
         // Token expired by the time the refresh fails: back off.
         let s = on_result(
             &refreshing,
@@ -844,10 +841,7 @@ mod tests {
                 until_ms: W + 3000
             }
         );
-        assert_eq!(
-            on_request(&next, W + 1, 3, &P),
-            Decision::Use(token.clone())
-        );
+        assert_eq!(on_request(&next, W + 1, 3, &P), Choice::Use(token.clone()));
         // While it refreshes, more 401s change nothing.
         assert_eq!(on_upstream_401(&next, 7, W + 5, 3, W, &P), None);
         // The refresh fails: the old token stays in use, and a 401 within the
@@ -867,7 +861,7 @@ mod tests {
         assert_eq!(kept.token, "at");
         assert_eq!(
             on_request(&failed, W + 200, 3, &P),
-            Decision::Use(kept.clone())
+            Choice::Use(kept.clone())
         );
         assert_eq!(on_upstream_401(&failed, 7, 2 * W - 1, 3, W, &P), None);
         // After the window, and the backoff, it may refresh again.
@@ -927,7 +921,7 @@ mod tests {
             }
             assert!(matches!(
                 on_request(&state, now, 99, &P),
-                Decision::Use(_) | Decision::UseAndRefresh { .. }
+                Choice::Use(_) | Choice::UseAndRefresh { .. }
             ));
         }
         assert_eq!(refreshes, 1);
@@ -948,12 +942,12 @@ mod tests {
         };
         assert_eq!(
             on_request(&refreshing, 5999, 2, &P),
-            Decision::Use(token.clone())
+            Choice::Use(token.clone())
         );
         let d = on_request(&refreshing, 6000, 2, &P);
         assert_eq!(
             d,
-            Decision::UseAndRefresh {
+            Choice::UseAndRefresh {
                 token: token.clone(),
                 next: Refreshing {
                     token,
@@ -1046,10 +1040,10 @@ mod tests {
             ("a1", 60_100, 100)
         );
         // Never expires: used at any time, refreshed once refresh_at passes.
-        assert_eq!(on_request(&s, 60_099, 2, &P), Decision::Use(token.clone()));
+        assert_eq!(on_request(&s, 60_099, 2, &P), Choice::Use(token.clone()));
         let d = on_request(&s, 60_100, 2, &P);
         let refreshing = next_of(&d).unwrap();
-        assert!(matches!(d, Decision::UseAndRefresh { .. }));
+        assert!(matches!(d, Choice::UseAndRefresh { .. }));
         // A failed re-read keeps the value and retries after the backoff.
         let s = on_result(
             &refreshing,
@@ -1069,10 +1063,10 @@ mod tests {
         };
         assert_eq!(kept.token, "v1");
         assert_eq!(kept.refresh_at_ms, 60_200 + 500);
-        assert!(matches!(on_request(&s, 60_699, 4, &P), Decision::Use(_)));
+        assert!(matches!(on_request(&s, 60_699, 4, &P), Choice::Use(_)));
         assert!(matches!(
             on_request(&s, 60_700, 4, &P),
-            Decision::UseAndRefresh { .. }
+            Choice::UseAndRefresh { .. }
         ));
     }
 
@@ -1090,6 +1084,6 @@ mod tests {
             panic!("{s:?}")
         };
         assert_eq!(token.refresh_at_ms, u64::MAX);
-        assert_eq!(on_request(&s, 1 << 60, 2, &P), Decision::Use(token.clone()));
+        assert_eq!(on_request(&s, 1 << 60, 2, &P), Choice::Use(token.clone()));
     }
 }

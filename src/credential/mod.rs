@@ -10,10 +10,11 @@ pub mod cache;
 pub mod cas;
 pub mod exchange;
 pub mod keys;
+pub mod slot;
 pub mod store;
 pub mod token_request;
 pub mod token_response;
 
-pub use cache::{CacheState, Decision, Policy};
+pub use cache::{CacheState, Choice, Policy};
 pub use token_request::{GrantInput, TokenRequest};
 pub use token_response::{FetchError, Token};

@@ -14,31 +14,9 @@ use crate::credential::store::HttpCall;
 use crate::pairs;
 
 /// A host status other than Ok, as the ABI numbers it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HostError(pub u32);
+pub use crate::proxy::HostFault as HostError;
 
 pub const NOT_FOUND: u32 = 1;
-
-impl std::fmt::Display for HostError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = match self.0 {
-            1 => "NotFound",
-            2 => "BadArgument",
-            3 => "SerializationFailure",
-            4 => "ParseFailure",
-            5 => "BadExpression",
-            6 => "InvalidMemoryAccess",
-            7 => "Empty",
-            8 => "CasMismatch",
-            9 => "ResultMismatch",
-            10 => "InternalFailure",
-            11 => "BrokenConnection",
-            12 => "Unimplemented",
-            _ => return write!(f, "status {}", self.0),
-        };
-        f.write_str(name)
-    }
-}
 
 pub type HostResult<T> = Result<T, HostError>;
 

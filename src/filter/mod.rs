@@ -17,13 +17,13 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
 use crate::config::Config;
-use crate::credential::broker::{Broker, Cred, Resolution, Resumed, Waiter};
+use crate::credential::broker::{Broker, EntryCredential, Resolution, Resumed, Waiter};
 use crate::credential::token_response::MAX_BODY;
 use crate::inject::Edit;
-use crate::loaded::{needs_time, Loaded};
 use crate::proxy::Proxy;
 use crate::request::{self, HostFault, Outcome, Step, Verdict};
 use crate::response::{reply, Refusal};
+use crate::runtime::{needs_time, Runtime};
 use host::{HostError, Level, Map};
 use proxy::ProxyHost;
 
@@ -39,7 +39,7 @@ proxy_wasm::main! {{
 
 struct Root {
     id: u32,
-    state: Option<Rc<Loaded>>,
+    state: Option<Rc<Runtime>>,
     broker: Rc<RefCell<Broker<ProxyHost>>>,
 }
 
@@ -191,7 +191,7 @@ impl RootContext for Root {
             .flatten()
             .and_then(|v| String::from_utf8(v).ok())
             .unwrap_or_default();
-        let loaded = Rc::new(Loaded::new(&ProxyHost, config, &plugin));
+        let loaded = Rc::new(Runtime::new(&ProxyHost, config, &plugin));
         if let Ok(mut b) = self.broker.try_borrow_mut() {
             b.configured(&loaded);
         }
@@ -223,7 +223,7 @@ impl RootContext for Root {
             // No clock, no check: every request goes to the shared cache.
             Err(_) => {
                 if let Some(state) = &self.state {
-                    state.cool_hot_tokens();
+                    state.drop_token_copies();
                 }
             }
         }
@@ -245,7 +245,7 @@ impl RootContext for Root {
 
 struct Http {
     id: u32,
-    state: Option<Rc<Loaded>>,
+    state: Option<Rc<Runtime>>,
     broker: Rc<RefCell<Broker<ProxyHost>>>,
 }
 
@@ -279,11 +279,11 @@ impl HttpContext for Http {
             return Action::Pause;
         };
         let Ok(mut broker) = self.broker.try_borrow_mut() else {
-            return fail_closed(&state, None, HostError(0));
+            return fail_closed(&state, None, "the credential broker is busy");
         };
         match handle_request(&state, &mut broker, self.id) {
             Ok(action) => action,
-            Err(e) => fail_closed(&state, None, e),
+            Err(e) => fail_closed(&state, None, format_args!("host call failed: {e}")),
         }
     }
 
@@ -312,18 +312,18 @@ struct HostReads;
 
 impl request::Lazy for HostReads {
     fn route_name(&mut self) -> Result<Option<Vec<u8>>, HostFault> {
-        host::property(&["xds", "route_name"]).map_err(|e| HostFault(e.0))
+        host::property(&["xds", "route_name"])
     }
 
     fn metadata(&mut self) -> Result<Option<Vec<u8>>, HostFault> {
-        host::property(&["metadata"]).map_err(|e| HostFault(e.0))
+        host::property(&["metadata"])
     }
 }
 
 /// The one place an [`Outcome`] reaches the host: the header edits (when the
 /// request goes on), counters, filter state and the debug line, then
 /// latchkey's own reply if it has one.
-pub fn apply(loaded: &Loaded, o: &Outcome) -> Result<Action, HostError> {
+pub fn apply(loaded: &Runtime, o: &Outcome) -> Result<Action, HostError> {
     if o.verdict.forwards() {
         for edit in &o.edits {
             match edit {
@@ -375,7 +375,7 @@ pub fn apply(loaded: &Loaded, o: &Outcome) -> Result<Action, HostError> {
 
 /// Filter state for access logs (`%FILTER_STATE(wasm.latchkey.decision:PLAIN)%`,
 /// with `filter_state: true`) and the debug line.
-fn record(loaded: &Loaded, o: &Outcome) {
+fn record(loaded: &Runtime, o: &Outcome) {
     let debug = host::log_enabled(Level::Debug);
     if !loaded.config.filter_state && !debug {
         return;
@@ -418,26 +418,21 @@ fn record(loaded: &Loaded, o: &Outcome) {
 }
 
 /// Fails a request closed: 500, counted, logged.
-fn fail_closed(loaded: &Loaded, route: Option<usize>, e: HostError) -> Action {
-    host::log(
-        Level::Error,
-        &format!("host call failed on the request path: {e}"),
-    );
+fn fail_closed(loaded: &Runtime, route: Option<usize>, why: impl std::fmt::Display) -> Action {
+    host::log(Level::Error, &format!("request failed closed: {why}"));
     // Sending the reply is itself a host call: nothing more to do if it fails.
     apply(loaded, &request::internal(&loaded.config, route)).unwrap_or(Action::Pause)
 }
 
 fn handle_request(
-    state: &Rc<Loaded>,
+    state: &Rc<Runtime>,
     broker: &mut Broker<ProxyHost>,
     context_id: u32,
 ) -> Result<Action, HostError> {
     let config = &state.config;
     let headers = host::header_pairs(Map::Request)?;
     let pairs: Vec<(&str, &[u8])> = headers.iter().collect();
-    let needed = match request::start(config, state.discovery.as_ref(), &pairs, &mut HostReads)
-        .map_err(|f| HostError(f.0))?
-    {
+    let needed = match request::start(config, state.discovery.as_ref(), &pairs, &mut HostReads)? {
         Step::Done(outcome) => return apply(state, &outcome),
         Step::Needs(needed) => needed,
     };
@@ -452,20 +447,23 @@ fn handle_request(
         .iter()
         .find(|(k, _)| *k == ":path")
         .map_or(&b"/"[..], |(_, v)| *v);
-    match broker
-        .resolve(state, &needed.picks, needed.subject.as_ref(), now, true)
-        .map_err(|f| HostError(f.0))?
-    {
+    match broker.resolve(state, &needed.picks, needed.subject.as_ref(), now, true)? {
         Resolution::Ready(creds) => {
             // A refresh it started goes out on the next tick.
             retick(broker);
             let keep = config
                 .route(needed.route)
                 .is_some_and(|r| r.drop_token_on_401);
-            let outcome = request::finish(config, needed, &Cred::resolved(&creds), &sent, path);
+            let outcome = request::finish(
+                config,
+                needed,
+                &EntryCredential::resolved(&creds),
+                &sent,
+                path,
+            );
             let action = apply(state, &outcome)?;
             if keep {
-                broker.record_used(context_id, Cred::tokens(&creds));
+                broker.record_used(context_id, EntryCredential::tokens(&creds));
             }
             Ok(action)
         }

@@ -12,12 +12,6 @@ use crate::proxy::{HostFault, Level, MetricKind, Proxy};
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ProxyHost;
 
-impl From<HostError> for HostFault {
-    fn from(e: HostError) -> Self {
-        HostFault(e.0)
-    }
-}
-
 thread_local! {
     /// Counts not yet handed to Envoy, by stat id (one VM is one thread).
     static PENDING: RefCell<HashMap<u32, i64>> = RefCell::new(HashMap::new());
@@ -25,19 +19,19 @@ thread_local! {
 
 impl Proxy for ProxyHost {
     fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostFault> {
-        Ok(host::shared_data(key)?)
+        host::shared_data(key)
     }
 
     fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<bool, HostFault> {
         match host::set_shared_data(key, value, cas) {
             Ok(()) => Ok(true),
             Err(HostError(HostFault::CAS_MISMATCH)) => Ok(false),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         }
     }
 
     fn dispatch(&self, call: &HttpCall) -> Result<u32, HostFault> {
-        Ok(host::dispatch_http_call(call)?)
+        host::dispatch_http_call(call)
     }
 
     fn log(&self, level: Level, message: &str) {

@@ -141,15 +141,15 @@ fn config() -> Config {
     Config::parse(v.to_string().as_bytes(), &|_| None).unwrap()
 }
 
-fn setup() -> (Broker<Fake>, Rc<Loaded>) {
+fn setup() -> (Broker<Fake>, Rc<Runtime>) {
     let fake = Fake::default();
-    let loaded = Rc::new(Loaded::new(&fake, config(), "test"));
+    let loaded = Rc::new(Runtime::new(&fake, config(), "test"));
     let mut b = Broker::new(fake);
     b.configured(&loaded);
     (b, loaded)
 }
 
-fn conn(loaded: &Loaded, name: &str) -> usize {
+fn conn(loaded: &Runtime, name: &str) -> usize {
     loaded
         .config
         .connections
@@ -166,7 +166,7 @@ fn token_answer(token: &str, extra: serde_json::Value) -> Vec<u8> {
     v.to_string().into_bytes()
 }
 
-fn ready(r: Resolution) -> Vec<Cred> {
+fn ready(r: Resolution) -> Vec<EntryCredential> {
     match r {
         Resolution::Ready(c) => c,
         Resolution::Wait { .. } => panic!("waits"),
@@ -226,7 +226,7 @@ fn a_client_credentials_token_is_fetched_once_sent_as_built_and_cached() {
         .any(|(_, m)| m.contains("at-1") || m.contains("client-secret-1")));
 }
 
-fn waiter(loaded: &Rc<Loaded>, c: usize, deadline_ms: u64, keys: Vec<String>) -> Waiter {
+fn waiter(loaded: &Rc<Runtime>, c: usize, deadline_ms: u64, keys: Vec<String>) -> Waiter {
     Waiter {
         loaded: loaded.clone(),
         needed: Needed {
@@ -522,7 +522,7 @@ fn a_rotated_refresh_token_is_kept_and_used_next() {
     );
     let creds = ready(b.resolve(&loaded, &[c], None, 3, true).unwrap());
     // The upstream refuses it: a refresh starts (the window is 0 here), with rt-2.
-    b.on_upstream_401(&loaded, &Cred::tokens(&creds), 4);
+    b.on_upstream_401(&loaded, &EntryCredential::tokens(&creds), 4);
     assert_eq!(
         b.proxy
             .stat("latchkey.connection.rotating.token.dropped_on_401"),
@@ -541,11 +541,11 @@ fn a_rotated_refresh_token_is_kept_and_used_next() {
             .expose(),
         "at-1"
     );
-    let generation = b.proxy.shared_get(HOT_GENERATION).unwrap().map(|(_, c)| c);
+    let generation = b.proxy.shared_get(COPY_GENERATION).unwrap().map(|(_, c)| c);
     b.on_answer(id, Some(200), Some(token_answer("at-2", json!({}))), 7);
     // Installed: every worker's copy of the refused token goes.
     assert_ne!(
-        b.proxy.shared_get(HOT_GENERATION).unwrap().map(|(_, c)| c),
+        b.proxy.shared_get(COPY_GENERATION).unwrap().map(|(_, c)| c),
         generation
     );
     assert_eq!(
@@ -555,7 +555,7 @@ fn a_rotated_refresh_token_is_kept_and_used_next() {
         "at-2"
     );
     // A second 401, to a token that is no longer the cached one, is ignored.
-    b.on_upstream_401(&loaded, &Cred::tokens(&creds), 9);
+    b.on_upstream_401(&loaded, &EntryCredential::tokens(&creds), 9);
     assert_eq!(
         b.proxy
             .stat("latchkey.connection.rotating.token.ignored_401"),
@@ -619,13 +619,13 @@ fn a_token_copy_serves_without_shared_reads_until_a_worker_replaces_it() {
     let (id, _) = b.proxy.take_calls()[0].clone();
     b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
     ready(b.resolve(&loaded, &[c], None, 3, true).unwrap());
-    assert!(loaded.has_hot_token(c));
+    assert!(loaded.has_token_copy(c));
     // Another worker's write of the generation drops this VM's copies.
-    b.proxy.shared_set(HOT_GENERATION, b"", 0).unwrap();
-    loaded.check_hot_generation(&b.proxy);
-    assert!(!loaded.has_hot_token(c));
+    b.proxy.shared_set(COPY_GENERATION, b"", 0).unwrap();
+    loaded.check_copy_generation(&b.proxy);
+    assert!(!loaded.has_token_copy(c));
     // The tick takes a new copy from the shared cache.
     b.on_tick(Some(&loaded), 2_000);
     ready(b.resolve(&loaded, &[c], None, 2_001, true).unwrap());
-    assert!(loaded.has_hot_token(c));
+    assert!(loaded.has_token_copy(c));
 }

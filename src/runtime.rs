@@ -8,14 +8,14 @@
 use std::cell::RefCell;
 
 use crate::config::{Config, Credential, Grant, ProviderKind, SecretRef};
-use crate::credential::broker::{StoreSlot, TokenSlot};
 use crate::credential::cache::{Cached, Policy};
+use crate::credential::slot::{StoreSlot, TokenSlot};
 use crate::proxy::Proxy;
 use crate::secret::Secret;
 use crate::stats::Stats;
 
 /// A loaded configuration with what the request path needs beside it.
-pub struct Loaded {
+pub struct Runtime {
     pub config: Config,
     pub stats: Stats,
     /// Token cache per connection index (oauth2 and managed-identity connections).
@@ -23,28 +23,28 @@ pub struct Loaded {
     /// Value cache per store index.
     pub stores: Vec<StoreSlot>,
     /// This VM's copy of each store's current value, kept fresh by the tick
-    /// (`Broker::tend_stores`): a request reads it with no host call at all.
+    /// (`Broker::renew_store_copies`): a request reads it with no host call at all.
     pub store_values: RefCell<Vec<Option<Secret>>>,
     /// This VM's copy of each connection's current token (not for token
     /// exchange), kept while the tick finds it good for a few seconds more
-    /// (`Broker::tend_tokens`): a request then reads neither the shared cache
+    /// (`Broker::renew_token_copies`): a request then reads neither the shared cache
     /// nor the clock.
-    pub hot_tokens: RefCell<Vec<Option<Cached>>>,
+    pub token_copies: RefCell<Vec<Option<Cached>>>,
     /// Discovery answers, serialized once per configuration (only when
     /// `discovery.path` is set).
     pub discovery: Option<crate::discovery::Index>,
-    /// The CAS of [`HOT_GENERATION`] when the copies above were taken: a token
+    /// The CAS of [`COPY_GENERATION`] when the copies above were taken: a token
     /// dropped on an upstream 401 by any worker moves it, and every VM's copies
     /// are then dropped before the next request uses one.
-    pub hot_generation: std::cell::Cell<u32>,
+    pub copy_generation: std::cell::Cell<u32>,
 }
 
 /// An always-empty shared-data key whose CAS moves whenever a worker drops a
 /// token the upstream refused. Reading it costs a request one host call and no
 /// copy; a VM's token copies are good only while it hasn't moved.
-pub const HOT_GENERATION: &str = "latchkey.tokens.generation";
+pub const COPY_GENERATION: &str = "latchkey.tokens.generation";
 
-impl Loaded {
+impl Runtime {
     /// This VM's copy of store `i`'s value, if it has one.
     pub fn store_value(&self, i: usize) -> Option<Secret> {
         self.store_values
@@ -54,23 +54,23 @@ impl Loaded {
     }
 
     /// This VM's copy of connection `c`'s token, if it holds one.
-    pub fn hot_token(&self, c: usize) -> Option<Cached> {
-        self.hot_tokens
+    pub fn token_copy(&self, c: usize) -> Option<Cached> {
+        self.token_copies
             .try_borrow()
             .ok()
             .and_then(|v| v.get(c).cloned().flatten())
     }
 
-    pub fn has_hot_token(&self, c: usize) -> bool {
-        self.hot_tokens
+    pub fn has_token_copy(&self, c: usize) -> bool {
+        self.token_copies
             .try_borrow()
             .is_ok_and(|v| v.get(c).is_some_and(Option::is_some))
     }
 
-    /// The current [`HOT_GENERATION`]; `None` when it can't be read (then no
+    /// The current [`COPY_GENERATION`]; `None` when it can't be read (then no
     /// copy may be used).
-    pub fn read_hot_generation(p: &impl Proxy) -> Option<u32> {
-        match p.shared_get(HOT_GENERATION) {
+    pub fn read_copy_generation(p: &impl Proxy) -> Option<u32> {
+        match p.shared_get(COPY_GENERATION) {
             Ok(Some((_, cas))) => Some(cas),
             _ => None,
         }
@@ -78,22 +78,22 @@ impl Loaded {
 
     /// Drops this VM's token copies if a worker dropped a token since they were
     /// taken (or the generation can't be read).
-    pub fn check_hot_generation(&self, p: &impl Proxy) {
-        let now = Self::read_hot_generation(p);
-        if now != Some(self.hot_generation.get()) {
-            self.cool_hot_tokens();
-            self.hot_generation.set(now.unwrap_or(0));
+    pub fn check_copy_generation(&self, p: &impl Proxy) {
+        let now = Self::read_copy_generation(p);
+        if now != Some(self.copy_generation.get()) {
+            self.drop_token_copies();
+            self.copy_generation.set(now.unwrap_or(0));
         }
     }
 
-    pub fn cool_hot_tokens(&self) {
-        if let Ok(mut v) = self.hot_tokens.try_borrow_mut() {
+    pub fn drop_token_copies(&self) {
+        if let Ok(mut v) = self.token_copies.try_borrow_mut() {
             v.iter_mut().for_each(|t| *t = None);
         }
     }
 
-    pub fn set_hot_token(&self, c: usize, token: Option<Cached>) {
-        if let Ok(mut v) = self.hot_tokens.try_borrow_mut() {
+    pub fn set_token_copy(&self, c: usize, token: Option<Cached>) {
+        if let Ok(mut v) = self.token_copies.try_borrow_mut() {
             if let Some(slot) = v.get_mut(c) {
                 *slot = token;
             }
@@ -117,10 +117,10 @@ fn precreate(p: &impl Proxy, key: &str) {
     }
 }
 
-impl Loaded {
+impl Runtime {
     /// `namespace`: the plugin's name, so that two plugins sharing a VM id never
     /// share a shared-data key.
-    pub fn new(p: &impl Proxy, config: Config, namespace: &str) -> Loaded {
+    pub fn new(p: &impl Proxy, config: Config, namespace: &str) -> Runtime {
         let stats = Stats::define(p, &config);
         let tokens: Vec<Option<TokenSlot>> = config
             .connections
@@ -181,32 +181,32 @@ impl Loaded {
             })
             .collect();
         let store_values = RefCell::new(vec![None; config.stores.len()]);
-        let hot_tokens = RefCell::new(vec![None; config.connections.len()]);
+        let token_copies = RefCell::new(vec![None; config.connections.len()]);
         if tokens.iter().any(Option::is_some) {
-            precreate(p, HOT_GENERATION);
+            precreate(p, COPY_GENERATION);
         }
-        let hot_generation = std::cell::Cell::new(Loaded::read_hot_generation(p).unwrap_or(0));
+        let copy_generation = std::cell::Cell::new(Runtime::read_copy_generation(p).unwrap_or(0));
         let discovery = config
             .discovery
             .as_ref()
             .map(|_| crate::discovery::Index::new(&config));
 
-        Loaded {
+        Runtime {
             config,
             stats,
             tokens,
             stores,
             store_values,
-            hot_tokens,
+            token_copies,
             discovery,
-            hot_generation,
+            copy_generation,
         }
     }
 }
 
 /// Whether resolving `picks` needs the clock: only a token or store value this
 /// VM holds no copy of does.
-pub fn needs_time(loaded: &Loaded, picks: &[usize]) -> bool {
+pub fn needs_time(loaded: &Runtime, picks: &[usize]) -> bool {
     picks.iter().any(|&ci| {
         loaded
             .config
@@ -219,7 +219,7 @@ pub fn needs_time(loaded: &Loaded, picks: &[usize]) -> bool {
                 Credential::ApiKey(SecretRef::Store(i)) => loaded.store_value(*i).is_none(),
                 // Nor does a token it holds (checked by the tick).
                 Credential::OAuth2(_) | Credential::ManagedIdentity { .. } => {
-                    !loaded.has_hot_token(ci)
+                    !loaded.has_token_copy(ci)
                 }
             })
     })

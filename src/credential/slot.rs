@@ -1,0 +1,77 @@
+//! Where each fetched credential of a configuration lives in shared data: a
+//! connection's token cache (for token exchange, bounded sets of per-caller
+//! entries), a stored secret's value and its Vault login, each with its timing.
+
+use super::cache::Policy;
+use super::exchange::Subject;
+use crate::secret::Secret;
+
+/// A connection's token cache, prepared at configure time.
+#[derive(Debug)]
+pub struct TokenSlot {
+    /// The shared-data key; for token exchange, the prefix of its set keys.
+    pub key: String,
+    /// Token exchange: one entry per caller, in bounded sets.
+    pub exchange: bool,
+    /// Where a rotated refresh token is kept (refresh_token grant only).
+    pub rt_key: Option<String>,
+    pub policy: Policy,
+    pub default_lifetime_ms: u64,
+    /// An upstream 401 refreshes a token only once it is this old.
+    pub drop_on_401_after_ms: u64,
+}
+
+impl TokenSlot {
+    /// The shared-data key of set `i` of a token-exchange connection.
+    pub fn set_key(&self, i: usize) -> String {
+        format!("{}.x{i}", self.key)
+    }
+
+    /// Where the entry for this connection (and caller) lives; `None` for token
+    /// exchange without a subject token.
+    pub fn addr(&self, connection: usize, subject: Option<&Secret>) -> Option<Addr> {
+        let owner = Owner::Connection(connection);
+        if !self.exchange {
+            return Some(Addr {
+                owner,
+                key: self.key.clone(),
+                subject: None,
+            });
+        }
+        let s = Subject::of(subject?.expose());
+        Some(Addr {
+            owner,
+            key: self.set_key(s.set),
+            subject: Some(s),
+        })
+    }
+}
+
+/// A stored secret's cache, prepared at configure time.
+#[derive(Debug)]
+pub struct StoreSlot {
+    /// `latchkey.v1.sec.<name>.<fingerprint>`.
+    pub key: String,
+    /// The AppRole login token's key (Vault with `approle` only).
+    pub login_key: Option<String>,
+    pub policy: Policy,
+}
+
+/// What a cache entry belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// A token of connection `i` (OAuth2 or managed identity).
+    Connection(usize),
+    /// The value of store `i`.
+    Store(usize),
+    /// The Vault AppRole login token of store `i`.
+    Login(usize),
+}
+
+/// Where one cache entry lives: a connection's key, or a caller's entry in a set.
+#[derive(Debug, Clone)]
+pub struct Addr {
+    pub owner: Owner,
+    pub key: String,
+    pub subject: Option<Subject>,
+}
