@@ -629,3 +629,251 @@ fn a_token_copy_serves_without_shared_reads_until_a_worker_replaces_it() {
     ready(b.resolve(&loaded, &[c], None, 2_001, true).unwrap());
     assert!(loaded.has_token_copy(c));
 }
+
+/// A configuration whose client secret and refresh token are read from Vault
+/// (token auth), re-read every 60 s.
+fn stored_secrets_config() -> Config {
+    let v = json!({
+        "secrets": {
+            "vault_token": { "inline": "hvs.static" },
+            "cs": { "vault": { "cluster": "vault", "url": "http://vault:8200", "mount": "secret",
+                               "path": "idp", "field": "client_secret", "token": "vault_token" },
+                    "refresh_s": 60 },
+            "rt": { "vault": { "cluster": "vault", "url": "http://vault:8200", "mount": "secret",
+                               "path": "idp", "field": "refresh_token", "token": "vault_token" },
+                    "refresh_s": 60 }
+        },
+        "providers": {
+            "idp": { "type": "oauth2", "cluster": "idp", "token_url": "https://idp.test/token",
+                     "client_id": "gw", "client_secret": "cs" }
+        },
+        "connections": {
+            "rotating": { "provider": "idp", "grant": "refresh_token", "refresh_token": "rt",
+                          "access": { "public": true } }
+        },
+        "routes": []
+    });
+    Config::parse(v.to_string().as_bytes(), &|_| None).unwrap()
+}
+
+fn vault_answer(field: &str, value: &str, version: u64) -> Vec<u8> {
+    json!({ "data": { "data": { field: value }, "metadata": { "version": version } } })
+        .to_string()
+        .into_bytes()
+}
+
+/// Answers every call sent so far, all Vault reads of one path: each answer
+/// holds both fields, and each store takes its own.
+fn answer_vault_reads(b: &mut Broker<Fake>, version: u64, rt: &str, now: u64) {
+    for (id, call) in b.proxy.take_calls() {
+        assert_eq!(call.cluster, "vault");
+        assert_eq!(header(&call, ":path"), Some("/v1/secret/data/idp"));
+        assert_eq!(call.secret_headers[0].1.expose(), "hvs.static");
+        let body = json!({ "data": { "data": { "client_secret": format!("cs-{version}"),
+                                               "refresh_token": rt },
+                                     "metadata": { "version": version } } });
+        b.on_answer(id, Some(200), Some(body.to_string().into_bytes()), now);
+    }
+}
+
+#[test]
+fn a_token_fetch_waits_for_its_client_secret_and_refresh_token_from_a_store() {
+    let fake = Fake::default();
+    let loaded = Rc::new(Runtime::new(&fake, stored_secrets_config(), "t"));
+    let mut b = Broker::new(fake);
+    b.configured(&loaded);
+    assert_eq!(b.wanted_tick_ms(), KICK_MS);
+    let c = conn(&loaded, "rotating");
+    // The request waits on the two stores first.
+    let (_, keys) = keys_of(b.resolve(&loaded, &[c], None, 0, true).unwrap());
+    assert_eq!(keys.len(), 2);
+    assert!(keys.iter().all(|k| k.starts_with("latchkey.v1.t.sec.")));
+    b.dispatch_due(1);
+    answer_vault_reads(&mut b, 1, "rt-from-vault", 2);
+    assert_eq!(b.proxy.stat("latchkey.secret.cs.success"), 1);
+    assert_eq!(b.proxy.stat("latchkey.secret.rt.success"), 1);
+    // Now the token request, with both.
+    assert!(waits(&b.resolve(&loaded, &[c], None, 3, true).unwrap()));
+    b.dispatch_due(4);
+    let (id, call) = b.proxy.take_calls()[0].clone();
+    assert_eq!(call.cluster, "idp");
+    assert_eq!(
+        call.body.as_ref().unwrap().expose(),
+        "grant_type=refresh_token&refresh_token=rt-from-vault"
+    );
+    assert_eq!(
+        call.secret_headers[0].1.expose(),
+        format!(
+            "Basic {}",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "gw:cs-1")
+        )
+    );
+    b.on_answer(
+        id,
+        Some(200),
+        Some(token_answer(
+            "at-1",
+            json!({ "refresh_token": "rt-rotated" }),
+        )),
+        5,
+    );
+    assert_eq!(
+        ready(b.resolve(&loaded, &[c], None, 6, true).unwrap())[0]
+            .secret
+            .expose(),
+        "at-1"
+    );
+    // A new refresh token in the store (re-consented) makes the rotated one stale:
+    // the next refresh uses the store's.
+    b.on_tick(Some(&loaded), 61_000);
+    b.dispatch_due(61_001);
+    answer_vault_reads(&mut b, 2, "rt-reconsented", 61_002);
+    assert!(b.proxy.logged("secret rt: new version \"2\" (was \"1\")"));
+    assert_eq!(b.proxy.stat("latchkey.secret.rt.version_changes"), 1);
+    assert_eq!(b.proxy.stat("latchkey.secret.cs.version_changes"), 1);
+    // The token's own refresh is due (3600 s token, refreshed at half life): the
+    // tick drops this VM's copy first, then a request starts the refresh.
+    b.on_tick(Some(&loaded), 1_799_000);
+    let _ = b.resolve(&loaded, &[c], None, 1_800_010, true).unwrap();
+    b.dispatch_due(1_800_011);
+    let calls = b.proxy.take_calls();
+    let idp = calls.iter().find(|(_, c)| c.cluster == "idp").unwrap();
+    assert_eq!(
+        idp.1.body.as_ref().unwrap().expose(),
+        "grant_type=refresh_token&refresh_token=rt-reconsented"
+    );
+}
+
+#[test]
+fn a_failed_store_refresh_keeps_the_last_good_value_and_logs_the_status() {
+    let (mut b, loaded) = setup();
+    let c = conn(&loaded, "vaulted");
+    b.on_tick(Some(&loaded), 0);
+    b.dispatch_due(0);
+    let login = b
+        .proxy
+        .take_calls()
+        .into_iter()
+        .find(|(_, c)| c.cluster == "vault")
+        .unwrap();
+    let answer = json!({ "auth": { "client_token": "hvs.login", "lease_duration": 3600 } });
+    b.on_answer(login.0, Some(200), Some(answer.to_string().into_bytes()), 1);
+    b.dispatch_due(2);
+    let read = b
+        .proxy
+        .take_calls()
+        .into_iter()
+        .find(|(_, c)| c.cluster == "vault")
+        .unwrap();
+    b.on_answer(read.0, Some(200), Some(vault_answer("key", "v-1", 1)), 3);
+    assert_eq!(
+        ready(b.resolve(&loaded, &[c], None, 4, true).unwrap())[0]
+            .secret
+            .expose(),
+        "v-1"
+    );
+    // The store's refresh is due after refresh_s (default 300 s); Vault answers 500.
+    b.on_tick(Some(&loaded), 301_000);
+    b.dispatch_due(301_001);
+    let read = b
+        .proxy
+        .take_calls()
+        .into_iter()
+        .find(|(_, c)| c.cluster == "vault")
+        .unwrap();
+    b.on_answer(read.0, Some(500), Some(b"internal".to_vec()), 301_002);
+    assert!(b.proxy.logged(
+        "secret vault_secret: read failed: status (HTTP 500); the last good value stays in use"
+    ));
+    assert_eq!(b.proxy.stat("latchkey.secret.vault_secret.failure"), 1);
+    assert_eq!(
+        b.proxy.stat("latchkey.secret.vault_secret.failure.status"),
+        1
+    );
+    assert_eq!(
+        ready(b.resolve(&loaded, &[c], None, 301_003, true).unwrap())[0]
+            .secret
+            .expose(),
+        "v-1"
+    );
+    // The age gauge counts from the last good read.
+    b.on_tick(Some(&loaded), 303_000);
+    assert_eq!(b.proxy.stat("latchkey.secret.vault_secret.age_s"), 302);
+}
+
+#[test]
+fn answers_that_are_too_large_or_unknown_change_nothing_else() {
+    let (mut b, loaded) = setup();
+    let c = conn(&loaded, "orders");
+    let _ = b.resolve(&loaded, &[c], None, 0, true).unwrap();
+    b.dispatch_due(1);
+    let (id, _) = b.proxy.take_calls()[0].clone();
+    // An answer for a call that isn't this VM's is ignored.
+    b.on_answer(
+        id + 100,
+        Some(200),
+        Some(token_answer("nope", json!({}))),
+        2,
+    );
+    assert!(b.awaits(id));
+    // A body past the limit is a failure of kind too_large.
+    b.on_answer(id, Some(200), None, 3);
+    assert_eq!(
+        b.proxy
+            .stat("latchkey.connection.orders.token.failure.too_large"),
+        1
+    );
+    assert!(matches!(
+        b.resolve(&loaded, &[c], None, 4, true).unwrap(),
+        Resolution::Reject { .. }
+    ));
+}
+
+#[test]
+fn a_young_token_is_not_refreshed_on_a_401_and_a_gone_request_is_forgotten() {
+    let fake = Fake::default();
+    let mut cfg = config();
+    // The default window: 10 s.
+    if let crate::config::ProviderKind::OAuth2(p) = &mut cfg.providers[0].kind {
+        p.drop_on_401_after_s = 10;
+    }
+    let loaded = Rc::new(Runtime::new(&fake, cfg, "test"));
+    let mut b = Broker::new(fake);
+    let c = conn(&loaded, "orders");
+    let _ = b.resolve(&loaded, &[c], None, 0, true).unwrap();
+    b.dispatch_due(1);
+    let (id, _) = b.proxy.take_calls()[0].clone();
+    b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
+    let creds = ready(b.resolve(&loaded, &[c], None, 3, true).unwrap());
+    b.record_used(5, EntryCredential::tokens(&creds));
+    let used = b.take_used(5);
+    assert_eq!(used.len(), 1);
+    assert!(b.take_used(5).is_empty());
+    b.on_upstream_401(&loaded, &used, 9_000);
+    assert_eq!(
+        b.proxy.stat("latchkey.connection.orders.token.ignored_401"),
+        1
+    );
+    b.dispatch_due(9_001);
+    assert!(b.proxy.take_calls().is_empty());
+    // Old enough: one refresh.
+    b.on_upstream_401(&loaded, &used, 10_002);
+    b.on_upstream_401(&loaded, &used, 10_003);
+    assert_eq!(
+        b.proxy
+            .stat("latchkey.connection.orders.token.dropped_on_401"),
+        1
+    );
+    b.dispatch_due(10_004);
+    assert_eq!(b.proxy.take_calls().len(), 1);
+    // A request that goes away while it waits is forgotten.
+    let (deadline, keys) = keys_of(
+        b.resolve(&loaded, &[conn(&loaded, "backend")], None, 0, true)
+            .unwrap(),
+    );
+    b.wait(8, waiter(&loaded, conn(&loaded, "backend"), deadline, keys));
+    b.record_used(8, used);
+    b.forget(8);
+    assert_eq!(b.paused(), 0);
+    assert!(b.take_used(8).is_empty());
+}
