@@ -43,8 +43,10 @@ $(STAMP): tests/requirements.txt
 # --lib: the crate's `latchkey` binary (the checker) must never become latchkey.wasm.
 # The module Envoy loads is cargo's output with only the callbacks latchkey uses exported
 # (scripts/wasm_exports.py says why), then optimized by binaryen's wasm-opt, which also
-# drops the code of the callbacks no longer exported. Always from cargo's own output, so
-# the same source gives the same bytes (the OCI digest is reproducible).
+# drops the code of the callbacks no longer exported (-O3, plus --merge-similar-functions:
+# functions that differ only in constants become one, about 7 KB; its cost per request
+# is measured in docs/BENCHMARKS.md). Always from cargo's own output, so the same source
+# gives the same bytes (the OCI digest is reproducible).
 LINKED := target/$(TARGET)/release/deps/latchkey.wasm
 WASM_OPT := tools/binaryen/node_modules/.bin/wasm-opt
 BINARYEN_STAMP := tools/binaryen/node_modules/.package-lock.json
@@ -57,7 +59,7 @@ build: setup $(BINARYEN_STAMP)
 	$(CARGO) build --release --target $(TARGET) --lib
 	@rm -f $(WASM) $(WASM).pruned
 	@$(PYTHON) scripts/wasm_exports.py $(LINKED) $(WASM).pruned
-	@$(WASM_OPT) -O3 $(WASM_FEATURES) $(WASM).pruned -o $(WASM)
+	@$(WASM_OPT) -O3 --merge-similar-functions $(WASM_FEATURES) $(WASM).pruned -o $(WASM)
 	@rm -f $(WASM).pruned
 	@ls -l $(WASM)
 

@@ -1290,14 +1290,16 @@ impl<P: Proxy> Broker<P> {
         if self.waiters.is_empty() {
             return out;
         }
-        let mut current: HashMap<String, Option<u32>> = HashMap::new();
+        // Few distinct keys (one per credential being fetched): a list will do.
+        let mut current: Vec<(String, Option<u32>)> = Vec::new();
         for w in self.waiters.values() {
             for k in &w.keys {
-                if !current.contains_key(k) {
-                    current.insert(k.clone(), key_cas(&self.proxy, k));
+                if !current.iter().any(|(c, _)| c == k) {
+                    current.push((k.clone(), key_cas(&self.proxy, k)));
                 }
             }
         }
+        let cas_of = |k: &String| current.iter().find(|(c, _)| c == k).map(|(_, cas)| *cas);
         let due: Vec<u32> = self
             .waiters
             .iter()
@@ -1307,7 +1309,7 @@ impl<P: Proxy> Broker<P> {
                     || w.keys
                         .iter()
                         .zip(&w.seen)
-                        .any(|(k, seen)| current.get(k) != Some(seen))
+                        .any(|(k, seen)| cas_of(k) != Some(*seen))
             })
             .map(|(id, _)| *id)
             .collect();
@@ -1329,8 +1331,8 @@ impl<P: Proxy> Broker<P> {
                     // What it saw before this look: a move during it is looked at next round.
                     w.seen = keys
                         .iter()
-                        .map(|k| match current.get(k) {
-                            Some(cas) => *cas,
+                        .map(|k| match cas_of(k) {
+                            Some(cas) => cas,
                             None => key_cas(&self.proxy, k),
                         })
                         .collect();
