@@ -85,8 +85,8 @@ fuzz_target!(|data: &[u8]| {
     let paths = ["sub", "groups", "a.b"].map(ClaimPath::new);
 
     // (a) and (b): no panic on anything.
-    let _ = Identity::from_header(data, &paths);
-    let _ = Identity::from_metadata(data, "payload", &paths);
+    let _ = Identity::from_header(data, &paths, true);
+    let _ = Identity::from_metadata(data, "payload", &paths, true);
 
     let doc = serde_json::from_slice::<Value>(data);
 
@@ -99,7 +99,7 @@ fuzz_target!(|data: &[u8]| {
     for pad in [false, true] {
         let header = b64url(data, pad);
         assert_eq!(
-            Identity::from_header(header.as_bytes(), &paths),
+            Identity::from_header(header.as_bytes(), &paths, false),
             want,
             "header {header:?}"
         );
@@ -115,14 +115,14 @@ fuzz_target!(|data: &[u8]| {
     if message_depth(&value, 1) > pb::MAX_DEPTH {
         assert_eq!(got, Err(()), "nesting beyond MAX_DEPTH was read");
         assert_eq!(
-            Identity::from_metadata(&bytes, "payload", &paths),
+            Identity::from_metadata(&bytes, "payload", &paths, false),
             Err(ClaimsError::BadMetadata)
         );
         return;
     }
     let expected = through_protobuf(&value);
     assert_eq!(got, Ok(Some(expected.clone())), "round trip");
-    let claims = Identity::from_metadata(&bytes, "payload", &paths);
+    let claims = Identity::from_metadata(&bytes, "payload", &paths, false);
     match Identity::from_json(&expected, &paths) {
         Some(id) => assert_eq!(claims, Ok(Some(id))),
         None => assert_eq!(claims, Err(ClaimsError::BadMetadata)),

@@ -1250,31 +1250,3 @@ fn every_cluster_header_is_stripped_with_the_documented_one() {
         "routes[2].inject[0].connections: a cluster_header entry takes client_certificate connections only"
     );
 }
-
-#[test]
-fn drop_on_401_after_s_defaults_to_10_and_is_at_most_an_hour() {
-    let with = |v: Option<Value>| {
-        let mut c = spec_example();
-        if let Some(v) = v {
-            c["providers"]["orders_idp"]["drop_on_401_after_s"] = v;
-        }
-        Config::parse(c.to_string().as_bytes(), &env)
-    };
-    let after = |c: &Config| {
-        c.providers
-            .iter()
-            .find_map(|p| match &p.kind {
-                ProviderKind::OAuth2(o) => Some(o.drop_on_401_after_s),
-                _ => None,
-            })
-            .unwrap()
-    };
-    assert_eq!(after(&with(None).unwrap()), 10);
-    assert_eq!(after(&with(Some(json!(0))).unwrap()), 0);
-    assert_eq!(after(&with(Some(json!(3600))).unwrap()), 3600);
-    let e = with(Some(json!(3601))).unwrap_err().to_string();
-    assert_eq!(
-        e,
-        "providers.orders_idp.drop_on_401_after_s: invalid value \"3601\": must be at most 3600"
-    );
-}
