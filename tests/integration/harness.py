@@ -51,7 +51,8 @@ ACCESS_LOG_FORMAT = (
     "%RESPONSE_CODE% %RESPONSE_FLAGS% route=%ROUTE_NAME% "
     "latchkey_route=%FILTER_STATE(wasm.latchkey.route:PLAIN)% "
     "latchkey_connection=%FILTER_STATE(wasm.latchkey.connection:PLAIN)% "
-    "latchkey_decision=%FILTER_STATE(wasm.latchkey.decision:PLAIN)%\n"
+    "latchkey_decision=%FILTER_STATE(wasm.latchkey.decision:PLAIN)% "
+    "details=%RESPONSE_CODE_DETAILS%\n"
 )
 
 # %REQ_WITHOUT_QUERY% keeps a query-injected API key out of the access log.

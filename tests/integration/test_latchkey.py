@@ -136,6 +136,20 @@ def test_filter_state_is_off_unless_asked_for(envoy_factory, upstream, signer):
     assert "latchkey_route=- latchkey_connection=- latchkey_decision=-" in line
 
 
+def test_local_replies_say_why_in_the_response_details(envoy, upstream, signer):
+    """%RESPONSE_CODE_DETAILS% (Istio's default access log has it) names latchkey's
+    decision for every reply it writes itself; a forwarded request keeps Envoy's own."""
+    eve = bearer(signer.token({"sub": "eve", "groups": ["staff"]}))
+    olga = bearer(signer.token({"sub": "olga", "groups": ["billing"]}))
+    cases = [([], 401, "latchkey_denied_unauthenticated"),
+             ([eve], 403, "latchkey_denied_forbidden"),
+             ([olga], 200, "via_upstream")]
+    for n, (headers, status, details) in enumerate(cases, start=1):
+        assert envoy.request("GET", "/orders", headers=headers).status == status
+        line = envoy.wait_for_access_log(n)[-1]
+        assert line.rstrip().endswith(f"details={details}"), line
+
+
 def test_groups_as_space_separated_string(envoy, upstream, signer):
     token = signer.token({"sub": "bob", "groups": "staff billing"})
     assert envoy.request("GET", "/orders", headers=[bearer(token)]).status == 200
