@@ -70,3 +70,33 @@ pub trait Proxy {
     /// Sets a gauge.
     fn record(&self, id: Option<u32>, value: u64);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_statuses_are_named_as_the_abi_names_them() {
+        let names: Vec<String> = (0..14).map(|c| HostFault(c).to_string()).collect();
+        assert_eq!(
+            names,
+            [
+                "status 0",
+                "NotFound",
+                "BadArgument",
+                "SerializationFailure",
+                "ParseFailure",
+                "BadExpression",
+                "InvalidMemoryAccess",
+                "Empty",
+                "CasMismatch",
+                "ResultMismatch",
+                "InternalFailure",
+                "BrokenConnection",
+                "Unimplemented",
+                "status 13"
+            ]
+        );
+        assert_eq!(HostFault::CAS_MISMATCH, 8);
+    }
+}

@@ -463,7 +463,10 @@ fn after_a_wait_the_outcome_is_unavailable_or_paused_limit_or_internal() {
     assert!(r.headers.contains(&("retry-after", "3".to_string())));
     assert!(removed(&o.edits, "x-jwt-payload"));
     assert_eq!(o.route, Some(0));
+    // The connections it would have used, for the access log's connection label.
+    assert_eq!(o.picks, need().picks);
     let o = paused_limit(&c, need());
+    assert_eq!(o.picks, need().picks);
     assert_eq!((o.verdict, status(&o)), (Verdict::PausedLimit, 503));
     assert!(o
         .reply

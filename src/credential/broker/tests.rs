@@ -26,10 +26,13 @@ struct Fake {
     stats: Rc<RefCell<Vec<String>>>,
     counts: Rc<RefCell<HashMap<u32, u64>>>,
     refuse_dispatch: Rc<Cell<bool>>,
+    /// Shared-data reads so far.
+    gets: Rc<Cell<usize>>,
 }
 
 impl Proxy for Fake {
     fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostFault> {
+        self.gets.set(self.gets.get() + 1);
         Ok(self.shared.borrow().get(key).cloned())
     }
 
@@ -876,4 +879,54 @@ fn a_young_token_is_not_refreshed_on_a_401_and_a_gone_request_is_forgotten() {
     b.forget(8);
     assert_eq!(b.paused(), 0);
     assert!(b.take_used(8).is_empty());
+}
+
+#[test]
+fn a_token_copy_costs_one_generation_read_and_no_cache_read() {
+    let (mut b, loaded) = setup();
+    let c = conn(&loaded, "orders");
+    let _ = b.resolve(&loaded, &[c], None, 0, true).unwrap();
+    b.dispatch_due(1);
+    let (id, _) = b.proxy.take_calls()[0].clone();
+    b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
+    ready(b.resolve(&loaded, &[c], None, 3, true).unwrap());
+    assert_eq!(
+        loaded.token_copy(c).map(|t| t.token),
+        Some("at-1".to_string())
+    );
+    let before = b.proxy.gets.get();
+    for now in 4..10 {
+        let creds = ready(b.resolve(&loaded, &[c], None, now, true).unwrap());
+        assert_eq!(creds[0].secret.expose(), "at-1");
+    }
+    // Six requests: six reads of the generation key, none of the token's key.
+    assert_eq!(b.proxy.gets.get() - before, 6);
+    assert_eq!(
+        b.proxy.stat("latchkey.connection.orders.token.cache_hit"),
+        7
+    );
+}
+
+#[test]
+fn every_shared_key_is_created_when_the_configuration_loads() {
+    let fake = Fake::default();
+    let loaded = Runtime::new(&fake, config(), "test");
+    let keys: Vec<String> = fake.shared.borrow().keys().cloned().collect();
+    // One per token connection (orders, rotating and its rotated refresh token,
+    // backend, kv_reader), 256 sets for token exchange, one per store and the
+    // Vault login, and the copies' generation.
+    let tokens = loaded.tokens.iter().flatten().count();
+    assert_eq!(tokens, 5);
+    assert_eq!(keys.len(), 4 + 1 + 256 + 2 + 1 + 1, "{}", keys.len());
+    assert!(keys.contains(&COPY_GENERATION.to_string()));
+    assert!(keys
+        .iter()
+        .all(|k| k == COPY_GENERATION || k.starts_with("latchkey.v1.test.")));
+    assert!(fake.shared.borrow().values().all(|(v, _)| v.is_empty()));
+    // Loading again keeps what is there (another worker may have written it).
+    fake.shared_set(COPY_GENERATION, b"", 0).unwrap();
+    let cas = fake.shared_get(COPY_GENERATION).unwrap().unwrap().1;
+    let again = Runtime::new(&fake, config(), "test");
+    assert_eq!(fake.shared_get(COPY_GENERATION).unwrap().unwrap().1, cas);
+    assert_eq!(again.copy_generation.get(), cas);
 }
