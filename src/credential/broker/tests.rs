@@ -930,3 +930,38 @@ fn every_shared_key_is_created_when_the_configuration_loads() {
     assert_eq!(fake.shared_get(COPY_GENERATION).unwrap().unwrap().1, cas);
     assert_eq!(again.copy_generation.get(), cas);
 }
+
+#[test]
+fn the_clock_is_needed_only_for_what_this_vm_holds_no_copy_of() {
+    use crate::runtime::needs_time;
+    let (mut b, loaded) = setup();
+    let (orders, partner) = (conn(&loaded, "orders"), conn(&loaded, "partner"));
+    assert!(needs_time(&loaded, &[orders]));
+    assert!(needs_time(&loaded, &[partner]));
+    assert!(!needs_time(&loaded, &[]));
+    let _ = b.resolve(&loaded, &[orders], None, 0, true).unwrap();
+    b.dispatch_due(1);
+    let (id, _) = b.proxy.take_calls()[0].clone();
+    b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
+    ready(b.resolve(&loaded, &[orders], None, 3, true).unwrap());
+    assert!(!needs_time(&loaded, &[orders]));
+    assert!(needs_time(&loaded, &[orders, partner]));
+    loaded.set_store_value(0, Secret::new("pk"));
+    assert!(!needs_time(&loaded, &[orders, partner]));
+}
+
+#[test]
+fn an_injection_is_counted_per_connection_on_a_stat_defined_when_first_used() {
+    let (b, loaded) = setup();
+    let orders = conn(&loaded, "orders");
+    let name = "latchkey.connection.orders.injected";
+    assert!(!b.proxy.stats.borrow().iter().any(|n| n == name));
+    loaded.stats.allowed(&b.proxy, &[orders, orders]);
+    loaded.stats.allowed(&b.proxy, &[orders]);
+    assert_eq!(b.proxy.stat(name), 3);
+    assert_eq!(b.proxy.stat("latchkey.requests.allowed"), 2);
+    assert_eq!(
+        b.proxy.stats.borrow().iter().filter(|n| *n == name).count(),
+        1
+    );
+}
