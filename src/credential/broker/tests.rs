@@ -965,3 +965,41 @@ fn an_injection_is_counted_per_connection_on_a_stat_defined_when_first_used() {
         1
     );
 }
+
+#[test]
+fn every_request_stat_has_its_documented_name() {
+    use crate::stats::stat_segment;
+    let (b, loaded) = setup();
+    let s = &loaded.stats;
+    let p = &b.proxy;
+    let named = [
+        (s.allowed, "latchkey.requests.allowed"),
+        (s.unmatched, "latchkey.requests.unmatched"),
+        (
+            s.denied_unauthenticated,
+            "latchkey.requests.denied.unauthenticated",
+        ),
+        (s.denied_forbidden, "latchkey.requests.denied.forbidden"),
+        (s.denied_unmatched, "latchkey.requests.denied.unmatched"),
+        (s.denied_bad_claims, "latchkey.requests.denied.bad_claims"),
+        (s.denied_bad_path, "latchkey.requests.denied.bad_path"),
+        (s.denied_bad_subject, "latchkey.requests.denied.bad_subject"),
+        (s.discovery, "latchkey.requests.discovery"),
+        (s.unavailable, "latchkey.requests.unavailable"),
+        (s.paused_limit, "latchkey.requests.paused_limit"),
+        (s.internal_errors, "latchkey.requests.internal_error"),
+    ];
+    for (i, (id, name)) in named.iter().enumerate() {
+        for _ in 0..=i {
+            p.count(*id);
+        }
+        assert_eq!(p.stat(name), i as u64 + 1, "{name}");
+    }
+    // Waits count per connection.
+    let orders = conn(&loaded, "orders");
+    s.waits(p, &[orders, orders]);
+    assert_eq!(p.stat("latchkey.connection.orders.token.wait"), 2);
+    // Names from configuration are made safe for a stat name.
+    assert_eq!(stat_segment("a.b c/d_e-F9"), "a_b_c_d_e-F9");
+    assert_eq!(stat_segment("é"), "_");
+}
