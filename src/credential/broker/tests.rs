@@ -1003,3 +1003,50 @@ fn every_request_stat_has_its_documented_name() {
     assert_eq!(stat_segment("a.b c/d_e-F9"), "a_b_c_d_e-F9");
     assert_eq!(stat_segment("é"), "_");
 }
+
+#[test]
+fn the_tick_renews_copies_about_once_a_second_and_keeps_good_ones() {
+    let (mut b, loaded) = setup();
+    b.prefetch_due = false;
+    let c = conn(&loaded, "orders");
+    let _ = b.resolve(&loaded, &[c], None, 0, true).unwrap();
+    b.dispatch_due(1);
+    let (id, _) = b.proxy.take_calls()[0].clone();
+    b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
+    ready(b.resolve(&loaded, &[c], None, 3, true).unwrap());
+    // A token good for an hour: the tick keeps the copy.
+    b.last_copies_ms = 0;
+    b.on_tick(Some(&loaded), 1_000);
+    assert!(loaded.has_token_copy(c));
+    // Token copies are looked at every half second, not more often.
+    // (Only connections that hold a copy are looked at: give it a stale one.)
+    let stale = Cached::new("stale".into(), 99, 3_600_000, 0, &Policy::new(1000, 5000));
+    loaded.set_token_copy(c, Some(stale));
+    b.on_tick(Some(&loaded), 1_499);
+    assert_eq!(loaded.token_copy(c).map(|t| t.token), Some("stale".into()));
+    b.on_tick(Some(&loaded), 1_500);
+    assert_eq!(loaded.token_copy(c).map(|t| t.token), Some("at-1".into()));
+    // Store copies (and ages) once a second.
+    let store = b
+        .proxy
+        .shared
+        .borrow()
+        .keys()
+        .find(|k| k.contains(".sec.kv_secret."))
+        .cloned()
+        .unwrap();
+    let value = CacheState::Ready {
+        token: Cached::stored("pk-shared".into(), 1, "v1".into(), Some(300_000), 0),
+        failures: 0,
+    };
+    b.proxy.shared_set(&store, &value.encode(), 0).unwrap();
+    b.last_ages_ms = 5_000;
+    b.on_tick(Some(&loaded), 5_999);
+    assert!(loaded.store_value(0).is_none());
+    b.on_tick(Some(&loaded), 6_000);
+    assert_eq!(
+        loaded.store_value(0).map(|v| v.expose().to_string()),
+        Some("pk-shared".into())
+    );
+    assert_eq!(b.proxy.stat("latchkey.secret.kv_secret.age_s"), 6);
+}
