@@ -1050,3 +1050,40 @@ fn the_tick_renews_copies_about_once_a_second_and_keeps_good_ones() {
     );
     assert_eq!(b.proxy.stat("latchkey.secret.kv_secret.age_s"), 6);
 }
+
+#[test]
+fn a_read_waits_for_its_identity_token_until_its_own_timeout() {
+    let (mut b, loaded) = setup();
+    b.on_tick(Some(&loaded), 0); // the reads start; the Key Vault one needs a token
+    b.dispatch_due(0);
+    let imds: Vec<_> = b
+        .proxy
+        .take_calls()
+        .into_iter()
+        .filter(|(_, c)| c.cluster == "imds")
+        .collect();
+    assert_eq!(imds.len(), 1);
+    // The identity token never comes: the read stays deferred for its timeout (5 s)...
+    b.dispatch_due(4_999);
+    assert_eq!(
+        b.proxy.stat("latchkey.secret.kv_secret.failure.identity"),
+        0
+    );
+    assert!(!b
+        .proxy
+        .take_calls()
+        .iter()
+        .any(|(_, c)| c.cluster == "keyvault"));
+    // ...then fails for want of it, and backs off.
+    b.dispatch_due(5_000);
+    assert_eq!(
+        b.proxy.stat("latchkey.secret.kv_secret.failure.identity"),
+        1
+    );
+    assert!(b.proxy.logged("secret kv_secret: read failed: identity"));
+    assert!(!b
+        .proxy
+        .take_calls()
+        .iter()
+        .any(|(_, c)| c.cluster == "keyvault"));
+}
