@@ -339,7 +339,9 @@ fn a_paused_request_past_its_deadline_is_refused() {
     b.proxy.refuse_dispatch.set(true);
     assert!(waits(&b.resolve(&loaded, &[c], None, 0, true).unwrap()));
     b.dispatch_due(1);
-    assert!(b.proxy.logged("can't call cluster \"idp\": BadArgument"));
+    assert!(b
+        .proxy
+        .logged("connection orders: can't call cluster \"idp\": BadArgument"));
     assert_eq!(
         b.proxy
             .stat("latchkey.connection.orders.token.failure.dispatch"),
@@ -1086,4 +1088,56 @@ fn a_read_waits_for_its_identity_token_until_its_own_timeout() {
         .take_calls()
         .iter()
         .any(|(_, c)| c.cluster == "keyvault"));
+}
+
+#[test]
+fn a_key_vault_read_refused_twice_fails_after_one_retry() {
+    let (mut b, loaded) = setup();
+    b.on_tick(Some(&loaded), 0);
+    b.dispatch_due(0);
+    let calls = b.proxy.take_calls();
+    let imds = calls.iter().find(|(_, c)| c.cluster == "imds").unwrap();
+    b.on_answer(
+        imds.0,
+        Some(200),
+        Some(token_answer("kv-token-1", json!({}))),
+        1,
+    );
+    b.dispatch_due(2);
+    let kv = b
+        .proxy
+        .take_calls()
+        .into_iter()
+        .find(|(_, c)| c.cluster == "keyvault")
+        .unwrap();
+    // Refused long after the read began: the retry has a timeout of its own.
+    b.on_answer(kv.0, Some(401), Some(b"{}".to_vec()), 20_000);
+    b.dispatch_due(20_001);
+    b.dispatch_due(20_002);
+    let calls = b.proxy.take_calls();
+    let imds = calls.iter().find(|(_, c)| c.cluster == "imds").unwrap();
+    b.on_answer(
+        imds.0,
+        Some(200),
+        Some(token_answer("kv-token-2", json!({}))),
+        20_003,
+    );
+    b.dispatch_due(20_004);
+    let kv = b
+        .proxy
+        .take_calls()
+        .into_iter()
+        .find(|(_, c)| c.cluster == "keyvault")
+        .unwrap();
+    assert_eq!(kv.1.secret_headers[0].1.expose(), "Bearer kv-token-2");
+    // Refused again: no third read, a failure.
+    b.on_answer(kv.0, Some(401), Some(b"{}".to_vec()), 20_005);
+    b.dispatch_due(20_006);
+    b.dispatch_due(20_007);
+    assert!(b.proxy.take_calls().is_empty());
+    assert_eq!(
+        b.proxy
+            .stat("latchkey.secret.kv_secret.failure.unauthorized"),
+        1
+    );
 }
