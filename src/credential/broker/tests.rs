@@ -208,7 +208,10 @@ fn a_client_credentials_token_is_fetched_once_sent_as_built_and_cached() {
         "grant_type=client_credentials&scope=orders.read"
     );
     assert!(b.awaits(*id));
+    let generation = b.proxy.shared_get(COPY_GENERATION).unwrap();
     b.on_answer(*id, Some(200), Some(token_answer("at-1", json!({}))), 1_050);
+    // An ordinary fetch leaves other workers' copies alone.
+    assert_eq!(b.proxy.shared_get(COPY_GENERATION).unwrap(), generation);
     assert!(!b.awaits(*id));
     let creds = ready(other.resolve(&loaded, &[c], None, 1_060, true).unwrap());
     assert_eq!(creds[0].secret.expose(), "at-1");
@@ -777,7 +780,7 @@ fn a_failed_store_refresh_keeps_the_last_good_value_and_logs_the_status() {
             .expose(),
         "v-1"
     );
-    // The store's refresh is due after refresh_s (default 300 s); Vault answers 500.
+    // A re-read that finds the same version changes nothing.
     b.on_tick(Some(&loaded), 301_000);
     b.dispatch_due(301_001);
     let read = b
@@ -786,7 +789,27 @@ fn a_failed_store_refresh_keeps_the_last_good_value_and_logs_the_status() {
         .into_iter()
         .find(|(_, c)| c.cluster == "vault")
         .unwrap();
-    b.on_answer(read.0, Some(500), Some(b"internal".to_vec()), 301_002);
+    b.on_answer(
+        read.0,
+        Some(200),
+        Some(vault_answer("key", "v-1", 1)),
+        301_002,
+    );
+    assert_eq!(
+        b.proxy.stat("latchkey.secret.vault_secret.version_changes"),
+        0
+    );
+    assert!(!b.proxy.logged("new version"));
+    // The next refresh is due after refresh_s (default 300 s); Vault answers 500.
+    b.on_tick(Some(&loaded), 602_000);
+    b.dispatch_due(602_001);
+    let read = b
+        .proxy
+        .take_calls()
+        .into_iter()
+        .find(|(_, c)| c.cluster == "vault")
+        .unwrap();
+    b.on_answer(read.0, Some(500), Some(b"internal".to_vec()), 602_002);
     assert!(b.proxy.logged(
         "secret vault_secret: read failed: status (HTTP 500); the last good value stays in use"
     ));
@@ -796,13 +819,13 @@ fn a_failed_store_refresh_keeps_the_last_good_value_and_logs_the_status() {
         1
     );
     assert_eq!(
-        ready(b.resolve(&loaded, &[c], None, 301_003, true).unwrap())[0]
+        ready(b.resolve(&loaded, &[c], None, 602_003, true).unwrap())[0]
             .secret
             .expose(),
         "v-1"
     );
     // The age gauge counts from the last good read.
-    b.on_tick(Some(&loaded), 303_000);
+    b.on_tick(Some(&loaded), 604_000);
     assert_eq!(b.proxy.stat("latchkey.secret.vault_secret.age_s"), 302);
 }
 
@@ -1138,6 +1161,41 @@ fn a_key_vault_read_refused_twice_fails_after_one_retry() {
     assert_eq!(
         b.proxy
             .stat("latchkey.secret.kv_secret.failure.unauthorized"),
+        1
+    );
+}
+
+#[test]
+fn a_key_vault_retry_waits_twice_the_timeout_for_a_new_identity_token() {
+    let (mut b, loaded) = setup();
+    b.on_tick(Some(&loaded), 0);
+    b.dispatch_due(0);
+    let calls = b.proxy.take_calls();
+    let imds = calls.iter().find(|(_, c)| c.cluster == "imds").unwrap();
+    b.on_answer(
+        imds.0,
+        Some(200),
+        Some(token_answer("kv-token-1", json!({}))),
+        1,
+    );
+    b.dispatch_due(2);
+    let kv = b
+        .proxy
+        .take_calls()
+        .into_iter()
+        .find(|(_, c)| c.cluster == "keyvault")
+        .unwrap();
+    b.on_answer(kv.0, Some(401), Some(b"{}".to_vec()), 20_000);
+    // The new identity token never comes: the retry waits 2 x 5 s for it.
+    b.dispatch_due(20_001);
+    b.dispatch_due(29_999);
+    assert_eq!(
+        b.proxy.stat("latchkey.secret.kv_secret.failure.identity"),
+        0
+    );
+    b.dispatch_due(30_000);
+    assert_eq!(
+        b.proxy.stat("latchkey.secret.kv_secret.failure.identity"),
         1
     );
 }
