@@ -648,7 +648,7 @@ fn stored_secrets_config() -> Config {
                                "path": "idp", "field": "client_secret", "token": "vault_token" },
                     "refresh_s": 60 },
             "rt": { "vault": { "cluster": "vault", "url": "http://vault:8200", "mount": "secret",
-                               "path": "idp", "field": "refresh_token", "token": "vault_token" },
+                               "path": "idp-consent", "field": "refresh_token", "token": "vault_token" },
                     "refresh_s": 60 }
         },
         "providers": {
@@ -672,15 +672,18 @@ fn vault_answer(field: &str, value: &str, version: u64) -> Vec<u8> {
 
 /// Answers every call sent so far, all Vault reads of one path: each answer
 /// holds both fields, and each store takes its own.
-fn answer_vault_reads(b: &mut Broker<Fake>, version: u64, rt: &str, now: u64) {
+/// Answers every call sent so far, all Vault reads: the client secret at
+/// version 1, the refresh token `rt` at `rt_version`.
+fn answer_vault_reads(b: &mut Broker<Fake>, rt_version: u64, rt: &str, now: u64) {
     for (id, call) in b.proxy.take_calls() {
         assert_eq!(call.cluster, "vault");
-        assert_eq!(header(&call, ":path"), Some("/v1/secret/data/idp"));
         assert_eq!(call.secret_headers[0].1.expose(), "hvs.static");
-        let body = json!({ "data": { "data": { "client_secret": format!("cs-{version}"),
-                                               "refresh_token": rt },
-                                     "metadata": { "version": version } } });
-        b.on_answer(id, Some(200), Some(body.to_string().into_bytes()), now);
+        let body = match header(&call, ":path") {
+            Some("/v1/secret/data/idp") => vault_answer("client_secret", "cs-1", 1),
+            Some("/v1/secret/data/idp-consent") => vault_answer("refresh_token", rt, rt_version),
+            other => panic!("unexpected read of {other:?}"),
+        };
+        b.on_answer(id, Some(200), Some(body), now);
     }
 }
 
@@ -738,7 +741,7 @@ fn a_token_fetch_waits_for_its_client_secret_and_refresh_token_from_a_store() {
     answer_vault_reads(&mut b, 2, "rt-reconsented", 61_002);
     assert!(b.proxy.logged("secret rt: new version \"2\" (was \"1\")"));
     assert_eq!(b.proxy.stat("latchkey.secret.rt.version_changes"), 1);
-    assert_eq!(b.proxy.stat("latchkey.secret.cs.version_changes"), 1);
+    assert_eq!(b.proxy.stat("latchkey.secret.cs.version_changes"), 0);
     // The token's own refresh is due (3600 s token, refreshed at half life): the
     // tick drops this VM's copy first, then a request starts the refresh.
     b.on_tick(Some(&loaded), 1_799_000);
