@@ -757,6 +757,9 @@ class Soak:
         self.wasm = self.work / "latchkey.wasm"  # a copy: a rebuild meanwhile changes nothing
         shutil.copyfile(self.args.wasm, self.wasm)
         self.wasm_sha256 = hashlib.sha256(self.wasm.read_bytes()).hexdigest()
+        # The commit (and whether the tree had changes) when the module was copied: a
+        # commit made while the soak runs must not be taken for the one it tested.
+        self.git_commit = git_commit()
         self.oidc = OidcProvider(ttl=self.ttl, env={"OAUTH_HISTORY": "1000"}, log_dir=self.work)
         self.oidc.start()
         log(f"soak: oidc-provider pid {self.oidc.pid} on {self.oidc.port} (tokens live {self.ttl} s)")
@@ -1175,7 +1178,7 @@ class Soak:
             "what": "latchkey soak (issue #16)",
             "command": f"SOAK_S={self.duration:.0f} make soak",
             "started": dt.datetime.fromtimestamp(self.t0_wall, dt.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": git_commit(),
+            "git_commit": self.git_commit,
             "wasm_sha256": self.wasm_sha256,
             "envoy": {"version": envoy_version(self.envoy.binary), "concurrency": 2,
                       "connections_per_worker": workers},
@@ -1231,11 +1234,15 @@ class Soak:
 
 
 def git_commit() -> str | None:
+    """HEAD, with "+changes" when src/ differs from it (the module was built from those)."""
     try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
                               text=True, timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "src"],
+                               capture_output=True, timeout=10).returncode != 0
     except (OSError, subprocess.TimeoutExpired):
         return None
+    return f"{head}+changes" if head and dirty else head
 
 
 def envoy_version(binary: Path) -> str | None:
