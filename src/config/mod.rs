@@ -26,6 +26,7 @@ mod lexical;
 mod names;
 mod providers;
 mod routes;
+mod secret_values;
 mod secrets;
 mod stores;
 

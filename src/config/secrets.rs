@@ -8,11 +8,10 @@
 //! Vault secret's `identity` is a connection that can read it, and
 //! [`injected_identities`] warns about one a route also sends upstream.
 
-use std::collections::HashMap;
-
 use super::error::{ConfigError, ErrorKind};
 use super::json::{as_object, join, Obj};
-use super::names::{holds_value, Names, SecretSlot};
+use super::names::{holds_value, Names};
+pub use super::secret_values::Secrets;
 use super::{
     stores, Connection, Credential, Grant, Provider, ProviderKind, Route, SecretRef, Store,
     StoreKind,
@@ -32,24 +31,13 @@ const SECRET: &[&str] = &[
 /// The fields of a store entry besides `azure_key_vault` or `vault` itself.
 const STORE_FIELDS: &[&str] = &["cluster", "identity", "refresh_s", "timeout_ms"];
 
-/// The secrets section, read.
-pub struct Secrets<'t> {
-    /// Secrets known at load, by name.
-    values: HashMap<&'t str, Secret>,
-    /// `Config::stores`, at the indices [`Names`] gave them.
-    pub stores: Vec<Store>,
-}
-
 pub fn read<'t>(
     top: &Obj<'t>,
     names: &Names<'t>,
     env: &dyn Fn(&str) -> Option<String>,
     warnings: &mut Vec<String>,
 ) -> Result<Secrets<'t>, ConfigError> {
-    let mut secrets = Secrets {
-        values: HashMap::new(),
-        stores: Vec::new(),
-    };
+    let mut secrets = Secrets::default();
     let Some(v) = top.get("secrets") else {
         return Ok(secrets);
     };
@@ -115,44 +103,6 @@ fn value_secret(
         };
         ConfigError::new(s.child(field), ErrorKind::Secret(e))
     })
-}
-
-impl Secrets<'_> {
-    /// Secret `name` as a provider or connection holds it; `path` (of the field
-    /// naming it) is built only for an error.
-    pub fn reference(
-        &self,
-        names: &Names,
-        name: &str,
-        path: impl Fn() -> String,
-    ) -> Result<SecretRef, ConfigError> {
-        match names.secret(name, &path)? {
-            SecretSlot::Store(i) => Ok(SecretRef::Store(i)),
-            SecretSlot::Value => self
-                .known_at_load(name, path, "secret")
-                .map(SecretRef::Value),
-        }
-    }
-
-    /// Secret `name`, which must be known at load: a store's own credential
-    /// can't be read from a store itself.
-    pub fn known_at_load(
-        &self,
-        name: &str,
-        path: impl FnOnce() -> String,
-        what: &'static str,
-    ) -> Result<Secret, ConfigError> {
-        match self.values.get(name) {
-            Some(secret) => Ok(secret.clone()),
-            None => Err(ConfigError::new(
-                path(),
-                ErrorKind::UnknownReference {
-                    what,
-                    name: name.to_string(),
-                },
-            )),
-        }
-    }
 }
 
 /// Checks that each Key Vault secret's `identity` gives a token without a caller

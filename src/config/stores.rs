@@ -9,7 +9,7 @@ use super::http_url;
 use super::json::Obj;
 use super::lexical;
 use super::names::Names;
-use super::secrets::Secrets;
+use super::secret_values::Secrets;
 use super::{Store, StoreKind, VaultAuth};
 
 const VAULT: &[&str] = &[
