@@ -1,37 +1,51 @@
 //! `latchkey`: the offline configuration checker (a native binary of the same crate).
 //!
-//! `latchkey check FILE…` validates latchkey configurations with the filter's own
+//! `latchkey check PATH…` validates latchkey configurations with the filter's own
 //! code ([`latchkey::config::Config::parse`]), so it reports exactly what the filter
 //! would log (`latchkey: configuration rejected: …`) before Envoy ever sees the file.
-//! A FILE may be
+//! A PATH is a file or a directory (its `*.yaml`, `*.yml` and `*.json` files, recursively).
+//! A file may be
 //! - a latchkey configuration (JSON, or the same document written in YAML);
-//! - Kubernetes YAML: every `WasmPlugin` whose `pluginName` is `latchkey` (or whose
-//!   name or `url` says latchkey) has its `pluginConfig` checked, other resources are
-//!   skipped;
+//! - Kubernetes YAML: every latchkey `WasmPlugin` (its `pluginConfig`), Istio 1.30
+//!   `TrafficExtension` (`wasm.pluginConfig`) and Envoy Gateway `EnvoyExtensionPolicy`
+//!   (each `wasm[].config`) is checked, other resources are skipped;
 //! - an Envoy configuration (bootstrap, LDS or ECDS resources, YAML or JSON): every
 //!   `envoy.extensions.filters.http.wasm.v3.Wasm` filter running latchkey has its
-//!   `configuration` checked.
+//!   `configuration` checked, a `google.protobuf.StringValue` holding the JSON or a
+//!   `google.protobuf.Struct` (the configuration written as YAML).
+//!
+//! A file with nothing to check is a note, not a failure. Every file and every
+//! configuration is checked and reported (the filter's parser stops at the first error
+//! of a configuration), with the line and column in the file, as text, JSON
+//! (`--format json`) or GitHub Actions annotations (`--format github`).
+//!
+//! Across the files given (best effort, warnings): a `match.route_name` that no
+//! VirtualService, HTTPRoute or Envoy route among them names, and a `cluster` that no
+//! Envoy cluster, Istio ServiceEntry or Kubernetes Service among them defines.
 //!
 //! `{"env": NAME}` secrets: deploy-time values are not known here. A variable given
 //! inline next to the configuration (Envoy `environment_variables.key_values`, a
 //! WasmPlugin `vmConfig.env` entry with `valueFrom: INLINE`) is used as given; any
 //! other is taken as set to a placeholder (and said so), or with `--env` read from
 //! this process's environment. Where the file says which variables the VM gets
-//! (a WasmPlugin's `vmConfig.env`, Envoy's `environment_variables`), a variable it
-//! does not list is unset, as it would be in the VM.
+//! (`vmConfig.env`, Envoy's `environment_variables`, an EnvoyExtensionPolicy's
+//! `env.hostKeys`), a variable it does not list is unset, as it would be in the VM.
 //!
 //! `latchkey schema` prints the JSON Schema of the configuration
 //! (`schema/latchkey.schema.json`).
 //!
-//! Exit status: 0 every configuration is valid, 1 one is not, 2 usage or I/O error
-//! (or a file with nothing to check).
+//! Exit status: 0 every configuration is valid, 1 one is not (or, with `--strict`, has a
+//! warning), 2 usage or I/O error, or a file that is not YAML or JSON.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
+use std::path::Path;
 use std::process::ExitCode;
 
 use serde_json::{Map, Number, Value};
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::Marker;
 use yaml_rust2::{Yaml, YamlLoader};
 
 use latchkey::config::Config;
@@ -39,22 +53,27 @@ use latchkey::config::Config;
 const SCHEMA: &str = include_str!("../../schema/latchkey.schema.json");
 const PLACEHOLDER: &str = "latchkey-check-placeholder";
 const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 
 const USAGE: &str = "\
-usage: latchkey check [--env] [--quiet] FILE...
+usage: latchkey check [--env] [--quiet] [--strict] [--format text|json|github] PATH...
        latchkey schema
        latchkey --version
 
 check   Validate latchkey configurations with the filter's own code: a latchkey
-        configuration (JSON or YAML), the pluginConfig of each latchkey WasmPlugin in
-        Kubernetes YAML, or each latchkey wasm filter in an Envoy configuration.
-        FILE may be - for standard input.
-        --env    resolve {\"env\": NAME} secrets from this process's environment
-                 (default: a variable not given inline is taken as set to a placeholder)
-        --quiet  print errors only
+        configuration (JSON or YAML), each latchkey WasmPlugin, TrafficExtension or
+        EnvoyExtensionPolicy in Kubernetes YAML, or each latchkey wasm filter in an
+        Envoy configuration. PATH is a file, a directory (its *.yaml, *.yml and *.json
+        files, recursively) or - for standard input. Every error is reported.
+        --env     resolve {\"env\": NAME} secrets from this process's environment
+                  (default: a variable not given inline is taken as set to a placeholder)
+        --quiet   print errors only
+        --strict  warnings fail the check too (exit status 1)
+        --format  text (default), json, or github (GitHub Actions annotations)
 schema  Print the JSON Schema (draft 2020-12) of the latchkey configuration.
 
-Exit status: 0 valid, 1 invalid configuration, 2 usage or I/O error.";
+Exit status: 0 valid, 1 invalid configuration (or a warning with --strict), 2 usage or
+I/O error.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -81,44 +100,154 @@ fn usage_error(msg: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    #[default]
+    Text,
+    Json,
+    Github,
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 struct Options {
     process_env: bool,
     quiet: bool,
+    strict: bool,
+    format: Format,
+    /// The file was found in a directory, not named: a document that has none of a
+    /// latchkey configuration's fields is not one (Prometheus rules, a JWKS, …).
+    found: bool,
 }
 
-fn check_command(args: &[String]) -> ExitCode {
+/// The top-level fields of a latchkey configuration.
+const CONFIG_FIELDS: &[&str] = &[
+    "claims",
+    "secrets",
+    "providers",
+    "connections",
+    "routes",
+    "unmatched",
+    "filter_state",
+    "discovery",
+    "max_paused_requests",
+];
+
+/// Whether a document found in a directory is to be read as a latchkey configuration.
+fn looks_like_config(doc: &Value, opts: Options) -> bool {
+    !opts.found
+        || doc
+            .as_object()
+            .is_some_and(|o| o.keys().any(|k| CONFIG_FIELDS.contains(&k.as_str())))
+}
+
+/// Parses `check`'s arguments: the options and the paths.
+fn parse_args(args: &[String]) -> Result<(Options, Vec<String>), String> {
     let mut opts = Options::default();
-    let mut files = Vec::new();
-    for a in args {
+    let mut paths = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let format = if a == "--format" {
+            Some(
+                it.next()
+                    .ok_or("--format needs a value: text, json or github")?
+                    .as_str(),
+            )
+        } else {
+            a.strip_prefix("--format=")
+        };
+        if let Some(f) = format {
+            opts.format = match f {
+                "text" => Format::Text,
+                "json" => Format::Json,
+                "github" => Format::Github,
+                other => return Err(format!("unknown format {other:?}: text, json or github")),
+            };
+            continue;
+        }
         match a.as_str() {
             "--env" => opts.process_env = true,
             "--quiet" | "-q" => opts.quiet = true,
-            "-" => files.push(a.clone()),
-            s if s.starts_with('-') => return usage_error(&format!("unknown option {s}")),
-            _ => files.push(a.clone()),
+            "--strict" => opts.strict = true,
+            "-" => paths.push(a.clone()),
+            s if s.starts_with('-') => return Err(format!("unknown option {s}")),
+            _ => paths.push(a.clone()),
         }
     }
-    if files.is_empty() {
-        return usage_error("check needs at least one FILE");
+    if paths.is_empty() {
+        return Err("check needs at least one FILE".into());
     }
-    let mut worst = 0u8;
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    for file in &files {
-        let code = match read(file) {
-            Ok(bytes) => {
-                let report = check_bytes(&bytes, opts);
-                let _ = write!(out, "{}", report.render(file, opts.quiet));
-                report.code()
-            }
+    Ok((opts, paths))
+}
+
+/// The files a path stands for: itself, or a directory's YAML and JSON files, recursively
+/// and sorted (hidden entries skipped).
+fn expand(path: &str) -> std::io::Result<Vec<String>> {
+    if path == "-" || !Path::new(path).is_dir() {
+        return Ok(vec![path.to_string()]);
+    }
+    let mut out = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(path)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for p in entries {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with('.') {
+            continue;
+        }
+        let Some(s) = p.to_str() else { continue };
+        if p.is_dir() {
+            out.extend(expand(s)?);
+        } else if [".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e)) {
+            out.push(s.to_string());
+        }
+    }
+    Ok(out)
+}
+
+fn check_command(args: &[String]) -> ExitCode {
+    let (opts, paths) = match parse_args(args) {
+        Ok(p) => p,
+        Err(e) => return usage_error(&e),
+    };
+    let mut reports = Vec::new();
+    for path in &paths {
+        let files = match expand(path) {
+            Ok(f) => f,
             Err(e) => {
-                eprintln!("{file}: error: {e}");
-                2
+                reports.push((path.clone(), Report::fatal(format!("{e}"))));
+                continue;
             }
         };
-        worst = worst.max(code);
+        if files.is_empty() {
+            let mut r = Report::default();
+            r.file_notes
+                .push("no YAML or JSON files in this directory".into());
+            reports.push((path.clone(), r));
+        }
+        let found = Options {
+            found: files.len() != 1 || files.first() != Some(path),
+            ..opts
+        };
+        for file in files {
+            let report = match read(&file) {
+                Ok(bytes) => check_bytes(&bytes, found),
+                Err(e) => Report::fatal(format!("{e}")),
+            };
+            reports.push((file, report));
+        }
     }
+    cross_check(&mut reports);
+    let diags: Vec<Diag> = reports.iter().flat_map(|(file, r)| r.diags(file)).collect();
+    let worst = reports
+        .iter()
+        .map(|(_, r)| r.code(opts.strict))
+        .max()
+        .unwrap_or(0);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let _ = write!(out, "{}", render(&diags, reports.len(), opts));
     ExitCode::from(worst)
 }
 
@@ -134,62 +263,462 @@ fn read(file: &str) -> std::io::Result<Vec<u8>> {
 
 // --------------------------------------------------------------------------- report
 
+/// A line and column in a file, both from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pos {
+    line: usize,
+    col: usize,
+}
+
 /// What checking one file found.
 #[derive(Debug, Default)]
 struct Report {
     /// One entry per latchkey configuration found.
     checked: Vec<Checked>,
-    /// The file could not be read as anything (not YAML/JSON, nothing to check).
+    /// The file could not be read as anything (not YAML/JSON, I/O error).
     fatal: Option<String>,
+    /// Notes about the file as a whole (nothing to check in it).
+    file_notes: Vec<String>,
+    /// What the file defines, for the checks across files.
+    defines: Defines,
+}
+
+/// Route and cluster names a file defines (VirtualService, HTTPRoute, Envoy routes;
+/// Envoy clusters, ServiceEntries, Services).
+#[derive(Debug, Default)]
+struct Defines {
+    /// `Some` once a file defines routes at all.
+    routes: Option<BTreeSet<String>>,
+    clusters: Option<BTreeSet<String>>,
+    /// Envoy's clusters come from CDS: their names are not known here.
+    dynamic_clusters: bool,
+}
+
+impl Defines {
+    fn route(&mut self, name: &str) {
+        self.routes
+            .get_or_insert_with(BTreeSet::new)
+            .insert(name.to_string());
+    }
+    fn cluster(&mut self, name: &str) {
+        self.clusters
+            .get_or_insert_with(BTreeSet::new)
+            .insert(name.to_string());
+    }
+    fn merge(&mut self, other: &Defines) {
+        for (mine, theirs) in [
+            (&mut self.routes, &other.routes),
+            (&mut self.clusters, &other.clusters),
+        ] {
+            if let Some(t) = theirs {
+                mine.get_or_insert_with(BTreeSet::new)
+                    .extend(t.iter().cloned());
+            }
+        }
+        self.dynamic_clusters |= other.dynamic_clusters;
+    }
 }
 
 #[derive(Debug)]
 struct Checked {
     /// Where in the file: "" for a plain configuration, else e.g. `WasmPlugin orders/latchkey`.
     place: String,
+    /// Where the configuration (or, for an error, the field it names) is in the file.
+    pos: Option<Pos>,
     outcome: Result<String, String>,
     warnings: Vec<String>,
     notes: Vec<String>,
+    /// The configuration as JSON, when it is valid (for the checks across files).
+    config: Option<Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Severity {
+    Ok,
+    Error,
+    Warning,
+    Note,
+}
+
+impl Severity {
+    fn name(self) -> &'static str {
+        match self {
+            Severity::Ok => "ok",
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+            Severity::Note => "note",
+        }
+    }
+}
+
+/// One line of output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Diag {
+    file: String,
+    pos: Option<Pos>,
+    place: String,
+    severity: Severity,
+    message: String,
 }
 
 impl Report {
-    fn code(&self) -> u8 {
+    fn fatal(msg: String) -> Report {
+        Report {
+            fatal: Some(msg),
+            ..Report::default()
+        }
+    }
+
+    fn code(&self, strict: bool) -> u8 {
         if self.fatal.is_some() {
             2
-        } else if self.checked.iter().any(|c| c.outcome.is_err()) {
+        } else if self.checked.iter().any(|c| c.outcome.is_err())
+            || (strict && self.checked.iter().any(|c| !c.warnings.is_empty()))
+        {
             1
         } else {
             0
         }
     }
 
-    fn render(&self, file: &str, quiet: bool) -> String {
-        let mut s = String::new();
+    fn diags(&self, file: &str) -> Vec<Diag> {
+        let d = |pos, place: &str, severity, message: &str| Diag {
+            file: file.to_string(),
+            pos,
+            place: place.to_string(),
+            severity,
+            message: message.to_string(),
+        };
+        let mut out = Vec::new();
         if let Some(f) = &self.fatal {
-            s.push_str(&format!("{file}: error: {f}\n"));
-            return s;
+            out.push(d(None, "", Severity::Error, f));
+        }
+        for n in &self.file_notes {
+            out.push(d(None, "", Severity::Note, n));
         }
         for c in &self.checked {
-            let head = if c.place.is_empty() {
-                file.to_string()
-            } else {
-                format!("{file}: {}", c.place)
-            };
             match &c.outcome {
-                Err(e) => s.push_str(&format!("{head}: error: {e}\n")),
-                Ok(summary) if !quiet => s.push_str(&format!("{head}: ok ({summary})\n")),
-                Ok(_) => {}
+                Err(e) => out.push(d(c.pos, &c.place, Severity::Error, e)),
+                Ok(s) => out.push(d(c.pos, &c.place, Severity::Ok, s)),
             }
-            if !quiet {
-                for w in &c.warnings {
-                    s.push_str(&format!("{head}: warning: {w}\n"));
+            for w in &c.warnings {
+                out.push(d(c.pos, &c.place, Severity::Warning, w));
+            }
+            for n in &c.notes {
+                out.push(d(c.pos, &c.place, Severity::Note, n));
+            }
+        }
+        out
+    }
+}
+
+/// Whether `--quiet` keeps a line: errors, and warnings when they fail (`--strict`).
+fn shown(d: &Diag, opts: Options) -> bool {
+    !opts.quiet || d.severity == Severity::Error || (opts.strict && d.severity == Severity::Warning)
+}
+
+fn render(diags: &[Diag], files: usize, opts: Options) -> String {
+    let mut s = String::new();
+    match opts.format {
+        Format::Text => {
+            for d in diags.iter().filter(|d| shown(d, opts)) {
+                s.push_str(&d.file);
+                if let Some(p) = d.pos {
+                    s.push_str(&format!(":{}:{}", p.line, p.col));
                 }
-                for n in &c.notes {
-                    s.push_str(&format!("{head}: note: {n}\n"));
+                if !d.place.is_empty() {
+                    s.push_str(&format!(": {}", d.place));
+                }
+                match d.severity {
+                    Severity::Ok => s.push_str(&format!(": ok ({})\n", d.message)),
+                    other => s.push_str(&format!(": {}: {}\n", other.name(), d.message)),
                 }
             }
         }
-        s
+        Format::Github => {
+            for d in diags.iter().filter(|d| shown(d, opts)) {
+                let level = match d.severity {
+                    Severity::Ok => {
+                        let head = if d.place.is_empty() {
+                            d.file.clone()
+                        } else {
+                            format!("{}: {}", d.file, d.place)
+                        };
+                        s.push_str(&format!("{head}: ok ({})\n", d.message));
+                        continue;
+                    }
+                    Severity::Error => "error",
+                    Severity::Warning => "warning",
+                    Severity::Note => "notice",
+                };
+                let mut props = format!("file={}", gh_property(&d.file));
+                if let Some(p) = d.pos {
+                    props.push_str(&format!(",line={},col={}", p.line, p.col));
+                }
+                let title = if d.place.is_empty() {
+                    "latchkey".to_string()
+                } else {
+                    format!("latchkey: {}", d.place)
+                };
+                props.push_str(&format!(",title={}", gh_property(&title)));
+                s.push_str(&format!("::{level} {props}::{}\n", gh_data(&d.message)));
+            }
+        }
+        Format::Json => {
+            let count = |sev| diags.iter().filter(|d| d.severity == sev).count();
+            let list: Vec<Value> = diags
+                .iter()
+                .filter(|d| shown(d, opts))
+                .map(|d| {
+                    let mut o = Map::new();
+                    o.insert("file".into(), Value::String(d.file.clone()));
+                    if let Some(p) = d.pos {
+                        o.insert("line".into(), p.line.into());
+                        o.insert("column".into(), p.col.into());
+                    }
+                    o.insert("place".into(), Value::String(d.place.clone()));
+                    o.insert("severity".into(), Value::String(d.severity.name().into()));
+                    o.insert("message".into(), Value::String(d.message.clone()));
+                    Value::Object(o)
+                })
+                .collect();
+            let doc = serde_json::json!({
+                "files": files,
+                "configurations": count(Severity::Ok) + diags
+                    .iter()
+                    .filter(|d| d.severity == Severity::Error && !d.place.is_empty())
+                    .count(),
+                "errors": count(Severity::Error),
+                "warnings": count(Severity::Warning),
+                "diagnostics": list,
+            });
+            s.push_str(&format!("{doc:#}\n"));
+        }
+    }
+    s
+}
+
+/// GitHub workflow command data: `%`, CR and LF escaped.
+fn gh_data(s: &str) -> String {
+    s.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
+}
+
+/// GitHub workflow command property: also `:` and `,`.
+fn gh_property(s: &str) -> String {
+    gh_data(s).replace(':', "%3A").replace(',', "%2C")
+}
+
+// --------------------------------------------------------------------------- across files
+
+/// Warnings for names a configuration uses that the files given do not define, when
+/// they define any of that kind.
+fn cross_check(reports: &mut [(String, Report)]) {
+    let mut all = Defines::default();
+    for (_, r) in reports.iter() {
+        all.merge(&r.defines);
+    }
+    for (_, r) in reports.iter_mut() {
+        for c in &mut r.checked {
+            let Some(config) = &c.config else { continue };
+            c.warnings.extend(cross_warnings(config, &all));
+        }
+    }
+}
+
+fn cross_warnings(config: &Value, all: &Defines) -> Vec<String> {
+    let mut out = Vec::new();
+    if let (Some(known), Some(routes)) =
+        (&all.routes, config.get("routes").and_then(Value::as_array))
+    {
+        for (i, r) in routes.iter().enumerate() {
+            let m = r.get("match");
+            if let Some(name) = m.and_then(|m| m.get("route_name")).and_then(Value::as_str) {
+                if !known.contains(name) {
+                    out.push(format!(
+                        "routes[{i}].match.route_name {name:?} is not a route among the files \
+                         given (VirtualService http[].name, HTTPRoute rules[].name, Envoy \
+                         routes[].name): {}",
+                        list(known)
+                    ));
+                }
+            }
+            if let Some(p) = m
+                .and_then(|m| m.get("route_name_prefix"))
+                .and_then(Value::as_str)
+            {
+                if !known.iter().any(|k| k.starts_with(p)) {
+                    out.push(format!(
+                        "routes[{i}].match.route_name_prefix {p:?} begins no route among the \
+                         files given: {}",
+                        list(known)
+                    ));
+                }
+            }
+        }
+    }
+    if let (Some(known), false) = (&all.clusters, all.dynamic_clusters) {
+        for section in ["providers", "connections", "secrets", "stores"] {
+            let Some(entries) = config.get(section).and_then(Value::as_object) else {
+                continue;
+            };
+            for (name, e) in entries {
+                if let Some(cluster) = e.get("cluster").and_then(Value::as_str) {
+                    if !known.contains(cluster) {
+                        out.push(format!(
+                            "{section}.{name}.cluster {cluster:?} is not a cluster among the \
+                             files given (Envoy clusters; Istio's outbound|PORT||HOST of a \
+                             ServiceEntry or Service): {}",
+                            list(known)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn list(names: &BTreeSet<String>) -> String {
+    let v: Vec<String> = names.iter().take(8).map(|n| format!("{n:?}")).collect();
+    let more = names.len().saturating_sub(8);
+    if more > 0 {
+        format!("{} and {more} more", v.join(", "))
+    } else {
+        v.join(", ")
+    }
+}
+
+/// What a Kubernetes or Envoy document defines, into `d`.
+fn collect_defines(doc: &Value, d: &mut Defines) {
+    let spec = doc.get("spec");
+    let strs = |v: Option<&Value>| -> Vec<String> {
+        v.and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let arr = |v: Option<&Value>| v.and_then(Value::as_array).cloned().unwrap_or_default();
+    match doc.get("kind").and_then(Value::as_str) {
+        Some("VirtualService") => {
+            for r in arr(spec.and_then(|s| s.get("http"))) {
+                if let Some(n) = r.get("name").and_then(Value::as_str) {
+                    d.route(n);
+                }
+            }
+        }
+        Some("HTTPRoute") => {
+            for r in arr(spec.and_then(|s| s.get("rules"))) {
+                if let Some(n) = r.get("name").and_then(Value::as_str) {
+                    d.route(n);
+                }
+            }
+        }
+        Some("ServiceEntry") => {
+            let hosts = strs(spec.and_then(|s| s.get("hosts")));
+            for p in arr(spec.and_then(|s| s.get("ports"))) {
+                if let Some(n) = p.get("number").and_then(Value::as_u64) {
+                    for h in &hosts {
+                        istio_clusters(d, n, h);
+                    }
+                }
+            }
+        }
+        Some("Service") => {
+            let meta = doc.get("metadata");
+            let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str);
+            let ns = meta
+                .and_then(|m| m.get("namespace"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            if let Some(name) = name {
+                for p in arr(spec.and_then(|s| s.get("ports"))) {
+                    if let Some(n) = p.get("port").and_then(Value::as_u64) {
+                        istio_clusters(d, n, &format!("{name}.{ns}.svc.cluster.local"));
+                    }
+                }
+            }
+        }
+        Some("EnvoyProxy") => {
+            // Envoy Gateway: clusters added to the bootstrap (a YAML string).
+            let boot = spec
+                .and_then(|s| s.get("bootstrap"))
+                .and_then(|b| b.get("value"))
+                .and_then(Value::as_str);
+            if let Some(docs) = boot.and_then(|b| YamlLoader::load_from_str(b).ok()) {
+                for y in &docs {
+                    if let Ok(v) = yaml_to_json(y) {
+                        collect_envoy(&v, d);
+                    }
+                }
+            }
+        }
+        Some(_) => {}
+        None => collect_envoy(doc, d),
+    }
+}
+
+/// The clusters Istio builds for a host and port: a sidecar's or gateway's outbound one,
+/// and a waypoint's `inbound-vip` ones.
+fn istio_clusters(d: &mut Defines, port: u64, host: &str) {
+    d.cluster(&format!("outbound|{port}||{host}"));
+    for proto in ["http", "tcp"] {
+        d.cluster(&format!("inbound-vip|{port}|{proto}|{host}"));
+    }
+}
+
+/// Envoy routes (`virtual_hosts[].routes[].name`) and clusters (static, or CDS resources).
+fn collect_envoy(v: &Value, d: &mut Defines) {
+    match v {
+        Value::Object(map) => {
+            if map.get("@type").and_then(Value::as_str) == Some(CLUSTER_TYPE) {
+                if let Some(n) = map.get("name").and_then(Value::as_str) {
+                    d.cluster(n);
+                }
+            }
+            if map.get("cds_config").is_some() {
+                d.dynamic_clusters = true;
+            }
+            if let Some(cs) = map
+                .get("static_resources")
+                .and_then(|s| s.get("clusters"))
+                .and_then(Value::as_array)
+            {
+                for c in cs {
+                    if let Some(n) = c.get("name").and_then(Value::as_str) {
+                        d.cluster(n);
+                    }
+                }
+            }
+            if let Some(vhs) = map.get("virtual_hosts").and_then(Value::as_array) {
+                for vh in vhs {
+                    for r in vh
+                        .get("routes")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        if let Some(n) = r.get("name").and_then(Value::as_str) {
+                            d.route(n);
+                        }
+                    }
+                }
+            }
+            for child in map.values() {
+                collect_envoy(child, d);
+            }
+        }
+        Value::Array(items) => {
+            for child in items {
+                collect_envoy(child, d);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -217,8 +746,72 @@ impl VmEnv {
     }
 }
 
+/// Where a configuration sits in its file: the positions of its document's nodes, the
+/// JSON pointer of the configuration in that document, and whether the configuration is
+/// that node's own structure (so that an error's field has a position of its own) rather
+/// than a JSON string.
+#[derive(Debug, Clone, Copy)]
+struct At<'a> {
+    map: Option<&'a PosMap>,
+    base: &'a str,
+    structured: bool,
+}
+
+impl At<'_> {
+    const NOWHERE: At<'static> = At {
+        map: None,
+        base: "",
+        structured: false,
+    };
+
+    fn pos(&self) -> Option<Pos> {
+        self.map.and_then(|m| m.get(self.base)).copied()
+    }
+
+    /// The position of the field an error names (`routes[0].inject[0]: …`), or of the
+    /// nearest enclosing node that has one, or of the configuration.
+    fn error_pos(&self, error: &str) -> Option<Pos> {
+        let (Some(map), true) = (self.map, self.structured) else {
+            return self.pos();
+        };
+        let Some(mut segs) = error_path(error) else {
+            return self.pos();
+        };
+        while !segs.is_empty() {
+            let p = format!("{}/{}", self.base, segs.join("/"));
+            if let Some(pos) = map.get(&p) {
+                return Some(*pos);
+            }
+            segs.pop();
+        }
+        self.pos()
+    }
+}
+
+/// The JSON pointer segments of the field an error message starts with:
+/// `routes[0].match.route_name: …` → routes, 0, match, route_name.
+fn error_path(error: &str) -> Option<Vec<String>> {
+    let (path, _) = error.split_once(": ")?;
+    let ok = |c: char| c.is_ascii_alphanumeric() || "_-.[]".contains(c);
+    if path.is_empty() || !path.chars().all(ok) {
+        return None;
+    }
+    let mut segs = Vec::new();
+    for part in path.split('.') {
+        let mut pieces = part.split('[');
+        let name = pieces.next().unwrap_or_default();
+        if !name.is_empty() {
+            segs.push(pointer_escape(name));
+        }
+        for idx in pieces {
+            segs.push(idx.trim_end_matches(']').to_string());
+        }
+    }
+    Some(segs)
+}
+
 /// Checks one configuration document with the filter's own parser.
-fn check_config(place: String, text: &[u8], env: &VmEnv, opts: Options) -> Checked {
+fn check_config(place: String, text: &[u8], env: &VmEnv, opts: Options, at: At) -> Checked {
     let placeholders = RefCell::new(Vec::<String>::new());
     let unset = RefCell::new(Vec::<String>::new());
     let lookup = |name: &str| -> Option<String> {
@@ -262,6 +855,8 @@ fn check_config(place: String, text: &[u8], env: &VmEnv, opts: Options) -> Check
     match result {
         Ok(config) => Checked {
             place,
+            pos: at.pos(),
+            config: serde_json::from_slice(text).ok(),
             outcome: Ok(format!(
                 "{} routes, {} connections, {} providers",
                 config.routes.len(),
@@ -273,6 +868,8 @@ fn check_config(place: String, text: &[u8], env: &VmEnv, opts: Options) -> Check
         },
         Err(e) => Checked {
             place,
+            pos: at.error_pos(&e.to_string()),
+            config: None,
             outcome: Err(e.to_string()),
             warnings: Vec::new(),
             notes,
@@ -282,65 +879,78 @@ fn check_config(place: String, text: &[u8], env: &VmEnv, opts: Options) -> Check
 
 // --------------------------------------------------------------------------- files
 
+const NOTHING: &str = "nothing to check: no latchkey configuration (a latchkey WasmPlugin, \
+                       TrafficExtension or EnvoyExtensionPolicy, an Envoy wasm filter \
+                       running latchkey, or a latchkey configuration)";
+
 fn check_bytes(bytes: &[u8], opts: Options) -> Report {
+    let text = std::str::from_utf8(bytes).ok();
+    // Positions of every node (JSON is read as YAML for them); best effort.
+    let positions = text.map(positions).unwrap_or_default();
     let trimmed = bytes.trim_ascii_start();
     if trimmed.starts_with(b"{") || trimmed.starts_with(b"[") {
         // JSON. A bare latchkey configuration goes to the filter's parser byte for
         // byte, so even a syntax error reads as the filter would log it.
         return match serde_json::from_slice::<Value>(bytes) {
-            Ok(doc) if is_envoy_or_k8s(&doc) => check_documents(&[doc], opts),
-            _ => Report {
-                checked: vec![check_config(String::new(), bytes, &VmEnv::default(), opts)],
-                fatal: None,
-            },
+            Ok(doc) if is_envoy_or_k8s(&doc) || !looks_like_config(&doc, opts) => {
+                check_documents(&[(doc, positions.into_iter().next())], opts)
+            }
+            _ => {
+                let map = positions.first();
+                let at = At {
+                    map,
+                    base: "",
+                    structured: true,
+                };
+                Report {
+                    checked: vec![check_config(
+                        String::new(),
+                        bytes,
+                        &VmEnv::default(),
+                        opts,
+                        at,
+                    )],
+                    ..Report::default()
+                }
+            }
         };
     }
-    let text = match std::str::from_utf8(bytes) {
-        Ok(t) => t,
-        Err(_) => {
-            return Report {
-                fatal: Some("not UTF-8 text".into()),
-                ..Report::default()
-            }
-        }
+    let Some(text) = text else {
+        return Report::fatal("not UTF-8 text".into());
     };
     let docs = match YamlLoader::load_from_str(text) {
         Ok(docs) => docs,
-        Err(e) => {
-            return Report {
-                fatal: Some(format!("not YAML or JSON: {e}")),
-                ..Report::default()
-            }
-        }
+        Err(e) => return Report::fatal(format!("not YAML or JSON: {e}")),
     };
+    let aligned = positions.len() == docs.len();
     let mut values = Vec::new();
     for (i, d) in docs.iter().enumerate() {
         match yaml_to_json(d) {
             Ok(Value::Null) => {}
-            Ok(v) => values.push(v),
-            Err(e) => {
-                return Report {
-                    fatal: Some(format!("YAML document {}: {e}", i + 1)),
-                    ..Report::default()
-                }
-            }
+            Ok(v) => values.push((v, positions.get(i).filter(|_| aligned).cloned())),
+            Err(e) => return Report::fatal(format!("YAML document {}: {e}", i + 1)),
         }
     }
-    if let [only] = values.as_slice() {
-        if is_envoy_or_k8s(only) {
-            return check_documents(&values, opts);
+    if let [(only, map)] = values.as_slice() {
+        if !is_envoy_or_k8s(only) && looks_like_config(only, opts) {
+            // A latchkey configuration written in YAML (a pluginConfig on its own).
+            let text = only.to_string();
+            let at = At {
+                map: map.as_ref(),
+                base: "",
+                structured: true,
+            };
+            return Report {
+                checked: vec![check_config(
+                    String::new(),
+                    text.as_bytes(),
+                    &VmEnv::default(),
+                    opts,
+                    at,
+                )],
+                ..Report::default()
+            };
         }
-        // A latchkey configuration written in YAML (a pluginConfig on its own).
-        let text = only.to_string();
-        return Report {
-            checked: vec![check_config(
-                String::new(),
-                text.as_bytes(),
-                &VmEnv::default(),
-                opts,
-            )],
-            fatal: None,
-        };
     }
     check_documents(&values, opts)
 }
@@ -364,35 +974,48 @@ fn is_envoy_or_k8s(doc: &Value) -> bool {
     obj.keys().any(|k| MARKERS.contains(&k.as_str()))
 }
 
-fn check_documents(docs: &[Value], opts: Options) -> Report {
+fn check_documents(docs: &[(Value, Option<PosMap>)], opts: Options) -> Report {
     let mut report = Report::default();
     let many = docs.len() > 1;
-    for (i, doc) in docs.iter().enumerate() {
+    for (i, (doc, map)) in docs.iter().enumerate() {
         let doc_place = if many {
             format!("document {}: ", i + 1)
         } else {
             String::new()
         };
-        if doc.get("kind").and_then(Value::as_str) == Some("WasmPlugin") {
-            if let Some(c) = check_wasm_plugin(doc, &doc_place, opts) {
-                report.checked.push(c);
+        let map = map.as_ref();
+        collect_defines(doc, &mut report.defines);
+        match doc.get("kind").and_then(Value::as_str) {
+            Some("WasmPlugin") => {
+                report
+                    .checked
+                    .extend(check_wasm_plugin(doc, &doc_place, opts, map, false));
+                continue;
             }
-            continue;
+            Some("TrafficExtension") => {
+                report
+                    .checked
+                    .extend(check_wasm_plugin(doc, &doc_place, opts, map, true));
+                continue;
+            }
+            Some("EnvoyExtensionPolicy") => {
+                report
+                    .checked
+                    .extend(check_extension_policy(doc, &doc_place, opts, map));
+                continue;
+            }
+            _ => {}
         }
         let mut found = Vec::new();
-        find_wasm_filters(doc, &mut found);
-        for filter in found {
-            if let Some(c) = check_envoy_wasm(filter, &doc_place, opts) {
+        find_wasm_filters(doc, String::new(), &mut found);
+        for (pointer, filter) in found {
+            if let Some(c) = check_envoy_wasm(filter, &doc_place, opts, map, &pointer) {
                 report.checked.push(c);
             }
         }
     }
     if report.checked.is_empty() {
-        report.fatal = Some(
-            "no latchkey configuration found (a latchkey WasmPlugin, an Envoy wasm filter \
-             running latchkey, or a latchkey configuration)"
-                .into(),
-        );
+        report.file_notes.push(NOTHING.into());
     }
     report
 }
@@ -402,26 +1025,56 @@ fn mentions_latchkey(v: Option<&Value>) -> bool {
         .is_some_and(|s| s.to_ascii_lowercase().contains("latchkey"))
 }
 
-fn check_wasm_plugin(doc: &Value, doc_place: &str, opts: Options) -> Option<Checked> {
-    let spec = doc.get("spec");
-    let get = |k: &str| spec.and_then(|s| s.get(k));
+fn resource_name(doc: &Value) -> (String, Option<String>) {
     let meta = doc.get("metadata");
     let name = meta
         .and_then(|m| m.get("name"))
         .and_then(Value::as_str)
-        .unwrap_or("?");
+        .unwrap_or("?")
+        .to_string();
     let ns = meta
         .and_then(|m| m.get("namespace"))
-        .and_then(Value::as_str);
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    (name, ns)
+}
+
+/// A WasmPlugin, or (`traffic_extension`) an Istio 1.30 TrafficExtension, whose module
+/// fields (url, pluginName, failStrategy, vmConfig, pluginConfig) sit under `spec.wasm`.
+fn check_wasm_plugin(
+    doc: &Value,
+    doc_place: &str,
+    opts: Options,
+    map: Option<&PosMap>,
+    traffic_extension: bool,
+) -> Option<Checked> {
+    let spec = doc.get("spec");
+    let module = if traffic_extension {
+        spec.and_then(|s| s.get("wasm"))
+    } else {
+        spec
+    };
+    let get = |k: &str| module.and_then(|s| s.get(k));
+    let (name, ns) = resource_name(doc);
     let is_latchkey = get("pluginName").and_then(Value::as_str) == Some("latchkey")
         || mentions_latchkey(get("url"))
         || name.to_ascii_lowercase().contains("latchkey");
     if !is_latchkey {
         return None;
     }
+    let kind = if traffic_extension {
+        "TrafficExtension"
+    } else {
+        "WasmPlugin"
+    };
+    let prefix = if traffic_extension {
+        "spec.wasm"
+    } else {
+        "spec"
+    };
     let place = match ns {
-        Some(ns) => format!("{doc_place}WasmPlugin {ns}/{name}"),
-        None => format!("{doc_place}WasmPlugin {name}"),
+        Some(ns) => format!("{doc_place}{kind} {ns}/{name}"),
+        None => format!("{doc_place}{kind} {name}"),
     };
     let mut env = VmEnv {
         declared: Some(BTreeMap::new()),
@@ -450,7 +1103,7 @@ fn check_wasm_plugin(doc: &Value, doc_place: &str, opts: Options) -> Option<Chec
             }
         }
     }
-    match get("phase").and_then(Value::as_str) {
+    match spec.and_then(|s| s.get("phase")).and_then(Value::as_str) {
         Some("AUTHZ") => {}
         other => extra_warnings.push(format!(
             "spec.phase is {}: use AUTHZ so that Istio's RequestAuthentication has \
@@ -459,36 +1112,134 @@ fn check_wasm_plugin(doc: &Value, doc_place: &str, opts: Options) -> Option<Chec
         )),
     }
     if get("failStrategy").and_then(Value::as_str) == Some("FAIL_OPEN") {
-        extra_warnings.push(
-            "spec.failStrategy is FAIL_OPEN: requests would pass without their \
+        extra_warnings.push(format!(
+            "{prefix}.failStrategy is FAIL_OPEN: requests would pass without their \
              credentials when the module can't run; a credential broker should FAIL_CLOSE"
-                .into(),
-        );
+        ));
     }
-    let text = match get("pluginConfig") {
-        None | Some(Value::Null) => "{}".to_string(),
-        Some(v) => v.to_string(),
+    let base = if traffic_extension {
+        "/spec/wasm/pluginConfig"
+    } else {
+        "/spec/pluginConfig"
     };
-    let mut checked = check_config(place, text.as_bytes(), &env, opts);
+    let (text, at) = match get("pluginConfig") {
+        None | Some(Value::Null) => (
+            "{}".to_string(),
+            At {
+                map,
+                base: "",
+                structured: false,
+            },
+        ),
+        Some(v) => (
+            v.to_string(),
+            At {
+                map,
+                base,
+                structured: true,
+            },
+        ),
+    };
+    let mut checked = check_config(place, text.as_bytes(), &env, opts, at);
     checked.warnings.extend(extra_warnings);
     Some(checked)
 }
 
-/// Every object whose `@type` is the wasm HTTP filter, anywhere in the document.
-fn find_wasm_filters<'a>(v: &'a Value, out: &mut Vec<&'a Map<String, Value>>) {
+/// Envoy Gateway's EnvoyExtensionPolicy: each latchkey entry of `spec.wasm`.
+fn check_extension_policy(
+    doc: &Value,
+    doc_place: &str,
+    opts: Options,
+    map: Option<&PosMap>,
+) -> Vec<Checked> {
+    let (name, ns) = resource_name(doc);
+    let head = match ns {
+        Some(ns) => format!("{doc_place}EnvoyExtensionPolicy {ns}/{name}"),
+        None => format!("{doc_place}EnvoyExtensionPolicy {name}"),
+    };
+    let entries = doc
+        .get("spec")
+        .and_then(|s| s.get("wasm"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for (i, w) in entries.iter().enumerate() {
+        let code = w.get("code");
+        let url = code
+            .and_then(|c| c.get("image").or_else(|| c.get("http")))
+            .and_then(|c| c.get("url"));
+        let is_latchkey = mentions_latchkey(w.get("name"))
+            || mentions_latchkey(w.get("rootID"))
+            || mentions_latchkey(url)
+            || (entries.len() == 1 && name.to_ascii_lowercase().contains("latchkey"));
+        if !is_latchkey {
+            continue;
+        }
+        let entry = w.get("name").and_then(Value::as_str).unwrap_or("");
+        let place = format!("{head} wasm[{i}] {entry:?}");
+        let mut env = VmEnv {
+            declared: Some(BTreeMap::new()),
+        };
+        for k in w
+            .get("env")
+            .and_then(|e| e.get("hostKeys"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            env.declare(k, Declared::Host);
+        }
+        let base = format!("/spec/wasm/{i}/config");
+        let (text, at) = match w.get("config") {
+            None | Some(Value::Null) => ("{}".to_string(), At::NOWHERE),
+            Some(v) => (
+                v.to_string(),
+                At {
+                    map,
+                    base: &base,
+                    structured: true,
+                },
+            ),
+        };
+        let at = if at.map.is_none() {
+            At { map, ..at }
+        } else {
+            at
+        };
+        let mut checked = check_config(place, text.as_bytes(), &env, opts, at);
+        if w.get("failOpen").and_then(Value::as_bool) == Some(true) {
+            checked.warnings.push(format!(
+                "spec.wasm[{i}].failOpen is true: requests would pass without their \
+                 credentials when the module can't run; a credential broker should fail closed"
+            ));
+        }
+        out.push(checked);
+    }
+    out
+}
+
+/// Every object whose `@type` is the wasm HTTP filter, anywhere in the document, with
+/// its JSON pointer.
+fn find_wasm_filters<'a>(
+    v: &'a Value,
+    pointer: String,
+    out: &mut Vec<(String, &'a Map<String, Value>)>,
+) {
     match v {
         Value::Object(map) => {
             if map.get("@type").and_then(Value::as_str) == Some(WASM_TYPE) {
-                out.push(map);
+                out.push((pointer, map));
                 return;
             }
-            for child in map.values() {
-                find_wasm_filters(child, out);
+            for (k, child) in map {
+                find_wasm_filters(child, format!("{pointer}/{}", pointer_escape(k)), out);
             }
         }
         Value::Array(items) => {
-            for child in items {
-                find_wasm_filters(child, out);
+            for (i, child) in items.iter().enumerate() {
+                find_wasm_filters(child, format!("{pointer}/{i}"), out);
             }
         }
         _ => {}
@@ -499,6 +1250,8 @@ fn check_envoy_wasm(
     filter: &Map<String, Value>,
     doc_place: &str,
     opts: Options,
+    map: Option<&PosMap>,
+    pointer: &str,
 ) -> Option<Checked> {
     let config = filter.get("config")?;
     let vm = config.get("vm_config");
@@ -530,27 +1283,170 @@ fn check_envoy_wasm(
             }
         }
     }
-    // `configuration` is an Any: a StringValue holding the JSON (what latchkey reads).
-    let text = match config.get("configuration") {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) => s.clone(),
+    // `configuration` is an Any: a StringValue holding the JSON (what latchkey reads),
+    // or a Struct (Envoy hands the module its JSON form).
+    let base_cfg = format!("{pointer}/config/configuration");
+    let base_value = format!("{base_cfg}/value");
+    let string_at = |base| At {
+        map,
+        base,
+        structured: false,
+    };
+    let (text, at) = match config.get("configuration") {
+        None | Some(Value::Null) => (String::new(), string_at(&base_cfg)),
+        Some(Value::String(s)) => (s.clone(), string_at(&base_cfg)),
         Some(any) => match any.get("value") {
-            Some(Value::String(s)) => s.clone(),
+            Some(Value::String(s)) => (s.clone(), string_at(&base_value)),
+            Some(v @ Value::Object(_)) => (
+                v.to_string(),
+                At {
+                    map,
+                    base: &base_value,
+                    structured: true,
+                },
+            ),
             _ => {
                 return Some(Checked {
                     place,
+                    pos: string_at(&base_cfg).pos(),
                     outcome: Err(
                         "configuration: expected a google.protobuf.StringValue holding \
-                         the JSON configuration"
+                         the JSON configuration, or a google.protobuf.Struct"
                             .into(),
                     ),
                     warnings: Vec::new(),
                     notes: Vec::new(),
+                    config: None,
                 })
             }
         },
     };
-    Some(check_config(place, text.as_bytes(), &env, opts))
+    Some(check_config(place, text.as_bytes(), &env, opts, at))
+}
+
+// --------------------------------------------------------------------------- positions
+
+/// The position of every node of one YAML document, by JSON pointer ("" the root).
+type PosMap = BTreeMap<String, Pos>;
+
+fn pointer_escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// The positions of the nodes of each document of a YAML (or JSON) text; empty when the
+/// text does not parse.
+fn positions(text: &str) -> Vec<PosMap> {
+    let mut rec = PosRecorder::default();
+    match Parser::new_from_str(text).load(&mut rec, true) {
+        Ok(()) => rec.docs,
+        Err(_) => Vec::new(),
+    }
+}
+
+#[derive(Debug)]
+enum Frame {
+    /// A mapping, and the key (with its position) whose value comes next.
+    Map {
+        path: String,
+        key: Option<(String, Marker)>,
+    },
+    Seq {
+        path: String,
+        index: usize,
+    },
+}
+
+#[derive(Debug, Default)]
+struct PosRecorder {
+    docs: Vec<PosMap>,
+    stack: Vec<Frame>,
+}
+
+impl PosRecorder {
+    /// The pointer of the node that comes next, and where to point for it: a mapping's
+    /// value at its key (`pluginConfig:`), anything else at its own start.
+    fn next(&self, mark: Marker) -> (String, Marker) {
+        match self.stack.last() {
+            None => (String::new(), mark),
+            Some(Frame::Map { path, key }) => match key {
+                Some((k, at)) => (format!("{path}/{}", pointer_escape(k)), *at),
+                None => (format!("{path}/"), mark),
+            },
+            Some(Frame::Seq { path, index }) => (format!("{path}/{index}"), mark),
+        }
+    }
+
+    /// A node is complete: the parent mapping waits for a key, the sequence moves on.
+    fn advance(&mut self) {
+        match self.stack.last_mut() {
+            Some(Frame::Map { key, .. }) => *key = None,
+            Some(Frame::Seq { index, .. }) => *index += 1,
+            None => {}
+        }
+    }
+
+    fn record(&mut self, path: &str, mark: Marker) {
+        if let Some(doc) = self.docs.last_mut() {
+            // yaml-rust2's lines count from 1, its columns from 0.
+            doc.entry(path.to_string()).or_insert(Pos {
+                line: mark.line(),
+                col: mark.col() + 1,
+            });
+        }
+    }
+
+    /// Takes a scalar (or alias) as the next mapping key, if one is awaited.
+    fn take_key(&mut self, s: String, mark: Marker) -> bool {
+        if let Some(Frame::Map {
+            key: key @ None, ..
+        }) = self.stack.last_mut()
+        {
+            *key = Some((s, mark));
+            return true;
+        }
+        false
+    }
+}
+
+impl MarkedEventReceiver for PosRecorder {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        match ev {
+            Event::DocumentStart => {
+                self.docs.push(PosMap::new());
+                self.stack.clear();
+            }
+            Event::Scalar(s, ..) => {
+                if self.take_key(s, mark) {
+                    return;
+                }
+                let (p, at) = self.next(mark);
+                self.record(&p, at);
+                self.advance();
+            }
+            Event::Alias(_) => {
+                if self.take_key(String::new(), mark) {
+                    return;
+                }
+                let (p, at) = self.next(mark);
+                self.record(&p, at);
+                self.advance();
+            }
+            Event::MappingStart(..) | Event::SequenceStart(..) => {
+                let (path, at) = self.next(mark);
+                self.record(&path, at);
+                self.stack.push(if matches!(ev, Event::MappingStart(..)) {
+                    Frame::Map { path, key: None }
+                } else {
+                    Frame::Seq { path, index: 0 }
+                });
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+                self.advance();
+            }
+            _ => {}
+        }
+    }
 }
 
 // --------------------------------------------------------------------------- YAML
@@ -603,6 +1499,9 @@ mod tests {
     const OPTS: Options = Options {
         process_env: false,
         quiet: false,
+        strict: false,
+        format: Format::Text,
+        found: false,
     };
 
     fn check(text: &str) -> Report {
@@ -613,7 +1512,7 @@ mod tests {
     fn bare_json_config_is_checked_with_the_filters_messages() {
         let r =
             check(r#"{"connections": {"c": {"provider": "nope", "access": {"public": true}}}}"#);
-        assert_eq!(r.code(), 1);
+        assert_eq!(r.code(false), 1);
         assert_eq!(
             r.checked[0].outcome,
             Err("connections.c.provider: unknown provider \"nope\"".to_string())
@@ -623,7 +1522,7 @@ mod tests {
     #[test]
     fn json_syntax_errors_are_reported_like_the_filter() {
         let r = check("{\"routes\": [");
-        assert_eq!(r.code(), 1);
+        assert_eq!(r.code(false), 1);
         let e = r.checked[0].outcome.clone().unwrap_err();
         assert!(e.starts_with("configuration is not valid JSON"), "{e}");
     }
@@ -635,7 +1534,7 @@ mod tests {
                 "providers": {"p": {"type": "api_key"}},
                 "connections": {"c": {"provider": "p", "api_key": "k", "access": {"public": true}}}}"#,
         );
-        assert_eq!(r.code(), 0, "{r:?}");
+        assert_eq!(r.code(false), 0, "{r:?}");
         assert_eq!(r.checked[0].notes.len(), 1);
         assert!(r.checked[0].notes[0].contains("PARTNER_API_KEY taken as set"));
     }
@@ -665,7 +1564,7 @@ metadata: {name: idp}
 spec: {hosts: [idp.example.com]}
 "#;
         let r = check(yaml);
-        assert_eq!(r.code(), 1);
+        assert_eq!(r.code(false), 1);
         assert_eq!(r.checked.len(), 1);
         assert_eq!(r.checked[0].place, "document 1: WasmPlugin gw/latchkey");
         assert_eq!(
@@ -678,7 +1577,7 @@ spec: {hosts: [idp.example.com]}
     fn wasm_plugin_phase_other_than_authz_is_a_warning() {
         let yaml = "kind: WasmPlugin\nmetadata: {name: latchkey}\nspec:\n  phase: AUTHN\n  pluginConfig: {unmatched: deny}\n";
         let r = check(yaml);
-        assert_eq!(r.code(), 0, "{r:?}");
+        assert_eq!(r.code(false), 0, "{r:?}");
         assert!(r.checked[0].warnings[0].starts_with("spec.phase is \"AUTHN\""));
     }
 
@@ -704,7 +1603,7 @@ static_resources:
                           value: '{"unmatched": "sometimes"}'
 "#;
         let r = check(yaml);
-        assert_eq!(r.code(), 1);
+        assert_eq!(r.code(false), 1);
         assert_eq!(r.checked[0].place, "wasm filter \"latchkey\"");
         let e = r.checked[0].outcome.clone().unwrap_err();
         assert!(
@@ -716,7 +1615,7 @@ static_resources:
     #[test]
     fn a_yaml_latchkey_config_is_checked_as_json() {
         let r = check("unmatched: deny\nroutes:\n  - {name: a, match: {path_prefix: /a}}\n");
-        assert_eq!(r.code(), 0, "{r:?}");
+        assert_eq!(r.code(false), 0, "{r:?}");
         assert_eq!(
             r.checked[0].outcome,
             Ok("1 routes, 0 connections, 0 providers".into())
@@ -724,9 +1623,11 @@ static_resources:
     }
 
     #[test]
-    fn files_without_latchkey_are_a_usage_error() {
+    fn files_without_latchkey_are_a_note_not_a_failure() {
         let r = check("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n");
-        assert_eq!(r.code(), 2);
+        assert_eq!(r.code(false), 0);
+        assert_eq!(r.file_notes, vec![NOTHING.to_string()]);
+        assert_eq!(r.diags("f")[0].severity, Severity::Note);
     }
 
     #[test]
