@@ -1649,6 +1649,338 @@ static_resources:
         }
     }
 
+    fn args(a: &[&str]) -> Result<(Options, Vec<String>), String> {
+        parse_args(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn options_are_parsed() {
+        let (o, p) = args(&["--strict", "--format", "json", "a", "-"]).unwrap();
+        assert!(o.strict && o.format == Format::Json);
+        assert_eq!(p, vec!["a", "-"]);
+        let (o, _) = args(&["--format=github", "-q", "a"]).unwrap();
+        assert!(o.quiet && o.format == Format::Github);
+        assert!(args(&["--format", "xml", "a"]).is_err());
+        assert!(args(&["--format"]).is_err());
+        assert!(args(&["--strict"]).is_err());
+        assert!(args(&["--frob", "a"]).is_err());
+    }
+
+    #[test]
+    fn every_configuration_of_a_file_is_reported_with_its_position() {
+        let yaml = "\
+kind: WasmPlugin
+metadata: {name: latchkey, namespace: a}
+spec:
+  phase: AUTHZ
+  pluginConfig:
+    unmatched: sometimes
+---
+kind: WasmPlugin
+metadata: {name: latchkey, namespace: b}
+spec:
+  phase: AUTHZ
+  pluginConfig:
+    routes:
+      - name: r
+        match: {path_prefix: /r}
+        inject:
+          - {connections: [nope], header: x}
+";
+        let r = check(yaml);
+        assert_eq!(r.code(false), 1);
+        assert_eq!(r.checked.len(), 2);
+        assert!(r.checked.iter().all(|c| c.outcome.is_err()));
+        // The field the error names: `unmatched:`, then `connections: [nope]`'s item.
+        assert_eq!(r.checked[0].pos, Some(Pos { line: 6, col: 5 }));
+        assert_eq!(r.checked[1].pos, Some(Pos { line: 17, col: 28 }));
+    }
+
+    #[test]
+    fn positions_point_at_keys_and_items_in_yaml_and_json() {
+        let m = &positions("a:\n  b: [x, {c: 1}]\n")[0];
+        assert_eq!(m["/a"], Pos { line: 1, col: 1 });
+        assert_eq!(m["/a/b"], Pos { line: 2, col: 3 });
+        assert_eq!(m["/a/b/1"], Pos { line: 2, col: 10 });
+        assert_eq!(m["/a/b/1/c"], Pos { line: 2, col: 11 });
+        let m = &positions("{\"k/x\": {\"y\": [1, 2]}}")[0];
+        assert_eq!(m["/k~1x/y/1"], Pos { line: 1, col: 19 });
+        assert_eq!(positions("a: [").len(), 0);
+    }
+
+    #[test]
+    fn error_paths_become_pointer_segments() {
+        assert_eq!(
+            error_path("routes[0].inject[1].connections[0]: unknown connection \"x\""),
+            Some(
+                ["routes", "0", "inject", "1", "connections", "0"]
+                    .map(String::from)
+                    .to_vec()
+            )
+        );
+        assert_eq!(error_path("configuration is not valid JSON: x"), None);
+        assert_eq!(error_path("no colon"), None);
+    }
+
+    #[test]
+    fn envoy_struct_configuration_is_checked() {
+        let yaml = r#"
+typed_config:
+  "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+  config:
+    name: latchkey
+    configuration:
+      "@type": type.googleapis.com/google.protobuf.Struct
+      value:
+        unmatched: deny
+        routes:
+          - {name: a, match: {route_name: nope}}
+"#;
+        let r = check(yaml);
+        assert_eq!(r.code(false), 0, "{r:?}");
+        assert_eq!(r.checked[0].pos, Some(Pos { line: 8, col: 7 }));
+        assert_eq!(r.checked[0].config.as_ref().unwrap()["unmatched"], "deny");
+        let bad = yaml.replace("unmatched: deny", "unmatched: sometimes");
+        let r = check(&bad);
+        assert_eq!(r.code(false), 1);
+        assert_eq!(r.checked[0].pos, Some(Pos { line: 9, col: 9 }));
+    }
+
+    #[test]
+    fn traffic_extension_reads_spec_wasm() {
+        let yaml = r#"
+apiVersion: extensions.istio.io/v1alpha1
+kind: TrafficExtension
+metadata: {name: latchkey, namespace: gw}
+spec:
+  phase: AUTHZ
+  wasm:
+    url: oci://registry.example.com/latchkey:1
+    failStrategy: FAIL_OPEN
+    vmConfig:
+      env: [{name: K, valueFrom: HOST}]
+    pluginConfig:
+      secrets: {k: {env: K}, m: {env: MISSING}}
+"#;
+        let r = check(yaml);
+        assert_eq!(r.checked[0].place, "TrafficExtension gw/latchkey");
+        assert_eq!(
+            r.checked[0].outcome,
+            Err("secrets.m.env: environment variable \"MISSING\" is not set".to_string())
+        );
+        let ok = check(&yaml.replace(", m: {env: MISSING}", ""));
+        assert_eq!(ok.code(false), 0, "{ok:?}");
+        assert_eq!(ok.checked[0].pos, Some(Pos { line: 12, col: 5 }));
+        assert!(ok.checked[0].warnings[0].starts_with("spec.wasm.failStrategy is FAIL_OPEN"));
+        assert_eq!(ok.code(true), 1, "a warning fails with --strict");
+    }
+
+    #[test]
+    fn envoy_extension_policy_reads_each_latchkey_wasm_entry() {
+        let yaml = r#"
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyExtensionPolicy
+metadata: {name: ext, namespace: gw}
+spec:
+  wasm:
+    - name: other
+      code: {type: Image, image: {url: oci://r/other:1}}
+      config: {whatever: 1}
+    - name: lk
+      rootID: latchkey
+      failOpen: true
+      env: {hostKeys: [K]}
+      config:
+        secrets: {k: {env: K}, m: {env: M}}
+"#;
+        let r = check(yaml);
+        assert_eq!(r.checked.len(), 1);
+        assert_eq!(
+            r.checked[0].place,
+            "EnvoyExtensionPolicy gw/ext wasm[1] \"lk\""
+        );
+        assert_eq!(
+            r.checked[0].outcome,
+            Err("secrets.m.env: environment variable \"M\" is not set".to_string())
+        );
+        let ok = check(&yaml.replace(", m: {env: M}", ""));
+        assert_eq!(ok.code(false), 0, "{ok:?}");
+        assert!(ok.checked[0].warnings[0].starts_with("spec.wasm[1].failOpen is true"));
+        assert!(ok.checked[0].notes[0].contains("K taken as set"));
+    }
+
+    #[test]
+    fn documents_found_in_a_directory_need_a_latchkey_field() {
+        let found = Options {
+            found: true,
+            ..OPTS
+        };
+        let r = check_bytes(b"groups: []\n", found);
+        assert_eq!((r.code(false), r.checked.len()), (0, 0));
+        assert_eq!(r.file_notes.len(), 1);
+        let r = check_bytes(b"{\"keys\": []}", found);
+        assert_eq!((r.code(false), r.checked.len()), (0, 0));
+        // Named on the command line, it is a configuration (with an unknown field).
+        assert_eq!(check("groups: []\n").code(false), 1);
+        assert_eq!(check_bytes(b"unmatched: deny\n", found).checked.len(), 1);
+    }
+
+    #[test]
+    fn directories_are_expanded_to_their_yaml_and_json_files() {
+        let dir = std::env::temp_dir().join(format!("latchkey-check-{}", std::process::id()));
+        let sub = dir.join("sub");
+        std::fs::create_dir_all(&sub).unwrap();
+        for f in ["b.yaml", "a.json", "c.txt", ".hidden.yaml", "sub/d.yml"] {
+            std::fs::write(dir.join(f), "{}").unwrap();
+        }
+        let d = dir.to_str().unwrap();
+        let got = expand(d).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                format!("{d}/a.json"),
+                format!("{d}/b.yaml"),
+                format!("{d}/sub/d.yml")
+            ]
+        );
+        assert_eq!(expand("-").unwrap(), vec!["-"]);
+    }
+
+    const ROUTES: &str = "\
+kind: VirtualService
+metadata: {name: vs}
+spec:
+  http:
+    - name: partner-api
+---
+kind: ServiceEntry
+metadata: {name: se}
+spec:
+  hosts: [login.example.com]
+  ports: [{number: 443, name: https}]
+";
+
+    fn cross(config: &str) -> Vec<String> {
+        let plugin = format!(
+            "kind: WasmPlugin\nmetadata: {{name: latchkey}}\nspec:\n  phase: AUTHZ\n  pluginConfig: {config}\n"
+        );
+        let mut reports = vec![
+            ("p.yaml".to_string(), check(&plugin)),
+            ("r.yaml".to_string(), check(ROUTES)),
+        ];
+        cross_check(&mut reports);
+        assert_eq!(reports[0].1.code(false), 0, "{:?}", reports[0].1);
+        reports[0].1.checked[0].warnings.clone()
+    }
+
+    #[test]
+    fn route_names_and_clusters_are_checked_across_files() {
+        let providers = r#""providers": {"p": {"type": "oauth2", "token_url": "https://login.example.com/t", "client_id": "c", "client_secret": "s", "cluster": "CLUSTER"}}, "secrets": {"s": {"inline": "x"}}"#;
+        let good = format!(
+            r#"{{"routes": [{{"name": "a", "match": {{"route_name": "partner-api"}}}}], {}}}"#,
+            providers.replace("CLUSTER", "outbound|443||login.example.com")
+        );
+        let w = cross(&good);
+        assert!(w.iter().all(|w| !w.contains("among the files")), "{w:?}");
+        let bad = format!(
+            r#"{{"routes": [{{"name": "a", "match": {{"route_name": "partner"}}}}], {}}}"#,
+            providers.replace("CLUSTER", "outbound|80||login.example.com")
+        );
+        let w: Vec<String> = cross(&bad)
+            .into_iter()
+            .filter(|w| w.contains("among the files"))
+            .collect();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with("routes[0].match.route_name \"partner\" is not a route"));
+        assert!(w[1].starts_with("providers.p.cluster \"outbound|80||login.example.com\""));
+        assert!(w[1].contains("\"outbound|443||login.example.com\""));
+    }
+
+    #[test]
+    fn no_route_sources_given_no_route_warning() {
+        let mut reports = vec![(
+            "p.json".to_string(),
+            check(r#"{"routes": [{"name": "a", "match": {"route_name": "x"}}]}"#),
+        )];
+        cross_check(&mut reports);
+        assert!(reports[0].1.checked[0].warnings.is_empty());
+    }
+
+    fn diag(sev: Severity, pos: Option<Pos>) -> Diag {
+        Diag {
+            file: "d/f.yaml".into(),
+            pos,
+            place: "WasmPlugin a/b".into(),
+            severity: sev,
+            message: "50% bad,\nreally".into(),
+        }
+    }
+
+    #[test]
+    fn text_github_and_json_renderings() {
+        let p = Some(Pos { line: 3, col: 7 });
+        let ds = vec![
+            diag(Severity::Error, p),
+            diag(Severity::Warning, None),
+            diag(Severity::Ok, p),
+        ];
+        let text = render(&ds, 1, OPTS);
+        assert!(text.starts_with("d/f.yaml:3:7: WasmPlugin a/b: error: 50% bad,\nreally\n"));
+        assert!(text.contains("d/f.yaml: WasmPlugin a/b: warning: "));
+        assert!(text.ends_with("d/f.yaml:3:7: WasmPlugin a/b: ok (50% bad,\nreally)\n"));
+        let gh = render(
+            &ds,
+            1,
+            Options {
+                format: Format::Github,
+                ..OPTS
+            },
+        );
+        let lines: Vec<&str> = gh.lines().collect();
+        assert_eq!(
+            lines[0],
+            "::error file=d/f.yaml,line=3,col=7,title=latchkey%3A WasmPlugin a/b::50%25 bad,%0Areally"
+        );
+        assert!(lines[1].starts_with("::warning file=d/f.yaml,title="));
+        let quiet = render(
+            &ds,
+            1,
+            Options {
+                quiet: true,
+                ..OPTS
+            },
+        );
+        assert_eq!(quiet.matches("d/f.yaml").count(), 1);
+        let strict_quiet = render(
+            &ds,
+            1,
+            Options {
+                quiet: true,
+                strict: true,
+                ..OPTS
+            },
+        );
+        assert_eq!(strict_quiet.matches("d/f.yaml").count(), 2);
+        let j: Value = serde_json::from_str(&render(
+            &ds,
+            1,
+            Options {
+                format: Format::Json,
+                ..OPTS
+            },
+        ))
+        .unwrap();
+        assert_eq!(
+            (j["errors"].as_u64(), j["warnings"].as_u64()),
+            (Some(1), Some(1))
+        );
+        assert_eq!(j["diagnostics"][0]["line"], 3);
+        assert_eq!(j["diagnostics"][0]["column"], 7);
+        assert_eq!(j["diagnostics"][0]["severity"], "error");
+        assert!(j["diagnostics"][1].get("line").is_none());
+    }
+
     #[test]
     fn schema_is_json() {
         let v: Value = serde_json::from_str(SCHEMA).unwrap();
