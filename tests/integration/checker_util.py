@@ -92,6 +92,12 @@ def example_configs() -> list[tuple[str, Any, bool]]:
         for d in yaml.safe_load_all(f.read_text()):
             if d and d.get("kind") == "WasmPlugin":
                 out.append((f"{f.relative_to(REPO_ROOT)} pluginConfig", d["spec"]["pluginConfig"], True))
+            if d and d.get("kind") == "TrafficExtension":
+                out.append((f"{f.relative_to(REPO_ROOT)} wasm.pluginConfig", d["spec"]["wasm"]["pluginConfig"], True))
+            if d and d.get("kind") == "EnvoyExtensionPolicy":
+                for i, w in enumerate(d["spec"].get("wasm", [])):
+                    if "config" in w:
+                        out.append((f"{f.relative_to(REPO_ROOT)} wasm[{i}].config", w["config"], True))
     return out
 
 

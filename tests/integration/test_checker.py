@@ -77,10 +77,12 @@ def test_exit_codes_and_messages(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(BAD))
     r = cu.check("check", str(good))
-    assert (r.returncode, r.stdout) == (0, f"{good}: ok (0 routes, 0 connections, 0 providers)\n")
+    assert (r.returncode, r.stdout) == (0, f"{good}:1:1: ok (0 routes, 0 connections, 0 providers)\n")
     r = cu.check("check", str(bad))
     assert r.returncode == 1
-    assert r.stdout == f'{bad}: error: connections.c.provider: unknown provider "pp"\n'
+    # line:column of the field the error names: `"provider": "pp"`.
+    col = bad.read_text().index('"provider": "pp"') + 1
+    assert r.stdout == f'{bad}:1:{col}: error: connections.c.provider: unknown provider "pp"\n'
     assert cu.check("check", str(good), str(bad)).returncode == 1
     assert cu.check("check", str(tmp_path / "missing.json")).returncode == 2
     assert cu.check("check").returncode == 2
@@ -124,4 +126,161 @@ def test_checker_says_what_the_filter_says_in_envoy(tmp_path, signer):
     m = re.search(r"configuration rejected: (.*)", envoy.log_text())
     assert m, envoy.log_text()[-2000:]
     r = cu.check("check", "-", stdin=json.dumps(BAD))
-    assert r.stdout.strip() == f"-: error: {m.group(1).strip()}"
+    out = re.fullmatch(r"-:\d+:\d+: error: (.*)", r.stdout.strip())
+    assert out, r.stdout
+    assert out.group(1) == m.group(1).strip()
+
+
+# --------------------------------------------------------------------------- a CI gate (issue 21)
+
+LATCHKEY_MANIFESTS = [
+    "deploy/istio/wasmplugin.yaml",
+    "deploy/istio/trafficextension/trafficextension.yaml",
+    "deploy/istio/gateway-api/wasmplugin.yaml",
+    "deploy/istio/gateway-api/trafficextension.yaml",
+    "deploy/istio/waypoint/wasmplugin.yaml",
+    "deploy/istio/waypoint/trafficextension.yaml",
+    "deploy/envoy-gateway/envoyextensionpolicy.yaml",
+]
+
+
+def test_the_deploy_directory_passes_strict_with_every_manifest_checked():
+    r = cu.check("check", "--strict", str(REPO_ROOT / "deploy"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "warning:" not in r.stdout and "error:" not in r.stdout, r.stdout
+    for f in LATCHKEY_MANIFESTS:
+        assert re.search(rf"^{re.escape(str(REPO_ROOT / f))}:\d+:\d+: \S+ [^:]*: ok \(2 routes, 2 connections, 2 providers\)$",
+                         r.stdout, re.M), (f, r.stdout)
+    # Prometheus rules, Secrets, Gateways: nothing to check, a note.
+    assert re.search(r"latchkey-alerts\.yaml: note: nothing to check", r.stdout), r.stdout
+    assert re.search(r"virtualservice\.yaml: note: nothing to check", r.stdout), r.stdout
+
+
+def test_envoy_examples_pass_strict_but_the_demo_which_warns_on_purpose():
+    """envoy/demo.yaml keeps an inline secret and a 5 s store refresh to show them off:
+    its two warnings are the demo's, so it passes without --strict only."""
+    files = sorted(str(f) for f in (REPO_ROOT / "envoy").glob("*.yaml"))
+    others = [f for f in files if not f.endswith("/demo.yaml")]
+    r = cu.check("check", "--strict", *others)
+    assert r.returncode == 0, r.stdout
+    assert r.stdout.count(": ok (") == len(others)
+    demo = str(REPO_ROOT / "envoy" / "demo.yaml")
+    assert cu.check("check", demo).returncode == 0
+    r = cu.check("check", "--strict", demo)
+    assert r.returncode == 1
+    assert r.stdout.count(": warning: ") == 2, r.stdout
+
+
+def test_a_glob_of_istio_manifests_with_files_without_configuration_passes():
+    files = sorted(str(f) for f in (REPO_ROOT / "deploy" / "istio").glob("*.yaml"))
+    r = cu.check("check", "--strict", *files)
+    assert r.returncode == 0, r.stdout
+    assert r.stdout.count("note: nothing to check") == len(files) - 1
+
+
+def _bad_plugin(tmp_path, name, namespace, connection):
+    plugin = yaml.safe_load((REPO_ROOT / "deploy/istio/wasmplugin.yaml").read_text())
+    plugin["metadata"]["namespace"] = namespace
+    plugin["spec"]["pluginConfig"]["routes"][1]["inject"][0]["connections"] = [connection]
+    return plugin
+
+
+def _line_of(text: str, needle: str) -> int:
+    return text[:text.index(needle)].count("\n") + 1
+
+
+def test_every_error_is_reported_at_once_with_its_line(tmp_path):
+    a = _bad_plugin(tmp_path, "a", "one", "nope_one")
+    b = _bad_plugin(tmp_path, "b", "two", "nope_two")
+    multi = tmp_path / "multi.yaml"
+    multi.write_text(yaml.safe_dump_all([a, b]))
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("unmatched: sometimes\n")
+    good = tmp_path / "good.json"
+    good.write_text('{"unmatched": "deny"}')
+    r = cu.check("check", str(multi), str(bare), str(good))
+    assert r.returncode == 1
+    text = multi.read_text()
+    for ns, conn in [("one", "nope_one"), ("two", "nope_two")]:
+        line = _line_of(text, f"- {conn}")
+        assert re.search(rf"^{re.escape(str(multi))}:{line}:\d+: document \d: WasmPlugin {ns}/latchkey: error: "
+                         rf'routes\[1\]\.inject\[0\]\.connections\[0\]: unknown connection "{conn}"$',
+                         r.stdout, re.M), r.stdout
+    assert f"{bare}:1:1: error: unmatched: invalid value" in r.stdout
+    assert f"{good}:1:1: ok" in r.stdout
+
+    j = json.loads(cu.check("check", "--format", "json", str(multi), str(bare), str(good)).stdout)
+    assert (j["files"], j["errors"], j["warnings"]) == (3, 3, 0)
+    errors = [d for d in j["diagnostics"] if d["severity"] == "error"]
+    assert [d["line"] for d in errors[:2]] == [_line_of(text, "- nope_one"), _line_of(text, "- nope_two")]
+    assert all(d["column"] >= 1 for d in errors)
+
+    r = cu.check("check", "--format", "github", str(multi))
+    assert r.returncode == 1
+    ann = [ln for ln in r.stdout.splitlines() if ln.startswith("::error ")]
+    assert len(ann) == 2, r.stdout
+    assert re.fullmatch(rf"::error file={re.escape(str(multi))},line={_line_of(text, '- nope_one')},col=\d+,"
+                        r"title=latchkey%3A document 1%3A WasmPlugin one/latchkey::"
+                        r'routes\[1\]\.inject\[0\]\.connections\[0\]: unknown connection "nope_one"', ann[0]), ann[0]
+
+
+def test_a_directory_given_twice_and_an_empty_one(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = cu.check("check", str(tmp_path / "empty"))
+    assert r.returncode == 0 and "note: no YAML or JSON files" in r.stdout
+    assert cu.check("check", str(tmp_path / "absent")).returncode == 2
+
+
+def _as_struct(envoy_yaml: str) -> str:
+    """The Envoy configuration with each latchkey filter's StringValue JSON configuration
+    rewritten as a google.protobuf.Struct (the configuration as YAML)."""
+    doc = yaml.safe_load(envoy_yaml)
+    n = 0
+    for cfg in cu.wasm_filters(doc):
+        c = cfg["configuration"]
+        cfg["configuration"] = {"@type": "type.googleapis.com/google.protobuf.Struct",
+                                "value": json.loads(c["value"])}
+        n += 1
+    assert n
+    return yaml.safe_dump(doc)
+
+
+def test_envoy_struct_configurations_are_read(tmp_path):
+    for name in ["demo.yaml", "client-certs.yaml", "browser-signin.yaml"]:
+        src = (REPO_ROOT / "envoy" / name).read_text()
+        want = re.findall(r": ok \(.*\)", cu.check("check", str(REPO_ROOT / "envoy" / name)).stdout)
+        f = tmp_path / name
+        f.write_text(_as_struct(src))
+        r = cu.check("check", str(f))
+        assert r.returncode == 0, r.stdout
+        assert re.findall(r": ok \(.*\)", r.stdout) == want
+    # An error inside a Struct points at its field.
+    doc = yaml.safe_load(_as_struct((REPO_ROOT / "envoy" / "demo.yaml").read_text()))
+    next(cu.wasm_filters(doc))["configuration"]["value"]["unmatched"] = "sometimes"
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    r = cu.check("check", str(f))
+    assert r.returncode == 1
+    line = _line_of(f.read_text(), "unmatched: sometimes")
+    assert re.search(rf":{line}:\d+: wasm filter \"latchkey\": error: unmatched: invalid value", r.stdout), r.stdout
+
+
+def test_route_names_and_clusters_are_checked_against_the_files_given(tmp_path):
+    istio = REPO_ROOT / "deploy" / "istio"
+    base = [str(istio / "virtualservice.yaml"), str(istio / "token-server.yaml")]
+    r = cu.check("check", "--strict", str(istio / "wasmplugin.yaml"), *base)
+    assert r.returncode == 0, r.stdout
+    plugin = yaml.safe_load((istio / "wasmplugin.yaml").read_text())
+    cfg = plugin["spec"]["pluginConfig"]
+    cfg["routes"][0]["match"]["route_name"] = "partner"
+    cfg["providers"]["orders_idp"]["cluster"] = "outbound|443||login.example.org"
+    f = tmp_path / "wasmplugin.yaml"
+    f.write_text(yaml.safe_dump(plugin))
+    r = cu.check("check", str(f), *base)
+    assert r.returncode == 0, r.stdout  # warnings only
+    assert 'warning: routes[0].match.route_name "partner" is not a route among the files given' in r.stdout
+    assert '"partner-api"' in r.stdout
+    assert 'warning: providers.orders_idp.cluster "outbound|443||login.example.org" is not a cluster' in r.stdout
+    assert cu.check("check", "--strict", str(f), *base).returncode == 1
+    # Alone, the file says nothing of routes or clusters: nothing to compare with.
+    assert cu.check("check", "--strict", str(f)).returncode == 0
