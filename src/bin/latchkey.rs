@@ -327,6 +327,10 @@ struct Checked {
     pos: Option<Pos>,
     outcome: Result<String, String>,
     warnings: Vec<String>,
+    /// The position of a warning that names a field of its own (by index in `warnings`).
+    warning_pos: BTreeMap<usize, Pos>,
+    /// The positions of the configuration's fields, by JSON pointer within it.
+    field_pos: PosMap,
     notes: Vec<String>,
     /// The configuration as JSON, when it is valid (for the checks across files).
     config: Option<Value>,
@@ -401,8 +405,9 @@ impl Report {
                 Err(e) => out.push(d(c.pos, &c.place, Severity::Error, e)),
                 Ok(s) => out.push(d(c.pos, &c.place, Severity::Ok, s)),
             }
-            for w in &c.warnings {
-                out.push(d(c.pos, &c.place, Severity::Warning, w));
+            for (i, w) in c.warnings.iter().enumerate() {
+                let pos = c.warning_pos.get(&i).copied().or(c.pos);
+                out.push(d(pos, &c.place, Severity::Warning, w));
             }
             for n in &c.notes {
                 out.push(d(c.pos, &c.place, Severity::Note, n));
@@ -522,12 +527,28 @@ fn cross_check(reports: &mut [(String, Report)]) {
     for (_, r) in reports.iter_mut() {
         for c in &mut r.checked {
             let Some(config) = &c.config else { continue };
-            c.warnings.extend(cross_warnings(config, &all));
+            for (path, w) in cross_warnings(config, &all) {
+                if let Some(pos) = locate(&c.field_pos, &path) {
+                    c.warning_pos.insert(c.warnings.len(), pos);
+                }
+                c.warnings.push(w);
+            }
         }
     }
 }
 
-fn cross_warnings(config: &Value, all: &Defines) -> Vec<String> {
+/// The position of the field at `path` (pointer segments), or of the nearest enclosing
+/// field that has one.
+fn locate(field_pos: &PosMap, path: &[String]) -> Option<Pos> {
+    (1..=path.len())
+        .rev()
+        .find_map(|n| field_pos.get(&format!("/{}", path.get(..n)?.join("/"))))
+        .copied()
+}
+
+/// Each warning with the pointer segments of the field it is about.
+fn cross_warnings(config: &Value, all: &Defines) -> Vec<(Vec<String>, String)> {
+    let seg = |parts: &[&str]| parts.iter().map(|p| pointer_escape(p)).collect::<Vec<_>>();
     let mut out = Vec::new();
     if let (Some(known), Some(routes)) =
         (&all.routes, config.get("routes").and_then(Value::as_array))
@@ -536,11 +557,15 @@ fn cross_warnings(config: &Value, all: &Defines) -> Vec<String> {
             let m = r.get("match");
             if let Some(name) = m.and_then(|m| m.get("route_name")).and_then(Value::as_str) {
                 if !known.contains(name) {
-                    out.push(format!(
-                        "routes[{i}].match.route_name {name:?} is not a route among the files \
+                    let at = seg(&["routes", &i.to_string(), "match", "route_name"]);
+                    out.push((
+                        at,
+                        format!(
+                            "routes[{i}].match.route_name {name:?} is not a route among the files \
                          given (VirtualService http[].name, HTTPRoute rules[].name, Envoy \
                          routes[].name): {}",
-                        list(known)
+                            list(known)
+                        ),
                     ));
                 }
             }
@@ -549,10 +574,14 @@ fn cross_warnings(config: &Value, all: &Defines) -> Vec<String> {
                 .and_then(Value::as_str)
             {
                 if !known.iter().any(|k| k.starts_with(p)) {
-                    out.push(format!(
-                        "routes[{i}].match.route_name_prefix {p:?} begins no route among the \
+                    let at = seg(&["routes", &i.to_string(), "match", "route_name_prefix"]);
+                    out.push((
+                        at,
+                        format!(
+                            "routes[{i}].match.route_name_prefix {p:?} begins no route among the \
                          files given: {}",
-                        list(known)
+                            list(known)
+                        ),
                     ));
                 }
             }
@@ -566,11 +595,15 @@ fn cross_warnings(config: &Value, all: &Defines) -> Vec<String> {
             for (name, e) in entries {
                 if let Some(cluster) = e.get("cluster").and_then(Value::as_str) {
                     if !known.contains(cluster) {
-                        out.push(format!(
-                            "{section}.{name}.cluster {cluster:?} is not a cluster among the \
+                        let at = seg(&[section, name, "cluster"]);
+                        out.push((
+                            at,
+                            format!(
+                                "{section}.{name}.cluster {cluster:?} is not a cluster among the \
                              files given (Envoy clusters; Istio's outbound|PORT||HOST of a \
                              ServiceEntry or Service): {}",
-                            list(known)
+                                list(known)
+                            ),
                         ));
                     }
                 }
@@ -833,6 +866,16 @@ fn check_config(place: String, text: &[u8], env: &VmEnv, opts: Options, at: At) 
         }
     };
     let result = Config::parse(text, &lookup);
+    let field_pos: PosMap = match (at.map, at.structured) {
+        (Some(map), true) => {
+            let prefix = format!("{}/", at.base);
+            map.range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .filter_map(|(k, v)| Some((k.strip_prefix(at.base)?.to_string(), *v)))
+                .collect()
+        }
+        _ => PosMap::new(),
+    };
     let mut notes = Vec::new();
     let mut names = placeholders.into_inner();
     names.sort();
@@ -864,6 +907,8 @@ fn check_config(place: String, text: &[u8], env: &VmEnv, opts: Options, at: At) 
                 config.providers.len()
             )),
             warnings: config.warnings.clone(),
+            warning_pos: BTreeMap::new(),
+            field_pos,
             notes,
         },
         Err(e) => Checked {
@@ -872,6 +917,8 @@ fn check_config(place: String, text: &[u8], env: &VmEnv, opts: Options, at: At) 
             config: None,
             outcome: Err(e.to_string()),
             warnings: Vec::new(),
+            warning_pos: BTreeMap::new(),
+            field_pos,
             notes,
         },
     }
@@ -1259,10 +1306,16 @@ fn check_envoy_wasm(
         .and_then(|v| v.get("code"))
         .and_then(|c| c.get("local"))
         .and_then(|l| l.get("filename"));
+    let code_url = vm
+        .and_then(|v| v.get("code"))
+        .and_then(|c| c.get("remote"))
+        .and_then(|r| r.get("http_uri"))
+        .and_then(|h| h.get("uri"));
     let name = config.get("name").and_then(Value::as_str).unwrap_or("");
     let is_latchkey = mentions_latchkey(config.get("name"))
         || mentions_latchkey(config.get("root_id"))
-        || mentions_latchkey(code_file);
+        || mentions_latchkey(code_file)
+        || mentions_latchkey(code_url);
     if !is_latchkey {
         return None;
     }
@@ -1315,6 +1368,8 @@ fn check_envoy_wasm(
                             .into(),
                     ),
                     warnings: Vec::new(),
+                    warning_pos: BTreeMap::new(),
+                    field_pos: PosMap::new(),
                     notes: Vec::new(),
                     config: None,
                 })
@@ -1871,7 +1926,17 @@ spec:
         ];
         cross_check(&mut reports);
         assert_eq!(reports[0].1.code(false), 0, "{:?}", reports[0].1);
-        reports[0].1.checked[0].warnings.clone()
+        let c = &reports[0].1.checked[0];
+        for (i, w) in c.warnings.iter().enumerate() {
+            if w.contains("among the files") {
+                // `pluginConfig: {…}` is on line 5: the field, not just the configuration.
+                assert!(
+                    c.warning_pos[&i].line == 5 && c.warning_pos[&i].col > 17,
+                    "{c:?}"
+                );
+            }
+        }
+        c.warnings.clone()
     }
 
     #[test]

@@ -279,6 +279,12 @@ def test_route_names_and_clusters_are_checked_against_the_files_given(tmp_path):
     r = cu.check("check", str(f), *base)
     assert r.returncode == 0, r.stdout  # warnings only
     assert 'warning: routes[0].match.route_name "partner" is not a route among the files given' in r.stdout
+    # Each warning points at its field.
+    text = f.read_text()
+    assert re.search(rf"^{re.escape(str(f))}:{_line_of(text, 'route_name: partner')}:\d+: .*: warning: routes\[0\]",
+                     r.stdout, re.M), r.stdout
+    assert re.search(rf"^{re.escape(str(f))}:{_line_of(text, 'cluster: outbound')}:\d+: .*: warning: providers",
+                     r.stdout, re.M), r.stdout
     assert '"partner-api"' in r.stdout
     assert 'warning: providers.orders_idp.cluster "outbound|443||login.example.org" is not a cluster' in r.stdout
     assert cu.check("check", "--strict", str(f), *base).returncode == 1
