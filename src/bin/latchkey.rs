@@ -21,7 +21,8 @@
 //!
 //! Across the files given (best effort, warnings): a `match.route_name` that no
 //! VirtualService, HTTPRoute or Envoy route among them names, and a `cluster` that no
-//! Envoy cluster, Istio ServiceEntry or Kubernetes Service among them defines.
+//! Envoy cluster, Istio ServiceEntry or Kubernetes Service among them defines, and a
+//! `valueFrom: HOST` variable that no proxy container among them sets.
 //!
 //! `{"env": NAME}` secrets: deploy-time values are not known here. A variable given
 //! inline next to the configuration (Envoy `environment_variables.key_values`, a
@@ -292,6 +293,15 @@ struct Defines {
     clusters: Option<BTreeSet<String>>,
     /// Envoy's clusters come from CDS: their names are not known here.
     dynamic_clusters: bool,
+    /// Which kinds of cluster sources were given: an Istio cluster name of an external
+    /// host is compared only when ServiceEntries were given, of a `*.svc.cluster.local`
+    /// host only when Services were, and a plain name only when Envoy clusters were.
+    envoy_clusters: bool,
+    service_entries: bool,
+    services: bool,
+    /// The environment variables set on a proxy container (`istio-proxy`, `envoy`,
+    /// Envoy Gateway's `envoyDeployment.container`).
+    proxy_env: Option<BTreeSet<String>>,
 }
 
 impl Defines {
@@ -305,10 +315,32 @@ impl Defines {
             .get_or_insert_with(BTreeSet::new)
             .insert(name.to_string());
     }
+    /// Whether the files given define the kind of cluster `name` is.
+    fn knows_kind_of(&self, name: &str) -> bool {
+        let istio = ["outbound|", "inbound-vip|", "inbound|"]
+            .iter()
+            .any(|p| name.starts_with(p));
+        if !istio {
+            return self.envoy_clusters && !self.dynamic_clusters;
+        }
+        let host = name.rsplit('|').next().unwrap_or_default();
+        if host.ends_with(".svc.cluster.local") {
+            self.services
+        } else {
+            self.service_entries
+        }
+    }
+
+    fn env(&mut self, name: &str) {
+        self.proxy_env
+            .get_or_insert_with(BTreeSet::new)
+            .insert(name.to_string());
+    }
     fn merge(&mut self, other: &Defines) {
         for (mine, theirs) in [
             (&mut self.routes, &other.routes),
             (&mut self.clusters, &other.clusters),
+            (&mut self.proxy_env, &other.proxy_env),
         ] {
             if let Some(t) = theirs {
                 mine.get_or_insert_with(BTreeSet::new)
@@ -316,6 +348,9 @@ impl Defines {
             }
         }
         self.dynamic_clusters |= other.dynamic_clusters;
+        self.envoy_clusters |= other.envoy_clusters;
+        self.service_entries |= other.service_entries;
+        self.services |= other.services;
     }
 }
 
@@ -334,6 +369,9 @@ struct Checked {
     notes: Vec<String>,
     /// The configuration as JSON, when it is valid (for the checks across files).
     config: Option<Value>,
+    /// The variables it reads that the file says come from the proxy's own environment
+    /// (`valueFrom: HOST`, `host_env_keys`, `env.hostKeys`).
+    host_vars: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -527,7 +565,9 @@ fn cross_check(reports: &mut [(String, Report)]) {
     for (_, r) in reports.iter_mut() {
         for c in &mut r.checked {
             let Some(config) = &c.config else { continue };
-            for (path, w) in cross_warnings(config, &all) {
+            let mut ws = cross_warnings(config, &all);
+            ws.extend(env_warnings(config, &c.host_vars, &all));
+            for (path, w) in ws {
                 if let Some(pos) = locate(&c.field_pos, &path) {
                     c.warning_pos.insert(c.warnings.len(), pos);
                 }
@@ -535,6 +575,37 @@ fn cross_check(reports: &mut [(String, Report)]) {
             }
         }
     }
+}
+
+/// A variable the configuration reads from the proxy's environment that no proxy
+/// container among the files given sets (when some do).
+fn env_warnings(config: &Value, host_vars: &[String], all: &Defines) -> Vec<(Vec<String>, String)> {
+    let Some(known) = &all.proxy_env else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for name in host_vars.iter().filter(|n| !known.contains(*n)) {
+        // The secret that reads it, for the position.
+        let at = config
+            .get("secrets")
+            .and_then(Value::as_object)
+            .and_then(|m| {
+                m.iter()
+                    .find(|(_, v)| v.get("env").and_then(Value::as_str) == Some(name))
+            })
+            .map(|(k, _)| vec!["secrets".to_string(), pointer_escape(k), "env".into()])
+            .unwrap_or_default();
+        out.push((
+            at,
+            format!(
+                "environment variable {name:?} comes from the proxy's environment, but no \
+                 proxy container among the files given sets it (istio-proxy or envoy \
+                 container env, an EnvoyProxy's envoyDeployment.container.env): {}",
+                list(known)
+            ),
+        ));
+    }
+    out
 }
 
 /// The position of the field at `path` (pointer segments), or of the nearest enclosing
@@ -587,14 +658,14 @@ fn cross_warnings(config: &Value, all: &Defines) -> Vec<(Vec<String>, String)> {
             }
         }
     }
-    if let (Some(known), false) = (&all.clusters, all.dynamic_clusters) {
+    if let Some(known) = &all.clusters {
         for section in ["providers", "connections", "secrets", "stores"] {
             let Some(entries) = config.get(section).and_then(Value::as_object) else {
                 continue;
             };
             for (name, e) in entries {
                 if let Some(cluster) = e.get("cluster").and_then(Value::as_str) {
-                    if !known.contains(cluster) {
+                    if all.knows_kind_of(cluster) && !known.contains(cluster) {
                         let at = seg(&[section, name, "cluster"]);
                         out.push((
                             at,
@@ -625,6 +696,7 @@ fn list(names: &BTreeSet<String>) -> String {
 
 /// What a Kubernetes or Envoy document defines, into `d`.
 fn collect_defines(doc: &Value, d: &mut Defines) {
+    collect_proxy_env(doc, d);
     let spec = doc.get("spec");
     let strs = |v: Option<&Value>| -> Vec<String> {
         v.and_then(Value::as_array)
@@ -653,6 +725,7 @@ fn collect_defines(doc: &Value, d: &mut Defines) {
             }
         }
         Some("ServiceEntry") => {
+            d.service_entries = true;
             let hosts = strs(spec.and_then(|s| s.get("hosts")));
             for p in arr(spec.and_then(|s| s.get("ports"))) {
                 if let Some(n) = p.get("number").and_then(Value::as_u64) {
@@ -670,6 +743,7 @@ fn collect_defines(doc: &Value, d: &mut Defines) {
                 .and_then(Value::as_str)
                 .unwrap_or("default");
             if let Some(name) = name {
+                d.services = true;
                 for p in arr(spec.and_then(|s| s.get("ports"))) {
                     if let Some(n) = p.get("port").and_then(Value::as_u64) {
                         istio_clusters(d, n, &format!("{name}.{ns}.svc.cluster.local"));
@@ -696,6 +770,63 @@ fn collect_defines(doc: &Value, d: &mut Defines) {
     }
 }
 
+/// The environment of proxy containers anywhere in a document: a pod template's
+/// `istio-proxy` or `envoy` container, an EnvoyProxy's `envoyDeployment.container`, and
+/// the same inside a ConfigMap's YAML values (Istio's Gateway API deployment options).
+fn collect_proxy_env(v: &Value, d: &mut Defines) {
+    let env_names = |c: &Value, d: &mut Defines| {
+        for e in c.get("env").and_then(Value::as_array).into_iter().flatten() {
+            if let Some(n) = e.get("name").and_then(Value::as_str) {
+                d.env(n);
+            }
+        }
+    };
+    match v {
+        Value::Object(map) => {
+            for c in map
+                .get("containers")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if matches!(
+                    c.get("name").and_then(Value::as_str),
+                    Some("istio-proxy" | "envoy")
+                ) {
+                    env_names(c, d);
+                }
+            }
+            if let Some(c) = map.get("envoyDeployment").and_then(|e| e.get("container")) {
+                env_names(c, d);
+            }
+            if v.get("kind").and_then(Value::as_str) == Some("ConfigMap") {
+                for text in map
+                    .get("data")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flat_map(|m| m.values())
+                    .filter_map(Value::as_str)
+                {
+                    for y in YamlLoader::load_from_str(text).unwrap_or_default() {
+                        if let Ok(inner) = yaml_to_json(&y) {
+                            collect_proxy_env(&inner, d);
+                        }
+                    }
+                }
+            }
+            for child in map.values() {
+                collect_proxy_env(child, d);
+            }
+        }
+        Value::Array(items) => {
+            for child in items {
+                collect_proxy_env(child, d);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// The clusters Istio builds for a host and port: a sidecar's or gateway's outbound one,
 /// and a waypoint's `inbound-vip` ones.
 fn istio_clusters(d: &mut Defines, port: u64, host: &str) {
@@ -711,6 +842,7 @@ fn collect_envoy(v: &Value, d: &mut Defines) {
         Value::Object(map) => {
             if map.get("@type").and_then(Value::as_str) == Some(CLUSTER_TYPE) {
                 if let Some(n) = map.get("name").and_then(Value::as_str) {
+                    d.envoy_clusters = true;
                     d.cluster(n);
                 }
             }
@@ -724,6 +856,7 @@ fn collect_envoy(v: &Value, d: &mut Defines) {
             {
                 for c in cs {
                     if let Some(n) = c.get("name").and_then(Value::as_str) {
+                        d.envoy_clusters = true;
                         d.cluster(n);
                     }
                 }
@@ -847,11 +980,15 @@ fn error_path(error: &str) -> Option<Vec<String>> {
 fn check_config(place: String, text: &[u8], env: &VmEnv, opts: Options, at: At) -> Checked {
     let placeholders = RefCell::new(Vec::<String>::new());
     let unset = RefCell::new(Vec::<String>::new());
+    let host_vars = RefCell::new(Vec::<String>::new());
     let lookup = |name: &str| -> Option<String> {
         let declared = match &env.declared {
             None => Some(Declared::Host),
             Some(map) => map.get(name).cloned(),
         };
+        if env.declared.is_some() && matches!(declared, Some(Declared::Host)) {
+            host_vars.borrow_mut().push(name.to_string());
+        }
         match declared {
             Some(Declared::Inline(v)) => Some(v),
             Some(Declared::Host) if opts.process_env => std::env::var(name).ok(),
@@ -866,6 +1003,9 @@ fn check_config(place: String, text: &[u8], env: &VmEnv, opts: Options, at: At) 
         }
     };
     let result = Config::parse(text, &lookup);
+    let mut host_vars = host_vars.into_inner();
+    host_vars.sort();
+    host_vars.dedup();
     let field_pos: PosMap = match (at.map, at.structured) {
         (Some(map), true) => {
             let prefix = format!("{}/", at.base);
@@ -909,6 +1049,7 @@ fn check_config(place: String, text: &[u8], env: &VmEnv, opts: Options, at: At) 
             warnings: config.warnings.clone(),
             warning_pos: BTreeMap::new(),
             field_pos,
+            host_vars,
             notes,
         },
         Err(e) => Checked {
@@ -919,6 +1060,7 @@ fn check_config(place: String, text: &[u8], env: &VmEnv, opts: Options, at: At) 
             warnings: Vec::new(),
             warning_pos: BTreeMap::new(),
             field_pos,
+            host_vars,
             notes,
         },
     }
@@ -1370,6 +1512,7 @@ fn check_envoy_wasm(
                     warnings: Vec::new(),
                     warning_pos: BTreeMap::new(),
                     field_pos: PosMap::new(),
+                    host_vars: Vec::new(),
                     notes: Vec::new(),
                     config: None,
                 })
@@ -1960,6 +2103,58 @@ spec:
         assert!(w[0].starts_with("routes[0].match.route_name \"partner\" is not a route"));
         assert!(w[1].starts_with("providers.p.cluster \"outbound|80||login.example.com\""));
         assert!(w[1].contains("\"outbound|443||login.example.com\""));
+    }
+
+    #[test]
+    fn host_variables_are_checked_against_the_proxy_containers_given() {
+        let plugin = "kind: WasmPlugin\nmetadata: {name: latchkey}\nspec:\n  phase: AUTHZ\n  vmConfig:\n    env: [{name: A, valueFrom: HOST}, {name: B, valueFrom: HOST}]\n  pluginConfig:\n    secrets:\n      a: {env: A}\n      b: {env: B}\n";
+        let deployment = "\
+kind: ConfigMap
+data:
+  deployment: |
+    spec:
+      template:
+        spec:
+          containers:
+            - name: istio-proxy
+              env: [{name: A, value: x}]
+            - name: app
+              env: [{name: B, value: y}]
+";
+        let mut reports = vec![
+            ("p.yaml".to_string(), check(plugin)),
+            ("d.yaml".to_string(), check(deployment)),
+        ];
+        cross_check(&mut reports);
+        let c = &reports[0].1.checked[0];
+        assert_eq!(c.host_vars, vec!["A", "B"]);
+        assert_eq!(c.warnings.len(), 1, "{c:?}");
+        assert!(c.warnings[0].starts_with("environment variable \"B\" comes from the proxy's"));
+        assert_eq!(c.warning_pos[&0], Pos { line: 10, col: 11 });
+        // Without the deployment, nothing to compare with.
+        let mut alone = vec![("p.yaml".to_string(), check(plugin))];
+        cross_check(&mut alone);
+        assert!(alone[0].1.checked[0].warnings.is_empty());
+    }
+
+    #[test]
+    fn a_cluster_is_compared_with_sources_of_its_kind_only() {
+        let mut d = Defines::default();
+        collect_defines(
+            &serde_json::json!({"kind": "Service", "metadata": {"name": "gw", "namespace": "ns"},
+                                "spec": {"ports": [{"port": 80}]}}),
+            &mut d,
+        );
+        assert!(d.knows_kind_of("outbound|80||x.ns.svc.cluster.local"));
+        assert!(!d.knows_kind_of("outbound|443||login.example.com"));
+        assert!(!d.knows_kind_of("idp"));
+        collect_envoy(
+            &serde_json::json!({"static_resources": {"clusters": [{"name": "idp"}]}}),
+            &mut d,
+        );
+        assert!(d.knows_kind_of("idp"));
+        d.dynamic_clusters = true;
+        assert!(!d.knows_kind_of("idp"));
     }
 
     #[test]

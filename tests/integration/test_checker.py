@@ -290,3 +290,19 @@ def test_route_names_and_clusters_are_checked_against_the_files_given(tmp_path):
     assert cu.check("check", "--strict", str(f), *base).returncode == 1
     # Alone, the file says nothing of routes or clusters: nothing to compare with.
     assert cu.check("check", "--strict", str(f)).returncode == 0
+
+
+def test_host_variables_are_checked_against_the_proxy_containers_given(tmp_path):
+    istio = REPO_ROOT / "deploy" / "istio"
+    r = cu.check("check", "--strict", str(istio / "wasmplugin.yaml"), str(istio / "gateway.yaml"))
+    assert r.returncode == 0, r.stdout
+    plugin = yaml.safe_load((istio / "wasmplugin.yaml").read_text())
+    plugin["spec"]["vmConfig"]["env"].append({"name": "PARTNER_API_KEY_V2", "valueFrom": "HOST"})
+    plugin["spec"]["pluginConfig"]["secrets"]["partner_key"] = {"env": "PARTNER_API_KEY_V2"}
+    f = tmp_path / "wasmplugin.yaml"
+    f.write_text(yaml.safe_dump(plugin))
+    r = cu.check("check", "--strict", str(f), str(istio / "gateway.yaml"))
+    assert r.returncode == 1
+    line = _line_of(f.read_text(), "env: PARTNER_API_KEY_V2")
+    assert re.search(rf":{line}:\d+: WasmPlugin latchkey/latchkey: warning: environment variable "
+                     r'"PARTNER_API_KEY_V2" comes from the proxy\'s environment, but no proxy container', r.stdout), r.stdout
