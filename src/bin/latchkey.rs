@@ -290,6 +290,9 @@ struct Report {
 struct Defines {
     /// `Some` once a file defines routes at all.
     routes: Option<BTreeSet<String>>,
+    /// Generated route names begin with one of these (Envoy Gateway's
+    /// `httproute/<ns>/<name>/rule/<n>/…`).
+    route_prefixes: BTreeSet<String>,
     clusters: Option<BTreeSet<String>>,
     /// Envoy's clusters come from CDS: their names are not known here.
     dynamic_clusters: bool,
@@ -347,6 +350,8 @@ impl Defines {
                     .extend(t.iter().cloned());
             }
         }
+        self.route_prefixes
+            .extend(other.route_prefixes.iter().cloned());
         self.dynamic_clusters |= other.dynamic_clusters;
         self.envoy_clusters |= other.envoy_clusters;
         self.service_entries |= other.service_entries;
@@ -627,7 +632,8 @@ fn cross_warnings(config: &Value, all: &Defines) -> Vec<(Vec<String>, String)> {
         for (i, r) in routes.iter().enumerate() {
             let m = r.get("match");
             if let Some(name) = m.and_then(|m| m.get("route_name")).and_then(Value::as_str) {
-                if !known.contains(name) {
+                let generated = all.route_prefixes.iter().any(|p| name.starts_with(p));
+                if !known.contains(name) && !generated {
                     let at = seg(&["routes", &i.to_string(), "match", "route_name"]);
                     out.push((
                         at,
@@ -718,9 +724,21 @@ fn collect_defines(doc: &Value, d: &mut Defines) {
             }
         }
         Some("HTTPRoute") => {
-            for r in arr(spec.and_then(|s| s.get("rules"))) {
+            let meta = doc.get("metadata");
+            let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str);
+            let ns = meta
+                .and_then(|m| m.get("namespace"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            for (i, r) in arr(spec.and_then(|s| s.get("rules"))).iter().enumerate() {
                 if let Some(n) = r.get("name").and_then(Value::as_str) {
                     d.route(n);
+                }
+                // Envoy Gateway's generated names: httproute/<ns>/<name>/rule/<n>/match/…
+                if let Some(name) = name {
+                    d.route_prefixes
+                        .insert(format!("httproute/{ns}/{name}/rule/{i}/"));
+                    d.route(&format!("httproute/{ns}/{name}/rule/{i}"));
                 }
             }
         }
@@ -2155,6 +2173,28 @@ data:
         assert!(d.knows_kind_of("idp"));
         d.dynamic_clusters = true;
         assert!(!d.knows_kind_of("idp"));
+    }
+
+    #[test]
+    fn envoy_gateway_generated_route_names_are_known() {
+        let mut d = Defines::default();
+        collect_defines(
+            &serde_json::json!({"kind": "HTTPRoute", "metadata": {"name": "api", "namespace": "gw"},
+                                "spec": {"rules": [{"name": "partner"}, {}]}}),
+            &mut d,
+        );
+        let uses = |name: &str| {
+            cross_warnings(
+                &serde_json::json!({"routes": [{"name": "a", "match": {"route_name": name}}]}),
+                &d,
+            )
+        };
+        assert!(uses("partner").is_empty());
+        assert!(uses("httproute/gw/api/rule/1/match/0/api_example_com").is_empty());
+        assert_eq!(uses("httproute/gw/api/rule/2/match/0/x").len(), 1);
+        assert_eq!(uses("orders").len(), 1);
+        let prefix = serde_json::json!({"routes": [{"name": "a", "match": {"route_name_prefix": "httproute/gw/api/"}}]});
+        assert!(cross_warnings(&prefix, &d).is_empty());
     }
 
     #[test]
