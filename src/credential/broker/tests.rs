@@ -1202,3 +1202,43 @@ fn a_key_vault_retry_waits_twice_the_timeout_for_a_new_identity_token() {
         1
     );
 }
+
+#[test]
+fn a_paused_request_keeps_waiting_while_one_of_its_credentials_is_missing() {
+    let (mut b, loaded) = setup();
+    b.prefetch_due = false;
+    let (orders, backend) = (conn(&loaded, "orders"), conn(&loaded, "backend"));
+    let (deadline, keys) = keys_of(
+        b.resolve(&loaded, &[orders, backend], None, 0, true)
+            .unwrap(),
+    );
+    assert_eq!(keys.len(), 2);
+    let mut w = waiter(&loaded, orders, deadline, keys.clone());
+    w.needed.picks = vec![orders, backend];
+    b.wait(4, w);
+    // A second request waits on the same keys.
+    let mut w2 = waiter(&loaded, orders, deadline, keys);
+    w2.needed.picks = vec![orders, backend];
+    b.wait(5, w2);
+    b.dispatch_due(1);
+    let calls = b.proxy.take_calls();
+    assert_eq!(calls.len(), 2);
+    // Nothing moved: one read of each key for both requests, and no other look.
+    let before = b.proxy.gets.get();
+    assert!(b.due_waiters(2).is_empty());
+    assert_eq!(b.proxy.gets.get() - before, 2);
+    // One credential arrives: both look again, and keep waiting for the other.
+    let idp = calls.iter().find(|(_, c)| c.cluster == "idp").unwrap();
+    b.on_answer(idp.0, Some(200), Some(token_answer("at-1", json!({}))), 3);
+    assert!(b.due_waiters(4).is_empty());
+    assert_eq!(b.paused(), 2);
+    // The other arrives: both go on with both credentials.
+    let imds = calls.iter().find(|(_, c)| c.cluster == "imds").unwrap();
+    b.on_answer(imds.0, Some(200), Some(token_answer("mi-1", json!({}))), 5);
+    let resumed = b.due_waiters(6);
+    assert_eq!(resumed.len(), 2);
+    assert!(resumed
+        .iter()
+        .all(|r| r.outcome.verdict == crate::request::Verdict::Allowed));
+    assert_eq!(b.paused(), 0);
+}
