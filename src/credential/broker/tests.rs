@@ -1213,6 +1213,9 @@ fn a_paused_request_keeps_waiting_while_one_of_its_credentials_is_missing() {
             .unwrap(),
     );
     assert_eq!(keys.len(), 2);
+    // The two keys' CAS tokens differ (one more write of the same value).
+    let (value, _) = b.proxy.shared_get(&keys[0]).unwrap().unwrap();
+    b.proxy.shared_set(&keys[0], &value, 0).unwrap();
     let mut w = waiter(&loaded, orders, deadline, keys.clone());
     w.needed.picks = vec![orders, backend];
     b.wait(4, w);
