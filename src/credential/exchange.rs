@@ -243,6 +243,9 @@ mod tests {
         assert_eq!(ok(&format!("Bearer {t}")).unwrap().expose(), t);
         // The scheme in any case.
         assert_eq!(ok(&format!("bEARER {t}")).unwrap().expose(), t);
+        // Every base64url character, `-` and `_` included, in any segment.
+        let t2 = format!("{}-_Az09", t);
+        assert_eq!(ok(&format!("Bearer {t2}")).unwrap().expose(), t2);
         // Padding jwt_authn skips, or anything else around the JWT, is refused.
         for bad in [
             format!("Bearer ~!*{t}"),
