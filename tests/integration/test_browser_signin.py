@@ -6,7 +6,8 @@ told to refuse without PKCE); jwt_authn verifies the ID token the sign-in produc
 oauth2 filter forwards it in x-id-token) and latchkey decides from its claims. The
 browser is scripted here hop by hop: every redirect is followed by hand, cookies are kept
 the way a browser keeps them (one jar for the host 127.0.0.1, all ports, with paths and
-deletions), the IdP's login and consent forms are read from its HTML and posted.
+deletions), the IdP's login and consent forms are read from its HTML and posted
+(browser.py).
 
 The shipped file is rendered with this test's ports, the built module and SDS files for
 its two secrets (write_oauth2_secrets, also used by test_configs.py); nothing else in it
@@ -23,7 +24,6 @@ import re
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,8 @@ import jwt
 import pytest
 import yaml
 
-from harness import (LOOPBACK, REPO_ROOT, Envoy, EnvoyStartError, Response, Upstream, free_port,
-                     http_request)
+from browser import Browser, Cookie, idp_flow, location, query
+from harness import LOOPBACK, REPO_ROOT, Envoy, EnvoyStartError, Response, Upstream, free_port
 from token_servers import BROWSER_CLIENT_ID, BROWSER_CLIENT_SECRET, OidcProvider
 
 SHIPPED = REPO_ROOT / "envoy" / "browser-signin.yaml"
@@ -42,7 +42,6 @@ ACCOUNTS = {"alice": {"groups": ["billing"]}, "bob": {"groups": ["support"]}}
 CALLBACK = "/oauth2/callback"
 # What Envoy logs when a wasm VM traps (as conftest.VM_FAILURE).
 VM_FAILURE = re.compile(r"Uncaught RuntimeError|Wasm VM failed|failed: Uncaught|panicked at|Plugin configured to fail")
-MAX_IDP_HOPS = 12
 
 
 def write_oauth2_secrets(directory: Path, client_secret: str = BROWSER_CLIENT_SECRET,
@@ -84,100 +83,6 @@ def render(*, wasm: Path, listen: int, admin: int, idp_port: int, upstream_port:
         (ep,) = clusters[name]["load_assignment"]["endpoints"][0]["lb_endpoints"]
         set_port(ep["endpoint"]["address"]["socket_address"], expected, port)
     return cfg
-
-
-# --------------------------------------------------------------------------- a scripted browser
-
-
-@dataclass
-class Cookie:
-    value: str
-    path: str
-    attrs: dict[str, str]
-
-
-@dataclass
-class Hop:
-    method: str
-    url: str
-    status: int
-    location: str | None
-
-
-class Browser:
-    """What a browser does with cookies and redirects, minus the rendering.
-
-    One cookie jar for host 127.0.0.1 (cookies do not depend on the port, so Envoy's and
-    the IdP's cookies share it, as in a browser); Path is honoured, Max-Age=0 or an
-    Expires in the past deletes. `Secure` cookies are sent over http here: browsers treat
-    127.0.0.1 as a secure context too. Every request is recorded in `hops`."""
-
-    def __init__(self):
-        self.jar: dict[str, Cookie] = {}
-        self.hops: list[Hop] = []
-
-    def store(self, resp: Response) -> dict[str, Cookie]:
-        """Take the response's Set-Cookie headers; return what they set (deletions too)."""
-        set_now: dict[str, Cookie] = {}
-        for line in resp.header_values("set-cookie"):
-            first, *rest = [p.strip() for p in line.split(";")]
-            name, _, value = first.partition("=")
-            attrs = {}
-            for part in rest:
-                k, _, v = part.partition("=")
-                attrs[k.strip().lower()] = v.strip()
-            cookie = Cookie(value, attrs.get("path") or "/", attrs)
-            set_now[name] = cookie
-            if self._expired(attrs):
-                self.jar.pop(name, None)
-            else:
-                self.jar[name] = cookie
-        return set_now
-
-    @staticmethod
-    def _expired(attrs: dict[str, str]) -> bool:
-        if "max-age" in attrs:
-            return int(attrs["max-age"]) <= 0
-        if "expires" in attrs:
-            return parsedate_to_datetime(attrs["expires"]).timestamp() <= time.time()
-        return False
-
-    def cookie_header(self, path: str) -> str | None:
-        def matches(cpath: str) -> bool:
-            return (path == cpath or cpath == "/" or
-                    (path.startswith(cpath) and (cpath.endswith("/") or path[len(cpath)] == "/")))
-        pairs = [f"{n}={c.value}" for n, c in self.jar.items() if matches(c.path)]
-        return "; ".join(pairs) or None
-
-    def request(self, method: str, url: str, form: dict[str, str] | None = None,
-                headers: dict[str, str] | None = None) -> Response:
-        u = urllib.parse.urlsplit(url)
-        assert u.scheme == "http" and u.hostname == LOOPBACK, url
-        target = u.path + (f"?{u.query}" if u.query else "")
-        hdrs = dict(headers or {})
-        if (cookies := self.cookie_header(u.path)):
-            hdrs["Cookie"] = cookies
-        body = None
-        if form is not None:
-            hdrs["Content-Type"] = "application/x-www-form-urlencoded"
-            body = urllib.parse.urlencode(form)
-        resp = http_request(u.port, method, target, headers=hdrs, body=body)
-        self.hops.append(Hop(method, url, resp.status, resp.header("location")))
-        self.store(resp)
-        return resp
-
-    def get(self, url: str, **kw) -> Response:
-        return self.request("GET", url, **kw)
-
-
-def location(resp: Response, base: str) -> str:
-    loc = resp.header("location")
-    assert resp.status in (302, 303) and loc, (resp.status, resp.headers, resp.body[:300])
-    return urllib.parse.urljoin(base, loc)
-
-
-def query(url: str) -> dict[str, str]:
-    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query, keep_blank_values=True))
 
 
 # --------------------------------------------------------------------------- the stack
@@ -258,29 +163,8 @@ def sign_in(st: Stack, login: str, start_path: str = "/partner/invoices?page=2")
 
     # At the IdP: /auth -> /interaction/<uid> (login form) -> POST -> /auth/<uid>
     # -> /interaction/<uid2> (consent form) -> POST -> /auth/<uid2> -> Envoy's callback.
-    prompts: list[str] = []
-    url, resp = authorize, b.get(authorize)
-    for _ in range(MAX_IDP_HOPS):
-        if resp.status in (302, 303):
-            url = location(resp, url)
-            if url.startswith(st.base + "/"):
-                break
-            resp = b.get(url)
-            continue
-        assert resp.status == 200, (url, resp.status, resp.body[:500])
-        html = resp.body.decode()
-        action = re.search(r'<form[^>]*action="([^"]+)"', html)
-        prompt = re.search(r'name="prompt" value="([a-z]+)"', html)
-        assert action and prompt, html[:1000]
-        prompts.append(prompt.group(1))
-        form = {"prompt": prompt.group(1)}
-        if prompt.group(1) == "login":
-            form.update(login=login, password="any password: devInteractions accepts any")
-        url = urllib.parse.urljoin(url, action.group(1))
-        resp = b.request("POST", url, form=form)
-    else:
-        raise AssertionError(f"no redirect back to Envoy after {MAX_IDP_HOPS} hops: {b.hops}")
-    callback = url
+    run = idp_flow(b, authorize, login, until=lambda u: u.startswith(st.base + "/"))
+    prompts, callback = run.prompts, run.location
 
     code = query(callback)["code"]
     callback_resp = b.get(callback)

@@ -7,8 +7,10 @@ Two servers, both on 127.0.0.1 only, every wait bounded, every process stopped b
     client_credentials (JWT access tokens for ``https://api.test``, opaque ones for
     ``https://opaque.api.test``), refresh_token with rotation and reuse detection, RFC 8693
     token exchange, JWKS, introspection, revocation. Test endpoints under ``/__test/`` count
-    and record token requests and mint pre-consented refresh tokens. Needs
-    ``npm ci --prefix tests/oauth`` once.
+    and record token requests and mint pre-consented refresh tokens. Optional clients for the
+    authorization code flow with PKCE: Envoy's browser sign-in (``browser_redirect_uris``)
+    and latchkey's user-delegated connections (``consent_redirect_uris``; browser.py's
+    consent_at_idp plays the user). Needs ``npm ci --prefix tests/oauth`` once.
 
 ``FaultTokenServer``
     A FAKE token endpoint in Python, used only to inject the faults a real server will not
@@ -31,6 +33,7 @@ from __future__ import annotations
 import atexit
 import base64
 import dataclasses
+import hashlib
 import json
 import os
 import queue
@@ -60,11 +63,26 @@ NPM_INSTALL_HINT = "run `npm ci --prefix tests/oauth --no-audit --no-fund` (from
 # What tests/oauth/server.mjs registers.
 CLIENTS: dict[str, str] = {"gw-basic": "gw-basic-secret", "gw-post": "gw-post-secret"}
 CLIENT_AUTH_METHODS: dict[str, str] = {"gw-basic": "client_secret_basic",
-                                       "gw-post": "client_secret_post"}
+                                       "gw-post": "client_secret_post",
+                                       "gw-consent": "client_secret_basic",
+                                       "gw-consent-post": "client_secret_post",
+                                       "gw-browser": "client_secret_basic"}
 # The browser sign-in client, registered only when OidcProvider(browser_redirect_uris=...)
 # is given (authorization code + PKCE, client_secret_basic; not in CLIENTS).
 BROWSER_CLIENT_ID = "gw-browser"
 BROWSER_CLIENT_SECRET = "gw-browser-secret"
+# latchkey's authorization-code (user-delegated) connections: registered only when
+# OidcProvider(consent_redirect_uris=...) is given. Confidential, PKCE S256 required, grants
+# authorization_code + refresh_token; every code grant also issues a refresh token (not tied
+# to the IdP's browser session), so scope CONSENT_SCOPE alone is what latchkey must request.
+CONSENT_CLIENT_ID = "gw-consent"                 # client_secret_basic
+CONSENT_CLIENT_SECRET = "gw-consent-secret"
+CONSENT_POST_CLIENT_ID = "gw-consent-post"       # client_secret_post
+CONSENT_POST_CLIENT_SECRET = "gw-consent-post-secret"
+CONSENT_CLIENTS: dict[str, str] = {CONSENT_CLIENT_ID: CONSENT_CLIENT_SECRET,
+                                   CONSENT_POST_CLIENT_ID: CONSENT_POST_CLIENT_SECRET}
+CONSENT_CALLBACK_PATH = "/.latchkey/callback"
+CONSENT_SCOPE = "orders.read"
 DEFAULT_RESOURCE = "https://api.test"          # JWT access tokens, the default resource
 OPAQUE_RESOURCE = "https://opaque.api.test"    # opaque (introspectable) access tokens
 RESOURCE_SCOPES = ("orders.read", "orders.write")
@@ -80,6 +98,25 @@ MAX_DELAY_S = 120.0
 def _form_encode(fields: dict[str, Any] | list[tuple[str, Any]]) -> str:
     items = fields.items() if isinstance(fields, dict) else fields
     return urllib.parse.urlencode([(k, v) for k, v in items if v is not None])
+
+
+def client_secret(client_id: str) -> str:
+    """The registered secret of a client of server.mjs ("" for an unknown one)."""
+    return {**CLIENTS, **CONSENT_CLIENTS, BROWSER_CLIENT_ID: BROWSER_CLIENT_SECRET}.get(client_id, "")
+
+
+def pkce_pair(length: int = 64) -> tuple[str, str]:
+    """(code_verifier, code_challenge) for PKCE S256 (RFC 7636 §4.1-4.2): a random verifier of
+    `length` (43..128) unreserved characters and base64url(SHA-256(verifier)) unpadded."""
+    if not 43 <= length <= 128:
+        raise ValueError("a code_verifier has 43 to 128 characters")
+    verifier = base64.urlsafe_b64encode(os.urandom(96)).rstrip(b"=").decode()[:length]
+    return verifier, pkce_challenge(verifier)
+
+
+def pkce_challenge(verifier: str) -> str:
+    """base64url(SHA-256(verifier)) without padding (code_challenge_method S256)."""
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
 
 
 def basic_auth_header(client_id: str, secret: str) -> str:
@@ -178,7 +215,10 @@ class OidcProvider:
     register the browser sign-in client BROWSER_CLIENT_ID with these redirect URIs and turn
     on oidc-provider's login and consent forms (/interaction/<uid>; see server.mjs).
     ``accounts``: extra claims per account id, e.g. {"alice": {"groups": ["billing"]}}
-    (released with scope ``groups``). ``startup_timeout``:
+    (released with scope ``groups``). ``consent_redirect_uris``: register latchkey's
+    authorization-code clients CONSENT_CLIENT_ID / CONSENT_POST_CLIENT_ID with these redirect
+    URIs (latchkey's ``consent.redirect_uri``, path CONSENT_CALLBACK_PATH) and turn on the
+    same login and consent forms (with or without ``browser_redirect_uris``). ``startup_timeout``:
     how long node may take to print READY, not counting time this process was suspended
     (see harness.StartupDeadline); a failure stops node first, then reports its state, how
     it ended, its stdout (read to the end) and its stderr.
@@ -190,7 +230,8 @@ class OidcProvider:
                  startup_timeout: float = 30.0, env: dict[str, str] | None = None,
                  log_dir: str | os.PathLike | None = None,
                  browser_redirect_uris: list[str] | None = None,
-                 accounts: dict[str, dict[str, Any]] | None = None):
+                 accounts: dict[str, dict[str, Any]] | None = None,
+                 consent_redirect_uris: list[str] | None = None):
         self.ttl = int(ttl)
         self.exchange_ttl = exchange_ttl
         self.refresh_ttl = refresh_ttl
@@ -203,6 +244,7 @@ class OidcProvider:
         self.log_dir = Path(log_dir) if log_dir else None
         self.browser_redirect_uris = list(browser_redirect_uris or [])
         self.accounts = accounts
+        self.consent_redirect_uris = list(consent_redirect_uris or [])
         self.proc: subprocess.Popen | None = None
         self._port: int | None = None
         self._stderr_file = None
@@ -253,6 +295,8 @@ class OidcProvider:
                                          else json.dumps(self.subject_jwks))
         if self.browser_redirect_uris:
             env["OAUTH_BROWSER_REDIRECT_URIS"] = " ".join(self.browser_redirect_uris)
+        if self.consent_redirect_uris:
+            env["OAUTH_CONSENT_REDIRECT_URIS"] = " ".join(self.consent_redirect_uris)
         if self.accounts is not None:
             env["OAUTH_ACCOUNTS"] = json.dumps(self.accounts)
         if self.debug:
@@ -481,6 +525,22 @@ class OidcProvider:
     def jwks_url(self) -> str:
         return self.issuer + "/jwks"
 
+    @property
+    def authorization_endpoint(self) -> str:
+        return self.issuer + "/auth"
+
+    def authorization_url(self, *, redirect_uri: str, state: str, code_challenge: str | None,
+                          scope: str | None = CONSENT_SCOPE, client_id: str = CONSENT_CLIENT_ID,
+                          code_challenge_method: str | None = "S256", **extra: Any) -> str:
+        """An authorization-code request URL, built as latchkey's login answer builds it
+        (response_type=code, client_id, redirect_uri, scope, state, PKCE; `extra` params
+        appended, None values left out)."""
+        params = {"response_type": "code", "client_id": client_id, "redirect_uri": redirect_uri,
+                  "scope": scope, "state": state, "code_challenge": code_challenge,
+                  "code_challenge_method": code_challenge_method if code_challenge else None,
+                  **extra}
+        return self.authorization_endpoint + "?" + _form_encode(params)
+
     # -- HTTP helpers
     def _get_json(self, path: str) -> Any:
         resp = http_request(self.port, "GET", path, timeout=10)
@@ -560,7 +620,7 @@ class OidcProvider:
         fields = dict(form)
         hdrs = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
         if client_id is not None:
-            secret = CLIENTS.get(client_id, "") if secret is None else secret
+            secret = client_secret(client_id) if secret is None else secret
             method = auth or ("post" if CLIENT_AUTH_METHODS.get(client_id) == "client_secret_post"
                               else "basic")
             if method == "basic":
@@ -586,6 +646,28 @@ class OidcProvider:
         return self.token_request({"grant_type": "refresh_token",
                                    "refresh_token": refresh_token, **form}, client_id)
 
+    def redeem_code(self, code: str, redirect_uri: str, code_verifier: str | None,
+                    client_id: str = CONSENT_CLIENT_ID, **form: Any) -> TokenResponse:
+        """grant_type=authorization_code (code_verifier None: left out)."""
+        return self.token_request({"grant_type": "authorization_code", "code": code,
+                                   "redirect_uri": redirect_uri, "code_verifier": code_verifier,
+                                   **form}, client_id)
+
+    def revoke(self, token: str, client_id: str = CONSENT_CLIENT_ID,
+               token_type_hint: str | None = "refresh_token", secret: str | None = None) -> int:
+        """RFC 7009 revocation as `client_id` (its registered authentication); the status
+        (200 also for an unknown token, as the RFC says)."""
+        secret = client_secret(client_id) if secret is None else secret
+        hdrs = {"Content-Type": "application/x-www-form-urlencoded"}
+        fields: dict[str, Any] = {"token": token, "token_type_hint": token_type_hint}
+        if CLIENT_AUTH_METHODS.get(client_id) == "client_secret_post":
+            fields = {"client_id": client_id, "client_secret": secret, **fields}
+        else:
+            hdrs["Authorization"] = basic_auth_header(client_id, secret)
+        resp = http_request(self.port, "POST", "/token/revocation", headers=hdrs,
+                            body=_form_encode(fields), timeout=10)
+        return resp.status
+
     def exchange(self, subject_token: str, client_id: str = "gw-basic",
                  subject_token_type: str = TOKEN_TYPE_JWT, **form: Any) -> TokenResponse:
         return self.token_request({"grant_type": TOKEN_EXCHANGE_GRANT,
@@ -596,7 +678,7 @@ class OidcProvider:
                    secret: str | None = None) -> dict[str, Any]:
         """RFC 7662 introspection of an opaque access token or a refresh token. (JWT access
         tokens are not stored: oidc-provider answers 400 unsupported_token_type for them.)"""
-        secret = CLIENTS.get(client_id, "") if secret is None else secret
+        secret = client_secret(client_id) if secret is None else secret
         resp = http_request(self.port, "POST", "/token/introspection",
                             headers={"Content-Type": "application/x-www-form-urlencoded",
                                      "Authorization": basic_auth_header(client_id, secret)},

@@ -32,6 +32,27 @@
 //                            form (POST prompt=consent). Scope `groups` releases the account's
 //                            `groups` claim, also in the ID token.
 //   OAUTH_BROWSER_CLIENT_ID / OAUTH_BROWSER_CLIENT_SECRET   (default gw-browser / gw-browser-secret)
+// User-delegated connections (latchkey's own authorization-code consent), off unless
+// OAUTH_CONSENT_REDIRECT_URIS is set (independent of OAUTH_BROWSER_REDIRECT_URIS; either one
+// turns on the devInteractions login and consent forms described above):
+//   OAUTH_CONSENT_REDIRECT_URIS  redirect URIs (space- or comma-separated, e.g. latchkey's
+//                            http://127.0.0.1:<envoy port>/.latchkey/callback): registers the
+//                            confidential clients gw-consent (client_secret_basic) and
+//                            gw-consent-post (client_secret_post), both: response_type code,
+//                            grants authorization_code + refresh_token, PKCE S256 required,
+//                            scopes `openid offline_access orders.read orders.write`.
+//                            A refresh token is issued on every authorization_code grant of
+//                            these clients (issueRefreshToken hook), so `scope=orders.read`
+//                            alone is enough (no offline_access, no prompt=consent), and it
+//                            does not end with the IdP browser session (expiresWithSession
+//                            hook). Access tokens: JWTs for https://api.test, sub = the
+//                            account that signed in. Rotation as for every client: a refresh
+//                            returns a new refresh token; presenting the old one again is
+//                            invalid_grant AND revokes the whole grant (reuse detection), so
+//                            the newest one stops working too. The authorization response
+//                            (success or error) always carries `iss` (RFC 9207).
+//   OAUTH_CONSENT_CLIENT_SECRET / OAUTH_CONSENT_POST_CLIENT_SECRET
+//                            (default gw-consent-secret / gw-consent-post-secret)
 //   OAUTH_ACCOUNTS           JSON {"<account>": {<claims>}}, e.g. {"alice": {"groups": ["billing"]}}:
 //                            extra claims of those accounts, released where a scope maps them
 //                            (scope `groups`: `groups`). Default: none; every account id is
@@ -39,7 +60,8 @@
 //
 // Clients (static): gw-basic / gw-basic-secret (client_secret_basic),
 //                   gw-post / gw-post-secret (client_secret_post),
-//                   gw-browser (only with OAUTH_BROWSER_REDIRECT_URIS, above).
+//                   gw-browser (only with OAUTH_BROWSER_REDIRECT_URIS, above),
+//                   gw-consent, gw-consent-post (only with OAUTH_CONSENT_REDIRECT_URIS, above).
 // Resources: https://api.test (JWT access tokens, the default resource) and
 //            https://opaque.api.test (opaque access tokens, introspectable); both carry the
 //            scopes `orders.read orders.write`.
@@ -95,6 +117,13 @@ const BROWSER_REDIRECT_URIS = (process.env.OAUTH_BROWSER_REDIRECT_URIS || '').sp
 const BROWSER = BROWSER_REDIRECT_URIS.length > 0;
 const BROWSER_CLIENT_ID = process.env.OAUTH_BROWSER_CLIENT_ID || 'gw-browser';
 const BROWSER_CLIENT_SECRET = process.env.OAUTH_BROWSER_CLIENT_SECRET || 'gw-browser-secret';
+const CONSENT_REDIRECT_URIS = (process.env.OAUTH_CONSENT_REDIRECT_URIS || '').split(/[\s,]+/).filter(Boolean);
+const CONSENT = CONSENT_REDIRECT_URIS.length > 0;
+const CONSENT_CLIENT_SECRET = process.env.OAUTH_CONSENT_CLIENT_SECRET || 'gw-consent-secret';
+const CONSENT_POST_CLIENT_SECRET = process.env.OAUTH_CONSENT_POST_CLIENT_SECRET || 'gw-consent-post-secret';
+const CONSENT_CLIENTS = new Set(CONSENT ? ['gw-consent', 'gw-consent-post'] : []);
+// Clients that must send PKCE (S256) although they are confidential.
+const PKCE_CLIENTS = new Set([...(BROWSER ? [BROWSER_CLIENT_ID] : []), ...CONSENT_CLIENTS]);
 let ACCOUNTS = {};
 if (process.env.OAUTH_ACCOUNTS) {
   try {
@@ -238,7 +267,7 @@ const configuration = {
     claims: async () => ({ ...(Object.hasOwn(ACCOUNTS, id) ? ACCOUNTS[id] : {}), sub: id }),
   }),
   features: {
-    devInteractions: { enabled: BROWSER },
+    devInteractions: { enabled: BROWSER || CONSENT },
     clientCredentials: { enabled: true },
     introspection: { enabled: true, allowedPolicy: async () => true },
     revocation: { enabled: true },
@@ -285,15 +314,46 @@ if (BROWSER) {
     redirect_uris: BROWSER_REDIRECT_URIS,
     scope: 'openid offline_access groups',
   });
-  configuration.pkce = {
-    required: (_ctx, client) => client.clientAuthMethod === 'none' || client.clientId === BROWSER_CLIENT_ID,
-  };
   configuration.scopes.push('groups');
   configuration.claims = {
     acr: null, sid: null, auth_time: null, iss: null, openid: ['sub'], groups: ['groups'],
   };
   // The scope's claims go into the ID token too (not only /me): the gateway reads them there.
   configuration.conformIdTokenClaims = false;
+}
+
+if (CONSENT) {
+  // latchkey's authorization-code connections (SPEC "User-delegated connections").
+  const consentClient = {
+    response_types: ['code'],
+    grant_types: ['authorization_code', 'refresh_token'],
+    redirect_uris: CONSENT_REDIRECT_URIS,
+    scope: 'openid offline_access orders.read orders.write',
+  };
+  configuration.clients.push(
+    {
+      ...consentClient, client_id: 'gw-consent', client_secret: CONSENT_CLIENT_SECRET, token_endpoint_auth_method: 'client_secret_basic',
+    },
+    {
+      ...consentClient, client_id: 'gw-consent-post', client_secret: CONSENT_POST_CLIENT_SECRET, token_endpoint_auth_method: 'client_secret_post',
+    },
+  );
+  // oidc-provider's defaults: a refresh token only with scope offline_access (which it drops
+  // from an authorization request without prompt=consent), bound to the IdP session without
+  // it. For these clients: always a refresh token, never bound to the browser session.
+  configuration.issueRefreshToken = async (_ctx, client, code) => client.grantTypeAllowed('refresh_token')
+    && (CONSENT_CLIENTS.has(client.clientId) || code.scopes.has('offline_access'));
+  configuration.expiresWithSession = async (ctx, code) => !CONSENT_CLIENTS.has(ctx.oidc.client.clientId)
+    && !code.scopes.has('offline_access');
+}
+
+if (PKCE_CLIENTS.size) {
+  // Confidential clients, so oidc-provider would not require PKCE by default; required here,
+  // so a flow that works proves the client sent code_challenge (S256, the only method
+  // oidc-provider accepts) and code_verifier.
+  configuration.pkce = {
+    required: (_ctx, client) => client.clientAuthMethod === 'none' || PKCE_CLIENTS.has(client.clientId),
+  };
 }
 
 // Bind first (port 0 allowed), then build the provider with the real issuer.
