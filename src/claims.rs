@@ -78,6 +78,14 @@ impl Binding {
         })))
     }
 
+    /// The token's issuer (`iss`), when it is a string.
+    pub fn issuer(&self) -> Option<&str> {
+        match &self.0[0] {
+            Some(('s', iss)) => Some(iss),
+            _ => None,
+        }
+    }
+
     /// Whether any binding claim is present (a payload with none binds nothing).
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(Option::is_none)

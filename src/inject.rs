@@ -355,6 +355,7 @@ mod tests {
             strip: strip.iter().map(|s| s.to_string()).collect(),
             drop_token_on_401: true,
             needs_claims: true,
+            binds_caller: false,
         }
     }
 

@@ -19,6 +19,7 @@
 
 pub mod claims;
 pub mod config;
+pub mod consent;
 pub mod credential;
 pub mod discovery;
 pub mod inject;

@@ -15,12 +15,15 @@
 //! token must be exactly the JWT `jwt_authn` verified (else 401).
 
 use crate::claims::Identity;
-use crate::config::{ClaimsSource, Config, Credential, Grant};
+use crate::config::{
+    ClaimsSource, Config, Connection, Consent, Credential, Grant, Provider, ProviderKind,
+};
+use crate::consent::{self, Endpoint, State};
 use crate::credential::exchange::verified_subject;
 use crate::discovery::Index;
 use crate::inject::{self, Edit, Resolved};
-use crate::policy::{decide, Decision, Denial};
-use crate::response::{reply, LocalReply, Refusal};
+use crate::policy::{admits, decide, Decision, Denial};
+use crate::response::{self, reply, LocalReply, Refusal};
 use crate::router::RequestInfo;
 use crate::secret::Secret;
 
@@ -32,6 +35,10 @@ pub trait Lazy {
     fn route_name(&mut self) -> Result<Option<Vec<u8>>, HostFault>;
     /// The request's dynamic metadata (serialized `Metadata`).
     fn metadata(&mut self) -> Result<Option<Vec<u8>>, HostFault>;
+    /// The clock, ms since the epoch (consent states expire).
+    fn now_ms(&mut self) -> Result<u64, HostFault>;
+    /// 64 unpredictable bits (a consent state's nonce).
+    fn random(&mut self) -> u64;
 }
 
 /// How a request ended: each knows its access-log label, its counter and, for
@@ -62,6 +69,16 @@ pub enum Verdict {
     Internal,
     /// The discovery document: 200.
     Discovery,
+    /// authorization_code without consent: 403 with the login URL.
+    ConsentRequired,
+    /// A consent login: 302 to the provider.
+    ConsentLogin,
+    /// A consent callback stored its refresh token (302 to `return_to`, or 200).
+    ConsentConnected,
+    /// A consent endpoint refused the request (JSON with a reason).
+    ConsentFailed,
+    /// A consent was taken back: 200.
+    ConsentDisconnected,
 }
 
 impl Verdict {
@@ -81,6 +98,11 @@ impl Verdict {
             Verdict::PausedLimit => "paused_limit",
             Verdict::Internal => "internal_error",
             Verdict::Discovery => "discovery",
+            Verdict::ConsentRequired => "consent_required",
+            Verdict::ConsentLogin => "consent_login",
+            Verdict::ConsentConnected => "consent_connected",
+            Verdict::ConsentFailed => "consent_failed",
+            Verdict::ConsentDisconnected => "consent_disconnected",
         }
     }
 
@@ -99,6 +121,11 @@ impl Verdict {
             Verdict::PausedLimit => "latchkey_paused_limit",
             Verdict::Internal => "latchkey_internal_error",
             Verdict::Discovery => "latchkey_discovery",
+            Verdict::ConsentRequired => "latchkey_consent_required",
+            Verdict::ConsentLogin => "latchkey_consent_login",
+            Verdict::ConsentConnected => "latchkey_consent_connected",
+            Verdict::ConsentFailed => "latchkey_consent_failed",
+            Verdict::ConsentDisconnected => "latchkey_consent_disconnected",
         }
     }
 
@@ -171,6 +198,8 @@ pub struct Needed {
     pub picks: Vec<usize>,
     /// Token exchange: the verified JWT (the subject token).
     pub subject: Option<Secret>,
+    /// Per-user consent: who the caller is ([`consent::caller_hash`]).
+    pub caller: Option<Secret>,
     /// Edits decided already (claims and cluster headers removed).
     pub edits: Vec<Edit>,
 }
@@ -180,6 +209,8 @@ pub struct Needed {
 pub enum Step {
     Done(Outcome),
     Needs(Needed),
+    /// A consent callback or disconnect: calls to make before answering.
+    Consent(Task),
 }
 
 /// The request's first look: from its headers (`(name, value)` as Envoy holds
@@ -202,6 +233,15 @@ pub fn start(
     if let (Some(dp), Some(index)) = (&config.discovery, discovery) {
         if (method == "GET" || method == "HEAD") && path_only == dp.as_bytes() {
             return answer_discovery(config, index, headers, lazy).map(Step::Done);
+        }
+    }
+    if let Some(c) = &config.consent {
+        if let Some(e) = consent::endpoint(config, c, method, path_only) {
+            let query = full_path
+                .splitn(2, |&b| b == b'?')
+                .nth(1)
+                .unwrap_or_default();
+            return consent_endpoint(config, c, e, query, headers, lazy);
         }
     }
     let route_name = if config.router.needs_route_name() {
@@ -241,16 +281,11 @@ pub fn start(
         inject::remove_all(name, sent(), &mut edits);
     }
 
-    let exchanges = route.is_some_and(|r| {
-        r.inject
-            .iter()
-            .any(|i| i.connections.iter().any(|&c| is_exchange(config, c)))
-    });
     let identity = match route {
         // No route, or only public policies on it: who the caller is changes nothing.
         None => None,
         Some(r) if !r.needs_claims => None,
-        Some(_) => match read_identity(config, headers, exchanges, lazy)? {
+        Some(r) => match read_identity(config, headers, r.binds_caller, lazy)? {
             Ok(identity) => identity,
             Err(e) => {
                 let outcome =
@@ -308,12 +343,293 @@ pub fn start(
     } else {
         None
     };
+    let per_user = picks
+        .iter()
+        .any(|&c| config.connection(c).is_some_and(consent::is_per_user));
+    let caller = match (per_user, identity.as_ref().and_then(caller_of)) {
+        (false, _) => None,
+        (true, Some(h)) => Some(Secret::new(h)),
+        // A per-user connection needs to know who the caller is.
+        (true, None) => {
+            let outcome =
+                Outcome::refused(Verdict::DeniedUnauthenticated, config, Some(route_i), edits);
+            return Ok(Step::Done(
+                outcome.because("401: no subject to key a per-user consent"),
+            ));
+        }
+    };
     Ok(Step::Needs(Needed {
         route: route_i,
         picks,
         subject,
+        caller,
         edits,
     }))
+}
+
+/// The caller's [`consent::caller_hash`]: their token's `iss` and their subject.
+fn caller_of(id: &Identity) -> Option<String> {
+    let sub = id.subject().filter(|s| !s.is_empty())?;
+    let iss = id.binding().and_then(|b| b.issuer()).unwrap_or("");
+    Some(consent::caller_hash(iss, sub))
+}
+
+/// No consent for `connection`: 403 with where to sign in.
+pub fn consent_required(config: &Config, needed: Needed, connection: usize) -> Outcome {
+    let conn = config.connection(connection);
+    let name = conn.map_or("", |c| c.name.as_str());
+    let login = match (&config.consent, conn) {
+        (Some(c), Some(conn)) => consent::login_path(c, conn),
+        _ => String::new(),
+    };
+    let route_name = config.route(needed.route).map(|r| r.name.as_str());
+    let refusal = Refusal::ConsentRequired {
+        connection: name,
+        login_url: &login,
+    };
+    Outcome {
+        reply: Some(reply(refusal, route_name)),
+        picks: needed.picks,
+        ..Outcome::new(Verdict::ConsentRequired, Some(needed.route), needed.edits)
+    }
+}
+
+/// A consent callback or disconnect, once its calls are made: what to do.
+#[derive(Debug)]
+pub struct Task {
+    pub connection: usize,
+    /// [`consent::caller_hash`], or [`consent::SHARED`] for a shared connection.
+    pub record: String,
+    pub kind: TaskKind,
+}
+
+#[derive(Debug)]
+pub enum TaskKind {
+    /// Redeem the code (with its PKCE verifier) and store the refresh token.
+    Connect {
+        code: Secret,
+        verifier: Secret,
+        return_to: Option<String>,
+        /// The state's nonce and expiry: a state is accepted once per proxy.
+        nonce: String,
+        expires_ms: u64,
+    },
+    /// Remove the record, and revoke its refresh token at the provider.
+    Disconnect,
+}
+
+/// A consent endpoint failed: `status` with `{"error": "consent_failed", "reason": …}`.
+pub fn consent_failed(status: u32, reason: &'static str, connection: Option<&str>) -> Outcome {
+    let body = match connection {
+        Some(c) => {
+            serde_json::json!({ "error": "consent_failed", "reason": reason, "connection": c })
+        }
+        None => serde_json::json!({ "error": "consent_failed", "reason": reason }),
+    };
+    let mut r = response::json(status, body);
+    if status == 503 {
+        r.headers.push(("retry-after", "1".to_string()));
+    }
+    Outcome {
+        reply: Some(r),
+        ..Outcome::new(Verdict::ConsentFailed, None, Vec::new())
+    }
+    .because(format!("consent: {status} {reason}"))
+}
+
+/// A consent callback stored its refresh token: back to `return_to`, or a small JSON answer.
+pub fn consent_connected(connection: &str, return_to: Option<String>) -> Outcome {
+    let r = match return_to {
+        Some(url) => response::redirect(url),
+        None => response::json(200, serde_json::json!({ "connected": connection })),
+    };
+    Outcome {
+        reply: Some(r),
+        ..Outcome::new(Verdict::ConsentConnected, None, Vec::new())
+    }
+}
+
+/// A consent was taken back (`revoked`: at the provider too).
+pub fn consent_disconnected(connection: &str, revoked: bool) -> Outcome {
+    let body = serde_json::json!({ "disconnected": connection, "revoked": revoked });
+    Outcome {
+        reply: Some(response::json(200, body)),
+        ..Outcome::new(Verdict::ConsentDisconnected, None, Vec::new())
+    }
+}
+
+/// A request to a consent endpoint (SPEC v1.2): a login is answered at once;
+/// a callback or disconnect becomes a [`Task`] once it is checked.
+fn consent_endpoint(
+    config: &Config,
+    c: &Consent,
+    endpoint: Endpoint,
+    query: &[u8],
+    headers: &[(&str, &[u8])],
+    lazy: &mut impl Lazy,
+) -> Result<Step, HostFault> {
+    let done = |o: Outcome| Ok(Step::Done(o));
+    let connection_of = |i: usize| config.connection(i);
+    let i = match endpoint {
+        Endpoint::Unknown => return done(consent_failed(404, "not_found", None)),
+        Endpoint::Login(i) | Endpoint::Disconnect(i) => Some(i),
+        Endpoint::Callback => None,
+    };
+    let identity = match read_identity(config, headers, true, lazy)? {
+        Ok(id) => id,
+        Err(e) => {
+            return done(
+                Outcome::refused(Verdict::DeniedBadClaims, config, None, Vec::new())
+                    .because(format!("401: {e}")),
+            )
+        }
+    };
+    let Some(caller) = identity.as_ref().and_then(caller_of) else {
+        return done(
+            Outcome::refused(Verdict::DeniedUnauthenticated, config, None, Vec::new())
+                .because("401: a consent endpoint needs a signed-in caller"),
+        );
+    };
+    // Who may consent: the connection's access (per-user) or its consent access (shared).
+    let may_consent = |conn: &Connection| match &conn.credential {
+        Credential::OAuth2(o) => match &o.grant {
+            Grant::AuthorizationCode { per_user: true, .. } => conn
+                .access
+                .as_ref()
+                .is_some_and(|a| admits(a, identity.as_ref())),
+            Grant::AuthorizationCode {
+                consent: Some(a), ..
+            } => admits(a, identity.as_ref()),
+            _ => false,
+        },
+        _ => false,
+    };
+    let record_of = |conn: &Connection| {
+        if consent::is_per_user(conn) {
+            caller.clone()
+        } else {
+            consent::SHARED.to_string()
+        }
+    };
+    if let Some(i) = i {
+        let Some(conn) = connection_of(i) else {
+            return done(consent_failed(404, "not_found", None));
+        };
+        if !may_consent(conn) {
+            return done(
+                Outcome::refused(Verdict::DeniedForbidden, config, None, Vec::new()).because(
+                    format!("403: {} may not consent to {}", "caller", conn.name),
+                ),
+            );
+        }
+        if matches!(endpoint, Endpoint::Disconnect(_)) {
+            return Ok(Step::Consent(Task {
+                connection: i,
+                record: record_of(conn),
+                kind: TaskKind::Disconnect,
+            }));
+        }
+        // The login: a signed state, and the 302 to the provider.
+        let return_to = match login_return_to(query) {
+            Ok(None) => None,
+            Ok(Some(r)) => match consent::allowed_return_to(&c.return_to, &r) {
+                Some(r) => Some(r),
+                None => return done(consent_failed(400, "return_to", Some(&conn.name))),
+            },
+            Err(()) => return done(consent_failed(400, "bad_request", Some(&conn.name))),
+        };
+        let now = lazy.now_ms()?;
+        let state = State {
+            connection: conn.name.clone(),
+            caller,
+            nonce: format!("{:016x}{:016x}", lazy.random(), lazy.random()),
+            expires_ms: now + consent::STATE_TTL_MS,
+            return_to,
+        };
+        let signed = consent::sign_state(&c.state_key, &state);
+        let Some(location) = consent::login_location(config, c, conn, &state, &signed) else {
+            return done(internal(config, None));
+        };
+        return done(Outcome {
+            reply: Some(response::redirect(location)),
+            picks: vec![i],
+            ..Outcome::new(Verdict::ConsentLogin, None, Vec::new())
+        });
+    }
+    // The callback.
+    let Some(params) = consent::callback_params(query) else {
+        return done(consent_failed(400, "bad_request", None));
+    };
+    let Some(state_text) = params.state.as_deref() else {
+        return done(consent_failed(400, "bad_request", None));
+    };
+    let now = lazy.now_ms()?;
+    let state = match consent::verify_state(&c.state_key, state_text, now) {
+        Ok(s) => s,
+        Err(e) => return done(consent_failed(400, e.reason(), None)),
+    };
+    let Some((i, conn)) = config
+        .connections
+        .iter()
+        .enumerate()
+        .find(|(_, k)| k.name == state.connection && consent::is_delegated(k))
+    else {
+        return done(consent_failed(400, "state_invalid", None));
+    };
+    // Session binding: the caller finishing the login is the one who started it.
+    if state.caller != caller {
+        return done(consent_failed(403, "wrong_caller", Some(&conn.name)));
+    }
+    if !may_consent(conn) {
+        return done(consent_failed(403, "wrong_caller", Some(&conn.name)));
+    }
+    if let Some(Provider {
+        kind: ProviderKind::OAuth2(p),
+        ..
+    }) = config.provider_of(conn)
+    {
+        if let Some(issuer) = &p.issuer {
+            if params.iss.as_deref() != Some(issuer.as_str()) {
+                return done(consent_failed(400, "wrong_issuer", Some(&conn.name)));
+            }
+        }
+    }
+    if let Some(e) = params.error.as_deref() {
+        let reason = if e == "access_denied" {
+            "access_denied"
+        } else {
+            "bad_request"
+        };
+        return done(consent_failed(400, reason, Some(&conn.name)));
+    }
+    let Some(code) = params.code.filter(|c| !c.expose().is_empty()) else {
+        return done(consent_failed(400, "bad_request", Some(&conn.name)));
+    };
+    Ok(Step::Consent(Task {
+        connection: i,
+        record: record_of(conn),
+        kind: TaskKind::Connect {
+            code,
+            verifier: consent::pkce_verifier(&c.state_key, &state.nonce),
+            return_to: state.return_to,
+            nonce: state.nonce,
+            expires_ms: state.expires_ms,
+        },
+    }))
+}
+
+/// A login's `return_to` (at most once), or `Err` when it is repeated.
+fn login_return_to(query: &[u8]) -> Result<Option<String>, ()> {
+    let mut found = None;
+    for (k, v) in url::form_urlencoded::parse(query) {
+        if k == "return_to" {
+            if found.is_some() {
+                return Err(());
+            }
+            found = Some(v.into_owned());
+        }
+    }
+    Ok(found)
 }
 
 /// The outcome once every credential is resolved (one per inject entry, in

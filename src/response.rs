@@ -24,6 +24,12 @@ pub enum Refusal<'a> {
     Internal,
     /// No configuration is loaded: nothing can be decided, so nothing is forwarded.
     NotConfigured,
+    /// 403: an authorization_code connection nobody (or not this caller)
+    /// consented to: where to sign in.
+    ConsentRequired {
+        connection: &'a str,
+        login_url: &'a str,
+    },
     /// 400: the path reads differently to different servers, or is malformed
     /// (`reason` is one of `PathRefusal::reason`'s names).
     BadPath {
@@ -40,6 +46,7 @@ pub fn reply(refusal: Refusal, route: Option<&str>) -> LocalReply {
         Refusal::Internal => (500, "internal_error"),
         Refusal::NotConfigured => (503, "not_configured"),
         Refusal::BadPath { .. } => (400, "bad_request"),
+        Refusal::ConsentRequired { .. } => (403, "consent_required"),
     };
     // Written by hand to keep the documented key order; values JSON-escaped.
     let mut body = format!("{{\"error\":{}", quote(error));
@@ -64,6 +71,15 @@ pub fn reply(refusal: Refusal, route: Option<&str>) -> LocalReply {
             body.push_str(",\"reason\":");
             body.push_str(&quote(reason));
         }
+        Refusal::ConsentRequired {
+            connection,
+            login_url,
+        } => {
+            body.push_str(",\"connection\":");
+            body.push_str(&quote(connection));
+            body.push_str(",\"login_url\":");
+            body.push_str(&quote(login_url));
+        }
         Refusal::NotConfigured => headers.push(("retry-after", "5".to_string())),
         _ => {}
     }
@@ -72,6 +88,30 @@ pub fn reply(refusal: Refusal, route: Option<&str>) -> LocalReply {
         status,
         headers,
         body,
+    }
+}
+
+/// One of latchkey's own JSON answers outside the refusals (consent endpoints).
+pub fn json(status: u32, body: serde_json::Value) -> LocalReply {
+    LocalReply {
+        status,
+        headers: vec![
+            ("content-type", "application/json".to_string()),
+            ("cache-control", "no-store".to_string()),
+        ],
+        body: body.to_string(),
+    }
+}
+
+/// A 302 to `location` (a login, or back to `return_to`), never cached.
+pub fn redirect(location: String) -> LocalReply {
+    LocalReply {
+        status: 302,
+        headers: vec![
+            ("location", location),
+            ("cache-control", "no-store".to_string()),
+        ],
+        body: String::new(),
     }
 }
 

@@ -37,6 +37,8 @@ pub struct Runtime {
     /// dropped on an upstream 401 by any worker moves it, and every VM's copies
     /// are then dropped before the next request uses one.
     pub copy_generation: std::cell::Cell<u32>,
+    /// Consent states used on this proxy (`consent::Used`), with a `consent` section.
+    pub used_states_key: Option<String>,
 }
 
 /// An always-empty shared-data key whose CAS moves whenever a worker drops a
@@ -134,7 +136,8 @@ impl Runtime {
                 };
                 let key = crate::credential::keys::token_key(namespace, &config, c)?;
                 let refresh = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::RefreshToken(_)));
-                let exchange = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. }));
+                // Per caller: token exchange (by subject token) and per-user consent (by caller).
+                let exchange = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. } | Grant::AuthorizationCode { per_user: true, .. }));
                 let rt_key = refresh.then(|| format!("{key}.rt"));
                 let slot = TokenSlot {
                     key,
@@ -186,6 +189,14 @@ impl Runtime {
             precreate(p, COPY_GENERATION);
         }
         let copy_generation = std::cell::Cell::new(Runtime::read_copy_generation(p).unwrap_or(0));
+        let used_states_key = config.consent.as_ref().map(|_| {
+            let k = format!(
+                "latchkey.v1.{}.consent.used",
+                crate::credential::keys::key_namespace(namespace)
+            );
+            precreate(p, &k);
+            k
+        });
         let discovery = config
             .discovery
             .as_ref()
@@ -200,6 +211,7 @@ impl Runtime {
             token_copies,
             discovery,
             copy_generation,
+            used_states_key,
         }
     }
 }

@@ -94,6 +94,8 @@ pub struct Stats {
     /// Refused at once: this worker already held `max_paused_requests` paused.
     pub paused_limit: Option<u32>,
     pub internal_errors: Option<u32>,
+    /// authorization_code without consent: 403 with the login URL.
+    pub consent_required: Option<u32>,
     /// Per connection index: `injected`, defined on first use (defining 10,000
     /// stats at load would dominate the load time of a large configuration).
     injected: Vec<Lazy>,
@@ -104,6 +106,10 @@ pub struct Stats {
     state: Vec<Option<u32>>,
     /// Per store index: `latchkey.secret.<name>.*`.
     stores: Vec<StoreStats>,
+    /// `latchkey.consent.*` (indexed by `ConsentStat`), with a `consent` section.
+    consent: Vec<Option<u32>>,
+    /// Aligned with [`CONSENT_FAILURES`].
+    consent_failures: Vec<Option<u32>>,
 }
 
 /// Counters of one stored secret.
@@ -119,6 +125,69 @@ struct StoreStats {
     /// Seconds since the value in use was read (gauge, updated on the tick).
     age_s: Option<u32>,
 }
+
+/// Consent counters (SPEC v1.2), proxy-wide: `latchkey.consent.<stat>`, and
+/// failed logins by reason, `latchkey.consent.failed.<reason>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsentStat {
+    /// A login answered with its 302 to the provider.
+    LoginStarted,
+    /// A callback that stored its refresh token.
+    Completed,
+    /// A callback that did not (also counted by reason).
+    Failed,
+    /// Codes redeemed at the token server.
+    Redemptions,
+    /// Records written (consents and rotated refresh tokens).
+    StoreWrites,
+    /// Writes another proxy won (compare-and-set), followed by a re-read.
+    StoreConflicts,
+    Disconnects,
+    /// Refresh tokens revoked at the provider on a disconnect.
+    Revocations,
+}
+
+impl ConsentStat {
+    const ALL: [ConsentStat; 8] = [
+        ConsentStat::LoginStarted,
+        ConsentStat::Completed,
+        ConsentStat::Failed,
+        ConsentStat::Redemptions,
+        ConsentStat::StoreWrites,
+        ConsentStat::StoreConflicts,
+        ConsentStat::Disconnects,
+        ConsentStat::Revocations,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            ConsentStat::LoginStarted => "logins_started",
+            ConsentStat::Completed => "completed",
+            ConsentStat::Failed => "failed",
+            ConsentStat::Redemptions => "redemptions",
+            ConsentStat::StoreWrites => "store_writes",
+            ConsentStat::StoreConflicts => "store_conflicts",
+            ConsentStat::Disconnects => "disconnects",
+            ConsentStat::Revocations => "revocations",
+        }
+    }
+}
+
+/// Why a consent callback failed: the `reason` of its JSON answer and stat.
+pub const CONSENT_FAILURES: [&str; 12] = [
+    "state_invalid",
+    "state_expired",
+    "state_replayed",
+    "wrong_caller",
+    "access_denied",
+    "bad_request",
+    "wrong_issuer",
+    "code_rejected",
+    "no_refresh_token",
+    "token_server",
+    "token_store",
+    "store_conflict",
+];
 
 /// What happened to a store read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +234,7 @@ impl Stats {
             unavailable: counter("latchkey.requests.unavailable"),
             paused_limit: counter("latchkey.requests.paused_limit"),
             internal_errors: counter("latchkey.requests.internal_error"),
+            consent_required: counter("latchkey.requests.consent_required"),
             ..Stats::default()
         };
         for c in &config.connections {
@@ -204,7 +274,28 @@ impl Stats {
                 age_s: define(MetricKind::Gauge, &format!("{base}.age_s")),
             });
         }
+        if config.consent.is_some() {
+            m.consent = ConsentStat::ALL
+                .iter()
+                .map(|s| counter(&format!("latchkey.consent.{}", s.name())))
+                .collect();
+            m.consent_failures = CONSENT_FAILURES
+                .iter()
+                .map(|r| counter(&format!("latchkey.consent.failed.{r}")))
+                .collect();
+        }
         m
+    }
+
+    pub fn consent(&self, p: &impl Proxy, stat: ConsentStat) {
+        p.count(self.consent.get(stat as usize).copied().flatten());
+    }
+
+    /// A failed callback, by reason (one of [`CONSENT_FAILURES`]).
+    pub fn consent_failed(&self, p: &impl Proxy, reason: &str) {
+        self.consent(p, ConsentStat::Failed);
+        let i = CONSENT_FAILURES.iter().position(|r| *r == reason);
+        p.count(i.and_then(|i| self.consent_failures.get(i).copied().flatten()));
     }
 
     pub fn store(&self, p: &impl Proxy, store: usize, stat: StoreStat) {

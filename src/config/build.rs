@@ -9,8 +9,11 @@
 use super::error::{ConfigError, ErrorKind};
 use super::json::{Obj, Value};
 use super::names::Names;
-use super::{claims, connections, lexical, providers, routes, secrets};
-use super::{Config, Unmatched};
+use super::{claims, connections, consent, lexical, providers, routes, secrets};
+use super::{
+    Config, Connection, Consent, Credential, Grant, Provider, ProviderKind, SecretRef, TokenStore,
+    TokenStoreKind, Unmatched,
+};
 use crate::router::Router;
 
 const TOP: &[&str] = &[
@@ -23,6 +26,8 @@ const TOP: &[&str] = &[
     "filter_state",
     "discovery",
     "max_paused_requests",
+    "token_stores",
+    "consent",
 ];
 /// Requests one worker may hold paused for a credential; past it, 503 at once.
 const DEFAULT_MAX_PAUSED_REQUESTS: u64 = 1024;
@@ -40,7 +45,17 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
     let (claims, mut claim_paths) = claims::read(&top)?;
     let secrets = secrets::read(&top, &names, env, &mut warnings)?;
     let providers = providers::read(&top, &names, &secrets)?;
-    let connections = connections::read(&top, &names, &secrets, &providers, &mut claim_paths)?;
+    let token_stores = consent::token_stores(&top, &names, &secrets)?;
+    let connections = connections::read(
+        &top,
+        &names,
+        &secrets,
+        &providers,
+        &token_stores,
+        &mut claim_paths,
+    )?;
+    let consent = consent::consent(&top, &secrets)?;
+    check_delegated(&connections, &token_stores, &providers, consent.as_ref())?;
     secrets::check_identities(&secrets.stores, &connections, &providers)?;
     let routes = routes::read(&top, &names, &connections, &mut claim_paths)?;
     warnings.extend(secrets::injected_identities(
@@ -102,5 +117,66 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
         max_paused_requests: max_paused_requests as usize,
         cluster_headers,
         discovery,
+        token_stores,
+        consent,
     })
+}
+
+/// authorization_code connections need the `consent` section (their login and
+/// callback), and a Key Vault token store's identity must be a managed-identity
+/// connection. Connection names go into store paths and login URLs: they must
+/// be safe there as they are.
+fn check_delegated(
+    connections: &[Connection],
+    token_stores: &[TokenStore],
+    providers: &[Provider],
+    consent: Option<&Consent>,
+) -> Result<(), ConfigError> {
+    for c in connections {
+        if !matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::AuthorizationCode { .. }))
+        {
+            continue;
+        }
+        let path = format!("connections.{}", c.name);
+        if consent.is_none() {
+            return Err(ConfigError::not_allowed(
+                format!("{path}.grant"),
+                "\"authorization_code\" needs the top-level \"consent\" section (login and callback endpoints)",
+            ));
+        }
+        let safe = !c.name.is_empty()
+            && c.name.len() <= 64
+            && c.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !safe {
+            return Err(ConfigError::invalid(
+                path,
+                &c.name,
+                "an authorization_code connection's name goes into URLs and store paths: 1 to 64 letters, digits, \"-\" or \"_\"",
+            ));
+        }
+    }
+    for t in token_stores {
+        if let TokenStoreKind::KeyVault { identity, .. } = &t.kind {
+            // As a Key Vault secret's identity: a token the gateway gets for itself.
+            let ok = connections.get(*identity).is_some_and(|c| match &c.credential {
+                Credential::ManagedIdentity { .. } => true,
+                Credential::OAuth2(o) => {
+                    matches!(o.grant, Grant::ClientCredentials)
+                        && providers.get(c.provider).is_some_and(|p| {
+                            matches!(&p.kind, ProviderKind::OAuth2(op) if matches!(op.client_secret, SecretRef::Value(_)))
+                        })
+                }
+                _ => false,
+            });
+            if !ok {
+                return Err(ConfigError::not_allowed(
+                    format!("token_stores.{}.identity", t.name),
+                    "must name an azure_managed_identity connection, or a client_credentials one whose client secret is known at load (its token reads and writes the vault)",
+                ));
+            }
+        }
+    }
+    Ok(())
 }

@@ -14,7 +14,10 @@ use super::json::{as_object, as_str, index, join, Obj};
 use super::lexical;
 use super::names::Names;
 use super::secrets::Secrets;
-use super::{Connection, Credential, Grant, OAuth2Connection, Provider, ProviderKind};
+use super::{
+    Connection, Credential, Grant, OAuth2Connection, OAuth2Provider, Provider, ProviderKind,
+    TokenStore,
+};
 
 const CONNECTION: &[&str] = &[
     "provider",
@@ -28,6 +31,9 @@ const CONNECTION: &[&str] = &[
     "extra_params",
     "access",
     "cluster",
+    "per_user",
+    "store",
+    "consent",
 ];
 
 /// Token request parameters latchkey sets itself; `extra_params` may not override them.
@@ -52,6 +58,7 @@ pub fn read(
     names: &Names,
     secrets: &Secrets,
     providers: &[Provider],
+    token_stores: &[TokenStore],
     claims: &mut ClaimPaths,
 ) -> Result<Vec<Connection>, ConfigError> {
     let mut out = Vec::new();
@@ -62,7 +69,16 @@ pub fn read(
         let c = Obj::new(join("connections", name), value, CONNECTION)?;
         let provider = names.provider(c.req_str("provider")?, || c.child("provider"))?;
         let credential = match providers.get(provider).map(|p| &p.kind) {
-            Some(ProviderKind::OAuth2(_)) => Credential::OAuth2(oauth2(&c, names, secrets)?),
+            Some(ProviderKind::OAuth2(p)) => Credential::OAuth2(oauth2(
+                &c,
+                names,
+                secrets,
+                Delegated {
+                    provider: p,
+                    token_stores,
+                    claims,
+                },
+            )?),
             Some(ProviderKind::ClientCertificate) => {
                 only_fields(
                     &c,
@@ -121,8 +137,20 @@ pub fn read(
     Ok(out)
 }
 
+/// What an authorization_code connection is checked against.
+struct Delegated<'a> {
+    provider: &'a OAuth2Provider,
+    token_stores: &'a [TokenStore],
+    claims: &'a mut ClaimPaths,
+}
+
 /// A connection of an `oauth2` provider: its grant, scopes and token request parameters.
-fn oauth2(c: &Obj, names: &Names, secrets: &Secrets) -> Result<OAuth2Connection, ConfigError> {
+fn oauth2(
+    c: &Obj,
+    names: &Names,
+    secrets: &Secrets,
+    delegated: Delegated,
+) -> Result<OAuth2Connection, ConfigError> {
     for field in ["api_key", "cluster"] {
         if c.has(field) {
             return Err(ConfigError::not_allowed(
@@ -149,14 +177,25 @@ fn oauth2(c: &Obj, names: &Names, secrets: &Secrets) -> Result<OAuth2Connection,
                 .unwrap_or(TOKEN_EXCHANGE_ACCESS_TOKEN)
                 .to_string(),
         },
+        "authorization_code" => authorization_code(c, delegated)?,
         other => {
             return Err(ConfigError::invalid(
                 c.child("grant"),
                 other,
-                "expected one of \"client_credentials\", \"refresh_token\", \"token_exchange\"",
+                "expected one of \"client_credentials\", \"refresh_token\", \"token_exchange\", \"authorization_code\"",
             ))
         }
     };
+    if grant_name != "authorization_code" {
+        for field in ["per_user", "store", "consent"] {
+            if c.has(field) {
+                return Err(ConfigError::not_allowed(
+                    c.child(field),
+                    "only allowed when grant is \"authorization_code\"",
+                ));
+            }
+        }
+    }
     if grant_name != "refresh_token" && c.has("refresh_token") {
         return Err(ConfigError::not_allowed(
             c.child("refresh_token"),
@@ -193,5 +232,47 @@ fn oauth2(c: &Obj, names: &Names, secrets: &Secrets) -> Result<OAuth2Connection,
         audience: c.opt_str("audience")?.map(str::to_string),
         resource: c.opt_str("resource")?.map(str::to_string),
         extra_params,
+    })
+}
+
+/// `grant: "authorization_code"` (SPEC v1.2): its provider must say where people
+/// consent, its refresh tokens need a token store, and a shared consent says
+/// who may give it.
+fn authorization_code(c: &Obj, d: Delegated) -> Result<Grant, ConfigError> {
+    if d.provider.authorization_url.is_none() {
+        return Err(ConfigError::not_allowed(
+            c.child("grant"),
+            "\"authorization_code\" needs authorization_url on its provider",
+        ));
+    }
+    let store_name = c.req_str("store")?;
+    let store = d
+        .token_stores
+        .iter()
+        .position(|t| t.name == store_name)
+        .ok_or_else(|| {
+            ConfigError::invalid(c.child("store"), store_name, "not a name in token_stores")
+        })?;
+    let per_user = c.opt_bool("per_user")?.unwrap_or(false);
+    let consent = match (per_user, c.get("consent")) {
+        (true, Some(_)) => {
+            return Err(ConfigError::not_allowed(
+                c.child("consent"),
+                "a per_user connection is consented to by each caller: its access says who",
+            ))
+        }
+        (true, None) => None,
+        (false, Some(v)) => Some(access::read(&c.child("consent"), v, d.claims)?),
+        (false, None) => {
+            return Err(ConfigError::not_allowed(
+                c.child("consent"),
+                "required for a shared authorization_code connection (who may give the consent); or set per_user: true",
+            ))
+        }
+    };
+    Ok(Grant::AuthorizationCode {
+        per_user,
+        store,
+        consent,
     })
 }

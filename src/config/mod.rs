@@ -16,6 +16,7 @@ mod access;
 mod build;
 mod claims;
 mod connections;
+mod consent;
 mod error;
 mod fields;
 mod http_url;
@@ -66,6 +67,10 @@ pub struct Config {
     /// Every `cluster_header` routes use (lowercased): removed from every request
     /// a client sends, so that no client picks a cluster or certificate itself.
     pub cluster_headers: Vec<String>,
+    /// `token_stores`: where authorization_code connections keep refresh tokens.
+    pub token_stores: Vec<TokenStore>,
+    /// `consent`: the login, callback and disconnect endpoints (SPEC v1.2).
+    pub consent: Option<Consent>,
 }
 
 pub const SUBJECT_CLAIM: usize = 0;
@@ -89,6 +94,50 @@ impl Config {
     pub fn provider_of(&self, c: &Connection) -> Option<&Provider> {
         self.providers.get(c.provider)
     }
+}
+
+/// `token_stores.<name>` (SPEC v1.2): one record per authorization_code
+/// connection (per caller for `per_user`), holding its refresh token.
+#[derive(Debug)]
+pub struct TokenStore {
+    pub name: String,
+    pub kind: TokenStoreKind,
+    /// Envoy cluster that reaches the store.
+    pub cluster: String,
+    /// `:authority` of its calls.
+    pub authority: String,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug)]
+pub enum TokenStoreKind {
+    /// Vault / OpenBao KV v2: records at `<base>/v1/<mount>/data/<prefix>/<connection>/<caller>`
+    /// (`data_path` is that up to the prefix; `metadata_path` the same under
+    /// `metadata/`, where a disconnect deletes every version).
+    Vault {
+        token: Secret,
+        namespace: Option<String>,
+        data_path: String,
+        metadata_path: String,
+    },
+    /// Azure Key Vault secrets named `<prefix>-<connection>-<caller>` (in Key
+    /// Vault's alphabet), written with a token from connection `identity`.
+    KeyVault { identity: usize, prefix: String },
+}
+
+/// The `consent` section (SPEC v1.2): where people give and take back consent.
+#[derive(Debug)]
+pub struct Consent {
+    /// `GET <path>/<connection>/login`, `DELETE <path>/<connection>`.
+    pub path: String,
+    /// Sent to the authorization server as is.
+    pub redirect_uri: String,
+    /// The path of `redirect_uri`: the callback latchkey answers.
+    pub callback_path: String,
+    /// Signs states and derives PKCE verifiers (at least 32 bytes).
+    pub state_key: Secret,
+    /// Prefixes a `return_to` must start with.
+    pub return_to: Vec<String>,
 }
 
 /// A secret as the configuration uses it: a value known at load (`env`,
@@ -223,6 +272,21 @@ pub struct OAuth2Provider {
     pub refresh_margin_s: u64,
     /// An upstream 401 refreshes a token only once it is this old (SPEC v1.2).
     pub drop_on_401_after_s: u64,
+    /// Where a person consents (authorization_code connections): an absolute
+    /// URL the browser is sent to, query kept.
+    pub authorization_url: Option<String>,
+    /// RFC 9207: the `iss` a consent callback must carry, when set.
+    pub issuer: Option<String>,
+    /// RFC 7009 token revocation, through `cluster`.
+    pub revocation: Option<Endpoint>,
+}
+
+/// An HTTP endpoint reached through a provider's cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub authority: String,
+    /// `:path`, query included.
+    pub path: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,6 +349,15 @@ pub enum Grant {
     TokenExchange {
         subject_token_type: String,
     },
+    /// SPEC v1.2: a person consented (authorization code with PKCE); the
+    /// refresh token is kept in token store `store`.
+    AuthorizationCode {
+        /// Every caller consents for themselves; otherwise one consent serves all.
+        per_user: bool,
+        store: usize,
+        /// Who may give (and take back) the shared consent; `None` for per_user.
+        consent: Option<Access>,
+    },
 }
 
 /// Who may use a route or a connection.
@@ -311,6 +384,9 @@ pub struct Route {
     /// Whether any policy on this route (its own, or a connection it may use)
     /// looks at claims; when none does, the filter doesn't read them.
     pub needs_claims: bool,
+    /// Whether a connection it may inject is per caller (token exchange, or a
+    /// per-user consent): then the verified token's `iss`, `sub`, … are read too.
+    pub binds_caller: bool,
 }
 
 /// The router reads a route's match, and nothing else of it.

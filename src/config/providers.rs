@@ -7,9 +7,12 @@ use super::error::ConfigError;
 use super::fields::{cluster, only_fields, timeout_ms};
 use super::http_url::{self, HttpUrl, UrlError};
 use super::json::{as_object, join, Obj};
+use super::lexical;
 use super::names::Names;
 use super::secrets::Secrets;
-use super::{AuthMethod, ManagedIdentityProvider, OAuth2Provider, Provider, ProviderKind};
+use super::{
+    AuthMethod, Endpoint, ManagedIdentityProvider, OAuth2Provider, Provider, ProviderKind,
+};
 
 const PROVIDER: &[&str] = &[
     "type",
@@ -23,6 +26,9 @@ const PROVIDER: &[&str] = &[
     "refresh_margin_s",
     "drop_on_401_after_s",
     "endpoint",
+    "authorization_url",
+    "issuer",
+    "revocation_url",
 ];
 const MI_PROVIDER: &[&str] = &[
     "type",
@@ -107,7 +113,23 @@ fn oauth2(p: &Obj, names: &Names, secrets: &Secrets) -> Result<OAuth2Provider, C
     };
     let timeout_ms = timeout_ms(p)?;
     let (default_expires_in_s, refresh_margin_s) = token_lifetimes(p)?;
+    let authorization_url = match p.opt_str("authorization_url")? {
+        None => None,
+        Some(u) => Some(lexical::browser_url(u).map_err(|e| e.at(p.child("authorization_url")))?),
+    };
+    let revocation = match p.opt_str("revocation_url")? {
+        None => None,
+        Some(u) => {
+            let HttpUrl { authority, path } = http_url::parse(u)
+                .map_err(|e| ConfigError::invalid(p.child("revocation_url"), u, e.to_string()))?;
+            Some(Endpoint { authority, path })
+        }
+    };
+    let issuer = p.opt_str("issuer")?.map(str::to_string);
     Ok(OAuth2Provider {
+        authorization_url,
+        issuer,
+        revocation,
         refresh_margin_s,
         drop_on_401_after_s: drop_on_401_after(p)?,
         cluster,

@@ -11,7 +11,9 @@ use super::error::{ConfigError, ErrorKind};
 use super::json::{index, join, Obj, Value};
 use super::lexical;
 use super::names::Names;
-use super::{Access, Connection, Credential, Injection, PathMatch, Route, RouteMatch, Target};
+use super::{
+    Access, Connection, Credential, Grant, Injection, PathMatch, Route, RouteMatch, Target,
+};
 
 const ROUTE: &[&str] = &[
     "name",
@@ -88,7 +90,18 @@ pub fn read(
                     .iter()
                     .any(|&ci| !public(connections.get(ci).and_then(|c| c.access.as_ref())))
             });
+        let binds_caller = inject.iter().any(|inj| {
+            inj.connections.iter().any(|&ci| {
+                connections.get(ci).is_some_and(|c| {
+                    matches!(&c.credential, Credential::OAuth2(o) if matches!(
+                        o.grant,
+                        Grant::TokenExchange { .. } | Grant::AuthorizationCode { per_user: true, .. }
+                    ))
+                })
+            })
+        });
         routes.push(Route {
+            binds_caller,
             needs_claims,
             name: name.to_string(),
             matcher,

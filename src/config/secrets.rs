@@ -123,7 +123,7 @@ pub fn check_identities(
         let ok = match &conn.credential {
             Credential::ManagedIdentity { .. } => true,
             Credential::OAuth2(o) => {
-                !matches!(o.grant, Grant::TokenExchange { .. })
+                matches!(o.grant, Grant::ClientCredentials | Grant::RefreshToken(_))
                     && providers.get(conn.provider).is_some_and(|p| {
                         matches!(&p.kind, ProviderKind::OAuth2(op) if matches!(op.client_secret, SecretRef::Value(_)))
                     })

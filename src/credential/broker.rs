@@ -128,7 +128,11 @@ fn store(
 pub enum Lookup {
     Ready(Cached),
     Wait,
-    Reject { retry_after_ms: u64 },
+    Reject {
+        retry_after_ms: u64,
+        /// Nobody consented (authorization_code): 403 `consent_required`, not 503.
+        consent_required: bool,
+    },
 }
 
 /// The credential serving one inject entry.
@@ -177,6 +181,8 @@ pub enum Resolution {
     Reject {
         connection: usize,
         retry_after_ms: u64,
+        /// authorization_code without consent: 403 with the login URL.
+        consent_required: bool,
     },
 }
 
@@ -210,6 +216,8 @@ struct Fetch {
     /// A refresh an upstream 401 started: when its token is installed, every
     /// worker drops its copy of the refused one at once.
     after_401: bool,
+    /// An authorization_code fetch's step (record read, redemption, write-back).
+    phase: delegated::Phase,
 }
 
 /// What a store read or a Vault login brought.
@@ -240,6 +248,12 @@ pub struct Broker<P: Proxy> {
     waiters: BTreeMap<u32, Waiter>,
     /// Tokens each live request carried, for upstream-401 handling.
     used: HashMap<u32, Vec<Used>>,
+    /// Consent callbacks and disconnects waiting to send their next call.
+    jobs: Vec<delegated::Job>,
+    /// Those whose call is in flight, by call id.
+    job_calls: HashMap<u32, delegated::Job>,
+    /// Requests whose job is over, with their answer, for `due_waiters`.
+    jobs_done: Vec<Resumed>,
 }
 
 thread_local! {
@@ -277,13 +291,16 @@ impl<P: Proxy> Broker<P> {
             inflight: HashMap::new(),
             waiters: BTreeMap::new(),
             used: HashMap::new(),
+            jobs: Vec::new(),
+            job_calls: HashMap::new(),
+            jobs_done: Vec::new(),
         }
     }
 
     /// The tick this VM needs now: fast while a fetch waits to go out, a poll while
     /// requests wait, once a second otherwise.
     pub fn wanted_tick_ms(&self) -> u32 {
-        if !self.pending.is_empty() || self.prefetch_due {
+        if !self.pending.is_empty() || !self.jobs.is_empty() || self.prefetch_due {
             KICK_MS
         } else if !self.waiters.is_empty() || !self.deferred.is_empty() {
             POLL_MS
@@ -361,6 +378,7 @@ impl<P: Proxy> Broker<P> {
             );
             return Ok(Lookup::Reject {
                 retry_after_ms: 1000,
+                consent_required: false,
             });
         };
         let outcome = cas::retry(CAS_TRIES, || {
@@ -409,9 +427,17 @@ impl<P: Proxy> Broker<P> {
                             Err(e) => return Attempt::Done(Err(e)),
                         }
                     }
-                    Choice::Reject { retry_after_ms } => {
-                        count(&self.proxy, TokenStat::BackoffRejected);
-                        Lookup::Reject { retry_after_ms }
+                    Choice::Reject {
+                        retry_after_ms,
+                        consent_required,
+                    } => {
+                        if !consent_required {
+                            count(&self.proxy, TokenStat::BackoffRejected);
+                        }
+                        Lookup::Reject {
+                            retry_after_ms,
+                            consent_required,
+                        }
                     }
                 },
             ))
@@ -476,7 +502,7 @@ impl<P: Proxy> Broker<P> {
         &mut self,
         loaded: &Rc<Runtime>,
         picks: &[usize],
-        subject: Option<&Secret>,
+        who: Who<'_>,
         now: u64,
         on_request: bool,
     ) -> Result<Resolution, HostFault> {
@@ -493,8 +519,11 @@ impl<P: Proxy> Broker<P> {
                 return Ok(Resolution::Reject {
                     connection: ci,
                     retry_after_ms: 1000,
+                    consent_required: false,
                 });
             };
+            // Per caller: the subject token (token exchange) or who the caller is (per-user consent).
+            let subject = who.of_connection(conn);
             let mut wait_for = |owner: Owner| {
                 let entry = Self::entry(loaded, owner, subject);
                 let d = now + entry.as_ref().map_or(5000, |(_, p)| p.fetch_timeout_ms);
@@ -537,10 +566,14 @@ impl<P: Proxy> Broker<P> {
                             })
                         }
                         Lookup::Wait => wait_for(Owner::Store(*si)),
-                        Lookup::Reject { retry_after_ms } => {
+                        Lookup::Reject {
+                            retry_after_ms,
+                            consent_required,
+                        } => {
                             return Ok(Resolution::Reject {
                                 connection: ci,
                                 retry_after_ms,
+                                consent_required,
                             })
                         }
                     }
@@ -562,10 +595,11 @@ impl<P: Proxy> Broker<P> {
                                 wait_for(Owner::Store(si));
                                 ready = false;
                             }
-                            Lookup::Reject { retry_after_ms } => {
+                            Lookup::Reject { retry_after_ms, .. } => {
                                 return Ok(Resolution::Reject {
                                     connection: ci,
                                     retry_after_ms,
+                                    consent_required: false,
                                 })
                             }
                         }
@@ -584,10 +618,14 @@ impl<P: Proxy> Broker<P> {
                             out.push(Self::token_cred(loaded, ci, subject, t))
                         }
                         Lookup::Wait => wait_for(Owner::Connection(ci)),
-                        Lookup::Reject { retry_after_ms } => {
+                        Lookup::Reject {
+                            retry_after_ms,
+                            consent_required,
+                        } => {
                             return Ok(Resolution::Reject {
                                 connection: ci,
                                 retry_after_ms,
+                                consent_required,
                             })
                         }
                     }
@@ -641,6 +679,7 @@ impl<P: Proxy> Broker<P> {
             identity: None,
             retried: false,
             after_401,
+            phase: delegated::Phase::Start,
         });
     }
 
@@ -684,6 +723,9 @@ impl<P: Proxy> Broker<P> {
             if let Sent::Deferred(f) = self.dispatch(f, now) {
                 self.deferred.push(*f);
             }
+        }
+        for job in std::mem::take(&mut self.jobs) {
+            self.run_job(job, now);
         }
     }
 
@@ -782,6 +824,9 @@ impl<P: Proxy> Broker<P> {
         let Some(conn) = config.connection(connection) else {
             return Sent::Done;
         };
+        if crate::consent::is_delegated(conn) {
+            return self.dispatch_delegated(f, connection, now);
+        }
         let Some(provider) = config.provider_of(conn) else {
             return Sent::Done;
         };
@@ -955,16 +1000,23 @@ impl<P: Proxy> Broker<P> {
 
     /// Whether call `id` is one of this VM's, still awaited.
     pub fn awaits(&self, id: u32) -> bool {
-        self.inflight.contains_key(&id)
+        self.inflight.contains_key(&id) || self.job_calls.contains_key(&id)
     }
 
     /// Call `id` of this VM answered: its HTTP status (`None`: no answer) and
     /// body (`None`: larger than [`token_response::MAX_BODY`]).
     pub fn on_answer(&mut self, id: u32, status: Option<u32>, body: Option<Vec<u8>>, now: u64) {
+        if let Some(job) = self.job_calls.remove(&id) {
+            self.on_job_answer(job, status, body, now);
+            return;
+        }
         let Some(mut f) = self.inflight.remove(&id) else {
             return;
         };
         match f.addr.owner {
+            Owner::Connection(_) if !matches!(f.phase, delegated::Phase::Start) => {
+                self.on_delegated_answer(f, status, body, now);
+            }
             Owner::Connection(c) => {
                 let default_ms = f
                     .loaded
@@ -1055,10 +1107,14 @@ impl<P: Proxy> Broker<P> {
                 loaded
                     .stats
                     .token_failure(&self.proxy, connection, e.kind());
-                self.proxy.log(
-                    Level::Warn,
-                    &format!("connection {name}: token fetch failed: {e}"),
-                );
+                // Nobody consented yet: the caller is told so; not the gateway's failure.
+                let level = if e == FetchError::NoConsent {
+                    Level::Debug
+                } else {
+                    Level::Warn
+                };
+                self.proxy
+                    .log(level, &format!("connection {name}: token fetch failed: {e}"));
                 FetchOutcome::Failed { kind: e.kind() }
             }
         };
@@ -1286,7 +1342,7 @@ impl<P: Proxy> Broker<P> {
     /// Gives back the requests whose wait is over, with their outcome, for the
     /// glue to apply in their own context (and resume those that go on).
     pub fn due_waiters(&mut self, now: u64) -> Vec<Resumed> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.jobs_done);
         if self.waiters.is_empty() {
             return out;
         }
@@ -1317,13 +1373,8 @@ impl<P: Proxy> Broker<P> {
             let Some(mut w) = self.waiters.remove(&id) else {
                 continue;
             };
-            let resolution = self.resolve(
-                &w.loaded,
-                &w.needed.picks,
-                w.needed.subject.as_ref(),
-                now,
-                false,
-            );
+            let resolution =
+                self.resolve(&w.loaded, &w.needed.picks, Who::of(&w.needed), now, false);
             let loaded = w.loaded.clone();
             let config = &loaded.config;
             let (outcome, used) = match resolution {
@@ -1362,8 +1413,13 @@ impl<P: Proxy> Broker<P> {
                 Ok(Resolution::Reject {
                     connection,
                     retry_after_ms,
+                    consent_required,
                 }) => (
-                    request::unavailable(config, w.needed, connection, retry_after_ms),
+                    if consent_required {
+                        request::consent_required(config, w.needed, connection)
+                    } else {
+                        request::unavailable(config, w.needed, connection, retry_after_ms)
+                    },
                     Vec::new(),
                 ),
                 Ok(Resolution::Wait { .. }) => {
@@ -1410,6 +1466,35 @@ fn bump_generation(p: &impl Proxy) {
         p.log(Level::Warn, "can't tell other workers a token was replaced");
     }
 }
+
+/// Who a request's per-caller credentials are for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Who<'a> {
+    /// Token exchange: the verified JWT.
+    pub subject: Option<&'a Secret>,
+    /// Per-user consent: [`crate::consent::caller_hash`] of the caller.
+    pub caller: Option<&'a Secret>,
+}
+
+impl<'a> Who<'a> {
+    pub fn of(needed: &'a Needed) -> Who<'a> {
+        Who {
+            subject: needed.subject.as_ref(),
+            caller: needed.caller.as_ref(),
+        }
+    }
+
+    /// What keys connection `conn`'s per-caller cache entry, if anything.
+    fn of_connection(&self, conn: &crate::config::Connection) -> Option<&'a Secret> {
+        if crate::consent::is_per_user(conn) {
+            self.caller
+        } else {
+            self.subject
+        }
+    }
+}
+
+mod delegated;
 
 #[cfg(test)]
 mod tests;

@@ -23,6 +23,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use super::token_response::NO_CONSENT;
+
 /// Timing rules for one key, from the provider's configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
@@ -163,6 +165,9 @@ impl Cached {
     }
 }
 
+/// How long "no consent" is remembered before the store is read again.
+pub const NO_CONSENT_RECHECK_MS: u64 = 2000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     pub owner: u64,
@@ -204,8 +209,11 @@ pub enum Choice {
     Wait,
     /// CAS the state to `next`; if that succeeds, fetch, then wait.
     Fetch { next: CacheState },
-    /// Backing off: answer 503 now.
-    Reject { retry_after_ms: u64 },
+    /// Backing off: answer 503 now (403 `consent_required` when that is why).
+    Reject {
+        retry_after_ms: u64,
+        consent_required: bool,
+    },
 }
 
 /// The state gauge: 0 empty, 1 fetching, 2 ready, 3 refreshing, 4 backoff.
@@ -283,11 +291,14 @@ pub fn on_request(state: &CacheState, now: u64, owner: u64, policy: &Policy) -> 
             }
         }
         Backoff {
-            until_ms, failures, ..
+            until_ms,
+            failures,
+            kind,
         } => {
             if now < *until_ms {
                 Choice::Reject {
                     retry_after_ms: until_ms - now,
+                    consent_required: kind == NO_CONSENT,
                 }
             } else {
                 fetch(*failures)
@@ -357,6 +368,14 @@ pub fn on_result(
         } => Ready {
             token: Cached::stored(value, id, version, refresh_in_ms, now),
             failures: 0,
+        },
+        // Nobody consented: not a failure to back off from, but known for a
+        // moment, so that a caller without consent doesn't read the store on
+        // every request (a consent on this proxy clears it at once).
+        FetchOutcome::Failed { kind } if kind == NO_CONSENT => Backoff {
+            until_ms: now + NO_CONSENT_RECHECK_MS,
+            failures,
+            kind: kind.to_string(),
         },
         FetchOutcome::Failed { kind } => {
             let failures = failures.saturating_add(1);
@@ -629,7 +648,8 @@ mod tests {
         assert_eq!(
             on_request(&s, 300, 2, &P),
             Choice::Reject {
-                retry_after_ms: 300
+                retry_after_ms: 300,
+                consent_required: false,
             }
         );
         // Backoff over: one request fetches again, keeping the failure count.

@@ -86,6 +86,12 @@ pub(crate) fn token_fingerprint(
                 Grant::TokenExchange { subject_token_type } => {
                     ("token_exchange", subject_token_type).hash(&mut h)
                 }
+                Grant::AuthorizationCode {
+                    per_user, store, ..
+                } => {
+                    let store = config.token_stores.get(*store).map(|t| &t.name);
+                    ("authorization_code", per_user, store).hash(&mut h)
+                }
             }
             (&c.scopes, &c.audience, &c.resource, &c.extra_params).hash(&mut h);
         }

@@ -14,6 +14,7 @@ pub mod slot;
 pub mod store;
 pub mod token_request;
 pub mod token_response;
+pub mod token_store;
 
 pub use cache::{CacheState, Choice, Policy};
 pub use token_request::{GrantInput, TokenRequest};

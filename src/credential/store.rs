@@ -26,7 +26,13 @@ pub struct HttpCall {
     pub timeout_ms: u64,
 }
 
-fn call(cluster: &str, method: &str, path: String, authority: &str, timeout_ms: u64) -> HttpCall {
+pub(crate) fn call(
+    cluster: &str,
+    method: &str,
+    path: String,
+    authority: &str,
+    timeout_ms: u64,
+) -> HttpCall {
     HttpCall {
         cluster: cluster.to_string(),
         headers: vec![
@@ -237,7 +243,7 @@ impl fmt::Display for StoreError {
     }
 }
 
-fn status_error(status: u32, json: Option<&Value>) -> StoreError {
+pub(crate) fn status_error(status: u32, json: Option<&Value>) -> StoreError {
     match status {
         401 => StoreError::Unauthorized,
         403 => {
@@ -256,7 +262,7 @@ fn status_error(status: u32, json: Option<&Value>) -> StoreError {
     }
 }
 
-fn from_transport(e: FetchError) -> StoreError {
+pub(crate) fn from_transport(e: FetchError) -> StoreError {
     match e {
         FetchError::Timeout => StoreError::Timeout,
         FetchError::TooLarge => StoreError::TooLarge,

@@ -21,6 +21,13 @@ pub enum GrantInput<'a> {
     RefreshToken(&'a Secret),
     /// `token_exchange`: the caller's own bearer token.
     SubjectToken(&'a Secret),
+    /// `authorization_code`: the code a consent brought back (RFC 6749 §4.1.3,
+    /// RFC 7636 §4.5).
+    Code {
+        code: &'a Secret,
+        verifier: &'a Secret,
+        redirect_uri: &'a str,
+    },
 }
 
 /// One POST to the token endpoint. `Debug` shows no secret: the body and the
@@ -66,8 +73,28 @@ pub fn build(
         (Grant::ClientCredentials, _) => {
             form.append_pair("grant_type", "client_credentials");
         }
+        (
+            Grant::AuthorizationCode { .. },
+            GrantInput::Code {
+                code,
+                verifier,
+                redirect_uri,
+            },
+        ) => {
+            form.append_pair("grant_type", "authorization_code");
+            form.append_pair("code", code.expose());
+            form.append_pair("redirect_uri", redirect_uri);
+            form.append_pair("code_verifier", verifier.expose());
+        }
+        (Grant::AuthorizationCode { .. }, input) => {
+            form.append_pair("grant_type", "refresh_token");
+            if let GrantInput::RefreshToken(rt) = input {
+                form.append_pair("refresh_token", rt.expose());
+            }
+        }
     }
-    if !conn.scopes.is_empty() {
+    // A code is redeemed for what the consent granted: the scope was asked for then.
+    if !conn.scopes.is_empty() && !matches!(input, GrantInput::Code { .. }) {
         form.append_pair("scope", &conn.scopes.join(" "));
     }
     if let Some(a) = &conn.audience {
@@ -79,6 +106,34 @@ pub fn build(
     for (k, v) in &conn.extra_params {
         form.append_pair(k, v);
     }
+    finish(provider, client_secret, form, &provider.path)
+}
+
+/// RFC 7009 §2.1: revoking a refresh token at the provider's `revocation_url`,
+/// with the same client authentication as its token requests. `None` without one.
+pub fn revocation(
+    provider: &OAuth2Provider,
+    client_secret: &Secret,
+    refresh_token: &Secret,
+) -> Option<TokenRequest> {
+    let endpoint = provider.revocation.as_ref()?;
+    let mut form = form_urlencoded::Serializer::new(String::new());
+    form.append_pair("token", refresh_token.expose());
+    form.append_pair("token_type_hint", "refresh_token");
+    let mut req = finish(provider, client_secret, form, &endpoint.path);
+    if let Some(h) = req.headers.iter_mut().find(|(k, _)| *k == ":authority") {
+        h.1 = endpoint.authority.clone();
+    }
+    Some(req)
+}
+
+/// The client's authentication (RFC 6749 §2.3.1) added, and the POST to `path`.
+fn finish(
+    provider: &OAuth2Provider,
+    client_secret: &Secret,
+    mut form: form_urlencoded::Serializer<'_, String>,
+    path: &str,
+) -> TokenRequest {
     let authorization = match provider.auth_method {
         AuthMethod::ClientSecretBasic => {
             let id: String =
@@ -99,7 +154,7 @@ pub fn build(
         cluster: provider.cluster.clone(),
         headers: vec![
             (":method", "POST".to_string()),
-            (":path", provider.path.clone()),
+            (":path", path.to_string()),
             (":authority", provider.authority.clone()),
             (
                 "content-type",
@@ -130,6 +185,9 @@ mod tests {
             default_expires_in_s: 300,
             refresh_margin_s: 5,
             drop_on_401_after_s: 10,
+            authorization_url: None,
+            issuer: None,
+            revocation: None,
         }
     }
 

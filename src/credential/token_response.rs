@@ -49,6 +49,11 @@ pub enum FetchError {
     TooLarge,
     /// The call could not be made (e.g. an unknown cluster).
     Dispatch,
+    /// authorization_code: the token store failed (read or write).
+    TokenStore,
+    /// authorization_code: no consent stored, or the server refused the
+    /// refresh token (`invalid_grant`): the caller must sign in again.
+    NoConsent,
 }
 
 impl FetchError {
@@ -64,10 +69,12 @@ impl FetchError {
             FetchError::WrongTokenType => "wrong_token_type",
             FetchError::TooLarge => "too_large",
             FetchError::Dispatch => "dispatch",
+            FetchError::TokenStore => "token_store",
+            FetchError::NoConsent => NO_CONSENT,
         }
     }
 
-    pub const KINDS: [&'static str; 9] = [
+    pub const KINDS: [&'static str; 11] = [
         "connect",
         "timeout",
         "status",
@@ -77,8 +84,13 @@ impl FetchError {
         "wrong_token_type",
         "too_large",
         "dispatch",
+        "token_store",
+        NO_CONSENT,
     ];
 }
+
+/// The failure kind of a connection nobody consented to (yet).
+pub const NO_CONSENT: &str = "consent_required";
 
 impl fmt::Display for FetchError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -379,6 +391,6 @@ mod tests {
             "oauth_error: token server answered 400 with error \"badcode\""
         );
         assert_eq!(FetchError::Timeout.to_string(), "timeout");
-        assert_eq!(FetchError::KINDS.len(), 9);
+        assert_eq!(FetchError::KINDS.len(), 11);
     }
 }

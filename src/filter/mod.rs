@@ -17,13 +17,14 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
 use crate::config::Config;
-use crate::credential::broker::{Broker, EntryCredential, Resolution, Resumed, Waiter};
+use crate::credential::broker::{Broker, EntryCredential, Resolution, Resumed, Waiter, Who};
 use crate::credential::token_response::MAX_BODY;
 use crate::inject::Edit;
 use crate::proxy::Proxy;
 use crate::request::{self, HostFault, Outcome, Step, Verdict};
 use crate::response::{reply, Refusal};
 use crate::runtime::{needs_time, Runtime};
+use crate::stats::ConsentStat;
 use host::{HostError, Level, Map};
 use proxy::ProxyHost;
 
@@ -318,6 +319,14 @@ impl request::Lazy for HostReads {
     fn metadata(&mut self) -> Result<Option<Vec<u8>>, HostFault> {
         host::property(&["metadata"])
     }
+
+    fn now_ms(&mut self) -> Result<u64, HostFault> {
+        host::now_ms()
+    }
+
+    fn random(&mut self) -> u64 {
+        crate::consent::random_u64()
+    }
 }
 
 /// The one place an [`Outcome`] reaches the host: the header edits (when the
@@ -353,6 +362,10 @@ pub fn apply(loaded: &Runtime, o: &Outcome) -> Result<Action, HostError> {
         }
         Verdict::Internal => p.count(m.internal_errors),
         Verdict::Discovery => p.count(m.discovery),
+        Verdict::ConsentRequired => p.count(m.consent_required),
+        Verdict::ConsentLogin => m.consent(p, ConsentStat::LoginStarted),
+        // Counted where they are decided (by reason) or completed.
+        Verdict::ConsentConnected | Verdict::ConsentFailed | Verdict::ConsentDisconnected => {}
     }
     record(loaded, o);
     if let Some(r) = &o.reply {
@@ -435,6 +448,12 @@ fn handle_request(
     let needed = match request::start(config, state.discovery.as_ref(), &pairs, &mut HostReads)? {
         Step::Done(outcome) => return apply(state, &outcome),
         Step::Needs(needed) => needed,
+        Step::Consent(task) => {
+            // A consent callback or disconnect: answered when its calls are done.
+            broker.start_task(state, context_id, task, host::now_ms()?);
+            retick(broker);
+            return Ok(Action::Pause);
+        }
     };
     // The clock is a host call: only credentials this VM holds no copy of need it.
     let now = if needs_time(state, &needed.picks) {
@@ -447,7 +466,7 @@ fn handle_request(
         .iter()
         .find(|(k, _)| *k == ":path")
         .map_or(&b"/"[..], |(_, v)| *v);
-    match broker.resolve(state, &needed.picks, needed.subject.as_ref(), now, true)? {
+    match broker.resolve(state, &needed.picks, Who::of(&needed), now, true)? {
         Resolution::Ready(creds) => {
             // A refresh it started goes out on the next tick.
             retick(broker);
@@ -469,7 +488,16 @@ fn handle_request(
         }
         Resolution::Reject {
             connection,
+            consent_required: true,
+            ..
+        } => apply(
+            state,
+            &request::consent_required(config, needed, connection),
+        ),
+        Resolution::Reject {
+            connection,
             retry_after_ms,
+            ..
         } => apply(
             state,
             &request::unavailable(config, needed, connection, retry_after_ms),
