@@ -131,6 +131,25 @@ def oauth_plugin(conn: str, token_port: int, access: dict) -> dict:
     }
 
 
+def per_user_plugin(conn: str, token_port: int, vault_url: str, access: dict) -> dict:
+    """oauth_plugin's shape with a per-user consent (SPEC v1.2): each caller's own token,
+    from a refresh token kept in OpenBao; the bench's caller has consented already."""
+    plugin = oauth_plugin(conn, token_port, access)
+    plugin["secrets"].update({"state_key": {"env": "BENCH_STATE_KEY"}, "vault_token": {"env": "VAULT_TOKEN"}})
+    plugin["providers"]["idp"]["authorization_url"] = "https://idp.bench/authorize"
+    plugin["token_stores"] = {"ts": {"vault": {"cluster": "vault", "url": vault_url, "token": "vault_token"}}}
+    plugin["consent"] = {"path": "/.latchkey/connections", "state_key": "state_key",
+                         "redirect_uri": "https://gateway.bench/.latchkey/callback"}
+    plugin["connections"][conn].update({"grant": "authorization_code", "per_user": True, "store": "ts"})
+    return plugin
+
+
+def caller_record(issuer: str, sub: str, connection: str) -> str:
+    """Where latchkey keeps a caller's consent in KV v2 (SPEC v1.2: a hash of iss and sub)."""
+    h = hashlib.sha256(b"latchkey.caller\0" + issuer.encode() + b"\0" + sub.encode()).hexdigest()[:32]
+    return f"latchkey/connections/{connection}/{h}"
+
+
 def listener(name: str, port: int, filters: list, route: dict) -> dict:
     return {
         "name": name,
@@ -518,6 +537,9 @@ def main() -> int:
                 bao.kv_put("bench", {"key": API_KEY})
                 bao.policy("bench-read", read_policy_hcl("bench"))
                 wasm_env_store = {**wasm_env, "VAULT_TOKEN": bao.token(["bench-read"], ttl="24h")}
+                bao.kv_put(caller_record(signer.issuer, "bench", "per_user"), {"refresh_token": "rt-bench"})
+                wasm_env_per_user = {**wasm_env, "BENCH_STATE_KEY": "s" * 32,
+                                     "VAULT_TOKEN": bao.token_store_token(ttl="24h")}
                 clusters.append(bao.envoy_cluster("vault"))
             except Exception as e:  # noqa: BLE001 - reported, the rest still runs
                 notes.append(f"latchkey_store_header skipped: OpenBao did not start ({str(e).splitlines()[0]})")
@@ -583,8 +605,16 @@ def main() -> int:
             [jwt] + [lk("lk-oauth", oauth_plugin("oauth", idp.port, {"groups": ["bench"]}))] * n,
             bearer, "/bench", "jwt_authn_empty", n,
             "jwt_authn, then latchkey: groups claim check + cached OAuth2 client-credentials token")
+        if bao is not None:
+            variants["latchkey_per_user_cached"] = (
+                [jwt] + [lk("lk-per-user", per_user_plugin("per_user", idp.port, bao.url, {"groups": ["bench"]}),
+                            wasm_env_per_user)] * n,
+                bearer, "/bench", "jwt_authn_empty", n,
+                "jwt_authn, then latchkey: groups claim check + the caller's own cached token (per-user consent)")
         if wasm_b is not None:
-            for name in [k for k in variants if k.startswith("latchkey_") and k != "latchkey_store_header"]:
+            # Store-backed variants need what the compared module may not have (v1.2 consent).
+            for name in [k for k in variants if k.startswith("latchkey_")
+                         and k not in ("latchkey_store_header", "latchkey_per_user_cached")]:
                 filters, headers, path, base, copies, desc = variants[name]
                 b_filters = []
                 for f in filters:
@@ -677,7 +707,8 @@ def main() -> int:
         # (latchkey hands its counts to Envoy on a tick, up to a second later: polled).
         conns = [(name, conn) for name, conn in (("latchkey_header", "header"), ("latchkey_query", "query"),
                                                   ("latchkey_store_header", "store"),
-                                                  ("latchkey_oauth_cached", "oauth")) if name in variants]
+                                                  ("latchkey_oauth_cached", "oauth"),
+                                                  ("latchkey_per_user_cached", "per_user")) if name in variants]
         checks: dict[str, dict] = {}
         poll_end = time.monotonic() + 5
         while True:

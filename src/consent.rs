@@ -30,14 +30,23 @@ pub const MAX_USED_STATES: usize = 4096;
 /// Longest `return_to` accepted.
 const MAX_RETURN_TO: usize = 2048;
 
-/// A caller as stores and caches know them: 128 bits of SHA-256 over their
+/// A caller as this proxy's caches know them: their token's issuer and their
+/// subject. Kept in memory only; stores, states and logs see [`hash_of_key`].
+pub fn caller_key(iss: &str, sub: &str) -> String {
+    format!("{iss}\0{sub}")
+}
+
+/// A caller as stores and states know them: 128 bits of SHA-256 over their
 /// issuer and subject, hex. The same person at two issuers is two callers.
 pub fn caller_hash(iss: &str, sub: &str) -> String {
+    hash_of_key(&caller_key(iss, sub))
+}
+
+/// [`caller_hash`] of a [`caller_key`].
+pub fn hash_of_key(key: &str) -> String {
     let mut h = Sha256::new();
     h.update(b"latchkey.caller\0");
-    h.update(iss.as_bytes());
-    h.update(b"\0");
-    h.update(sub.as_bytes());
+    h.update(key.as_bytes());
     hex(h.finalize().get(..16).unwrap_or_default())
 }
 

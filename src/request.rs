@@ -198,7 +198,7 @@ pub struct Needed {
     pub picks: Vec<usize>,
     /// Token exchange: the verified JWT (the subject token).
     pub subject: Option<Secret>,
-    /// Per-user consent: who the caller is ([`consent::caller_hash`]).
+    /// Per-user consent: who the caller is ([`consent::caller_key`]).
     pub caller: Option<Secret>,
     /// Edits decided already (claims and cluster headers removed).
     pub edits: Vec<Edit>,
@@ -346,7 +346,10 @@ pub fn start(
     let per_user = picks
         .iter()
         .any(|&c| config.connection(c).is_some_and(consent::is_per_user));
-    let caller = match (per_user, identity.as_ref().and_then(caller_of)) {
+    let caller = match (
+        per_user,
+        identity.as_ref().and_then(|id| caller_of(config, id)),
+    ) {
         (false, _) => None,
         (true, Some(h)) => Some(Secret::new(h)),
         // A per-user connection needs to know who the caller is.
@@ -367,11 +370,20 @@ pub fn start(
     }))
 }
 
-/// The caller's [`consent::caller_hash`]: their token's `iss` and their subject.
-fn caller_of(id: &Identity) -> Option<String> {
+/// The caller's [`consent::caller_key`]: their token's `iss` and their subject.
+/// With a per-user connection configured, `iss` is one of the claims read per
+/// request; otherwise (consent endpoints of shared connections) the verified
+/// token's binding has it.
+fn caller_of(config: &Config, id: &Identity) -> Option<String> {
     let sub = id.subject().filter(|s| !s.is_empty())?;
-    let iss = id.binding().and_then(|b| b.issuer()).unwrap_or("");
-    Some(consent::caller_hash(iss, sub))
+    let iss = match config.issuer_claim {
+        Some(i) => match id.claim(i) {
+            Some(crate::claims::ClaimValue::Scalar(s)) => s.as_str(),
+            _ => "",
+        },
+        None => id.binding().and_then(|b| b.issuer()).unwrap_or(""),
+    };
+    Some(consent::caller_key(iss, sub))
 }
 
 /// No consent for `connection`: 403 with where to sign in.
@@ -400,6 +412,8 @@ pub struct Task {
     pub connection: usize,
     /// [`consent::caller_hash`], or [`consent::SHARED`] for a shared connection.
     pub record: String,
+    /// Per-user: the caller's [`consent::caller_key`] (their cache entry).
+    pub caller: Option<Secret>,
     pub kind: TaskKind,
 }
 
@@ -484,7 +498,7 @@ fn consent_endpoint(
             )
         }
     };
-    let Some(caller) = identity.as_ref().and_then(caller_of) else {
+    let Some(key) = identity.as_ref().and_then(|id| caller_of(config, id)) else {
         return done(
             Outcome::refused(Verdict::DeniedUnauthenticated, config, None, Vec::new())
                 .because("401: a consent endpoint needs a signed-in caller"),
@@ -504,6 +518,7 @@ fn consent_endpoint(
         },
         _ => false,
     };
+    let caller = consent::hash_of_key(&key);
     let record_of = |conn: &Connection| {
         if consent::is_per_user(conn) {
             caller.clone()
@@ -511,6 +526,8 @@ fn consent_endpoint(
             consent::SHARED.to_string()
         }
     };
+    let caller_of_conn =
+        |conn: &Connection| consent::is_per_user(conn).then(|| Secret::new(key.clone()));
     if let Some(i) = i {
         let Some(conn) = connection_of(i) else {
             return done(consent_failed(404, "not_found", None));
@@ -526,6 +543,7 @@ fn consent_endpoint(
             return Ok(Step::Consent(Task {
                 connection: i,
                 record: record_of(conn),
+                caller: caller_of_conn(conn),
                 kind: TaskKind::Disconnect,
             }));
         }
@@ -608,6 +626,7 @@ fn consent_endpoint(
     Ok(Step::Consent(Task {
         connection: i,
         record: record_of(conn),
+        caller: caller_of_conn(conn),
         kind: TaskKind::Connect {
             code,
             verifier: consent::pkce_verifier(&c.state_key, &state.nonce),

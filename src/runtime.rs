@@ -6,8 +6,9 @@
 //! configuration swap never changes what a request in flight sees.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 
-use crate::config::{Config, Credential, Grant, ProviderKind, SecretRef};
+use crate::config::{Config, Credential, Grant, ProviderKind};
 use crate::credential::cache::{Cached, Policy};
 use crate::credential::slot::{StoreSlot, TokenSlot};
 use crate::proxy::Proxy;
@@ -39,7 +40,14 @@ pub struct Runtime {
     pub copy_generation: std::cell::Cell<u32>,
     /// Consent states used on this proxy (`consent::Used`), with a `consent` section.
     pub used_states_key: Option<String>,
+    /// This VM's copies of per-user tokens, per connection index by caller key
+    /// (at most [`MAX_CALLER_COPIES`] per connection), kept like `token_copies`:
+    /// while the tick finds them good, and never across a [`COPY_GENERATION`] move.
+    pub caller_copies: RefCell<Vec<HashMap<String, Cached>>>,
 }
+
+/// Per-user token copies one VM keeps per connection; past it, one is dropped.
+pub const MAX_CALLER_COPIES: usize = 1024;
 
 /// An always-empty shared-data key whose CAS moves whenever a worker drops a
 /// token the upstream refused. Reading it costs a request one host call and no
@@ -91,6 +99,56 @@ impl Runtime {
     pub fn drop_token_copies(&self) {
         if let Ok(mut v) = self.token_copies.try_borrow_mut() {
             v.iter_mut().for_each(|t| *t = None);
+        }
+        if let Ok(mut v) = self.caller_copies.try_borrow_mut() {
+            v.iter_mut().for_each(HashMap::clear);
+        }
+    }
+
+    /// This VM's copy of caller `key`'s token of connection `c`, if it holds one.
+    pub fn caller_copy(&self, c: usize, key: &str) -> Option<Cached> {
+        self.caller_copies
+            .try_borrow()
+            .ok()
+            .and_then(|v| v.get(c)?.get(key).cloned())
+    }
+
+    pub fn has_caller_copy(&self, c: usize, key: &str) -> bool {
+        self.caller_copies
+            .try_borrow()
+            .is_ok_and(|v| v.get(c).is_some_and(|m| m.contains_key(key)))
+    }
+
+    /// Keeps a copy of a caller's token (or drops it: `None`).
+    pub fn set_caller_copy(&self, c: usize, key: &str, token: Option<Cached>) {
+        let Ok(mut v) = self.caller_copies.try_borrow_mut() else {
+            return;
+        };
+        let Some(map) = v.get_mut(c) else {
+            return;
+        };
+        match token {
+            None => {
+                map.remove(key);
+            }
+            Some(t) => {
+                if map.len() >= MAX_CALLER_COPIES && !map.contains_key(key) {
+                    // Bounded: drop one (the shared cache still holds it).
+                    if let Some(k) = map.keys().next().cloned() {
+                        map.remove(&k);
+                    }
+                }
+                map.insert(key.to_string(), t);
+            }
+        }
+    }
+
+    /// Drops caller copies that won't stay good until the tick after next.
+    pub fn trim_caller_copies(&self, now: u64, grace_ms: u64) {
+        if let Ok(mut v) = self.caller_copies.try_borrow_mut() {
+            for map in v.iter_mut() {
+                map.retain(|_, t| t.copyable_until(now, grace_ms));
+            }
         }
     }
 
@@ -185,6 +243,7 @@ impl Runtime {
             .collect();
         let store_values = RefCell::new(vec![None; config.stores.len()]);
         let token_copies = RefCell::new(vec![None; config.connections.len()]);
+        let caller_copies = RefCell::new(vec![HashMap::new(); config.connections.len()]);
         if tokens.iter().any(Option::is_some) {
             precreate(p, COPY_GENERATION);
         }
@@ -212,27 +271,7 @@ impl Runtime {
             discovery,
             copy_generation,
             used_states_key,
+            caller_copies,
         }
     }
-}
-
-/// Whether resolving `picks` needs the clock: only a token or store value this
-/// VM holds no copy of does.
-pub fn needs_time(loaded: &Runtime, picks: &[usize]) -> bool {
-    picks.iter().any(|&ci| {
-        loaded
-            .config
-            .connection(ci)
-            .is_some_and(|conn| match &conn.credential {
-                Credential::ApiKey(SecretRef::Value(_)) | Credential::ClientCertificate { .. } => {
-                    false
-                }
-                // A store value this VM already holds costs no clock read.
-                Credential::ApiKey(SecretRef::Store(i)) => loaded.store_value(*i).is_none(),
-                // Nor does a token it holds (checked by the tick).
-                Credential::OAuth2(_) | Credential::ManagedIdentity { .. } => {
-                    !loaded.has_token_copy(ci)
-                }
-            })
-    })
 }

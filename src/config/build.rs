@@ -16,7 +16,8 @@ use super::{
 };
 use crate::router::Router;
 
-const TOP: &[&str] = &[
+/// The top-level fields of a configuration (the offline checker reads it too).
+pub const TOP_LEVEL_FIELDS: &[&str] = &[
     "claims",
     "secrets",
     "providers",
@@ -38,7 +39,7 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
         // serde_json's message for syntax errors holds a position, not content.
         ConfigError::new("", ErrorKind::NotJson(e.to_string()))
     })?;
-    let top = Obj::new("", &doc, TOP)?;
+    let top = Obj::new("", &doc, TOP_LEVEL_FIELDS)?;
     let names = Names::collect(&top);
     let mut warnings = Vec::new();
 
@@ -55,6 +56,11 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
         &mut claim_paths,
     )?;
     let consent = consent::consent(&top, &secrets)?;
+    // A per-user consent is keyed by the caller's issuer and subject: read `iss` too.
+    let issuer_claim = connections
+        .iter()
+        .any(|c| matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::AuthorizationCode { per_user: true, .. })))
+        .then(|| claim_paths.index("iss"));
     check_delegated(&connections, &token_stores, &providers, consent.as_ref())?;
     secrets::check_identities(&secrets.stores, &connections, &providers)?;
     let routes = routes::read(&top, &names, &connections, &mut claim_paths)?;
@@ -119,6 +125,7 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
         discovery,
         token_stores,
         consent,
+        issuer_claim,
     })
 }
 
@@ -155,6 +162,33 @@ fn check_delegated(
                 &c.name,
                 "an authorization_code connection's name goes into URLs and store paths: 1 to 64 letters, digits, \"-\" or \"_\"",
             ));
+        }
+        // Key Vault names a record `<prefix>-<connection>-<caller>`, at most 127 characters.
+        if let Credential::OAuth2(o) = &c.credential {
+            if let Grant::AuthorizationCode {
+                per_user, store, ..
+            } = o.grant
+            {
+                if let Some(t) = token_stores.get(store) {
+                    if let TokenStoreKind::KeyVault { prefix, .. } = &t.kind {
+                        let caller = if per_user {
+                            crate::consent::caller_hash("", "")
+                        } else {
+                            crate::consent::SHARED.to_string()
+                        };
+                        let name = crate::credential::token_store::key_vault_name(
+                            prefix, &c.name, &caller,
+                        );
+                        if name.len() > crate::credential::token_store::MAX_KEY_VAULT_NAME {
+                            return Err(ConfigError::invalid(
+                                path,
+                                &c.name,
+                                format!("its Key Vault secret names (token store {:?}) would be longer than 127 characters: shorten the connection's name or the store's prefix", t.name),
+                            ));
+                        }
+                    }
+                }
+            }
         }
     }
     for t in token_stores {

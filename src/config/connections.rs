@@ -120,6 +120,14 @@ pub fn read(
             None => None,
         };
         let exchange = matches!(&credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. }));
+        let per_user = matches!(&credential, Credential::OAuth2(o) if matches!(o.grant, Grant::AuthorizationCode { per_user: true, .. }));
+        if per_user && access.as_ref().is_some_and(|a| a.public) {
+            return Err(ConfigError::not_allowed(
+                join(&c.child("access"), "public"),
+                "a per_user connection can't be public: it injects the caller's own token, \
+                 and a public connection admits callers nobody identified",
+            ));
+        }
         if exchange && access.as_ref().is_some_and(|a| a.public) {
             return Err(ConfigError::not_allowed(
                 join(&c.child("access"), "public"),

@@ -263,6 +263,43 @@ fn is_guid(s: &str) -> bool {
             .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// An absolute `http(s)` URL a browser is sent to or comes back to
+/// (`authorization_url`, `consent.redirect_uri`, `consent.return_to`): ASCII,
+/// no user info, no fragment ([`super::http_url`]: `url::Url` would bring its
+/// IDNA tables into the module). Returned as `scheme://authority/path?query`,
+/// scheme and host lowercased and a default port dropped: the form latchkey
+/// sends and compares.
+pub fn browser_url(u: &str) -> Result<String, ConfigError> {
+    let parsed =
+        super::http_url::parse(u).map_err(|e| ConfigError::invalid("", u, e.to_string()))?;
+    let scheme = if u
+        .get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+    {
+        "https"
+    } else {
+        "http"
+    };
+    if u.contains('\\') {
+        return Err(refused(u, "must not hold a backslash"));
+    }
+    Ok(format!("{scheme}://{}{}", parsed.authority, parsed.path))
+}
+
+/// A `consent.return_to` entry: a [`browser_url`] without a query whose path
+/// ends in `/`, so that `https://portal.example.com/` never admits
+/// `https://portal.example.com.evil.example/`.
+pub fn return_to_prefix(u: &str) -> Result<String, ConfigError> {
+    let url = browser_url(u)?;
+    if url.contains('?') || !url.ends_with('/') {
+        return Err(refused(
+            u,
+            "must end with \"/\" and have no query (it is a prefix of the URLs allowed)",
+        ));
+    }
+    Ok(url)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -510,41 +547,4 @@ mod tests {
             assert!(!is_guid(bad), "{bad}");
         }
     }
-}
-
-/// An absolute `http(s)` URL a browser is sent to or comes back to
-/// (`authorization_url`, `consent.redirect_uri`, `consent.return_to`): ASCII,
-/// no user info, no fragment ([`super::http_url`]: `url::Url` would bring its
-/// IDNA tables into the module). Returned as `scheme://authority/path?query`,
-/// scheme and host lowercased and a default port dropped: the form latchkey
-/// sends and compares.
-pub fn browser_url(u: &str) -> Result<String, ConfigError> {
-    let parsed =
-        super::http_url::parse(u).map_err(|e| ConfigError::invalid("", u, e.to_string()))?;
-    let scheme = if u
-        .get(..8)
-        .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
-    {
-        "https"
-    } else {
-        "http"
-    };
-    if u.contains('\\') {
-        return Err(refused(u, "must not hold a backslash"));
-    }
-    Ok(format!("{scheme}://{}{}", parsed.authority, parsed.path))
-}
-
-/// A `consent.return_to` entry: a [`browser_url`] without a query whose path
-/// ends in `/`, so that `https://portal.example.com/` never admits
-/// `https://portal.example.com.evil.example/`.
-pub fn return_to_prefix(u: &str) -> Result<String, ConfigError> {
-    let url = browser_url(u)?;
-    if url.contains('?') || !url.ends_with('/') {
-        return Err(refused(
-            u,
-            "must end with \"/\" and have no query (it is a prefix of the URLs allowed)",
-        ));
-    }
-    Ok(url)
 }

@@ -33,6 +33,7 @@ mod stores;
 
 /// The router's own match types, which a [`Route`] holds.
 pub use crate::router::{PathMatch, RouteMatch};
+pub use build::TOP_LEVEL_FIELDS;
 pub use error::{ConfigError, ErrorKind};
 
 use crate::router::Router;
@@ -71,6 +72,9 @@ pub struct Config {
     pub token_stores: Vec<TokenStore>,
     /// `consent`: the login, callback and disconnect endpoints (SPEC v1.2).
     pub consent: Option<Consent>,
+    /// The `iss` claim's index in `claim_paths`, read per request when a
+    /// per-user connection needs to know who the caller is.
+    pub issuer_claim: Option<usize>,
 }
 
 pub const SUBJECT_CLAIM: usize = 0;
@@ -384,8 +388,8 @@ pub struct Route {
     /// Whether any policy on this route (its own, or a connection it may use)
     /// looks at claims; when none does, the filter doesn't read them.
     pub needs_claims: bool,
-    /// Whether a connection it may inject is per caller (token exchange, or a
-    /// per-user consent): then the verified token's `iss`, `sub`, … are read too.
+    /// Whether a connection it may inject is a token exchange: then the
+    /// verified token's `iss`, `sub`, `exp`, `iat` and `jti` are read too.
     pub binds_caller: bool,
 }
 

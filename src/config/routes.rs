@@ -93,10 +93,7 @@ pub fn read(
         let binds_caller = inject.iter().any(|inj| {
             inj.connections.iter().any(|&ci| {
                 connections.get(ci).is_some_and(|c| {
-                    matches!(&c.credential, Credential::OAuth2(o) if matches!(
-                        o.grant,
-                        Grant::TokenExchange { .. } | Grant::AuthorizationCode { per_user: true, .. }
-                    ))
+                    matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. }))
                 })
             })
         });

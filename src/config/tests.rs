@@ -158,9 +158,9 @@ fn bad_configurations_name_the_field_and_value() {
     let cases: Vec<(&str, Edit)> = vec![
         ("connections.orders_read.provider: unknown provider \"orders_idpp\"",
          Box::new(|v| v["connections"]["orders_read"]["provider"] = json!("orders_idpp"))),
-        ("providers.orders_idp.clster: unknown field; expected one of \"type\", \"cluster\", \"token_url\", \"client_id\", \"client_secret\", \"auth_method\", \"timeout_ms\", \"default_expires_in_s\", \"refresh_margin_s\", \"drop_on_401_after_s\", \"endpoint\"",
+        ("providers.orders_idp.clster: unknown field; expected one of \"type\", \"cluster\", \"token_url\", \"client_id\", \"client_secret\", \"auth_method\", \"timeout_ms\", \"default_expires_in_s\", \"refresh_margin_s\", \"drop_on_401_after_s\", \"endpoint\", \"authorization_url\", \"issuer\", \"revocation_url\"",
          Box::new(|v| v["providers"]["orders_idp"]["clster"] = json!("idp"))),
-        ("colour: unknown field; expected one of \"claims\", \"secrets\", \"providers\", \"connections\", \"routes\", \"unmatched\", \"filter_state\", \"discovery\", \"max_paused_requests\"",
+        ("colour: unknown field; expected one of \"claims\", \"secrets\", \"providers\", \"connections\", \"routes\", \"unmatched\", \"filter_state\", \"discovery\", \"max_paused_requests\", \"token_stores\", \"consent\"",
          Box::new(|v| v["colour"] = json!("blue"))),
         ("routes[0].match.route_name: expected a string, found a number",
          Box::new(|v| v["routes"][0]["match"]["route_name"] = json!(5))),
@@ -190,7 +190,7 @@ fn bad_configurations_name_the_field_and_value() {
          Box::new(|v| v["routes"][1]["inject"][0]["prefix"] = json!("Key "))),
         ("connections.orders_read.grant: required field is missing",
          Box::new(|v| { v["connections"]["orders_read"].as_object_mut().unwrap().remove("grant"); })),
-        ("connections.orders_read.grant: invalid value \"password\": expected one of \"client_credentials\", \"refresh_token\", \"token_exchange\"",
+        ("connections.orders_read.grant: invalid value \"password\": expected one of \"client_credentials\", \"refresh_token\", \"token_exchange\", \"authorization_code\"",
          Box::new(|v| v["connections"]["orders_read"]["grant"] = json!("password"))),
         ("providers.orders_idp.token_url: invalid value \"idp.internal/token\": not an absolute URL (expected http://host/path or https://host/path)",
          Box::new(|v| v["providers"]["orders_idp"]["token_url"] = json!("idp.internal/token"))),
@@ -1249,4 +1249,546 @@ fn every_cluster_header_is_stripped_with_the_documented_one() {
         load(&v).unwrap_err().to_string(),
         "routes[2].inject[0].connections: a cluster_header entry takes client_certificate connections only"
     );
+}
+
+/// SPEC's user-delegated example (v1.2), with a Key Vault token store beside
+/// the Vault one and a provider that names its issuer and revocation URL.
+fn delegated_config() -> Value {
+    json!({
+      "claims": { "from": "header", "key": "x-jwt-payload" },
+      "secrets": {
+        "github_secret": { "env": "ORDERS_CLIENT_SECRET" },
+        "vault_token": { "env": "PARTNER_API_KEY" },
+        "consent_state_key": { "inline": "0123456789abcdef0123456789abcdef" }
+      },
+      "providers": {
+        "github": { "type": "oauth2", "cluster": "github",
+                    "authorization_url": "https://github.com/login/oauth/authorize",
+                    "token_url": "https://github.com/login/oauth/access_token",
+                    "client_id": "Iv1.8a61f9b3a7aba766", "client_secret": "github_secret" },
+        "crm": { "type": "oauth2", "cluster": "crm",
+                 "authorization_url": "https://login.crm.example/oauth/authorize?tenant=t1",
+                 "token_url": "https://login.crm.example/oauth/token",
+                 "issuer": "https://login.crm.example",
+                 "revocation_url": "https://login.crm.example:8443/oauth/revoke",
+                 "client_id": "crm-gw", "client_secret": "github_secret" },
+        "azure_mi": { "type": "azure_managed_identity", "cluster": "imds" }
+      },
+      "token_stores": {
+        "user_tokens": { "vault": { "cluster": "vault", "url": "http://vault.internal:8200",
+                                    "mount": "secret", "prefix": "latchkey/connections",
+                                    "token": "vault_token" } },
+        "kv_tokens": { "azure_key_vault": "https://kv-gw.vault.azure.net", "cluster": "keyvault",
+                       "identity": "kv_writer", "timeout_ms": 3000 }
+      },
+      "consent": { "path": "/.latchkey/connections", "redirect_uri": "https://api.example.com/.latchkey/callback",
+                   "state_key": "consent_state_key", "return_to": ["https://portal.example.com/"] },
+      "connections": {
+        "github_mine": { "provider": "github", "grant": "authorization_code", "per_user": true,
+                         "scopes": ["repo"], "store": "user_tokens", "access": { "authenticated": true } },
+        "crm_team": { "provider": "crm", "grant": "authorization_code", "store": "kv_tokens",
+                      "consent": { "groups": ["crm-admins"] }, "access": { "groups": ["sales"] } },
+        "kv_writer": { "provider": "azure_mi", "resource": "https://vault.azure.net" }
+      },
+      "routes": [
+        { "name": "github", "match": { "path_prefix": "/github/" },
+          "inject": [ { "connections": ["github_mine"], "header": "authorization" } ] },
+        { "name": "crm", "match": { "path_prefix": "/crm/" },
+          "inject": [ { "connections": ["crm_team"], "header": "authorization" } ] }
+      ]
+    })
+}
+
+fn delegated_error(edit: impl FnOnce(&mut Value)) -> String {
+    let mut v = delegated_config();
+    edit(&mut v);
+    match load(&v) {
+        Ok(_) => panic!("configuration was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn delegated_loads(edit: impl FnOnce(&mut Value)) -> Config {
+    let mut v = delegated_config();
+    edit(&mut v);
+    load(&v).unwrap()
+}
+
+#[test]
+fn a_user_delegated_configuration_loads() {
+    let c = load(&delegated_config()).unwrap();
+    let by_conn = |n: &str| c.connections.iter().find(|x| x.name == n).unwrap();
+    let store_index = |n: &str| c.token_stores.iter().position(|t| t.name == n).unwrap();
+    let oauth = |n: &str| {
+        let p = c.providers.iter().find(|p| p.name == n).unwrap();
+        match &p.kind {
+            ProviderKind::OAuth2(o) => o,
+            _ => panic!("not oauth2"),
+        }
+    };
+    // Providers: where people consent, the issuer a callback must name, revocation.
+    let github = oauth("github");
+    assert_eq!(
+        github.authorization_url.as_deref(),
+        Some("https://github.com/login/oauth/authorize")
+    );
+    assert_eq!((&github.issuer, &github.revocation), (&None, &None));
+    let crm = oauth("crm");
+    assert_eq!(
+        crm.authorization_url.as_deref(),
+        Some("https://login.crm.example/oauth/authorize?tenant=t1")
+    );
+    assert_eq!(crm.issuer.as_deref(), Some("https://login.crm.example"));
+    assert_eq!(
+        crm.revocation,
+        Some(Endpoint {
+            authority: "login.crm.example:8443".into(),
+            path: "/oauth/revoke".into()
+        })
+    );
+    // Token stores.
+    assert_eq!(c.token_stores.len(), 2);
+    let vault = &c.token_stores[store_index("user_tokens")];
+    assert_eq!(
+        (
+            vault.cluster.as_str(),
+            vault.authority.as_str(),
+            vault.timeout_ms
+        ),
+        ("vault", "vault.internal:8200", 5000)
+    );
+    assert!(
+        matches!(&vault.kind, TokenStoreKind::Vault { token, namespace: None, data_path, metadata_path }
+        if token.expose() == "pk-secret-1"
+            && data_path == "/v1/secret/data/latchkey/connections"
+            && metadata_path == "/v1/secret/metadata/latchkey/connections")
+    );
+    let kv = &c.token_stores[store_index("kv_tokens")];
+    assert_eq!(
+        (kv.cluster.as_str(), kv.authority.as_str(), kv.timeout_ms),
+        ("keyvault", "kv-gw.vault.azure.net", 3000)
+    );
+    let writer = c
+        .connections
+        .iter()
+        .position(|x| x.name == "kv_writer")
+        .unwrap();
+    assert!(
+        matches!(&kv.kind, TokenStoreKind::KeyVault { identity, prefix }
+        if *identity == writer && prefix == "latchkey-connections")
+    );
+    // The consent section.
+    let consent = c.consent.as_ref().unwrap();
+    assert_eq!(consent.path, "/.latchkey/connections");
+    assert_eq!(
+        consent.redirect_uri,
+        "https://api.example.com/.latchkey/callback"
+    );
+    assert_eq!(consent.callback_path, "/.latchkey/callback");
+    assert_eq!(
+        consent.state_key.expose(),
+        "0123456789abcdef0123456789abcdef"
+    );
+    assert_eq!(consent.return_to, ["https://portal.example.com/"]);
+    // Connections: per-user, and shared with who may consent.
+    let Credential::OAuth2(mine) = &by_conn("github_mine").credential else {
+        panic!("not oauth2")
+    };
+    assert!(
+        matches!(&mine.grant, Grant::AuthorizationCode { per_user: true, store, consent: None }
+        if *store == store_index("user_tokens"))
+    );
+    assert_eq!(mine.scopes, ["repo"]);
+    let Credential::OAuth2(team) = &by_conn("crm_team").credential else {
+        panic!("not oauth2")
+    };
+    let admins = Access {
+        groups: vec!["crm-admins".into()],
+        ..Access::default()
+    };
+    assert!(
+        matches!(&team.grant, Grant::AuthorizationCode { per_user: false, store, consent: Some(a) }
+        if *store == store_index("kv_tokens") && *a == admins)
+    );
+    // A per-user connection is keyed by the caller's issuer too: `iss` is read
+    // as a claim. Neither route is a token exchange.
+    let iss = c.issuer_claim.unwrap();
+    assert_eq!(c.claim_paths[iss].dotted, "iss");
+    let route = |n: &str| c.routes.iter().find(|r| r.name == n).unwrap();
+    assert!(!route("github").binds_caller && route("github").needs_claims);
+    assert!(!route("crm").binds_caller && route("crm").needs_claims);
+    // Secrets stay out of the Debug output.
+    let dump = format!("{c:?}");
+    for secret in [
+        "pk-secret-1",
+        "cs-secret-2",
+        "0123456789abcdef0123456789abcdef",
+    ] {
+        assert!(!dump.contains(secret), "{secret}");
+    }
+    // Without any of it, nothing of it.
+    let plain = load(&spec_example()).unwrap();
+    assert!(plain.token_stores.is_empty() && plain.consent.is_none());
+    assert_eq!(plain.issuer_claim, None);
+    // Shared connections only: no issuer claim either.
+    let shared = delegated_loads(|v| {
+        let c = v["connections"].as_object_mut().unwrap();
+        c.remove("github_mine");
+        v["routes"].as_array_mut().unwrap().remove(0);
+    });
+    assert_eq!(shared.issuer_claim, None);
+}
+
+#[test]
+fn consent_urls_and_paths_are_written_one_way() {
+    let c = delegated_loads(|v| {
+        v["consent"]["path"] = json!("/.latchkey/connections/");
+        v["consent"]["redirect_uri"] = json!("HTTPS://API.Example.com:443/cb");
+        v["consent"]["return_to"] =
+            json!(["https://Portal.Example.com", "http://localhost:3000/app/"]);
+        v["token_stores"]["user_tokens"]["vault"]["url"] =
+            json!("http://vault.internal:8200/base/");
+        v["token_stores"]["user_tokens"]["vault"]["mount"] = json!("/kv/");
+        v["token_stores"]["user_tokens"]["vault"]["namespace"] = json!("team-a");
+        v["token_stores"]["kv_tokens"]["prefix"] = json!("Consents-1");
+        v["providers"]["github"]["authorization_url"] =
+            json!("https://GitHub.com:443/login/oauth/authorize");
+    });
+    let consent = c.consent.as_ref().unwrap();
+    assert_eq!(consent.path, "/.latchkey/connections");
+    assert_eq!(consent.redirect_uri, "https://api.example.com/cb");
+    assert_eq!(consent.callback_path, "/cb");
+    assert_eq!(
+        consent.return_to,
+        ["https://portal.example.com/", "http://localhost:3000/app/"]
+    );
+    let by = |n: &str| c.token_stores.iter().find(|t| t.name == n).unwrap();
+    assert!(
+        matches!(&by("user_tokens").kind, TokenStoreKind::Vault { namespace: Some(ns), data_path, metadata_path, .. }
+        if ns == "team-a"
+            && data_path == "/base/v1/kv/data/latchkey/connections"
+            && metadata_path == "/base/v1/kv/metadata/latchkey/connections")
+    );
+    assert!(
+        matches!(&by("kv_tokens").kind, TokenStoreKind::KeyVault { prefix, .. } if prefix == "Consents-1")
+    );
+    let ProviderKind::OAuth2(p) = &c
+        .providers
+        .iter()
+        .find(|p| p.name == "github")
+        .unwrap()
+        .kind
+    else {
+        panic!("not oauth2")
+    };
+    assert_eq!(
+        p.authorization_url.as_deref(),
+        Some("https://github.com/login/oauth/authorize")
+    );
+    // Vault's defaults: mount "secret", prefix "latchkey/connections".
+    let c = delegated_loads(|v| {
+        let vault = v["token_stores"]["user_tokens"]["vault"]
+            .as_object_mut()
+            .unwrap();
+        vault.remove("mount");
+        vault.remove("prefix");
+    });
+    assert!(
+        matches!(&c.token_stores.iter().find(|t| t.name == "user_tokens").unwrap().kind,
+        TokenStoreKind::Vault { data_path, .. } if data_path == "/v1/secret/data/latchkey/connections")
+    );
+}
+
+#[test]
+fn bad_user_delegated_configurations_name_the_field() {
+    type Edit = Box<dyn FnOnce(&mut Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        // The grant.
+        ("connections.github_mine.grant: \"authorization_code\" needs authorization_url on its provider",
+         Box::new(|v| { v["providers"]["github"].as_object_mut().unwrap().remove("authorization_url"); })),
+        ("connections.github_mine.store: required field is missing",
+         Box::new(|v| { v["connections"]["github_mine"].as_object_mut().unwrap().remove("store"); })),
+        ("connections.github_mine.store: invalid value \"secrets\": not a name in token_stores",
+         Box::new(|v| v["connections"]["github_mine"]["store"] = json!("secrets"))),
+        ("connections.github_mine.consent: a per_user connection is consented to by each caller: its access says who",
+         Box::new(|v| v["connections"]["github_mine"]["consent"] = json!({ "groups": ["a"] }))),
+        ("connections.crm_team.consent: required for a shared authorization_code connection (who may give the consent); or set per_user: true",
+         Box::new(|v| { v["connections"]["crm_team"].as_object_mut().unwrap().remove("consent"); })),
+        ("connections.github_mine.consent: required for a shared authorization_code connection (who may give the consent); or set per_user: true",
+         Box::new(|v| v["connections"]["github_mine"]["per_user"] = json!(false))),
+        ("connections.github_mine.per_user: expected a boolean, found a string",
+         Box::new(|v| v["connections"]["github_mine"]["per_user"] = json!("yes"))),
+        ("connections.github_mine.access.public: a per_user connection can't be public: it injects the caller's own token, and a public connection admits callers nobody identified",
+         Box::new(|v| v["connections"]["github_mine"]["access"] = json!({ "public": true }))),
+        ("connections.crm_team.consent: access policy admits no one; give at least one of \"public\": true, \"authenticated\": true, \"users\", \"groups\" or \"claims\"",
+         Box::new(|v| v["connections"]["crm_team"]["consent"] = json!({}))),
+        // Fields of the grant on other grants.
+        ("connections.orders.per_user: only allowed when grant is \"authorization_code\"",
+         Box::new(|v| v["connections"]["orders"] = json!({ "provider": "github", "grant": "client_credentials", "per_user": true }))),
+        ("connections.orders.store: only allowed when grant is \"authorization_code\"",
+         Box::new(|v| v["connections"]["orders"] = json!({ "provider": "github", "grant": "client_credentials", "store": "user_tokens" }))),
+        ("connections.orders.consent: only allowed when grant is \"authorization_code\"",
+         Box::new(|v| v["connections"]["orders"] = json!({ "provider": "github", "grant": "token_exchange",
+             "access": { "authenticated": true }, "consent": { "groups": ["a"] } }))),
+        ("connections.kv_writer.store: not allowed for a connection of an azure_managed_identity provider",
+         Box::new(|v| v["connections"]["kv_writer"]["store"] = json!("user_tokens"))),
+        // The connection's name goes into URLs and store paths.
+        ("connections.git.hub: invalid value \"git.hub\": an authorization_code connection's name goes into URLs and store paths: 1 to 64 letters, digits, \"-\" or \"_\"",
+         Box::new(|v| {
+             let c = v["connections"].as_object_mut().unwrap();
+             let mine = c.remove("github_mine").unwrap();
+             c.insert("git.hub".into(), mine);
+             v["routes"][0]["inject"][0]["connections"] = json!(["git.hub"]);
+         })),
+        // The consent section.
+        ("connections.crm_team.grant: \"authorization_code\" needs the top-level \"consent\" section (login and callback endpoints)",
+         Box::new(|v| { v.as_object_mut().unwrap().remove("consent"); })),
+        ("consent.state_key: the secret is shorter than 32 bytes: too short to sign consent states",
+         Box::new(|v| v["secrets"]["consent_state_key"] = json!({ "inline": "0123456789abcdef0123456789abcde" }))),
+        ("consent.state_key: unknown env or inline secret \"nope\"",
+         Box::new(|v| v["consent"]["state_key"] = json!("nope"))),
+        ("consent.state_key: required field is missing",
+         Box::new(|v| { v["consent"].as_object_mut().unwrap().remove("state_key"); })),
+        ("consent.redirect_uri: invalid value \"https://api.example.com/cb?x=1\": must not have a query (the authorization server adds code and state)",
+         Box::new(|v| v["consent"]["redirect_uri"] = json!("https://api.example.com/cb?x=1"))),
+        ("consent.redirect_uri: invalid value \"https://api.example.com/.latchkey/connections/callback\": its path must not be under consent.path",
+         Box::new(|v| v["consent"]["redirect_uri"] = json!("https://api.example.com/.latchkey/connections/callback"))),
+        ("consent.redirect_uri: invalid value \"https://api.example.com/.latchkey/connections\": its path must not be under consent.path",
+         Box::new(|v| v["consent"]["redirect_uri"] = json!("https://api.example.com/.latchkey/connections"))),
+        ("consent.redirect_uri: invalid value \"api.example.com/cb\": not an absolute URL (expected http://host/path or https://host/path)",
+         Box::new(|v| v["consent"]["redirect_uri"] = json!("api.example.com/cb"))),
+        ("consent.redirect_uri: invalid value \"https://api.example.com/cb#x\": must not have a #fragment",
+         Box::new(|v| v["consent"]["redirect_uri"] = json!("https://api.example.com/cb#x"))),
+        ("consent.path: invalid value \"/\": must not be \"/\": every path under it would be latchkey's",
+         Box::new(|v| v["consent"]["path"] = json!("/"))),
+        ("consent.path: invalid value \"latchkey\": must start with \"/\"",
+         Box::new(|v| v["consent"]["path"] = json!("latchkey"))),
+        ("consent.return_to[0]: invalid value \"https://portal.example.com/app\": must end with \"/\" and have no query (it is a prefix of the URLs allowed)",
+         Box::new(|v| v["consent"]["return_to"] = json!(["https://portal.example.com/app"]))),
+        ("consent.return_to[1]: invalid value \"https://portal.example.com/?x=/\": must end with \"/\" and have no query (it is a prefix of the URLs allowed)",
+         Box::new(|v| v["consent"]["return_to"] = json!(["https://a.example/", "https://portal.example.com/?x=/"]))),
+        ("consent.return_to[0]: invalid value \"https://user@portal.example.com/\": must not carry credentials; use client_id and client_secret",
+         Box::new(|v| v["consent"]["return_to"] = json!(["https://user@portal.example.com/"]))),
+        ("consent.return_to[0]: invalid value \"javascript:alert(1)//\": not an absolute URL (expected http://host/path or https://host/path)",
+         Box::new(|v| v["consent"]["return_to"] = json!(["javascript:alert(1)//"]))),
+        ("consent.colour: unknown field; expected one of \"path\", \"redirect_uri\", \"state_key\", \"return_to\"",
+         Box::new(|v| v["consent"]["colour"] = json!("blue"))),
+        // Providers.
+        ("providers.github.authorization_url: invalid value \"https://github.com/authorize#x\": must not have a #fragment",
+         Box::new(|v| v["providers"]["github"]["authorization_url"] = json!("https://github.com/authorize#x"))),
+        ("providers.github.authorization_url: invalid value \"ftp://github.com/authorize\": scheme must be http or https",
+         Box::new(|v| v["providers"]["github"]["authorization_url"] = json!("ftp://github.com/authorize"))),
+        ("providers.crm.revocation_url: invalid value \"/oauth/revoke\": not an absolute URL (expected http://host/path or https://host/path)",
+         Box::new(|v| v["providers"]["crm"]["revocation_url"] = json!("/oauth/revoke"))),
+        ("providers.crm.issuer: expected a string, found a number",
+         Box::new(|v| v["providers"]["crm"]["issuer"] = json!(1))),
+        // Token stores.
+        ("token_stores.user_tokens: give exactly one of \"vault\" or \"azure_key_vault\"",
+         Box::new(|v| v["token_stores"]["user_tokens"]["azure_key_vault"] = json!("https://kv.vault.azure.net"))),
+        ("token_stores.user_tokens: give exactly one of \"vault\" or \"azure_key_vault\"",
+         Box::new(|v| v["token_stores"]["user_tokens"] = json!({ "timeout_ms": 1000 }))),
+        ("token_stores.user_tokens.cluster: for \"vault\", give it inside the \"vault\" object",
+         Box::new(|v| v["token_stores"]["user_tokens"]["cluster"] = json!("vault"))),
+        ("token_stores.user_tokens.prefix: for \"vault\", give it inside the \"vault\" object",
+         Box::new(|v| v["token_stores"]["user_tokens"]["prefix"] = json!("x"))),
+        ("token_stores.user_tokens.vault.url: invalid value \"http://vault:8200/?x=1\": must not have a query",
+         Box::new(|v| v["token_stores"]["user_tokens"]["vault"]["url"] = json!("http://vault:8200/?x=1"))),
+        ("token_stores.user_tokens.vault.prefix: invalid value \"a/../b\": not a Vault path (letters, digits, \"-_.\" segments separated by \"/\")",
+         Box::new(|v| v["token_stores"]["user_tokens"]["vault"]["prefix"] = json!("a/../b"))),
+        ("token_stores.user_tokens.vault.mount: invalid value \"\": not a Vault path (letters, digits, \"-_.\" segments separated by \"/\")",
+         Box::new(|v| v["token_stores"]["user_tokens"]["vault"]["mount"] = json!("/"))),
+        ("token_stores.user_tokens.vault.token: required field is missing",
+         Box::new(|v| { v["token_stores"]["user_tokens"]["vault"].as_object_mut().unwrap().remove("token"); })),
+        ("token_stores.user_tokens.vault.token: unknown env or inline secret \"nope\"",
+         Box::new(|v| v["token_stores"]["user_tokens"]["vault"]["token"] = json!("nope"))),
+        ("token_stores.user_tokens.vault.approle: unknown field; expected one of \"cluster\", \"url\", \"mount\", \"prefix\", \"token\", \"namespace\"",
+         Box::new(|v| v["token_stores"]["user_tokens"]["vault"]["approle"] = json!({}))),
+        ("token_stores.kv_tokens.identity: must name an azure_managed_identity connection, or a client_credentials one whose client secret is known at load (its token reads and writes the vault)",
+         Box::new(|v| v["token_stores"]["kv_tokens"]["identity"] = json!("github_mine"))),
+        ("token_stores.kv_tokens.identity: unknown connection \"nope\"",
+         Box::new(|v| v["token_stores"]["kv_tokens"]["identity"] = json!("nope"))),
+        ("token_stores.kv_tokens.identity: required field is missing",
+         Box::new(|v| { v["token_stores"]["kv_tokens"].as_object_mut().unwrap().remove("identity"); })),
+        ("token_stores.kv_tokens.prefix: invalid value \"latchkey_connections\": must be 1 to 40 letters, digits or \"-\" (Key Vault's secret name alphabet)",
+         Box::new(|v| v["token_stores"]["kv_tokens"]["prefix"] = json!("latchkey_connections"))),
+        ("token_stores.kv_tokens.prefix: invalid value \"\": must be 1 to 40 letters, digits or \"-\" (Key Vault's secret name alphabet)",
+         Box::new(|v| v["token_stores"]["kv_tokens"]["prefix"] = json!(""))),
+        ("token_stores.kv_tokens.prefix: invalid value \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\": must be 1 to 40 letters, digits or \"-\" (Key Vault's secret name alphabet)",
+         Box::new(|v| v["token_stores"]["kv_tokens"]["prefix"] = json!("a".repeat(41)))),
+        ("token_stores.kv_tokens.azure_key_vault: invalid value \"http://kv-gw.vault.azure.net\": must be the vault's URL, https://<vault>.vault.azure.net",
+         Box::new(|v| v["token_stores"]["kv_tokens"]["azure_key_vault"] = json!("http://kv-gw.vault.azure.net"))),
+        ("token_stores.kv_tokens.azure_key_vault: invalid value \"https://kv-gw.vault.azure.net/secrets/x\": must be the vault's URL, https://<vault>.vault.azure.net",
+         Box::new(|v| v["token_stores"]["kv_tokens"]["azure_key_vault"] = json!("https://kv-gw.vault.azure.net/secrets/x"))),
+        ("token_stores.kv_tokens.timeout_ms: invalid value \"0\": must be between 1 and 300000",
+         Box::new(|v| v["token_stores"]["kv_tokens"]["timeout_ms"] = json!(0))),
+        ("token_stores.kv_tokens.namespace: unknown field; expected one of \"vault\", \"azure_key_vault\", \"cluster\", \"identity\", \"prefix\", \"timeout_ms\"",
+         Box::new(|v| v["token_stores"]["kv_tokens"]["namespace"] = json!("x"))),
+    ];
+    for (want, edit) in cases {
+        assert_eq!(delegated_error(edit), want);
+    }
+}
+
+#[test]
+fn user_delegated_bounds_are_inclusive() {
+    // A state key of exactly 32 bytes.
+    let c = delegated_loads(|v| {
+        v["secrets"]["consent_state_key"] = json!({ "inline": "x".repeat(32) });
+    });
+    assert_eq!(c.consent.unwrap().state_key.expose().len(), 32);
+    // A Key Vault prefix of exactly 40 characters.
+    let c = delegated_loads(|v| v["token_stores"]["kv_tokens"]["prefix"] = json!("a".repeat(40)));
+    assert!(
+        matches!(&c.token_stores.iter().find(|t| t.name == "kv_tokens").unwrap().kind,
+        TokenStoreKind::KeyVault { prefix, .. } if prefix.len() == 40)
+    );
+    // A connection name of 64 safe characters; 65 is too long.
+    let rename = |name: String| {
+        move |v: &mut Value| {
+            let c = v["connections"].as_object_mut().unwrap();
+            let mine = c.remove("github_mine").unwrap();
+            c.insert(name.clone(), mine);
+            v["routes"][0]["inject"][0]["connections"] = json!([name]);
+        }
+    };
+    let long = format!("Aa0-_{}", "z".repeat(59));
+    let c = delegated_loads(rename(long.clone()));
+    assert!(c.connections.iter().any(|x| x.name == long));
+    let longer = format!("{long}z");
+    assert_eq!(
+        delegated_error(rename(longer.clone())),
+        format!("connections.{longer}: invalid value \"{longer}\": an authorization_code connection's name goes into URLs and store paths: 1 to 64 letters, digits, \"-\" or \"_\"")
+    );
+    // Only authorization_code connections need such names.
+    let c = load(&json!({
+        "secrets": { "s": { "env": "PARTNER_API_KEY" } },
+        "providers": { "idp": { "type": "oauth2", "cluster": "idp", "token_url": "https://idp/token",
+                                "client_id": "gw", "client_secret": "s" } },
+        "connections": { "orders.read": { "provider": "idp", "grant": "client_credentials" } }
+    }))
+    .unwrap();
+    assert_eq!(c.connections[0].name, "orders.read");
+    // A redirect_uri beside consent.path, merely sharing its prefix, is fine.
+    let c = delegated_loads(|v| {
+        v["consent"]["redirect_uri"] =
+            json!("https://api.example.com/.latchkey/connections-callback");
+    });
+    assert_eq!(
+        c.consent.unwrap().callback_path,
+        "/.latchkey/connections-callback"
+    );
+    // No return_to: nothing allowed (the callback answers with JSON).
+    let c = delegated_loads(|v| {
+        v["consent"].as_object_mut().unwrap().remove("return_to");
+    });
+    assert!(c.consent.unwrap().return_to.is_empty());
+    // A per_user: false connection with consent is shared.
+    let c = delegated_loads(|v| v["connections"]["crm_team"]["per_user"] = json!(false));
+    assert!(c.connections.iter().any(|x| matches!(&x.credential,
+        Credential::OAuth2(o) if matches!(o.grant, Grant::AuthorizationCode { per_user: false, consent: Some(_), .. }))));
+}
+
+#[test]
+fn a_key_vault_token_store_s_identity_gets_its_own_token() {
+    // A client_credentials connection whose secret is known at load: fine.
+    let c = delegated_loads(|v| {
+        v["connections"]["kv_writer"] = json!({ "provider": "github", "grant": "client_credentials",
+                                                 "scopes": ["https://vault.azure.net/.default"] });
+    });
+    assert_eq!(c.token_stores.len(), 2);
+    // Its client secret in a store, or a grant that needs a person or a caller: refused.
+    let refused = "token_stores.kv_tokens.identity: must name an azure_managed_identity connection, or a client_credentials one whose client secret is known at load (its token reads and writes the vault)";
+    assert_eq!(
+        delegated_error(|v| {
+            v["secrets"]["stored"] = json!({ "vault": { "cluster": "vault", "url": "http://vault:8200",
+                "path": "idp", "field": "secret", "token": "vault_token" } });
+            v["providers"]["stored_idp"] = json!({ "type": "oauth2", "cluster": "idp",
+                "token_url": "https://idp/token", "client_id": "gw", "client_secret": "stored" });
+            v["connections"]["kv_writer"] =
+                json!({ "provider": "stored_idp", "grant": "client_credentials" });
+        }),
+        refused
+    );
+    assert_eq!(
+        delegated_error(|v| {
+            v["connections"]["kv_writer"] = json!({ "provider": "github", "grant": "token_exchange",
+                                                     "access": { "authenticated": true } });
+        }),
+        refused
+    );
+    assert_eq!(
+        delegated_error(|v| {
+            v["secrets"]["rt"] = json!({ "env": "PARTNER_API_KEY" });
+            v["connections"]["kv_writer"] = json!({ "provider": "github", "grant": "refresh_token",
+                                                     "refresh_token": "rt" });
+        }),
+        refused
+    );
+}
+
+#[test]
+fn key_vault_record_names_fit_in_127_characters() {
+    // `<prefix>-<connection>-<caller hash>`, "-" and "_" written as two
+    // characters: SPEC v1.2, "at most 127 characters".
+    let on_key_vault = |name: &str, prefix: &str, per_user: bool| {
+        let name = name.to_string();
+        let prefix = prefix.to_string();
+        move |v: &mut Value| {
+            v["token_stores"]["kv_tokens"]["prefix"] = json!(prefix);
+            let c = v["connections"].as_object_mut().unwrap();
+            let mut mine = c.remove("github_mine").unwrap();
+            mine["store"] = json!("kv_tokens");
+            if !per_user {
+                mine.as_object_mut().unwrap().remove("per_user");
+                mine["consent"] = json!({ "groups": ["a"] });
+            }
+            c.insert(name.clone(), mine);
+            v["routes"][0]["inject"][0]["connections"] = json!([name]);
+        }
+    };
+    let prefix = "p".repeat(40);
+    // 40 + 1 + 53 + 1 + 32 = 127: the longest per-user name that fits.
+    let fits = "c".repeat(53);
+    let c = delegated_loads(on_key_vault(&fits, &prefix, true));
+    let kv = c
+        .token_stores
+        .iter()
+        .find(|t| t.name == "kv_tokens")
+        .unwrap();
+    let TokenStoreKind::KeyVault { prefix: p, .. } = &kv.kind else {
+        panic!("not key vault")
+    };
+    let caller = crate::consent::caller_hash("i", "s");
+    assert_eq!(
+        crate::credential::token_store::key_vault_name(p, &fits, &caller).len(),
+        127
+    );
+    let over = "c".repeat(54);
+    assert_eq!(
+        delegated_error(on_key_vault(&over, &prefix, true)),
+        format!("connections.{over}: invalid value \"{over}\": its Key Vault secret names (token store \"kv_tokens\") would be longer than 127 characters: shorten the connection's name or the store's prefix")
+    );
+    // Escaped characters count twice: 52 characters, one of them "_", is 53.
+    let escaped = format!("{}_", "c".repeat(51));
+    assert!(delegated_loads(on_key_vault(&escaped, &prefix, true))
+        .connections
+        .iter()
+        .any(|c| c.name == escaped));
+    let escaped_over = format!("{}_", "c".repeat(52));
+    assert!(delegated_error(on_key_vault(&escaped_over, &prefix, true))
+        .contains("longer than 127 characters"));
+    // A shared connection's record is "shared": 64 characters fit.
+    let shared = "s".repeat(64);
+    assert!(delegated_loads(on_key_vault(&shared, &prefix, false))
+        .connections
+        .iter()
+        .any(|c| c.name == shared));
+    // Vault paths have no such bound.
+    let c = delegated_loads(|v| {
+        let c = v["connections"].as_object_mut().unwrap();
+        let mine = c.remove("github_mine").unwrap();
+        c.insert("v".repeat(64), mine);
+        v["routes"][0]["inject"][0]["connections"] = json!(["v".repeat(64)]);
+    });
+    assert!(c.connections.iter().any(|c| c.name.len() == 64));
 }

@@ -506,8 +506,37 @@ impl<P: Proxy> Broker<P> {
         now: u64,
         on_request: bool,
     ) -> Result<Resolution, HostFault> {
+        self.resolve_with(loaded, picks, who, &mut || Ok(now), on_request)
+    }
+
+    /// [`Self::resolve`], reading the clock only when a credential isn't in this
+    /// VM's copies (checked against the copy generation first): the request path
+    /// of a cached token or value makes no clock call.
+    pub fn resolve_with(
+        &mut self,
+        loaded: &Rc<Runtime>,
+        picks: &[usize],
+        who: Who<'_>,
+        clock: &mut dyn FnMut() -> Result<u64, HostFault>,
+        on_request: bool,
+    ) -> Result<Resolution, HostFault> {
+        let mut read: Option<u64> = None;
+        let mut now = || -> Result<u64, HostFault> {
+            if let Some(n) = read {
+                return Ok(n);
+            }
+            let n = clock()?;
+            read = Some(n);
+            Ok(n)
+        };
         // A token this VM holds serves only if no worker replaced one since.
-        if picks.iter().any(|&c| loaded.has_token_copy(c)) {
+        let copied = |c: usize| {
+            loaded.has_token_copy(c)
+                || who
+                    .caller
+                    .is_some_and(|k| loaded.has_caller_copy(c, k.expose()))
+        };
+        if picks.iter().any(|&c| copied(c)) {
             loaded.check_copy_generation(&self.proxy);
         }
         let config = &loaded.config;
@@ -524,7 +553,7 @@ impl<P: Proxy> Broker<P> {
             };
             // Per caller: the subject token (token exchange) or who the caller is (per-user consent).
             let subject = who.of_connection(conn);
-            let mut wait_for = |owner: Owner| {
+            let mut wait_for = |owner: Owner, now: u64| {
                 let entry = Self::entry(loaded, owner, subject);
                 let d = now + entry.as_ref().map_or(5000, |(_, p)| p.fetch_timeout_ms);
                 deadline = Some(deadline.map_or(d, |x: u64| x.min(d)));
@@ -555,6 +584,7 @@ impl<P: Proxy> Broker<P> {
                         });
                         continue;
                     }
+                    let now = now()?;
                     match self.acquire(loaded, Owner::Store(*si), None, now, on_request)? {
                         Lookup::Ready(v) => {
                             let secret = Secret::new(v.token);
@@ -565,7 +595,7 @@ impl<P: Proxy> Broker<P> {
                                 token: None,
                             })
                         }
-                        Lookup::Wait => wait_for(Owner::Store(*si)),
+                        Lookup::Wait => wait_for(Owner::Store(*si), now),
                         Lookup::Reject {
                             retry_after_ms,
                             consent_required,
@@ -580,19 +610,26 @@ impl<P: Proxy> Broker<P> {
                 }
                 Credential::OAuth2(_) | Credential::ManagedIdentity { .. } => {
                     // This VM's copy, checked by the tick: no host call.
-                    if let Some(t) = loaded.token_copy(ci) {
+                    let per_user = crate::consent::is_per_user(conn);
+                    let copy = match (per_user, subject) {
+                        (false, _) => loaded.token_copy(ci),
+                        (true, Some(key)) => loaded.caller_copy(ci, key.expose()),
+                        (true, None) => None,
+                    };
+                    if let Some(t) = copy {
                         if on_request {
                             loaded.stats.token(&self.proxy, ci, TokenStat::CacheHit);
                         }
                         out.push(Self::token_cred(loaded, ci, None, t));
                         continue;
                     }
+                    let now = now()?;
                     let mut ready = true;
                     for si in Self::prerequisites(loaded, ci) {
                         match self.acquire(loaded, Owner::Store(si), None, now, false)? {
                             Lookup::Ready(_) => {}
                             Lookup::Wait => {
-                                wait_for(Owner::Store(si));
+                                wait_for(Owner::Store(si), now);
                                 ready = false;
                             }
                             Lookup::Reject { retry_after_ms, .. } => {
@@ -610,14 +647,18 @@ impl<P: Proxy> Broker<P> {
                     match self.acquire(loaded, Owner::Connection(ci), subject, now, on_request)? {
                         Lookup::Ready(t) => {
                             let slot = loaded.tokens.get(ci).and_then(Option::as_ref);
-                            if slot.is_some_and(|s| !s.exchange)
-                                && t.copyable_until(now, COPY_GRACE_MS)
-                            {
-                                loaded.set_token_copy(ci, Some(t.clone()));
+                            if t.copyable_until(now, COPY_GRACE_MS) {
+                                match (slot.is_some_and(|s| !s.exchange), per_user, subject) {
+                                    (true, _, _) => loaded.set_token_copy(ci, Some(t.clone())),
+                                    (false, true, Some(key)) => {
+                                        loaded.set_caller_copy(ci, key.expose(), Some(t.clone()))
+                                    }
+                                    _ => {}
+                                }
                             }
                             out.push(Self::token_cred(loaded, ci, subject, t))
                         }
-                        Lookup::Wait => wait_for(Owner::Connection(ci)),
+                        Lookup::Wait => wait_for(Owner::Connection(ci), now),
                         Lookup::Reject {
                             retry_after_ms,
                             consent_required,
@@ -765,6 +806,7 @@ impl<P: Proxy> Broker<P> {
             return;
         };
         loaded.copy_generation.set(generation);
+        loaded.trim_caller_copies(now, COPY_GRACE_MS);
         for (c, slot) in loaded.tokens.iter().enumerate() {
             if !loaded.has_token_copy(c) {
                 continue;
@@ -1113,8 +1155,10 @@ impl<P: Proxy> Broker<P> {
                 } else {
                     Level::Warn
                 };
-                self.proxy
-                    .log(level, &format!("connection {name}: token fetch failed: {e}"));
+                self.proxy.log(
+                    level,
+                    &format!("connection {name}: token fetch failed: {e}"),
+                );
                 FetchOutcome::Failed { kind: e.kind() }
             }
         };

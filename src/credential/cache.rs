@@ -1106,4 +1106,92 @@ mod tests {
         assert_eq!(token.refresh_at_ms, u64::MAX);
         assert_eq!(on_request(&s, 1 << 60, 2, &P), Choice::Use(token.clone()));
     }
+
+    #[test]
+    fn no_consent_is_remembered_briefly_without_counting_as_a_failure() {
+        let fetching = Fetching {
+            lease: Lease {
+                owner: 1,
+                until_ms: 3000,
+            },
+            failures: 2,
+        };
+        let none = FetchOutcome::Failed { kind: NO_CONSENT };
+        let s = on_result(&fetching, 1, none.clone(), 100, &P, 999).unwrap();
+        // Exactly NO_CONSENT_RECHECK_MS, no jitter, the failure count unchanged.
+        assert_eq!(
+            s,
+            Backoff {
+                until_ms: 100 + NO_CONSENT_RECHECK_MS,
+                failures: 2,
+                kind: "consent_required".into()
+            }
+        );
+        assert_eq!(NO_CONSENT_RECHECK_MS, 2000);
+        // Meanwhile every request is told to consent (403), not to retry (503).
+        assert_eq!(
+            on_request(&s, 100, 2, &P),
+            Choice::Reject {
+                retry_after_ms: NO_CONSENT_RECHECK_MS,
+                consent_required: true,
+            }
+        );
+        assert_eq!(
+            on_request(&s, 100 + NO_CONSENT_RECHECK_MS - 1, 2, &P),
+            Choice::Reject {
+                retry_after_ms: 1,
+                consent_required: true,
+            }
+        );
+        // Then the store is read again.
+        assert_eq!(
+            next_of(&on_request(&s, 100 + NO_CONSENT_RECHECK_MS, 3, &P)),
+            Some(Fetching {
+                lease: Lease {
+                    owner: 3,
+                    until_ms: 100 + NO_CONSENT_RECHECK_MS + 3000
+                },
+                failures: 2
+            })
+        );
+        // A refresh that finds the consent gone stops serving the token it had.
+        let Ready { token, .. } = ready(10_000, 0) else {
+            panic!()
+        };
+        let refreshing = Refreshing {
+            token,
+            lease: Lease {
+                owner: 4,
+                until_ms: 9000,
+            },
+            failures: 0,
+        };
+        assert_eq!(
+            on_result(&refreshing, 4, none, 6000, &P, 0),
+            Some(Backoff {
+                until_ms: 6000 + NO_CONSENT_RECHECK_MS,
+                failures: 0,
+                kind: "consent_required".into()
+            })
+        );
+        // Another failure's backoff is no consent question.
+        let s = on_result(
+            &fetching,
+            1,
+            FetchOutcome::Failed {
+                kind: "token_store",
+            },
+            100,
+            &P,
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            on_request(&s, 101, 2, &P),
+            Choice::Reject {
+                retry_after_ms: 1999,
+                consent_required: false,
+            }
+        );
+    }
 }

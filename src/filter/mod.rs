@@ -23,7 +23,7 @@ use crate::inject::Edit;
 use crate::proxy::Proxy;
 use crate::request::{self, HostFault, Outcome, Step, Verdict};
 use crate::response::{reply, Refusal};
-use crate::runtime::{needs_time, Runtime};
+use crate::runtime::Runtime;
 use crate::stats::ConsentStat;
 use host::{HostError, Level, Map};
 use proxy::ProxyHost;
@@ -455,18 +455,14 @@ fn handle_request(
             return Ok(Action::Pause);
         }
     };
-    // The clock is a host call: only credentials this VM holds no copy of need it.
-    let now = if needs_time(state, &needed.picks) {
-        host::now_ms()?
-    } else {
-        0
-    };
     let sent: Vec<&str> = pairs.iter().map(|(k, _)| *k).collect();
     let path = pairs
         .iter()
         .find(|(k, _)| *k == ":path")
         .map_or(&b"/"[..], |(_, v)| *v);
-    match broker.resolve(state, &needed.picks, Who::of(&needed), now, true)? {
+    // The clock is a host call: read only for what this VM holds no copy of.
+    let mut clock = || host::now_ms();
+    match broker.resolve_with(state, &needed.picks, Who::of(&needed), &mut clock, true)? {
         Resolution::Ready(creds) => {
             // A refresh it started goes out on the next tick.
             retick(broker);

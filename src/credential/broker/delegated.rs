@@ -162,14 +162,11 @@ impl<P: Proxy> Broker<P> {
                 return Sent::Done;
             }
         };
-        let record = match (per_user, &f.subject) {
-            (false, _) => SHARED.to_string(),
-            (true, Some(caller)) => caller.expose().to_string(),
-            (true, None) => {
-                self.complete(&f, Err(FetchError::NoConsent), now);
-                return Sent::Done;
-            }
-        };
+        if per_user && f.subject.is_none() {
+            self.complete(&f, Err(FetchError::NoConsent), now);
+            return Sent::Done;
+        }
+        let record = Self::record_of(&f, per_user);
         let name = loaded
             .config
             .connection(connection)
@@ -182,7 +179,7 @@ impl<P: Proxy> Broker<P> {
     /// The record (`caller` part of its name) of fetch `f`.
     fn record_of(f: &Fetch, per_user: bool) -> String {
         match (&f.subject, per_user) {
-            (Some(c), true) => c.expose().to_string(),
+            (Some(key), true) => crate::consent::hash_of_key(key.expose()),
             _ => SHARED.to_string(),
         }
     }
@@ -616,7 +613,7 @@ impl<P: Proxy> Broker<P> {
         let Some(conn) = config.connection(job.task.connection) else {
             return self.job_failed(job, 400, "bad_request");
         };
-        let Some((store_i, per_user)) = delegated(&loaded, job.task.connection) else {
+        let Some((store_i, _)) = delegated(&loaded, job.task.connection) else {
             return self.job_failed(job, 400, "bad_request");
         };
         let Some(store) = config.token_stores.get(store_i) else {
@@ -699,8 +696,7 @@ impl<P: Proxy> Broker<P> {
                     self.forget_consent(
                         &loaded,
                         job.task.connection,
-                        &job.task.record,
-                        per_user,
+                        job.task.caller.as_ref(),
                         now,
                     );
                     log(&self.proxy, Level::Info, "consent stored".into());
@@ -746,8 +742,7 @@ impl<P: Proxy> Broker<P> {
                     self.forget_consent(
                         &loaded,
                         job.task.connection,
-                        &job.task.record,
-                        per_user,
+                        job.task.caller.as_ref(),
                         now,
                     );
                     let revocation =
@@ -806,15 +801,13 @@ impl<P: Proxy> Broker<P> {
         &mut self,
         loaded: &Rc<Runtime>,
         connection: usize,
-        record: &str,
-        per_user: bool,
+        caller: Option<&Secret>,
         now: u64,
     ) {
         let Some(slot) = loaded.tokens.get(connection).and_then(Option::as_ref) else {
             return;
         };
-        let caller = per_user.then(|| Secret::new(record.to_string()));
-        let Some(addr) = slot.addr(connection, caller.as_ref()) else {
+        let Some(addr) = slot.addr(connection, caller) else {
             return;
         };
         let _ = cas::retry(CAS_TRIES, || {
@@ -826,10 +819,9 @@ impl<P: Proxy> Broker<P> {
                 _ => Attempt::Done(()),
             }
         });
-        if !per_user {
-            loaded.drop_token_copies();
-            bump_generation(&self.proxy);
-        }
+        // Every worker's copies go before a request uses one again.
+        loaded.drop_token_copies();
+        bump_generation(&self.proxy);
     }
 }
 

@@ -185,12 +185,16 @@ fn waits(r: &Resolution) -> bool {
 fn a_client_credentials_token_is_fetched_once_sent_as_built_and_cached() {
     let (mut b, loaded) = setup();
     let c = conn(&loaded, "orders");
-    let r = b.resolve(&loaded, &[c], None, 1_000, true).unwrap();
+    let r = b
+        .resolve(&loaded, &[c], Who::default(), 1_000, true)
+        .unwrap();
     assert!(waits(&r));
     // A second request on the other worker waits for the same fetch.
     let mut other = Broker::new(b.proxy.clone());
     assert!(waits(
-        &other.resolve(&loaded, &[c], None, 1_001, true).unwrap()
+        &other
+            .resolve(&loaded, &[c], Who::default(), 1_001, true)
+            .unwrap()
     ));
     assert_eq!(other.wanted_tick_ms(), IDLE_MS);
     assert_eq!(b.wanted_tick_ms(), KICK_MS);
@@ -213,7 +217,11 @@ fn a_client_credentials_token_is_fetched_once_sent_as_built_and_cached() {
     // An ordinary fetch leaves other workers' copies alone.
     assert_eq!(b.proxy.shared_get(COPY_GENERATION).unwrap(), generation);
     assert!(!b.awaits(*id));
-    let creds = ready(other.resolve(&loaded, &[c], None, 1_060, true).unwrap());
+    let creds = ready(
+        other
+            .resolve(&loaded, &[c], Who::default(), 1_060, true)
+            .unwrap(),
+    );
     assert_eq!(creds[0].secret.expose(), "at-1");
     assert_eq!(creds[0].default_prefix, "Bearer ");
     assert_eq!(b.proxy.stat("latchkey.connection.orders.token.requests"), 1);
@@ -239,6 +247,7 @@ fn waiter(loaded: &Rc<Runtime>, c: usize, deadline_ms: u64, keys: Vec<String>) -
             route: 0,
             picks: vec![c],
             subject: None,
+            caller: None,
             edits: Vec::new(),
         },
         deadline_ms,
@@ -260,7 +269,7 @@ fn keys_of(r: Resolution) -> (u64, Vec<String>) {
 fn a_paused_request_resumes_with_the_token_once_its_key_moves() {
     let (mut b, loaded) = setup();
     let c = conn(&loaded, "orders");
-    let (deadline, keys) = keys_of(b.resolve(&loaded, &[c], None, 0, true).unwrap());
+    let (deadline, keys) = keys_of(b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap());
     assert_eq!(deadline, 5_000);
     assert_eq!(keys.len(), 1);
     b.wait(7, waiter(&loaded, c, deadline, keys));
@@ -289,7 +298,7 @@ fn a_paused_request_resumes_with_the_token_once_its_key_moves() {
 fn a_failed_fetch_refuses_the_paused_request_and_backs_off() {
     let (mut b, loaded) = setup();
     let c = conn(&loaded, "orders");
-    let (deadline, keys) = keys_of(b.resolve(&loaded, &[c], None, 0, true).unwrap());
+    let (deadline, keys) = keys_of(b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap());
     b.wait(3, waiter(&loaded, c, deadline, keys));
     b.dispatch_due(1);
     let (id, _) = b.proxy.take_calls()[0].clone();
@@ -310,10 +319,11 @@ fn a_failed_fetch_refuses_the_paused_request_and_backs_off() {
         1
     );
     // Backing off: the next request is refused at once, with no call.
-    match b.resolve(&loaded, &[c], None, 30, true).unwrap() {
+    match b.resolve(&loaded, &[c], Who::default(), 30, true).unwrap() {
         Resolution::Reject {
             connection,
             retry_after_ms,
+            consent_required: false,
         } => {
             assert_eq!(connection, c);
             assert!(retry_after_ms > 0 && retry_after_ms <= 1000);
@@ -328,7 +338,7 @@ fn a_failed_fetch_refuses_the_paused_request_and_backs_off() {
 fn a_paused_request_past_its_deadline_is_refused() {
     let (mut b, loaded) = setup();
     let c = conn(&loaded, "orders");
-    let (deadline, keys) = keys_of(b.resolve(&loaded, &[c], None, 0, true).unwrap());
+    let (deadline, keys) = keys_of(b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap());
     b.wait(9, waiter(&loaded, c, deadline, keys));
     b.dispatch_due(1);
     assert!(b.due_waiters(deadline - 1).is_empty());
@@ -340,7 +350,9 @@ fn a_paused_request_past_its_deadline_is_refused() {
     // A dispatch the host refuses fails the fetch at once.
     let (mut b, loaded) = setup();
     b.proxy.refuse_dispatch.set(true);
-    assert!(waits(&b.resolve(&loaded, &[c], None, 0, true).unwrap()));
+    assert!(waits(
+        &b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap()
+    ));
     b.dispatch_due(1);
     assert!(b
         .proxy
@@ -356,7 +368,9 @@ fn a_paused_request_past_its_deadline_is_refused() {
 fn a_managed_identity_token_is_asked_of_imds_with_the_resource_encoded() {
     let (mut b, loaded) = setup();
     let c = conn(&loaded, "backend");
-    assert!(waits(&b.resolve(&loaded, &[c], None, 0, true).unwrap()));
+    assert!(waits(
+        &b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap()
+    ));
     b.dispatch_due(1);
     let (id, call) = b.proxy.take_calls()[0].clone();
     assert_eq!(call.cluster, "imds");
@@ -369,7 +383,7 @@ fn a_managed_identity_token_is_asked_of_imds_with_the_resource_encoded() {
     // IMDS sends expires_in as a string.
     let answer = json!({ "access_token": "mi-1", "token_type": "Bearer", "expires_in": "3599" });
     b.on_answer(id, Some(200), Some(answer.to_string().into_bytes()), 5);
-    let creds = ready(b.resolve(&loaded, &[c], None, 6, true).unwrap());
+    let creds = ready(b.resolve(&loaded, &[c], Who::default(), 6, true).unwrap());
     assert_eq!(creds[0].secret.expose(), "mi-1");
 }
 
@@ -378,7 +392,7 @@ fn a_key_vault_value_waits_for_its_identity_token_then_is_read_and_copied() {
     let (mut b, loaded) = setup();
     let c = conn(&loaded, "partner");
     b.on_tick(Some(&loaded), 0); // prefetch: every store read starts
-    let r = b.resolve(&loaded, &[c], None, 1, true).unwrap();
+    let r = b.resolve(&loaded, &[c], Who::default(), 1, true).unwrap();
     assert!(waits(&r));
     b.dispatch_due(2);
     // First the identity token (the read is deferred until it comes).
@@ -411,7 +425,7 @@ fn a_key_vault_value_waits_for_its_identity_token_then_is_read_and_copied() {
     let answer =
         json!({ "value": "pk-from-kv", "id": "https://kv.vault.azure.net/secrets/partner/v1" });
     b.on_answer(kv[0].0, Some(200), Some(answer.to_string().into_bytes()), 5);
-    let creds = ready(b.resolve(&loaded, &[c], None, 6, true).unwrap());
+    let creds = ready(b.resolve(&loaded, &[c], Who::default(), 6, true).unwrap());
     assert_eq!(creds[0].secret.expose(), "pk-from-kv");
     assert_eq!(creds[0].default_prefix, "");
     // This VM keeps a copy: the next request needs no clock.
@@ -476,7 +490,7 @@ fn a_vault_value_is_read_after_an_approle_login() {
     let (mut b, loaded) = setup();
     let c = conn(&loaded, "vaulted");
     b.on_tick(Some(&loaded), 0);
-    let _ = b.resolve(&loaded, &[c], None, 1, true).unwrap();
+    let _ = b.resolve(&loaded, &[c], Who::default(), 1, true).unwrap();
     b.dispatch_due(2);
     let calls = b.proxy.take_calls();
     let login = calls
@@ -507,7 +521,7 @@ fn a_vault_value_is_read_after_an_approle_login() {
     let answer =
         json!({ "data": { "data": { "key": "vault-value" }, "metadata": { "version": 3 } } });
     b.on_answer(read.0, Some(200), Some(answer.to_string().into_bytes()), 5);
-    let creds = ready(b.resolve(&loaded, &[c], None, 6, true).unwrap());
+    let creds = ready(b.resolve(&loaded, &[c], Who::default(), 6, true).unwrap());
     assert_eq!(creds[0].secret.expose(), "vault-value");
 }
 
@@ -515,7 +529,7 @@ fn a_vault_value_is_read_after_an_approle_login() {
 fn a_rotated_refresh_token_is_kept_and_used_next() {
     let (mut b, loaded) = setup();
     let c = conn(&loaded, "rotating");
-    let _ = b.resolve(&loaded, &[c], None, 0, true).unwrap();
+    let _ = b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap();
     b.dispatch_due(1);
     let (id, call) = b.proxy.take_calls()[0].clone();
     assert_eq!(
@@ -528,7 +542,7 @@ fn a_rotated_refresh_token_is_kept_and_used_next() {
         Some(token_answer("at-1", json!({ "refresh_token": "rt-2" }))),
         2,
     );
-    let creds = ready(b.resolve(&loaded, &[c], None, 3, true).unwrap());
+    let creds = ready(b.resolve(&loaded, &[c], Who::default(), 3, true).unwrap());
     // The upstream refuses it: a refresh starts (the window is 0 here), with rt-2.
     b.on_upstream_401(&loaded, &EntryCredential::tokens(&creds), 4);
     assert_eq!(
@@ -544,7 +558,7 @@ fn a_rotated_refresh_token_is_kept_and_used_next() {
     );
     // Meanwhile the old token serves.
     assert_eq!(
-        ready(b.resolve(&loaded, &[c], None, 6, true).unwrap())[0]
+        ready(b.resolve(&loaded, &[c], Who::default(), 6, true).unwrap())[0]
             .secret
             .expose(),
         "at-1"
@@ -557,7 +571,7 @@ fn a_rotated_refresh_token_is_kept_and_used_next() {
         generation
     );
     assert_eq!(
-        ready(b.resolve(&loaded, &[c], None, 8, true).unwrap())[0]
+        ready(b.resolve(&loaded, &[c], Who::default(), 8, true).unwrap())[0]
             .secret
             .expose(),
         "at-2"
@@ -578,10 +592,30 @@ fn token_exchange_is_cached_per_subject_and_sends_the_subject_token() {
     let alice = Secret::new("a.alice.s");
     let bob = Secret::new("b.bob.s");
     assert!(waits(
-        &b.resolve(&loaded, &[c], Some(&alice), 0, true).unwrap()
+        &b.resolve(
+            &loaded,
+            &[c],
+            Who {
+                subject: Some(&alice),
+                caller: None
+            },
+            0,
+            true
+        )
+        .unwrap()
     ));
     assert!(waits(
-        &b.resolve(&loaded, &[c], Some(&bob), 0, true).unwrap()
+        &b.resolve(
+            &loaded,
+            &[c],
+            Who {
+                subject: Some(&bob),
+                caller: None
+            },
+            0,
+            true
+        )
+        .unwrap()
     ));
     b.dispatch_due(1);
     let calls = b.proxy.take_calls();
@@ -600,20 +634,44 @@ fn token_exchange_is_cached_per_subject_and_sends_the_subject_token() {
         );
     }
     assert_eq!(
-        ready(b.resolve(&loaded, &[c], Some(&alice), 3, true).unwrap())[0]
-            .secret
-            .expose(),
+        ready(
+            b.resolve(
+                &loaded,
+                &[c],
+                Who {
+                    subject: Some(&alice),
+                    caller: None
+                },
+                3,
+                true
+            )
+            .unwrap()
+        )[0]
+        .secret
+        .expose(),
         "x-0"
     );
     assert_eq!(
-        ready(b.resolve(&loaded, &[c], Some(&bob), 3, true).unwrap())[0]
-            .secret
-            .expose(),
+        ready(
+            b.resolve(
+                &loaded,
+                &[c],
+                Who {
+                    subject: Some(&bob),
+                    caller: None
+                },
+                3,
+                true
+            )
+            .unwrap()
+        )[0]
+        .secret
+        .expose(),
         "x-1"
     );
     // Without a subject token there is nothing to exchange: refused.
     assert!(matches!(
-        b.resolve(&loaded, &[c], None, 4, true).unwrap(),
+        b.resolve(&loaded, &[c], Who::default(), 4, true).unwrap(),
         Resolution::Reject { .. }
     ));
 }
@@ -622,11 +680,11 @@ fn token_exchange_is_cached_per_subject_and_sends_the_subject_token() {
 fn a_token_copy_serves_without_shared_reads_until_a_worker_replaces_it() {
     let (mut b, loaded) = setup();
     let c = conn(&loaded, "orders");
-    let _ = b.resolve(&loaded, &[c], None, 0, true).unwrap();
+    let _ = b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap();
     b.dispatch_due(1);
     let (id, _) = b.proxy.take_calls()[0].clone();
     b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
-    ready(b.resolve(&loaded, &[c], None, 3, true).unwrap());
+    ready(b.resolve(&loaded, &[c], Who::default(), 3, true).unwrap());
     assert!(loaded.has_token_copy(c));
     // Another worker's write of the generation drops this VM's copies.
     b.proxy.shared_set(COPY_GENERATION, b"", 0).unwrap();
@@ -634,7 +692,10 @@ fn a_token_copy_serves_without_shared_reads_until_a_worker_replaces_it() {
     assert!(!loaded.has_token_copy(c));
     // The tick takes a new copy from the shared cache.
     b.on_tick(Some(&loaded), 2_000);
-    ready(b.resolve(&loaded, &[c], None, 2_001, true).unwrap());
+    ready(
+        b.resolve(&loaded, &[c], Who::default(), 2_001, true)
+            .unwrap(),
+    );
     assert!(loaded.has_token_copy(c));
 }
 
@@ -696,7 +757,7 @@ fn a_token_fetch_waits_for_its_client_secret_and_refresh_token_from_a_store() {
     assert_eq!(b.wanted_tick_ms(), KICK_MS);
     let c = conn(&loaded, "rotating");
     // The request waits on the two stores first.
-    let (_, keys) = keys_of(b.resolve(&loaded, &[c], None, 0, true).unwrap());
+    let (_, keys) = keys_of(b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap());
     assert_eq!(keys.len(), 2);
     assert!(keys.iter().all(|k| k.starts_with("latchkey.v1.t.sec.")));
     b.dispatch_due(1);
@@ -704,7 +765,9 @@ fn a_token_fetch_waits_for_its_client_secret_and_refresh_token_from_a_store() {
     assert_eq!(b.proxy.stat("latchkey.secret.cs.success"), 1);
     assert_eq!(b.proxy.stat("latchkey.secret.rt.success"), 1);
     // Now the token request, with both.
-    assert!(waits(&b.resolve(&loaded, &[c], None, 3, true).unwrap()));
+    assert!(waits(
+        &b.resolve(&loaded, &[c], Who::default(), 3, true).unwrap()
+    ));
     b.dispatch_due(4);
     let (id, call) = b.proxy.take_calls()[0].clone();
     assert_eq!(call.cluster, "idp");
@@ -729,7 +792,7 @@ fn a_token_fetch_waits_for_its_client_secret_and_refresh_token_from_a_store() {
         5,
     );
     assert_eq!(
-        ready(b.resolve(&loaded, &[c], None, 6, true).unwrap())[0]
+        ready(b.resolve(&loaded, &[c], Who::default(), 6, true).unwrap())[0]
             .secret
             .expose(),
         "at-1"
@@ -745,7 +808,9 @@ fn a_token_fetch_waits_for_its_client_secret_and_refresh_token_from_a_store() {
     // The token's own refresh is due (3600 s token, refreshed at half life): the
     // tick drops this VM's copy first, then a request starts the refresh.
     b.on_tick(Some(&loaded), 1_799_000);
-    let _ = b.resolve(&loaded, &[c], None, 1_800_010, true).unwrap();
+    let _ = b
+        .resolve(&loaded, &[c], Who::default(), 1_800_010, true)
+        .unwrap();
     b.dispatch_due(1_800_011);
     let calls = b.proxy.take_calls();
     let idp = calls.iter().find(|(_, c)| c.cluster == "idp").unwrap();
@@ -778,7 +843,7 @@ fn a_failed_store_refresh_keeps_the_last_good_value_and_logs_the_status() {
         .unwrap();
     b.on_answer(read.0, Some(200), Some(vault_answer("key", "v-1", 1)), 3);
     assert_eq!(
-        ready(b.resolve(&loaded, &[c], None, 4, true).unwrap())[0]
+        ready(b.resolve(&loaded, &[c], Who::default(), 4, true).unwrap())[0]
             .secret
             .expose(),
         "v-1"
@@ -822,9 +887,12 @@ fn a_failed_store_refresh_keeps_the_last_good_value_and_logs_the_status() {
         1
     );
     assert_eq!(
-        ready(b.resolve(&loaded, &[c], None, 602_003, true).unwrap())[0]
-            .secret
-            .expose(),
+        ready(
+            b.resolve(&loaded, &[c], Who::default(), 602_003, true)
+                .unwrap()
+        )[0]
+        .secret
+        .expose(),
         "v-1"
     );
     // The age gauge counts from the last good read.
@@ -836,7 +904,7 @@ fn a_failed_store_refresh_keeps_the_last_good_value_and_logs_the_status() {
 fn answers_that_are_too_large_or_unknown_change_nothing_else() {
     let (mut b, loaded) = setup();
     let c = conn(&loaded, "orders");
-    let _ = b.resolve(&loaded, &[c], None, 0, true).unwrap();
+    let _ = b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap();
     b.dispatch_due(1);
     let (id, _) = b.proxy.take_calls()[0].clone();
     // An answer for a call that isn't this VM's is ignored.
@@ -855,7 +923,7 @@ fn answers_that_are_too_large_or_unknown_change_nothing_else() {
         1
     );
     assert!(matches!(
-        b.resolve(&loaded, &[c], None, 4, true).unwrap(),
+        b.resolve(&loaded, &[c], Who::default(), 4, true).unwrap(),
         Resolution::Reject { .. }
     ));
 }
@@ -871,11 +939,11 @@ fn a_young_token_is_not_refreshed_on_a_401_and_a_gone_request_is_forgotten() {
     let loaded = Rc::new(Runtime::new(&fake, cfg, "test"));
     let mut b = Broker::new(fake);
     let c = conn(&loaded, "orders");
-    let _ = b.resolve(&loaded, &[c], None, 0, true).unwrap();
+    let _ = b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap();
     b.dispatch_due(1);
     let (id, _) = b.proxy.take_calls()[0].clone();
     b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
-    let creds = ready(b.resolve(&loaded, &[c], None, 3, true).unwrap());
+    let creds = ready(b.resolve(&loaded, &[c], Who::default(), 3, true).unwrap());
     b.record_used(5, EntryCredential::tokens(&creds));
     let used = b.take_used(5);
     assert_eq!(used.len(), 1);
@@ -899,8 +967,14 @@ fn a_young_token_is_not_refreshed_on_a_401_and_a_gone_request_is_forgotten() {
     assert_eq!(b.proxy.take_calls().len(), 1);
     // A request that goes away while it waits is forgotten.
     let (deadline, keys) = keys_of(
-        b.resolve(&loaded, &[conn(&loaded, "backend")], None, 0, true)
-            .unwrap(),
+        b.resolve(
+            &loaded,
+            &[conn(&loaded, "backend")],
+            Who::default(),
+            0,
+            true,
+        )
+        .unwrap(),
     );
     b.wait(8, waiter(&loaded, conn(&loaded, "backend"), deadline, keys));
     b.record_used(8, used);
@@ -913,18 +987,18 @@ fn a_young_token_is_not_refreshed_on_a_401_and_a_gone_request_is_forgotten() {
 fn a_token_copy_costs_one_generation_read_and_no_cache_read() {
     let (mut b, loaded) = setup();
     let c = conn(&loaded, "orders");
-    let _ = b.resolve(&loaded, &[c], None, 0, true).unwrap();
+    let _ = b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap();
     b.dispatch_due(1);
     let (id, _) = b.proxy.take_calls()[0].clone();
     b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
-    ready(b.resolve(&loaded, &[c], None, 3, true).unwrap());
+    ready(b.resolve(&loaded, &[c], Who::default(), 3, true).unwrap());
     assert_eq!(
         loaded.token_copy(c).map(|t| t.token),
         Some("at-1".to_string())
     );
     let before = b.proxy.gets.get();
     for now in 4..10 {
-        let creds = ready(b.resolve(&loaded, &[c], None, now, true).unwrap());
+        let creds = ready(b.resolve(&loaded, &[c], Who::default(), now, true).unwrap());
         assert_eq!(creds[0].secret.expose(), "at-1");
     }
     // Six requests: six reads of the generation key, none of the token's key.
@@ -960,22 +1034,60 @@ fn every_shared_key_is_created_when_the_configuration_loads() {
 }
 
 #[test]
-fn the_clock_is_needed_only_for_what_this_vm_holds_no_copy_of() {
-    use crate::runtime::needs_time;
+fn the_clock_is_read_only_for_what_this_vm_holds_no_copy_of() {
     let (mut b, loaded) = setup();
     let (orders, partner) = (conn(&loaded, "orders"), conn(&loaded, "partner"));
-    assert!(needs_time(&loaded, &[orders]));
-    assert!(needs_time(&loaded, &[partner]));
-    assert!(!needs_time(&loaded, &[]));
-    let _ = b.resolve(&loaded, &[orders], None, 0, true).unwrap();
+    let reads = std::cell::Cell::new(0);
+    let mut clock = || {
+        reads.set(reads.get() + 1);
+        Ok(reads.get())
+    };
+    // Nothing to resolve: no clock.
+    ready(
+        b.resolve_with(&loaded, &[], Who::default(), &mut clock, true)
+            .unwrap(),
+    );
+    assert_eq!(reads.get(), 0);
+    // No copy: the clock is read, once however many entries need it.
+    let _ = b
+        .resolve_with(
+            &loaded,
+            &[orders, partner],
+            Who::default(),
+            &mut clock,
+            true,
+        )
+        .unwrap();
+    assert_eq!(reads.get(), 1);
     b.dispatch_due(1);
     let (id, _) = b.proxy.take_calls()[0].clone();
     b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
-    ready(b.resolve(&loaded, &[orders], None, 3, true).unwrap());
-    assert!(!needs_time(&loaded, &[orders]));
-    assert!(needs_time(&loaded, &[orders, partner]));
+    ready(
+        b.resolve(&loaded, &[orders], Who::default(), 3, true)
+            .unwrap(),
+    );
+    // The token and the store value are copies now: no clock at all.
     loaded.set_store_value(0, Secret::new("pk"));
-    assert!(!needs_time(&loaded, &[orders, partner]));
+    let before = reads.get();
+    ready(
+        b.resolve_with(
+            &loaded,
+            &[orders, partner],
+            Who::default(),
+            &mut clock,
+            true,
+        )
+        .unwrap(),
+    );
+    assert_eq!(reads.get(), before);
+    // Another worker moved the copy generation: the copies go, and the clock is
+    // read before the shared cache is (a wait's deadline is never counted from 0).
+    b.proxy.shared_set(COPY_GENERATION, b"", 0).unwrap();
+    ready(
+        b.resolve_with(&loaded, &[orders], Who::default(), &mut clock, true)
+            .unwrap(),
+    );
+    assert_eq!(reads.get(), before + 1);
 }
 
 #[test]
@@ -1037,11 +1149,11 @@ fn the_tick_renews_copies_about_once_a_second_and_keeps_good_ones() {
     let (mut b, loaded) = setup();
     b.prefetch_due = false;
     let c = conn(&loaded, "orders");
-    let _ = b.resolve(&loaded, &[c], None, 0, true).unwrap();
+    let _ = b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap();
     b.dispatch_due(1);
     let (id, _) = b.proxy.take_calls()[0].clone();
     b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
-    ready(b.resolve(&loaded, &[c], None, 3, true).unwrap());
+    ready(b.resolve(&loaded, &[c], Who::default(), 3, true).unwrap());
     // A token good for an hour: the tick keeps the copy.
     b.last_copies_ms = 0;
     b.on_tick(Some(&loaded), 1_000);
@@ -1209,7 +1321,7 @@ fn a_paused_request_keeps_waiting_while_one_of_its_credentials_is_missing() {
     b.prefetch_due = false;
     let (orders, backend) = (conn(&loaded, "orders"), conn(&loaded, "backend"));
     let (deadline, keys) = keys_of(
-        b.resolve(&loaded, &[orders, backend], None, 0, true)
+        b.resolve(&loaded, &[orders, backend], Who::default(), 0, true)
             .unwrap(),
     );
     assert_eq!(keys.len(), 2);
@@ -1245,3 +1357,7 @@ fn a_paused_request_keeps_waiting_while_one_of_its_credentials_is_missing() {
         .all(|r| r.outcome.verdict == crate::request::Verdict::Allowed));
     assert_eq!(b.paused(), 0);
 }
+
+/// authorization_code fetches and consent tasks (SPEC v1.2), over this fake proxy.
+#[path = "delegated_tests.rs"]
+mod delegated_tests;
