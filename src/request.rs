@@ -232,7 +232,7 @@ pub fn start(
     let method = text(":method");
     if let (Some(dp), Some(index)) = (&config.discovery, discovery) {
         if (method == "GET" || method == "HEAD") && path_only == dp.as_bytes() {
-            return answer_discovery(config, index, headers, lazy).map(Step::Done);
+            return answer_discovery(config, index, headers, lazy);
         }
     }
     if let Some(c) = &config.consent {
@@ -430,6 +430,13 @@ pub enum TaskKind {
     },
     /// Remove the record, and revoke its refresh token at the provider.
     Disconnect,
+    /// Discovery: read each connection's record (`items`: connection, record,
+    /// caller key) for its status, then answer `body` with them.
+    Discover {
+        body: String,
+        items: Vec<(usize, String, Option<Secret>)>,
+        statuses: Vec<(usize, &'static str)>,
+    },
 }
 
 /// A consent endpoint failed: `status` with `{"error": "consent_failed", "reason": …}`.
@@ -728,22 +735,65 @@ pub fn internal(config: &Config, route: Option<usize>) -> Outcome {
     Outcome::refused(Verdict::Internal, config, route, Vec::new())
 }
 
+/// The discovery document (SPEC v1.1). With authorization_code connections the
+/// caller may use, their consent status is read from the token store first (a
+/// [`TaskKind::Discover`]), then added as `"connections"`.
 fn answer_discovery(
     config: &Config,
     index: &Index,
     headers: &[(&str, &[u8])],
     lazy: &mut impl Lazy,
-) -> Result<Outcome, HostFault> {
-    let identity = match read_identity(config, headers, false, lazy)? {
+) -> Result<Step, HostFault> {
+    let bind = config.consent.is_some() && config.issuer_claim.is_none();
+    let identity = match read_identity(config, headers, bind, lazy)? {
         Ok(id) => id,
         Err(e) => {
-            return Ok(
+            return Ok(Step::Done(
                 Outcome::refused(Verdict::DeniedBadClaims, config, None, Vec::new())
                     .because(format!("401: {e}")),
-            )
+            ))
         }
     };
     let body = index.answer(config, identity.as_ref());
+    let key = identity.as_ref().and_then(|id| caller_of(config, id));
+    let items: Vec<(usize, String, Option<Secret>)> = match &key {
+        None => Vec::new(),
+        Some(key) => config
+            .connections
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| consent::is_delegated(c))
+            .filter(|(_, c)| {
+                c.access
+                    .as_ref()
+                    .is_some_and(|a| admits(a, identity.as_ref()))
+            })
+            .map(|(i, c)| {
+                if consent::is_per_user(c) {
+                    (i, consent::hash_of_key(key), Some(Secret::new(key.clone())))
+                } else {
+                    (i, consent::SHARED.to_string(), None)
+                }
+            })
+            .collect(),
+    };
+    let Some((connection, record, caller)) = items.first().cloned() else {
+        return Ok(Step::Done(discovery_outcome(body)));
+    };
+    Ok(Step::Consent(Task {
+        connection,
+        record,
+        caller,
+        kind: TaskKind::Discover {
+            body,
+            items,
+            statuses: Vec::new(),
+        },
+    }))
+}
+
+/// The discovery answer: `body`, as [`Index::answer`] (perhaps with consent statuses) wrote it.
+pub fn discovery_outcome(body: String) -> Outcome {
     let reply = LocalReply {
         status: 200,
         headers: vec![
@@ -753,10 +803,37 @@ fn answer_discovery(
         ],
         body,
     };
-    Ok(Outcome {
+    Outcome {
         reply: Some(reply),
         ..Outcome::new(Verdict::Discovery, None, Vec::new())
-    })
+    }
+}
+
+/// Discovery with consent statuses: each `(connection, status)` added as
+/// `"connections": [{"connection", "status"[, "login_url"]}]` to the document.
+pub fn discovery_with_statuses(config: &Config, body: &str, statuses: &[(usize, &str)]) -> Outcome {
+    let list: Vec<serde_json::Value> = statuses
+        .iter()
+        .filter_map(|&(i, status)| {
+            let c = config.connection(i)?;
+            let mut v = serde_json::json!({ "connection": c.name, "status": status });
+            if status == "consent_required" {
+                if let (Some(consent), Some(obj)) = (&config.consent, v.as_object_mut()) {
+                    obj.insert("login_url".into(), consent::login_path(consent, c).into());
+                }
+            }
+            Some(v)
+        })
+        .collect();
+    // The document is one JSON object: the list goes before its closing brace.
+    let mut out = body.trim_end().to_string();
+    if out.ends_with('}') {
+        out.pop();
+        out.push_str(",\"connections\":");
+        out.push_str(&serde_json::Value::from(list).to_string());
+        out.push('}');
+    }
+    discovery_outcome(out)
 }
 
 fn is_exchange(config: &Config, connection: usize) -> bool {

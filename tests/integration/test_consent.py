@@ -238,3 +238,38 @@ def test_two_users_interleaved_each_only_ever_get_their_own_token(envoy_factory,
                              headers=[("authorization", tokens["alice"])]).status == 403
         resp = envoy.request("GET", f"/orders/bob/after{i}", headers=[("authorization", tokens["bob"])])
         assert resp.status == 200 and upstream_sub(upstream) == "bob"
+
+
+def test_discovery_shows_each_callers_consent_status(envoy_factory, upstream, signer, oidc, bao):
+    """Discovery lists the authorization_code connections the caller may use with their
+    status, read from the token store: consent_required (with the login URL) until the
+    caller consents, connected after, and consent_required again after a disconnect.
+    Another caller's consent changes nothing for this one."""
+    cfg = consent_config(oidc, bao)
+    cfg["discovery"] = {"path": "/.well-known/latchkey"}
+    envoy = envoy_factory(
+        cfg, routes=ROUTES,
+        wasm_env={"CLIENT_SECRET": CONSENT_CLIENT_SECRET, "STATE_KEY": STATE_KEY,
+                  "VAULT_TOKEN": bao.token_store_token()},
+        extra_clusters=[static_cluster("idp", oidc.port), static_cluster("vault", bao.port)])
+
+    def statuses(sub):
+        resp = envoy.request("GET", "/.well-known/latchkey", headers=auth(signer, sub))
+        assert resp.status == 200, resp
+        doc = resp.json()
+        assert [r["name"] for r in doc["routes"]] == ["orders"]
+        return doc["connections"]
+
+    required = [{"connection": "mine", "status": "consent_required",
+                 "login_url": f"{CONSENT_PATH}/mine/login"}]
+    assert statuses("alice") == required
+    connect(envoy, oidc, signer, "bob")
+    assert statuses("alice") == required
+    assert statuses("bob") == [{"connection": "mine", "status": "connected"}]
+    connect(envoy, oidc, signer, "alice")
+    assert statuses("alice") == [{"connection": "mine", "status": "connected"}]
+    assert envoy.request("DELETE", f"{CONSENT_PATH}/mine", headers=auth(signer, "alice")).status == 200
+    assert statuses("alice") == required
+    # Without claims: no connections, and no store read.
+    anon = envoy.request("GET", "/.well-known/latchkey")
+    assert anon.status == 200 and "connections" not in anon.json()

@@ -73,6 +73,8 @@ enum Step {
         refresh_token: Option<Secret>,
     },
     Revoke,
+    /// Discovery: a record is read for its connection's status.
+    Status,
 }
 
 /// The grant of an authorization_code connection: its store, and whether per user.
@@ -443,6 +445,23 @@ impl<P: Proxy> Broker<P> {
     }
 
     fn job_failed(&mut self, job: Job, status: u32, reason: &'static str) {
+        // Discovery still answers: what couldn't be read is "unknown".
+        if let TaskKind::Discover {
+            body,
+            items,
+            statuses,
+        } = &job.task.kind
+        {
+            let mut all = statuses.clone();
+            all.extend(
+                items
+                    .iter()
+                    .skip(statuses.len())
+                    .map(|(i, _, _)| (*i, "unknown")),
+            );
+            let outcome = request::discovery_with_statuses(&job.loaded.config, body, &all);
+            return self.finish_job(job, outcome);
+        }
         job.loaded.stats.consent_failed(&self.proxy, reason);
         let name = job
             .loaded
@@ -554,6 +573,11 @@ impl<P: Proxy> Broker<P> {
                 job.step = Step::ReadForDisconnect;
                 self.send_job(job, call);
             }
+            (TaskKind::Discover { .. }, Step::Start) => {
+                let call = token_store::read_call(store, &credential, &conn.name, &job.task.record);
+                job.step = Step::Status;
+                self.send_job(job, call);
+            }
             (TaskKind::Disconnect, Step::Delete { refresh_token }) => {
                 let call =
                     token_store::delete_call(store, &credential, &conn.name, &job.task.record);
@@ -625,6 +649,42 @@ impl<P: Proxy> Broker<P> {
         };
         match std::mem::replace(&mut job.step, Step::Start) {
             Step::Start => {}
+            Step::Status => {
+                let status = match token_store::parse_read(&store.kind, status, &body) {
+                    Ok(Some(_)) => "connected",
+                    Ok(None) => "consent_required",
+                    Err(e) => {
+                        log(
+                            &self.proxy,
+                            Level::Warn,
+                            format!("discovery: token store {} read failed: {e}", store.name),
+                        );
+                        "unknown"
+                    }
+                };
+                let connection = job.task.connection;
+                let TaskKind::Discover {
+                    body,
+                    items,
+                    statuses,
+                } = &mut job.task.kind
+                else {
+                    return self.job_failed(job, 500, "bad_request");
+                };
+                statuses.push((connection, status));
+                match items.get(statuses.len()).cloned() {
+                    Some((next, record, caller)) => {
+                        job.task.connection = next;
+                        job.task.record = record;
+                        job.task.caller = caller;
+                        self.run_job(job, now);
+                    }
+                    None => {
+                        let outcome = request::discovery_with_statuses(config, body, statuses);
+                        self.finish_job(job, outcome);
+                    }
+                }
+            }
             Step::Redeem => match token_response::parse(status, &body, 300_000) {
                 Ok(t) => match t.refresh_token {
                     Some(rt) => {
@@ -702,7 +762,7 @@ impl<P: Proxy> Broker<P> {
                     log(&self.proxy, Level::Info, "consent stored".into());
                     let return_to = match &job.task.kind {
                         TaskKind::Connect { return_to, .. } => return_to.clone(),
-                        TaskKind::Disconnect => None,
+                        TaskKind::Disconnect | TaskKind::Discover { .. } => None,
                     };
                     let outcome = request::consent_connected(&conn.name, return_to);
                     self.finish_job(job, outcome);
