@@ -49,10 +49,14 @@ use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
 use yaml_rust2::{Yaml, YamlLoader};
 
-use latchkey::config::Config;
+use latchkey::config::{Config, TOP_LEVEL_FIELDS};
 
 const SCHEMA: &str = include_str!("../../schema/latchkey.schema.json");
-const PLACEHOLDER: &str = "latchkey-check-placeholder";
+/// The value of an `{"env": …}` secret the checker can't know. At least 32 bytes: a
+/// consent `state_key` shorter than that is refused (v1.2), and the checker must not
+/// refuse a configuration for its own placeholder.
+const PLACEHOLDER: &str = "latchkey-check-placeholder-of-32-bytes-or-more";
+const _: () = assert!(PLACEHOLDER.len() >= 32);
 const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 
@@ -120,25 +124,12 @@ struct Options {
     found: bool,
 }
 
-/// The top-level fields of a latchkey configuration.
-const CONFIG_FIELDS: &[&str] = &[
-    "claims",
-    "secrets",
-    "providers",
-    "connections",
-    "routes",
-    "unmatched",
-    "filter_state",
-    "discovery",
-    "max_paused_requests",
-];
-
 /// Whether a document found in a directory is to be read as a latchkey configuration.
 fn looks_like_config(doc: &Value, opts: Options) -> bool {
     !opts.found
         || doc
             .as_object()
-            .is_some_and(|o| o.keys().any(|k| CONFIG_FIELDS.contains(&k.as_str())))
+            .is_some_and(|o| o.keys().any(|k| TOP_LEVEL_FIELDS.contains(&k.as_str())))
 }
 
 /// Parses `check`'s arguments: the options and the paths.
@@ -665,24 +656,46 @@ fn cross_warnings(config: &Value, all: &Defines) -> Vec<(Vec<String>, String)> {
         }
     }
     if let Some(known) = &all.clusters {
-        for section in ["providers", "connections", "secrets", "stores"] {
-            let Some(entries) = config.get(section).and_then(Value::as_object) else {
-                continue;
-            };
-            for (name, e) in entries {
-                if let Some(cluster) = e.get("cluster").and_then(Value::as_str) {
-                    if all.knows_kind_of(cluster) && !known.contains(cluster) {
-                        let at = seg(&[section, name, "cluster"]);
-                        out.push((
-                            at,
-                            format!(
-                                "{section}.{name}.cluster {cluster:?} is not a cluster among the \
-                             files given (Envoy clusters; Istio's outbound|PORT||HOST of a \
-                             ServiceEntry or Service): {}",
-                                list(known)
-                            ),
-                        ));
-                    }
+        for (path, cluster) in clusters_named(config) {
+            if all.knows_kind_of(&cluster) && !known.contains(&cluster) {
+                let at = path.iter().map(|p| pointer_escape(p)).collect();
+                out.push((
+                    at,
+                    format!(
+                        "{} {cluster:?} is not a cluster among the files given (Envoy \
+                         clusters; Istio's outbound|PORT||HOST of a ServiceEntry or Service): {}",
+                        path.join("."),
+                        list(known)
+                    ),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Every `cluster` a configuration names, with the path of its field (unescaped
+/// segments): a provider's, a connection's (client certificates), a secret
+/// store's (beside `azure_key_vault`, or inside `vault`) and a token store's
+/// (the same two places).
+fn clusters_named(config: &Value) -> Vec<(Vec<String>, String)> {
+    let mut out = Vec::new();
+    for section in ["providers", "connections", "secrets", "token_stores"] {
+        let Some(entries) = config.get(section).and_then(Value::as_object) else {
+            continue;
+        };
+        for (name, e) in entries {
+            let places = [
+                (e.get("cluster"), vec![section, name, "cluster"]),
+                (
+                    e.get("vault").and_then(|v| v.get("cluster")),
+                    vec![section, name, "vault", "cluster"],
+                ),
+            ];
+            for (value, path) in places {
+                if let Some(cluster) = value.and_then(Value::as_str) {
+                    let path = path.into_iter().map(str::to_string).collect();
+                    out.push((path, cluster.to_string()));
                 }
             }
         }
@@ -1753,6 +1766,12 @@ mod tests {
         assert_eq!(r.code(false), 0, "{r:?}");
         assert_eq!(r.checked[0].notes.len(), 1);
         assert!(r.checked[0].notes[0].contains("PARTNER_API_KEY taken as set"));
+        // Long enough for any secret with a minimum length (a consent state key).
+        let r = check(
+            r#"{"secrets": {"k": {"env": "STATE_KEY"}},
+                "consent": {"path": "/c", "redirect_uri": "https://gw.example.com/cb", "state_key": "k"}}"#,
+        );
+        assert_eq!(r.code(false), 0, "{r:?}");
     }
 
     #[test]
@@ -2039,6 +2058,15 @@ spec:
         // Named on the command line, it is a configuration (with an unknown field).
         assert_eq!(check("groups: []\n").code(false), 1);
         assert_eq!(check_bytes(b"unmatched: deny\n", found).checked.len(), 1);
+        // Every top-level field of the filter's (v1.2's token_stores and consent too).
+        for field in TOP_LEVEL_FIELDS {
+            let doc = format!("{{\"{field}\": null}}");
+            assert_eq!(
+                check_bytes(doc.as_bytes(), found).checked.len(),
+                1,
+                "{field}"
+            );
+        }
     }
 
     #[test]
@@ -2121,6 +2149,48 @@ spec:
         assert!(w[0].starts_with("routes[0].match.route_name \"partner\" is not a route"));
         assert!(w[1].starts_with("providers.p.cluster \"outbound|80||login.example.com\""));
         assert!(w[1].contains("\"outbound|443||login.example.com\""));
+    }
+
+    #[test]
+    fn token_store_and_secret_store_clusters_are_checked_across_files() {
+        let good = "outbound|443||login.example.com";
+        let config = r#"{"secrets": {"s": {"inline": "x"}, "k": {"inline": "0123456789abcdef0123456789abcdef"},
+            "v": {"vault": {"cluster": "SECRET_VAULT", "url": "http://vault.example.com:8200", "path": "p", "field": "f", "token": "s"}}},
+          "providers": {"idp": {"type": "oauth2", "cluster": "GOOD", "token_url": "https://login.example.com/t",
+                                "authorization_url": "https://login.example.com/authorize", "client_id": "c", "client_secret": "s"},
+                        "mi": {"type": "azure_managed_identity", "cluster": "GOOD"}},
+          "token_stores": {"t": {"vault": {"cluster": "TOKEN_VAULT", "url": "http://vault.example.com:8200", "token": "s"}},
+                           "kv": {"azure_key_vault": "https://kv.vault.azure.net", "cluster": "KEY_VAULT", "identity": "kv_reader"}},
+          "consent": {"path": "/.latchkey/connections", "redirect_uri": "https://api.example.com/.latchkey/callback", "state_key": "k"},
+          "connections": {"mine": {"provider": "idp", "grant": "authorization_code", "per_user": true, "store": "t", "access": {"authenticated": true}},
+                          "team": {"provider": "idp", "grant": "authorization_code", "store": "kv", "consent": {"users": ["admin"]}, "access": {"authenticated": true}},
+                          "kv_reader": {"provider": "mi", "resource": "https://vault.azure.net"}}}"#
+            .replace('\n', " ")
+            .replace("GOOD", good);
+        let all_good = config
+            .replace("SECRET_VAULT", good)
+            .replace("TOKEN_VAULT", good)
+            .replace("KEY_VAULT", good);
+        let w = cross(&all_good);
+        assert!(w.iter().all(|w| !w.contains("among the files")), "{w:?}");
+        let bad = config
+            .replace("SECRET_VAULT", "outbound|8200||secrets.example.com")
+            .replace("TOKEN_VAULT", "outbound|8200||vault.example.com")
+            .replace("KEY_VAULT", "outbound|443||kv.vault.azure.net");
+        let w: Vec<String> = cross(&bad)
+            .into_iter()
+            .filter(|w| w.contains("among the files"))
+            .collect();
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].starts_with(
+            "secrets.v.vault.cluster \"outbound|8200||secrets.example.com\" is not a cluster"
+        ));
+        assert!(w[1].starts_with(
+            "token_stores.kv.cluster \"outbound|443||kv.vault.azure.net\" is not a cluster"
+        ));
+        assert!(w[2].starts_with(
+            "token_stores.t.vault.cluster \"outbound|8200||vault.example.com\" is not a cluster"
+        ));
     }
 
     #[test]

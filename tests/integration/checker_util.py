@@ -80,9 +80,10 @@ def parse_block(block: str) -> tuple[Any, bool]:
 def example_configs() -> list[tuple[str, Any, bool]]:
     """Every latchkey configuration the repository ships as an example: (where, doc, complete)."""
     out: list[tuple[str, Any, bool]] = []
-    for i, block in enumerate(json_blocks((REPO_ROOT / "README.md").read_text())):
-        doc, complete = parse_block(block)
-        out.append((f"README.md json block {i + 1}", doc, complete))
+    for md in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]:
+        for i, block in enumerate(json_blocks(md.read_text())):
+            doc, complete = parse_block(block)
+            out.append((f"{md.relative_to(REPO_ROOT)} json block {i + 1}", doc, complete))
     for f in sorted((REPO_ROOT / "envoy").glob("*.yaml")):
         for d in yaml.safe_load_all(f.read_text()):
             for cfg in wasm_filters(d):
@@ -106,9 +107,22 @@ SPEC_PATH = REPO_ROOT.parent / "shared" / "SPEC.md"
 # SPEC.md sections whose features are not built yet, with their issue: their
 # examples use fields the schema (and the filter) don't know until then.
 SPEC_SECTIONS_NOT_BUILT = {
-    "User-delegated connections (v1.2)": 18,
     "Client authentication without a stored secret (v1.2)": 19,
 }
+
+# What a JSON Schema can't express: names defined elsewhere, duplicates, fields that apply
+# to one provider type only, the VM environment, secret values; v1.2's consent: a
+# provider's authorization_url or a token store named by a connection, a callback under
+# consent.path (two fields compared), a state key's length, a Key Vault identity's kind,
+# a Key Vault record name's length (a connection's name and its store's prefix).
+BEYOND_A_SCHEMA = re.compile(
+    r"unknown (provider|secret|connection|identity|env or inline secret)|duplicate |"
+    r"not allowed for (a|an) |"
+    r"environment variable|only allowed when grant|required when grant|control character|"
+    r"is inline|no access policy|access.*required|required field is missing|"
+    r"needs authorization_url on its provider|not a name in token_stores|"
+    r"must not be under consent\.path|shorter than 32 bytes|"
+    r"must name an azure_managed_identity connection|would be longer than 127 characters")
 
 
 def spec_examples() -> list[tuple[str, Any, str]]:

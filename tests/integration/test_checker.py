@@ -306,3 +306,152 @@ def test_host_variables_are_checked_against_the_proxy_containers_given(tmp_path)
     line = _line_of(f.read_text(), "env: PARTNER_API_KEY_V2")
     assert re.search(rf":{line}:\d+: WasmPlugin latchkey/latchkey: warning: environment variable "
                      r'"PARTNER_API_KEY_V2" comes from the proxy\'s environment, but no proxy container', r.stdout), r.stdout
+
+
+# --------------------------------------------------------------------------- v1.2 consent (issue 18)
+# User-delegated connections: token_stores, consent, authorization_code connections and
+# their providers' authorization_url, issuer, revocation_url. Each configuration below is
+# started in a real Envoy (so test_zz_checker_agrees.py records it too) and given to the
+# checker and the schema.
+
+STATE_KEY = "k" * 40
+
+
+def consent_base() -> dict:
+    return {
+        "secrets": {"client_secret": {"inline": "s3cret"}, "state_key": {"inline": STATE_KEY},
+                    "vault_token": {"inline": "root"}},
+        "providers": {
+            "idp": {"type": "oauth2", "cluster": "idp", "token_url": "http://127.0.0.1:9/token",
+                    "authorization_url": "https://idp.test/authorize?tenant=a",
+                    "issuer": "https://idp.test", "revocation_url": "http://127.0.0.1:9/revoke",
+                    "client_id": "gw", "client_secret": "client_secret"},
+            "mi": {"type": "azure_managed_identity", "cluster": "imds"}},
+        "token_stores": {
+            "user_tokens": {"vault": {"cluster": "vault", "url": "http://127.0.0.1:8200",
+                                      "mount": "secret", "prefix": "latchkey/connections",
+                                      "token": "vault_token", "namespace": "team"},
+                            "timeout_ms": 2000},
+            "kv_tokens": {"azure_key_vault": "https://kv.vault.azure.net", "cluster": "keyvault",
+                          "identity": "kv_reader", "prefix": "lk-conn"}},
+        "consent": {"path": "/.latchkey/connections",
+                    "redirect_uri": "https://gateway.test/.latchkey/callback",
+                    "state_key": "state_key", "return_to": ["https://portal.test/", "https://portal.test"]},
+        "connections": {
+            "mine": {"provider": "idp", "grant": "authorization_code", "per_user": True,
+                     "scopes": ["orders.read"], "store": "user_tokens", "access": {"authenticated": True}},
+            "team-crm": {"provider": "idp", "grant": "authorization_code", "store": "kv_tokens",
+                         "consent": {"users": ["alice"]}, "access": {"groups": ["sales"]}},
+            "kv_reader": {"provider": "mi", "resource": "https://vault.azure.net"}},
+        "routes": [{"name": "orders", "match": {"path_prefix": "/orders"},
+                    "inject": [{"connections": ["mine"], "header": "authorization"}]}],
+    }
+
+
+def _at(doc: dict, path: list):
+    for k in path[:-1]:
+        doc = doc[k]
+    return doc, path[-1]
+
+
+def _set(path: list, value):
+    def f(c):
+        node, key = _at(c, path)
+        node[key] = value
+    return f
+
+
+def _drop(path: list):
+    def f(c):
+        node, key = _at(c, path)
+        del node[key]
+    return f
+
+
+def _rename_mine(new: str):
+    def f(c):
+        c["connections"][new] = c["connections"].pop("mine")
+        c["routes"][0]["inject"][0]["connections"] = [new]
+    return f
+
+
+def _in_key_vault_as(new: str):
+    """`mine` in the Key Vault store, whose prefix is as long as allowed (40), renamed:
+    its record names are `<prefix>-<new, - and _ doubled>-<32 hex>`, at most 127."""
+    def f(c):
+        c["token_stores"]["kv_tokens"]["prefix"] = "a" * 40
+        c["connections"]["mine"]["store"] = "kv_tokens"
+        _rename_mine(new)(c)
+    return f
+
+
+# name: (change to consent_base(), valid?)
+CONSENT_CASES = {
+    "full": (None, True),
+    "no_return_to": (_drop(["consent", "return_to"]), True),
+    "shared_per_user_false": (_set(["connections", "team-crm", "per_user"], False), True),
+    "vault_url_with_a_path": (_set(["token_stores", "user_tokens", "vault", "url"], "https://vault.test/proxy/"), True),
+    "vault_defaults": (_set(["token_stores", "user_tokens"], {"vault": {"cluster": "vault", "url": "http://127.0.0.1:8200", "token": "vault_token"}}), True),
+    "consent_path_trailing_slash": (_set(["consent", "path"], "/connect/"), True),
+    "name_of_64": (_rename_mine("m" * 64), True),
+    "key_vault_name_of_127": (_in_key_vault_as("m" * 53), True),
+    "no_consent_section": (_drop(["consent"]), False),
+    "no_authorization_url": (_drop(["providers", "idp", "authorization_url"]), False),
+    "no_store": (_drop(["connections", "mine", "store"]), False),
+    "unknown_store": (_set(["connections", "mine", "store"], "nope"), False),
+    "shared_without_consent": (_drop(["connections", "team-crm", "consent"]), False),
+    "per_user_with_consent": (_set(["connections", "mine", "consent"], {"users": ["a"]}), False),
+    "store_on_client_credentials": (_set(["connections", "cc"], {"provider": "idp", "grant": "client_credentials", "store": "user_tokens", "access": {"authenticated": True}}), False),
+    "per_user_not_a_boolean": (_set(["connections", "mine", "per_user"], "yes"), False),
+    "per_user_public": (_set(["connections", "mine", "access"], {"public": True}), False),
+    "key_vault_name_over_127": (_in_key_vault_as("m_" * 27), False),
+    "name_with_a_dot": (_rename_mine("mine.x"), False),
+    "name_of_65": (_rename_mine("m" * 65), False),
+    "consent_path_root": (_set(["consent", "path"], "/"), False),
+    "redirect_uri_query": (_set(["consent", "redirect_uri"], "https://gateway.test/cb?x=1"), False),
+    "redirect_uri_under_path": (_set(["consent", "redirect_uri"], "https://gateway.test/.latchkey/connections/cb"), False),
+    "redirect_uri_dot_segment": (_set(["consent", "redirect_uri"], "https://gateway.test/a/../cb"), False),
+    "state_key_short": (_set(["secrets", "state_key"], {"inline": "short"}), False),
+    "state_key_unknown": (_set(["consent", "state_key"], "nope"), False),
+    "consent_unknown_field": (_set(["consent", "login"], "/x"), False),
+    "return_to_not_a_prefix": (_set(["consent", "return_to"], ["https://portal.test/app"]), False),
+    "store_both_kinds": (_set(["token_stores", "user_tokens", "azure_key_vault"], "https://kv.vault.azure.net"), False),
+    "vault_cluster_beside": (_set(["token_stores", "user_tokens", "cluster"], "vault"), False),
+    "vault_approle": (_set(["token_stores", "user_tokens", "vault", "approle"], {"role_id": "r", "secret_id": "vault_token"}), False),
+    "vault_mount_dot_segment": (_set(["token_stores", "user_tokens", "vault", "mount"], "a/../b"), False),
+    "key_vault_secret_url": (_set(["token_stores", "kv_tokens", "azure_key_vault"], "https://kv.vault.azure.net/secrets/x"), False),
+    "key_vault_prefix_underscore": (_set(["token_stores", "kv_tokens", "prefix"], "lk_conn"), False),
+    "key_vault_identity_per_user": (_set(["token_stores", "kv_tokens", "identity"], "mine"), False),
+    "authorization_url_fragment": (_set(["providers", "idp", "authorization_url"], "https://idp.test/authorize#x"), False),
+    "revocation_url_relative": (_set(["providers", "idp", "revocation_url"], "/revoke"), False),
+    "authorization_url_on_managed_identity": (_set(["providers", "mi", "authorization_url"], "https://idp.test/a"), False),
+}
+
+
+def consent_case(name: str) -> tuple[dict, bool]:
+    change, valid = CONSENT_CASES[name]
+    doc = consent_base()
+    if change:
+        change(doc)
+    return doc, valid
+
+
+@pytest.mark.parametrize("name", list(CONSENT_CASES))
+def test_consent_configurations_the_filter_checker_and_schema_agree_on(name, envoy_factory):
+    doc, valid = consent_case(name)
+    r = cu.check("check", "-", stdin=json.dumps(doc))
+    errors = cu.schema_errors(doc)
+    if valid:
+        envoy_factory(doc)
+        assert r.returncode == 0, r.stdout
+        assert errors == [], errors
+        return
+    with pytest.raises(EnvoyStartError) as err:
+        envoy_factory(doc)
+    m = re.search(r"configuration rejected: (.*)", str(err.value))
+    assert m, str(err.value)[-2000:]
+    assert r.returncode == 1, r.stdout
+    assert r.stdout.strip().endswith(f"error: {m.group(1).strip()}"), (r.stdout, m.group(1))
+    # The schema refuses it too, unless why is beyond a schema (names, values, two fields).
+    assert errors or cu.BEYOND_A_SCHEMA.search(m.group(1)), m.group(1)
+    assert STATE_KEY not in r.stdout and STATE_KEY not in str(err.value)
