@@ -15,6 +15,7 @@ integration tests use it with free ports).
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -66,6 +68,9 @@ def render(wasm: Path, ports: dict[str, int], out: Path) -> None:
     for name, default in DEFAULT_PORTS.items():
         text = text.replace(f"port_value: {default} ", f"port_value: {ports[name]} ")
     text = text.replace("http://127.0.0.1:18200", f"http://127.0.0.1:{ports['vault']}")
+    # The browser follows these two: the IdP's and latchkey's own addresses must be real.
+    text = text.replace("http://127.0.0.1:18081", f"http://127.0.0.1:{ports['idp']}")
+    text = text.replace("http://127.0.0.1:10000/", f"http://127.0.0.1:{ports['listen']}/")
     out.write_text(text)
 
 
@@ -131,7 +136,19 @@ injected. Applications never hold the keys: Envoy's latchkey does.
    {rotate_command(ports)}
    curl -s -H "Authorization: Bearer $ALICE" {base}/partner/invoices | grep -i x-api-key
 
-7. What latchkey counted
+8. Your own account (per-user consent): the token alice's requests carry is hers
+   curl -s -H "Authorization: Bearer $ALICE" {base}/me/orders            # 403 consent_required
+   curl -si -H "Authorization: Bearer $ALICE" {base}/.latchkey/connections/my_orders/login
+   Open the 302's location in a browser, sign in as alice (any password), approve.
+   The browser ends on {base}/.latchkey/callback?code=...: it carries no bearer
+   token, so latchkey answers 401 there (in production a browser session in front,
+   Envoy's oauth2 filter, does). Send that URL as alice yourself:
+   curl -s -H "Authorization: Bearer $ALICE" '<the URL the browser ended on>'
+   curl -s -H "Authorization: Bearer $ALICE" {base}/me/orders | python3 -m json.tool
+   (the upstream gets alice's own token: sub "alice"; the refresh token is in OpenBao)
+   curl -s -X DELETE -H "Authorization: Bearer $ALICE" {base}/.latchkey/connections/my_orders
+
+9. What latchkey counted
    curl -s http://127.0.0.1:{ports['admin']}/stats | grep latchkey
 
 Access-log lines (route, connection, decision) appear below. Ctrl-C stops everything.
@@ -180,6 +197,23 @@ def self_test(ports: dict[str, int], alice: str, bob: str) -> list[str]:
         seen = {k.lower(): v for k, v in echoed.get("headers", [])}.get("x-api-key")
         time.sleep(0.25)
     check("rotated key used with no restart", seen == ROTATED_KEY)
+    # 8. Per-user consent, as the printed steps do it (the browser scripted hop by hop).
+    from browser import Browser, consent_at_idp  # noqa: E402 - tests/integration
+    me = [("authorization", f"Bearer {alice}")]
+    r = http_request(port, "GET", "/me/orders", headers=me)
+    check("consent_required before consent", r.status == 403
+          and json.loads(r.body).get("login_url") == "/.latchkey/connections/my_orders/login")
+    r = http_request(port, "GET", "/.latchkey/connections/my_orders/login", headers=me)
+    callback = consent_at_idp(Browser(), r.header("location"), "alice") if r.status == 302 else ""
+    parts = urllib.parse.urlsplit(callback)
+    r = http_request(port, "GET", f"{parts.path}?{parts.query}", headers=me)
+    check("consent stored", r.status == 200 and json.loads(r.body) == {"connected": "my_orders"})
+    r = http_request(port, "GET", "/me/orders", headers=me)
+    echoed = json.loads(r.body) if r.status == 200 else {}
+    token = {k.lower(): v for k, v in echoed.get("headers", [])}.get("authorization", "")
+    payload = token.split(".")[1] if token.count(".") == 2 else ""
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))) if payload else {}
+    check("alice's own token injected", claims.get("sub") == "alice")
     return failures
 
 
@@ -205,7 +239,8 @@ def main() -> int:
     alice, bob = mint("alice", ["billing"]), mint("bob", ["support"])
 
     upstream = Upstream(ports["upstream"]).start()
-    idp = OidcProvider(ttl=300, port=ports["idp"]).start()
+    idp = OidcProvider(ttl=300, port=ports["idp"], consent_redirect_uris=[
+        f"http://127.0.0.1:{ports['listen']}/.latchkey/callback"]).start()
     vault = OpenBao(port=ports["vault"], root_token=VAULT_ROOT).start()
     vault.kv_put("partner", {"api_key": PARTNER_KEY})
     cmd = [str(args.envoy), "-c", str(config), "--concurrency", "2", "--base-id",
@@ -216,7 +251,7 @@ def main() -> int:
         wait_ready(ports["admin"], envoy)
         if args.self_test:
             failures = self_test(ports, alice, bob)
-            print(f"{6 - len(failures)} passed, {len(failures)} failed")
+            print(f"{9 - len(failures)} passed, {len(failures)} failed")
             return 1 if failures else 0
         print(instructions(ports, alice, bob), flush=True)
         envoy.wait()

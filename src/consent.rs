@@ -32,14 +32,20 @@ const MAX_RETURN_TO: usize = 2048;
 
 /// A caller as this proxy's caches know them: their token's issuer and their
 /// subject. Kept in memory only; stores, states and logs see [`hash_of_key`].
-pub fn caller_key(iss: &str, sub: &str) -> String {
-    format!("{iss}\0{sub}")
+/// `None` when either holds a NUL (the separator: two callers could share a key).
+pub fn caller_key(iss: &str, sub: &str) -> Option<String> {
+    (!iss.contains('\0') && !sub.contains('\0')).then(|| format!("{iss}\0{sub}"))
 }
 
 /// A caller as stores and states know them: 128 bits of SHA-256 over their
 /// issuer and subject, hex. The same person at two issuers is two callers.
 pub fn caller_hash(iss: &str, sub: &str) -> String {
-    hash_of_key(&caller_key(iss, sub))
+    let mut h = Sha256::new();
+    h.update(b"latchkey.caller\0");
+    h.update(iss.as_bytes());
+    h.update(b"\0");
+    h.update(sub.as_bytes());
+    hex(h.finalize().get(..16).unwrap_or_default())
 }
 
 /// [`caller_hash`] of a [`caller_key`].
@@ -211,8 +217,17 @@ pub fn allowed_return_to(prefixes: &[String], candidate: &str) -> Option<String>
         && candidate
             .bytes()
             .all(|b| b.is_ascii_graphic() && b != b'\\');
-    (plain && prefixes.iter().any(|p| candidate.starts_with(p.as_str())))
-        .then(|| candidate.to_string())
+    let rest = prefixes
+        .iter()
+        .find_map(|p| candidate.strip_prefix(p.as_str()))
+        .filter(|_| plain)?;
+    // Nor a path the browser would resolve out of the prefix (`..`, `.`, or
+    // either percent-encoded).
+    let path = rest.split(['?', '#']).next().unwrap_or_default();
+    let dots = path
+        .split('/')
+        .any(|seg| seg == "." || seg == ".." || seg.to_ascii_lowercase().contains("%2e"));
+    (!dots).then(|| candidate.to_string())
 }
 
 /// States used on this proxy, with their expiry: a state is accepted once.

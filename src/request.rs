@@ -383,7 +383,7 @@ fn caller_of(config: &Config, id: &Identity) -> Option<String> {
         },
         None => id.binding().and_then(|b| b.issuer()).unwrap_or(""),
     };
-    Some(consent::caller_key(iss, sub))
+    consent::caller_key(iss, sub)
 }
 
 /// No consent for `connection`: 403 with where to sign in.

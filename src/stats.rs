@@ -138,6 +138,9 @@ pub enum ConsentStat {
     Failed,
     /// Codes redeemed at the token server.
     Redemptions,
+    /// Records read (a cache miss's refresh token, a callback's version, a
+    /// disconnect, discovery).
+    StoreReads,
     /// Records written (consents and rotated refresh tokens).
     StoreWrites,
     /// Writes another proxy won (compare-and-set), followed by a re-read.
@@ -148,11 +151,12 @@ pub enum ConsentStat {
 }
 
 impl ConsentStat {
-    const ALL: [ConsentStat; 8] = [
+    const ALL: [ConsentStat; 9] = [
         ConsentStat::LoginStarted,
         ConsentStat::Completed,
         ConsentStat::Failed,
         ConsentStat::Redemptions,
+        ConsentStat::StoreReads,
         ConsentStat::StoreWrites,
         ConsentStat::StoreConflicts,
         ConsentStat::Disconnects,
@@ -165,6 +169,7 @@ impl ConsentStat {
             ConsentStat::Completed => "completed",
             ConsentStat::Failed => "failed",
             ConsentStat::Redemptions => "redemptions",
+            ConsentStat::StoreReads => "store_reads",
             ConsentStat::StoreWrites => "store_writes",
             ConsentStat::StoreConflicts => "store_conflicts",
             ConsentStat::Disconnects => "disconnects",

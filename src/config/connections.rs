@@ -49,6 +49,18 @@ const RESERVED_TOKEN_PARAMS: &[&str] = &[
     "subject_token_type",
 ];
 
+/// What latchkey sets itself in an authorization_code connection's login URL and
+/// code redemption (RFC 6749 §4.1, RFC 7636): not overridable by `extra_params`.
+const RESERVED_CONSENT_PARAMS: &[&str] = &[
+    "response_type",
+    "redirect_uri",
+    "state",
+    "code",
+    "code_challenge",
+    "code_challenge_method",
+    "code_verifier",
+];
+
 /// RFC 8693 §3: the default `subject_token_type` of a token exchange.
 const TOKEN_EXCHANGE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 
@@ -225,7 +237,10 @@ fn oauth2(
         let path = c.child("extra_params");
         for (k, val) in as_object(&path, v)? {
             let p = join(&path, k);
-            if RESERVED_TOKEN_PARAMS.contains(&k) {
+            let delegated = c.opt_str("grant")? == Some("authorization_code");
+            if RESERVED_TOKEN_PARAMS.contains(&k)
+                || (delegated && RESERVED_CONSENT_PARAMS.contains(&k))
+            {
                 return Err(ConfigError::not_allowed(
                     p,
                     "latchkey sets this token request parameter itself",

@@ -270,8 +270,12 @@ fn is_guid(s: &str) -> bool {
 /// scheme and host lowercased and a default port dropped: the form latchkey
 /// sends and compares.
 pub fn browser_url(u: &str) -> Result<String, ConfigError> {
-    let parsed =
-        super::http_url::parse(u).map_err(|e| ConfigError::invalid("", u, e.to_string()))?;
+    let parsed = super::http_url::parse(u).map_err(|e| match e {
+        super::http_url::UrlError::Credentials => {
+            refused(u, "must not hold a user name or password")
+        }
+        e => ConfigError::invalid("", u, e.to_string()),
+    })?;
     let scheme = if u
         .get(..8)
         .is_some_and(|s| s.eq_ignore_ascii_case("https://"))

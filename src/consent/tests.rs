@@ -531,3 +531,26 @@ fn which_connections_are_delegated_and_per_user_and_their_login_path() {
     );
     assert_eq!(SHARED, "shared");
 }
+
+#[test]
+fn return_to_never_resolves_out_of_its_prefix() {
+    let prefixes = vec!["https://app.example.com/settings/".to_string()];
+    for bad in [
+        "https://app.example.com/settings/../admin",
+        "https://app.example.com/settings/./x",
+        "https://app.example.com/settings/a/..",
+        "https://app.example.com/settings/%2e%2e/admin",
+        "https://app.example.com/settings/%2E./admin",
+        "https://app.example.com/settings/.%2e/admin",
+    ] {
+        assert_eq!(allowed_return_to(&prefixes, bad), None, "{bad}");
+    }
+    // Dots in a segment, the query or the fragment are just characters.
+    for good in [
+        "https://app.example.com/settings/a.b/..c",
+        "https://app.example.com/settings/x?next=../y",
+        "https://app.example.com/settings/x#/../y",
+    ] {
+        assert_eq!(allowed_return_to(&prefixes, good).as_deref(), Some(good), "{good}");
+    }
+}

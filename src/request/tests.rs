@@ -946,7 +946,7 @@ fn a_callback_becomes_a_connect_task_for_the_caller_who_started_the_login() {
     );
     assert_eq!(
         t.caller.as_ref().map(Secret::expose),
-        Some(crate::consent::caller_key("https://issuer", "alice").as_str())
+        crate::consent::caller_key("https://issuer", "alice").as_deref()
     );
     let TaskKind::Connect {
         code,
@@ -1214,7 +1214,7 @@ fn a_disconnect_is_a_task_on_the_caller_s_record_or_the_shared_one() {
     );
     assert_eq!(
         t.caller.as_ref().map(Secret::expose),
-        Some(crate::consent::caller_key("https://issuer", "alice").as_str())
+        crate::consent::caller_key("https://issuer", "alice").as_deref()
     );
     assert!(matches!(t.kind, TaskKind::Disconnect));
     // Shared: only whom its consent admits.
@@ -1268,12 +1268,15 @@ fn a_per_user_route_knows_the_caller_and_needs_a_subject() {
     assert_eq!(n.picks, [conn_index(&c, "github_mine")]);
     assert_eq!(
         n.caller.as_ref().map(Secret::expose),
-        Some(crate::consent::caller_key("https://issuer", "alice").as_str())
+        crate::consent::caller_key("https://issuer", "alice").as_deref()
     );
     assert_eq!(
-        crate::consent::caller_key("https://issuer", "alice"),
-        "https://issuer\0alice"
+        crate::consent::caller_key("https://issuer", "alice").as_deref(),
+        Some("https://issuer\0alice")
     );
+    // A NUL in either would let two callers share a key: no key at all.
+    assert_eq!(crate::consent::caller_key("https://issuer\0x", "alice"), None);
+    assert_eq!(crate::consent::caller_key("https://issuer", "al\0ice"), None);
     assert!(n.subject.is_none());
     assert!(removed(&n.edits, "x-jwt-payload"));
     // A shared connection, or one of another grant: no caller.

@@ -52,8 +52,9 @@ def test_demo_self_test(wasm_path):
          "--upstream", str(ports[2]), "--idp", str(ports[3]), "--vault", str(ports[4])],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "6 passed, 0 failed" in result.stdout
+    assert "9 passed, 0 failed" in result.stdout
     assert "PASS rotated key used with no restart" in result.stdout
+    assert "PASS alice's own token injected" in result.stdout
 
 
 def test_module_exports_only_the_callbacks_latchkey_uses(wasm_path):

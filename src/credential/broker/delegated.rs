@@ -173,7 +173,7 @@ impl<P: Proxy> Broker<P> {
             .config
             .connection(connection)
             .map_or("", |c| c.name.as_str());
-        let call = token_store::read_call(store, &credential, name, &record);
+        let call = self.read_record(&loaded, store, &credential, name, &record);
         f.phase = Phase::Record { rereads: 0 };
         self.send(f, call, now)
     }
@@ -306,7 +306,7 @@ impl<P: Proxy> Broker<P> {
                             return;
                         };
                         let call =
-                            token_store::read_call(store, &credential, &conn.name, &record_name);
+                            self.read_record(&loaded, store, &credential, &conn.name, &record_name);
                         f.phase = Phase::Verify {
                             written: record.refresh_token,
                             token,
@@ -404,7 +404,8 @@ impl<P: Proxy> Broker<P> {
             self.complete(&f, Err(FetchError::TokenStore), now);
             return;
         };
-        let call = token_store::read_call(
+        let call = self.read_record(
+            &loaded,
             store,
             &credential,
             &conn.name,
@@ -564,17 +565,20 @@ impl<P: Proxy> Broker<P> {
                 self.send_job(job, token_call(req));
             }
             (TaskKind::Connect { .. }, Step::Version { refresh_token }) => {
-                let call = token_store::read_call(store, &credential, &conn.name, &job.task.record);
+                let call =
+                    self.read_record(&loaded, store, &credential, &conn.name, &job.task.record);
                 job.step = Step::Version { refresh_token };
                 self.send_job(job, call);
             }
             (TaskKind::Disconnect, Step::Start) => {
-                let call = token_store::read_call(store, &credential, &conn.name, &job.task.record);
+                let call =
+                    self.read_record(&loaded, store, &credential, &conn.name, &job.task.record);
                 job.step = Step::ReadForDisconnect;
                 self.send_job(job, call);
             }
             (TaskKind::Discover { .. }, Step::Start) => {
-                let call = token_store::read_call(store, &credential, &conn.name, &job.task.record);
+                let call =
+                    self.read_record(&loaded, store, &credential, &conn.name, &job.task.record);
                 job.step = Step::Status;
                 self.send_job(job, call);
             }
@@ -882,6 +886,21 @@ impl<P: Proxy> Broker<P> {
         // Every worker's copies go before a request uses one again.
         loaded.drop_token_copies();
         bump_generation(&self.proxy);
+    }
+}
+
+impl<P: Proxy> Broker<P> {
+    /// A token store read, counted (`latchkey.consent.store_reads`).
+    fn read_record(
+        &self,
+        loaded: &Runtime,
+        store: &TokenStore,
+        credential: &Secret,
+        connection: &str,
+        record: &str,
+    ) -> HttpCall {
+        loaded.stats.consent(&self.proxy, ConsentStat::StoreReads);
+        token_store::read_call(store, credential, connection, record)
     }
 }
 

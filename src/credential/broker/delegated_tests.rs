@@ -412,6 +412,16 @@ fn other_failures_are_unavailable_not_consent() {
         assert!(!consent_required, "{kind}");
         assert_eq!(
             b.proxy
+                .stat("latchkey.connection.team.token.backoff_rejected"),
+            1
+        );
+        assert_eq!(
+            b.proxy
+                .logged("connection team: token store vault_store read failed"),
+            at_store
+        );
+        assert_eq!(
+            b.proxy
                 .stat(&format!("latchkey.connection.team.token.failure.{kind}")),
             1,
             "{kind}"
@@ -449,8 +459,8 @@ fn other_failures_are_unavailable_not_consent() {
 fn a_per_user_fetch_reads_the_caller_s_own_record() {
     let (mut b, loaded) = delegated_setup();
     let mine = conn(&loaded, "mine");
-    let alice = Secret::new(caller_key("https://issuer", "alice"));
-    let bob = Secret::new(caller_key("https://issuer", "bob"));
+    let alice = Secret::new(caller_key("https://issuer", "alice").unwrap());
+    let bob = Secret::new(caller_key("https://issuer", "bob").unwrap());
     assert!(waits(
         &b.resolve(&loaded, &[mine], who(&alice), 0, true).unwrap()
     ));
@@ -528,7 +538,7 @@ fn a_paused_request_without_consent_is_told_where_to_sign_in() {
     let (mut b, loaded) = delegated_setup();
     b.prefetch_due = false;
     let mine = conn(&loaded, "mine");
-    let key = Secret::new(caller_key("https://issuer", "alice"));
+    let key = Secret::new(caller_key("https://issuer", "alice").unwrap());
     let needed = Needed {
         route: 0,
         picks: vec![mine],
@@ -658,7 +668,7 @@ fn a_key_vault_record_is_written_then_read_back() {
 fn connect_task(loaded: &Runtime, connection: &str, nonce: &str, return_to: Option<&str>) -> Task {
     let c = conn(loaded, connection);
     let per_user = crate::consent::is_per_user(&loaded.config.connections[c]);
-    let key = caller_key("https://issuer", "alice");
+    let key = caller_key("https://issuer", "alice").unwrap();
     Task {
         connection: c,
         record: if per_user {
@@ -682,7 +692,7 @@ fn a_callback_redeems_the_code_and_stores_the_refresh_token_once() {
     let (mut b, loaded) = delegated_setup();
     b.prefetch_due = false;
     let mine = conn(&loaded, "mine");
-    let key = Secret::new(caller_key("https://issuer", "alice"));
+    let key = Secret::new(caller_key("https://issuer", "alice").unwrap());
     let record = hash_of_key(key.expose());
     let who = Who {
         subject: None,
@@ -875,6 +885,15 @@ fn a_callback_that_cannot_finish_says_why() {
         None,
     );
     assert_eq!(answer, failure(503, "token_server"));
+    // An OAuth error on a 5xx is the server's trouble, not the code's.
+    let (_, answer) = connect_with(
+        (503, br#"{"error":"temporarily_unavailable"}"#.to_vec()),
+        None,
+        None,
+    );
+    assert_eq!(answer, failure(503, "token_server"));
+    let (_, answer) = connect_with((401, br#"{"error":"invalid_client"}"#.to_vec()), None, None);
+    assert_eq!(answer, failure(400, "code_rejected"));
     // A token but no refresh token: nothing to keep.
     let (b, answer) = connect_with((200, token_answer("at", json!({}))), None, None);
     assert_eq!(answer, failure(502, "no_refresh_token"));
@@ -930,7 +949,7 @@ fn a_callback_whose_call_cannot_be_made_fails_at_once() {
 fn disconnect_task(loaded: &Runtime, connection: &str) -> Task {
     let c = conn(loaded, connection);
     let per_user = crate::consent::is_per_user(&loaded.config.connections[c]);
-    let key = caller_key("https://issuer", "alice");
+    let key = caller_key("https://issuer", "alice").unwrap();
     Task {
         connection: c,
         record: if per_user {
@@ -1025,7 +1044,7 @@ fn a_disconnect_without_record_or_revocation_still_answers() {
     b.prefetch_due = false;
     b.start_task(&loaded, 1, disconnect_task(&loaded, "mine"), 0);
     b.dispatch_due(1);
-    let key = caller_key("https://issuer", "alice");
+    let key = caller_key("https://issuer", "alice").unwrap();
     let (id, call) = one_call(&b);
     assert_eq!(
         header(&call, ":path"),
@@ -1286,7 +1305,7 @@ fn a_per_user_disconnect_drops_the_caller_s_token_on_this_proxy() {
     let (mut b, loaded) = delegated_setup();
     b.prefetch_due = false;
     let mine = conn(&loaded, "mine");
-    let key = Secret::new(caller_key("https://issuer", "alice"));
+    let key = Secret::new(caller_key("https://issuer", "alice").unwrap());
     let _ = b.resolve(&loaded, &[mine], who(&key), 0, true).unwrap();
     b.dispatch_due(1);
     let (id, _) = one_call(&b);
@@ -1294,7 +1313,9 @@ fn a_per_user_disconnect_drops_the_caller_s_token_on_this_proxy() {
     let (id, _) = one_call(&b);
     b.on_answer(id, Some(200), Some(token_answer("at-a", json!({}))), 3);
     assert_eq!(
-        ready(b.resolve(&loaded, &[mine], who(&key), 4, true).unwrap())[0].secret.expose(),
+        ready(b.resolve(&loaded, &[mine], who(&key), 4, true).unwrap())[0]
+            .secret
+            .expose(),
         "at-a"
     );
     assert!(loaded.has_caller_copy(mine, key.expose()));
@@ -1310,9 +1331,40 @@ fn a_per_user_disconnect_drops_the_caller_s_token_on_this_proxy() {
     assert_eq!(task_answer(&mut b, 15).2, 200);
     assert!(!loaded.has_caller_copy(mine, key.expose()));
     // The next request reads the store again (and finds nothing).
-    assert!(waits(&b.resolve(&loaded, &[mine], who(&key), 16, true).unwrap()));
+    assert!(waits(
+        &b.resolve(&loaded, &[mine], who(&key), 16, true).unwrap()
+    ));
     b.dispatch_due(17);
     let (id, _) = one_call(&b);
     b.on_answer(id, Some(404), Some(Vec::new()), 18);
     assert!(rejected(b.resolve(&loaded, &[mine], who(&key), 19, true).unwrap()).1);
+}
+
+#[test]
+fn no_identity_token_for_the_key_vault_is_a_store_failure() {
+    let (mut b, loaded) = delegated_setup();
+    b.prefetch_due = false;
+    let kv_team = conn(&loaded, "kv_team");
+    let _ = b
+        .resolve(&loaded, &[kv_team], Who::default(), 0, true)
+        .unwrap();
+    b.dispatch_due(1);
+    b.dispatch_due(2);
+    let (id, call) = one_call(&b);
+    assert_eq!(call.cluster, "imds");
+    b.on_answer(id, Some(500), Some(Vec::new()), 3);
+    b.dispatch_due(4);
+    assert!(b.proxy.take_calls().is_empty());
+    assert_eq!(
+        b.proxy
+            .stat("latchkey.connection.kv_team.token.failure.token_store"),
+        1
+    );
+    assert!(
+        !rejected(
+            b.resolve(&loaded, &[kv_team], Who::default(), 5, true)
+                .unwrap()
+        )
+        .1
+    );
 }
