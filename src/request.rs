@@ -149,6 +149,8 @@ pub struct Outcome {
     pub picks: Vec<usize>,
     /// Why, for the debug log (no secret, no header value).
     pub why: Option<String>,
+    /// A consent endpoint's refusal: its reason, counted by the glue.
+    pub consent_reason: Option<&'static str>,
 }
 
 impl Outcome {
@@ -160,6 +162,7 @@ impl Outcome {
             route,
             picks: Vec::new(),
             why: None,
+            consent_reason: None,
         }
     }
 
@@ -453,6 +456,7 @@ pub fn consent_failed(status: u32, reason: &'static str, connection: Option<&str
     }
     Outcome {
         reply: Some(r),
+        consent_reason: Some(reason),
         ..Outcome::new(Verdict::ConsentFailed, None, Vec::new())
     }
     .because(format!("consent: {status} {reason}"))

@@ -179,7 +179,10 @@ impl ConsentStat {
 }
 
 /// Why a consent callback failed: the `reason` of its JSON answer and stat.
-pub const CONSENT_FAILURES: [&str; 12] = [
+pub const CONSENT_FAILURES: [&str; 15] = [
+    "not_found",
+    "return_to",
+    "paused_limit",
     "state_invalid",
     "state_expired",
     "state_replayed",

@@ -551,6 +551,10 @@ fn return_to_never_resolves_out_of_its_prefix() {
         "https://app.example.com/settings/x?next=../y",
         "https://app.example.com/settings/x#/../y",
     ] {
-        assert_eq!(allowed_return_to(&prefixes, good).as_deref(), Some(good), "{good}");
+        assert_eq!(
+            allowed_return_to(&prefixes, good).as_deref(),
+            Some(good),
+            "{good}"
+        );
     }
 }

@@ -724,9 +724,10 @@ impl<P: Proxy> Broker<P> {
         });
     }
 
-    /// How many requests this VM holds paused.
+    /// How many requests this VM holds paused: waiting for a credential, or
+    /// for a consent task's calls.
     pub fn paused(&self) -> usize {
-        self.waiters.len()
+        self.waiters.len() + self.jobs.len() + self.job_calls.len()
     }
 
     pub fn wait(&mut self, context_id: u32, mut waiter: Waiter) {

@@ -364,8 +364,9 @@ pub fn apply(loaded: &Runtime, o: &Outcome) -> Result<Action, HostError> {
         Verdict::Discovery => p.count(m.discovery),
         Verdict::ConsentRequired => p.count(m.consent_required),
         Verdict::ConsentLogin => m.consent(p, ConsentStat::LoginStarted),
-        // Counted where they are decided (by reason) or completed.
-        Verdict::ConsentConnected | Verdict::ConsentFailed | Verdict::ConsentDisconnected => {}
+        Verdict::ConsentFailed => m.consent_failed(p, o.consent_reason.unwrap_or("bad_request")),
+        // Counted where they completed (the broker's task).
+        Verdict::ConsentConnected | Verdict::ConsentDisconnected => {}
     }
     record(loaded, o);
     if let Some(r) = &o.reply {
@@ -449,7 +450,11 @@ fn handle_request(
         Step::Done(outcome) => return apply(state, &outcome),
         Step::Needs(needed) => needed,
         Step::Consent(task) => {
-            // A consent callback or disconnect: answered when its calls are done.
+            // A consent callback or disconnect: answered when its calls are done,
+            // and bounded like any other paused request.
+            if broker.paused() >= config.max_paused_requests {
+                return apply(state, &request::consent_failed(503, "paused_limit", None));
+            }
             broker.start_task(state, context_id, task, host::now_ms()?);
             retick(broker);
             return Ok(Action::Pause);

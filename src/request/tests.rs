@@ -1275,8 +1275,14 @@ fn a_per_user_route_knows_the_caller_and_needs_a_subject() {
         Some("https://issuer\0alice")
     );
     // A NUL in either would let two callers share a key: no key at all.
-    assert_eq!(crate::consent::caller_key("https://issuer\0x", "alice"), None);
-    assert_eq!(crate::consent::caller_key("https://issuer", "al\0ice"), None);
+    assert_eq!(
+        crate::consent::caller_key("https://issuer\0x", "alice"),
+        None
+    );
+    assert_eq!(
+        crate::consent::caller_key("https://issuer", "al\0ice"),
+        None
+    );
     assert!(n.subject.is_none());
     assert!(removed(&n.edits, "x-jwt-payload"));
     // A shared connection, or one of another grant: no caller.

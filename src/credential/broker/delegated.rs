@@ -463,7 +463,6 @@ impl<P: Proxy> Broker<P> {
             let outcome = request::discovery_with_statuses(&job.loaded.config, body, &all);
             return self.finish_job(job, outcome);
         }
-        job.loaded.stats.consent_failed(&self.proxy, reason);
         let name = job
             .loaded
             .config
