@@ -118,7 +118,6 @@ fn rejected(r: Resolution) -> (u64, bool) {
     }
 }
 
-/// The one request whose task ended: its id, status and JSON body (or location).
 thread_local! {
     /// The consent_reason of the last answer `task_answer` took (the glue counts it).
     static LAST_REASON: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
@@ -128,6 +127,7 @@ fn last_reason() -> Option<&'static str> {
     LAST_REASON.with(|r| r.get())
 }
 
+/// The one request whose task ended: its id, status and JSON body (or location).
 fn task_answer(b: &mut Broker<Fake>, now: u64) -> (u32, Verdict, u32, String) {
     let mut done = b.due_waiters(now);
     assert_eq!(done.len(), 1);
@@ -883,7 +883,7 @@ fn a_callback_that_cannot_finish_says_why() {
         .proxy
         .logged("connection team: consent: the code was refused (invalid_grant)"));
     // The token server down or broken: 503.
-    let (b, answer) = connect_with((500, b"oops".to_vec()), None, None);
+    let (_, answer) = connect_with((500, b"oops".to_vec()), None, None);
     assert_eq!(answer, failure(503, "token_server"));
     assert_eq!(last_reason(), Some("token_server"));
     let (_, answer) = connect_with(
@@ -905,7 +905,7 @@ fn a_callback_that_cannot_finish_says_why() {
     let (_, answer) = connect_with((401, br#"{"error":"invalid_client"}"#.to_vec()), None, None);
     assert_eq!(answer, failure(400, "code_rejected"));
     // A token but no refresh token: nothing to keep.
-    let (b, answer) = connect_with((200, token_answer("at", json!({}))), None, None);
+    let (_, answer) = connect_with((200, token_answer("at", json!({}))), None, None);
     assert_eq!(answer, failure(502, "no_refresh_token"));
     assert_eq!(last_reason(), Some("no_refresh_token"));
     // The store's version read fails.
