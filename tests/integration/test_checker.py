@@ -111,7 +111,7 @@ def test_wasmplugin_yaml_and_envoy_yaml_are_read(tmp_path):
     assert 'WasmPlugin latchkey/latchkey: error: routes[0].inject[0].connections[0]: unknown connection "nope"' in r.stdout
     r = cu.check("check", str(REPO_ROOT / "envoy" / "demo.yaml"))
     assert r.returncode == 0, r.stdout
-    assert 'wasm filter "latchkey": ok (3 routes, 3 connections, 3 providers)' in r.stdout
+    assert 'wasm filter "latchkey": ok (4 routes, 4 connections, 4 providers)' in r.stdout
     assert "warning: secret \"weather_key\" is inline" in r.stdout
 
 
@@ -404,6 +404,8 @@ CONSENT_CASES = {
     "store_on_client_credentials": (_set(["connections", "cc"], {"provider": "idp", "grant": "client_credentials", "store": "user_tokens", "access": {"authenticated": True}}), False),
     "per_user_not_a_boolean": (_set(["connections", "mine", "per_user"], "yes"), False),
     "per_user_public": (_set(["connections", "mine", "access"], {"public": True}), False),
+    "extra_params_state": (_set(["connections", "mine", "extra_params"], {"state": "x"}), False),
+    "extra_params_prompt": (_set(["connections", "mine", "extra_params"], {"prompt": "consent"}), True),
     "key_vault_name_over_127": (_in_key_vault_as("m_" * 27), False),
     "name_with_a_dot": (_rename_mine("mine.x"), False),
     "name_of_65": (_rename_mine("m" * 65), False),
