@@ -37,7 +37,18 @@ every process is stopped by pid. No pytest import here: fixtures live in conftes
     ``kv_versions``; ``token_store_token()`` (policy ``token_store_policy_hcl``).
 
 ``tls_cluster(...)``
-    An Envoy STATIC cluster that speaks TLS with SNI and trusts a CA file (for the KV stand-in).
+    An Envoy STATIC cluster that speaks TLS with SNI and trusts a CA file (for the KV stand-in);
+    with ``client_cert`` it also presents a client certificate (mTLS, e.g. RFC 8705
+    ``tls_client_auth`` at a token server).
+
+Signing keys for ``private_key_jwt`` (SPEC v1.2, "Client authentication without a stored
+secret"): the KV stand-in also holds keys (``create_key``) and signs digests with them
+(``POST /keys/<name>[/<version>]/sign``, RS256 / PS256 / ES256, as Key Vault does; its
+contract test drives it with azure-keyvault-keys' CryptographyClient); OpenBao's Transit
+engine (``enable_transit``, ``transit_key``, ``transit_jwk``, ``transit_sign_token``) is the
+real one. ``public_jwk`` turns a public key into the JWK a token server registers. The IMDS
+stand-in issues JWTs (RS256, ``jwks()``) for ``api://AzureADTokenExchange``: the assertion
+of Entra's workload identity federation with a managed identity.
 
 Typical use::
 
@@ -65,8 +76,10 @@ Typical use::
 from __future__ import annotations
 
 import atexit
+import base64
 import dataclasses
 import datetime
+import hashlib
 import ipaddress
 import json
 import os
@@ -93,7 +106,8 @@ from typing import Any, Iterable, NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from harness import (LOOPBACK, REPO_ROOT, BacklogHTTPServer, RequestLog, free_port, pid_alive,
@@ -106,6 +120,9 @@ DEFAULT_VAULT_HOST = f"{DEFAULT_VAULT_NAME}.vault.azure.net"
 IMDS_TOKEN_PATH = "/metadata/identity/oauth2/token"
 IMDS_API_VERSION = "2018-02-01"
 KV_API_VERSION = "7.4"
+# Entra workload identity federation: the audience of a managed identity's token that is
+# another app's federated credential (its client assertion).
+FEDERATION_AUDIENCE = "api://AzureADTokenExchange"
 LOGIN_AUTHORITY = "https://login.microsoftonline.com"
 MAX_DELAY_S = 120.0
 
@@ -132,27 +149,131 @@ def _header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------- keys and JWKs
+
+
+def b64url(data: bytes) -> str:
+    """base64url without padding (as JWS and JWK use it)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_decode(text: str) -> bytes:
+    """base64url, padded or not (raises ValueError on anything else)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]*={0,2}", text or ""):
+        raise ValueError("not base64url")
+    text = text.rstrip("=")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def public_jwk(public_key: Any, *, kid: str | None = None, alg: str | None = None,
+               use: str | None = "sig") -> dict[str, Any]:
+    """The public JWK (RFC 7517/7518) of an RSA or EC P-256/384/521 public key (a
+    ``cryptography`` key, or PEM text/bytes), with `kid`, `alg` and `use` when given."""
+    if isinstance(public_key, (str, bytes)):
+        data = public_key.encode() if isinstance(public_key, str) else public_key
+        public_key = serialization.load_pem_public_key(data)
+    jwk: dict[str, Any]
+    if isinstance(public_key, rsa.RSAPublicKey):
+        nums = public_key.public_numbers()
+        n = nums.n.to_bytes((nums.n.bit_length() + 7) // 8, "big")
+        e = nums.e.to_bytes((nums.e.bit_length() + 7) // 8, "big")
+        jwk = {"kty": "RSA", "n": b64url(n), "e": b64url(e)}
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        crv, size = {"secp256r1": ("P-256", 32), "secp384r1": ("P-384", 48),
+                     "secp521r1": ("P-521", 66)}[public_key.curve.name]
+        nums = public_key.public_numbers()
+        jwk = {"kty": "EC", "crv": crv, "x": b64url(nums.x.to_bytes(size, "big")),
+               "y": b64url(nums.y.to_bytes(size, "big"))}
+    else:
+        raise TypeError(f"not an RSA or EC public key: {type(public_key).__name__}")
+    if kid is not None:
+        jwk["kid"] = kid
+    if alg is not None:
+        jwk["alg"] = alg
+    if use is not None:
+        jwk["use"] = use
+    return jwk
+
+
+def cert_thumbprint_s256(cert: Any) -> str:
+    """`x5t#S256` of a certificate (an x509.Certificate, or a PEM file's path/bytes):
+    base64url of the SHA-256 of its DER encoding (RFC 7515 §4.1.8)."""
+    if isinstance(cert, (str, os.PathLike)):
+        cert = Path(cert).read_bytes()
+    if isinstance(cert, bytes):
+        cert = x509.load_pem_x509_certificate(cert)
+    return b64url(hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest())
+
+
+# What a JWS algorithm hashes with, and how big its digest is.
+_JWS_HASH = {"RS256": hashes.SHA256, "PS256": hashes.SHA256, "ES256": hashes.SHA256,
+             "RS384": hashes.SHA384, "PS384": hashes.SHA384, "ES384": hashes.SHA384,
+             "RS512": hashes.SHA512, "PS512": hashes.SHA512, "ES512": hashes.SHA512}
+
+
+def sign_digest(private_key: Any, alg: str, digest: bytes) -> bytes:
+    """A JWS signature over an already computed digest, as Key Vault's sign makes it:
+    RSxxx PKCS#1 v1.5, PSxxx PSS with MGF1 and a salt as long as the hash, ESxxx ECDSA as
+    r||s (each the curve's size). Raises ValueError for a digest of the wrong size, or
+    an algorithm that doesn't fit the key."""
+    h = _JWS_HASH[alg]()
+    if len(digest) != h.digest_size:
+        raise ValueError(f"a {alg} digest has {h.digest_size} bytes, not {len(digest)}")
+    if alg[:2] in ("RS", "PS"):
+        if not isinstance(private_key, rsa.RSAPrivateKey):
+            raise ValueError(f"{alg} needs an RSA key")
+        pad = (padding.PKCS1v15() if alg.startswith("RS") else
+               padding.PSS(mgf=padding.MGF1(_JWS_HASH[alg]()), salt_length=h.digest_size))
+        return private_key.sign(digest, pad, Prehashed(_JWS_HASH[alg]()))
+    if not isinstance(private_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{alg} needs an EC key")
+    want = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}[alg]
+    if private_key.curve.name != want:
+        raise ValueError(f"{alg} needs curve {want}, not {private_key.curve.name}")
+    r, s = decode_dss_signature(private_key.sign(digest, ec.ECDSA(Prehashed(_JWS_HASH[alg]()))))
+    size = (private_key.curve.key_size + 7) // 8
+    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+
 # --------------------------------------------------------------------------- TLS
 
 
 def tls_cluster(name: str, port: int, *, sni: str, ca_path: str | os.PathLike,
                 host: str = LOOPBACK, connect_timeout: str = "1s", verify_san: bool = True,
+                client_cert: tuple[str | os.PathLike, str | os.PathLike] | None = None,
                 **extra: Any) -> dict[str, Any]:
     """An Envoy STATIC cluster to `host:port` over TLS: SNI `sni`, server certificate
     verified against the CA in `ca_path` (validation_context.trusted_ca) and, with
-    `verify_san`, required to name `sni` as a DNS SAN. `extra` goes into the cluster
-    (e.g. typed_extension_protocol_options)."""
+    `verify_san`, required to name `sni` as a DNS SAN. `client_cert` (certificate chain
+    path, private key path): the cluster presents that client certificate (mTLS). `extra`
+    goes into the cluster (e.g. typed_extension_protocol_options)."""
     cluster = static_cluster(name, port, host=host, connect_timeout=connect_timeout, **extra)
     validation: dict[str, Any] = {"trusted_ca": {"filename": str(ca_path)}}
     if verify_san:
         validation["match_typed_subject_alt_names"] = [
             {"san_type": "DNS", "matcher": {"exact": sni}}]
+    common: dict[str, Any] = {"validation_context": validation}
+    if client_cert is not None:
+        common["tls_certificates"] = [{"certificate_chain": {"filename": str(client_cert[0])},
+                                       "private_key": {"filename": str(client_cert[1])}}]
     cluster["transport_socket"] = {
         "name": "envoy.transport_sockets.tls",
-        "typed_config": {"@type": _TLS_TYPE, "sni": sni,
-                         "common_tls_context": {"validation_context": validation}},
+        "typed_config": {"@type": _TLS_TYPE, "sni": sni, "common_tls_context": common},
     }
     return cluster
+
+
+class ClientCert(NamedTuple):
+    """A client certificate LocalCA.issue_client made: PEM files (chain: leaf then CA), its
+    subject as an RFC 4514 string (what a token server registers as
+    ``tls_client_auth_subject_dn``) and its ``x5t#S256``. `key_path` is None for a
+    certificate of a key held elsewhere (``public_key=``)."""
+
+    cert_path: Path
+    key_path: Path | None
+    subject_dn: str
+    thumbprint_s256: str
+    certificate: x509.Certificate
 
 
 class LocalCA:
@@ -239,6 +360,46 @@ class LocalCA:
         os.chmod(key_path, 0o600)
         return cert_path, key_path
 
+    def issue_client(self, cn: str, name: str = "client", *, org: str | None = None,
+                     public_key: Any = None) -> ClientCert:
+        """Sign a client certificate (EKU clientAuth) for subject CN=`cn` (O=`org` too
+        when given): for a new key (written to <name>.key), or for `public_key` (a key
+        held elsewhere, e.g. in Key Vault: no key file). Written to <name>.pem (leaf then CA)."""
+        key = None if public_key is not None else self._new_key()
+        pub = public_key if public_key is not None else key.public_key()
+        attrs = []
+        if org:
+            attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+        subject = x509.Name(attrs)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self._ca_cert.subject)
+            .public_key(pub)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self._not_before).not_valid_after(self._not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._ca_key.public_key()),
+                           critical=False)
+            .sign(self._ca_key, hashes.SHA256()))
+        cert_path = self.directory / f"{name}.pem"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + self.ca_pem)
+        key_path = None
+        if key is not None:
+            key_path = self.directory / f"{name}.key"
+            key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                   serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+            os.chmod(key_path, 0o600)
+        return ClientCert(cert_path, key_path, subject.rfc4514_string(),
+                          cert_thumbprint_s256(cert), cert)
+
     def server_context(self, cert_path: str | os.PathLike | None = None,
                        key_path: str | os.PathLike | None = None) -> ssl.SSLContext:
         """A TLS 1.2+ server context with the server certificate (ALPN http/1.1)."""
@@ -300,9 +461,12 @@ class TokenRegistry:
         self._tokens: dict[str, IssuedToken] = {}
         self._revoked: set[str] = set()
 
-    def issue(self, resource: str, identity: Identity, ttl: int) -> IssuedToken:
+    def issue(self, resource: str, identity: Identity, ttl: int,
+              make: Any = None) -> IssuedToken:
+        """A new token (random, or ``make(now, expires_on)``'s, e.g. a signed JWT)."""
         now = int(time.time())
-        tok = IssuedToken(token=secrets.token_urlsafe(32), resource=resource, identity=identity,
+        value = make(now, now + int(ttl)) if make is not None else secrets.token_urlsafe(32)
+        tok = IssuedToken(token=value, resource=resource, identity=identity,
                           issued_at=now, not_before=now, expires_on=now + int(ttl))
         with self._lock:
             self._tokens[tok.token] = tok
@@ -629,7 +793,14 @@ class ImdsServer(_Service):
          "resource": "<r>", "token_type": "Bearer"}
 
     (strings, as IMDS sends them; ``expires_in_number=True`` sends expires_in and
-    ext_expires_in as JSON numbers). Refusals, as IMDS: 400
+    ext_expires_in as JSON numbers). The access token is random, except for a resource in
+    ``jwt_resources`` (default: ``api://AzureADTokenExchange``, FEDERATION_AUDIENCE): then
+    it is a JWT as Entra issues one to a managed identity, RS256 with ``kid`` = `jwt_kid`,
+    claims ``iss`` = `issuer` (``https://login.microsoftonline.com/<tenant>/v2.0``),
+    ``sub`` = ``oid`` = the identity's object id, ``aud`` = the resource, ``azp`` /
+    ``appid`` = its client id, ``tid``, ``iat``/``nbf``/``exp``, ``uti``; ``jwks()`` is the
+    public key set that verifies it (what a token server trusting that issuer fetches).
+    Refusals, as IMDS: 400
     ``{"error":"invalid_request","error_description":"Required metadata header not specified"}``
     without the header; 400 with an ``X-Forwarded-For`` header; 400 ``Identity not found``
     for an unknown client_id; 400 without resource or api-version; 404 on other paths.
@@ -645,8 +816,12 @@ class ImdsServer(_Service):
 
     def __init__(self, registry: TokenRegistry | None = None, *, ttl: int = 3599, port: int = 0,
                  tenant_id: str | None = None, expires_in_number: bool = False,
-                 system_identity: bool = True, reuse_tokens: bool = False):
+                 system_identity: bool = True, reuse_tokens: bool = False,
+                 jwt_resources: Iterable[str] = (FEDERATION_AUDIENCE,)):
         self.registry = registry or TokenRegistry()
+        self.jwt_resources = {r.rstrip("/") for r in jwt_resources}
+        self._jwt_key = None                     # made on first use (RSA 2048)
+        self.jwt_kid = "imds-" + secrets.token_hex(6)
         self.ttl = int(ttl)
         self.expires_in_number = expires_in_number
         self.reuse_tokens = reuse_tokens
@@ -677,6 +852,43 @@ class ImdsServer(_Service):
     def envoy_cluster(self, name: str = "imds", **extra: Any) -> dict[str, Any]:
         """A plain-HTTP STATIC cluster to this stand-in."""
         return static_cluster(name, self.port, **extra)
+
+    # -- JWT tokens (jwt_resources)
+    @property
+    def issuer(self) -> str:
+        """`iss` of its JWTs: Entra's v2.0 issuer of the tenant."""
+        return f"{LOGIN_AUTHORITY}/{self.tenant_id}/v2.0"
+
+    def _signing_key(self):
+        with self._lock:
+            if self._jwt_key is None:
+                self._jwt_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            return self._jwt_key
+
+    def jwks(self) -> dict[str, Any]:
+        """{"keys": [the public JWK its JWTs verify with]}."""
+        return {"keys": [public_jwk(self._signing_key().public_key(), kid=self.jwt_kid,
+                                    alg="RS256")]}
+
+    def _jwt_maker(self, resource: str, ident: Identity):
+        if resource.rstrip("/") not in self.jwt_resources:
+            return None
+        import jwt as pyjwt  # noqa: PLC0415 (PyJWT, as harness.py uses it)
+        key = self._signing_key()
+
+        def make(now: int, exp: int) -> str:
+            claims = {"aud": resource, "iss": self.issuer, "iat": now, "nbf": now, "exp": exp,
+                      "sub": ident.object_id, "oid": ident.object_id, "tid": self.tenant_id,
+                      "azp": ident.client_id, "appid": ident.client_id, "ver": "2.0",
+                      "uti": secrets.token_urlsafe(16)}
+            if ident.msi_res_id:
+                claims["xms_mirid"] = ident.msi_res_id
+            return pyjwt.encode(claims, key, algorithm="RS256",
+                                headers={"kid": self.jwt_kid, "typ": "JWT"})
+        return make
+
+    def _issue(self, resource: str, ident: Identity, ttl: int) -> IssuedToken:
+        return self.registry.issue(resource, ident, ttl, self._jwt_maker(resource, ident))
 
     # -- identities and settings
     def add_identity(self, client_id: str | None = None, *, name: str = "user-assigned",
@@ -795,7 +1007,7 @@ class ImdsServer(_Service):
             raise LookupError(f"no identity {client_id!r}")
         with self._lock:
             ttl = self.ttl
-        return self.registry.issue(resource, ident, ttl).token
+        return self._issue(resource, ident, ttl).token
 
     # -- protocol
     def _select_identity(self, query: dict[str, str]) -> Identity | None:
@@ -856,7 +1068,7 @@ class ImdsServer(_Service):
             if tok is not None and tok.expires_on - int(time.time()) <= 0:
                 tok = None
             if tok is None:
-                tok = self.registry.issue(resource, ident, ttl)
+                tok = self._issue(resource, ident, ttl)
                 if reuse:
                     self._reused[(ident.client_id, resource)] = tok
         remaining = max(0, tok.expires_on - int(time.time()))
@@ -916,7 +1128,8 @@ class KvRequest(NamedTuple):
     error_code: str | None = None     # error.code of an error answer (Unauthorized, ...)
     fault: bool = False               # answered by fail_next
     operation: str | None = None      # "get" | "set" | "delete" | "get_deleted" | "purge" |
-                                      # "recover" (None: no such route)
+                                      # "recover"; keys: "get_key" | "sign" (None: no such route)
+    key: str | None = None            # key name in the path (keys/...; `secret` is then None)
 
     def header(self, name: str) -> str | None:
         return _header(self.headers, name)
@@ -924,6 +1137,33 @@ class KvRequest(NamedTuple):
     @property
     def authorized(self) -> bool:
         return self.client_id is not None
+
+
+@dataclasses.dataclass
+class KeyVersion:
+    """One version of a Key Vault key (the private key stays in the stand-in)."""
+
+    version: str              # 32 lowercase hex digits
+    private_key: Any          # a cryptography RSA or EC private key
+    kty: str                  # "RSA" | "EC"
+    created: int
+    updated: int
+    enabled: bool = True
+
+    def __repr__(self) -> str:
+        return f"KeyVersion(version={self.version!r}, kty={self.kty!r}, enabled={self.enabled})"
+
+
+class KvSign(NamedTuple):
+    """One signature the KV stand-in made (``POST /keys/<name>[/<version>]/sign``, 200)."""
+
+    name: str                 # as in the request path
+    version: str              # the version that signed
+    alg: str
+    digest: bytes             # the digest the client sent (decoded)
+    signature: bytes
+    client_id: str | None     # identity of the bearer token
+    at: float                 # time.monotonic() on arrival
 
 
 class KvWrite(NamedTuple):
@@ -958,10 +1198,20 @@ _SECRET_PATH = re.compile(r"^/secrets/([^/]*)(?:/([^/]*))?/?$")
 _DELETED_PATH = re.compile(r"^/deletedsecrets/([^/]*)(/recover)?/?$")
 _SECRET_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
 _API_VERSION = re.compile(r"^(\d+\.\d+(-preview(\.\d+)?)?|\d{4}-\d{2}-\d{2}(-preview)?)$")
-_KV_OPERATIONS = ("get", "set", "delete")
+_KEY_PATH = re.compile(r"^/keys/([^/]*)(?:/([^/]*))?/?$")
+_KEY_SIGN_PATH = re.compile(r"^/keys/([^/]*)(?:/([^/]*))?/sign/?$")
+_SECRET_OPERATIONS = ("get", "set", "delete")
+_KEY_OPERATIONS = ("get_key", "sign")
+_KV_OPERATIONS = _SECRET_OPERATIONS + _KEY_OPERATIONS
 _RBAC_ACTIONS = {"get": "Microsoft.KeyVault/vaults/secrets/getSecret/action",
                  "set": "Microsoft.KeyVault/vaults/secrets/setSecret/action",
-                 "delete": "Microsoft.KeyVault/vaults/secrets/delete"}
+                 "delete": "Microsoft.KeyVault/vaults/secrets/delete",
+                 "get_key": "Microsoft.KeyVault/vaults/keys/read",
+                 "sign": "Microsoft.KeyVault/vaults/keys/sign/action"}
+# Signing algorithms per key type (Key Vault's JsonWebKeySignatureAlgorithm, those the
+# stand-in implements).
+_KEY_ALGS = {"RSA": ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
+             "EC": ("ES256", "ES384", "ES512")}
 _NAME_INVALID = "The secret name is invalid: it must be 1-127 characters, 0-9, a-z, A-Z and -."
 
 
@@ -1016,6 +1266,24 @@ class KeyVaultServer(_Service):
     real deletion takes (409 ``ObjectIsBeingDeleted`` meanwhile), ``nbf``/``exp``, value
     size limits, PATCH. latchkey should act on the status (and error.code), not on text.
 
+    Keys (``private_key_jwt`` signing, SPEC v1.2), from the keys REST reference (7.4) and the
+    answers azure-keyvault-keys parses (its contract test drives these with the SDK):
+
+    - ``GET /keys/{name}[/{version}]``: 200 KeyBundle ``{"key": <public JWK with "kid" =
+      https://<vault>/keys/<name>/<version>, "key_ops">, "attributes": {...}}``; 404
+      ``KeyNotFound``.
+    - ``POST /keys/{name}[/{version}]/sign`` ``{"alg": "RS256"|"PS256"|"ES256"|..., "value":
+      base64url(digest)}``: 200 ``{"kid": <the version's id>, "value": base64url(signature)}``
+      (RSxxx PKCS#1 v1.5, PSxxx PSS with salt = hash length, ESxxx r||s). 400
+      ``BadParameter`` for a body that is not that, an algorithm the key can't do (an EC
+      key asked for RS256) or a digest of the wrong length (the messages are the
+      stand-in's). 403 ``Forbidden``/``ForbiddenByRbac`` when denied (``deny(name,
+      operations=["sign"])``: the RBAC action ``.../keys/sign/action``), 403
+      ``Forbidden``/``KeyDisabled`` for a disabled version. Same authentication as secrets.
+      ``signs()`` lists the signatures made (digest, alg, identity).
+    - Keys are made by the test: ``create_key(name, "RSA"|"EC")`` (a new version, latest),
+      ``key_id``, ``key_jwk``, ``public_key``, ``key_versions``, ``disable_key``.
+
     Test API: ``set_secret`` (new version, latest), ``secret_value``, ``versions``,
     ``disable``/``enable``, ``deny``/``allow``, ``delete`` (hard, or ``soft=True``),
     ``is_deleted``/``purge``/``recover``, ``fail_next`` (``methods=`` to fault only
@@ -1051,6 +1319,8 @@ class KeyVaultServer(_Service):
         self._faults: list[list[Any]] = []                               # [remaining, _Fault, methods]
         self._writes: list[KvWrite] = []
         self._write_hooks: list[list[Any]] = []                          # [remaining, name|None, hook]
+        self._keys: dict[str, tuple[str, list[KeyVersion]]] = {}          # lower name -> (name, versions)
+        self._signs: list[KvSign] = []
         super().__init__(port, tls_context=ca.server_context())
 
     # -- addresses
@@ -1081,6 +1351,70 @@ class KeyVaultServer(_Service):
     def envoy_cluster(self, name: str = "keyvault", **extra: Any) -> dict[str, Any]:
         """A TLS STATIC cluster to this stand-in: SNI = vault host, trusted_ca = ca_path."""
         return tls_cluster(name, self.port, sni=self.sni, ca_path=self.ca_path, **extra)
+
+    # -- keys
+    def key_id(self, name: str, version: str | None = None) -> str:
+        """A key identifier https://<vault host>/keys/<name>[/<version>] (latchkey's
+        `azure_key_vault_key`)."""
+        return f"{self.vault_url}/keys/{name}" + (f"/{version}" if version else "")
+
+    def create_key(self, name: str, kty: str = "RSA", *, size: int = 2048,
+                   curve: str = "P-256") -> str:
+        """Create a key (or a new version of it, which becomes the latest): RSA of `size`
+        bits, or EC on `curve` (P-256, P-384, P-521). Returns the version id."""
+        if not _SECRET_NAME.match(name):
+            raise ValueError(f"invalid Key Vault key name {name!r}")
+        if kty == "RSA":
+            key = rsa.generate_private_key(public_exponent=65537, key_size=size)
+        elif kty == "EC":
+            key = ec.generate_private_key({"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(),
+                                           "P-521": ec.SECP521R1()}[curve])
+        else:
+            raise ValueError(f"kty must be 'RSA' or 'EC', not {kty!r}")
+        now = int(time.time())
+        ver = KeyVersion(uuid.uuid4().hex, key, kty, now, now)
+        with self._lock:
+            stored, versions = self._keys.get(name.lower(), (name, []))
+            versions.append(ver)
+            self._keys[name.lower()] = (stored, versions)
+        return ver.version
+
+    def _key_version(self, name: str, version: str | None) -> tuple[str, KeyVersion]:
+        stored, versions = self._keys[name.lower()]
+        if not version:
+            return stored, versions[-1]
+        for v in versions:
+            if v.version == version.lower():
+                return stored, v
+        raise KeyError(f"{name}/{version}")
+
+    def key_versions(self, name: str) -> list[str]:
+        with self._lock:
+            return [v.version for v in self._keys.get(name.lower(), ("", []))[1]]
+
+    def public_key(self, name: str, version: str | None = None):
+        """The public key (cryptography) of a key version (default: the latest)."""
+        with self._lock:
+            return self._key_version(name, version)[1].private_key.public_key()
+
+    def key_jwk(self, name: str, version: str | None = None, *, kid: str | None = None,
+                alg: str | None = None) -> dict[str, Any]:
+        """The public JWK of a key version, `kid` as given (default: the version's id, as
+        Key Vault's KeyBundle names it) and `alg` when given."""
+        with self._lock:
+            stored, ver = self._key_version(name, version)
+        return public_jwk(ver.private_key.public_key(),
+                          kid=kid if kid is not None else self.key_id(stored, ver.version), alg=alg)
+
+    def disable_key(self, name: str, version: str | None = None, enabled: bool = False) -> None:
+        with self._lock:
+            ver = self._key_version(name, version)[1]
+            ver.enabled, ver.updated = enabled, int(time.time())
+
+    def signs(self, name: str | None = None) -> list[KvSign]:
+        """Signatures made (200 sign answers), oldest first (of `name`; None: all)."""
+        with self._lock:
+            return [x for x in self._signs if name is None or x.name.lower() == name.lower()]
 
     # -- secrets
     def _store(self, name: str, value: str, content_type: str | None, tags: dict[str, str] | None,
@@ -1153,10 +1487,11 @@ class KeyVaultServer(_Service):
 
     def deny(self, name: str, client_id: str | None = None,
              operations: Iterable[str] | None = None) -> None:
-        """Simulate a missing role assignment: `operations` ("get", "set", "delete"; None:
-        all three) on `name` ("*": every name) by `client_id` (None: by anyone) answer
-        403 Forbidden (innererror ForbiddenByRbac). E.g. ``deny("*", operations=["set"])``:
-        a reader role only, every write refused."""
+        """Simulate a missing role assignment: `operations` ("get", "set", "delete" on
+        secrets, "get_key", "sign" on keys; None: all of them) on `name` ("*": every name)
+        by `client_id` (None: by anyone) answer 403 Forbidden (innererror ForbiddenByRbac).
+        E.g. ``deny("*", operations=["set"])``: a reader role only, every write refused;
+        ``deny("signer", operations=["sign"])``: no Key Vault Crypto User role on that key."""
         ops = set(_KV_OPERATIONS if operations is None else operations)
         if not ops <= set(_KV_OPERATIONS):
             raise ValueError(f"operations must be within {_KV_OPERATIONS}, not {sorted(ops)}")
@@ -1316,10 +1651,11 @@ class KeyVaultServer(_Service):
         return self.log.last()
 
     def clear(self) -> None:
-        """Forget the request log and writes() (not the secrets)."""
+        """Forget the request log, writes() and signs() (not the secrets nor the keys)."""
         self.log.clear()
         with self._lock:
             self._writes.clear()
+            self._signs.clear()
 
     def wait_for_count(self, count: int, timeout: float = 10.0) -> list[KvRequest]:
         return self.log.wait_for(count, timeout)
@@ -1382,6 +1718,16 @@ class KeyVaultServer(_Service):
     def _route(req: _Request) -> tuple[str | None, str | None, str | None]:
         """(operation, name, version); operation None with a name: a method not allowed
         there; None with no name: no such path."""
+        m = _KEY_SIGN_PATH.match(req.path)
+        if m:
+            name = urllib.parse.unquote(m.group(1))
+            version = urllib.parse.unquote(m.group(2)) if m.group(2) else None
+            return ("sign" if req.method == "POST" else None), name, version
+        m = _KEY_PATH.match(req.path)
+        if m:
+            name = urllib.parse.unquote(m.group(1))
+            version = urllib.parse.unquote(m.group(2)) if m.group(2) else None
+            return ("get_key" if req.method == "GET" else None), name, version
         m = _SECRET_PATH.match(req.path)
         if m:
             name = urllib.parse.unquote(m.group(1))
@@ -1408,10 +1754,12 @@ class KeyVaultServer(_Service):
                 reply, code = self._answer(req, op, name, version, info)
         else:
             reply, code = self._answer(req, op, name, version, info)
+        is_key = req.path.startswith("/keys/")
         self.log.append(KvRequest(req.method, req.path, req.query, req.headers, req.at, req.sni,
-                                  0 if reply.close else reply.status, name, version,
-                                  info.get("served_version"), info.get("client_id"),
-                                  info.get("identity_kind"), code, info.get("fault", False), op))
+                                  0 if reply.close else reply.status, None if is_key else name,
+                                  version, info.get("served_version"), info.get("client_id"),
+                                  info.get("identity_kind"), code, info.get("fault", False), op,
+                                  name if is_key else None))
         for hook in info.get("hooks", ()):
             try:
                 hook(info["write"])
@@ -1618,6 +1966,72 @@ class KeyVaultServer(_Service):
                            "command. For help resolving this issue, please see "
                            "https://go.microsoft.com/fwlink/?linkid=2125182")
 
+    # -- key operations
+    def _key_not_found(self, what: str) -> tuple[_Reply, str]:
+        return self._error(404, "KeyNotFound",
+                           f"A key with (name/id) {what} was not found in this key vault. If you recently "
+                           "deleted this key you may be able to recover it using the correct recovery "
+                           "command. For help resolving this issue, please see "
+                           "https://go.microsoft.com/fwlink/?linkid=2125182")
+
+    def _find_key(self, name: str, version: str | None) -> tuple[str, KeyVersion] | None:
+        with self._lock:
+            try:
+                stored, ver = self._key_version(name, version)
+            except KeyError:
+                return None
+            return stored, dataclasses.replace(ver)
+
+    def _op_get_key(self, req, name, version, tok, info):
+        found = self._find_key(name, version)
+        if found is None:
+            return self._key_not_found(f"{name}/{version}" if version else name)
+        stored, ver = found
+        jwk = public_jwk(ver.private_key.public_key(), kid=self.key_id(stored, ver.version), use=None)
+        jwk["key_ops"] = ["sign", "verify"] + (["encrypt", "decrypt", "wrapKey", "unwrapKey"]
+                                               if ver.kty == "RSA" else [])
+        attrs: dict[str, Any] = {"enabled": ver.enabled, "created": ver.created, "updated": ver.updated,
+                                 "recoveryLevel": "Recoverable+Purgeable" if self.soft_delete else "Purgeable"}
+        if self.soft_delete:
+            attrs["recoverableDays"] = self.retention_days
+        info["served_version"] = ver.version
+        return _Reply(200, _json_bytes({"key": jwk, "attributes": attrs}), self._kv_headers()), None
+
+    def _op_sign(self, req, name, version, tok, info):
+        try:
+            doc = json.loads(req.body.decode("utf-8")) if req.body else None
+        except (ValueError, UnicodeDecodeError):
+            return self._error(400, "BadParameter", "The request body is not valid JSON.")
+        if not isinstance(doc, dict) or not isinstance(doc.get("alg"), str) \
+                or not isinstance(doc.get("value"), str):
+            return self._error(400, "BadParameter",
+                               "Properties 'alg' and 'value' are required and must be strings.")
+        alg = doc["alg"]
+        try:
+            digest = b64url_decode(doc["value"])
+        except (ValueError, TypeError):
+            return self._error(400, "BadParameter", "Property 'value' is not base64url.")
+        found = self._find_key(name, version)
+        if found is None:
+            return self._key_not_found(f"{name}/{version}" if version else name)
+        stored, ver = found
+        if not ver.enabled:
+            return self._error(403, "Forbidden", "Operation sign is not allowed on a disabled key.",
+                               inner="KeyDisabled")
+        if alg not in _KEY_ALGS[ver.kty]:
+            return self._error(400, "BadParameter",
+                               f"Algorithm {alg} is not supported by a key of type {ver.kty}.")
+        try:
+            signature = sign_digest(ver.private_key, alg, digest)
+        except ValueError as e:
+            return self._error(400, "BadParameter", f"Invalid digest: {e}.")
+        with self._lock:
+            self._signs.append(KvSign(name, ver.version, alg, digest, signature,
+                                      tok.identity.client_id, req.at))
+        info["served_version"] = ver.version
+        body = {"kid": self.key_id(stored, ver.version), "value": b64url(signature)}
+        return _Reply(200, _json_bytes(body), self._kv_headers()), None
+
     def _forbidden(self, tok: IssuedToken, operation: str = "get") -> tuple[_Reply, str]:
         message = (
             "Caller is not authorized to perform action on resource.\r\n"
@@ -1627,7 +2041,8 @@ class KeyVaultServer(_Service):
             f"iss=https://sts.windows.net/{self.tenant_id}/\r\n"
             f"Action: '{_RBAC_ACTIONS[operation]}'\r\n"
             "Resource: '/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/rg/providers/"
-            f"microsoft.keyvault/vaults/{self.vault_name}/secrets/...'\r\n"
+            f"microsoft.keyvault/vaults/{self.vault_name}/"
+            f"{'keys' if operation in _KEY_OPERATIONS else 'secrets'}/...'\r\n"
             "Assignment: (not found)\r\nDenyAssignmentId: null\r\nDecisionReason: null \r\n"
             f"Vault: {self.vault_name};location={self.location}\r\n")
         return self._error(403, "Forbidden", message, inner="ForbiddenByRbac")
@@ -2134,6 +2549,70 @@ class OpenBao:
             wait_until(lambda: self.api("GET", f"{kv_mount}/config", namespace=name).status == 200,
                        10, message=f"KV mount {name}/{kv_mount}")
         return name
+
+    # -- Transit (private_key_jwt signing keys)
+    def enable_transit(self, mount: str = "transit", *, namespace: str | None = None) -> None:
+        """Mount the Transit secrets engine at `mount` (once)."""
+        resp = self.api("GET", f"sys/mounts/{mount}", namespace=namespace)
+        if resp.status == 200:
+            return
+        self._ok("POST", f"sys/mounts/{mount}", {"type": "transit"}, namespace=namespace)
+        wait_until(lambda: self.api("LIST", f"{mount}/keys", namespace=namespace).status in (200, 404),
+                   10, message=f"Transit mount {mount}")
+
+    def transit_key(self, name: str, key_type: str = "rsa-2048", *, mount: str = "transit",
+                    namespace: str | None = None) -> None:
+        """Create Transit key `name` of `key_type` (rsa-2048, rsa-3072, ecdsa-p256, ...);
+        the private key never leaves OpenBao (not exportable)."""
+        self._ok("POST", f"{mount}/keys/{name}", {"type": key_type}, namespace=namespace)
+
+    def transit_rotate(self, name: str, *, mount: str = "transit") -> int:
+        """A new version of the key (Transit then signs with it); returns its number."""
+        self._ok("POST", f"{mount}/keys/{name}/rotate")
+        return int(self._ok("GET", f"{mount}/keys/{name}").body["data"]["latest_version"])
+
+    def transit_public_keys(self, name: str, *, mount: str = "transit",
+                            namespace: str | None = None) -> dict[int, str]:
+        """{version: PEM public key} from ``GET /v1/<mount>/keys/<name>``."""
+        data = self._ok("GET", f"{mount}/keys/{name}", namespace=namespace).body["data"]
+        return {int(v): k["public_key"] for v, k in data["keys"].items()}
+
+    def transit_jwk(self, name: str, *, kid: str | None = None, alg: str | None = None,
+                    version: int | None = None, mount: str = "transit",
+                    namespace: str | None = None) -> dict[str, Any]:
+        """The public JWK of a Transit key version (default the latest), made with
+        ``cryptography`` from the PEM public key Transit gives; `kid` defaults to the key
+        name (latchkey's default ``kid`` for a Transit key)."""
+        keys = self.transit_public_keys(name, mount=mount, namespace=namespace)
+        pem = keys[version if version is not None else max(keys)]
+        return public_jwk(pem, kid=name if kid is None else kid, alg=alg)
+
+    def transit_sign(self, name: str, data: bytes, *, token: Any = _ROOT, mount: str = "transit",
+                     **params: Any) -> BaoResponse:
+        """``POST /v1/<mount>/sign/<name>/sha2-256`` with base64(`data`) and `params`
+        (e.g. marshaling_algorithm="jws", signature_algorithm="pkcs1v15"); the raw answer."""
+        body = {"input": base64.b64encode(data).decode(), **params}
+        return self.api("POST", f"{mount}/sign/{name}/sha2-256", body, token=token)
+
+    @staticmethod
+    def transit_sign_policy_hcl(*keys: str, mount: str = "transit") -> str:
+        """HCL granting only `update` on <mount>/sign/<key>/* (sign with a hash algorithm
+        in the path) for `keys`: nothing else, not even reading the key."""
+        return "".join(f'path "{mount}/sign/{k}/*" {{\n  capabilities = ["update"]\n}}\n'
+                       for k in keys)
+
+    def transit_sign_token(self, *keys: str, mount: str = "transit", policy: str | None = None,
+                           ttl: str | int = "1h", namespace: str | None = None, **token_kw: Any) -> str:
+        """Create (or replace) a policy = transit_sign_policy_hcl(keys) and return a new
+        orphan token holding only it (no default policy): latchkey's signing token (both
+        in `namespace` when given)."""
+        policy = policy or ("transit-sign-" + "-".join(keys))
+        self.policy(policy, self.transit_sign_policy_hcl(*keys, mount=mount), namespace=namespace)
+        return self.token([policy], ttl, no_default_policy=True, namespace=namespace, **token_kw)
+
+    def seal(self) -> None:
+        """Seal the server (PUT sys/seal): every request then answers 503 "Vault is sealed"."""
+        self._ok("PUT", "sys/seal")
 
     # -- audit log (what bao served)
     def audit_entries(self) -> list[dict[str, Any]]:

@@ -3,8 +3,10 @@
 The Key Vault and IMDS stand-ins are fakes: here the real Azure SDK for Python
 (azure-keyvault-secrets' SecretClient with azure-identity's ManagedIdentityCredential)
 reads through them, so they speak the protocol real clients speak, and raw requests pin
-the exact answers latchkey will parse (`value`, `id`, status codes, error shapes). The
-OpenBao server is the real one: these tests pin the KV v2 / AppRole answers latchkey reads.
+the exact answers latchkey will parse (`value`, `id`, status codes, error shapes); key
+signing (private_key_jwt) goes through azure-keyvault-keys' CryptographyClient. The
+OpenBao server is the real one: these tests pin the KV v2 / AppRole / Transit sign answers
+latchkey reads.
 An Envoy (no wasm filter) proves the TLS cluster builder reaches the KV stand-in.
 """
 
@@ -319,6 +321,155 @@ def test_sdk_write_refusals(keyvault_stack, sdk):
 
 
 # --------------------------------------------------------------------------- Key Vault, raw protocol
+
+
+# ---------------------------------------------------------------- Key Vault keys (private_key_jwt)
+
+
+kv_keys = pytest.importorskip("azure.keyvault.keys")
+kv_crypto = pytest.importorskip("azure.keyvault.keys.crypto")
+
+KEY_ID_RE = re.compile(r"^https://kv-test\.vault\.azure\.net/keys/([0-9A-Za-z-]+)/([0-9a-f]{32})$")
+
+
+def _verify_jws(public_key, alg: str, digest: bytes, signature: bytes) -> None:
+    """Check a Key Vault signature over `digest` with `cryptography` (raises if bad)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+    if alg == "ES256":
+        assert len(signature) == 64
+        der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+        public_key.verify(der, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+    else:
+        pad = padding.PKCS1v15() if alg == "RS256" else padding.PSS(
+            mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+        public_key.verify(signature, digest, pad, Prehashed(hashes.SHA256()))
+
+
+@pytest.mark.parametrize("alg,kty", [("RS256", "RSA"), ("PS256", "RSA"), ("ES256", "EC")])
+def test_sdk_signs_a_digest_with_a_key_vault_key(keyvault_stack, sdk, alg, kty):
+    """azure-keyvault-keys' CryptographyClient signs through the stand-in as through Key
+    Vault: it reads the key (GET /keys/<name>/), then has the vault sign (POST
+    /keys/<name>/<version>/sign); the SDK's own local verify (the public key it read)
+    and `cryptography` accept the signature."""
+    import hashlib
+    kv, imds = keyvault_stack.kv, keyvault_stack.imds
+    version = kv.create_key("gw-signer", kty)
+    cred = identity.ManagedIdentityCredential()  # the `sdk` fixture pointed it at the IMDS stand-in
+    client = kv_crypto.CryptographyClient(
+        f"https://localhost:{kv.port}/keys/gw-signer", cred, api_version="7.4",
+        verify_challenge_resource=False, connection_verify=str(kv.ca_path), retry_total=0)
+    try:
+        digest = hashlib.sha256(b"header.payload").digest()
+        result = client.sign(getattr(kv_crypto.SignatureAlgorithm, alg.lower()), digest)
+        assert result.key_id.endswith(f"/keys/gw-signer/{version}")
+        assert client.verify(getattr(kv_crypto.SignatureAlgorithm, alg.lower()), digest,
+                             result.signature).is_valid
+        bad = bytes([result.signature[0] ^ 1]) + result.signature[1:]
+        assert not client.verify(getattr(kv_crypto.SignatureAlgorithm, alg.lower()), digest, bad).is_valid
+    finally:
+        client.close()
+        cred.close()
+    _verify_jws(kv.public_key("gw-signer"), alg, digest, result.signature)
+    # What the SDK sent: the challenge, the key read, then the sign call.
+    ops = [(r.method, r.status, r.operation, r.key) for r in kv.requests()]
+    assert ops[-2:] == [("GET", 200, "get_key", "gw-signer"), ("POST", 200, "sign", "gw-signer")], ops
+    (made,) = kv.signs("gw-signer")
+    assert (made.alg, made.digest, made.signature, made.version) == (alg, digest, result.signature, version)
+    assert made.client_id == imds.system_identity.client_id
+
+
+def test_kv_sign_answer_is_what_latchkey_reads(keyvault_stack):
+    """The raw sign call latchkey makes (POST <key>/sign?api-version=7.4, {"alg","value"}
+    with a base64url digest): 200 {"kid": <key id with version>, "value": base64url
+    signature}; ES256 as r||s (64 bytes), RS256 one modulus long (256 bytes)."""
+    import hashlib
+    from secret_stores import b64url, b64url_decode
+    kv, imds = keyvault_stack.kv, keyvault_stack.imds
+    ec_version = kv.create_key("ec-key", "EC")
+    rsa_version = kv.create_key("rsa-key", "RSA")
+    token = imds.token_for()
+    digest = hashlib.sha256(b"eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0").digest()
+    for name, alg, version, size in (("ec-key", "ES256", ec_version, 64), ("rsa-key", "RS256", rsa_version, 256),
+                                     ("rsa-key", "PS256", rsa_version, 256)):
+        for path in (f"/keys/{name}/sign?api-version=7.4", f"/keys/{name}/{version}/sign?api-version=7.4"):
+            status, headers, body = kv_request(keyvault_stack, path, token, method="POST",
+                                               body={"alg": alg, "value": b64url(digest)})
+            assert status == 200 and headers["content-type"] == "application/json; charset=utf-8", body
+            doc = json.loads(body)
+            assert set(doc) == {"kid", "value"} and KEY_ID_RE.match(doc["kid"]).groups() == (name, version)
+            assert "=" not in doc["value"] and len(b64url_decode(doc["value"])) == size
+            _verify_jws(kv.public_key(name), alg, digest, b64url_decode(doc["value"]))
+    # The key as Key Vault's KeyBundle shows it (public only).
+    status, _, body = kv_request(keyvault_stack, "/keys/ec-key?api-version=7.4", token)
+    key = json.loads(body)["key"]
+    assert status == 200 and key["kty"] == "EC" and key["crv"] == "P-256" and "d" not in key
+    assert key["kid"] == kv.key_id("ec-key", ec_version)
+
+    def sign(path, payload, tok=token):
+        status, _, body = kv_request(keyvault_stack, path, tok, method="POST", body=payload)
+        return status, json.loads(body)["error"] if status >= 400 else json.loads(body)
+
+    good = {"alg": "ES256", "value": b64url(digest)}
+    refusals = [
+        ("/keys/ec-key/sign?api-version=7.4", {"alg": "RS256", "value": b64url(digest)}, 400, "BadParameter"),
+        ("/keys/rsa-key/sign?api-version=7.4", good, 400, "BadParameter"),             # ES256 with RSA
+        ("/keys/ec-key/sign?api-version=7.4", {"alg": "ES256", "value": b64url(digest[:20])}, 400, "BadParameter"),
+        ("/keys/ec-key/sign?api-version=7.4", {"alg": "ES256"}, 400, "BadParameter"),
+        ("/keys/nope/sign?api-version=7.4", good, 404, "KeyNotFound"),
+        (f"/keys/ec-key/{'0' * 32}/sign?api-version=7.4", good, 404, "KeyNotFound"),
+        ("/keys/ec-key/sign", good, 400, "BadParameter"),                               # no api-version
+    ]
+    for path, payload, want_status, code in refusals:
+        status, err = sign(path, payload)
+        assert (status, err["code"]) == (want_status, code), (path, payload, err)
+    assert sign("/keys/ec-key/sign?api-version=7.4", good, tok=None)[0] == 401
+    # No Key Vault Crypto User role on the key: 403 ForbiddenByRbac naming the sign action.
+    kv.deny("ec-key", operations=["sign"])
+    status, err = sign("/keys/ec-key/sign?api-version=7.4", good)
+    assert status == 403 and err["innererror"]["code"] == "ForbiddenByRbac"
+    assert "Microsoft.KeyVault/vaults/keys/sign/action" in err["message"]
+    kv.allow("ec-key")
+    kv.disable_key("ec-key")
+    status, err = sign("/keys/ec-key/sign?api-version=7.4", good)
+    assert status == 403 and err["innererror"]["code"] == "KeyDisabled"
+    kv.disable_key("ec-key", enabled=True)
+    # Injected faults (only POSTs): 503, a malformed success, then normal again.
+    kv.fail_next(1, 503, methods=("POST",))
+    kv.fail_next(1, 200, b'{"kid": "x", "value": "not base64url!"}', methods=("POST",))
+    assert sign("/keys/ec-key/sign?api-version=7.4", good)[0] == 503
+    assert kv_request(keyvault_stack, "/keys/ec-key/sign?api-version=7.4", token, method="POST", body=good)[2] \
+        == b'{"kid": "x", "value": "not base64url!"}'
+    assert sign("/keys/ec-key/sign?api-version=7.4", good)[0] == 200
+    assert keyvault_stack.errors == []
+
+
+def test_imds_federation_audience_token_is_a_jwt_the_jwks_verifies(keyvault_stack):
+    """For api://AzureADTokenExchange the IMDS stand-in issues what Entra issues a managed
+    identity: a JWT (iss the tenant's v2.0 issuer, sub = oid = the identity's object id,
+    aud the resource), verifiable with `imds.jwks()`; other resources keep opaque tokens."""
+    import jwt
+    from secret_stores import FEDERATION_AUDIENCE
+    imds = keyvault_stack.imds
+    uai = imds.add_identity(name="federated-mi")
+    resp = imds_get(imds, {"api-version": "2018-02-01", "resource": FEDERATION_AUDIENCE,
+                           "client_id": uai.client_id})
+    assert resp.status == 200
+    token = resp.json()["access_token"]
+    (jwk,) = imds.jwks()["keys"]
+    assert jwt.get_unverified_header(token) == {"alg": "RS256", "kid": jwk["kid"], "typ": "JWT"}
+    claims = jwt.decode(token, jwt.PyJWK(jwk).key, algorithms=["RS256"], audience=FEDERATION_AUDIENCE,
+                        issuer=f"https://login.microsoftonline.com/{imds.tenant_id}/v2.0")
+    assert claims["sub"] == claims["oid"] == uai.object_id and claims["azp"] == uai.client_id
+    assert claims["exp"] - claims["iat"] == imds.ttl and claims["xms_mirid"].endswith("/federated-mi")
+    assert "d" not in jwk and jwk["kty"] == "RSA"
+    other = imds_get(imds).json()["access_token"]
+    assert other.count(".") == 0
+    assert [t.token for t in imds.issued()] == [token, other]
+
+
+# --------------------------------------------------------------------------- Key Vault (secrets)
 
 
 def test_kv_answer_is_what_latchkey_reads(keyvault_stack):
@@ -789,6 +940,51 @@ def test_bao_kv_v2_read_is_what_latchkey_reads(openbao):
     reads = openbao.wait_for_audit(3, path="secret/data/orders/idp", operation="read")
     assert reads[-1]["auth"]["display_name"] == "token"      # audited, HMAC'd values only
     assert "second" not in openbao.audit_path.read_text()
+
+
+@pytest.mark.parametrize("key_type,alg,params,size", [
+    ("rsa-2048", "RS256", {"signature_algorithm": "pkcs1v15"}, 256),
+    ("rsa-2048", "PS256", {"signature_algorithm": "pss", "salt_length": "hash"}, 256),
+    ("ecdsa-p256", "ES256", {}, 64),
+])
+def test_bao_transit_signs_a_jws_its_public_jwk_verifies(openbao, key_type, alg, params, size):
+    """The sign call latchkey makes (POST /v1/transit/sign/<key>/sha2-256, base64 input,
+    marshaling_algorithm jws and, for RSA, the padding of `alg`): data.signature is
+    "vault:v<version>:<base64url signature>", the signature a JWS holds; the JWK made
+    from Transit's PEM public key verifies it (PyJWT). A token with only the sign policy
+    signs with that key and nothing else."""
+    import jwt
+    from secret_stores import b64url, b64url_decode
+    openbao.enable_transit()
+    openbao.transit_key("signer", key_type)
+    openbao.transit_key("another", key_type)
+    token = openbao.transit_sign_token("signer")
+    jwk = openbao.transit_jwk("signer", alg=alg)
+    assert jwk["kid"] == "signer" and "d" not in jwk
+    signing_input = b64url(json.dumps({"alg": alg, "kid": "signer"}).encode()) + "." + b64url(b'{"sub":"x"}')
+    resp = openbao.transit_sign("signer", signing_input.encode(), token=token,
+                                marshaling_algorithm="jws", **params)
+    assert resp.status == 200, resp.raw
+    prefix, version, sig = resp.body["data"]["signature"].split(":", 2)
+    assert (prefix, version, resp.body["data"]["key_version"]) == ("vault", "v1", 1)
+    assert "=" not in sig and len(b64url_decode(sig)) == size
+    decoded = jwt.api_jws.decode_complete(f"{signing_input}.{sig}", jwt.PyJWK(jwk).key, algorithms=[alg])
+    assert decoded["payload"] == b'{"sub":"x"}'
+    # The policy: sign with "signer" only; no read of the key, no other key.
+    assert openbao.transit_sign("another", b"x", token=token, marshaling_algorithm="jws").status == 403
+    assert openbao.api("GET", "transit/keys/signer", token=token).status == 403
+    openbao.revoke_token(token)
+    assert openbao.transit_sign("signer", b"x", token=token, marshaling_algorithm="jws").status == 403
+    audited = openbao.wait_for_audit(1, path="transit/sign/signer/sha2-256", operation="update")
+    assert audited[0]["auth"]["policies"] == ["transit-sign-signer"]
+
+
+def test_bao_sealed_answers_503(openbao):
+    openbao.enable_transit()
+    openbao.transit_key("signer", "ecdsa-p256")
+    openbao.seal()
+    resp = openbao.transit_sign("signer", b"x", marshaling_algorithm="jws")
+    assert resp.status == 503 and "sealed" in resp.raw.decode().lower()
 
 
 def test_bao_approle_login(openbao):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -282,6 +283,173 @@ def test_provider_start_failures(monkeypatch, tmp_path):
     monkeypatch.setattr(token_servers, "OAUTH_DIR", tmp_path)
     with pytest.raises(RuntimeError, match="npm ci --prefix tests/oauth"):
         OidcProvider().start()
+
+
+# ------------------------------------------- oidc-provider: clients without a secret (v1.2)
+
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+def _assertion(key, alg, client_id, aud, *, kid="k1", jti=None, lifetime=60, **claims):
+    now = int(time.time())
+    payload = {"iss": client_id, "sub": client_id, "aud": aud, "jti": jti or os.urandom(16).hex(),
+               "iat": now, "exp": now + lifetime, **claims}
+    return jwt.encode(payload, key, algorithm=alg, headers={"kid": kid})
+
+
+def _with_assertion(idp, client_id, assertion):
+    return idp.token_request({"grant_type": "client_credentials", "scope": "orders.read",
+                              "client_id": client_id, "client_assertion_type": JWT_BEARER,
+                              "client_assertion": assertion}, client_id=None)
+
+
+@pytest.fixture(scope="module")
+def mtls_ca():
+    from secret_stores import LocalCA
+    ca = LocalCA(hosts=("localhost",))
+    yield ca
+    ca.cleanup()
+
+
+@pytest.fixture(scope="module")
+def keyed_idp(mtls_ca):
+    """oidc-provider with private_key_jwt clients (an RSA key, RS256 and PS256; an EC key,
+    ES256) and a tls_client_auth client on its mTLS port."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from secret_stores import public_jwk
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    gateway = mtls_ca.issue_client("latchkey-gateway", "gateway", org="latchkey tests")
+    stranger = mtls_ca.issue_client("someone-else", "stranger", org="latchkey tests")
+    clients = {
+        "pk-rs256": {"jwks": {"keys": [public_jwk(rsa_key.public_key(), kid="k1")]}, "alg": "RS256"},
+        "pk-ps256": {"jwks": {"keys": [public_jwk(rsa_key.public_key(), kid="k1")]}, "alg": "PS256"},
+        "pk-es256": {"jwks": {"keys": [public_jwk(ec_key.public_key(), kid="k1")]}, "alg": "ES256"},
+    }
+    with OidcProvider(ttl=TTL, private_key_jwt_clients=clients,
+                      tls_client_auth_clients={"gw-mtls": gateway.subject_dn},
+                      mtls=(mtls_ca.cert_path, mtls_ca.key_path, mtls_ca.ca_path)) as provider:
+        provider.keys = {"RS256": rsa_key, "PS256": rsa_key, "ES256": ec_key}
+        provider.gateway, provider.stranger = gateway, stranger
+        yield provider
+
+
+@pytest.mark.parametrize("alg", ["RS256", "PS256", "ES256"])
+def test_private_key_jwt_client_is_verified_by_oidc_provider(keyed_idp, alg):
+    idp, client = keyed_idp, f"pk-{alg.lower()}"
+    key = idp.keys[alg]
+    good = _assertion(key, alg, client, idp.token_url)
+    resp = _with_assertion(idp, client, good)
+    assert resp.status == 200, resp.body
+    assert idp.verify_access_token(resp.body["access_token"])["client_id"] == client
+    rec = idp.last_token_requests(1)[0]
+    assert rec["client_id"] == client and rec["form"]["client_assertion"] == good
+    assert rec["tls"] is None
+    # The same assertion again: oidc-provider's replay detection (jti) refuses it.
+    assert _with_assertion(idp, client, good).body["error"] == "invalid_client"
+    # Its issuer is an accepted audience too.
+    assert _with_assertion(idp, client, _assertion(key, alg, client, idp.issuer)).status == 200
+    other_alg = "PS256" if alg == "RS256" else "RS256" if alg == "PS256" else None
+    refused = [
+        _assertion(key, alg, client, "https://elsewhere.test/token"),         # aud
+        _assertion(key, alg, client, idp.token_url, kid="k2"),                # unknown kid
+        _assertion(key, alg, client, idp.token_url, iss="someone-else"),      # iss != client_id
+        _assertion(key, alg, client, idp.token_url, lifetime=-30),            # expired
+    ]
+    if other_alg:  # signed right, but not with the registered token_endpoint_auth_signing_alg
+        refused.append(_assertion(key, other_alg, client, idp.token_url))
+    for bad in refused:
+        resp = _with_assertion(idp, client, bad)
+        assert (resp.status, resp.body["error"]) == (401, "invalid_client"), (bad, resp)
+    # A secret is no way in for such a client.
+    assert idp.token_request({"grant_type": "client_credentials"}, client, secret="x").status in (400, 401)
+
+
+def _mtls_post(idp, cert, fields, ca):
+    import ssl
+    import urllib.parse
+    ctx = ssl.create_default_context(cafile=str(ca.ca_path))
+    if cert is not None:
+        ctx.load_cert_chain(cert.cert_path, cert.key_path)
+    conn = http.client.HTTPSConnection("localhost", idp.mtls_port, context=ctx, timeout=10)
+    try:
+        conn.request("POST", "/token", body=urllib.parse.urlencode(fields),
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_tls_client_auth_client_needs_its_certificate(keyed_idp, mtls_ca):
+    idp = keyed_idp
+    form = {"grant_type": "client_credentials", "client_id": "gw-mtls", "scope": "orders.read"}
+    status, body = _mtls_post(idp, idp.gateway, form, mtls_ca)
+    assert status == 200, body
+    assert idp.verify_access_token(body["access_token"])["client_id"] == "gw-mtls"
+    rec = idp.last_token_requests(1)[0]
+    assert rec["tls"]["authorized"] is True
+    assert rec["tls"]["subject"] == idp.gateway.subject_dn == "CN=latchkey-gateway,O=latchkey tests"
+    assert rec["tls"]["port"] == idp.mtls_port
+    # Another certificate of the same CA, no certificate, or the plain port: refused.
+    assert _mtls_post(idp, idp.stranger, form, mtls_ca)[1]["error"] == "invalid_client"
+    assert _mtls_post(idp, None, form, mtls_ca)[1]["error"] == "invalid_client"
+    assert idp.last_token_requests(1)[0]["tls"] == {"authorized": False, "subject": None,
+                                                     "fingerprint256": None, "port": idp.mtls_port}
+    assert idp.token_request(form, client_id=None).body["error"] == "invalid_client"
+    # The other clients still work on the plain port.
+    assert idp.client_credentials().status == 200
+
+
+def test_federated_credential_server_checks_the_managed_identity_assertion():
+    from secret_stores import FEDERATION_AUDIENCE, ImdsServer
+    from token_servers import FederatedCredentialServer
+    app = "6a0e2d9c-1111-4222-8333-944455566677"
+    with ImdsServer() as imds, FederatedCredentialServer(imds.jwks) as entra:
+        mi = imds.system_identity
+        entra.add_credential(app, imds.issuer, mi.object_id)
+        assertion = imds.token_for(FEDERATION_AUDIENCE)
+        claims = jwt.decode(assertion, jwt.PyJWK(imds.jwks()["keys"][0]).key, algorithms=["RS256"],
+                            audience=FEDERATION_AUDIENCE, issuer=imds.issuer)
+        assert claims["sub"] == claims["oid"] == mi.object_id and claims["azp"] == mi.client_id
+        # Other resources still get opaque tokens.
+        assert imds.token_for("https://vault.azure.net").count(".") == 0
+
+        def post(**form):
+            fields = {"grant_type": "client_credentials", "client_id": app,
+                      "scope": "https://graph.microsoft.com/.default",
+                      "client_assertion_type": JWT_BEARER, "client_assertion": assertion, **form}
+            fields = {k: v for k, v in fields.items() if v is not None}
+            return _form_post(entra.port, entra.token_path,
+                              {k: __import__("urllib.parse").parse.quote(v, safe="") for k, v in fields.items()})
+
+        resp = post()
+        assert resp.status == 200, resp.body
+        assert resp.json()["access_token"] == entra.issued()[-1][1]
+        assert entra.last().verified and entra.last().claims["aud"] == FEDERATION_AUDIENCE
+        cases = [
+            ({"client_id": "unknown-app"}, 400, 700016),
+            ({"client_secret": "s"}, 401, 7000215),
+            ({"client_assertion": None}, 401, 7000218),
+            ({"scope": "https://graph.microsoft.com"}, 400, 1002012),
+            # An opaque token (IMDS gives JWTs only for the federation audience here).
+            ({"client_assertion": imds.token_for("api://another-audience")}, 401, 5002727),
+        ]
+        # Signed by a key the issuer doesn't publish, under the issuer's kid.
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        forged = jwt.encode(jwt.decode(assertion, options={"verify_signature": False}),
+                            rsa.generate_private_key(public_exponent=65537, key_size=2048),
+                            algorithm="RS256", headers={"kid": imds.jwt_kid})
+        cases.append(({"client_assertion": forged}, 401, 700027))
+        # A valid token of the identity, but for another audience: no federated record.
+        imds.jwt_resources.add("api://another-audience")
+        cases.append(({"client_assertion": imds.token_for("api://another-audience")}, 400, 70021))
+        other = imds.add_identity(name="other-mi")
+        cases.append(({"client_assertion": imds.token_for(FEDERATION_AUDIENCE, other.client_id)}, 400, 70021))
+        for form, status, code in cases:
+            resp = post(**form)
+            assert (resp.status, entra.last().error_code) == (status, code), (form, resp.body)
+            assert resp.json()["error_description"].startswith(f"AADSTS{code}: ")
 
 
 # --------------------------------------------------------------------------- the fake

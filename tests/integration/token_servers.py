@@ -1,6 +1,6 @@
 """Token servers for latchkey's OAuth2 integration tests.
 
-Two servers, both on 127.0.0.1 only, every wait bounded, every process stopped by pid:
+Three servers, all on 127.0.0.1 only, every wait bounded, every process stopped by pid:
 
 ``OidcProvider``
     The REAL one: npm ``oidc-provider`` (OpenID Certified) run by ``node tests/oauth/server.mjs``.
@@ -10,11 +10,22 @@ Two servers, both on 127.0.0.1 only, every wait bounded, every process stopped b
     and record token requests and mint pre-consented refresh tokens. Optional clients for the
     authorization code flow with PKCE: Envoy's browser sign-in (``browser_redirect_uris``)
     and latchkey's user-delegated connections (``consent_redirect_uris``; browser.py's
-    consent_at_idp plays the user). Needs ``npm ci --prefix tests/oauth`` once.
+    consent_at_idp plays the user). Clients without a secret: ``private_key_jwt_clients``
+    (a JWK set each; oidc-provider verifies the signed assertion) and
+    ``tls_client_auth_clients`` (a subject DN each; served over mutual TLS on a second port,
+    ``mtls``). Needs ``npm ci --prefix tests/oauth`` once.
 
 ``FaultTokenServer``
     A FAKE token endpoint in Python, used only to inject the faults a real server will not
     produce on demand (delays, 5xx, garbage, huge bodies, dropped connections...).
+
+``FederatedCredentialServer``
+    A FAKE Entra ID token endpoint that checks a client assertion against an app's
+    federated identity credentials (workload identity federation: a managed identity's
+    token for ``api://AzureADTokenExchange`` authenticates another app). No real server
+    here can do that check (see its docstring); it verifies the assertion's signature
+    against the issuer's JWKS (the IMDS stand-in's), its lifetime, issuer, subject and
+    audience.
 
 Typical use::
 
@@ -218,7 +229,18 @@ class OidcProvider:
     (released with scope ``groups``). ``consent_redirect_uris``: register latchkey's
     authorization-code clients CONSENT_CLIENT_ID / CONSENT_POST_CLIENT_ID with these redirect
     URIs (latchkey's ``consent.redirect_uri``, path CONSENT_CALLBACK_PATH) and turn on the
-    same login and consent forms (with or without ``browser_redirect_uris``). ``startup_timeout``:
+    same login and consent forms (with or without ``browser_redirect_uris``).
+    ``private_key_jwt_clients``: {client_id: {"jwks": <JWK set of public keys>, "alg":
+    "RS256"|"PS256"|"ES256" (optional)}}: clients that authenticate with a signed JWT
+    (token_endpoint_auth_method private_key_jwt, token_endpoint_auth_signing_alg = alg;
+    oidc-provider verifies the assertion itself, replay detection included).
+    ``tls_client_auth_clients``: {client_id: subject DN (RFC 4514, e.g. ClientCert.subject_dn)}:
+    clients that authenticate with their TLS client certificate (RFC 8705 §2.1,
+    tls_client_auth_subject_dn); needs ``mtls``. ``mtls``: (server cert chain, server key,
+    CA) PEM paths: node also serves HTTPS on a second port (``mtls_port``, ``mtls_url``,
+    ``mtls_token_url``) asking for a client certificate verified against that CA; recorded
+    token requests then say how they came (``tls``: None, or {authorized, subject,
+    fingerprint256, port}). ``startup_timeout``:
     how long node may take to print READY, not counting time this process was suspended
     (see harness.StartupDeadline); a failure stops node first, then reports its state, how
     it ended, its stdout (read to the end) and its stderr.
@@ -231,7 +253,10 @@ class OidcProvider:
                  log_dir: str | os.PathLike | None = None,
                  browser_redirect_uris: list[str] | None = None,
                  accounts: dict[str, dict[str, Any]] | None = None,
-                 consent_redirect_uris: list[str] | None = None):
+                 consent_redirect_uris: list[str] | None = None,
+                 private_key_jwt_clients: dict[str, dict[str, Any]] | None = None,
+                 tls_client_auth_clients: dict[str, str] | None = None,
+                 mtls: tuple[str | os.PathLike, str | os.PathLike, str | os.PathLike] | None = None):
         self.ttl = int(ttl)
         self.exchange_ttl = exchange_ttl
         self.refresh_ttl = refresh_ttl
@@ -245,8 +270,14 @@ class OidcProvider:
         self.browser_redirect_uris = list(browser_redirect_uris or [])
         self.accounts = accounts
         self.consent_redirect_uris = list(consent_redirect_uris or [])
+        self.private_key_jwt_clients = dict(private_key_jwt_clients or {})
+        self.tls_client_auth_clients = dict(tls_client_auth_clients or {})
+        self.mtls = tuple(str(p) for p in mtls) if mtls else None
+        if self.tls_client_auth_clients and not self.mtls:
+            raise ValueError("tls_client_auth_clients need mtls=(cert, key, ca)")
         self.proc: subprocess.Popen | None = None
         self._port: int | None = None
+        self._mtls_port: int | None = None
         self._stderr_file = None
         self.stderr_path: Path | None = None
 
@@ -299,6 +330,16 @@ class OidcProvider:
             env["OAUTH_CONSENT_REDIRECT_URIS"] = " ".join(self.consent_redirect_uris)
         if self.accounts is not None:
             env["OAUTH_ACCOUNTS"] = json.dumps(self.accounts)
+        for name in ("OAUTH_PRIVATE_KEY_JWT_CLIENTS", "OAUTH_TLS_CLIENT_AUTH_CLIENTS",
+                     "OAUTH_MTLS_CERT", "OAUTH_MTLS_KEY", "OAUTH_MTLS_CA"):
+            env.pop(name, None)
+        if self.private_key_jwt_clients:
+            env["OAUTH_PRIVATE_KEY_JWT_CLIENTS"] = json.dumps(self.private_key_jwt_clients)
+        if self.tls_client_auth_clients:
+            env["OAUTH_TLS_CLIENT_AUTH_CLIENTS"] = json.dumps(
+                {cid: {"subject_dn": dn} for cid, dn in self.tls_client_auth_clients.items()})
+        if self.mtls:
+            env["OAUTH_MTLS_CERT"], env["OAUTH_MTLS_KEY"], env["OAUTH_MTLS_CA"] = self.mtls
         if self.debug:
             env["OAUTH_DEBUG"] = "1"
         else:
@@ -398,6 +439,8 @@ class OidcProvider:
                 text = line.decode(errors="replace").strip()
                 seen.append(text)
                 parts = text.split()
+                if len(parts) == 2 and parts[0] == "MTLS" and parts[1].isdigit():
+                    self._mtls_port = int(parts[1])
                 if len(parts) == 2 and parts[0] == "READY" and parts[1].isdigit():
                     return int(parts[1])
             elif self.proc.poll() is not None and lines.empty():
@@ -503,6 +546,22 @@ class OidcProvider:
         """http://127.0.0.1:<port> (no trailing slash): the `iss` of its tokens."""
         return f"http://{LOOPBACK}:{self.port}"
 
+    @property
+    def mtls_port(self) -> int:
+        """The HTTPS (client certificate) port (only with ``mtls``)."""
+        if self._mtls_port is None:
+            raise RuntimeError("OidcProvider has no mTLS port (start it with mtls=...)")
+        return self._mtls_port
+
+    @property
+    def mtls_url(self) -> str:
+        return f"https://{LOOPBACK}:{self.mtls_port}"
+
+    @property
+    def mtls_token_url(self) -> str:
+        """https://127.0.0.1:<mtls_port>/token: the token endpoint over mutual TLS."""
+        return self.mtls_url + "/token"
+
     url = issuer
 
     @property
@@ -581,8 +640,10 @@ class OidcProvider:
     def last_token_requests(self, n: int | None = None) -> list[dict[str, Any]]:
         """The last `n` (default all kept) token requests, oldest first: {time, method, path,
         headers: [[name, value]...], form: {field: value}, grant_type, client_id, status,
-        error, id_token}. `form` is the parsed body (secrets included: test-only); `id_token`
-        is the ID token the answer carried, or None."""
+        error, id_token, tls}. `form` is the parsed body (secrets included: test-only);
+        `id_token` is the ID token the answer carried, or None; `tls` None on the plain
+        port, else {authorized, subject, fingerprint256, port} of the client certificate
+        (subject None without one)."""
         return self._get_json("/__test/token-requests" + (f"?n={int(n)}" if n is not None else ""))
 
     def wait_for_token_requests(self, count: int, grant_type: str | None = None,
@@ -1055,5 +1116,316 @@ class FaultTokenServer:
                 self._send(status, payload, ctype)
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
+
+        return Handler
+
+
+# --------------------------------------------------------------------------- federated credentials
+
+JWT_BEARER_ASSERTION = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+FEDERATION_AUDIENCE = "api://AzureADTokenExchange"
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedCredential:
+    """A federated identity credential of an app registration, as Entra ID holds it:
+    an assertion from `issuer` about `subject`, for `audience`, authenticates the app."""
+
+    client_id: str
+    issuer: str
+    subject: str
+    audience: str = FEDERATION_AUDIENCE
+    name: str = "latchkey-gateway"
+
+
+class FederatedRequest(NamedTuple):
+    """One request as FederatedCredentialServer received it, and what it decided.
+
+    `form` holds the assertion as sent (test-only); `header` and `claims` are the
+    assertion's, decoded without verification (None when it wasn't a JWT); `verified`
+    says whether its signature, issuer, audience, subject and lifetime all passed."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    form: dict[str, str]
+    status: int
+    error: str | None
+    error_code: int | None          # the AADSTS number of a refusal
+    header: dict[str, Any] | None
+    claims: dict[str, Any] | None
+    verified: bool
+    access_token: str | None
+    at: float
+
+    def get(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+
+class FederatedCredentialServer:
+    """A FAKE Microsoft Entra ID token endpoint (v2.0, client credentials) that checks a
+    client assertion against the app's federated identity credentials: Entra workload
+    identity federation with a managed identity as the credential (SPEC v1.2,
+    ``auth_method: client_assertion``).
+
+    It stands in for Entra's federated-credential check because no real server here can do
+    it: oidc-provider (the real server the other tests use) authenticates a
+    ``private_key_jwt`` client only with an assertion whose ``iss`` and ``sub`` equal the
+    client_id and whose ``aud`` is its own issuer or token endpoint, signed by a key
+    registered for that client. A federated assertion is none of that: a managed identity's
+    token, issued by the tenant (``iss`` https://login.microsoftonline.com/<tenant>/v2.0),
+    about the identity (``sub`` = its object id), for ``api://AzureADTokenExchange``, used
+    by an app whose client_id is neither. So this server does what Entra documents:
+
+    ``POST /<tenant>/oauth2/v2.0/token`` (form) with ``grant_type=client_credentials``,
+    ``client_id``, ``client_assertion_type`` = jwt-bearer, ``client_assertion`` and a
+    ``scope`` ending in ``/.default``. The assertion's signature is verified (RS256/ES256...)
+    against the issuer's JWKS (`jwks`: a dict, or a callable giving one, e.g. the IMDS
+    stand-in's ``jwks``, so a key rotation is followed), its ``exp``/``nbf``/``iat``
+    checked, and (``iss``, ``sub``, ``aud``) must match a FederatedCredential registered
+    for ``client_id`` (``add_credential``). Then 200 ``{"token_type": "Bearer",
+    "expires_in", "ext_expires_in", "access_token"}`` (an opaque random token, recorded in
+    ``issued``). Refusals in Entra's shape (``error``, ``error_description`` starting
+    "AADSTS<n>: ", ``error_codes``, ``timestamp``, ``trace_id``, ``correlation_id``), codes as
+    Entra documents them: 700016 unknown app (400 unauthorized_client), 70021 no matching
+    federated identity record (400 invalid_client), 700024 assertion outside its valid time
+    (400 invalid_client), 700027 / 5002727 bad signature or assertion (401 invalid_client),
+    900144 a missing parameter, 1002012 scope without /.default, 7000218 neither assertion
+    nor secret, 70011 invalid scope; the message wording is the stand-in's approximation.
+    A ``client_secret`` is refused (7000215) and recorded: a test can see none was sent.
+
+    Every request is recorded (``requests()``), with the assertion decoded.
+    """
+
+    def __init__(self, jwks: Any, *, tenant_id: str | None = None, ttl: int = 3599,
+                 port: int = 0, leeway_s: int = 60):
+        import uuid  # noqa: PLC0415
+        self._jwks = jwks
+        self.tenant_id = tenant_id or str(uuid.uuid4())
+        self.ttl = int(ttl)
+        self.leeway_s = int(leeway_s)
+        self._lock = threading.Lock()
+        self._credentials: list[FederatedCredential] = []
+        self._apps: set[str] = set()
+        self._issued: list[tuple[str, str]] = []   # (client_id, access token)
+        self._log = RequestLog("federated-credential token server")
+        self._server = BacklogHTTPServer((LOOPBACK, port), self._make_handler())
+        self._server.daemon_threads = True
+        self._port = self._server.server_address[1]
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def token_path(self) -> str:
+        return f"/{self.tenant_id}/oauth2/v2.0/token"
+
+    @property
+    def token_url(self) -> str:
+        return f"http://{LOOPBACK}:{self._port}{self.token_path}"
+
+    def start(self) -> "FederatedCredentialServer":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._server.serve_forever,
+                                            kwargs={"poll_interval": 0.1},
+                                            name=f"federated-{self._port}", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=10)
+            self._thread = None
+        self._server.server_close()
+
+    def __enter__(self) -> "FederatedCredentialServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- registrations
+    def add_app(self, client_id: str) -> None:
+        """An app registration with no federated credential (yet)."""
+        with self._lock:
+            self._apps.add(client_id)
+
+    def add_credential(self, client_id: str, issuer: str, subject: str,
+                       audience: str = FEDERATION_AUDIENCE) -> FederatedCredential:
+        cred = FederatedCredential(client_id, issuer, subject, audience)
+        with self._lock:
+            self._apps.add(client_id)
+            self._credentials.append(cred)
+        return cred
+
+    def remove_credentials(self, client_id: str) -> None:
+        with self._lock:
+            self._credentials = [c for c in self._credentials if c.client_id != client_id]
+
+    # -- records
+    def requests(self) -> list[FederatedRequest]:
+        return self._log.all()
+
+    def count(self) -> int:
+        return self._log.count()
+
+    def last(self) -> FederatedRequest:
+        return self._log.last()
+
+    def clear(self) -> None:
+        self._log.clear()
+
+    def wait_for_count(self, count: int, timeout: float = 10.0) -> list[FederatedRequest]:
+        return self._log.wait_for(count, timeout)
+
+    def issued(self) -> list[tuple[str, str]]:
+        """(client_id, access token) of every token it issued, oldest first."""
+        with self._lock:
+            return list(self._issued)
+
+    # -- protocol
+    def _keys(self) -> dict[str, Any]:
+        return self._jwks() if callable(self._jwks) else self._jwks
+
+    def _refuse(self, status: int, error: str, code: int, text: str) -> tuple[int, dict[str, Any]]:
+        import uuid  # noqa: PLC0415
+        return status, {"error": error, "error_description": f"AADSTS{code}: {text}",
+                        "error_codes": [code],
+                        "timestamp": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
+                        "trace_id": str(uuid.uuid4()), "correlation_id": str(uuid.uuid4())}
+
+    def _decide(self, path: str, form: dict[str, str]) -> tuple[int, dict[str, Any], bool]:
+        """(status, answer, assertion verified)."""
+        if path != self.token_path:
+            return 404, {"error": "not_found"}, False
+        for field in ("grant_type", "client_id"):
+            if not form.get(field):
+                return (*self._refuse(400, "invalid_request", 900144,
+                                      f"The request body must contain the following parameter: '{field}'."), False)
+        if form["grant_type"] != "client_credentials":
+            return (*self._refuse(400, "unsupported_grant_type", 70003,
+                                  "The app requested an unsupported grant type."), False)
+        scope = form.get("scope", "")
+        if not scope:
+            return (*self._refuse(400, "invalid_request", 900144,
+                                  "The request body must contain the following parameter: 'scope'."), False)
+        if not all(s.endswith("/.default") for s in scope.split()):
+            return (*self._refuse(400, "invalid_scope", 1002012,
+                                  f"The provided value for scope {scope} is not valid. Client credential "
+                                  "flows must have a scope value with /.default suffixed to the resource "
+                                  "identifier (application ID URI)."), False)
+        client_id = form["client_id"]
+        with self._lock:
+            known = client_id in self._apps
+            creds = [c for c in self._credentials if c.client_id == client_id]
+        if not known:
+            return (*self._refuse(400, "unauthorized_client", 700016,
+                                  f"Application with identifier '{client_id}' was not found in the "
+                                  "directory."), False)
+        if "client_secret" in form:
+            return (*self._refuse(401, "invalid_client", 7000215,
+                                  "Invalid client secret provided."), False)
+        assertion = form.get("client_assertion")
+        if not assertion:
+            return (*self._refuse(401, "invalid_client", 7000218,
+                                  "The request body must contain the following parameter: "
+                                  "'client_assertion' or 'client_secret'."), False)
+        if form.get("client_assertion_type") != JWT_BEARER_ASSERTION:
+            return (*self._refuse(400, "invalid_request", 900144,
+                                  "The request body must contain the following parameter: "
+                                  "'client_assertion_type'."), False)
+        try:
+            header = jwt.get_unverified_header(assertion)
+            claims = jwt.decode(assertion, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            return (*self._refuse(401, "invalid_client", 5002727,
+                                  "Client assertion is not a valid JWT."), False)
+        keys = [k for k in self._keys().get("keys", []) if k.get("kid") == header.get("kid")]
+        if not keys:
+            return (*self._refuse(401, "invalid_client", 700027,
+                                  "Client assertion failed signature validation: no key "
+                                  f"'{header.get('kid')}' at the issuer."), False)
+        try:
+            jwt.decode(assertion, jwt.PyJWK(keys[0]).key,
+                       algorithms=["RS256", "RS384", "RS512", "PS256", "ES256", "ES384"],
+                       options={"verify_aud": False, "require": ["exp", "iat", "iss", "sub", "aud"]},
+                       leeway=self.leeway_s)
+        except jwt.ExpiredSignatureError:
+            return (*self._refuse(400, "invalid_client", 700024,
+                                  "Client assertion is not within its valid time range."), False)
+        except jwt.ImmatureSignatureError:
+            return (*self._refuse(400, "invalid_client", 700024,
+                                  "Client assertion is not within its valid time range."), False)
+        except jwt.PyJWTError as e:
+            return (*self._refuse(401, "invalid_client", 700027,
+                                  f"Client assertion failed signature validation: {e}."), False)
+        auds = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+        match = any(c.issuer == claims["iss"] and c.subject == claims["sub"] and c.audience in auds
+                    for c in creds)
+        if not match:
+            return (*self._refuse(400, "invalid_client", 70021,
+                                  "No matching federated identity record found for presented assertion. "
+                                  f"Assertion Issuer: '{claims['iss']}'. Assertion Subject: "
+                                  f"'{claims['sub']}'. Assertion Audience: '{','.join(auds)}'."), True)
+        token = "entra-" + base64.urlsafe_b64encode(os.urandom(24)).rstrip(b"=").decode()
+        with self._lock:
+            self._issued.append((client_id, token))
+        return 200, {"token_type": "Bearer", "expires_in": self.ttl, "ext_expires_in": self.ttl,
+                     "access_token": token}, True
+
+    def _make_handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            server_version = "latchkey-federated-credential-stand-in"
+            timeout = 60
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(min(length, 1 << 20)) if length else b""
+                try:
+                    form = {k: v[0] for k, v in urllib.parse.parse_qs(
+                        body.decode("utf-8"), keep_blank_values=True).items()}
+                except UnicodeDecodeError:
+                    form = {}
+                path = self.path.split("?", 1)[0]
+                status, answer, verified = server._decide(path, form)
+                header = claims = None
+                if form.get("client_assertion"):
+                    try:
+                        header = jwt.get_unverified_header(form["client_assertion"])
+                        claims = jwt.decode(form["client_assertion"], options={"verify_signature": False})
+                    except jwt.PyJWTError:
+                        pass
+                server._log.append(FederatedRequest(
+                    self.command, self.path, list(self.headers.items()), form, status,
+                    answer.get("error"), (answer.get("error_codes") or [None])[0], header, claims,
+                    verified, answer.get("access_token"), time.monotonic()))
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Cache-Control", "no-store, no-cache")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                data = b'{"error":"not_found"}'
+                self.send_response(404 if self.path.split("?", 1)[0] != "/" else 405)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
         return Handler

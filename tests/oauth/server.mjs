@@ -58,6 +58,36 @@
 //                            (scope `groups`: `groups`). Default: none; every account id is
 //                            valid and has only `sub`.
 //
+// Client authentication without a secret (latchkey's private_key_jwt and tls_client_auth):
+//   OAUTH_PRIVATE_KEY_JWT_CLIENTS  JSON {"<client_id>": {"jwks": {"keys": [<public JWK>...]},
+//                            "alg": "RS256"|"PS256"|"ES256"}}: registers each as a client with
+//                            token_endpoint_auth_method private_key_jwt,
+//                            token_endpoint_auth_signing_alg = alg (then only that alg is
+//                            accepted; omitted: any asymmetric alg oidc-provider enables),
+//                            jwks as given (a JWK's kid must equal the assertion's kid),
+//                            grants client_credentials + refresh_token + token exchange,
+//                            scopes as gw-basic. oidc-provider itself checks the assertion:
+//                            signature, alg, iss = sub = client_id, aud (its issuer, its token
+//                            endpoint URL), exp, jti present and never seen before (replay
+//                            detection).
+//   OAUTH_TLS_CLIENT_AUTH_CLIENTS  JSON {"<client_id>": {"subject_dn": "CN=...,O=..."}}:
+//                            registers each with token_endpoint_auth_method tls_client_auth
+//                            (RFC 8705 §2.1.1) and tls_client_auth_subject_dn; needs
+//                            OAUTH_MTLS_*. oidc-provider's features.mTLS (tlsClientAuth)
+//                            authenticates them: the TLS peer certificate must be verified
+//                            against OAUTH_MTLS_CA and its subject must equal the registered DN
+//                            (compared as a set of attribute=value pairs, RFC 4514 strings).
+//   OAUTH_MTLS_CERT, OAUTH_MTLS_KEY, OAUTH_MTLS_CA  PEM files: also listen on a second port,
+//                            HTTPS with this server certificate, asking every client for a
+//                            certificate (requestCert) verified against the CA, not required
+//                            by TLS (rejectUnauthorized false: oidc-provider refuses a
+//                            tls_client_auth client without one, with invalid_client). The
+//                            same provider and recording serve both ports. Prints
+//                            `MTLS <port>` on stdout before the READY line.
+//   Recorded token requests carry `tls`: null on the plain port, else {authorized,
+//   subject (RFC 4514-ish, "CN=...,O=..."), fingerprint256, port} of the peer certificate
+//   (subject null without one).
+//
 // Clients (static): gw-basic / gw-basic-secret (client_secret_basic),
 //                   gw-post / gw-post-secret (client_secret_post),
 //                   gw-browser (only with OAUTH_BROWSER_REDIRECT_URIS, above),
@@ -80,6 +110,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
+import https from 'node:https';
 
 const DEBUG = !!process.env.OAUTH_DEBUG && process.env.OAUTH_DEBUG !== '0';
 const log = DEBUG ? (...a) => process.stderr.write(`[oauth-test] ${a.join(' ')}\n`) : () => {};
@@ -94,6 +125,16 @@ if (!DEBUG) {
 
 // Imported after console is tamed: the module warns about the Node version at import time.
 const { default: Provider, errors } = await import('oidc-provider');
+
+// OAUTH_STORE_MAX: how many records (grants, tokens, sessions...) the in-memory store keeps.
+// oidc-provider's own memory adapter keeps the last 1000 (an LRU); bench/consent_sizes.py
+// holds 10,000 users' grants at once.
+let largeStore = null;
+if (process.env.OAUTH_STORE_MAX) {
+  const { default: LRU } = await import('oidc-provider/lib/helpers/lru.js');
+  largeStore = new LRU({ maxSize: intArg(process.env.OAUTH_STORE_MAX, 1000, 'OAUTH_STORE_MAX') });
+}
+const { default: MemoryAdapter } = await import('oidc-provider/lib/adapters/memory_adapter.js');
 
 function intArg(value, fallback, name) {
   if (value === undefined || value === '') return fallback;
@@ -124,6 +165,33 @@ const CONSENT_POST_CLIENT_SECRET = process.env.OAUTH_CONSENT_POST_CLIENT_SECRET 
 const CONSENT_CLIENTS = new Set(CONSENT ? ['gw-consent', 'gw-consent-post'] : []);
 // Clients that must send PKCE (S256) although they are confidential.
 const PKCE_CLIENTS = new Set([...(BROWSER ? [BROWSER_CLIENT_ID] : []), ...CONSENT_CLIENTS]);
+function jsonEnv(name) {
+  if (!process.env[name]) return {};
+  let value;
+  try {
+    value = JSON.parse(process.env[name]);
+  } catch (e) {
+    process.stderr.write(`invalid ${name}: ${e.message}\n`);
+    process.exit(2);
+  }
+  if (!value || typeof value !== 'object' || Array.isArray(value)) {
+    process.stderr.write(`invalid ${name}: not a JSON object\n`);
+    process.exit(2);
+  }
+  return value;
+}
+const PRIVATE_KEY_JWT_CLIENTS = jsonEnv('OAUTH_PRIVATE_KEY_JWT_CLIENTS');
+const TLS_CLIENT_AUTH_CLIENTS = jsonEnv('OAUTH_TLS_CLIENT_AUTH_CLIENTS');
+const MTLS_FILES = ['OAUTH_MTLS_CERT', 'OAUTH_MTLS_KEY', 'OAUTH_MTLS_CA'].map((n) => process.env[n] || '');
+const MTLS = MTLS_FILES.every(Boolean);
+if (!MTLS && MTLS_FILES.some(Boolean)) {
+  process.stderr.write('OAUTH_MTLS_CERT, OAUTH_MTLS_KEY and OAUTH_MTLS_CA go together\n');
+  process.exit(2);
+}
+if (Object.keys(TLS_CLIENT_AUTH_CLIENTS).length && !MTLS) {
+  process.stderr.write('OAUTH_TLS_CLIENT_AUTH_CLIENTS needs OAUTH_MTLS_CERT, OAUTH_MTLS_KEY and OAUTH_MTLS_CA\n');
+  process.exit(2);
+}
 let ACCOUNTS = {};
 if (process.env.OAUTH_ACCOUNTS) {
   try {
@@ -301,6 +369,82 @@ const configuration = {
   },
 };
 
+for (const [clientId, spec] of Object.entries(PRIVATE_KEY_JWT_CLIENTS)) {
+  configuration.clients.push({
+    ...clientDefaults,
+    client_id: clientId,
+    token_endpoint_auth_method: 'private_key_jwt',
+    ...(spec.alg ? { token_endpoint_auth_signing_alg: spec.alg } : {}),
+    jwks: spec.jwks,
+  });
+}
+for (const [clientId, spec] of Object.entries(TLS_CLIENT_AUTH_CLIENTS)) {
+  configuration.clients.push({
+    ...clientDefaults,
+    client_id: clientId,
+    token_endpoint_auth_method: 'tls_client_auth',
+    tls_client_auth_subject_dn: spec.subject_dn,
+  });
+}
+
+// ------------------------------------------------------------------ mutual TLS (RFC 8705)
+
+// "CN=a,O=b" (RFC 4514; `\,` escapes a comma) or Node's "CN=a\nO=b": a sorted list of
+// "TYPE=value" pairs, so the order of the RDNs doesn't matter.
+function dnPairs(dn) {
+  const parts = [];
+  let cur = '';
+  for (let i = 0; i < dn.length; i += 1) {
+    const c = dn[i];
+    if (c === '\\' && i + 1 < dn.length) {
+      cur += dn[i + 1];
+      i += 1;
+    } else if (c === ',' || c === '\n' || c === '+') {
+      parts.push(cur);
+      cur = '';
+    } else {
+      cur += c;
+    }
+  }
+  parts.push(cur);
+  return parts.map((p) => {
+    const eq = p.indexOf('=');
+    return eq < 0 ? p.trim() : `${p.slice(0, eq).trim().toUpperCase()}=${p.slice(eq + 1).trim()}`;
+  }).filter(Boolean).sort();
+}
+
+function peerCertificate(ctx) {
+  const sock = ctx.socket;
+  if (!sock || !sock.encrypted || typeof sock.getPeerX509Certificate !== 'function') return undefined;
+  return sock.getPeerX509Certificate() || undefined;
+}
+
+if (MTLS) {
+  configuration.clientAuthMethods = [
+    'client_secret_basic', 'client_secret_jwt', 'client_secret_post', 'private_key_jwt', 'none',
+    'tls_client_auth',
+  ];
+  configuration.features.mTLS = {
+    enabled: true,
+    tlsClientAuth: true,
+    // The PEM of the certificate the client presented on this connection.
+    getCertificate: (ctx) => peerCertificate(ctx)?.toString(),
+    // Verified by Node's TLS against OAUTH_MTLS_CA (requestCert, rejectUnauthorized false).
+    certificateAuthorized: (ctx) => ctx.socket?.authorized === true,
+    certificateSubjectMatches: (ctx, property, expected) => {
+      const cert = peerCertificate(ctx);
+      if (!cert) return false;
+      if (property === 'tls_client_auth_subject_dn') {
+        return JSON.stringify(dnPairs(cert.subject)) === JSON.stringify(dnPairs(expected));
+      }
+      if (property === 'tls_client_auth_san_dns') {
+        return (cert.subjectAltName || '').split(', ').includes(`DNS:${expected}`);
+      }
+      return false;
+    },
+  };
+}
+
 if (BROWSER) {
   // The browser sign-in client (Envoy's oauth2 filter): confidential, so oidc-provider would
   // not require PKCE by default; it is required here, so a flow that works proves the
@@ -366,6 +510,9 @@ const { port } = server.address();
 const ISSUER = `http://${HOST}:${port}`;
 
 loadSubjectJwks();
+if (largeStore) {
+  configuration.adapter = (model) => new MemoryAdapter(model, largeStore, configuration.clockTolerance ?? 0);
+}
 const provider = new Provider(ISSUER, configuration);
 provider.proxy = false;
 
@@ -530,8 +677,18 @@ provider.use(async (ctx, next) => {
     bump(stats.by_status, String(ctx.status));
     if (ctx.status >= 200 && ctx.status < 300) bump(stats.ok_by_grant_type, grantType);
     if (body.error) bump(stats.errors, body.error);
+    let tls = null;
+    if (ctx.socket?.encrypted) {
+      const cert = peerCertificate(ctx);
+      tls = {
+        authorized: ctx.socket.authorized === true,
+        subject: cert ? cert.subject.split('\n').reverse().join(',') : null,
+        fingerprint256: cert ? cert.fingerprint256 : null,
+        port: ctx.socket.localPort,
+      };
+    }
     history.push({
-      time: at, method: ctx.method, path: ctx.path, headers, form, grant_type: grantType,
+      time: at, method: ctx.method, path: ctx.path, headers, form, grant_type: grantType, tls,
       client_id: (() => { try { return ctx.oidc?.client?.clientId ?? null; } catch { return null; } })(),
       status: ctx.status, error: body.error ?? null,
       // The ID token the answer carried (null if none): lets a test decode and verify it.
@@ -556,12 +713,36 @@ server.on('request', provider.callback());
 server.keepAliveTimeout = KEEPALIVE_MS;
 server.headersTimeout = KEEPALIVE_MS + 5000;
 
+let tlsServer = null;
+if (MTLS) {
+  const [certFile, keyFile, caFile] = MTLS_FILES;
+  tlsServer = https.createServer({
+    cert: fs.readFileSync(certFile),
+    key: fs.readFileSync(keyFile),
+    ca: fs.readFileSync(caFile),
+    requestCert: true,
+    rejectUnauthorized: false,
+    minVersion: 'TLSv1.2',
+  });
+  tlsServer.on('request', provider.callback());
+  tlsServer.keepAliveTimeout = KEEPALIVE_MS;
+  tlsServer.headersTimeout = KEEPALIVE_MS + 5000;
+  await new Promise((resolve, reject) => {
+    tlsServer.once('error', reject);
+    tlsServer.listen(0, HOST, resolve);
+  });
+}
+
 let stopping = false;
 function shutdown() {
   if (stopping) return;
   stopping = true;
   server.close(() => process.exit(0));
   server.closeAllConnections?.();
+  if (tlsServer) {
+    tlsServer.close();
+    tlsServer.closeAllConnections?.();
+  }
   setTimeout(() => process.exit(0), 2000).unref();
 }
 process.on('SIGTERM', shutdown);
@@ -570,4 +751,5 @@ process.on('SIGINT', shutdown);
 const parentPid = process.ppid;
 setInterval(() => { if (process.ppid !== parentPid) shutdown(); }, 1000).unref();
 
+if (tlsServer) process.stdout.write(`MTLS ${tlsServer.address().port}\n`);
 process.stdout.write(`READY ${port}\n`);
