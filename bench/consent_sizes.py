@@ -111,7 +111,9 @@ def main() -> int:
     started: list = []
     result: dict = {"users": args.users}
     try:
-        oidc = OidcProvider(ttl=3600, consent_redirect_uris=["https://gateway.test/.latchkey/callback"]).start()
+        # oidc-provider's memory store keeps 1,000 records by default: room for every grant.
+        oidc = OidcProvider(ttl=3600, consent_redirect_uris=["https://gateway.test/.latchkey/callback"],
+                            env={"OAUTH_STORE_MAX": str(20 * args.users + 10_000)}).start()
         started.append(oidc)
         bao = OpenBao(audit=False, log_level="warn").start()
         started.append(bao)

@@ -462,6 +462,21 @@ pub fn consent_failed(status: u32, reason: &'static str, connection: Option<&str
     .because(format!("consent: {status} {reason}"))
 }
 
+/// A callback whose code was redeemed but whose refresh token couldn't be kept:
+/// sending the callback again can't help (the code is spent), a new login can.
+/// As [`consent_failed`], with `"retry": "login"` and no `retry-after`.
+pub fn consent_lost(status: u32, reason: &'static str, connection: &str) -> Outcome {
+    let body = serde_json::json!({
+        "error": "consent_failed", "reason": reason, "connection": connection, "retry": "login"
+    });
+    Outcome {
+        reply: Some(response::json(status, body)),
+        consent_reason: Some(reason),
+        ..Outcome::new(Verdict::ConsentFailed, None, Vec::new())
+    }
+    .because(format!("consent: {status} {reason}, code spent"))
+}
+
 /// A consent callback stored its refresh token: back to `return_to`, or a small JSON answer.
 pub fn consent_connected(connection: &str, return_to: Option<String>) -> Outcome {
     let r = match return_to {

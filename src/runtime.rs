@@ -197,6 +197,10 @@ impl Runtime {
                 // Per caller: token exchange (by subject token) and per-user consent (by caller).
                 let exchange = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. } | Grant::AuthorizationCode { per_user: true, .. }));
                 let rt_key = refresh.then(|| format!("{key}.rt"));
+                // A fetch of several calls holds its lease for all of them, so that no
+                // other worker starts a second one meanwhile (a second redemption of a
+                // rotating refresh token can make the server revoke the grant).
+                let timeout_ms = timeout_ms + fetch_steps_ms(&config, c);
                 let slot = TokenSlot {
                     key,
                     exchange,
@@ -274,4 +278,29 @@ impl Runtime {
             caller_copies,
         }
     }
+}
+
+/// How long the calls a connection's token fetch makes before its token request
+/// may take: a signed assertion's signing call (private_key_jwt), and for an
+/// authorization_code connection its record's read and its write-back (twice, for
+/// the re-reads after a lost compare-and-set).
+fn fetch_steps_ms(config: &Config, c: &crate::config::Connection) -> u64 {
+    let Some(ProviderKind::OAuth2(p)) = config.provider_of(c).map(|p| &p.kind) else {
+        return 0;
+    };
+    let signing = match &p.auth_method {
+        crate::config::AuthMethod::PrivateKeyJwt(k) => k.timeout_ms,
+        _ => 0,
+    };
+    let store = match &c.credential {
+        Credential::OAuth2(o) => match o.grant {
+            Grant::AuthorizationCode { store, .. } => config
+                .token_stores
+                .get(store)
+                .map_or(0, |t| 2 * t.timeout_ms + p.timeout_ms),
+            _ => 0,
+        },
+        _ => 0,
+    };
+    signing + store
 }

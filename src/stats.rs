@@ -110,7 +110,20 @@ pub struct Stats {
     consent: Vec<Option<u32>>,
     /// Aligned with [`CONSENT_FAILURES`].
     consent_failures: Vec<Option<u32>>,
+    /// Per provider index (private_key_jwt only): `signing.requests`, then
+    /// `signing.failure.<kind>` aligned with `SignError::KINDS` (and "identity").
+    signing: Vec<Vec<Option<u32>>>,
 }
+
+/// What can stop a signature: the key service's answer, or no identity token for it.
+const SIGNING_FAILURES: [&str; 6] = [
+    "connect",
+    "timeout",
+    "forbidden",
+    "status",
+    "malformed",
+    "identity",
+];
 
 /// Counters of one stored secret.
 #[derive(Debug, Default)]
@@ -282,6 +295,21 @@ impl Stats {
                 age_s: define(MetricKind::Gauge, &format!("{base}.age_s")),
             });
         }
+        for p in &config.providers {
+            let signs = matches!(&p.kind, crate::config::ProviderKind::OAuth2(o)
+                if matches!(o.auth_method, crate::config::AuthMethod::PrivateKeyJwt(_)));
+            let mut ids = Vec::new();
+            if signs {
+                let base = format!("latchkey.provider.{}.signing", stat_segment(&p.name));
+                ids.push(counter(&format!("{base}.requests")));
+                ids.extend(
+                    SIGNING_FAILURES
+                        .iter()
+                        .map(|k| counter(&format!("{base}.failure.{k}"))),
+                );
+            }
+            m.signing.push(ids);
+        }
         if config.consent.is_some() {
             m.consent = ConsentStat::ALL
                 .iter()
@@ -293,6 +321,21 @@ impl Stats {
                 .collect();
         }
         m
+    }
+
+    /// A signing call of provider `provider` (`failure: None`), or its failure by kind.
+    pub fn signing(&self, p: &impl Proxy, provider: usize, failure: Option<&str>) {
+        let Some(ids) = self.signing.get(provider) else {
+            return;
+        };
+        let i = match failure {
+            None => Some(0),
+            Some(kind) => SIGNING_FAILURES
+                .iter()
+                .position(|k| *k == kind)
+                .map(|i| i + 1),
+        };
+        p.count(i.and_then(|i| ids.get(i).copied().flatten()));
     }
 
     pub fn consent(&self, p: &impl Proxy, stat: ConsentStat) {

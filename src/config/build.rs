@@ -9,9 +9,9 @@
 use super::error::{ConfigError, ErrorKind};
 use super::json::{Obj, Value};
 use super::names::Names;
-use super::{claims, connections, consent, lexical, providers, routes, secrets};
+use super::{claims, client_auth, connections, consent, lexical, providers, routes, secrets};
 use super::{
-    Config, Connection, Consent, Credential, Grant, Provider, ProviderKind, SecretRef, TokenStore,
+    Config, Connection, Consent, Credential, Grant, Provider, ProviderKind, TokenStore,
     TokenStoreKind, Unmatched,
 };
 use crate::router::Router;
@@ -63,6 +63,7 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
         .then(|| claim_paths.index("iss"));
     check_delegated(&connections, &token_stores, &providers, consent.as_ref())?;
     secrets::check_identities(&secrets.stores, &connections, &providers)?;
+    client_auth::check(&providers, &connections)?;
     let routes = routes::read(&top, &names, &connections, &mut claim_paths)?;
     warnings.extend(secrets::injected_identities(
         &secrets.stores,
@@ -145,6 +146,15 @@ fn check_delegated(
             continue;
         }
         let path = format!("connections.{}", c.name);
+        let signs = providers.get(c.provider).is_some_and(|p| {
+            matches!(&p.kind, ProviderKind::OAuth2(o) if matches!(o.auth_method, crate::config::AuthMethod::PrivateKeyJwt(_)))
+        });
+        if signs {
+            return Err(ConfigError::not_allowed(
+                format!("{path}.provider"),
+                "an authorization_code connection's provider can't use private_key_jwt yet (its code redemption and revocation would need an assertion of their own): use a client secret, client_assertion or tls_client_auth",
+            ));
+        }
         if consent.is_none() {
             return Err(ConfigError::not_allowed(
                 format!("{path}.grant"),
@@ -194,16 +204,19 @@ fn check_delegated(
     for t in token_stores {
         if let TokenStoreKind::KeyVault { identity, .. } = &t.kind {
             // As a Key Vault secret's identity: a token the gateway gets for itself.
-            let ok = connections.get(*identity).is_some_and(|c| match &c.credential {
+            let ok =
+                connections.get(*identity).is_some_and(|c| {
+                    match &c.credential {
                 Credential::ManagedIdentity { .. } => true,
                 Credential::OAuth2(o) => {
                     matches!(o.grant, Grant::ClientCredentials)
                         && providers.get(c.provider).is_some_and(|p| {
-                            matches!(&p.kind, ProviderKind::OAuth2(op) if matches!(op.client_secret, SecretRef::Value(_)))
+                            matches!(&p.kind, ProviderKind::OAuth2(op) if op.gets_tokens_alone())
                         })
                 }
                 _ => false,
-            });
+            }
+                });
             if !ok {
                 return Err(ConfigError::not_allowed(
                     format!("token_stores.{}.identity", t.name),

@@ -15,6 +15,7 @@
 mod access;
 mod build;
 mod claims;
+mod client_auth;
 mod connections;
 mod consent;
 mod error;
@@ -267,7 +268,8 @@ pub struct OAuth2Provider {
     /// `:path` of the token request: the URL's path and query.
     pub path: String,
     pub client_id: String,
-    pub client_secret: SecretRef,
+    /// With `client_secret_basic` or `client_secret_post` only.
+    pub client_secret: Option<SecretRef>,
     pub auth_method: AuthMethod,
     pub timeout_ms: u64,
     /// Lifetime assumed when a token response has no `expires_in`.
@@ -285,6 +287,29 @@ pub struct OAuth2Provider {
     pub revocation: Option<Endpoint>,
 }
 
+impl OAuth2Provider {
+    /// The store its client secret is read from, if it is in one.
+    pub fn secret_store(&self) -> Option<usize> {
+        match self.client_secret {
+            Some(SecretRef::Store(i)) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// Whether its client authenticates with nothing read at run time (a
+    /// secret known at load, or a certificate): such a client may fetch the
+    /// token a store or another client needs without needing it back.
+    pub fn gets_tokens_alone(&self) -> bool {
+        match self.auth_method {
+            AuthMethod::ClientSecretBasic | AuthMethod::ClientSecretPost => {
+                matches!(self.client_secret, Some(SecretRef::Value(_)))
+            }
+            AuthMethod::TlsClientAuth => true,
+            AuthMethod::ClientAssertion { .. } | AuthMethod::PrivateKeyJwt(_) => false,
+        }
+    }
+}
+
 /// An HTTP endpoint reached through a provider's cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
@@ -293,12 +318,71 @@ pub struct Endpoint {
     pub path: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthMethod {
     /// RFC 6749 §2.3.1: HTTP Basic with form-urlencoded id and secret.
     ClientSecretBasic,
     /// RFC 6749 §2.3.1: `client_id` and `client_secret` in the form body.
     ClientSecretPost,
+    /// RFC 8705 §2: the cluster presents a client certificate; `client_id` only.
+    TlsClientAuth,
+    /// RFC 7521: another connection's token is the client assertion (SPEC v1.2).
+    ClientAssertion { connection: usize },
+    /// RFC 7523 §2.2: a JWT signed by a key service (SPEC v1.2).
+    PrivateKeyJwt(Box<SigningKey>),
+}
+
+/// The key a `private_key_jwt` client signs its assertions with; it never
+/// enters the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningKey {
+    pub alg: JwsAlg,
+    /// The JWT header's `kid`.
+    pub kid: String,
+    /// The JWT header's `x5t#S256`, when set.
+    pub x5t_s256: Option<String>,
+    /// The assertion's `aud` (`assertion_audience`); the token URL when `None`.
+    pub audience: Option<String>,
+    pub service: SigningService,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwsAlg {
+    Rs256,
+    Ps256,
+    Es256,
+}
+
+impl JwsAlg {
+    pub fn name(self) -> &'static str {
+        match self {
+            JwsAlg::Rs256 => "RS256",
+            JwsAlg::Ps256 => "PS256",
+            JwsAlg::Es256 => "ES256",
+        }
+    }
+}
+
+/// Where the signature is made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SigningService {
+    /// Azure Key Vault `POST <key>/sign?api-version=7.4`, with a token from
+    /// connection `identity`.
+    KeyVault {
+        cluster: String,
+        authority: String,
+        path: String,
+        identity: usize,
+    },
+    /// Vault / OpenBao Transit `POST /v1/<mount>/sign/<key>/sha2-256`.
+    VaultTransit {
+        cluster: String,
+        authority: String,
+        path: String,
+        token: Secret,
+        namespace: Option<String>,
+    },
 }
 
 #[derive(Debug)]

@@ -10,9 +10,7 @@ use super::json::{as_object, join, Obj};
 use super::lexical;
 use super::names::Names;
 use super::secrets::Secrets;
-use super::{
-    AuthMethod, Endpoint, ManagedIdentityProvider, OAuth2Provider, Provider, ProviderKind,
-};
+use super::{Endpoint, ManagedIdentityProvider, OAuth2Provider, Provider, ProviderKind};
 
 const PROVIDER: &[&str] = &[
     "type",
@@ -29,6 +27,9 @@ const PROVIDER: &[&str] = &[
     "authorization_url",
     "issuer",
     "revocation_url",
+    "assertion",
+    "signing_key",
+    "assertion_audience",
 ];
 const MI_PROVIDER: &[&str] = &[
     "type",
@@ -98,19 +99,7 @@ fn oauth2(p: &Obj, names: &Names, secrets: &Secrets) -> Result<OAuth2Provider, C
         e => ConfigError::invalid(&url_path, token_url, e.to_string()),
     })?;
     let client_id = p.req_str("client_id")?.to_string();
-    let secret_name = p.req_str("client_secret")?;
-    let client_secret = secrets.reference(names, secret_name, || p.child("client_secret"))?;
-    let auth_method = match p.opt_str("auth_method")? {
-        None | Some("client_secret_basic") => AuthMethod::ClientSecretBasic,
-        Some("client_secret_post") => AuthMethod::ClientSecretPost,
-        Some(other) => {
-            return Err(ConfigError::invalid(
-                p.child("auth_method"),
-                other,
-                "expected \"client_secret_basic\" or \"client_secret_post\"",
-            ))
-        }
-    };
+    let (auth_method, client_secret) = super::client_auth::read(p, names, secrets)?;
     let timeout_ms = timeout_ms(p)?;
     let (default_expires_in_s, refresh_margin_s) = token_lifetimes(p)?;
     let authorization_url = match p.opt_str("authorization_url")? {

@@ -13,8 +13,7 @@ use super::json::{as_object, join, Obj};
 use super::names::{holds_value, Names};
 pub use super::secret_values::Secrets;
 use super::{
-    stores, Connection, Credential, Grant, Provider, ProviderKind, Route, SecretRef, Store,
-    StoreKind,
+    stores, Connection, Credential, Grant, Provider, ProviderKind, Route, Store, StoreKind,
 };
 use crate::secret::{Secret, SecretSource};
 
@@ -124,9 +123,9 @@ pub fn check_identities(
             Credential::ManagedIdentity { .. } => true,
             Credential::OAuth2(o) => {
                 matches!(o.grant, Grant::ClientCredentials | Grant::RefreshToken(_))
-                    && providers.get(conn.provider).is_some_and(|p| {
-                        matches!(&p.kind, ProviderKind::OAuth2(op) if matches!(op.client_secret, SecretRef::Value(_)))
-                    })
+                    && providers.get(conn.provider).is_some_and(
+                        |p| matches!(&p.kind, ProviderKind::OAuth2(op) if op.gets_tokens_alone()),
+                    )
             }
             Credential::ApiKey(_) | Credential::ClientCertificate { .. } => false,
         };

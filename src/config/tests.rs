@@ -103,7 +103,7 @@ fn spec_example_loads() {
     assert_eq!(p.authority, "idp.internal:8081");
     assert_eq!(p.path, "/token");
     assert_eq!(p.timeout_ms, 2000);
-    assert!(matches!(&p.client_secret, SecretRef::Value(s) if s.expose() == "cs-secret-2"));
+    assert!(matches!(&p.client_secret, Some(SecretRef::Value(s)) if s.expose() == "cs-secret-2"));
     assert_eq!(
         c.warnings,
         ["secret \"demo_key\" is inline in the configuration; use \"env\" outside development"]
@@ -158,7 +158,7 @@ fn bad_configurations_name_the_field_and_value() {
     let cases: Vec<(&str, Edit)> = vec![
         ("connections.orders_read.provider: unknown provider \"orders_idpp\"",
          Box::new(|v| v["connections"]["orders_read"]["provider"] = json!("orders_idpp"))),
-        ("providers.orders_idp.clster: unknown field; expected one of \"type\", \"cluster\", \"token_url\", \"client_id\", \"client_secret\", \"auth_method\", \"timeout_ms\", \"default_expires_in_s\", \"refresh_margin_s\", \"drop_on_401_after_s\", \"endpoint\", \"authorization_url\", \"issuer\", \"revocation_url\"",
+        ("providers.orders_idp.clster: unknown field; expected one of \"type\", \"cluster\", \"token_url\", \"client_id\", \"client_secret\", \"auth_method\", \"timeout_ms\", \"default_expires_in_s\", \"refresh_margin_s\", \"drop_on_401_after_s\", \"endpoint\", \"authorization_url\", \"issuer\", \"revocation_url\", \"assertion\", \"signing_key\", \"assertion_audience\"",
          Box::new(|v| v["providers"]["orders_idp"]["clster"] = json!("idp"))),
         ("colour: unknown field; expected one of \"claims\", \"secrets\", \"providers\", \"connections\", \"routes\", \"unmatched\", \"filter_state\", \"discovery\", \"max_paused_requests\", \"token_stores\", \"consent\"",
          Box::new(|v| v["colour"] = json!("blue"))),
@@ -250,7 +250,9 @@ fn bad_configurations_name_the_field_and_value() {
          Box::new(|v| v["providers"]["orders_idp"]["timeout_ms"] = json!(0))),
         ("providers.orders_idp.timeout_ms: expected a non-negative integer, found a string",
          Box::new(|v| v["providers"]["orders_idp"]["timeout_ms"] = json!("2000"))),
-        ("providers.orders_idp.auth_method: invalid value \"private_key_jwt\": expected \"client_secret_basic\" or \"client_secret_post\"",
+        ("providers.orders_idp.auth_method: invalid value \"client_secret_jwt\": expected \"client_secret_basic\", \"client_secret_post\", \"private_key_jwt\", \"client_assertion\" or \"tls_client_auth\"",
+         Box::new(|v| v["providers"]["orders_idp"]["auth_method"] = json!("client_secret_jwt"))),
+        ("providers.orders_idp.client_secret: this auth_method sends no client secret",
          Box::new(|v| v["providers"]["orders_idp"]["auth_method"] = json!("private_key_jwt"))),
         ("connections.orders_read.scopes[0]: invalid value \"orders read\": not a valid scope token (RFC 6749 §3.3: no spaces, quotes or backslashes)",
          Box::new(|v| v["connections"]["orders_read"]["scopes"] = json!(["orders read"]))),
@@ -1800,4 +1802,579 @@ fn key_vault_record_names_fit_in_127_characters() {
         v["routes"][0]["inject"][0]["connections"] = json!(["v".repeat(64)]);
     });
     assert!(c.connections.iter().any(|c| c.name.len() == 64));
+}
+
+/// Client authentication without a stored secret (SPEC v1.2): one provider per
+/// method, and what they name.
+fn client_auth_config() -> Value {
+    json!({
+      "secrets": {
+        "cs": { "env": "ORDERS_CLIENT_SECRET" },
+        "vault_token": { "env": "PARTNER_API_KEY" },
+        "stored": { "vault": { "cluster": "vault", "url": "http://vault:8200", "path": "idp",
+                               "field": "secret", "token": "vault_token" } }
+      },
+      "providers": {
+        "entra": { "type": "oauth2", "cluster": "entra",
+                   "token_url": "https://login.test/t1/oauth2/v2.0/token",
+                   "client_id": "app-1", "auth_method": "client_assertion", "assertion": "fic" },
+        "mtls": { "type": "oauth2", "cluster": "mtls_idp", "token_url": "https://mtls.test/token",
+                  "client_id": "gw-mtls", "auth_method": "tls_client_auth" },
+        "kv_jwt": { "type": "oauth2", "cluster": "idp", "token_url": "https://idp.test/token",
+                    "client_id": "gw-kv", "auth_method": "private_key_jwt",
+                    "signing_key": { "azure_key_vault_key": "https://signer.vault.azure.net/keys/gw-signing",
+                                     "cluster": "keyvault", "identity": "kv_signer" } },
+        "transit_jwt": { "type": "oauth2", "cluster": "idp2", "token_url": "https://idp2.test/token",
+                         "client_id": "gw-transit", "auth_method": "private_key_jwt",
+                         "signing_key": { "vault_transit": { "cluster": "vault", "url": "http://vault:8200",
+                                                             "key": "gw-signing", "token": "vault_token" } } },
+        "basic": { "type": "oauth2", "cluster": "idp3", "token_url": "https://idp3.test/token",
+                   "client_id": "gw-basic", "client_secret": "cs" },
+        "post": { "type": "oauth2", "cluster": "idp4", "token_url": "https://idp4.test/token",
+                  "client_id": "gw-post", "client_secret": "stored", "auth_method": "client_secret_post" },
+        "mi": { "type": "azure_managed_identity", "cluster": "imds" },
+        "keys": { "type": "api_key" }
+      },
+      "connections": {
+        "fic": { "provider": "mi", "resource": "api://AzureADTokenExchange" },
+        "kv_signer": { "provider": "mi", "resource": "https://vault.azure.net" },
+        "graph": { "provider": "entra", "grant": "client_credentials",
+                   "scopes": ["https://graph.microsoft.com/.default"], "access": { "public": true } },
+        "certified": { "provider": "mtls", "grant": "client_credentials", "access": { "public": true } },
+        "kv_signed": { "provider": "kv_jwt", "grant": "client_credentials", "access": { "public": true } },
+        "transit_signed": { "provider": "transit_jwt", "grant": "client_credentials",
+                            "access": { "public": true } },
+        "plain": { "provider": "basic", "grant": "client_credentials", "access": { "public": true } },
+        "posted": { "provider": "post", "grant": "client_credentials", "access": { "public": true } },
+        "partner": { "provider": "keys", "api_key": "cs", "access": { "public": true } },
+        "obo": { "provider": "basic", "grant": "token_exchange", "access": { "authenticated": true } }
+      },
+      "routes": [ { "name": "graph", "match": { "path_prefix": "/graph/" },
+                    "inject": [ { "connections": ["graph"], "header": "authorization" } ] } ]
+    })
+}
+
+fn client_auth_loads(edit: impl FnOnce(&mut Value)) -> Config {
+    let mut v = client_auth_config();
+    edit(&mut v);
+    load(&v).unwrap()
+}
+
+fn client_auth_error(edit: impl FnOnce(&mut Value)) -> String {
+    let mut v = client_auth_config();
+    edit(&mut v);
+    match load(&v) {
+        Ok(_) => panic!("configuration was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn oauth2_of<'a>(c: &'a Config, name: &str) -> &'a OAuth2Provider {
+    match &c.providers.iter().find(|p| p.name == name).unwrap().kind {
+        ProviderKind::OAuth2(o) => o,
+        _ => panic!("{name} is not oauth2"),
+    }
+}
+
+fn connection_index(c: &Config, name: &str) -> usize {
+    c.connections.iter().position(|x| x.name == name).unwrap()
+}
+
+fn signing_key_of(c: &Config, name: &str) -> SigningKey {
+    match &oauth2_of(c, name).auth_method {
+        AuthMethod::PrivateKeyJwt(k) => (**k).clone(),
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
+#[test]
+fn each_client_authentication_method_loads_with_its_defaults() {
+    let c = client_auth_loads(|_| {});
+    let entra = oauth2_of(&c, "entra");
+    assert_eq!(
+        entra.auth_method,
+        AuthMethod::ClientAssertion {
+            connection: connection_index(&c, "fic")
+        }
+    );
+    assert_eq!(entra.client_secret, None);
+    let mtls = oauth2_of(&c, "mtls");
+    assert_eq!(mtls.auth_method, AuthMethod::TlsClientAuth);
+    assert_eq!(mtls.client_secret, None);
+    assert_eq!(
+        signing_key_of(&c, "kv_jwt"),
+        SigningKey {
+            alg: JwsAlg::Rs256,
+            kid: "https://signer.vault.azure.net/keys/gw-signing".into(),
+            x5t_s256: None,
+            audience: None,
+            service: SigningService::KeyVault {
+                cluster: "keyvault".into(),
+                authority: "signer.vault.azure.net".into(),
+                path: "/keys/gw-signing//sign?api-version=7.4".into(),
+                identity: connection_index(&c, "kv_signer"),
+            },
+            timeout_ms: 5000,
+        }
+    );
+    assert_eq!(oauth2_of(&c, "kv_jwt").client_secret, None);
+    assert_eq!(
+        signing_key_of(&c, "transit_jwt"),
+        SigningKey {
+            alg: JwsAlg::Rs256,
+            kid: "gw-signing".into(),
+            x5t_s256: None,
+            audience: None,
+            service: SigningService::VaultTransit {
+                cluster: "vault".into(),
+                authority: "vault:8200".into(),
+                path: "/v1/transit/sign/gw-signing/sha2-256".into(),
+                token: crate::secret::Secret::new("pk-secret-1"),
+                namespace: None,
+            },
+            timeout_ms: 5000,
+        }
+    );
+    // The default is client_secret_basic; a secret in a store is a store reference.
+    let basic = oauth2_of(&c, "basic");
+    assert_eq!(basic.auth_method, AuthMethod::ClientSecretBasic);
+    assert!(
+        matches!(&basic.client_secret, Some(SecretRef::Value(s)) if s.expose() == "cs-secret-2")
+    );
+    let post = oauth2_of(&c, "post");
+    assert_eq!(post.auth_method, AuthMethod::ClientSecretPost);
+    assert_eq!(post.client_secret, Some(SecretRef::Store(0)));
+    assert_eq!(post.secret_store(), Some(0));
+    assert_eq!(basic.secret_store(), None);
+    assert_eq!(mtls.secret_store(), None);
+    // Who fetches a token with nothing read at run time.
+    for (name, alone) in [
+        ("basic", true),
+        ("mtls", true),
+        ("post", false),
+        ("entra", false),
+        ("kv_jwt", false),
+        ("transit_jwt", false),
+    ] {
+        assert_eq!(oauth2_of(&c, name).gets_tokens_alone(), alone, "{name}");
+    }
+    // A connection used only as an assertion or a signing identity needs no access.
+    assert!(c.connections[connection_index(&c, "fic")].access.is_none());
+    assert!(c.connections[connection_index(&c, "kv_signer")]
+        .access
+        .is_none());
+    // The Vault token is not in the Debug output.
+    assert!(!format!("{c:?}").contains("pk-secret-1"));
+    // An explicit client_secret_basic is the default.
+    let c = client_auth_loads(|v| {
+        v["providers"]["basic"]["auth_method"] = json!("client_secret_basic")
+    });
+    assert_eq!(
+        oauth2_of(&c, "basic").auth_method,
+        AuthMethod::ClientSecretBasic
+    );
+}
+
+#[test]
+fn a_signing_key_takes_its_options() {
+    let c = client_auth_loads(|v| {
+        v["providers"]["kv_jwt"]["assertion_audience"] = json!("https://login.test/t1/v2.0");
+        let k = &mut v["providers"]["kv_jwt"]["signing_key"];
+        k["azure_key_vault_key"] = json!("https://signer.vault.azure.net/keys/gw-signing/0A1b2c/");
+        k["alg"] = json!("ES256");
+        k["x5t#S256"] = json!(format!("{}-_", "a".repeat(41)));
+        k["timeout_ms"] = json!(1500);
+        let t = &mut v["providers"]["transit_jwt"]["signing_key"];
+        t["alg"] = json!("PS256");
+        t["kid"] = json!("gw-signing-2024");
+        t["vault_transit"]["url"] = json!("http://vault:8200/bao/");
+        t["vault_transit"]["mount"] = json!("/jwt/signing/");
+        t["vault_transit"]["key"] = json!("/gw-signing/");
+        t["vault_transit"]["namespace"] = json!("team-a");
+    });
+    assert_eq!(
+        signing_key_of(&c, "kv_jwt"),
+        SigningKey {
+            alg: JwsAlg::Es256,
+            // The key's URL, without the trailing "/".
+            kid: "https://signer.vault.azure.net/keys/gw-signing/0A1b2c".into(),
+            x5t_s256: Some(format!("{}-_", "a".repeat(41))),
+            audience: Some("https://login.test/t1/v2.0".into()),
+            service: SigningService::KeyVault {
+                cluster: "keyvault".into(),
+                authority: "signer.vault.azure.net".into(),
+                path: "/keys/gw-signing/0A1b2c/sign?api-version=7.4".into(),
+                identity: connection_index(&c, "kv_signer"),
+            },
+            timeout_ms: 1500,
+        }
+    );
+    assert_eq!(
+        signing_key_of(&c, "transit_jwt"),
+        SigningKey {
+            alg: JwsAlg::Ps256,
+            kid: "gw-signing-2024".into(),
+            x5t_s256: None,
+            audience: None,
+            service: SigningService::VaultTransit {
+                cluster: "vault".into(),
+                authority: "vault:8200".into(),
+                path: "/bao/v1/jwt/signing/sign/gw-signing/sha2-256".into(),
+                token: crate::secret::Secret::new("pk-secret-1"),
+                namespace: Some("team-a".into()),
+            },
+            timeout_ms: 5000,
+        }
+    );
+    assert_eq!(
+        [JwsAlg::Rs256, JwsAlg::Ps256, JwsAlg::Es256].map(JwsAlg::name),
+        ["RS256", "PS256", "ES256"]
+    );
+    // A key name of 127 characters; an explicit kid with a space and non-ASCII text.
+    let long = "k".repeat(127);
+    let c = client_auth_loads(|v| {
+        let k = &mut v["providers"]["kv_jwt"]["signing_key"];
+        k["azure_key_vault_key"] = json!(format!("https://signer.vault.azure.net:443/keys/{long}"));
+        k["kid"] = json!("clé 1");
+    });
+    let k = signing_key_of(&c, "kv_jwt");
+    assert_eq!(k.kid, "clé 1");
+    assert!(
+        matches!(&k.service, SigningService::KeyVault { path, authority, .. }
+        if *path == format!("/keys/{long}//sign?api-version=7.4") && authority == "signer.vault.azure.net")
+    );
+}
+
+#[test]
+fn bad_client_authentication_is_refused_with_its_field() {
+    type Edit = Box<dyn FnOnce(&mut Value)>;
+    let key_url = |url: &'static str| -> Edit {
+        Box::new(move |v| {
+            v["providers"]["kv_jwt"]["signing_key"]["azure_key_vault_key"] = json!(url)
+        })
+    };
+    let not_a_key = |url: &str| {
+        format!("providers.kv_jwt.signing_key.azure_key_vault_key: invalid value \"{url}\": not a key identifier: expected /keys/<name> or /keys/<name>/<version> (names: letters, digits, -)")
+    };
+    let not_https = |url: &str| {
+        format!("providers.kv_jwt.signing_key.azure_key_vault_key: invalid value \"{url}\": expected https://<vault>.vault.azure.net/keys/<name>[/<version>]")
+    };
+    let x5t = |t: String| -> (String, Edit) {
+        (
+            format!("providers.kv_jwt.signing_key.x5t#S256: invalid value \"{t}\": expected the base64url SHA-256 thumbprint of the certificate (43 characters)"),
+            Box::new(move |v| v["providers"]["kv_jwt"]["signing_key"]["x5t#S256"] = json!(t)),
+        )
+    };
+    let no_token = |conn: &str, field: &str, provider: &str| {
+        format!("providers.{provider}.{field}: connection \"{conn}\" can't give a token on its own: it must be an azure_managed_identity connection, or an oauth2 one with grant client_credentials or refresh_token")
+    };
+    let long_name = format!("https://signer.vault.azure.net/keys/{}", "k".repeat(128));
+    let long_name2 = long_name.clone();
+    let mut cases: Vec<(String, Edit)> = vec![
+        // The method, and a client secret only with the methods that send one.
+        ("providers.mtls.auth_method: invalid value \"client_secret_jwt\": expected \"client_secret_basic\", \"client_secret_post\", \"private_key_jwt\", \"client_assertion\" or \"tls_client_auth\"".into(),
+         Box::new(|v| v["providers"]["mtls"]["auth_method"] = json!("client_secret_jwt"))),
+        ("providers.mtls.client_secret: this auth_method sends no client secret".into(),
+         Box::new(|v| v["providers"]["mtls"]["client_secret"] = json!("cs"))),
+        ("providers.entra.client_secret: this auth_method sends no client secret".into(),
+         Box::new(|v| v["providers"]["entra"]["client_secret"] = json!("cs"))),
+        ("providers.kv_jwt.client_secret: this auth_method sends no client secret".into(),
+         Box::new(|v| v["providers"]["kv_jwt"]["client_secret"] = json!("cs"))),
+        ("providers.basic.client_secret: required field is missing".into(),
+         Box::new(|v| { v["providers"]["basic"].as_object_mut().unwrap().remove("client_secret"); })),
+        ("providers.post.client_secret: required field is missing".into(),
+         Box::new(|v| { v["providers"]["post"].as_object_mut().unwrap().remove("client_secret"); })),
+        ("providers.basic.client_secret: unknown secret \"nope\"".into(),
+         Box::new(|v| v["providers"]["basic"]["client_secret"] = json!("nope"))),
+        // Each method's own fields.
+        ("providers.basic.assertion: only allowed when auth_method is \"client_assertion\"".into(),
+         Box::new(|v| v["providers"]["basic"]["assertion"] = json!("fic"))),
+        ("providers.kv_jwt.assertion: only allowed when auth_method is \"client_assertion\"".into(),
+         Box::new(|v| v["providers"]["kv_jwt"]["assertion"] = json!("fic"))),
+        ("providers.entra.assertion: required field is missing".into(),
+         Box::new(|v| { v["providers"]["entra"].as_object_mut().unwrap().remove("assertion"); })),
+        ("providers.entra.signing_key: only allowed when auth_method is \"private_key_jwt\"".into(),
+         Box::new(|v| v["providers"]["entra"]["signing_key"] = json!({}))),
+        ("providers.mtls.assertion_audience: only allowed when auth_method is \"private_key_jwt\"".into(),
+         Box::new(|v| v["providers"]["mtls"]["assertion_audience"] = json!("https://mtls.test"))),
+        ("providers.basic.signing_key: only allowed when auth_method is \"private_key_jwt\"".into(),
+         Box::new(|v| v["providers"]["basic"]["signing_key"] = json!({}))),
+        ("providers.kv_jwt.signing_key: required field is missing".into(),
+         Box::new(|v| { v["providers"]["kv_jwt"].as_object_mut().unwrap().remove("signing_key"); })),
+        ("providers.kv_jwt.assertion_audience: invalid value \" \": must not be empty".into(),
+         Box::new(|v| v["providers"]["kv_jwt"]["assertion_audience"] = json!(" "))),
+        ("providers.kv_jwt.assertion_audience: invalid value \"\": must not be empty".into(),
+         Box::new(|v| v["providers"]["kv_jwt"]["assertion_audience"] = json!(""))),
+        // The signing key.
+        ("providers.kv_jwt.signing_key.alg: invalid value \"HS256\": expected \"RS256\", \"PS256\" or \"ES256\"".into(),
+         Box::new(|v| v["providers"]["kv_jwt"]["signing_key"]["alg"] = json!("HS256"))),
+        ("providers.transit_jwt.signing_key.alg: invalid value \"rs256\": expected \"RS256\", \"PS256\" or \"ES256\"".into(),
+         Box::new(|v| v["providers"]["transit_jwt"]["signing_key"]["alg"] = json!("rs256"))),
+        x5t("a".repeat(42)),
+        x5t("a".repeat(44)),
+        x5t(format!("{}+", "a".repeat(42))),
+        x5t(format!("{}/", "a".repeat(42))),
+        x5t(format!("{}=", "a".repeat(42))),
+        x5t(format!("{}é", "a".repeat(41))),
+        ("providers.kv_jwt.signing_key: give exactly one of \"azure_key_vault_key\" or \"vault_transit\"".into(),
+         Box::new(|v| v["providers"]["kv_jwt"]["signing_key"]["vault_transit"] = json!({ "cluster": "vault",
+             "url": "http://vault:8200", "key": "k", "token": "vault_token" }))),
+        ("providers.kv_jwt.signing_key: give exactly one of \"azure_key_vault_key\" or \"vault_transit\"".into(),
+         Box::new(|v| { v["providers"]["kv_jwt"]["signing_key"].as_object_mut().unwrap().remove("azure_key_vault_key"); })),
+        ("providers.transit_jwt.signing_key.cluster: for \"vault_transit\", give it inside the \"vault_transit\" object".into(),
+         Box::new(|v| v["providers"]["transit_jwt"]["signing_key"]["cluster"] = json!("vault"))),
+        ("providers.transit_jwt.signing_key.identity: for \"vault_transit\", give it inside the \"vault_transit\" object".into(),
+         Box::new(|v| v["providers"]["transit_jwt"]["signing_key"]["identity"] = json!("kv_signer"))),
+        ("providers.kv_jwt.signing_key.url: unknown field; expected one of \"azure_key_vault_key\", \"cluster\", \"identity\", \"vault_transit\", \"alg\", \"kid\", \"x5t#S256\", \"timeout_ms\"".into(),
+         Box::new(|v| v["providers"]["kv_jwt"]["signing_key"]["url"] = json!("x"))),
+        ("providers.kv_jwt.signing_key.kid: invalid value \"k\\r\\n\": not a valid header value (control characters)".into(),
+         Box::new(|v| v["providers"]["kv_jwt"]["signing_key"]["kid"] = json!("k\r\n"))),
+        ("providers.kv_jwt.signing_key.timeout_ms: invalid value \"0\": must be between 1 and 300000".into(),
+         Box::new(|v| v["providers"]["kv_jwt"]["signing_key"]["timeout_ms"] = json!(0))),
+        ("providers.kv_jwt.signing_key.timeout_ms: invalid value \"300001\": must be between 1 and 300000".into(),
+         Box::new(|v| v["providers"]["kv_jwt"]["signing_key"]["timeout_ms"] = json!(300_001))),
+        // Key Vault.
+        (not_https("http://signer.vault.azure.net/keys/gw"), key_url("http://signer.vault.azure.net/keys/gw")),
+        (not_https("https://signer.vault.azure.net/keys/gw?x=1"), key_url("https://signer.vault.azure.net/keys/gw?x=1")),
+        (not_a_key("https://signer.vault.azure.net/secrets/gw"), key_url("https://signer.vault.azure.net/secrets/gw")),
+        (not_a_key("https://signer.vault.azure.net/keys/gw_1"), key_url("https://signer.vault.azure.net/keys/gw_1")),
+        (not_a_key("https://signer.vault.azure.net/keys/gw/v1x"), key_url("https://signer.vault.azure.net/keys/gw/v1x")),
+        (not_a_key("https://signer.vault.azure.net/keys/gw/0a1b/sign"), key_url("https://signer.vault.azure.net/keys/gw/0a1b/sign")),
+        (not_a_key("https://signer.vault.azure.net/keys/"), key_url("https://signer.vault.azure.net/keys/")),
+        (not_a_key("https://signer.vault.azure.net/keys//0a1b"), key_url("https://signer.vault.azure.net/keys//0a1b")),
+        (not_a_key(&long_name), Box::new(move |v| v["providers"]["kv_jwt"]["signing_key"]["azure_key_vault_key"] = json!(long_name2))),
+        ("providers.kv_jwt.signing_key.identity: required field is missing".into(),
+         Box::new(|v| { v["providers"]["kv_jwt"]["signing_key"].as_object_mut().unwrap().remove("identity"); })),
+        ("providers.kv_jwt.signing_key.cluster: required field is missing".into(),
+         Box::new(|v| { v["providers"]["kv_jwt"]["signing_key"].as_object_mut().unwrap().remove("cluster"); })),
+        ("providers.kv_jwt.signing_key.identity: unknown connection \"nope\"".into(),
+         Box::new(|v| v["providers"]["kv_jwt"]["signing_key"]["identity"] = json!("nope"))),
+        // Vault Transit.
+        ("providers.transit_jwt.signing_key.vault_transit.key: invalid value \"gw/signing\": a Transit key name has no \"/\"".into(),
+         Box::new(|v| v["providers"]["transit_jwt"]["signing_key"]["vault_transit"]["key"] = json!("gw/signing"))),
+        ("providers.transit_jwt.signing_key.vault_transit.key: invalid value \"a/../b\": not a Vault path (letters, digits, \"-_.\" segments separated by \"/\")".into(),
+         Box::new(|v| v["providers"]["transit_jwt"]["signing_key"]["vault_transit"]["key"] = json!("a/../b"))),
+        ("providers.transit_jwt.signing_key.vault_transit.mount: invalid value \"a//b\": not a Vault path (letters, digits, \"-_.\" segments separated by \"/\")".into(),
+         Box::new(|v| v["providers"]["transit_jwt"]["signing_key"]["vault_transit"]["mount"] = json!("a//b"))),
+        ("providers.transit_jwt.signing_key.vault_transit.key: required field is missing".into(),
+         Box::new(|v| { v["providers"]["transit_jwt"]["signing_key"]["vault_transit"].as_object_mut().unwrap().remove("key"); })),
+        ("providers.transit_jwt.signing_key.vault_transit.approle: not supported for signing yet: give the Vault token as \"token\"".into(),
+         Box::new(|v| {
+             let t = v["providers"]["transit_jwt"]["signing_key"]["vault_transit"].as_object_mut().unwrap();
+             t.remove("token");
+             t.insert("approle".into(), json!({ "role_id": "r", "secret_id": "cs" }));
+         })),
+        ("providers.transit_jwt.signing_key.vault_transit.token: required field is missing".into(),
+         Box::new(|v| { v["providers"]["transit_jwt"]["signing_key"]["vault_transit"].as_object_mut().unwrap().remove("token"); })),
+        ("providers.transit_jwt.signing_key.vault_transit.token: unknown env or inline secret \"stored\"".into(),
+         Box::new(|v| v["providers"]["transit_jwt"]["signing_key"]["vault_transit"]["token"] = json!("stored"))),
+        ("providers.transit_jwt.signing_key.vault_transit.url: invalid value \"http://vault:8200/?x=1\": must not have a query".into(),
+         Box::new(|v| v["providers"]["transit_jwt"]["signing_key"]["vault_transit"]["url"] = json!("http://vault:8200/?x=1"))),
+        ("providers.transit_jwt.signing_key.vault_transit.namespace: invalid value \"a\\nb\": not a valid header value (control characters)".into(),
+         Box::new(|v| v["providers"]["transit_jwt"]["signing_key"]["vault_transit"]["namespace"] = json!("a\nb"))),
+        ("providers.transit_jwt.signing_key.vault_transit.cluster: required field is missing".into(),
+         Box::new(|v| { v["providers"]["transit_jwt"]["signing_key"]["vault_transit"].as_object_mut().unwrap().remove("cluster"); })),
+        ("providers.transit_jwt.signing_key.vault_transit.path: unknown field; expected one of \"cluster\", \"url\", \"mount\", \"key\", \"token\", \"approle\", \"namespace\"".into(),
+         Box::new(|v| v["providers"]["transit_jwt"]["signing_key"]["vault_transit"]["path"] = json!("x"))),
+        // The connection an assertion or a signing identity comes from.
+        ("providers.entra.assertion: unknown connection \"nope\"".into(),
+         Box::new(|v| v["providers"]["entra"]["assertion"] = json!("nope"))),
+        (no_token("partner", "assertion", "entra"),
+         Box::new(|v| v["providers"]["entra"]["assertion"] = json!("partner"))),
+        (no_token("obo", "assertion", "entra"),
+         Box::new(|v| v["providers"]["entra"]["assertion"] = json!("obo"))),
+        (no_token("partner", "signing_key.identity", "kv_jwt"),
+         Box::new(|v| v["providers"]["kv_jwt"]["signing_key"]["identity"] = json!("partner"))),
+        (no_token("obo", "signing_key.identity", "kv_jwt"),
+         Box::new(|v| v["providers"]["kv_jwt"]["signing_key"]["identity"] = json!("obo"))),
+        // A provider whose client needs its own token, directly or not.
+        ("providers.entra.assertion: connection \"graph\" needs this provider's own token to authenticate (through entra): it can never get one".into(),
+         Box::new(|v| v["providers"]["entra"]["assertion"] = json!("graph"))),
+        ("providers.kv_jwt.signing_key.identity: connection \"kv_signed\" needs this provider's own token to authenticate (through kv_jwt): it can never get one".into(),
+         Box::new(|v| v["providers"]["kv_jwt"]["signing_key"]["identity"] = json!("kv_signed"))),
+        ("providers.entra.assertion: connection \"kv_signed\" needs this provider's own token to authenticate (through entra → kv_jwt): it can never get one".into(),
+         Box::new(|v| {
+             v["providers"]["entra"]["assertion"] = json!("kv_signed");
+             v["providers"]["kv_jwt"]["signing_key"]["identity"] = json!("graph");
+         })),
+    ];
+    // Two providers, each asserting with a token of the other's.
+    cases.push((
+        "providers.a_idp.assertion: connection \"b_conn\" needs this provider's own token to authenticate (through a_idp → b_idp): it can never get one".into(),
+        Box::new(|v| {
+            for (p, other) in [("a", "b"), ("b", "a")] {
+                v["providers"][format!("{p}_idp")] = json!({ "type": "oauth2", "cluster": "idp",
+                    "token_url": format!("https://{p}.test/token"), "client_id": p,
+                    "auth_method": "client_assertion", "assertion": format!("{other}_conn") });
+                v["connections"][format!("{p}_conn")] =
+                    json!({ "provider": format!("{p}_idp"), "grant": "client_credentials" });
+            }
+        }),
+    ));
+    // Three, in a ring.
+    cases.push((
+        "providers.a_idp.assertion: connection \"b_conn\" needs this provider's own token to authenticate (through a_idp → b_idp → c_idp): it can never get one".into(),
+        Box::new(|v| {
+            for (p, other) in [("a", "b"), ("b", "c"), ("c", "a")] {
+                v["providers"][format!("{p}_idp")] = json!({ "type": "oauth2", "cluster": "idp",
+                    "token_url": format!("https://{p}.test/token"), "client_id": p,
+                    "auth_method": "client_assertion", "assertion": format!("{other}_conn") });
+                v["connections"][format!("{p}_conn")] =
+                    json!({ "provider": format!("{p}_idp"), "grant": "client_credentials" });
+            }
+        }),
+    ));
+    assert!(cases.len() >= 60, "{}", cases.len());
+    // A provider whose assertion comes from a loop it is not part of: the loop
+    // is reported at its first provider in it, not here.
+    cases.push((
+        "providers.b_idp.assertion: connection \"c_conn\" needs this provider's own token to authenticate (through b_idp → c_idp): it can never get one".into(),
+        Box::new(|v| {
+            for (p, other) in [("a", "b"), ("b", "c"), ("c", "b")] {
+                v["providers"][format!("{p}_idp")] = json!({ "type": "oauth2", "cluster": "idp",
+                    "token_url": format!("https://{p}.test/token"), "client_id": p,
+                    "auth_method": "client_assertion", "assertion": format!("{other}_conn") });
+                v["connections"][format!("{p}_conn")] =
+                    json!({ "provider": format!("{p}_idp"), "grant": "client_credentials" });
+            }
+        }),
+    ));
+    for (want, edit) in cases {
+        assert_eq!(client_auth_error(edit), want);
+    }
+}
+
+#[test]
+fn an_assertion_may_come_from_a_chain_that_ends_in_a_token_of_its_own() {
+    // From an oauth2 connection whose client has a secret, a certificate, or signs.
+    for (via, provider) in [
+        ("plain", "basic"),
+        ("certified", "mtls"),
+        ("kv_signed", "kv_jwt"),
+        ("transit_signed", "transit_jwt"),
+    ] {
+        let c = client_auth_loads(|v| v["providers"]["entra"]["assertion"] = json!(via));
+        assert_eq!(
+            oauth2_of(&c, "entra").auth_method,
+            AuthMethod::ClientAssertion {
+                connection: connection_index(&c, via)
+            },
+            "{provider}"
+        );
+    }
+    // A refresh_token connection gives one too; so does a signing identity that
+    // is itself a client_assertion connection (entra → fic).
+    let c = client_auth_loads(|v| {
+        v["connections"]["rotating"] =
+            json!({ "provider": "basic", "grant": "refresh_token", "refresh_token": "cs" });
+        v["providers"]["entra"]["assertion"] = json!("rotating");
+        v["providers"]["kv_jwt"]["signing_key"]["identity"] = json!("graph");
+    });
+    assert!(matches!(
+        &signing_key_of(&c, "kv_jwt").service,
+        SigningService::KeyVault { identity, .. } if *identity == connection_index(&c, "graph")
+    ));
+    // A connection of a provider whose client uses a store is no cycle.
+    let c = client_auth_loads(|v| v["providers"]["entra"]["assertion"] = json!("posted"));
+    assert!(matches!(
+        oauth2_of(&c, "entra").auth_method,
+        AuthMethod::ClientAssertion { .. }
+    ));
+}
+
+#[test]
+fn an_authorization_code_connection_s_provider_may_not_sign_its_assertions_yet() {
+    let refused = "connections.github_mine.provider: an authorization_code connection's provider can't use private_key_jwt yet (its code redemption and revocation would need an assertion of their own): use a client secret, client_assertion or tls_client_auth";
+    assert_eq!(
+        delegated_error(|v| {
+            let gh = v["providers"]["github"].as_object_mut().unwrap();
+            gh.remove("client_secret");
+            gh.insert("auth_method".into(), json!("private_key_jwt"));
+            gh.insert(
+                "signing_key".into(),
+                json!({ "vault_transit": { "cluster": "vault", "url": "http://vault:8200",
+                                           "key": "gh", "token": "vault_token" } }),
+            );
+        }),
+        refused
+    );
+    // The other secretless methods are fine.
+    for (method, extra) in [
+        ("tls_client_auth", json!({})),
+        ("client_assertion", json!({ "assertion": "kv_writer" })),
+    ] {
+        let c = delegated_loads(|v| {
+            let gh = v["providers"]["github"].as_object_mut().unwrap();
+            gh.remove("client_secret");
+            gh.insert("auth_method".into(), json!(method));
+            gh.extend(extra.as_object().unwrap().clone());
+        });
+        assert_eq!(oauth2_of(&c, "github").client_secret, None);
+    }
+    // An authorization_code connection gives no token on its own: no assertion.
+    assert_eq!(
+        delegated_error(|v| {
+            v["providers"]["fed"] = json!({ "type": "oauth2", "cluster": "fed",
+                "token_url": "https://fed.test/token", "client_id": "fed",
+                "auth_method": "client_assertion", "assertion": "github_mine" });
+        }),
+        "providers.fed.assertion: connection \"github_mine\" can't give a token on its own: it must be an azure_managed_identity connection, or an oauth2 one with grant client_credentials or refresh_token"
+    );
+}
+
+#[test]
+fn a_store_identity_s_client_must_get_tokens_alone() {
+    // A Key Vault secret's identity.
+    let identity = |method: &'static str| {
+        move |v: &mut Value| {
+            v["secrets"]["fic_token"] = json!({ "env": "ORDERS_CLIENT_SECRET" });
+            v["providers"]["fed"] = match method {
+                "client_assertion" => json!({ "type": "oauth2", "cluster": "fed",
+                    "token_url": "https://fed.test/token", "client_id": "fed",
+                    "auth_method": "client_assertion", "assertion": "kv_reader" }),
+                "private_key_jwt" => json!({ "type": "oauth2", "cluster": "fed",
+                    "token_url": "https://fed.test/token", "client_id": "fed",
+                    "auth_method": "private_key_jwt",
+                    "signing_key": { "vault_transit": { "cluster": "vault", "url": "http://vault:8200",
+                                                        "key": "k", "token": "vault_token" } } }),
+                _ => json!({ "type": "oauth2", "cluster": "fed",
+                    "token_url": "https://fed.test/token", "client_id": "fed", "auth_method": method }),
+            };
+            v["connections"]["reader"] =
+                json!({ "provider": "fed", "grant": "client_credentials" });
+            v["secrets"]["partner_key"]["identity"] = json!("reader");
+        }
+    };
+    let refused = "secrets.partner_key.identity: invalid value \"reader\": must be an azure_managed_identity connection, or an oauth2 one that needs no caller and whose client_secret is not in a store";
+    assert!(store_result(identity("tls_client_auth")).is_ok());
+    assert_eq!(
+        store_result(identity("client_assertion")).unwrap_err(),
+        refused
+    );
+    assert_eq!(
+        store_result(identity("private_key_jwt")).unwrap_err(),
+        refused
+    );
+    // A Key Vault token store's identity.
+    let token_store = |method: &'static str| {
+        move |v: &mut Value| {
+            v["providers"]["fed"] = match method {
+                "client_assertion" => json!({ "type": "oauth2", "cluster": "fed",
+                    "token_url": "https://fed.test/token", "client_id": "fed",
+                    "auth_method": "client_assertion", "assertion": "mi_fic" }),
+                _ => json!({ "type": "oauth2", "cluster": "fed",
+                    "token_url": "https://fed.test/token", "client_id": "fed", "auth_method": method }),
+            };
+            v["connections"]["mi_fic"] =
+                json!({ "provider": "azure_mi", "resource": "api://AzureADTokenExchange" });
+            v["connections"]["kv_writer"] =
+                json!({ "provider": "fed", "grant": "client_credentials" });
+        }
+    };
+    let c = delegated_loads(token_store("tls_client_auth"));
+    assert_eq!(c.token_stores.len(), 2);
+    assert_eq!(
+        delegated_error(token_store("client_assertion")),
+        "token_stores.kv_tokens.identity: must name an azure_managed_identity connection, or a client_credentials one whose client secret is known at load (its token reads and writes the vault)"
+    );
 }

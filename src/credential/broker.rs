@@ -21,13 +21,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 
-use crate::config::{Credential, Grant, ProviderKind, SecretRef, StoreKind, VaultAuth};
+use crate::config::{AuthMethod, Credential, Grant, ProviderKind, SecretRef, StoreKind, VaultAuth};
 use crate::credential::cache::{self, CacheState, Cached, Choice, FetchOutcome, Policy};
 use crate::credential::cas::{self, Attempt};
 use crate::credential::exchange::Set;
 pub use crate::credential::slot::{Addr, Owner, StoreSlot, TokenSlot};
 use crate::credential::store::{self, HttpCall, StoreError};
-use crate::credential::token_request::{self, GrantInput};
+use crate::credential::token_request::{self, ClientCredential, GrantInput};
 use crate::credential::token_response::{self, FetchError};
 use crate::inject::Resolved;
 use crate::proxy::{HostFault, Level, Proxy};
@@ -446,6 +446,34 @@ impl<P: Proxy> Broker<P> {
         outcome.unwrap_or(Ok(Lookup::Wait))
     }
 
+    /// How a provider's client authenticates now: its client secret (from a
+    /// store: the cached value), another connection's token as its assertion,
+    /// or nothing (a certificate). `Err(Some)`: not yet, `Err(None)`: not in time.
+    fn client_credential(
+        &mut self,
+        loaded: &Rc<Runtime>,
+        provider: &crate::config::OAuth2Provider,
+        defer_until_ms: u64,
+        now: u64,
+    ) -> Result<ClientCredential, Option<()>> {
+        let wanted = match (&provider.auth_method, &provider.client_secret) {
+            (_, Some(SecretRef::Value(s))) => return Ok(ClientCredential::Secret(s.clone())),
+            (_, Some(SecretRef::Store(i))) => Owner::Store(*i),
+            (AuthMethod::ClientAssertion { connection }, None) => Owner::Connection(*connection),
+            (AuthMethod::TlsClientAuth, None) => return Ok(ClientCredential::None),
+            // A signed assertion is made per token request (see `dispatch_token`).
+            _ => return Err(None),
+        };
+        match self.acquire(loaded, wanted, None, now, false) {
+            Ok(Lookup::Ready(v)) => Ok(match wanted {
+                Owner::Connection(_) => ClientCredential::Assertion(Secret::new(v.token)),
+                _ => ClientCredential::Secret(Secret::new(v.token)),
+            }),
+            Ok(Lookup::Wait) if now < defer_until_ms => Err(Some(())),
+            _ => Err(None),
+        }
+    }
+
     /// The stores a connection's own token fetch needs first: its client secret
     /// and its refresh token, when they come from a store.
     fn prerequisites(loaded: &Runtime, connection: usize) -> Vec<usize> {
@@ -455,7 +483,7 @@ impl<P: Proxy> Broker<P> {
         };
         let mut out = Vec::new();
         if let Some(ProviderKind::OAuth2(p)) = config.provider_of(conn).map(|p| &p.kind) {
-            if let SecretRef::Store(i) = p.client_secret {
+            if let Some(i) = p.secret_store() {
                 out.push(i);
             }
         }
@@ -878,17 +906,6 @@ impl<P: Proxy> Broker<P> {
                 store::imds_call(p, resource)
             }
             (ProviderKind::OAuth2(op), Credential::OAuth2(oc)) => {
-                let client_secret = match &op.client_secret {
-                    SecretRef::Value(s) => s.clone(),
-                    SecretRef::Store(i) => match self.need(&f, Owner::Store(*i), now) {
-                        Ok(v) => Secret::new(v.token),
-                        Err(Some(())) => return Sent::Deferred(Box::new(f)),
-                        Err(None) => {
-                            self.complete(&f, Err(FetchError::Dispatch), now);
-                            return Sent::Done;
-                        }
-                    },
-                };
                 let slot = loaded.tokens.get(connection).and_then(Option::as_ref);
                 let rotated = match (slot.and_then(|s| s.rt_key.as_deref()), &oc.grant) {
                     (Some(k), Grant::RefreshToken(_)) => self
@@ -915,23 +932,19 @@ impl<P: Proxy> Broker<P> {
                     }
                     (r, _) => r,
                 };
-                let input = match (&rotated, &f.subject) {
-                    (Some(rt), _) => GrantInput::RefreshToken(rt),
-                    (None, Some(subject)) => GrantInput::SubjectToken(subject),
-                    (None, None) => GrantInput::None,
-                };
-                let req = token_request::build(op, &client_secret, oc, input);
-                HttpCall {
-                    cluster: req.cluster,
-                    headers: req.headers,
-                    secret_headers: req
-                        .authorization
-                        .map(|a| ("authorization", a))
-                        .into_iter()
-                        .collect(),
-                    body: Some(req.body),
-                    timeout_ms: req.timeout_ms,
+                // A signed assertion: one signature per token request, first.
+                if let AuthMethod::PrivateKeyJwt(key) = &op.auth_method {
+                    return self.sign_then_request(f, op, key, rotated, now);
                 }
+                let client = match self.client_credential(&loaded, op, f.defer_until_ms, now) {
+                    Ok(c) => c,
+                    Err(Some(())) => return Sent::Deferred(Box::new(f)),
+                    Err(None) => {
+                        self.complete(&f, Err(FetchError::Dispatch), now);
+                        return Sent::Done;
+                    }
+                };
+                grant_call(op, &client, oc, rotated.as_ref(), f.subject.as_ref())
             }
             _ => return Sent::Done,
         };
@@ -1057,6 +1070,9 @@ impl<P: Proxy> Broker<P> {
             return;
         };
         match f.addr.owner {
+            Owner::Connection(_) if matches!(f.phase, delegated::Phase::Sign { .. }) => {
+                self.on_signature(f, status, body, now);
+            }
             Owner::Connection(_) if !matches!(f.phase, delegated::Phase::Start) => {
                 self.on_delegated_answer(f, status, body, now);
             }
@@ -1539,7 +1555,41 @@ impl<'a> Who<'a> {
     }
 }
 
+/// The token request of a connection's grant: the current refresh token
+/// (rotated, or read from a store), or the subject token, with the client's
+/// authentication.
+fn grant_call(
+    op: &crate::config::OAuth2Provider,
+    client: &ClientCredential,
+    oc: &crate::config::OAuth2Connection,
+    refresh_token: Option<&Secret>,
+    subject: Option<&Secret>,
+) -> HttpCall {
+    let input = match (refresh_token, subject) {
+        (Some(rt), _) => GrantInput::RefreshToken(rt),
+        (None, Some(subject)) => GrantInput::SubjectToken(subject),
+        (None, None) => GrantInput::None,
+    };
+    token_call(token_request::build(op, client, oc, input))
+}
+
+/// A token request as the call it is.
+fn token_call(req: token_request::TokenRequest) -> HttpCall {
+    HttpCall {
+        cluster: req.cluster,
+        headers: req.headers,
+        secret_headers: req
+            .authorization
+            .map(|a| ("authorization", a))
+            .into_iter()
+            .collect(),
+        body: Some(req.body),
+        timeout_ms: req.timeout_ms,
+    }
+}
+
 mod delegated;
+mod signing;
 
 #[cfg(test)]
 mod tests;

@@ -76,7 +76,12 @@ pub(crate) fn token_fingerprint(
         }
         (ProviderKind::OAuth2(p), Credential::OAuth2(c)) => {
             ("oauth2", &p.token_url, &p.cluster, &p.client_id).hash(&mut h);
-            hash_secret(config, &p.client_secret, depth, &mut h);
+            // How the client authenticates: its secret (where it is read), or the
+            // method and what it names.
+            match (&p.client_secret, &p.auth_method) {
+                (Some(secret), _) => hash_secret(config, secret, depth, &mut h),
+                (None, method) => format!("{method:?}").hash(&mut h),
+            }
             match &c.grant {
                 Grant::ClientCredentials => "client_credentials".hash(&mut h),
                 Grant::RefreshToken(rt) => {
@@ -299,6 +304,61 @@ mod tests {
             "{b}"
         );
         assert_eq!(a.rsplit('.').next(), b.rsplit('.').next());
+    }
+
+    /// `orders`, of a provider whose client authenticates with `auth` (fields
+    /// added to the provider).
+    fn secretless(auth: Value) -> Config {
+        let mut v = json!({
+            "secrets": { "vt": { "inline": "hvs.x" } },
+            "providers": {
+                "idp": { "type": "oauth2", "cluster": "idp", "token_url": "https://idp/token",
+                         "client_id": "gw" },
+                "mi": { "type": "azure_managed_identity", "cluster": "imds" }
+            },
+            "connections": {
+                "orders": { "provider": "idp", "grant": "client_credentials",
+                            "access": { "authenticated": true } },
+                "fic": { "provider": "mi", "resource": "api://AzureADTokenExchange" },
+                "fic2": { "provider": "mi", "resource": "api://Other" }
+            }
+        });
+        v["providers"]["idp"]
+            .as_object_mut()
+            .unwrap()
+            .extend(auth.as_object().unwrap().clone());
+        parse(&v)
+    }
+
+    #[test]
+    fn how_a_secretless_client_authenticates_is_part_of_its_key() {
+        let transit = |alg: &str| {
+            json!({ "auth_method": "private_key_jwt", "signing_key": { "alg": alg,
+                "vault_transit": { "cluster": "vault", "url": "http://vault:8200",
+                                   "key": "k", "token": "vt" } } })
+        };
+        let configs = [
+            json!({ "auth_method": "tls_client_auth" }),
+            json!({ "auth_method": "client_assertion", "assertion": "fic" }),
+            json!({ "auth_method": "client_assertion", "assertion": "fic2" }),
+            transit("RS256"),
+            transit("ES256"),
+        ];
+        let keys: Vec<String> = configs
+            .iter()
+            .map(|auth| key(&secretless(auth.clone()), "orders").unwrap())
+            .collect();
+        for (i, k) in keys.iter().enumerate() {
+            // The same configuration gives the same key; any other, another.
+            assert_eq!(
+                key(&secretless(configs[i].clone()), "orders").as_ref(),
+                Some(k)
+            );
+            for other in &keys[i + 1..] {
+                assert_ne!(k, other, "{}", configs[i]);
+            }
+            assert_ne!(Some(k), key(&config(&[], "gw"), "orders").as_ref());
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! ahead, backoff, last good value kept); [`keys`] says where each entry lives.
 //! No I/O and no clock here: the filter performs the calls and passes time in.
 
+pub mod assertion;
 pub mod broker;
 pub mod cache;
 pub mod cas;

@@ -42,10 +42,24 @@ pub struct TokenRequest {
     pub timeout_ms: u64,
 }
 
-/// `client_secret` is the provider's current secret (it may come from a store).
+/// What the client authenticates with, now (the provider's `auth_method` says how).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientCredential {
+    /// `client_secret_basic` / `client_secret_post`: its current secret (perhaps from a store).
+    Secret(Secret),
+    /// `client_assertion` / `private_key_jwt`: the JWT to send (RFC 7521 §4.2).
+    Assertion(Secret),
+    /// `tls_client_auth`: the certificate the cluster presents; nothing in the request.
+    None,
+}
+
+/// RFC 7521 §4.2: the assertion is a JWT bearer token.
+pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// `client` is how the provider's client authenticates now.
 pub fn build(
     provider: &OAuth2Provider,
-    client_secret: &Secret,
+    client: &ClientCredential,
     conn: &OAuth2Connection,
     input: GrantInput,
 ) -> TokenRequest {
@@ -106,47 +120,61 @@ pub fn build(
     for (k, v) in &conn.extra_params {
         form.append_pair(k, v);
     }
-    finish(provider, client_secret, form, &provider.path)
+    finish(provider, client, form, &provider.path)
 }
 
 /// RFC 7009 §2.1: revoking a refresh token at the provider's `revocation_url`,
 /// with the same client authentication as its token requests. `None` without one.
 pub fn revocation(
     provider: &OAuth2Provider,
-    client_secret: &Secret,
+    client: &ClientCredential,
     refresh_token: &Secret,
 ) -> Option<TokenRequest> {
     let endpoint = provider.revocation.as_ref()?;
     let mut form = form_urlencoded::Serializer::new(String::new());
     form.append_pair("token", refresh_token.expose());
     form.append_pair("token_type_hint", "refresh_token");
-    let mut req = finish(provider, client_secret, form, &endpoint.path);
+    let mut req = finish(provider, client, form, &endpoint.path);
     if let Some(h) = req.headers.iter_mut().find(|(k, _)| *k == ":authority") {
         h.1 = endpoint.authority.clone();
     }
     Some(req)
 }
 
-/// The client's authentication (RFC 6749 §2.3.1) added, and the POST to `path`.
+/// The client's authentication added (RFC 6749 §2.3.1, RFC 7521 §4.2, RFC 8705
+/// §2: every method but `client_secret_basic` names `client_id` in the form),
+/// and the POST to `path`.
 fn finish(
     provider: &OAuth2Provider,
-    client_secret: &Secret,
+    client: &ClientCredential,
     mut form: form_urlencoded::Serializer<'_, String>,
     path: &str,
 ) -> TokenRequest {
-    let authorization = match provider.auth_method {
-        AuthMethod::ClientSecretBasic => {
+    let authorization = match (&provider.auth_method, client) {
+        (AuthMethod::ClientSecretBasic, ClientCredential::Secret(secret)) => {
             let id: String =
                 form_urlencoded::byte_serialize(provider.client_id.as_bytes()).collect();
             let secret: String =
-                form_urlencoded::byte_serialize(client_secret.expose().as_bytes()).collect();
+                form_urlencoded::byte_serialize(secret.expose().as_bytes()).collect();
             let encoded =
                 base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
             Some(Secret::new(format!("Basic {encoded}")))
         }
-        AuthMethod::ClientSecretPost => {
+        (AuthMethod::ClientSecretPost, ClientCredential::Secret(secret)) => {
             form.append_pair("client_id", &provider.client_id);
-            form.append_pair("client_secret", client_secret.expose());
+            form.append_pair("client_secret", secret.expose());
+            None
+        }
+        (_, ClientCredential::Assertion(jwt)) => {
+            form.append_pair("client_id", &provider.client_id);
+            form.append_pair("client_assertion_type", CLIENT_ASSERTION_TYPE);
+            form.append_pair("client_assertion", jwt.expose());
+            None
+        }
+        // tls_client_auth (or a credential that doesn't fit the method: then the
+        // server refuses the client, and nothing secret was sent).
+        _ => {
+            form.append_pair("client_id", &provider.client_id);
             None
         }
     };
@@ -179,7 +207,7 @@ mod tests {
             authority: "idp.test:8443".into(),
             path: "/oauth/token?tenant=a".into(),
             client_id: "gw client".into(),
-            client_secret: crate::config::SecretRef::Value(Secret::new("s3cr:t/+")),
+            client_secret: Some(crate::config::SecretRef::Value(Secret::new("s3cr:t/+"))),
             auth_method,
             timeout_ms: 2000,
             default_expires_in_s: 300,
@@ -192,8 +220,8 @@ mod tests {
     }
 
     #[allow(non_snake_case)]
-    fn SECRET() -> Secret {
-        Secret::new("s3cr:t/+")
+    fn SECRET() -> ClientCredential {
+        ClientCredential::Secret(Secret::new("s3cr:t/+"))
     }
 
     fn conn(grant: Grant) -> OAuth2Connection {
@@ -307,5 +335,167 @@ mod tests {
              &subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aaccess_token\
              &scope=orders.read+orders.write&audience=https%3A%2F%2Fapi.test"
         );
+    }
+    /// A client_credentials connection with only a scope.
+    fn plain() -> OAuth2Connection {
+        let mut c = conn(Grant::ClientCredentials);
+        c.audience = None;
+        c.resource = None;
+        c.extra_params.clear();
+        c.scopes = vec!["a".into()];
+        c
+    }
+
+    fn signing_key() -> crate::config::SigningKey {
+        crate::config::SigningKey {
+            alg: crate::config::JwsAlg::Rs256,
+            kid: "k".into(),
+            x5t_s256: None,
+            audience: None,
+            service: crate::config::SigningService::VaultTransit {
+                cluster: "vault".into(),
+                authority: "vault:8200".into(),
+                path: "/v1/transit/sign/k/sha2-256".into(),
+                token: Secret::new("hvs.t"),
+                namespace: None,
+            },
+            timeout_ms: 1000,
+        }
+    }
+
+    fn secretless(auth_method: AuthMethod) -> OAuth2Provider {
+        let mut p = provider(auth_method);
+        p.client_secret = None;
+        p
+    }
+
+    const ASSERTED: &str = "grant_type=client_credentials&scope=a&client_id=gw+client\
+        &client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer\
+        &client_assertion=eyJh.eyJj.c2ln";
+
+    #[test]
+    fn tls_client_auth_sends_the_client_id_and_nothing_secret() {
+        let r = build(
+            &secretless(AuthMethod::TlsClientAuth),
+            &ClientCredential::None,
+            &plain(),
+            GrantInput::None,
+        );
+        assert_eq!(r.authorization, None);
+        assert_eq!(
+            r.body.expose(),
+            "grant_type=client_credentials&scope=a&client_id=gw+client"
+        );
+        assert_eq!(r.cluster, "idp");
+        assert_eq!(
+            r.headers
+                .iter()
+                .find(|(k, _)| *k == ":authority")
+                .map(|(_, v)| v.as_str()),
+            Some("idp.test:8443")
+        );
+    }
+
+    #[test]
+    fn an_assertion_goes_in_the_form_with_its_type_and_the_client_id() {
+        assert_eq!(
+            CLIENT_ASSERTION_TYPE,
+            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+        );
+        let jwt = ClientCredential::Assertion(Secret::new("eyJh.eyJj.c2ln"));
+        for method in [
+            AuthMethod::ClientAssertion { connection: 2 },
+            AuthMethod::PrivateKeyJwt(Box::new(signing_key())),
+        ] {
+            let r = build(&secretless(method), &jwt, &plain(), GrantInput::None);
+            assert_eq!(r.authorization, None);
+            assert_eq!(r.body.expose(), ASSERTED);
+            assert!(!format!("{r:?}").contains("c2ln"));
+        }
+        // With a refresh token, and on revocation (RFC 7009 §2.1: the same client
+        // authentication), at the revocation endpoint's authority.
+        let mut c = plain();
+        c.grant = Grant::RefreshToken(SecretRef::Value(Secret::new("rt-1")));
+        c.scopes.clear();
+        let mut p = secretless(AuthMethod::ClientAssertion { connection: 2 });
+        let r = build(&p, &jwt, &c, GrantInput::None);
+        assert_eq!(
+            r.body.expose(),
+            "grant_type=refresh_token&refresh_token=rt-1&client_id=gw+client\
+             &client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer\
+             &client_assertion=eyJh.eyJj.c2ln"
+        );
+        p.revocation = Some(crate::config::Endpoint {
+            authority: "revoke.test".into(),
+            path: "/revoke".into(),
+        });
+        let r = revocation(&p, &jwt, &Secret::new("rt-2")).unwrap();
+        assert_eq!(r.authorization, None);
+        assert_eq!(
+            r.body.expose(),
+            "token=rt-2&token_type_hint=refresh_token&client_id=gw+client\
+             &client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer\
+             &client_assertion=eyJh.eyJj.c2ln"
+        );
+        let header = |name: &str| {
+            r.headers
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(header(":authority").as_deref(), Some("revoke.test"));
+        assert_eq!(header(":path").as_deref(), Some("/revoke"));
+        let r = revocation(
+            &secretless(AuthMethod::TlsClientAuth),
+            &ClientCredential::None,
+            &Secret::new("rt-2"),
+        );
+        assert_eq!(r, None, "no revocation_url");
+    }
+
+    #[test]
+    fn a_secret_is_sent_only_by_the_secret_methods() {
+        // Basic and post are as before (the whole requests are checked above).
+        let basic = build(
+            &provider(AuthMethod::ClientSecretBasic),
+            &SECRET(),
+            &plain(),
+            GrantInput::None,
+        );
+        assert_eq!(basic.body.expose(), "grant_type=client_credentials&scope=a");
+        assert!(basic.authorization.is_some());
+        // A secret handed to a secretless method is never sent: client_id only.
+        for method in [
+            AuthMethod::TlsClientAuth,
+            AuthMethod::ClientAssertion { connection: 0 },
+            AuthMethod::PrivateKeyJwt(Box::new(signing_key())),
+        ] {
+            let r = build(
+                &provider(method.clone()),
+                &SECRET(),
+                &plain(),
+                GrantInput::None,
+            );
+            assert_eq!(r.authorization, None, "{method:?}");
+            assert_eq!(
+                r.body.expose(),
+                "grant_type=client_credentials&scope=a&client_id=gw+client",
+                "{method:?}"
+            );
+        }
+        // A secret method without a secret sends none either (the server refuses).
+        for method in [AuthMethod::ClientSecretBasic, AuthMethod::ClientSecretPost] {
+            let r = build(
+                &provider(method),
+                &ClientCredential::None,
+                &plain(),
+                GrantInput::None,
+            );
+            assert_eq!(r.authorization, None);
+            assert_eq!(
+                r.body.expose(),
+                "grant_type=client_credentials&scope=a&client_id=gw+client"
+            );
+        }
     }
 }

@@ -51,6 +51,8 @@ pub enum FetchError {
     Dispatch,
     /// authorization_code: the token store failed (read or write).
     TokenStore,
+    /// private_key_jwt: the client assertion could not be signed.
+    Signing,
     /// authorization_code: no consent stored, or the server refused the
     /// refresh token (`invalid_grant`): the caller must sign in again.
     NoConsent,
@@ -70,11 +72,12 @@ impl FetchError {
             FetchError::TooLarge => "too_large",
             FetchError::Dispatch => "dispatch",
             FetchError::TokenStore => "token_store",
+            FetchError::Signing => "signing",
             FetchError::NoConsent => NO_CONSENT,
         }
     }
 
-    pub const KINDS: [&'static str; 11] = [
+    pub const KINDS: [&'static str; 12] = [
         "connect",
         "timeout",
         "status",
@@ -85,6 +88,7 @@ impl FetchError {
         "too_large",
         "dispatch",
         "token_store",
+        "signing",
         NO_CONSENT,
     ];
 }
@@ -391,6 +395,6 @@ mod tests {
             "oauth_error: token server answered 400 with error \"badcode\""
         );
         assert_eq!(FetchError::Timeout.to_string(), "timeout");
-        assert_eq!(FetchError::KINDS.len(), 11);
+        assert_eq!(FetchError::KINDS.len(), 12);
     }
 }

@@ -1451,3 +1451,35 @@ fn without_per_user_connections_the_issuer_comes_from_the_verified_token() {
     ));
     assert_eq!((t.record.as_str(), t.caller.is_none()), ("shared", true));
 }
+
+#[test]
+fn discovery_statuses_name_the_login_only_where_consent_is_required() {
+    let c = consent_config();
+    let (mine, team) = (conn_index(&c, "github_mine"), conn_index(&c, "crm_team"));
+    let body = r#"{"authenticated":true,"routes":[]}"#;
+    let o = discovery_with_statuses(
+        &c,
+        body,
+        &[
+            (mine, "connected"),
+            (team, "consent_required"),
+            (usize::MAX, "connected"),
+        ],
+    );
+    assert_eq!(o.verdict, Verdict::Discovery);
+    let r = o.reply.unwrap();
+    assert_eq!(r.status, 200);
+    let doc: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(
+        doc,
+        json!({ "authenticated": true, "routes": [], "connections": [
+            { "connection": "github_mine", "status": "connected" },
+            { "connection": "crm_team", "status": "consent_required",
+              "login_url": "/.latchkey/connections/crm_team/login" }
+        ]})
+    );
+    assert!(r.headers.contains(&("vary", "authorization".to_string())));
+    // Something that is not one object is answered as it is.
+    let o = discovery_with_statuses(&c, "[]", &[(mine, "connected")]);
+    assert_eq!(o.reply.unwrap().body, "[]");
+}

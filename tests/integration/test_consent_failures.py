@@ -111,15 +111,20 @@ def begin(envoy, signer, sub, *, browser=None, return_to=None):
     return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query)), path_of(url)
 
 
-def refused(resp, status: int, reason: str, connection: str | None = "mine") -> None:
-    """latchkey's JSON refusal of a consent endpoint."""
+def refused(resp, status: int, reason: str, connection: str | None = "mine",
+            spent: bool = False) -> None:
+    """latchkey's JSON refusal of a consent endpoint. `spent`: the callback's code was
+    redeemed but its refresh token couldn't be kept: `"retry": "login"` (start again),
+    and no retry-after (sending the same callback again can't help)."""
     assert resp.status == status, resp
     assert resp.header("content-type") == "application/json", resp
     want = {"error": "consent_failed", "reason": reason}
     if connection is not None:
         want["connection"] = connection
+    if spent:
+        want["retry"] = "login"
     assert resp.json() == want, resp
-    if status == 503:
+    if status == 503 and not spent:
         assert resp.header("retry-after") == "1", resp
     else:
         assert resp.header("retry-after") is None, resp
@@ -461,9 +466,9 @@ def test_state_nonces_differ_across_fresh_proxies(envoy_factory, upstream, signe
 
 def test_token_server_down_at_the_callback(envoy_factory, upstream, signer, oidc, bao):
     """The token server goes away between the consent and the callback: 503 token_server
-    with retry-after, nothing stored. The state was spent before the redemption: sending
-    the same callback again is 400 state_replayed; a new login works once the server is
-    back (here: the consent is simply still required). A disconnect meanwhile removes the
+    with retry-after, nothing stored. The code was never redeemed, so the state is
+    released: sending the same callback again is tried again (503 while the server is
+    still down), not refused as a replay; meanwhile the consent is simply still required. A disconnect meanwhile removes the
     record and says the refresh token was not revoked."""
     envoy = start_with(envoy_factory, oidc, bao)
     alice, bob = auth(signer, "alice"), auth(signer, "bob")
@@ -474,8 +479,10 @@ def test_token_server_down_at_the_callback(envoy_factory, upstream, signer, oidc
     resp = envoy.request("GET", cb, headers=alice)
     refused(resp, 503, "token_server")
     assert bao.kv_versions(record_path(bao, "alice")) == []
+    # The code was never redeemed: the state is released, the same callback may be
+    # sent again (and fails the same way while the server is down).
     again = envoy.request("GET", cb, headers=alice)
-    refused(again, 400, "state_replayed")
+    refused(again, 503, "token_server")
     resp = envoy.request("GET", "/orders/1", headers=alice)
     assert resp.status == 403 and resp.json()["error"] == "consent_required", resp
     assert upstream.requests() == []
@@ -483,20 +490,20 @@ def test_token_server_down_at_the_callback(envoy_factory, upstream, signer, oidc
     assert gone.status == 200 and gone.json() == {"disconnected": "mine", "revoked": False}, gone
     assert bao.kv_versions(record_path(bao, "bob")) == []
     stats = consent_stats(envoy)
-    assert stats["failed.token_server"] == 1 and stats["failed.state_replayed"] == 1
+    assert stats["failed.token_server"] == 2 and stats.get("failed.state_replayed", 0) == 0
     assert stats["completed"] == 1 and stats["store_writes"] == 1
     assert stats["disconnects"] == 1 and stats["revocations"] == 0
 
 
 def test_token_store_down_at_the_callback(envoy_factory, upstream, signer, oidc, bao):
     """OpenBao stops between the consent and the callback: the code is redeemed, the
-    record can't be read or written: 503 token_store with retry-after (not a success, not
-    a silent loss)."""
+    record can't be read or written: 503 token_store saying to log in again (the code is
+    spent: not a success, not a silent loss)."""
     envoy = start_with(envoy_factory, oidc, bao)
     _, cb = begin(envoy, signer, "alice")
     bao.stop()
     resp = envoy.request("GET", cb, headers=auth(signer, "alice"))
-    refused(resp, 503, "token_store")
+    refused(resp, 503, "token_store", spent=True)
     assert oidc.token_request_count("authorization_code", ok_only=True) == 1
     # A disconnect while the store is down: refused the same way, not "disconnected".
     refused(envoy.request("DELETE", f"{CONSENT_PATH}/mine", headers=auth(signer, "alice")), 503, "token_store")
@@ -515,7 +522,7 @@ def test_token_store_refusing_the_write_or_the_read_at_the_callback(envoy_factor
 
     _, cb = begin(envoy, signer, "alice")
     bao.policy("latchkey-token-store", read_policy_hcl("latchkey/connections/*"))
-    refused(envoy.request("GET", cb, headers=alice), 503, "token_store")
+    refused(envoy.request("GET", cb, headers=alice), 503, "token_store", spent=True)
     assert bao.kv_versions(record_path(bao, "alice")) == []
     writes = [e for e in bao.audit_requests(path="secret/data/" + record_path(bao, "alice"))
               if e["request"]["operation"] in ("create", "update")]
@@ -526,7 +533,7 @@ def test_token_store_refusing_the_write_or_the_read_at_the_callback(envoy_factor
 
     _, cb = begin(envoy, signer, "bob")
     bao.revoke_token(token)
-    refused(envoy.request("GET", cb, headers=bob), 503, "token_store")
+    refused(envoy.request("GET", cb, headers=bob), 503, "token_store", spent=True)
     assert bao.kv_versions(record_path(bao, "bob")) == []
     stats = consent_stats(envoy)
     assert stats["failed.token_store"] == 2 and stats["completed"] == 1
@@ -535,13 +542,13 @@ def test_token_store_refusing_the_write_or_the_read_at_the_callback(envoy_factor
 def test_store_conflict_at_the_callback(envoy_factory, upstream, signer, oidc, bao, store_relay):
     """Another writer stores alice's record between latchkey's version read and its
     compare-and-set write: OpenBao refuses latchkey's write, the caller gets 503
-    store_conflict with retry-after, and the record is the other writer's, whole: nothing
+    store_conflict saying to log in again, and the record is the other writer's, whole: nothing
     of latchkey's half-written."""
     envoy = start_with(envoy_factory, oidc, bao, vault_port=store_relay.port)
     other = {"refresh_token": "rt-written-by-another-proxy", "scopes": "orders.read", "updated": 1}
     store_relay.race_next_writes(lambda path: bao.kv_write(path, other), times=1)
     _, cb = begin(envoy, signer, "alice")
-    refused(envoy.request("GET", cb, headers=auth(signer, "alice")), 503, "store_conflict")
+    refused(envoy.request("GET", cb, headers=auth(signer, "alice")), 503, "store_conflict", spent=True)
     path = record_path(bao, "alice")
     assert store_relay.writes_seen == [path] and store_relay.raced == [(path, 1)]
     assert all_versions(bao, path) == [other]

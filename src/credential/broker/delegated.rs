@@ -40,6 +40,12 @@ pub enum Phase {
         token: token_response::Token,
         rereads: u8,
     },
+    /// private_key_jwt: the assertion is being signed; then the token request
+    /// goes, with this refresh token (if the grant has one).
+    Sign {
+        input: String,
+        refresh_token: Option<Secret>,
+    },
     /// Key Vault: the write is read back (no compare-and-set there).
     Verify {
         written: Secret,
@@ -112,24 +118,6 @@ impl<P: Proxy> Broker<P> {
         }
     }
 
-    /// A provider's client secret, when it is at hand (from a store: its cached value).
-    fn client_secret(
-        &mut self,
-        loaded: &Rc<Runtime>,
-        provider: &crate::config::OAuth2Provider,
-        defer_until_ms: u64,
-        now: u64,
-    ) -> Result<Secret, Option<()>> {
-        match &provider.client_secret {
-            SecretRef::Value(s) => Ok(s.clone()),
-            SecretRef::Store(i) => match self.acquire(loaded, Owner::Store(*i), None, now, false) {
-                Ok(Lookup::Ready(v)) => Ok(Secret::new(v.token)),
-                Ok(Lookup::Wait) if now < defer_until_ms => Err(Some(())),
-                _ => Err(None),
-            },
-        }
-    }
-
     /// Starts an authorization_code fetch: the record is read first.
     pub(super) fn dispatch_delegated(&mut self, mut f: Fetch, connection: usize, now: u64) -> Sent {
         let loaded = f.loaded.clone();
@@ -148,7 +136,7 @@ impl<P: Proxy> Broker<P> {
             return Sent::Done;
         };
         // The client secret is needed once the record is read: have it first.
-        match self.client_secret(&loaded, provider, f.defer_until_ms, now) {
+        match self.client_credential(&loaded, provider, f.defer_until_ms, now) {
             Ok(_) => {}
             Err(Some(())) => return Sent::Deferred(Box::new(f)),
             Err(None) => {
@@ -215,7 +203,7 @@ impl<P: Proxy> Broker<P> {
         let warn =
             |p: &P, what: &str| p.log(Level::Warn, &format!("connection {}: {what}", conn.name));
         match std::mem::replace(&mut f.phase, Phase::Start) {
-            Phase::Start => {}
+            Phase::Start | Phase::Sign { .. } => {}
             Phase::Record { rereads } => {
                 match token_store::parse_read(&store.kind, status, &body) {
                     Ok(None) => self.complete(&f, Err(FetchError::NoConsent), now),
@@ -249,8 +237,7 @@ impl<P: Proxy> Broker<P> {
                     Err(e) => self.complete(&f, Err(e), now),
                     Ok(token) => match token.refresh_token.clone() {
                         Some(rt) if rt != record.refresh_token => {
-                            let Ok(credential) =
-                                self.store_credential(&loaded, store, now + 1, now)
+                            let Ok(credential) = self.store_credential(&loaded, store, now, now)
                             else {
                                 warn(
                                     &self.proxy,
@@ -300,8 +287,7 @@ impl<P: Proxy> Broker<P> {
                 Ok(Written::Done) => match store.kind {
                     TokenStoreKind::Vault { .. } => self.complete(&f, Ok(token), now),
                     TokenStoreKind::KeyVault { .. } => {
-                        let Ok(credential) = self.store_credential(&loaded, store, now + 1, now)
-                        else {
+                        let Ok(credential) = self.store_credential(&loaded, store, now, now) else {
                             self.complete(&f, Ok(token), now);
                             return;
                         };
@@ -364,7 +350,7 @@ impl<P: Proxy> Broker<P> {
         ) else {
             return;
         };
-        let Ok(secret) = self.client_secret(&loaded, provider, now + 1, now) else {
+        let Ok(secret) = self.client_credential(&loaded, provider, now, now) else {
             self.complete(&f, Err(FetchError::Dispatch), now);
             return;
         };
@@ -400,7 +386,7 @@ impl<P: Proxy> Broker<P> {
             self.complete(&f, Err(FetchError::TokenStore), now);
             return;
         };
-        let Ok(credential) = self.store_credential(&loaded, store, now + 1, now) else {
+        let Ok(credential) = self.store_credential(&loaded, store, now, now) else {
             self.complete(&f, Err(FetchError::TokenStore), now);
             return;
         };
@@ -474,6 +460,17 @@ impl<P: Proxy> Broker<P> {
         );
     }
 
+    /// A callback whose code was redeemed failed to keep its refresh token.
+    fn job_lost(&mut self, job: Job, status: u32, reason: &'static str) {
+        let name = job
+            .loaded
+            .config
+            .connection(job.task.connection)
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        self.finish_job(job, request::consent_lost(status, reason, &name));
+    }
+
     fn send_job(&mut self, job: Job, call: HttpCall) {
         match self.proxy.dispatch(&call) {
             Ok(id) => {
@@ -518,7 +515,7 @@ impl<P: Proxy> Broker<P> {
             }
             Err(None) => return self.job_failed(job, 503, "token_store"),
         };
-        let secret = match self.client_secret(&loaded, provider, job.defer_until_ms, now) {
+        let secret = match self.client_credential(&loaded, provider, job.defer_until_ms, now) {
             Ok(s) => s,
             Err(Some(())) => {
                 self.jobs.push(job);
@@ -626,6 +623,25 @@ impl<P: Proxy> Broker<P> {
         outcome.unwrap_or(Err(Replay::Full))
     }
 
+    /// Forgets that a state was used (its code was never redeemed), so that the
+    /// callback can be sent again. Losing this race only means it can't.
+    fn release_state(&self, loaded: &Runtime, nonce: &str) {
+        let Some(key) = &loaded.used_states_key else {
+            return;
+        };
+        let _ = cas::retry(CAS_TRIES, || {
+            let Ok(Some((bytes, cas))) = self.proxy.shared_get(key) else {
+                return Attempt::Done(());
+            };
+            let mut used = UsedStates::decode(&bytes);
+            used.0.retain(|(n, _)| n != nonce);
+            match self.proxy.shared_set(key, &used.encode(), cas) {
+                Ok(false) => Attempt::Conflict,
+                _ => Attempt::Done(()),
+            }
+        });
+    }
+
     /// An answer to one of a task's calls.
     pub(super) fn on_job_answer(
         &mut self,
@@ -700,9 +716,21 @@ impl<P: Proxy> Broker<P> {
                             Level::Warn,
                             "consent: the token server gave no refresh token".into(),
                         );
-                        self.job_failed(job, 502, "no_refresh_token")
+                        self.job_lost(job, 502, "no_refresh_token")
                     }
                 },
+                // The gateway's own client was refused: its configuration, not
+                // the person's code.
+                Err(FetchError::OAuth { code, .. })
+                    if code == "invalid_client" || code == "unauthorized_client" =>
+                {
+                    log(
+                        &self.proxy,
+                        Level::Warn,
+                        format!("consent: the token server refused the gateway's client ({code}): check client_id and its authentication"),
+                    );
+                    self.job_failed(job, 502, "token_server")
+                }
                 Err(FetchError::OAuth { code, status }) if (400..500).contains(&status) => {
                     log(
                         &self.proxy,
@@ -717,6 +745,10 @@ impl<P: Proxy> Broker<P> {
                         Level::Warn,
                         format!("consent: code redemption failed: {e}"),
                     );
+                    // The code wasn't redeemed: the same callback may be sent again.
+                    if let TaskKind::Connect { nonce, .. } = &job.task.kind {
+                        self.release_state(&loaded, nonce);
+                    }
                     self.job_failed(job, 503, "token_server")
                 }
             },
@@ -729,11 +761,11 @@ impl<P: Proxy> Broker<P> {
                             Level::Warn,
                             format!("consent: token store {} read failed: {e}", store.name),
                         );
-                        return self.job_failed(job, 503, "token_store");
+                        return self.job_lost(job, 503, "token_store");
                     }
                 };
-                let Ok(credential) = self.store_credential(&loaded, store, now + 1, now) else {
-                    return self.job_failed(job, 503, "token_store");
+                let Ok(credential) = self.store_credential(&loaded, store, now, now) else {
+                    return self.job_lost(job, 503, "token_store");
                 };
                 let scopes = match &conn.credential {
                     Credential::OAuth2(o) => o.scopes.join(" "),
@@ -772,7 +804,7 @@ impl<P: Proxy> Broker<P> {
                 }
                 Ok(Written::Conflict) => {
                     m.consent(&self.proxy, ConsentStat::StoreConflicts);
-                    self.job_failed(job, 503, "store_conflict")
+                    self.job_lost(job, 503, "store_conflict")
                 }
                 Err(e) => {
                     log(
@@ -780,7 +812,7 @@ impl<P: Proxy> Broker<P> {
                         Level::Warn,
                         format!("consent: token store {} write failed: {e}", store.name),
                     );
-                    self.job_failed(job, 503, "token_store")
+                    self.job_lost(job, 503, "token_store")
                 }
             },
             Step::ReadForDisconnect => match token_store::parse_read(&store.kind, status, &body) {
@@ -811,7 +843,7 @@ impl<P: Proxy> Broker<P> {
                     let revocation =
                         match (refresh_token, config.provider_of(conn).map(|p| &p.kind)) {
                             (Some(rt), Some(ProviderKind::OAuth2(p))) => {
-                                match self.client_secret(&loaded, p, now + 1, now) {
+                                match self.client_credential(&loaded, p, now, now) {
                                     Ok(secret) => token_request::revocation(p, &secret, &rt),
                                     Err(_) => None,
                                 }
@@ -900,20 +932,5 @@ impl<P: Proxy> Broker<P> {
     ) -> HttpCall {
         loaded.stats.consent(&self.proxy, ConsentStat::StoreReads);
         token_store::read_call(store, credential, connection, record)
-    }
-}
-
-/// A token request as the call it is.
-fn token_call(req: token_request::TokenRequest) -> HttpCall {
-    HttpCall {
-        cluster: req.cluster,
-        headers: req.headers,
-        secret_headers: req
-            .authorization
-            .map(|a| ("authorization", a))
-            .into_iter()
-            .collect(),
-        body: Some(req.body),
-        timeout_ms: req.timeout_ms,
     }
 }

@@ -334,6 +334,16 @@ fn no_record_or_a_refused_refresh_token_is_consent_required() {
         let (id, _) = one_call(&b);
         b.on_answer(id, Some(status), Some(body), 2);
         assert!(b.proxy.take_calls().is_empty(), "no redemption");
+        // Nobody consented: the caller is told; not the gateway's failure to warn of.
+        let levels: Vec<Level> = b
+            .proxy
+            .logs
+            .borrow()
+            .iter()
+            .filter(|(_, m)| m.contains("token fetch failed: consent_required"))
+            .map(|(l, _)| *l)
+            .collect();
+        assert_eq!(levels, [Level::Debug]);
         assert_eq!(
             rejected(
                 b.resolve(&loaded, &[team], Who::default(), 3, true)
@@ -858,8 +868,12 @@ fn connect_with(
         .headers
         .iter()
         .any(|(k, v)| *k == "retry-after" && v == "1");
-    assert_eq!(retry_after, reply.status == 503);
-    let body = serde_json::from_str(&reply.body).unwrap();
+    let body: Value = serde_json::from_str(&reply.body).unwrap();
+    // A retry of the same callback can work only when its code wasn't spent.
+    assert_eq!(
+        retry_after,
+        reply.status == 503 && body.get("retry").is_none()
+    );
     (b, (r.id, r.outcome.verdict, reply.status, body))
 }
 
@@ -869,6 +883,16 @@ fn failure(status: u32, reason: &str) -> (u32, Verdict, u32, Value) {
         Verdict::ConsentFailed,
         status,
         json!({ "error": "consent_failed", "reason": reason, "connection": "team" }),
+    )
+}
+
+/// A callback whose code was spent: start again at the login.
+fn lost(status: u32, reason: &str) -> (u32, Verdict, u32, Value) {
+    (
+        7,
+        Verdict::ConsentFailed,
+        status,
+        json!({ "error": "consent_failed", "reason": reason, "connection": "team", "retry": "login" }),
     )
 }
 
@@ -902,22 +926,26 @@ fn a_callback_that_cannot_finish_says_why() {
         None,
     );
     assert_eq!(answer, failure(503, "token_server"));
-    let (_, answer) = connect_with((401, br#"{"error":"invalid_client"}"#.to_vec()), None, None);
-    assert_eq!(answer, failure(400, "code_rejected"));
-    // A token but no refresh token: nothing to keep.
+    // The gateway's own client refused: its configuration, not the person's code.
+    let (b, answer) = connect_with((401, br#"{"error":"invalid_client"}"#.to_vec()), None, None);
+    assert_eq!(answer, failure(502, "token_server"));
+    assert!(b
+        .proxy
+        .logged("refused the gateway's client (invalid_client)"));
+    // A token but no refresh token: nothing to keep, and the code is spent.
     let (_, answer) = connect_with((200, token_answer("at", json!({}))), None, None);
-    assert_eq!(answer, failure(502, "no_refresh_token"));
+    assert_eq!(answer, lost(502, "no_refresh_token"));
     assert_eq!(last_reason(), Some("no_refresh_token"));
     // The store's version read fails.
     let (_, answer) = connect_with(ok_token(), Some((500, Vec::new())), None);
-    assert_eq!(answer, failure(503, "token_store"));
+    assert_eq!(answer, lost(503, "token_store"));
     // The write fails, or another writer came first.
     let (b, answer) = connect_with(
         ok_token(),
         Some((200, kv2("old", 1))),
         Some((503, Vec::new())),
     );
-    assert_eq!(answer, failure(503, "token_store"));
+    assert_eq!(answer, lost(503, "token_store"));
     assert_eq!(last_reason(), Some("token_store"));
     assert_eq!(consent_stat(&b, "completed"), 0);
     let (b, answer) = connect_with(
@@ -925,7 +953,7 @@ fn a_callback_that_cannot_finish_says_why() {
         Some((200, kv2("old", 1))),
         Some((400, CAS_LOST.to_vec())),
     );
-    assert_eq!(answer, failure(503, "store_conflict"));
+    assert_eq!(answer, lost(503, "store_conflict"));
     assert_eq!(last_reason(), Some("store_conflict"));
     assert_eq!(consent_stat(&b, "store_conflicts"), 1);
     assert_eq!(consent_stat(&b, "completed"), 0);
@@ -1377,4 +1405,144 @@ fn no_identity_token_for_the_key_vault_is_a_store_failure() {
         )
         .1
     );
+}
+
+#[test]
+fn a_per_user_token_is_served_from_this_vm_s_copy_until_a_consent_changes() {
+    let (mut b, loaded) = delegated_setup();
+    let mine = conn(&loaded, "mine");
+    let alice = Secret::new(caller_key("https://issuer", "alice").unwrap());
+    let bob = Secret::new(caller_key("https://issuer", "bob").unwrap());
+    assert!(waits(
+        &b.resolve(&loaded, &[mine], who(&alice), 0, true).unwrap()
+    ));
+    b.dispatch_due(1);
+    let (id, _) = one_call(&b);
+    b.on_answer(id, Some(200), Some(kv2("rt-a", 1)), 2);
+    let (id, _) = one_call(&b);
+    b.on_answer(id, Some(200), Some(token_answer("at-a", json!({}))), 3);
+    // The first look copies it; then no shared-data read and no clock at all.
+    ready(b.resolve(&loaded, &[mine], who(&alice), 4, true).unwrap());
+    assert!(loaded.has_caller_copy(mine, alice.expose()));
+    assert!(!loaded.has_caller_copy(mine, bob.expose()));
+    let reads = b.proxy.gets.get();
+    let clock = std::cell::Cell::new(0);
+    let mut tick = || {
+        clock.set(clock.get() + 1);
+        Ok(5)
+    };
+    let creds = ready(
+        b.resolve_with(&loaded, &[mine], who(&alice), &mut tick, true)
+            .unwrap(),
+    );
+    assert_eq!(creds[0].secret.expose(), "at-a");
+    assert_eq!(clock.get(), 0);
+    // One read: the copy generation, nothing else.
+    assert_eq!(b.proxy.gets.get(), reads + 1);
+    // Well before its refresh point the copy stays; past it the tick drops it.
+    loaded.trim_caller_copies(6, 3000);
+    assert!(loaded.has_caller_copy(mine, alice.expose()));
+    loaded.trim_caller_copies(10_000_000, 3000);
+    assert!(!loaded.has_caller_copy(mine, alice.expose()));
+}
+
+#[test]
+fn caller_copies_are_bounded_per_connection_and_replaced_in_place() {
+    let (_, loaded) = delegated_setup();
+    let mine = conn(&loaded, "mine");
+    let token = |id: u64| Cached::new(format!("at-{id}"), id, 600_000, 0, &Policy::new(5000, 5000));
+    for i in 0..crate::runtime::MAX_CALLER_COPIES {
+        loaded.set_caller_copy(mine, &format!("k{i}"), Some(token(i as u64)));
+    }
+    let len = |l: &Runtime| l.caller_copies.borrow()[mine].len();
+    assert_eq!(len(&loaded), crate::runtime::MAX_CALLER_COPIES);
+    // A caller already held is replaced, nothing evicted.
+    loaded.set_caller_copy(mine, "k7", Some(token(7_000)));
+    assert_eq!(len(&loaded), crate::runtime::MAX_CALLER_COPIES);
+    assert_eq!(loaded.caller_copy(mine, "k7").unwrap().token, "at-7000");
+    assert!(loaded.has_caller_copy(mine, "k0") && loaded.has_caller_copy(mine, "k1"));
+    // A new one evicts exactly one.
+    loaded.set_caller_copy(mine, "new", Some(token(9)));
+    assert_eq!(len(&loaded), crate::runtime::MAX_CALLER_COPIES);
+    assert!(loaded.has_caller_copy(mine, "new"));
+    // None drops it; other connections hold none.
+    loaded.set_caller_copy(mine, "new", None);
+    assert!(!loaded.has_caller_copy(mine, "new"));
+    assert_eq!(len(&loaded), crate::runtime::MAX_CALLER_COPIES - 1);
+    loaded.drop_token_copies();
+    assert_eq!(len(&loaded), 0);
+}
+
+#[test]
+fn consent_tasks_count_as_paused_requests() {
+    let (mut b, loaded) = delegated_setup();
+    b.prefetch_due = false;
+    assert_eq!(b.paused(), 0);
+    b.start_task(&loaded, 1, connect_task(&loaded, "team", "n-1", None), 0);
+    b.start_task(&loaded, 2, connect_task(&loaded, "team", "n-2", None), 0);
+    assert_eq!(b.paused(), 2);
+    // Sent: still paused, now awaiting its call.
+    b.dispatch_due(1);
+    assert_eq!(b.proxy.take_calls().len(), 2);
+    assert_eq!(b.paused(), 2);
+    let mine = conn(&loaded, "mine");
+    let alice = Secret::new(caller_key("https://issuer", "alice").unwrap());
+    let needed = Needed {
+        route: 0,
+        picks: vec![mine],
+        subject: None,
+        caller: Some(alice),
+        edits: Vec::new(),
+    };
+    b.wait(
+        3,
+        Waiter {
+            loaded: loaded.clone(),
+            needed,
+            deadline_ms: 100,
+            sent: Vec::new(),
+            path: b"/".to_vec(),
+            keys: Vec::new(),
+            seen: Vec::new(),
+        },
+    );
+    assert_eq!(b.paused(), 3);
+}
+
+#[test]
+fn consent_failures_are_counted_by_reason_and_refusals_have_their_own_counter() {
+    let (b, loaded) = delegated_setup();
+    let m = &loaded.stats;
+    m.consent_failed(&b.proxy, "state_expired");
+    m.consent_failed(&b.proxy, "state_expired");
+    m.consent_failed(&b.proxy, "wrong_caller");
+    assert_eq!(consent_stat(&b, "failed"), 3);
+    assert_eq!(consent_stat(&b, "failed.state_expired"), 2);
+    assert_eq!(consent_stat(&b, "failed.wrong_caller"), 1);
+    assert_eq!(consent_stat(&b, "failed.state_invalid"), 0);
+    // An unknown reason still counts as a failure, under no reason.
+    m.consent_failed(&b.proxy, "no_such_reason");
+    assert_eq!(consent_stat(&b, "failed"), 4);
+    for reason in crate::stats::CONSENT_FAILURES {
+        assert!(
+            b.proxy
+                .stats
+                .borrow()
+                .iter()
+                .any(|s| *s == format!("latchkey.consent.failed.{reason}")),
+            "{reason}"
+        );
+    }
+    b.proxy.count(m.consent_required);
+    assert_eq!(b.proxy.stat("latchkey.requests.consent_required"), 1);
+}
+
+#[test]
+fn a_consent_fetch_holds_its_lease_for_all_its_calls() {
+    let (_, loaded) = delegated_setup();
+    let mine = conn(&loaded, "mine");
+    let slot = loaded.tokens[mine].as_ref().unwrap();
+    // Its record's read, its redemption, and its write-back (with a re-read): the
+    // provider's and the store's timeouts (5 s each), plus the token request's own.
+    assert_eq!(slot.policy.fetch_timeout_ms, 5_000 + 2 * 5_000 + 5_000);
 }

@@ -1361,3 +1361,7 @@ fn a_paused_request_keeps_waiting_while_one_of_its_credentials_is_missing() {
 /// authorization_code fetches and consent tasks (SPEC v1.2), over this fake proxy.
 #[path = "delegated_tests.rs"]
 mod delegated_tests;
+
+/// private_key_jwt, client_assertion and tls_client_auth fetches (SPEC v1.2).
+#[path = "signing_tests.rs"]
+mod signing_tests;
