@@ -1546,3 +1546,104 @@ fn a_consent_fetch_holds_its_lease_for_all_its_calls() {
     // provider's and the store's timeouts (5 s each), plus the token request's own.
     assert_eq!(slot.policy.fetch_timeout_ms, 5_000 + 2 * 5_000 + 5_000);
 }
+
+#[test]
+fn discovery_reads_each_record_in_turn_for_its_status() {
+    let (mut b, loaded) = delegated_setup();
+    b.prefetch_due = false;
+    let (mine, team) = (conn(&loaded, "mine"), conn(&loaded, "team"));
+    let key = caller_key("https://issuer", "alice").unwrap();
+    let items = vec![
+        (mine, hash_of_key(&key), Some(Secret::new(key.clone()))),
+        (team, "shared".to_string(), None),
+    ];
+    let task = |items: Vec<(usize, String, Option<Secret>)>| Task {
+        connection: items[0].0,
+        record: items[0].1.clone(),
+        caller: items[0].2.clone(),
+        kind: TaskKind::Discover {
+            body: r#"{"authenticated":true,"routes":[]}"#.to_string(),
+            items,
+            statuses: Vec::new(),
+        },
+    };
+    b.start_task(&loaded, 5, task(items.clone()), 0);
+    b.dispatch_due(1);
+    let (id, call) = one_call(&b);
+    assert_eq!(header(&call, ":method"), Some("GET"));
+    assert_eq!(
+        header(&call, ":path"),
+        Some(record_path("mine", &hash_of_key(&key)).as_str())
+    );
+    b.on_answer(id, Some(200), Some(kv2("rt", 1)), 2);
+    // The next record only after the first answered.
+    let (id, call) = one_call(&b);
+    assert_eq!(
+        header(&call, ":path"),
+        Some(record_path("team", "shared").as_str())
+    );
+    b.on_answer(id, Some(404), Some(b"{}".to_vec()), 3);
+    let (got, verdict, status, body) = task_answer(&mut b, 4);
+    assert_eq!((got, verdict, status), (5, Verdict::Discovery, 200));
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        doc["connections"],
+        json!([
+            { "connection": "mine", "status": "connected" },
+            { "connection": "team", "status": "consent_required",
+              "login_url": "/.latchkey/connections/team/login" }
+        ])
+    );
+    assert_eq!(consent_stat(&b, "store_reads"), 2);
+    // A store that fails: "unknown", and the answer still comes.
+    b.start_task(&loaded, 6, task(items), 10);
+    b.dispatch_due(11);
+    let (id, _) = one_call(&b);
+    b.on_answer(id, Some(500), Some(Vec::new()), 12);
+    let (id, _) = one_call(&b);
+    b.on_answer(id, Some(200), Some(kv2("rt", 1)), 13);
+    let (_, _, _, body) = task_answer(&mut b, 14);
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["connections"][0]["status"], json!("unknown"));
+    assert_eq!(doc["connections"][1]["status"], json!("connected"));
+}
+
+#[test]
+fn a_consent_change_empties_the_caller_s_entry_even_when_another_worker_wrote_it_meanwhile() {
+    let (mut b, loaded) = delegated_setup();
+    b.prefetch_due = false;
+    let mine = conn(&loaded, "mine");
+    let key = Secret::new(caller_key("https://issuer", "alice").unwrap());
+    // alice holds a token.
+    let _ = b.resolve(&loaded, &[mine], who(&key), 0, true).unwrap();
+    b.dispatch_due(1);
+    let (id, _) = one_call(&b);
+    b.on_answer(id, Some(200), Some(kv2("rt", 1)), 2);
+    let (id, _) = one_call(&b);
+    b.on_answer(id, Some(200), Some(token_answer("at-a", json!({}))), 3);
+    ready(b.resolve(&loaded, &[mine], who(&key), 4, true).unwrap());
+    // Her disconnect: read, delete; the entry is emptied however its CAS moved.
+    b.start_task(&loaded, 9, disconnect_task_for(&loaded, "mine", &key), 5);
+    b.dispatch_due(6);
+    let (id, _) = one_call(&b);
+    b.on_answer(id, Some(200), Some(kv2("rt", 1)), 7);
+    let (id, _) = one_call(&b);
+    // Another worker writes the shared set just as this one empties alice's entry:
+    // its first compare-and-set is refused, and it tries again.
+    b.proxy.conflicts.set(1);
+    b.on_answer(id, Some(204), Some(Vec::new()), 8);
+    assert_eq!(b.proxy.conflicts.get(), 0);
+    loaded.drop_token_copies();
+    assert!(waits(
+        &b.resolve(&loaded, &[mine], who(&key), 9, true).unwrap()
+    ));
+}
+
+fn disconnect_task_for(loaded: &Runtime, connection: &str, key: &Secret) -> Task {
+    Task {
+        connection: conn(loaded, connection),
+        record: hash_of_key(key.expose()),
+        caller: Some(key.clone()),
+        kind: TaskKind::Disconnect,
+    }
+}

@@ -28,6 +28,8 @@ struct Fake {
     refuse_dispatch: Rc<Cell<bool>>,
     /// Shared-data reads so far.
     gets: Rc<Cell<usize>>,
+    /// Compare-and-set writes to refuse, as if another worker wrote first.
+    conflicts: Rc<Cell<u32>>,
 }
 
 impl Proxy for Fake {
@@ -40,6 +42,10 @@ impl Proxy for Fake {
         let mut m = self.shared.borrow_mut();
         let current = m.get(key).map_or(0, |(_, c)| *c);
         if cas != 0 && cas != current {
+            return Ok(false);
+        }
+        if cas != 0 && self.conflicts.get() > 0 {
+            self.conflicts.set(self.conflicts.get() - 1);
             return Ok(false);
         }
         m.insert(key.to_string(), (value.to_vec(), current + 1));
