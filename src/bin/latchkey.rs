@@ -22,7 +22,9 @@
 //! Across the files given (best effort, warnings): a `match.route_name` that no
 //! VirtualService, HTTPRoute or Envoy route among them names, and a `cluster` that no
 //! Envoy cluster, Istio ServiceEntry or Kubernetes Service among them defines, and a
-//! `valueFrom: HOST` variable that no proxy container among them sets.
+//! `valueFrom: HOST` variable that no proxy container among them sets. And one error:
+//! a `tls_client_auth` provider (v1.2) whose cluster is an Envoy cluster among them
+//! with no client certificate in its transport socket.
 //!
 //! `{"env": NAME}` secrets: deploy-time values are not known here. A variable given
 //! inline next to the configuration (Envoy `environment_variables.key_values`, a
@@ -285,6 +287,10 @@ struct Defines {
     /// `httproute/<ns>/<name>/rule/<n>/…`).
     route_prefixes: BTreeSet<String>,
     clusters: Option<BTreeSet<String>>,
+    /// The Envoy clusters whose definition was seen (static or a CDS resource), and
+    /// whether their transport_socket presents a client certificate (any definition
+    /// of the name among the files given does).
+    client_certs: BTreeMap<String, bool>,
     /// Envoy's clusters come from CDS: their names are not known here.
     dynamic_clusters: bool,
     /// Which kinds of cluster sources were given: an Istio cluster name of an external
@@ -308,6 +314,12 @@ impl Defines {
         self.clusters
             .get_or_insert_with(BTreeSet::new)
             .insert(name.to_string());
+    }
+    /// An Envoy cluster `name`, defined by `def`.
+    fn envoy_cluster(&mut self, name: &str, def: &Value) {
+        self.envoy_clusters = true;
+        self.cluster(name);
+        *self.client_certs.entry(name.to_string()).or_default() |= presents_client_cert(def);
     }
     /// Whether the files given define the kind of cluster `name` is.
     fn knows_kind_of(&self, name: &str) -> bool {
@@ -343,6 +355,9 @@ impl Defines {
         }
         self.route_prefixes
             .extend(other.route_prefixes.iter().cloned());
+        for (name, cert) in &other.client_certs {
+            *self.client_certs.entry(name.clone()).or_default() |= cert;
+        }
         self.dynamic_clusters |= other.dynamic_clusters;
         self.envoy_clusters |= other.envoy_clusters;
         self.service_entries |= other.service_entries;
@@ -561,6 +576,7 @@ fn cross_check(reports: &mut [(String, Report)]) {
     for (_, r) in reports.iter_mut() {
         for c in &mut r.checked {
             let Some(config) = &c.config else { continue };
+            let errors = cross_errors(config, &all);
             let mut ws = cross_warnings(config, &all);
             ws.extend(env_warnings(config, &c.host_vars, &all));
             for (path, w) in ws {
@@ -569,8 +585,91 @@ fn cross_check(reports: &mut [(String, Report)]) {
                 }
                 c.warnings.push(w);
             }
+            // What would fail at run time though the filter loads it: the configuration
+            // is reported as an error, at the first field concerned.
+            if let Some((path, _)) = errors.first() {
+                if let Some(pos) = locate(&c.field_pos, path) {
+                    c.pos = Some(pos);
+                }
+                let messages: Vec<String> = errors.into_iter().map(|(_, m)| m).collect();
+                c.outcome = Err(messages.join("; "));
+            }
         }
     }
+}
+
+/// Errors about what the files given show of the configuration's Envoy side: a
+/// `tls_client_auth` provider whose cluster, defined among them, presents no
+/// client certificate (the token server could never authenticate the client).
+fn cross_errors(config: &Value, all: &Defines) -> Vec<(Vec<String>, String)> {
+    let mut out = Vec::new();
+    let Some(providers) = config.get("providers").and_then(Value::as_object) else {
+        return out;
+    };
+    for (name, p) in providers {
+        let tls = p.get("type").and_then(Value::as_str) == Some("oauth2")
+            && p.get("auth_method").and_then(Value::as_str) == Some("tls_client_auth");
+        let Some(cluster) = p.get("cluster").and_then(Value::as_str).filter(|_| tls) else {
+            continue;
+        };
+        if all.client_certs.get(cluster) == Some(&false) {
+            let at = ["providers", name, "auth_method"]
+                .iter()
+                .map(|s| pointer_escape(s))
+                .collect();
+            out.push((
+                at,
+                format!(
+                    "providers.{name}.auth_method: \"tls_client_auth\" needs a client \
+                     certificate, but cluster {cluster:?} presents none (its transport_socket \
+                     has no common_tls_context with tls_certificates or \
+                     tls_certificate_sds_secret_configs): the token server can't authenticate \
+                     the client"
+                ),
+            ));
+        }
+    }
+    out
+}
+
+/// Whether an Envoy cluster's transport socket (or one of its
+/// `transport_socket_matches`) has a TLS context with a client certificate: inline
+/// or from files (`tls_certificates`), from SDS (`tls_certificate_sds_secret_configs`)
+/// or a certificate provider. Wrapping sockets (`tcp_stats`, `http_11_proxy`, …)
+/// are looked into.
+fn presents_client_cert(cluster: &Value) -> bool {
+    fn has_cert(v: &Value) -> bool {
+        match v {
+            Value::Object(map) => {
+                let in_context = map.get("common_tls_context").is_some_and(|ctx| {
+                    [
+                        "tls_certificates",
+                        "tls_certificate_sds_secret_configs",
+                        "tls_certificate_provider_instance",
+                        "tls_certificate_certificate_provider_instance",
+                    ]
+                    .iter()
+                    .any(|f| match ctx.get(*f) {
+                        Some(Value::Array(a)) => !a.is_empty(),
+                        Some(Value::Null) | None => false,
+                        Some(_) => true,
+                    })
+                });
+                in_context || map.values().any(has_cert)
+            }
+            Value::Array(items) => items.iter().any(has_cert),
+            _ => false,
+        }
+    }
+    let sockets = cluster.get("transport_socket").into_iter().chain(
+        cluster
+            .get("transport_socket_matches")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m.get("transport_socket")),
+    );
+    sockets.into_iter().any(has_cert)
 }
 
 /// A variable the configuration reads from the proxy's environment that no proxy
@@ -676,8 +775,9 @@ fn cross_warnings(config: &Value, all: &Defines) -> Vec<(Vec<String>, String)> {
 
 /// Every `cluster` a configuration names, with the path of its field (unescaped
 /// segments): a provider's, a connection's (client certificates), a secret
-/// store's (beside `azure_key_vault`, or inside `vault`) and a token store's
-/// (the same two places).
+/// store's (beside `azure_key_vault`, or inside `vault`), a token store's
+/// (the same two places) and a provider's signing key's (beside
+/// `azure_key_vault_key`, or inside `vault_transit`).
 fn clusters_named(config: &Value) -> Vec<(Vec<String>, String)> {
     let mut out = Vec::new();
     for section in ["providers", "connections", "secrets", "token_stores"] {
@@ -685,11 +785,22 @@ fn clusters_named(config: &Value) -> Vec<(Vec<String>, String)> {
             continue;
         };
         for (name, e) in entries {
+            let key = e.get("signing_key");
             let places = [
                 (e.get("cluster"), vec![section, name, "cluster"]),
                 (
                     e.get("vault").and_then(|v| v.get("cluster")),
                     vec![section, name, "vault", "cluster"],
+                ),
+                // A private_key_jwt provider's key service (v1.2).
+                (
+                    key.and_then(|k| k.get("cluster")),
+                    vec![section, name, "signing_key", "cluster"],
+                ),
+                (
+                    key.and_then(|k| k.get("vault_transit"))
+                        .and_then(|v| v.get("cluster")),
+                    vec![section, name, "signing_key", "vault_transit", "cluster"],
                 ),
             ];
             for (value, path) in places {
@@ -873,8 +984,7 @@ fn collect_envoy(v: &Value, d: &mut Defines) {
         Value::Object(map) => {
             if map.get("@type").and_then(Value::as_str) == Some(CLUSTER_TYPE) {
                 if let Some(n) = map.get("name").and_then(Value::as_str) {
-                    d.envoy_clusters = true;
-                    d.cluster(n);
+                    d.envoy_cluster(n, v);
                 }
             }
             if map.get("cds_config").is_some() {
@@ -887,8 +997,7 @@ fn collect_envoy(v: &Value, d: &mut Defines) {
             {
                 for c in cs {
                     if let Some(n) = c.get("name").and_then(Value::as_str) {
-                        d.envoy_clusters = true;
-                        d.cluster(n);
+                        d.envoy_cluster(n, c);
                     }
                 }
             }
@@ -989,7 +1098,8 @@ impl At<'_> {
 /// `routes[0].match.route_name: …` → routes, 0, match, route_name.
 fn error_path(error: &str) -> Option<Vec<String>> {
     let (path, _) = error.split_once(": ")?;
-    let ok = |c: char| c.is_ascii_alphanumeric() || "_-.[]".contains(c);
+    // `#`: a signing key's `x5t#S256` (v1.2).
+    let ok = |c: char| c.is_ascii_alphanumeric() || "_-.[]#".contains(c);
     if path.is_empty() || !path.chars().all(ok) {
         return None;
     }
@@ -1953,6 +2063,14 @@ spec:
                     .to_vec()
             )
         );
+        assert_eq!(
+            error_path("providers.p.signing_key.x5t#S256: invalid value \"x\": …"),
+            Some(
+                ["providers", "p", "signing_key", "x5t#S256"]
+                    .map(String::from)
+                    .to_vec()
+            )
+        );
         assert_eq!(error_path("configuration is not valid JSON: x"), None);
         assert_eq!(error_path("no colon"), None);
     }
@@ -2191,6 +2309,134 @@ spec:
         assert!(w[2].starts_with(
             "token_stores.t.vault.cluster \"outbound|8200||vault.example.com\" is not a cluster"
         ));
+    }
+
+    #[test]
+    fn signing_key_clusters_are_checked_across_files() {
+        let good = "outbound|443||login.example.com";
+        let config = r#"{"secrets": {"t": {"inline": "hvs.x"}},
+          "providers": {"transit": {"type": "oauth2", "cluster": "GOOD", "token_url": "https://login.example.com/t",
+                                    "client_id": "a", "auth_method": "private_key_jwt",
+                                    "signing_key": {"vault_transit": {"cluster": "TRANSIT", "url": "https://vault.example.com", "key": "gw", "token": "t"}}},
+                        "kv": {"type": "oauth2", "cluster": "GOOD", "token_url": "https://login.example.com/t",
+                               "client_id": "b", "auth_method": "private_key_jwt",
+                               "signing_key": {"azure_key_vault_key": "https://kv.vault.azure.net/keys/gw", "cluster": "KEY_VAULT",
+                                               "identity": "signer", "alg": "PS256"}},
+                        "mi": {"type": "azure_managed_identity", "cluster": "GOOD"}},
+          "connections": {"signer": {"provider": "mi", "resource": "https://vault.azure.net"},
+                          "a": {"provider": "transit", "grant": "client_credentials", "access": {"public": true}},
+                          "b": {"provider": "kv", "grant": "client_credentials", "access": {"public": true}}}}"#
+            .replace('\n', " ")
+            .replace("GOOD", good);
+        let w = cross(&config.replace("TRANSIT", good).replace("KEY_VAULT", good));
+        assert!(w.iter().all(|w| !w.contains("among the files")), "{w:?}");
+        let bad = config
+            .replace("TRANSIT", "outbound|8200||vault.example.com")
+            .replace("KEY_VAULT", "outbound|443||kv.vault.azure.net");
+        let w: Vec<String> = cross(&bad)
+            .into_iter()
+            .filter(|w| w.contains("among the files"))
+            .collect();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with(
+            "providers.kv.signing_key.cluster \"outbound|443||kv.vault.azure.net\" is not a cluster"
+        ));
+        assert!(w[1].starts_with(
+            "providers.transit.signing_key.vault_transit.cluster \"outbound|8200||vault.example.com\" is not a cluster"
+        ));
+    }
+
+    /// A bare configuration with a `tls_client_auth` provider on cluster `cluster`,
+    /// checked with an Envoy file of `clusters` (YAML list items).
+    fn tls_client_auth(cluster: &str, clusters: &str) -> Report {
+        let config = format!(
+            "{{\"providers\": {{\"idp\": {{\"type\": \"oauth2\", \"cluster\": \"{cluster}\",\n  \
+             \"token_url\": \"https://idp.example.com/token\", \"client_id\": \"gw\",\n  \
+             \"auth_method\": \"tls_client_auth\"}}}},\n \
+             \"connections\": {{\"c\": {{\"provider\": \"idp\", \"grant\": \"client_credentials\", \"access\": {{\"public\": true}}}}}}}}"
+        );
+        let envoy = format!("static_resources:\n  clusters:\n{clusters}");
+        let mut reports = vec![
+            ("c.json".to_string(), check(&config)),
+            ("envoy.yaml".to_string(), check(&envoy)),
+        ];
+        assert_eq!(reports[0].1.code(false), 0, "{:?}", reports[0].1);
+        cross_check(&mut reports);
+        reports.swap_remove(0).1
+    }
+
+    const CERT: &str = "  - name: idp_mtls
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        '@type': type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          tls_certificates: [{certificate_chain: {filename: c.pem}, private_key: {filename: k.pem}}]
+  - name: idp_sds
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        common_tls_context: {tls_certificate_sds_secret_configs: [{name: gw-cert}]}
+  - name: idp_matches
+    transport_socket_matches:
+      - name: mtls
+        match: {}
+        transport_socket:
+          name: envoy.transport_sockets.tcp_stats
+          typed_config:
+            transport_socket:
+              name: envoy.transport_sockets.tls
+              typed_config: {common_tls_context: {tls_certificates: [{}]}}
+  - name: idp_tls
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        common_tls_context: {validation_context: {trusted_ca: {filename: ca.pem}}, tls_certificates: []}
+  - name: idp_plain
+";
+
+    #[test]
+    fn tls_client_auth_needs_a_client_certificate_on_a_cluster_the_checker_sees() {
+        for ok in ["idp_mtls", "idp_sds", "idp_matches"] {
+            let r = tls_client_auth(ok, CERT);
+            assert_eq!(r.code(false), 0, "{ok}: {r:?}");
+        }
+        for bad in ["idp_tls", "idp_plain"] {
+            let r = tls_client_auth(bad, CERT);
+            assert_eq!(r.code(false), 1, "{bad}: {r:?}");
+            let e = r.checked[0].outcome.clone().unwrap_err();
+            assert!(
+                e.starts_with(&format!(
+                    "providers.idp.auth_method: \"tls_client_auth\" needs a client certificate, \
+                     but cluster \"{bad}\" presents none"
+                )),
+                "{e}"
+            );
+            // At the auth_method field (line 3 of the configuration).
+            assert_eq!(r.checked[0].pos.map(|p| p.line), Some(3), "{r:?}");
+            let text = render(&r.diags("c.json"), 1, OPTS);
+            assert!(text.starts_with("c.json:3:"), "{text}");
+        }
+        // A cluster the files given don't define: a warning, not this error.
+        let r = tls_client_auth("elsewhere", CERT);
+        assert_eq!(r.code(false), 0, "{r:?}");
+        assert!(r.checked[0].warnings[0].contains("is not a cluster among the files"));
+        // Defined twice, once with a certificate: given the benefit of the doubt.
+        let r = tls_client_auth("idp_plain", &format!("{CERT}  - name: idp_plain\n    transport_socket: {{typed_config: {{common_tls_context: {{tls_certificates: [{{}}]}}}}}}\n"));
+        assert_eq!(r.code(false), 0, "{r:?}");
+        // Other auth methods don't need one.
+        let config = r#"{"secrets": {"s": {"inline": "x"}},
+            "providers": {"idp": {"type": "oauth2", "cluster": "idp_plain", "token_url": "https://idp.example.com/token",
+                                  "client_id": "gw", "client_secret": "s"}}}"#;
+        let mut reports = vec![
+            ("c.json".to_string(), check(config)),
+            (
+                "envoy.yaml".to_string(),
+                check(&format!("static_resources:\n  clusters:\n{CERT}")),
+            ),
+        ];
+        cross_check(&mut reports);
+        assert_eq!(reports[0].1.code(false), 0, "{:?}", reports[0].1);
     }
 
     #[test]

@@ -457,3 +457,162 @@ def test_consent_configurations_the_filter_checker_and_schema_agree_on(name, env
     # The schema refuses it too, unless why is beyond a schema (names, values, two fields).
     assert errors or cu.BEYOND_A_SCHEMA.search(m.group(1)), m.group(1)
     assert STATE_KEY not in r.stdout and STATE_KEY not in str(err.value)
+
+
+# --------------------------------------------------------------------------- v1.2 client auth (issue 19)
+# Client authentication without a stored secret: an oauth2 provider's auth_method
+# private_key_jwt (signing_key: Key Vault or Vault Transit, assertion_audience),
+# client_assertion (assertion) and tls_client_auth. Like the consent corpus above, each
+# configuration is started in a real Envoy (so test_zz_checker_agrees.py records it too)
+# and given to the checker and the schema.
+
+TRANSIT_TOKEN = "hvs.transit-sign-token-not-logged"
+X5T = "q3X1dTn1nWZ4fSl9nVbH3zQ2oE7pK8rT5uY6iO0aB1c"
+
+
+def client_auth_base() -> dict:
+    def oauth2(client_id: str, **auth) -> dict:
+        return {"type": "oauth2", "cluster": "idp", "token_url": "http://127.0.0.1:9/token",
+                "client_id": client_id, **auth}
+    return {
+        "secrets": {"client_secret": {"inline": "s3cret"}, "transit_token": {"inline": TRANSIT_TOKEN}},
+        "providers": {
+            "transit": oauth2("gw-transit", auth_method="private_key_jwt",
+                              assertion_audience="https://idp.test",
+                              signing_key={"vault_transit": {"cluster": "vault", "url": "http://127.0.0.1:8200",
+                                                             "mount": "transit", "key": "gw",
+                                                             "token": "transit_token", "namespace": "team"},
+                                           "alg": "PS256", "kid": "gw-1", "x5t#S256": X5T, "timeout_ms": 2000}),
+            "kv": oauth2("gw-kv", auth_method="private_key_jwt",
+                         signing_key={"azure_key_vault_key": "https://kv.vault.azure.net/keys/gw-signer",
+                                      "cluster": "keyvault", "identity": "kv_signer", "alg": "ES256"}),
+            "entra": oauth2("9c2f6a1e-5b7d-4e3a-8f10-2a4b6c8d0e12", auth_method="client_assertion",
+                            assertion="fic"),
+            "mtls": {**oauth2("gw-mtls", auth_method="tls_client_auth"), "cluster": "idp_mtls"},
+            "secret": oauth2("gw", auth_method="client_secret_post", client_secret="client_secret"),
+            "mi": {"type": "azure_managed_identity", "cluster": "imds"}},
+        "connections": {
+            **{c: {"provider": p, "grant": "client_credentials", "scopes": ["orders.read"],
+                   "access": {"authenticated": True}}
+               for c, p in [("a", "transit"), ("b", "kv"), ("c", "entra"), ("d", "mtls"), ("e", "secret")]},
+            # Used only as a signing identity or an assertion: no access of their own.
+            "kv_signer": {"provider": "mi", "resource": "https://vault.azure.net"},
+            "fic": {"provider": "mi", "resource": "api://AzureADTokenExchange"}},
+        "routes": [{"name": "orders", "match": {"path_prefix": "/orders"},
+                    "inject": [{"connections": ["a", "b", "c", "d", "e"], "header": "authorization"}]}],
+    }
+
+
+def _provider(name: str, **fields):
+    def f(c):
+        c["providers"][name].update(fields)
+    return f
+
+
+def _key(name: str, **fields):
+    def f(c):
+        c["providers"][name]["signing_key"].update(fields)
+    return f
+
+
+def _transit(**fields):
+    def f(c):
+        c["providers"]["transit"]["signing_key"]["vault_transit"].update(fields)
+    return f
+
+
+def _with_consent(c):
+    """The transit provider used by an authorization_code connection (not supported yet)."""
+    c["secrets"]["state_key"] = {"inline": STATE_KEY}
+    c["providers"]["transit"]["authorization_url"] = "https://idp.test/authorize"
+    c["token_stores"] = {"t": {"vault": {"cluster": "vault", "url": "http://127.0.0.1:8200",
+                                         "token": "transit_token"}}}
+    c["consent"] = {"path": "/.latchkey/connections", "redirect_uri": "https://gw.test/.latchkey/cb",
+                    "state_key": "state_key"}
+    c["connections"]["mine"] = {"provider": "transit", "grant": "authorization_code", "per_user": True,
+                                "store": "t", "access": {"authenticated": True}}
+
+
+# name: (change to client_auth_base(), valid?)
+CLIENT_AUTH_CASES = {
+    "full": (None, True),
+    "transit_defaults": (_set(["providers", "transit", "signing_key"],
+                              {"vault_transit": {"cluster": "vault", "url": "https://vault.test/", "key": "/gw/",
+                                                 "token": "transit_token"}}), True),
+    "transit_url_with_a_path": (_transit(url="https://vault.test/proxy"), True),
+    "key_vault_pinned_version": (_key("kv", azure_key_vault_key="https://kv.vault.azure.net/keys/gw-signer/0a1b2c3d4e5f60718293a4b5c6d7e8f9"), True),
+    "key_vault_rs256_x5t": (_key("kv", alg="RS256", **{"x5t#S256": X5T}), True),
+    "assertion_from_client_credentials": (_provider("entra", assertion="e"), True),
+    "refresh_token_grant_signs": (lambda c: (c["secrets"].update(rt={"inline": "rt"}),
+                                             c["connections"]["a"].update(grant="refresh_token", refresh_token="rt"),
+                                             c["connections"]["a"].pop("scopes")), True),
+    "unknown_auth_method": (_provider("transit", auth_method="private_key"), False),
+    "client_secret_with_private_key_jwt": (_provider("transit", client_secret="client_secret"), False),
+    "client_secret_with_tls_client_auth": (_provider("mtls", client_secret="client_secret"), False),
+    "client_secret_with_client_assertion": (_provider("entra", client_secret="client_secret"), False),
+    "no_client_secret_for_post": (_drop(["providers", "secret", "client_secret"]), False),
+    "no_signing_key": (_drop(["providers", "kv", "signing_key"]), False),
+    "signing_key_on_client_assertion": (_provider("entra", signing_key={"vault_transit": {"cluster": "v", "url": "http://v", "key": "k", "token": "transit_token"}}), False),
+    "assertion_on_private_key_jwt": (_provider("kv", assertion="fic"), False),
+    "assertion_audience_on_tls_client_auth": (_provider("mtls", assertion_audience="https://idp.test"), False),
+    "assertion_audience_blank": (_provider("transit", assertion_audience="  "), False),
+    "no_assertion": (_drop(["providers", "entra", "assertion"]), False),
+    "unknown_assertion": (_provider("entra", assertion="nope"), False),
+    "assertion_per_caller": (lambda c: (c["connections"].update(x={"provider": "secret", "grant": "token_exchange", "access": {"authenticated": True}}),
+                                        c["providers"]["entra"].update(assertion="x")), False),
+    "assertion_of_itself": (_provider("entra", assertion="c"), False),
+    "key_vault_identity_of_itself": (_key("kv", identity="b"), False),
+    "both_key_services": (_key("kv", vault_transit={"cluster": "v", "url": "http://v", "key": "k", "token": "transit_token"}), False),
+    "no_key_service": (_set(["providers", "kv", "signing_key"], {"alg": "RS256"}), False),
+    "transit_with_a_cluster_beside": (_key("transit", cluster="vault"), False),
+    "key_vault_without_identity": (_drop(["providers", "kv", "signing_key", "identity"]), False),
+    "key_vault_without_cluster": (_drop(["providers", "kv", "signing_key", "cluster"]), False),
+    "key_vault_unknown_identity": (_key("kv", identity="nope"), False),
+    "key_vault_secret_url": (_key("kv", azure_key_vault_key="https://kv.vault.azure.net/secrets/gw"), False),
+    "key_vault_http": (_key("kv", azure_key_vault_key="http://kv.vault.azure.net/keys/gw"), False),
+    "key_vault_version_not_hex": (_key("kv", azure_key_vault_key="https://kv.vault.azure.net/keys/gw/v1"), False),
+    "key_vault_name_underscore": (_key("kv", azure_key_vault_key="https://kv.vault.azure.net/keys/gw_signer"), False),
+    "alg_hs256": (_key("kv", alg="HS256"), False),
+    "x5t_too_short": (_key("kv", **{"x5t#S256": X5T[:40]}), False),
+    "x5t_padded": (_key("kv", **{"x5t#S256": X5T[:42] + "="}), False),
+    "kid_control_character": (_key("transit", kid="gw\n1"), False),
+    "kid_leading_space": (_key("transit", kid=" gw"), False),
+    "signing_timeout_zero": (_key("transit", timeout_ms=0), False),
+    "signing_key_unknown_field": (_key("transit", key_id="x"), False),
+    "transit_approle": (_transit(approle={"role_id": "r", "secret_id": "transit_token"}), False),
+    "transit_without_token": (_drop(["providers", "transit", "signing_key", "vault_transit", "token"]), False),
+    "transit_unknown_token": (_transit(token="nope"), False),
+    "transit_key_with_a_slash": (_transit(key="a/b"), False),
+    "transit_mount_dot_segment": (_transit(mount="a/../b"), False),
+    "transit_url_query": (_transit(url="http://127.0.0.1:8200/?x=1"), False),
+    "transit_unknown_field": (_transit(role="x"), False),
+    "private_key_jwt_for_authorization_code": (_with_consent, False),
+}
+
+
+def client_auth_case(name: str) -> tuple[dict, bool]:
+    change, valid = CLIENT_AUTH_CASES[name]
+    doc = client_auth_base()
+    if change:
+        change(doc)
+    return doc, valid
+
+
+@pytest.mark.parametrize("name", list(CLIENT_AUTH_CASES))
+def test_client_auth_configurations_the_filter_checker_and_schema_agree_on(name, envoy_factory):
+    doc, valid = client_auth_case(name)
+    r = cu.check("check", "-", stdin=json.dumps(doc))
+    errors = cu.schema_errors(doc)
+    if valid:
+        envoy_factory(doc)
+        assert r.returncode == 0, r.stdout
+        assert errors == [], errors
+        return
+    with pytest.raises(EnvoyStartError) as err:
+        envoy_factory(doc)
+    m = re.search(r"configuration rejected: (.*)", str(err.value))
+    assert m, str(err.value)[-2000:]
+    assert r.returncode == 1, r.stdout
+    assert r.stdout.strip().endswith(f"error: {m.group(1).strip()}"), (r.stdout, m.group(1))
+    assert errors or cu.BEYOND_A_SCHEMA.search(m.group(1)), m.group(1)
+    assert TRANSIT_TOKEN not in r.stdout and TRANSIT_TOKEN not in str(err.value)
