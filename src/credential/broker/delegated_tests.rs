@@ -1647,3 +1647,45 @@ fn disconnect_task_for(loaded: &Runtime, connection: &str, key: &Secret) -> Task
         kind: TaskKind::Disconnect,
     }
 }
+
+#[test]
+fn a_callback_whose_code_was_never_redeemed_may_be_sent_again() {
+    for conflicts in [0, 1] {
+        let (mut b, loaded) = delegated_setup();
+        b.prefetch_due = false;
+        b.start_task(&loaded, 1, connect_task(&loaded, "team", "n-7", None), 0);
+        b.dispatch_due(1);
+        let (id, redeem) = one_call(&b);
+        assert_eq!(header(&redeem, ":path"), Some("/token"));
+        // The token server is down: the state is released (even when another
+        // worker's write to the used states comes first).
+        b.proxy.conflicts.set(conflicts);
+        b.on_answer(id, Some(503), Some(b"upstream connect error".to_vec()), 2);
+        assert_eq!(task_answer(&mut b, 3).2, 503);
+        assert_eq!(b.proxy.conflicts.get(), 0);
+        // The same callback again: redeemed again, not refused as a replay.
+        b.start_task(&loaded, 2, connect_task(&loaded, "team", "n-7", None), 4);
+        b.dispatch_due(5);
+        let (id, again) = one_call(&b);
+        assert_eq!(header(&again, ":path"), Some("/token"));
+        // Redeemed (a spent code): now a third try is a replay.
+        b.on_answer(
+            id,
+            Some(400),
+            Some(br#"{"error":"invalid_grant"}"#.to_vec()),
+            6,
+        );
+        assert_eq!(task_answer(&mut b, 7).2, 400);
+        b.start_task(&loaded, 3, connect_task(&loaded, "team", "n-7", None), 8);
+        b.dispatch_due(9);
+        assert!(b.proxy.take_calls().is_empty());
+        assert_eq!(last_reason(), Some("code_rejected"));
+        let (_, _, status, body) = task_answer(&mut b, 10);
+        assert_eq!(status, 400);
+        assert!(body.contains("state_replayed"), "{body}");
+        // Another nonce is not released by this one's failure.
+        b.start_task(&loaded, 4, connect_task(&loaded, "team", "n-8", None), 11);
+        b.dispatch_due(12);
+        assert_eq!(one_call(&b).1.cluster, "github");
+    }
+}

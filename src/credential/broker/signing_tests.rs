@@ -667,3 +667,35 @@ fn a_key_vault_401_to_a_signature_gets_a_new_identity_token_and_signs_once_more(
     assert_eq!(signing_stat(&b, "kv_idp", "failure.forbidden"), 1);
     assert_eq!(signing_stat(&b, "kv_idp", "requests"), 2);
 }
+
+#[test]
+fn after_a_key_vault_401_the_new_identity_token_is_awaited_for_a_whole_timeout() {
+    let (mut b, loaded) = signing_setup();
+    let c = conn(&loaded, "kv_signed");
+    let _ = b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap();
+    b.dispatch_due(1);
+    b.dispatch_due(2);
+    let (id, _) = one_call(&b);
+    b.on_answer(
+        id,
+        Some(200),
+        Some(token_answer("old-id-token", json!({}))),
+        3,
+    );
+    b.dispatch_due(4);
+    let (id, _) = one_call(&b);
+    // Refused late in the first fetch's time: the retry gets a time of its own
+    // (its timeout: 5 s, and 5 s for the signature).
+    b.on_answer(id, Some(401), Some(b"{}".to_vec()), 9_000);
+    b.dispatch_due(9_001);
+    b.dispatch_due(9_002);
+    let imds: Vec<_> = b.proxy.take_calls();
+    assert!(
+        imds.iter().all(|(_, call)| call.cluster == "imds"),
+        "{imds:?}"
+    );
+    b.dispatch_due(18_999);
+    assert_eq!(signing_stat(&b, "kv_idp", "failure.identity"), 0);
+    b.dispatch_due(19_000);
+    assert_eq!(signing_stat(&b, "kv_idp", "failure.identity"), 1);
+}
