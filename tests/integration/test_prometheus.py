@@ -28,7 +28,7 @@ def canonical_tags() -> list[dict]:
 
 def test_every_shipped_envoy_configuration_has_the_same_stats_tags():
     tags = canonical_tags()
-    assert [t["tag_name"] for t in tags] == ["route", "connection", "secret", "reason"]
+    assert [t["tag_name"] for t in tags] == ["route", "connection", "secret", "provider", "reason"]
     for f in SHIPPED:
         for doc in yaml.safe_load_all(f.read_text()):
             if doc and "static_resources" in doc:
@@ -88,3 +88,52 @@ def check_labels(envoy, signer):
     names = [f for f in p.families("latchkey_")]
     assert names and not [n for n in names if "billing_key" in n or "orders_token" in n
                           or "forbidden" in n or n.endswith("_connect")]
+
+
+def test_prometheus_labels_of_signing_and_consent_failures(upstream, signer, wasm_path, tmp_path):
+    """v1.2's families get the same treatment: a private_key_jwt provider's signing
+    failures are `latchkey_provider_signing_failure{provider=…,reason=…}`, refused consent
+    callbacks `latchkey_consent_failed{reason=…}`; no name is baked into a metric name."""
+    dead = closed_port()
+    config = {
+        "secrets": {"vt": {"inline": "vault-token"}, "sk": {"inline": "k" * 40},
+                    "s": {"inline": "prom-secret"}},
+        "providers": {
+            "signer": {"type": "oauth2", "cluster": "dead", "token_url": "http://idp.test/token",
+                       "client_id": "c", "auth_method": "private_key_jwt", "timeout_ms": 1000,
+                       "signing_key": {"vault_transit": {"cluster": "dead", "url": "http://vault.test",
+                                                         "key": "gw", "token": "vt"}}},
+            "people": {"type": "oauth2", "cluster": "dead", "token_url": "http://idp.test/token",
+                       "authorization_url": "https://idp.test/authorize",
+                       "client_id": "p", "client_secret": "s"},
+        },
+        "token_stores": {"ts": {"vault": {"cluster": "dead", "url": "http://vault.test", "token": "vt"}}},
+        "consent": {"path": "/.latchkey/connections", "state_key": "sk",
+                    "redirect_uri": "https://gw.test/.latchkey/callback"},
+        "connections": {
+            "signed": {"provider": "signer", "grant": "client_credentials",
+                       "access": {"authenticated": True}},
+            "mine": {"provider": "people", "grant": "authorization_code", "per_user": True,
+                     "store": "ts", "access": {"authenticated": True}},
+        },
+        "routes": [{"name": "signed", "match": {"path_prefix": "/signed/"},
+                    "inject": [{"connections": ["signed"], "header": "authorization"}]}],
+    }
+    cfg = envoy_config(free_port(), free_port(), upstream.port, wasm_path, config, signer.jwks(),
+                       extra_clusters=[static_cluster("dead", dead)])
+    cfg["stats_config"] = {"stats_tags": canonical_tags()}
+    alice = signer.token({"sub": "alice"})
+    with Envoy(cfg, tmp_path / "envoy") as envoy:
+        assert envoy.request("GET", "/signed/1", headers=[bearer(alice)]).status == 503
+        resp = envoy.request("GET", "/.latchkey/callback?code=c&state=forged.sig", headers=[bearer(alice)])
+        assert resp.status == 400 and resp.json()["reason"] == "state_invalid", resp
+        envoy.wait_for_stat("wasmcustom.latchkey.provider.signer.signing.failure.connect", 1)
+        envoy.wait_for_stat("wasmcustom.latchkey.consent.failed.state_invalid", 1)
+        p = prom.scrape(envoy)
+        assert p.get("latchkey_provider_signing_failure", provider="signer", reason="connect") == 1
+        assert p.get("latchkey_provider_signing_requests", provider="signer") == 1
+        assert p.get("latchkey_consent_failed", reason="state_invalid") == 1
+        assert p.get("latchkey_connection_token_failure", connection="signed", reason="signing") == 1
+        names = list(p.families("latchkey_"))
+        assert names and not [n for n in names if "signer" in n or "state_invalid" in n
+                              or n.endswith("_connect")]
