@@ -10,7 +10,7 @@
 //! connections are read ([`check`]).
 
 use super::error::ConfigError;
-use super::fields::{cluster, timeout_ms};
+use super::fields::{cluster, timeout_ms, vault_namespace, vault_url};
 use super::http_url;
 use super::json::{join, Obj};
 use super::lexical;
@@ -240,17 +240,8 @@ fn key_vault_key(id: &str) -> Result<(String, String), String> {
 
 /// A `vault_transit` object: `POST <url>/v1/<mount>/sign/<key>/sha2-256`.
 fn transit(v: &Obj, secrets: &Secrets) -> Result<(SigningService, String), ConfigError> {
-    let url = v.req_str("url")?;
-    let base = http_url::parse(url)
-        .map_err(|e| ConfigError::invalid(v.child("url"), url, e.to_string()))?;
-    if base.path.contains('?') {
-        return Err(ConfigError::invalid(
-            v.child("url"),
-            url,
-            "must not have a query",
-        ));
-    }
-    let root = base.path.trim_end_matches('/');
+    let (authority, root) = vault_url(v)?;
+    let root = root.as_str();
     let path_field = |field: &str, default: Option<&str>| -> Result<String, ConfigError> {
         let raw = match default {
             Some(d) => v.opt_str(field)?.unwrap_or(d),
@@ -286,14 +277,11 @@ fn transit(v: &Obj, secrets: &Secrets) -> Result<(SigningService, String), Confi
         || v.child("token"),
         "env or inline secret",
     )?;
-    let namespace = v.opt_str("namespace")?.map(str::to_string);
-    if let Some(ns) = &namespace {
-        lexical::header_value(ns).map_err(|e| e.at(v.child("namespace")))?;
-    }
+    let namespace = vault_namespace(v)?;
     Ok((
         SigningService::VaultTransit {
             cluster: cluster(v)?,
-            authority: base.authority,
+            authority,
             path: format!("{root}/v1/{mount}/sign/{key}/sha2-256"),
             token,
             namespace,

@@ -3,7 +3,7 @@
 //! Key Vault) and `consent` (the login, callback and disconnect endpoints).
 
 use super::error::ConfigError;
-use super::fields::{cluster, timeout_ms};
+use super::fields::{cluster, timeout_ms, vault_namespace, vault_url};
 use super::http_url;
 use super::json::{as_object, join, Obj};
 use super::lexical;
@@ -73,17 +73,8 @@ fn vault(
     secrets: &Secrets,
     timeout_ms: u64,
 ) -> Result<TokenStore, ConfigError> {
-    let url = v.req_str("url")?;
-    let base = http_url::parse(url)
-        .map_err(|e| ConfigError::invalid(v.child("url"), url, e.to_string()))?;
-    if base.path.contains('?') {
-        return Err(ConfigError::invalid(
-            v.child("url"),
-            url,
-            "must not have a query",
-        ));
-    }
-    let root = base.path.trim_end_matches('/');
+    let (authority, root) = vault_url(v)?;
+    let root = root.as_str();
     let vault_path = |field: &str, default: &str| -> Result<String, ConfigError> {
         let p = v.opt_str(field)?.unwrap_or(default).trim_matches('/');
         if !lexical::is_vault_path(p) {
@@ -102,10 +93,7 @@ fn vault(
         || v.child("token"),
         "env or inline secret",
     )?;
-    let namespace = v.opt_str("namespace")?.map(str::to_string);
-    if let Some(ns) = &namespace {
-        lexical::header_value(ns).map_err(|e| e.at(v.child("namespace")))?;
-    }
+    let namespace = vault_namespace(v)?;
     Ok(TokenStore {
         name: name.to_string(),
         kind: TokenStoreKind::Vault {
@@ -115,7 +103,7 @@ fn vault(
             metadata_path: format!("{root}/v1/{mount}/metadata/{prefix}"),
         },
         cluster: cluster(v)?,
-        authority: base.authority,
+        authority,
         timeout_ms,
     })
 }

@@ -3,6 +3,7 @@
 //! another kind of provider or connection.
 
 use super::error::ConfigError;
+use super::http_url;
 use super::json::Obj;
 use super::lexical;
 
@@ -45,4 +46,31 @@ pub fn only_fields(
 
 pub fn owned(v: Vec<&str>) -> Vec<String> {
     v.into_iter().map(str::to_string).collect()
+}
+
+/// A Vault / OpenBao `url` (secret stores, token stores, Transit): its
+/// `:authority`, and its path without a trailing `/` (a proxy prefix, or empty),
+/// under which `/v1/…` goes. No query.
+pub fn vault_url(v: &Obj) -> Result<(String, String), ConfigError> {
+    let url = v.req_str("url")?;
+    let base = http_url::parse(url)
+        .map_err(|e| ConfigError::invalid(v.child("url"), url, e.to_string()))?;
+    if base.path.contains('?') {
+        return Err(ConfigError::invalid(
+            v.child("url"),
+            url,
+            "must not have a query",
+        ));
+    }
+    let root = base.path.trim_end_matches('/').to_string();
+    Ok((base.authority, root))
+}
+
+/// A Vault `namespace` (sent as `X-Vault-Namespace`), if set.
+pub fn vault_namespace(v: &Obj) -> Result<Option<String>, ConfigError> {
+    let namespace = v.opt_str("namespace")?.map(str::to_string);
+    if let Some(ns) = &namespace {
+        lexical::header_value(ns).map_err(|e| e.at(v.child("namespace")))?;
+    }
+    Ok(namespace)
 }

@@ -4,8 +4,7 @@
 //! login), compiled to the `:authority` and `:path` of its read.
 
 use super::error::ConfigError;
-use super::fields::{cluster, timeout_ms};
-use super::http_url;
+use super::fields::{cluster, timeout_ms, vault_namespace, vault_url};
 use super::json::Obj;
 use super::lexical;
 use super::names::Names;
@@ -112,17 +111,8 @@ fn vault(
     v: &Obj,
     secrets: &Secrets,
 ) -> Result<(StoreKind, String, String, String, bool), ConfigError> {
-    let url = v.req_str("url")?;
-    let base = http_url::parse(url)
-        .map_err(|e| ConfigError::invalid(v.child("url"), url, e.to_string()))?;
-    if base.path.contains('?') {
-        return Err(ConfigError::invalid(
-            v.child("url"),
-            url,
-            "must not have a query",
-        ));
-    }
-    let prefix = base.path.trim_end_matches('/');
+    let (authority, prefix) = vault_url(v)?;
+    let prefix = prefix.as_str();
     let mount = vault_mount(v, "secret")?;
     let secret_path = v.req_str("path")?;
     if !lexical::is_vault_path(secret_path) {
@@ -166,10 +156,7 @@ fn vault(
             ))
         }
     };
-    let namespace = v.opt_str("namespace")?.map(str::to_string);
-    if let Some(ns) = &namespace {
-        lexical::header_value(ns).map_err(|e| e.at(v.child("namespace")))?;
-    }
+    let namespace = vault_namespace(v)?;
     Ok((
         StoreKind::Vault {
             auth,
@@ -177,7 +164,7 @@ fn vault(
             field: v.req_str("field")?.to_string(),
         },
         cluster(v)?,
-        base.authority,
+        authority,
         path,
         version.is_some(),
     ))
