@@ -195,7 +195,7 @@ impl Runtime {
                 let key = crate::credential::keys::token_key(namespace, &config, c)?;
                 let refresh = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::RefreshToken(_)));
                 // Per caller: token exchange (by subject token) and per-user consent (by caller).
-                let exchange = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. } | Grant::AuthorizationCode { per_user: true, .. }));
+                let per_caller = matches!(&c.credential, Credential::OAuth2(o) if matches!(o.grant, Grant::TokenExchange { .. } | Grant::AuthorizationCode { per_user: true, .. }));
                 let rt_key = refresh.then(|| format!("{key}.rt"));
                 // A fetch of several calls holds its lease for all of them, so that no
                 // other worker starts a second one meanwhile (a second redemption of a
@@ -203,14 +203,14 @@ impl Runtime {
                 let timeout_ms = timeout_ms + fetch_steps_ms(&config, c);
                 let slot = TokenSlot {
                     key,
-                    exchange,
+                    per_caller,
                     rt_key,
                     policy: Policy::new(timeout_ms, margin_s * 1000),
                     default_lifetime_ms: default_s * 1000,
                     drop_on_401_after_ms: after_401_s * 1000,
                 };
                 // Create the keys now: "create if absent" by CAS is not atomic in the host.
-                let keys: Vec<String> = if exchange {
+                let keys: Vec<String> = if per_caller {
                     (0..crate::credential::exchange::SETS).map(|i| slot.set_key(i)).collect()
                 } else {
                     std::iter::once(slot.key.clone()).chain(slot.rt_key.clone()).collect()

@@ -676,7 +676,7 @@ impl<P: Proxy> Broker<P> {
                         Lookup::Ready(t) => {
                             let slot = loaded.tokens.get(ci).and_then(Option::as_ref);
                             if t.copyable_until(now, COPY_GRACE_MS) {
-                                match (slot.is_some_and(|s| !s.exchange), per_user, subject) {
+                                match (slot.is_some_and(|s| !s.per_caller), per_user, subject) {
                                     (true, _, _) => loaded.set_token_copy(ci, Some(t.clone())),
                                     (false, true, Some(key)) => {
                                         loaded.set_caller_copy(ci, key.expose(), Some(t.clone()))
@@ -842,7 +842,7 @@ impl<P: Proxy> Broker<P> {
             }
             let Some(addr) = slot
                 .as_ref()
-                .filter(|s| !s.exchange)
+                .filter(|s| !s.per_caller)
                 .and_then(|s| s.addr(c, None))
             else {
                 continue;

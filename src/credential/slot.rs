@@ -9,10 +9,11 @@ use crate::secret::Secret;
 /// A connection's token cache, prepared at configure time.
 #[derive(Debug)]
 pub struct TokenSlot {
-    /// The shared-data key; for token exchange, the prefix of its set keys.
+    /// The shared-data key; per caller, the prefix of its set keys.
     pub key: String,
-    /// Token exchange: one entry per caller, in bounded sets.
-    pub exchange: bool,
+    /// One entry per caller, in bounded sets: token exchange (by subject token)
+    /// and per-user consent (by caller key).
+    pub per_caller: bool,
     /// Where a rotated refresh token is kept (refresh_token grant only).
     pub rt_key: Option<String>,
     pub policy: Policy,
@@ -31,7 +32,7 @@ impl TokenSlot {
     /// exchange without a subject token.
     pub fn addr(&self, connection: usize, subject: Option<&Secret>) -> Option<Addr> {
         let owner = Owner::Connection(connection);
-        if !self.exchange {
+        if !self.per_caller {
             return Some(Addr {
                 owner,
                 key: self.key.clone(),
