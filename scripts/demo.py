@@ -2,9 +2,11 @@
 """The latchkey demo behind `make run`.
 
 Starts, all on 127.0.0.1: an echo upstream (it answers with the request it got, as
-JSON), oidc-provider (a real OAuth server, tests/oauth) as the token server, OpenBao
-(the Vault-compatible secret store, in dev mode) holding the partner API key, and
-Envoy 1.40 running envoy/demo.yaml with the freshly built latchkey module.
+JSON), OpenBao (the Vault-compatible secret store, in dev mode) holding the partner API
+key and the Transit key gw-basic signs its client assertions with, oidc-provider (a real
+OAuth server, tests/oauth) as the token server, with client gw-basic registered for
+private_key_jwt with that key's public JWK, and Envoy 1.40 running envoy/demo.yaml with
+the freshly built latchkey module.
 Mints demo JWTs with envoy/demo/demo-signing-key.pem (a key for this demo only),
 prints curl lines to try, and runs until Ctrl-C, then stops everything it started.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -42,6 +45,14 @@ WASM_PLACEHOLDER = "/opt/latchkey/latchkey.wasm"
 DEFAULT_PORTS = {"listen": 10000, "admin": 9901, "upstream": 18080, "idp": 18081,
                  "vault": 18200}
 VAULT_ROOT = "demo-vault-root-token"  # envoy/demo.yaml's VAULT_TOKEN
+# The OAuth client of provider orders_idp authenticates with private_key_jwt: OpenBao's
+# Transit key TRANSIT_KEY signs its assertions (ES256), with TRANSIT_TOKEN (envoy/demo.yaml's
+# TRANSIT_TOKEN), a token whose only policy is `update` on transit/sign/<key>/*.
+CLIENT_ID = "gw-basic"
+TRANSIT_KEY = "gw-basic"
+TRANSIT_TOKEN = "demo-transit-sign-token"
+TRANSIT_POLICY = f"transit-sign-{TRANSIT_KEY}"
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 PARTNER_KEY = "demo-partner-key-7f3a"
 ROTATED_KEY = "demo-partner-key-rotated-2b9e"
 
@@ -130,6 +141,7 @@ injected. Applications never hold the keys: Envoy's latchkey does.
 5. An OAuth2 token, fetched from the token server, cached and refreshed by latchkey
    curl -s -H "Authorization: Bearer $ALICE" {base}/orders/42 | python3 -m json.tool
    (run it twice: one token request, then the cached token)
+   No client secret: latchkey fetches it with private_key_jwt, signed by OpenBao Transit.
 
 6. Rotate the partner key in the secret store (OpenBao, http://127.0.0.1:{ports['vault']}):
    latchkey re-reads it every 5 s; the next requests carry the new key, no restart.
@@ -155,7 +167,44 @@ Access-log lines (route, connection, decision) appear below. Ctrl-C stops everyt
 """
 
 
-def self_test(ports: dict[str, int], alice: str, bob: str) -> list[str]:
+def seed_store(vault: OpenBao) -> dict:
+    """The partner key, and the Transit key gw-basic signs with plus latchkey's sign-only
+    token for it; returns the key's public JWK (kid: the key's name, latchkey's default)."""
+    vault.kv_put("partner", {"api_key": PARTNER_KEY})
+    vault.enable_transit()
+    vault.transit_key(TRANSIT_KEY, "ecdsa-p256")
+    vault.transit_sign_token(TRANSIT_KEY, policy=TRANSIT_POLICY, ttl="768h", token_id=TRANSIT_TOKEN)
+    return vault.transit_jwk(TRANSIT_KEY)
+
+
+def signed_by_transit(idp: OidcProvider, vault: OpenBao, jwk: dict) -> bool:
+    """gw-basic's token requests carried a private_key_jwt assertion and no secret, the
+    assertion verifies with the Transit key's public JWK, and OpenBao's audit log shows
+    the sign calls, made with the sign-only token."""
+    recs = [r for r in idp.last_token_requests() if r["form"].get("client_id") == CLIENT_ID
+            or r["client_id"] == CLIENT_ID]
+    if not recs:
+        return False
+    for rec in recs:
+        form, headers = rec["form"], {k.lower() for k, _ in rec["headers"]}
+        if (rec["status"] != 200 or "client_secret" in form or "authorization" in headers
+                or form.get("client_assertion_type") != JWT_BEARER):
+            return False
+        try:
+            jwt.decode(form.get("client_assertion", ""), jwt.PyJWK(jwk).key, algorithms=["ES256"],
+                       audience=idp.token_url, issuer=CLIENT_ID)
+        except jwt.PyJWTError:
+            return False
+    path = f"transit/sign/{TRANSIT_KEY}/sha2-256"
+    try:
+        signs = vault.wait_for_audit(len(recs), path, "update", timeout=5)
+    except Exception:  # noqa: BLE001 - wait_until's timeout: reported as a FAIL
+        return False
+    return all(e["auth"]["policies"] == [TRANSIT_POLICY] for e in signs)
+
+
+def self_test(ports: dict[str, int], alice: str, bob: str, idp: OidcProvider, vault: OpenBao,
+              jwk: dict) -> list[str]:
     """The printed requests, checked. Returns the failures."""
     port = ports["listen"]
     failures = []
@@ -187,6 +236,8 @@ def self_test(ports: dict[str, int], alice: str, bob: str) -> list[str]:
         tokens.append(headers.get("authorization", ""))
     check("oauth token injected and cached",
           tokens[0].startswith("Bearer ey") and tokens[0] == tokens[1] and tokens[0] != f"Bearer {alice}")
+    check("oauth token fetched with private_key_jwt signed by OpenBao Transit",
+          signed_by_transit(idp, vault, jwk))
     # The printed rotation command, then the next requests carry the new key.
     subprocess.run(rotate_command(ports), shell=True, check=True, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
@@ -238,33 +289,37 @@ def main() -> int:
     render(args.wasm, ports, config)
     alice, bob = mint("alice", ["billing"]), mint("bob", ["support"])
 
-    upstream = Upstream(ports["upstream"]).start()
-    idp = OidcProvider(ttl=300, port=ports["idp"], consent_redirect_uris=[
-        f"http://127.0.0.1:{ports['listen']}/.latchkey/callback"]).start()
-    vault = OpenBao(port=ports["vault"], root_token=VAULT_ROOT).start()
-    vault.kv_put("partner", {"api_key": PARTNER_KEY})
-    cmd = [str(args.envoy), "-c", str(config), "--concurrency", "2", "--base-id",
-           str(30000 + ports["admin"]), "--log-level", "warn"]
-    out = subprocess.DEVNULL if args.self_test else None
-    envoy = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None)
-    try:
-        wait_ready(ports["admin"], envoy)
-        if args.self_test:
-            failures = self_test(ports, alice, bob)
-            print(f"{9 - len(failures)} passed, {len(failures)} failed")
-            return 1 if failures else 0
-        print(instructions(ports, alice, bob), flush=True)
-        envoy.wait()
-        print(f"Envoy exited with {envoy.returncode}", flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print("\nstopping Envoy and the echo upstream", flush=True)
-        return 0
-    finally:
-        stop(envoy)
-        vault.stop()
-        idp.stop()
-        upstream.stop()
+    with contextlib.ExitStack() as started:  # stops each server started, in reverse order
+        try:
+            upstream = Upstream(ports["upstream"]).start()
+            started.callback(upstream.stop)
+            # OpenBao first: the token server registers gw-basic with the Transit key's JWK.
+            vault = OpenBao(port=ports["vault"], root_token=VAULT_ROOT)
+            started.callback(vault.stop)
+            vault.start()
+            jwk = seed_store(vault)
+            idp = OidcProvider(ttl=300, port=ports["idp"], consent_redirect_uris=[
+                f"http://127.0.0.1:{ports['listen']}/.latchkey/callback"],
+                private_key_jwt_clients={CLIENT_ID: {"jwks": {"keys": [jwk]}, "alg": "ES256"}})
+            started.callback(idp.stop)
+            idp.start()
+            cmd = [str(args.envoy), "-c", str(config), "--concurrency", "2", "--base-id",
+                   str(30000 + ports["admin"]), "--log-level", "warn"]
+            out = subprocess.DEVNULL if args.self_test else None
+            envoy = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None)
+            started.callback(stop, envoy)
+            wait_ready(ports["admin"], envoy)
+            if args.self_test:
+                failures = self_test(ports, alice, bob, idp, vault, jwk)
+                print(f"{10 - len(failures)} passed, {len(failures)} failed")
+                return 1 if failures else 0
+            print(instructions(ports, alice, bob), flush=True)
+            envoy.wait()
+            print(f"Envoy exited with {envoy.returncode}", flush=True)
+            return 1
+        except KeyboardInterrupt:
+            print("\nstopping Envoy, the token server, OpenBao and the echo upstream", flush=True)
+            return 0
 
 
 def _interrupt(signum, frame):

