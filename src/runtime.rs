@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use crate::config::{Config, Credential, Grant, ProviderKind};
 use crate::credential::cache::{Cached, Policy};
-use crate::credential::slot::{StoreSlot, TokenSlot};
+use crate::credential::slot::{LoginSlot, StoreSlot, TokenSlot};
 use crate::proxy::Proxy;
 use crate::secret::Secret;
 use crate::stats::Stats;
@@ -23,6 +23,8 @@ pub struct Runtime {
     pub tokens: Vec<Option<TokenSlot>>,
     /// Value cache per store index.
     pub stores: Vec<StoreSlot>,
+    /// Per provider index: its Transit signing key's AppRole login cache.
+    pub signer_logins: Vec<Option<LoginSlot>>,
     /// This VM's copy of each store's current value, kept fresh by the tick
     /// (`Broker::renew_store_copies`): a request reads it with no host call at all.
     pub store_values: RefCell<Vec<Option<Secret>>>,
@@ -245,6 +247,25 @@ impl Runtime {
                 }
             })
             .collect();
+        let signer_logins = config
+            .providers
+            .iter()
+            .map(|pr| {
+                let key = crate::credential::keys::signer_login_key(namespace, pr)?;
+                let timeout_ms = match &pr.kind {
+                    ProviderKind::OAuth2(o) => match &o.auth_method {
+                        crate::config::AuthMethod::PrivateKeyJwt(k) => k.timeout_ms,
+                        _ => o.timeout_ms,
+                    },
+                    _ => return None,
+                };
+                precreate(p, &key);
+                Some(LoginSlot {
+                    key,
+                    policy: Policy::new(timeout_ms, 0),
+                })
+            })
+            .collect();
         let store_values = RefCell::new(vec![None; config.stores.len()]);
         let token_copies = RefCell::new(vec![None; config.connections.len()]);
         let caller_copies = RefCell::new(vec![HashMap::new(); config.connections.len()]);
@@ -270,6 +291,7 @@ impl Runtime {
             stats,
             tokens,
             stores,
+            signer_logins,
             store_values,
             token_copies,
             discovery,

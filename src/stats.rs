@@ -111,18 +111,20 @@ pub struct Stats {
     /// Aligned with [`CONSENT_FAILURES`].
     consent_failures: Vec<Option<u32>>,
     /// Per provider index (private_key_jwt only): `signing.requests`, then
-    /// `signing.failure.<kind>` aligned with `SignError::KINDS` (and "identity").
+    /// `signing.failure.<kind>` aligned with `SignError::KINDS` (and "identity",
+    /// "login": no Key Vault identity token, no Transit AppRole login).
     signing: Vec<Vec<Option<u32>>>,
 }
 
 /// What can stop a signature: the key service's answer, or no identity token for it.
-const SIGNING_FAILURES: [&str; 6] = [
+const SIGNING_FAILURES: [&str; 7] = [
     "connect",
     "timeout",
     "forbidden",
     "status",
     "malformed",
     "identity",
+    "login",
 ];
 
 /// Counters of one stored secret.

@@ -146,15 +146,6 @@ fn check_delegated(
             continue;
         }
         let path = format!("connections.{}", c.name);
-        let signs = providers.get(c.provider).is_some_and(|p| {
-            matches!(&p.kind, ProviderKind::OAuth2(o) if matches!(o.auth_method, crate::config::AuthMethod::PrivateKeyJwt(_)))
-        });
-        if signs {
-            return Err(ConfigError::not_allowed(
-                format!("{path}.provider"),
-                "an authorization_code connection's provider can't use private_key_jwt yet (its code redemption and revocation would need an assertion of their own): use a client secret, client_assertion or tls_client_auth",
-            ));
-        }
         if consent.is_none() {
             return Err(ConfigError::not_allowed(
                 format!("{path}.grant"),

@@ -10,7 +10,7 @@
 //! connections are read ([`check`]).
 
 use super::error::ConfigError;
-use super::fields::{cluster, timeout_ms, vault_namespace, vault_url};
+use super::fields::{cluster, timeout_ms, vault_auth, vault_namespace, vault_url};
 use super::http_url;
 use super::json::{join, Obj};
 use super::lexical;
@@ -266,24 +266,14 @@ fn transit(v: &Obj, secrets: &Secrets) -> Result<(SigningService, String), Confi
             "a Transit key name has no \"/\"",
         ));
     }
-    if v.has("approle") {
-        return Err(ConfigError::not_allowed(
-            v.child("approle"),
-            "not supported for signing yet: give the Vault token as \"token\"",
-        ));
-    }
-    let token = secrets.known_at_load(
-        v.req_str("token")?,
-        || v.child("token"),
-        "env or inline secret",
-    )?;
+    let auth = vault_auth(v, secrets, root)?;
     let namespace = vault_namespace(v)?;
     Ok((
         SigningService::VaultTransit {
             cluster: cluster(v)?,
             authority,
             path: format!("{root}/v1/{mount}/sign/{key}/sha2-256"),
-            token,
+            auth,
             namespace,
         },
         key,

@@ -6,6 +6,8 @@ use super::error::ConfigError;
 use super::http_url;
 use super::json::Obj;
 use super::lexical;
+use super::secret_values::Secrets;
+use super::VaultAuth;
 
 const DEFAULT_TIMEOUT_MS: u64 = 5000;
 const MAX_TIMEOUT_MS: u64 = 300_000;
@@ -73,4 +75,52 @@ pub fn vault_namespace(v: &Obj) -> Result<Option<String>, ConfigError> {
         lexical::header_value(ns).map_err(|e| e.at(v.child("namespace")))?;
     }
     Ok(namespace)
+}
+
+const APPROLE: &[&str] = &["role_id", "secret_id", "mount"];
+
+/// How latchkey authenticates to a Vault (secret stores, Transit signing keys):
+/// exactly one of `token` (a secret name) or `approle` (`role_id`, `secret_id`
+/// a secret name, `mount` default "approle"); `prefix`: the url's path.
+pub fn vault_auth(v: &Obj, secrets: &Secrets, prefix: &str) -> Result<VaultAuth, ConfigError> {
+    match (v.get("token"), v.get("approle")) {
+        (Some(_), None) => {
+            let t = v.req_str("token")?;
+            Ok(VaultAuth::Token(secrets.known_at_load(
+                t,
+                || v.child("token"),
+                "env or inline secret",
+            )?))
+        }
+        (None, Some(a)) => {
+            let a = Obj::new(v.child("approle"), a, APPROLE)?;
+            let role_id = a.req_str("role_id")?.to_string();
+            let sid = a.req_str("secret_id")?;
+            let secret_id =
+                secrets.known_at_load(sid, || a.child("secret_id"), "env or inline secret")?;
+            let login_mount = vault_mount(&a, "approle")?;
+            Ok(VaultAuth::AppRole {
+                role_id,
+                secret_id,
+                login_path: format!("{prefix}/v1/auth/{login_mount}/login"),
+            })
+        }
+        _ => Err(ConfigError::not_allowed(
+            v.path.clone(),
+            "give exactly one of \"token\" or \"approle\"",
+        )),
+    }
+}
+
+/// A Vault mount path (`mount`), `default` when not given.
+pub fn vault_mount(o: &Obj, default: &'static str) -> Result<String, ConfigError> {
+    let v = o.opt_str("mount")?.unwrap_or(default).trim_matches('/');
+    if !lexical::is_vault_path(v) {
+        return Err(ConfigError::invalid(
+            o.child("mount"),
+            v,
+            "not a Vault mount path",
+        ));
+    }
+    Ok(v.to_string())
 }

@@ -183,7 +183,7 @@ pub enum StoreKind {
     },
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VaultAuth {
     /// `X-Vault-Token` from a secret.
     Token(Secret),
@@ -375,14 +375,26 @@ pub enum SigningService {
         path: String,
         identity: usize,
     },
-    /// Vault / OpenBao Transit `POST /v1/<mount>/sign/<key>/sha2-256`.
+    /// Vault / OpenBao Transit `POST /v1/<mount>/sign/<key>/sha2-256`, with a
+    /// Vault token, or one from an AppRole login.
     VaultTransit {
         cluster: String,
         authority: String,
         path: String,
-        token: Secret,
+        auth: VaultAuth,
         namespace: Option<String>,
     },
+}
+
+impl SigningService {
+    /// What a sign call needs before it can be made, as a failure kind:
+    /// Key Vault's identity token, or Transit's AppRole login.
+    pub fn credential_kind(&self) -> &'static str {
+        match self {
+            SigningService::KeyVault { .. } => "identity",
+            SigningService::VaultTransit { .. } => "login",
+        }
+    }
 }
 
 #[derive(Debug)]

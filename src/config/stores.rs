@@ -4,12 +4,12 @@
 //! login), compiled to the `:authority` and `:path` of its read.
 
 use super::error::ConfigError;
-use super::fields::{cluster, timeout_ms, vault_namespace, vault_url};
+use super::fields::{cluster, timeout_ms, vault_auth, vault_mount, vault_namespace, vault_url};
 use super::json::Obj;
 use super::lexical;
 use super::names::Names;
 use super::secret_values::Secrets;
-use super::{Store, StoreKind, VaultAuth};
+use super::{Store, StoreKind};
 
 const VAULT: &[&str] = &[
     "cluster",
@@ -22,7 +22,6 @@ const VAULT: &[&str] = &[
     "namespace",
     "version",
 ];
-const APPROLE: &[&str] = &["role_id", "secret_id", "mount"];
 const DEFAULT_REFRESH_S: u64 = 300;
 const MAX_REFRESH_S: u64 = 86_400;
 /// Below this, every proxy reads the store that often: worth a warning.
@@ -127,35 +126,7 @@ fn vault(
     if let Some(n) = version {
         path.push_str(&format!("?version={n}"));
     }
-    let auth = match (v.get("token"), v.get("approle")) {
-        (Some(_), None) => {
-            let t = v.req_str("token")?;
-            VaultAuth::Token(secrets.known_at_load(
-                t,
-                || v.child("token"),
-                "env or inline secret",
-            )?)
-        }
-        (None, Some(a)) => {
-            let a = Obj::new(v.child("approle"), a, APPROLE)?;
-            let role_id = a.req_str("role_id")?.to_string();
-            let sid = a.req_str("secret_id")?;
-            let secret_id =
-                secrets.known_at_load(sid, || a.child("secret_id"), "env or inline secret")?;
-            let login_mount = vault_mount(&a, "approle")?;
-            VaultAuth::AppRole {
-                role_id,
-                secret_id,
-                login_path: format!("{prefix}/v1/auth/{login_mount}/login"),
-            }
-        }
-        _ => {
-            return Err(ConfigError::not_allowed(
-                v.path.clone(),
-                "give exactly one of \"token\" or \"approle\"",
-            ))
-        }
-    };
+    let auth = vault_auth(v, secrets, prefix)?;
     let namespace = vault_namespace(v)?;
     Ok((
         StoreKind::Vault {
@@ -171,18 +142,6 @@ fn vault(
 }
 
 /// A Vault mount (field `mount`, else `default`): a Vault path, slashes around it dropped.
-fn vault_mount(o: &Obj, default: &'static str) -> Result<String, ConfigError> {
-    let v = o.opt_str("mount")?.unwrap_or(default).trim_matches('/');
-    if !lexical::is_vault_path(v) {
-        return Err(ConfigError::invalid(
-            o.child("mount"),
-            v,
-            "not a Vault mount path",
-        ));
-    }
-    Ok(v.to_string())
-}
-
 /// A Key Vault secret identifier, split.
 struct KeyVaultId {
     host: String,

@@ -1929,12 +1929,43 @@ fn each_client_authentication_method_loads_with_its_defaults() {
                 cluster: "vault".into(),
                 authority: "vault:8200".into(),
                 path: "/v1/transit/sign/gw-signing/sha2-256".into(),
-                token: crate::secret::Secret::new("pk-secret-1"),
+                auth: VaultAuth::Token(crate::secret::Secret::new("pk-secret-1")),
                 namespace: None,
             },
             timeout_ms: 5000,
         }
     );
+    // Transit after an AppRole login, at the url's path and the given mount.
+    let c = client_auth_loads(|v| {
+        let t = v["providers"]["transit_jwt"]["signing_key"]["vault_transit"]
+            .as_object_mut()
+            .unwrap();
+        t.remove("token");
+        t.insert("url".into(), json!("https://vault.test/base/"));
+        t.insert(
+            "approle".into(),
+            json!({ "role_id": "role-7", "secret_id": "cs", "mount": "ci-approle" }),
+        );
+    });
+    match &signing_key_of(&c, "transit_jwt").service {
+        SigningService::VaultTransit { path, auth, .. } => {
+            assert_eq!(path, "/base/v1/transit/sign/gw-signing/sha2-256");
+            let VaultAuth::AppRole {
+                role_id,
+                secret_id,
+                login_path,
+            } = auth
+            else {
+                panic!("{auth:?}");
+            };
+            assert_eq!(
+                (role_id.as_str(), login_path.as_str()),
+                ("role-7", "/base/v1/auth/ci-approle/login")
+            );
+            assert_eq!(secret_id.expose(), "cs-secret-2");
+        }
+        other => panic!("{other:?}"),
+    }
     // The default is client_secret_basic; a secret in a store is a store reference.
     let basic = oauth2_of(&c, "basic");
     assert_eq!(basic.auth_method, AuthMethod::ClientSecretBasic);
@@ -2020,7 +2051,7 @@ fn a_signing_key_takes_its_options() {
                 cluster: "vault".into(),
                 authority: "vault:8200".into(),
                 path: "/bao/v1/jwt/signing/sign/gw-signing/sha2-256".into(),
-                token: crate::secret::Secret::new("pk-secret-1"),
+                auth: VaultAuth::Token(crate::secret::Secret::new("pk-secret-1")),
                 namespace: Some("team-a".into()),
             },
             timeout_ms: 5000,
@@ -2158,13 +2189,24 @@ fn bad_client_authentication_is_refused_with_its_field() {
          Box::new(|v| v["providers"]["transit_jwt"]["signing_key"]["vault_transit"]["mount"] = json!("a//b"))),
         ("providers.transit_jwt.signing_key.vault_transit.key: required field is missing".into(),
          Box::new(|v| { v["providers"]["transit_jwt"]["signing_key"]["vault_transit"].as_object_mut().unwrap().remove("key"); })),
-        ("providers.transit_jwt.signing_key.vault_transit.approle: not supported for signing yet: give the Vault token as \"token\"".into(),
+        ("providers.transit_jwt.signing_key.vault_transit: give exactly one of \"token\" or \"approle\"".into(),
+         Box::new(|v| {
+             let t = v["providers"]["transit_jwt"]["signing_key"]["vault_transit"].as_object_mut().unwrap();
+             t.insert("approle".into(), json!({ "role_id": "r", "secret_id": "cs" }));
+         })),
+        ("providers.transit_jwt.signing_key.vault_transit.approle.secret_id: unknown env or inline secret \"stored\"".into(),
          Box::new(|v| {
              let t = v["providers"]["transit_jwt"]["signing_key"]["vault_transit"].as_object_mut().unwrap();
              t.remove("token");
-             t.insert("approle".into(), json!({ "role_id": "r", "secret_id": "cs" }));
+             t.insert("approle".into(), json!({ "role_id": "r", "secret_id": "stored" }));
          })),
-        ("providers.transit_jwt.signing_key.vault_transit.token: required field is missing".into(),
+        ("providers.transit_jwt.signing_key.vault_transit.approle.role: unknown field; expected one of \"role_id\", \"secret_id\", \"mount\"".into(),
+         Box::new(|v| {
+             let t = v["providers"]["transit_jwt"]["signing_key"]["vault_transit"].as_object_mut().unwrap();
+             t.remove("token");
+             t.insert("approle".into(), json!({ "role": "r", "secret_id": "cs" }));
+         })),
+        ("providers.transit_jwt.signing_key.vault_transit: give exactly one of \"token\" or \"approle\"".into(),
          Box::new(|v| { v["providers"]["transit_jwt"]["signing_key"]["vault_transit"].as_object_mut().unwrap().remove("token"); })),
         ("providers.transit_jwt.signing_key.vault_transit.token: unknown env or inline secret \"stored\"".into(),
          Box::new(|v| v["providers"]["transit_jwt"]["signing_key"]["vault_transit"]["token"] = json!("stored"))),
@@ -2283,22 +2325,23 @@ fn an_assertion_may_come_from_a_chain_that_ends_in_a_token_of_its_own() {
 }
 
 #[test]
-fn an_authorization_code_connection_s_provider_may_not_sign_its_assertions_yet() {
-    let refused = "connections.github_mine.provider: an authorization_code connection's provider can't use private_key_jwt yet (its code redemption and revocation would need an assertion of their own): use a client secret, client_assertion or tls_client_auth";
-    assert_eq!(
-        delegated_error(|v| {
-            let gh = v["providers"]["github"].as_object_mut().unwrap();
-            gh.remove("client_secret");
-            gh.insert("auth_method".into(), json!("private_key_jwt"));
-            gh.insert(
-                "signing_key".into(),
-                json!({ "vault_transit": { "cluster": "vault", "url": "http://vault:8200",
-                                           "key": "gh", "token": "vault_token" } }),
-            );
-        }),
-        refused
-    );
-    // The other secretless methods are fine.
+fn an_authorization_code_connection_s_provider_may_use_every_secretless_method() {
+    let c = delegated_loads(|v| {
+        let gh = v["providers"]["github"].as_object_mut().unwrap();
+        gh.remove("client_secret");
+        gh.insert("auth_method".into(), json!("private_key_jwt"));
+        gh.insert(
+            "signing_key".into(),
+            json!({ "vault_transit": { "cluster": "vault", "url": "http://vault:8200",
+                                       "key": "gh", "token": "vault_token" } }),
+        );
+    });
+    assert_eq!(oauth2_of(&c, "github").client_secret, None);
+    assert!(matches!(
+        oauth2_of(&c, "github").auth_method,
+        AuthMethod::PrivateKeyJwt(_)
+    ));
+    // And the other secretless methods.
     for (method, extra) in [
         ("tls_client_auth", json!({})),
         ("client_assertion", json!({ "assertion": "kv_writer" })),

@@ -340,6 +340,17 @@ impl<P: Proxy> Broker<P> {
                     slot.policy,
                 ))
             }
+            Owner::SignerLogin(p) => {
+                let slot = loaded.signer_logins.get(p)?.as_ref()?;
+                Some((
+                    Addr {
+                        owner,
+                        key: slot.key.clone(),
+                        subject: None,
+                    },
+                    slot.policy,
+                ))
+            }
         }
     }
 
@@ -876,6 +887,7 @@ impl<P: Proxy> Broker<P> {
                     None => Sent::Done,
                 }
             }
+            Owner::SignerLogin(p) => self.dispatch_signer_login(f, p, now),
         }
     }
 
@@ -934,7 +946,15 @@ impl<P: Proxy> Broker<P> {
                 };
                 // A signed assertion: one signature per token request, first.
                 if let AuthMethod::PrivateKeyJwt(key) = &op.auth_method {
-                    return self.sign_then_request(f, op, key, rotated, now);
+                    return self.sign_then_request(
+                        f,
+                        op,
+                        key,
+                        signing::Signed::Grant {
+                            refresh_token: rotated,
+                        },
+                        now,
+                    );
                 }
                 let client = match self.client_credential(&loaded, op, f.defer_until_ms, now) {
                     Ok(c) => c,
@@ -1037,6 +1057,9 @@ impl<P: Proxy> Broker<P> {
             Owner::Store(i) | Owner::Login(i) => {
                 self.complete_store(f, i, Err(StoreError::Dispatch), now)
             }
+            Owner::SignerLogin(p) => {
+                self.complete_signer_login(f, p, Err(StoreError::Dispatch), now)
+            }
         }
     }
 
@@ -1050,6 +1073,10 @@ impl<P: Proxy> Broker<P> {
             Owner::Store(i) | Owner::Login(i) => format!(
                 "secret {}",
                 config.stores.get(i).map_or("?", |s| s.name.as_str())
+            ),
+            Owner::SignerLogin(p) => format!(
+                "provider {} (signing key login)",
+                config.providers.get(p).map_or("?", |p| p.name.as_str())
             ),
         }
     }
@@ -1123,6 +1150,13 @@ impl<P: Proxy> Broker<P> {
                     Some(b) => store::parse_login(status, b),
                 };
                 self.complete_store(&f, i, result.map(|(t, ms)| StoreAnswer::Login(t, ms)), now);
+            }
+            Owner::SignerLogin(p) => {
+                let result = match &body {
+                    None => Err(StoreError::TooLarge),
+                    Some(b) => store::parse_login(status, b),
+                };
+                self.complete_signer_login(&f, p, result, now);
             }
         }
     }

@@ -9,7 +9,8 @@
 use std::hash::{Hash, Hasher};
 
 use crate::config::{
-    Config, Connection, Credential, Grant, ProviderKind, SecretRef, Store, StoreKind, VaultAuth,
+    AuthMethod, Config, Connection, Credential, Grant, Provider, ProviderKind, SecretRef,
+    SigningService, Store, StoreKind, VaultAuth,
 };
 
 /// How many store references and Key Vault identities a fingerprint follows
@@ -167,6 +168,44 @@ pub(crate) fn store_fingerprint(config: &Config, store: &Store, depth: u8) -> u6
         }
     }
     h.finish()
+}
+
+/// Where provider `provider`'s Transit AppRole login token is cached:
+/// `latchkey.v1.<namespace>.signer.<provider>.<fingerprint>.login`; `None`
+/// unless the provider signs with Transit after an AppRole login. The
+/// fingerprint covers where and as whom it logs in, so a changed role or
+/// secret ID never reuses a login of the old one.
+pub fn signer_login_key(namespace: &str, provider: &Provider) -> Option<String> {
+    let ProviderKind::OAuth2(o) = &provider.kind else {
+        return None;
+    };
+    let AuthMethod::PrivateKeyJwt(key) = &o.auth_method else {
+        return None;
+    };
+    let SigningService::VaultTransit {
+        cluster,
+        authority,
+        auth:
+            VaultAuth::AppRole {
+                role_id,
+                secret_id,
+                login_path,
+            },
+        namespace: vault_namespace,
+        ..
+    } = &key.service
+    else {
+        return None;
+    };
+    let mut h = std::hash::DefaultHasher::new();
+    (cluster, authority, vault_namespace, role_id).hash(&mut h);
+    (secret_id.expose(), login_path).hash(&mut h);
+    Some(format!(
+        "latchkey.v1.{}.signer.{}.{:016x}.login",
+        key_namespace(namespace),
+        provider.name,
+        h.finish()
+    ))
 }
 
 #[cfg(test)]

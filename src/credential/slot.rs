@@ -67,6 +67,15 @@ pub enum Owner {
     Store(usize),
     /// The Vault AppRole login token of store `i`.
     Login(usize),
+    /// The Vault AppRole login token of provider `i`'s Transit signing key.
+    SignerLogin(usize),
+}
+
+/// The cache of a Transit signing key's AppRole login token.
+#[derive(Debug)]
+pub struct LoginSlot {
+    pub key: String,
+    pub policy: Policy,
 }
 
 /// Where one cache entry lives: a connection's key, or a caller's entry in a set.

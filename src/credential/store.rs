@@ -75,29 +75,42 @@ pub fn read_call(store: &Store, credential: &Secret) -> HttpCall {
 /// The AppRole login of a Vault store; `None` for other stores.
 pub fn login_call(store: &Store) -> Option<HttpCall> {
     let StoreKind::Vault {
-        auth:
-            VaultAuth::AppRole {
-                role_id,
-                secret_id,
-                login_path,
-            },
-        namespace,
-        ..
+        auth, namespace, ..
     } = &store.kind
     else {
         return None;
     };
-    let mut c = call(
+    vault_login_call(
         &store.cluster,
-        "POST",
-        login_path.clone(),
         &store.authority,
+        auth,
+        namespace.as_deref(),
         store.timeout_ms,
-    );
+    )
+}
+
+/// A Vault AppRole login (`POST <login_path>` with the role and secret IDs as
+/// JSON): a secret store's, or a Transit signing key's. `None` for a token.
+pub fn vault_login_call(
+    cluster: &str,
+    authority: &str,
+    auth: &VaultAuth,
+    namespace: Option<&str>,
+    timeout_ms: u64,
+) -> Option<HttpCall> {
+    let VaultAuth::AppRole {
+        role_id,
+        secret_id,
+        login_path,
+    } = auth
+    else {
+        return None;
+    };
+    let mut c = call(cluster, "POST", login_path.clone(), authority, timeout_ms);
     c.headers
         .push(("content-type", "application/json".to_string()));
     if let Some(ns) = namespace {
-        c.headers.push(("x-vault-namespace", ns.clone()));
+        c.headers.push(("x-vault-namespace", ns.to_string()));
     }
     let body = serde_json::json!({ "role_id": role_id, "secret_id": secret_id.expose() });
     c.body = Some(Secret::new(body.to_string()));

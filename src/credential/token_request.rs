@@ -356,7 +356,7 @@ mod tests {
                 cluster: "vault".into(),
                 authority: "vault:8200".into(),
                 path: "/v1/transit/sign/k/sha2-256".into(),
-                token: Secret::new("hvs.t"),
+                auth: crate::config::VaultAuth::Token(Secret::new("hvs.t")),
                 namespace: None,
             },
             timeout_ms: 1000,

@@ -53,7 +53,7 @@ fn transit(alg: JwsAlg, namespace: Option<&str>) -> SigningKey {
             cluster: "vault".into(),
             authority: "vault:8200".into(),
             path: "/v1/jwt-transit/sign/gw/sha2-256".into(),
-            token: Secret::new("hvs.transit-token"),
+            auth: crate::config::VaultAuth::Token(Secret::new("hvs.transit-token")),
             namespace: namespace.map(str::to_string),
         },
         timeout_ms: 2500,

@@ -16,8 +16,9 @@
 //! anything that stops it is a JSON answer with a reason (503 for what may
 //! work when tried again).
 
+use super::signing::{SignAnswer, Signed};
 use super::*;
-use crate::config::{TokenStore, TokenStoreKind};
+use crate::config::{OAuth2Connection, OAuth2Provider, TokenStore, TokenStoreKind};
 use crate::consent::{Replay, Used as UsedStates, SHARED};
 use crate::credential::token_store::{self, Record, Written};
 use crate::request::{Task, TaskKind};
@@ -40,12 +41,8 @@ pub enum Phase {
         token: token_response::Token,
         rereads: u8,
     },
-    /// private_key_jwt: the assertion is being signed; then the token request
-    /// goes, with this refresh token (if the grant has one).
-    Sign {
-        input: String,
-        refresh_token: Option<Secret>,
-    },
+    /// private_key_jwt: the assertion is being signed; `then` follows.
+    Sign { input: String, then: Signed },
     /// Key Vault: the write is read back (no compare-and-set there).
     Verify {
         written: Secret,
@@ -66,6 +63,20 @@ pub struct Job {
 
 enum Step {
     Start,
+    /// The gateway's client authentication for `then` is made (with
+    /// private_key_jwt, its assertion is signed first). `retried`: after a
+    /// signing identity's token Key Vault refused.
+    Authenticate {
+        then: Then,
+        retried: bool,
+    },
+    /// private_key_jwt: the assertion for `then` is being signed.
+    Sign {
+        input: String,
+        then: Then,
+        identity: Option<Used>,
+        retried: bool,
+    },
     /// The code is being redeemed.
     Redeem,
     /// The record's version is read, to write over it.
@@ -81,6 +92,14 @@ enum Step {
     Revoke,
     /// Discovery: a record is read for its connection's status.
     Status,
+}
+
+/// A task's call to the token server (the client authenticates on each).
+enum Then {
+    /// The callback's code is redeemed.
+    Code,
+    /// A removed consent's refresh token is revoked.
+    Revoke { refresh_token: Secret },
 }
 
 /// The grant of an authorization_code connection: its store, and whether per user.
@@ -127,16 +146,16 @@ impl<P: Proxy> Broker<P> {
         let Some(store) = loaded.config.token_stores.get(store_i) else {
             return Sent::Done;
         };
-        let Some(ProviderKind::OAuth2(provider)) = loaded
-            .config
-            .connection(connection)
-            .and_then(|c| loaded.config.provider_of(c))
-            .map(|p| &p.kind)
+        let Some(conn) = loaded.config.connection(connection) else {
+            return Sent::Done;
+        };
+        let Some(ProviderKind::OAuth2(provider)) = loaded.config.provider_of(conn).map(|p| &p.kind)
         else {
             return Sent::Done;
         };
-        // The client secret is needed once the record is read: have it first.
-        match self.client_credential(&loaded, provider, f.defer_until_ms, now) {
+        // The client's authentication is needed once the record is read: have
+        // it (or, with private_key_jwt, the signing call's credential) first.
+        match self.client_ready(&loaded, conn.provider, provider, f.defer_until_ms, now) {
             Ok(_) => {}
             Err(Some(())) => return Sent::Deferred(Box::new(f)),
             Err(None) => {
@@ -335,8 +354,9 @@ impl<P: Proxy> Broker<P> {
         }
     }
 
-    /// Redeems a record's refresh token.
-    fn redeem(&mut self, mut f: Fetch, record: Record, rereads: u8, now: u64) {
+    /// Redeems a record's refresh token (with private_key_jwt, once the
+    /// assertion is signed).
+    fn redeem(&mut self, f: Fetch, record: Record, rereads: u8, now: u64) {
         let loaded = f.loaded.clone();
         let Owner::Connection(connection) = f.addr.owner else {
             return;
@@ -350,19 +370,43 @@ impl<P: Proxy> Broker<P> {
         ) else {
             return;
         };
-        let Ok(secret) = self.client_credential(&loaded, provider, now, now) else {
+        if let AuthMethod::PrivateKeyJwt(key) = &provider.auth_method {
+            let then = Signed::Redeem { record, rereads };
+            if let Sent::Deferred(f) = self.sign_then_request(f, provider, key, then, now) {
+                // The identity's token went meanwhile: the fetch starts over
+                // (the record is read again) once a new one is there.
+                self.deferred.push(*f);
+            }
+            return;
+        }
+        let Ok(client) = self.client_credential(&loaded, provider, now, now) else {
             self.complete(&f, Err(FetchError::Dispatch), now);
             return;
         };
+        self.send_redeem(f, provider, oc, &client, record, rereads, now);
+    }
+
+    /// Sends the redemption of `record`'s refresh token, authenticated by `client`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn send_redeem(
+        &mut self,
+        mut f: Fetch,
+        provider: &OAuth2Provider,
+        oc: &OAuth2Connection,
+        client: &ClientCredential,
+        record: Record,
+        rereads: u8,
+        now: u64,
+    ) {
         let req = token_request::build(
             provider,
-            &secret,
+            client,
             oc,
             GrantInput::RefreshToken(&record.refresh_token),
         );
-        loaded
-            .stats
-            .token(&self.proxy, connection, TokenStat::Requests);
+        if let Owner::Connection(c) = f.addr.owner {
+            f.loaded.stats.token(&self.proxy, c, TokenStat::Requests);
+        }
         f.phase = Phase::Redeem { record, rereads };
         self.send(f, token_call(req), now);
     }
@@ -481,11 +525,16 @@ impl<P: Proxy> Broker<P> {
                     Level::Error,
                     &format!("consent: can't call cluster {:?}: {e}", call.cluster),
                 );
-                let reason = match job.step {
-                    Step::Redeem => "token_server",
-                    _ => "token_store",
-                };
-                self.job_failed(job, 503, reason);
+                match &job.step {
+                    // The code was not sent: the same callback may come again.
+                    Step::Redeem
+                    | Step::Sign {
+                        then: Then::Code, ..
+                    } => self.not_sent(job, Then::Code),
+                    // The record is gone already: disconnected, not revoked.
+                    Step::Revoke | Step::Sign { .. } => self.not_revoked(job),
+                    _ => self.job_failed(job, 503, "token_store"),
+                }
             }
         }
     }
@@ -500,13 +549,12 @@ impl<P: Proxy> Broker<P> {
         let Some((store_i, _)) = delegated(&loaded, job.task.connection) else {
             return self.job_failed(job, 400, "bad_request");
         };
-        let (Some(store), Some(ProviderKind::OAuth2(provider)), Credential::OAuth2(oc)) = (
-            config.token_stores.get(store_i),
-            config.provider_of(conn).map(|p| &p.kind),
-            &conn.credential,
-        ) else {
+        let Some(store) = config.token_stores.get(store_i) else {
             return self.job_failed(job, 400, "bad_request");
         };
+        if let Step::Authenticate { .. } = job.step {
+            return self.authenticate(job, now);
+        }
         let credential = match self.store_credential(&loaded, store, job.defer_until_ms, now) {
             Ok(c) => c,
             Err(Some(())) => {
@@ -515,25 +563,13 @@ impl<P: Proxy> Broker<P> {
             }
             Err(None) => return self.job_failed(job, 503, "token_store"),
         };
-        let secret = match self.client_credential(&loaded, provider, job.defer_until_ms, now) {
-            Ok(s) => s,
-            Err(Some(())) => {
-                self.jobs.push(job);
-                return;
-            }
-            Err(None) => return self.job_failed(job, 503, "token_server"),
-        };
         match (
             &job.task.kind,
             std::mem::replace(&mut job.step, Step::Start),
         ) {
             (
                 TaskKind::Connect {
-                    code,
-                    verifier,
-                    nonce,
-                    expires_ms,
-                    ..
+                    nonce, expires_ms, ..
                 },
                 Step::Start,
             ) => {
@@ -543,22 +579,11 @@ impl<P: Proxy> Broker<P> {
                     Err(Replay::Replayed) => return self.job_failed(job, 400, "state_replayed"),
                     Err(Replay::Full) => return self.job_failed(job, 503, "token_store"),
                 }
-                let Some(c) = &config.consent else {
-                    return self.job_failed(job, 400, "bad_request");
+                job.step = Step::Authenticate {
+                    then: Then::Code,
+                    retried: false,
                 };
-                let req = token_request::build(
-                    provider,
-                    &secret,
-                    oc,
-                    GrantInput::Code {
-                        code,
-                        verifier,
-                        redirect_uri: &c.redirect_uri,
-                    },
-                );
-                loaded.stats.consent(&self.proxy, ConsentStat::Redemptions);
-                job.step = Step::Redeem;
-                self.send_job(job, token_call(req));
+                self.authenticate(job, now);
             }
             (TaskKind::Connect { .. }, Step::Version { refresh_token }) => {
                 let call =
@@ -586,6 +611,132 @@ impl<P: Proxy> Broker<P> {
             }
             _ => self.job_failed(job, 500, "bad_request"),
         }
+    }
+
+    /// A task's `Step::Authenticate`: the client's credential for the token
+    /// server call `then` (with private_key_jwt, a sign call first).
+    fn authenticate(&mut self, mut job: Job, now: u64) {
+        let loaded = job.loaded.clone();
+        let Step::Authenticate { then, retried } = std::mem::replace(&mut job.step, Step::Start)
+        else {
+            return self.job_failed(job, 500, "bad_request");
+        };
+        let Some(conn) = loaded.config.connection(job.task.connection) else {
+            return self.job_failed(job, 400, "bad_request");
+        };
+        let Some(ProviderKind::OAuth2(provider)) = loaded.config.provider_of(conn).map(|p| &p.kind)
+        else {
+            return self.job_failed(job, 400, "bad_request");
+        };
+        // No revocation endpoint: nothing to send, nor to sign.
+        if let (Then::Revoke { .. }, None) = (&then, &provider.revocation) {
+            return self.not_revoked(job);
+        }
+        if let AuthMethod::PrivateKeyJwt(key) = &provider.auth_method {
+            match self.signing_credential(&loaded, conn.provider, key, job.defer_until_ms, now) {
+                Ok((credential, identity)) => {
+                    let (input, call) =
+                        self.sign_call(&loaded, conn.provider, provider, key, &credential, now);
+                    job.step = Step::Sign {
+                        input,
+                        then,
+                        identity,
+                        retried,
+                    };
+                    self.send_job(job, call);
+                }
+                Err(Some(())) => {
+                    job.step = Step::Authenticate { then, retried };
+                    self.jobs.push(job);
+                }
+                Err(None) => {
+                    let kind = key.service.credential_kind();
+                    self.unsigned(&loaded, job.task.connection, kind, kind);
+                    self.not_sent(job, then);
+                }
+            }
+            return;
+        }
+        match self.client_credential(&loaded, provider, job.defer_until_ms, now) {
+            Ok(client) => self.send_authenticated(job, then, &client),
+            Err(Some(())) => {
+                job.step = Step::Authenticate { then, retried };
+                self.jobs.push(job);
+            }
+            Err(None) => self.not_sent(job, then),
+        }
+    }
+
+    /// Sends a task's token server call, authenticated by `client`.
+    fn send_authenticated(&mut self, mut job: Job, then: Then, client: &ClientCredential) {
+        let loaded = job.loaded.clone();
+        let config = &loaded.config;
+        let Some(conn) = config.connection(job.task.connection) else {
+            return self.job_failed(job, 400, "bad_request");
+        };
+        let (Some(ProviderKind::OAuth2(provider)), Credential::OAuth2(oc)) =
+            (config.provider_of(conn).map(|p| &p.kind), &conn.credential)
+        else {
+            return self.job_failed(job, 400, "bad_request");
+        };
+        match then {
+            Then::Code => {
+                let (TaskKind::Connect { code, verifier, .. }, Some(consent)) =
+                    (&job.task.kind, &config.consent)
+                else {
+                    return self.job_failed(job, 400, "bad_request");
+                };
+                let req = token_request::build(
+                    provider,
+                    client,
+                    oc,
+                    GrantInput::Code {
+                        code,
+                        verifier,
+                        redirect_uri: &consent.redirect_uri,
+                    },
+                );
+                loaded.stats.consent(&self.proxy, ConsentStat::Redemptions);
+                job.step = Step::Redeem;
+                self.send_job(job, token_call(req));
+            }
+            Then::Revoke { refresh_token } => {
+                match token_request::revocation(provider, client, &refresh_token) {
+                    Some(req) => {
+                        job.step = Step::Revoke;
+                        self.send_job(job, token_call(req));
+                    }
+                    None => self.not_revoked(job),
+                }
+            }
+        }
+    }
+
+    /// The token server call `then` was not made (no client authentication, or
+    /// the host refused the call): a callback fails, its code unspent, so the
+    /// same callback may be sent again; a disconnect, whose record is gone
+    /// already, answers "not revoked".
+    fn not_sent(&mut self, job: Job, then: Then) {
+        match then {
+            Then::Code => {
+                if let TaskKind::Connect { nonce, .. } = &job.task.kind {
+                    self.release_state(&job.loaded, nonce);
+                }
+                self.job_failed(job, 503, "token_server")
+            }
+            Then::Revoke { .. } => self.not_revoked(job),
+        }
+    }
+
+    /// A disconnect whose refresh token was not revoked (the record is removed).
+    fn not_revoked(&mut self, job: Job) {
+        let name = job
+            .loaded
+            .config
+            .connection(job.task.connection)
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        self.finish_job(job, request::consent_disconnected(&name, false));
     }
 
     /// Records a consent state as used on this proxy.
@@ -667,7 +818,49 @@ impl<P: Proxy> Broker<P> {
             p.log(level, &format!("connection {}: {what}", conn.name))
         };
         match std::mem::replace(&mut job.step, Step::Start) {
-            Step::Start => {}
+            Step::Start | Step::Authenticate { .. } => {}
+            Step::Sign {
+                input,
+                then,
+                identity,
+                retried,
+            } => {
+                let Some(ProviderKind::OAuth2(op)) = config.provider_of(conn).map(|p| &p.kind)
+                else {
+                    return self.job_failed(job, 400, "bad_request");
+                };
+                let AuthMethod::PrivateKeyJwt(key) = &op.auth_method else {
+                    return self.job_failed(job, 400, "bad_request");
+                };
+                let answer = self.signature_answer(
+                    &loaded,
+                    key,
+                    &input,
+                    status,
+                    &body,
+                    identity.as_ref(),
+                    retried,
+                    now,
+                );
+                match answer {
+                    SignAnswer::Signed(client) => self.send_authenticated(job, then, &client),
+                    SignAnswer::Again => {
+                        job.defer_until_ms = now
+                            + identity
+                                .and_then(|u| Self::entry(&loaded, u.addr.owner, None))
+                                .map_or(5000, |(_, p)| p.fetch_timeout_ms);
+                        job.step = Step::Authenticate {
+                            then,
+                            retried: true,
+                        };
+                        self.jobs.push(job);
+                    }
+                    SignAnswer::Failed(e) => {
+                        self.unsigned(&loaded, job.task.connection, e.kind(), &e.to_string());
+                        self.not_sent(job, then);
+                    }
+                }
+            }
             Step::Status => {
                 let status = match token_store::parse_read(&store.kind, status, &body) {
                     Ok(Some(_)) => "connected",
@@ -840,25 +1033,15 @@ impl<P: Proxy> Broker<P> {
                         job.task.caller.as_ref(),
                         now,
                     );
-                    let revocation =
-                        match (refresh_token, config.provider_of(conn).map(|p| &p.kind)) {
-                            (Some(rt), Some(ProviderKind::OAuth2(p))) => {
-                                match self.client_credential(&loaded, p, now, now) {
-                                    Ok(secret) => token_request::revocation(p, &secret, &rt),
-                                    Err(_) => None,
-                                }
-                            }
-                            _ => None,
-                        };
-                    match revocation {
-                        Some(req) => {
-                            job.step = Step::Revoke;
-                            self.send_job(job, token_call(req));
+                    match refresh_token {
+                        Some(refresh_token) => {
+                            job.step = Step::Authenticate {
+                                then: Then::Revoke { refresh_token },
+                                retried: false,
+                            };
+                            self.authenticate(job, now);
                         }
-                        None => {
-                            let outcome = request::consent_disconnected(&conn.name, false);
-                            self.finish_job(job, outcome);
-                        }
+                        None => self.not_revoked(job),
                     }
                 }
                 Err(e) => {

@@ -9,7 +9,7 @@ use super::*;
 use crate::consent::{caller_key, hash_of_key};
 use crate::request::{Task, TaskKind, Verdict};
 
-const STATE_KEY: &str = "0123456789abcdef0123456789abcdef";
+pub(super) const STATE_KEY: &str = "0123456789abcdef0123456789abcdef";
 
 fn delegated_config() -> Config {
     let v = json!({
@@ -69,7 +69,7 @@ fn delegated_setup() -> (Broker<Fake>, Rc<Runtime>) {
 }
 
 /// A KV v2 read of a record.
-fn kv2(rt: &str, version: u64) -> Vec<u8> {
+pub(super) fn kv2(rt: &str, version: u64) -> Vec<u8> {
     json!({ "data": { "data": { "refresh_token": rt, "scopes": "repo", "updated": 1 },
                       "metadata": { "version": version } } })
     .to_string()
@@ -80,7 +80,7 @@ const CAS_LOST: &[u8] =
     br#"{"errors":["check-and-set parameter did not match the current version"]}"#;
 
 /// The one call made since the last look.
-fn one_call(b: &Broker<Fake>) -> (u32, HttpCall) {
+pub(super) fn one_call(b: &Broker<Fake>) -> (u32, HttpCall) {
     let mut calls = b.proxy.take_calls();
     assert_eq!(
         calls.len(),
@@ -102,7 +102,7 @@ fn body_json(call: &HttpCall) -> Value {
     serde_json::from_str(body_text(call)).unwrap()
 }
 
-fn consent_stat(b: &Broker<Fake>, name: &str) -> u64 {
+pub(super) fn consent_stat(b: &Broker<Fake>, name: &str) -> u64 {
     b.proxy.stat(&format!("latchkey.consent.{name}"))
 }
 
@@ -128,7 +128,7 @@ fn last_reason() -> Option<&'static str> {
 }
 
 /// The one request whose task ended: its id, status and JSON body (or location).
-fn task_answer(b: &mut Broker<Fake>, now: u64) -> (u32, Verdict, u32, String) {
+pub(super) fn task_answer(b: &mut Broker<Fake>, now: u64) -> (u32, Verdict, u32, String) {
     let mut done = b.due_waiters(now);
     assert_eq!(done.len(), 1);
     let r = done.remove(0);
@@ -141,7 +141,7 @@ fn task_answer(b: &mut Broker<Fake>, now: u64) -> (u32, Verdict, u32, String) {
     (r.id, r.outcome.verdict, reply.status, text)
 }
 
-fn record_path(connection: &str, record: &str) -> String {
+pub(super) fn record_path(connection: &str, record: &str) -> String {
     format!("/v1/secret/data/latchkey/connections/{connection}/{record}")
 }
 
@@ -685,7 +685,12 @@ fn a_key_vault_record_is_written_then_read_back() {
 
 // ---- Consent tasks. ----
 
-fn connect_task(loaded: &Runtime, connection: &str, nonce: &str, return_to: Option<&str>) -> Task {
+pub(super) fn connect_task(
+    loaded: &Runtime,
+    connection: &str,
+    nonce: &str,
+    return_to: Option<&str>,
+) -> Task {
     let c = conn(loaded, connection);
     let per_user = crate::consent::is_per_user(&loaded.config.connections[c]);
     let key = caller_key("https://issuer", "alice").unwrap();
@@ -984,7 +989,7 @@ fn a_callback_whose_call_cannot_be_made_fails_at_once() {
     assert!(body.contains(r#""reason":"token_store""#));
 }
 
-fn disconnect_task(loaded: &Runtime, connection: &str) -> Task {
+pub(super) fn disconnect_task(loaded: &Runtime, connection: &str) -> Task {
     let c = conn(loaded, connection);
     let per_user = crate::consent::is_per_user(&loaded.config.connections[c]);
     let key = caller_key("https://issuer", "alice").unwrap();

@@ -7,71 +7,198 @@
 
 use super::delegated::Phase;
 use super::*;
-use crate::config::{OAuth2Provider, SigningKey, SigningService};
+use crate::config::{OAuth2Provider, SigningKey, SigningService, VaultAuth};
 use crate::credential::assertion;
+use crate::credential::store;
+use crate::credential::token_store::Record;
+
+/// What a sign call's answer brought.
+pub enum SignAnswer {
+    /// The client authentication: the signed assertion.
+    Signed(ClientCredential),
+    /// Sign once more (the identity's token was refused and dropped).
+    Again,
+    /// No signature.
+    Failed(assertion::SignError),
+}
+
+/// What a fetch's signed assertion is for: the call that follows the signature.
+pub enum Signed {
+    /// The grant's token request, with this refresh token (if the grant has one).
+    Grant { refresh_token: Option<Secret> },
+    /// authorization_code: the redemption of the stored refresh token.
+    Redeem { record: Record, rereads: u8 },
+}
 
 impl<P: Proxy> Broker<P> {
     /// The credential a signing call carries: the Vault token, or the Key Vault
     /// identity's token (`Err(Some)`: not yet, `Err(None)`: not in time).
     /// With Key Vault, also where its token is cached (a 401 drops it).
-    fn signing_credential(
+    /// With Transit after an AppRole login, the login token (a 403 drops it).
+    /// `provider`: the index of the provider whose key this is.
+    pub(super) fn signing_credential(
         &mut self,
         loaded: &Rc<Runtime>,
+        provider: usize,
         key: &SigningKey,
         defer_until_ms: u64,
         now: u64,
     ) -> Result<(Secret, Option<Used>), Option<()>> {
-        match &key.service {
-            SigningService::VaultTransit { token, .. } => Ok((token.clone(), None)),
-            SigningService::KeyVault { identity, .. } => {
-                let owner = Owner::Connection(*identity);
-                match self.acquire(loaded, owner, None, now, false) {
-                    Ok(Lookup::Ready(t)) => {
-                        let used = Self::entry(loaded, owner, None).map(|(addr, _)| Used {
-                            addr,
-                            id: t.id,
-                            subject: None,
-                        });
-                        Ok((Secret::new(t.token), used))
-                    }
-                    Ok(Lookup::Wait) if now < defer_until_ms => Err(Some(())),
-                    _ => Err(None),
-                }
+        let owner = match &key.service {
+            SigningService::VaultTransit {
+                auth: VaultAuth::Token(token),
+                ..
+            } => return Ok((token.clone(), None)),
+            SigningService::VaultTransit { .. } => Owner::SignerLogin(provider),
+            SigningService::KeyVault { identity, .. } => Owner::Connection(*identity),
+        };
+        match self.acquire(loaded, owner, None, now, false) {
+            Ok(Lookup::Ready(t)) => {
+                let used = Self::entry(loaded, owner, None).map(|(addr, _)| Used {
+                    addr,
+                    id: t.id,
+                    subject: None,
+                });
+                Ok((Secret::new(t.token), used))
             }
+            Ok(Lookup::Wait) if now < defer_until_ms => Err(Some(())),
+            _ => Err(None),
         }
     }
 
-    /// Has fetch `f`'s assertion signed; its token request follows the signature.
+    /// Sends a Transit signing key's AppRole login.
+    pub(super) fn dispatch_signer_login(&mut self, f: Fetch, provider: usize, now: u64) -> Sent {
+        let call = match f.loaded.config.providers.get(provider).map(|p| &p.kind) {
+            Some(ProviderKind::OAuth2(OAuth2Provider {
+                auth_method: AuthMethod::PrivateKeyJwt(key),
+                ..
+            })) => match &key.service {
+                SigningService::VaultTransit {
+                    cluster,
+                    authority,
+                    auth,
+                    namespace,
+                    ..
+                } => store::vault_login_call(
+                    cluster,
+                    authority,
+                    auth,
+                    namespace.as_deref(),
+                    key.timeout_ms,
+                ),
+                SigningService::KeyVault { .. } => None,
+            },
+            _ => None,
+        };
+        match call {
+            Some(call) => self.send(f, call, now),
+            None => Sent::Done,
+        }
+    }
+
+    /// A Transit signing key's AppRole login finished: its token is cached for
+    /// its lease, or the failure is logged (and the signing calls waiting on it
+    /// fail as "login").
+    pub(super) fn complete_signer_login(
+        &mut self,
+        f: &Fetch,
+        provider: usize,
+        result: Result<(Secret, u64), store::StoreError>,
+        now: u64,
+    ) {
+        let loaded = f.loaded.clone();
+        let Some(slot) = loaded.signer_logins.get(provider).and_then(Option::as_ref) else {
+            return;
+        };
+        let outcome = match result {
+            Ok((token, lifetime_ms)) => FetchOutcome::Token {
+                token: token.expose().to_string(),
+                id: random_u64(),
+                lifetime_ms,
+            },
+            Err(e) => {
+                let name = loaded
+                    .config
+                    .providers
+                    .get(provider)
+                    .map_or("?", |p| p.name.as_str());
+                self.proxy.log(
+                    Level::Warn,
+                    &format!("provider {name}: the signing key's Vault login failed: {e}"),
+                );
+                FetchOutcome::Failed { kind: e.kind() }
+            }
+        };
+        self.install(f, outcome, now, &slot.policy);
+    }
+
+    /// Whether the provider's client authentication can be made now: its
+    /// client secret or assertion is there, or (private_key_jwt) the signing
+    /// call's credential (`Err(Some)`: not yet, `Err(None)`: not in time).
+    pub(super) fn client_ready(
+        &mut self,
+        loaded: &Rc<Runtime>,
+        provider_index: usize,
+        provider: &OAuth2Provider,
+        defer_until_ms: u64,
+        now: u64,
+    ) -> Result<(), Option<()>> {
+        match &provider.auth_method {
+            AuthMethod::PrivateKeyJwt(key) => self
+                .signing_credential(loaded, provider_index, key, defer_until_ms, now)
+                .map(|_| ()),
+            _ => self
+                .client_credential(loaded, provider, defer_until_ms, now)
+                .map(|_| ()),
+        }
+    }
+
+    /// A new assertion's signing input, and the key service's call that signs it
+    /// (counted as a signing request of `provider`).
+    pub(super) fn sign_call(
+        &self,
+        loaded: &Runtime,
+        provider: usize,
+        op: &OAuth2Provider,
+        key: &SigningKey,
+        credential: &Secret,
+        now: u64,
+    ) -> (String, HttpCall) {
+        let jti = assertion::jti(crate::consent::random_u64(), crate::consent::random_u64());
+        let input = assertion::signing_input(op, key, now / 1000, &jti);
+        let call = assertion::sign_call(key, credential, &input);
+        loaded.stats.signing(&self.proxy, provider, None);
+        (input, call)
+    }
+
+    /// Has fetch `f`'s assertion signed; `then` follows the signature.
     pub(super) fn sign_then_request(
         &mut self,
         mut f: Fetch,
         op: &OAuth2Provider,
         key: &SigningKey,
-        refresh_token: Option<Secret>,
+        then: Signed,
         now: u64,
     ) -> Sent {
         let loaded = f.loaded.clone();
-        let credential = match self.signing_credential(&loaded, key, f.defer_until_ms, now) {
-            Ok((c, used)) => {
-                f.identity = used;
-                c
-            }
-            Err(Some(())) => return Sent::Deferred(Box::new(f)),
-            Err(None) => {
-                self.signing_failed(&f, "identity", "identity", now);
-                return Sent::Done;
-            }
+        let Some(provider) = self.provider_of_fetch(&f) else {
+            return Sent::Done;
         };
-        let jti = assertion::jti(crate::consent::random_u64(), crate::consent::random_u64());
-        let input = assertion::signing_input(op, key, now / 1000, &jti);
-        let call = assertion::sign_call(key, &credential, &input);
-        if let Some(p) = self.provider_of_fetch(&f) {
-            loaded.stats.signing(&self.proxy, p, None);
-        }
-        f.phase = Phase::Sign {
-            input,
-            refresh_token,
-        };
+        let credential =
+            match self.signing_credential(&loaded, provider, key, f.defer_until_ms, now) {
+                Ok((c, used)) => {
+                    f.identity = used;
+                    c
+                }
+                Err(Some(())) => return Sent::Deferred(Box::new(f)),
+                Err(None) => {
+                    let kind = key.service.credential_kind();
+                    self.signing_failed(&f, kind, kind, now);
+                    return Sent::Done;
+                }
+            };
+        let (input, call) = self.sign_call(&loaded, provider, op, key, &credential, now);
+        f.phase = Phase::Sign { input, then };
         self.send(f, call, now)
     }
 
@@ -83,11 +210,7 @@ impl<P: Proxy> Broker<P> {
         body: Option<Vec<u8>>,
         now: u64,
     ) {
-        let Phase::Sign {
-            input,
-            refresh_token,
-        } = std::mem::replace(&mut f.phase, Phase::Start)
-        else {
+        let Phase::Sign { input, then } = std::mem::replace(&mut f.phase, Phase::Start) else {
             return;
         };
         let loaded = f.loaded.clone();
@@ -106,36 +229,82 @@ impl<P: Proxy> Broker<P> {
         let AuthMethod::PrivateKeyJwt(key) = &op.auth_method else {
             return;
         };
-        let signature = match body {
-            None => Err(assertion::SignError::Malformed),
-            Some(b) => assertion::parse_signature(key, status, &b),
-        };
-        // Key Vault refused the identity's token (expired, or for another
-        // resource): drop it and sign once more, after a new one.
-        if let (Err(assertion::SignError::Forbidden(401)), false) = (&signature, f.retried) {
-            if let Some(identity) = f.identity.take() {
-                self.drop_refused(&loaded, &identity, now);
-                let again = Fetch {
-                    retried: true,
-                    defer_until_ms: now
-                        + Self::entry(&loaded, f.addr.owner, f.subject.as_ref())
-                            .map_or(5000, |(_, p)| p.fetch_timeout_ms),
-                    ..f
-                };
-                self.pending.push(again);
-                return;
-            }
+        let identity = f.identity.take();
+        let body = body.unwrap_or_default();
+        let answer = self.signature_answer(
+            &loaded,
+            key,
+            &input,
+            status,
+            &body,
+            identity.as_ref(),
+            f.retried,
+            now,
+        );
+        if let SignAnswer::Again = answer {
+            let again = Fetch {
+                retried: true,
+                defer_until_ms: now
+                    + Self::entry(&loaded, f.addr.owner, f.subject.as_ref())
+                        .map_or(5000, |(_, p)| p.fetch_timeout_ms),
+                ..f
+            };
+            self.pending.push(again);
+            return;
         }
-        match signature {
-            Ok(sig) => {
-                let client = ClientCredential::Assertion(assertion::assemble(&input, &sig));
-                let call = grant_call(op, &client, oc, refresh_token.as_ref(), f.subject.as_ref());
-                loaded
-                    .stats
-                    .token(&self.proxy, connection, TokenStat::Requests);
-                self.send(f, call, now);
+        match answer {
+            SignAnswer::Again => {}
+            SignAnswer::Signed(client) => match then {
+                Signed::Grant { refresh_token } => {
+                    let call =
+                        grant_call(op, &client, oc, refresh_token.as_ref(), f.subject.as_ref());
+                    loaded
+                        .stats
+                        .token(&self.proxy, connection, TokenStat::Requests);
+                    self.send(f, call, now);
+                }
+                Signed::Redeem { record, rereads } => {
+                    self.send_redeem(f, op, oc, &client, record, rereads, now)
+                }
+            },
+            SignAnswer::Failed(e) => self.signing_failed(&f, e.kind(), &e.to_string(), now),
+        }
+    }
+
+    /// The key service's answer to a sign call of `input`: the client's
+    /// assertion, or a failure. When Key Vault refused the signing identity's
+    /// token (expired, or for another resource) and this was the first try,
+    /// the token is dropped and the caller signs once more, after a new one.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn signature_answer(
+        &mut self,
+        loaded: &Runtime,
+        key: &SigningKey,
+        input: &str,
+        status: Option<u32>,
+        body: &[u8],
+        identity: Option<&Used>,
+        retried: bool,
+        now: u64,
+    ) -> SignAnswer {
+        match assertion::parse_signature(key, status, body) {
+            Ok(sig) => SignAnswer::Signed(ClientCredential::Assertion(assertion::assemble(
+                input, &sig,
+            ))),
+            // Key Vault: 401 to an expired token. Vault: 403 to a login it no
+            // longer honours (a configured token is never retried: no identity).
+            Err(assertion::SignError::Forbidden(code))
+                if !retried
+                    && identity.is_some()
+                    && (code == 401
+                        || matches!(key.service, SigningService::VaultTransit { .. })) =>
+            {
+                if let Some(used) = identity {
+                    self.drop_refused(loaded, used, now);
+                }
+                SignAnswer::Again
             }
-            Err(e) => self.signing_failed(&f, e.kind(), &e.to_string(), now),
+            Err(e) => SignAnswer::Failed(e),
         }
     }
 
@@ -150,21 +319,36 @@ impl<P: Proxy> Broker<P> {
     /// No signature: the fetch fails (backoff), logged and counted by kind.
     /// `what`: the kind, with the HTTP status when the service answered one.
     fn signing_failed(&mut self, f: &Fetch, kind: &'static str, what: &str, now: u64) {
-        let config = &f.loaded.config;
-        if let Some(p) = self.provider_of_fetch(f) {
-            f.loaded.stats.signing(&self.proxy, p, Some(kind));
-            let name = config.providers.get(p).map_or("?", |p| p.name.as_str());
-            let connection = match f.addr.owner {
-                Owner::Connection(c) => config.connection(c).map_or("?", |c| c.name.as_str()),
-                _ => "?",
-            };
-            self.proxy.log(
-                Level::Warn,
-                &format!(
-                    "connection {connection}: provider {name}: the client assertion could not be signed: {what}; no token request sent"
-                ),
-            );
+        if let Owner::Connection(c) = f.addr.owner {
+            self.unsigned(&f.loaded, c, kind, what);
         }
         self.complete(f, Err(FetchError::Signing), now);
+    }
+
+    /// Connection `connection`'s assertion could not be signed: logged with the
+    /// connection, its provider and the kind of failure, and counted by kind.
+    pub(super) fn unsigned(
+        &self,
+        loaded: &Runtime,
+        connection: usize,
+        kind: &'static str,
+        what: &str,
+    ) {
+        let config = &loaded.config;
+        let Some(conn) = config.connection(connection) else {
+            return;
+        };
+        loaded.stats.signing(&self.proxy, conn.provider, Some(kind));
+        let name = config
+            .providers
+            .get(conn.provider)
+            .map_or("?", |p| p.name.as_str());
+        self.proxy.log(
+            Level::Warn,
+            &format!(
+                "connection {}: provider {name}: the client assertion could not be signed: {what}; no token request sent",
+                conn.name
+            ),
+        );
     }
 }

@@ -11,14 +11,15 @@ use sha2::{Digest, Sha256};
 
 use super::*;
 
-const ASSERTION_TYPE: &str =
+pub(super) const ASSERTION_TYPE: &str =
     "client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer";
 
 fn signing_config() -> Config {
     let v = json!({
         "secrets": {
             "vt": { "inline": "hvs.signer" },
-            "rt": { "inline": "rt-configured" }
+            "rt": { "inline": "rt-configured" },
+            "sid": { "inline": "secret-id-4" }
         },
         "providers": {
             "transit_idp": { "type": "oauth2", "cluster": "idp", "token_url": "https://idp.test/token",
@@ -35,6 +36,12 @@ fn signing_config() -> Config {
                        "client_id": "app", "auth_method": "client_assertion", "assertion": "fic" },
             "mtls": { "type": "oauth2", "cluster": "mtls", "token_url": "https://mtls.test/token",
                       "client_id": "gw3", "auth_method": "tls_client_auth" },
+            "approle_idp": { "type": "oauth2", "cluster": "idp4", "token_url": "https://idp4.test/token",
+                             "client_id": "gw4", "auth_method": "private_key_jwt",
+                             "signing_key": { "alg": "ES256", "kid": "k-4",
+                                 "vault_transit": { "cluster": "vault", "url": "http://vault:8200",
+                                                    "key": "gw4", "namespace": "team",
+                                                    "approle": { "role_id": "role-4", "secret_id": "sid" } } } },
             "mi": { "type": "azure_managed_identity", "cluster": "imds" }
         },
         "connections": {
@@ -47,6 +54,10 @@ fn signing_config() -> Config {
                            "scopes": ["https://graph.test/.default"], "access": { "public": true } },
             "fic": { "provider": "mi", "resource": "api://AzureADTokenExchange" },
             "cert": { "provider": "mtls", "grant": "client_credentials", "access": { "public": true } },
+            "approle_signed": { "provider": "approle_idp", "grant": "client_credentials",
+                                "access": { "public": true } },
+            "approle_signed2": { "provider": "approle_idp", "grant": "client_credentials",
+                                 "scopes": ["two"], "access": { "public": true } },
             "signed_rt": { "provider": "transit_idp", "grant": "refresh_token", "refresh_token": "rt",
                            "access": { "public": true } },
             "signed_obo": { "provider": "transit_idp", "grant": "token_exchange",
@@ -77,43 +88,43 @@ fn one_call(b: &Broker<Fake>) -> (u32, HttpCall) {
     calls.remove(0)
 }
 
-fn body_text(call: &HttpCall) -> &str {
+pub(super) fn body_text(call: &HttpCall) -> &str {
     call.body.as_ref().map_or("", |b| b.expose())
 }
 
-fn body_json(call: &HttpCall) -> Value {
+pub(super) fn body_json(call: &HttpCall) -> Value {
     serde_json::from_str(body_text(call)).unwrap()
 }
 
 /// A JWS part, decoded.
-fn jws_part(p: &str) -> Value {
+pub(super) fn jws_part(p: &str) -> Value {
     serde_json::from_slice(&B64.decode(p).unwrap()).unwrap()
 }
 
 /// The signing input a Transit sign call carries.
-fn transit_input(call: &HttpCall) -> String {
+pub(super) fn transit_input(call: &HttpCall) -> String {
     let input = body_json(call)["input"].as_str().unwrap().to_string();
     String::from_utf8(STANDARD.decode(input).unwrap()).unwrap()
 }
 
 /// An ES256 signature, as Transit's `jws` marshaling gives it.
-fn es256_signature(fill: u8) -> String {
+pub(super) fn es256_signature(fill: u8) -> String {
     B64.encode([fill; 64])
 }
 
-fn transit_signature(sig: &str) -> Vec<u8> {
+pub(super) fn transit_signature(sig: &str) -> Vec<u8> {
     json!({ "data": { "signature": format!("vault:v1:{sig}"), "key_version": 1 } })
         .to_string()
         .into_bytes()
 }
 
-fn signing_stat(b: &Broker<Fake>, provider: &str, name: &str) -> u64 {
+pub(super) fn signing_stat(b: &Broker<Fake>, provider: &str, name: &str) -> u64 {
     b.proxy
         .stat(&format!("latchkey.provider.{provider}.signing.{name}"))
 }
 
 /// No call so far carries a client secret, or a basic authorization.
-fn no_secret_in(calls: &[(u32, HttpCall)]) {
+pub(super) fn no_secret_in(calls: &[(u32, HttpCall)]) {
     for (_, c) in calls {
         assert!(!body_text(c).contains("client_secret"), "{}", body_text(c));
         assert!(!c
@@ -542,7 +553,7 @@ fn tls_client_auth_sends_the_client_id_alone() {
 fn only_signing_providers_have_signing_stats() {
     let (b, _loaded) = signing_setup();
     let stats = b.proxy.stats.borrow();
-    for provider in ["transit_idp", "kv_idp"] {
+    for provider in ["transit_idp", "kv_idp", "approle_idp"] {
         for kind in [
             "connect",
             "timeout",
@@ -550,6 +561,7 @@ fn only_signing_providers_have_signing_stats() {
             "status",
             "malformed",
             "identity",
+            "login",
         ] {
             let name = format!("latchkey.provider.{provider}.signing.failure.{kind}");
             assert_eq!(stats.iter().filter(|n| **n == name).count(), 1, "{name}");
@@ -559,7 +571,8 @@ fn only_signing_providers_have_signing_stats() {
     }
     assert!(!stats.iter().any(|n| n.contains(".signing.")
         && !n.contains("provider.transit_idp.")
-        && !n.contains("provider.kv_idp.")));
+        && !n.contains("provider.kv_idp.")
+        && !n.contains("provider.approle_idp.")));
 }
 
 /// Signs the one pending assertion and answers with `sig`; gives the token request.
@@ -698,4 +711,99 @@ fn after_a_key_vault_401_the_new_identity_token_is_awaited_for_a_whole_timeout()
     assert_eq!(signing_stat(&b, "kv_idp", "failure.identity"), 0);
     b.dispatch_due(19_000);
     assert_eq!(signing_stat(&b, "kv_idp", "failure.identity"), 1);
+}
+
+/// A Vault AppRole login answer.
+fn login_answer(token: &str) -> Vec<u8> {
+    json!({ "auth": { "client_token": token, "lease_duration": 600 } })
+        .to_string()
+        .into_bytes()
+}
+
+#[test]
+fn transit_after_an_approle_login_signs_with_the_login_token_and_logs_in_again_on_403() {
+    let (mut b, loaded) = signing_setup();
+    let c = conn(&loaded, "approle_signed");
+    let _ = b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap();
+    b.dispatch_due(1);
+    b.dispatch_due(2);
+    // The login first: the role and secret IDs as JSON, in the namespace.
+    let (id, login) = one_call(&b);
+    assert_eq!(login.cluster, "vault");
+    assert_eq!(
+        (header(&login, ":method"), header(&login, ":path")),
+        (Some("POST"), Some("/v1/auth/approle/login"))
+    );
+    assert_eq!(header(&login, "x-vault-namespace"), Some("team"));
+    assert_eq!(
+        body_json(&login),
+        json!({ "role_id": "role-4", "secret_id": "secret-id-4" })
+    );
+    b.on_answer(id, Some(200), Some(login_answer("hvs.login-1")), 3);
+    b.dispatch_due(4);
+    let (id, sign) = one_call(&b);
+    assert_eq!(
+        header(&sign, ":path"),
+        Some("/v1/transit/sign/gw4/sha2-256")
+    );
+    assert_eq!(sign.secret_headers[0].1.expose(), "hvs.login-1");
+    // Vault no longer honours the login: a new one, then one more signature.
+    b.on_answer(id, Some(403), Some(b"{}".to_vec()), 5);
+    b.dispatch_due(6);
+    b.dispatch_due(7);
+    let (id, login) = one_call(&b);
+    assert_eq!(header(&login, ":path"), Some("/v1/auth/approle/login"));
+    b.on_answer(id, Some(200), Some(login_answer("hvs.login-2")), 8);
+    b.dispatch_due(9);
+    let (id, sign) = one_call(&b);
+    assert_eq!(sign.secret_headers[0].1.expose(), "hvs.login-2");
+    b.on_answer(
+        id,
+        Some(200),
+        Some(transit_signature(&es256_signature(1))),
+        10,
+    );
+    let (id, token) = one_call(&b);
+    assert_eq!(token.cluster, "idp4");
+    assert!(body_text(&token).contains(ASSERTION_TYPE));
+    b.on_answer(id, Some(200), Some(token_answer("at-4", json!({}))), 11);
+    assert_eq!(signing_stat(&b, "approle_idp", "requests"), 2);
+    assert_eq!(signing_stat(&b, "approle_idp", "failure.forbidden"), 0);
+    // The login token is cached: another connection's fetch signs without logging in.
+    let c2 = conn(&loaded, "approle_signed2");
+    let _ = b.resolve(&loaded, &[c2], Who::default(), 13, true).unwrap();
+    b.dispatch_due(14);
+    let (_, sign) = one_call(&b);
+    assert_eq!(
+        header(&sign, ":path"),
+        Some("/v1/transit/sign/gw4/sha2-256")
+    );
+    assert_eq!(sign.secret_headers[0].1.expose(), "hvs.login-2");
+    for (_, call) in [(0, login), (0, sign), (0, token)] {
+        assert!(!format!("{call:?}").contains("secret-id-4"));
+    }
+}
+
+#[test]
+fn a_refused_approle_login_fails_the_signature_as_login_and_sends_nothing_else() {
+    let (mut b, loaded) = signing_setup();
+    let c = conn(&loaded, "approle_signed");
+    let _ = b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap();
+    b.dispatch_due(1);
+    b.dispatch_due(2);
+    let (id, _) = one_call(&b);
+    b.on_answer(
+        id,
+        Some(400),
+        Some(br#"{"errors":["invalid role or secret ID"]}"#.to_vec()),
+        3,
+    );
+    b.dispatch_due(4);
+    assert!(b.proxy.take_calls().is_empty());
+    assert_eq!(signing_stat(&b, "approle_idp", "failure.login"), 1);
+    assert_eq!(signing_stat(&b, "approle_idp", "requests"), 0);
+    assert!(b
+        .proxy
+        .logged("provider approle_idp: the signing key's Vault login failed"));
+    assert!(!b.proxy.logged("invalid role"));
 }

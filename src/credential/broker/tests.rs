@@ -1371,3 +1371,9 @@ mod delegated_tests;
 /// private_key_jwt, client_assertion and tls_client_auth fetches (SPEC v1.2).
 #[path = "signing_tests.rs"]
 mod signing_tests;
+
+/// private_key_jwt on authorization_code connections: the stored consent's
+/// redemption, the callback's code and the disconnect's revocation are each
+/// authenticated with a freshly signed assertion (SPEC v1.2).
+#[path = "consent_signing_tests.rs"]
+mod consent_signing_tests;
