@@ -579,14 +579,20 @@ CLIENT_AUTH_CASES = {
     "kid_leading_space": (_key("transit", kid=" gw"), False),
     "signing_timeout_zero": (_key("transit", timeout_ms=0), False),
     "signing_key_unknown_field": (_key("transit", key_id="x"), False),
-    "transit_approle": (_transit(approle={"role_id": "r", "secret_id": "transit_token"}), False),
+    "transit_token_and_approle": (_transit(approle={"role_id": "r", "secret_id": "transit_token"}), False),
+    "transit_approle": (lambda c: (c["providers"]["transit"]["signing_key"]["vault_transit"].pop("token"),
+                                   c["providers"]["transit"]["signing_key"]["vault_transit"].update(
+                                       approle={"role_id": "r", "secret_id": "transit_token", "mount": "ci"})), True),
+    "transit_approle_unknown_field": (lambda c: (c["providers"]["transit"]["signing_key"]["vault_transit"].pop("token"),
+                                                 c["providers"]["transit"]["signing_key"]["vault_transit"].update(
+                                                     approle={"role": "r", "secret_id": "transit_token"})), False),
     "transit_without_token": (_drop(["providers", "transit", "signing_key", "vault_transit", "token"]), False),
     "transit_unknown_token": (_transit(token="nope"), False),
     "transit_key_with_a_slash": (_transit(key="a/b"), False),
     "transit_mount_dot_segment": (_transit(mount="a/../b"), False),
     "transit_url_query": (_transit(url="http://127.0.0.1:8200/?x=1"), False),
     "transit_unknown_field": (_transit(role="x"), False),
-    "private_key_jwt_for_authorization_code": (_with_consent, False),
+    "private_key_jwt_for_authorization_code": (_with_consent, True),
 }
 
 
