@@ -231,9 +231,12 @@ class OidcProvider:
     URIs (latchkey's ``consent.redirect_uri``, path CONSENT_CALLBACK_PATH) and turn on the
     same login and consent forms (with or without ``browser_redirect_uris``).
     ``private_key_jwt_clients``: {client_id: {"jwks": <JWK set of public keys>, "alg":
-    "RS256"|"PS256"|"ES256" (optional)}}: clients that authenticate with a signed JWT
-    (token_endpoint_auth_method private_key_jwt, token_endpoint_auth_signing_alg = alg;
-    oidc-provider verifies the assertion itself, replay detection included).
+    "RS256"|"PS256"|"ES256" (optional), "consent": True (optional)}}: clients that
+    authenticate with a signed JWT (token_endpoint_auth_method private_key_jwt,
+    token_endpoint_auth_signing_alg = alg; oidc-provider verifies the assertion itself,
+    replay detection included). With "consent" (needs ``consent_redirect_uris``) the client
+    is a consent client as CONSENT_CLIENT_ID is (authorization code + PKCE, refresh tokens),
+    authenticating so instead of with a secret.
     ``tls_client_auth_clients``: {client_id: subject DN (RFC 4514, e.g. ClientCert.subject_dn)}:
     clients that authenticate with their TLS client certificate (RFC 8705 §2.1,
     tls_client_auth_subject_dn); needs ``mtls``. ``mtls``: (server cert chain, server key,
@@ -645,6 +648,11 @@ class OidcProvider:
         port, else {authorized, subject, fingerprint256, port} of the client certificate
         (subject None without one)."""
         return self._get_json("/__test/token-requests" + (f"?n={int(n)}" if n is not None else ""))
+
+    def last_revocation_requests(self, n: int | None = None) -> list[dict[str, Any]]:
+        """The last `n` (default all kept) RFC 7009 revocation requests, oldest first:
+        {time, method, path, headers, form, client_id, status, error} (as token requests)."""
+        return self._get_json("/__test/revocation-requests" + (f"?n={int(n)}" if n is not None else ""))
 
     def wait_for_token_requests(self, count: int, grant_type: str | None = None,
                                 timeout: float = 10.0) -> int:

@@ -66,12 +66,17 @@
 //                            accepted; omitted: any asymmetric alg oidc-provider enables),
 //                            jwks as given (a JWK's kid must equal the assertion's kid),
 //                            grants client_credentials + refresh_token + token exchange,
-//                            scopes as gw-basic. A static client's id (gw-basic, gw-post)
-//                            replaces that client (the demo's gw-basic signs with OpenBao
-//                            Transit). oidc-provider itself checks the assertion:
-//                            signature, alg, iss = sub = client_id, aud (its issuer, its token
-//                            endpoint URL), exp, jti present and never seen before (replay
-//                            detection).
+//                            scopes as gw-basic. A static client's id (gw-basic, gw-post,
+//                            gw-consent, gw-consent-post) replaces that client (the demo's
+//                            gw-basic signs with OpenBao Transit). "consent": true (needs
+//                            OAUTH_CONSENT_REDIRECT_URIS) makes it a consent client instead,
+//                            as gw-consent is but for its authentication: response_type
+//                            code, grants authorization_code + refresh_token, those redirect
+//                            URIs, PKCE S256 required, a refresh token on every code grant.
+//                            oidc-provider itself checks the assertion: signature, alg,
+//                            iss = sub = client_id, aud (its issuer, its token endpoint URL,
+//                            or the endpoint called, e.g. revocation), exp, jti present and
+//                            never seen before (replay detection).
 //   OAUTH_TLS_CLIENT_AUTH_CLIENTS  JSON {"<client_id>": {"subject_dn": "CN=...,O=..."}}:
 //                            registers each with token_endpoint_auth_method tls_client_auth
 //                            (RFC 8705 §2.1.1) and tls_client_auth_subject_dn; needs
@@ -102,6 +107,8 @@
 //   GET  /__test/stats            counts of token-endpoint requests per grant type / outcome
 //   GET  /__test/token-requests   last N token requests (?n=) with headers and form fields
 //                                 (and the id_token the answer carried, if any)
+//   GET  /__test/revocation-requests  last N revocation requests (RFC 7009), recorded the
+//                                 same way (no grant_type, no id_token)
 //   POST /__test/reset            zero the stats and forget the recorded requests
 //   POST /__test/refresh-token    mint a pre-consented refresh token through oidc-provider's
 //                                 own Grant and RefreshToken models; JSON body optional:
@@ -320,6 +327,14 @@ const clientDefaults = {
   scope: 'openid offline_access orders.read orders.write',
 };
 
+// latchkey's authorization-code connections (SPEC "User-delegated connections").
+const consentClient = {
+  response_types: ['code'],
+  grant_types: ['authorization_code', 'refresh_token'],
+  redirect_uris: CONSENT_REDIRECT_URIS,
+  scope: 'openid offline_access orders.read orders.write',
+};
+
 const configuration = {
   clients: [
     {
@@ -373,8 +388,16 @@ const configuration = {
 
 for (const [clientId, spec] of Object.entries(PRIVATE_KEY_JWT_CLIENTS)) {
   configuration.clients = configuration.clients.filter((c) => c.client_id !== clientId);
+  if (spec.consent && !CONSENT) {
+    process.stderr.write(`private_key_jwt client ${clientId}: "consent" needs OAUTH_CONSENT_REDIRECT_URIS\n`);
+    process.exit(2);
+  }
+  if (spec.consent) {
+    CONSENT_CLIENTS.add(clientId);
+    PKCE_CLIENTS.add(clientId);
+  }
   configuration.clients.push({
-    ...clientDefaults,
+    ...(spec.consent ? consentClient : clientDefaults),
     client_id: clientId,
     token_endpoint_auth_method: 'private_key_jwt',
     ...(spec.alg ? { token_endpoint_auth_signing_alg: spec.alg } : {}),
@@ -470,21 +493,14 @@ if (BROWSER) {
 }
 
 if (CONSENT) {
-  // latchkey's authorization-code connections (SPEC "User-delegated connections").
-  const consentClient = {
-    response_types: ['code'],
-    grant_types: ['authorization_code', 'refresh_token'],
-    redirect_uris: CONSENT_REDIRECT_URIS,
-    scope: 'openid offline_access orders.read orders.write',
-  };
-  configuration.clients.push(
+  configuration.clients.push(...[
     {
       ...consentClient, client_id: 'gw-consent', client_secret: CONSENT_CLIENT_SECRET, token_endpoint_auth_method: 'client_secret_basic',
     },
     {
       ...consentClient, client_id: 'gw-consent-post', client_secret: CONSENT_POST_CLIENT_SECRET, token_endpoint_auth_method: 'client_secret_post',
     },
-  );
+  ].filter((c) => !Object.hasOwn(PRIVATE_KEY_JWT_CLIENTS, c.client_id))); // replaced by one
   // oidc-provider's defaults: a refresh token only with scope offline_access (which it drops
   // from an authorization request without prompt=consent), bound to the IdP session without
   // it. For these clients: always a refresh token, never bound to the browser session.
@@ -566,6 +582,7 @@ const stats = {
   introspection_requests: 0, revocation_requests: 0,
 };
 let history = [];
+let revocations = [];
 function resetStats() {
   stats.token_requests = 0;
   stats.by_grant_type = {};
@@ -575,6 +592,7 @@ function resetStats() {
   stats.introspection_requests = 0;
   stats.revocation_requests = 0;
   history = [];
+  revocations = [];
 }
 const bump = (obj, key) => { obj[key] = (obj[key] || 0) + 1; };
 
@@ -641,6 +659,10 @@ provider.use(async (ctx, next) => {
         const n = Math.max(0, parseInt(ctx.query.n ?? `${HISTORY}`, 10) || 0);
         return json(ctx, 200, n ? history.slice(-n) : []);
       }
+      if (ctx.method === 'GET' && ctx.path === '/__test/revocation-requests') {
+        const n = Math.max(0, parseInt(ctx.query.n ?? `${HISTORY}`, 10) || 0);
+        return json(ctx, 200, n ? revocations.slice(-n) : []);
+      }
       if (ctx.method === 'POST' && ctx.path === '/__test/reset') {
         resetStats();
         return json(ctx, 200, { ok: true });
@@ -699,6 +721,28 @@ provider.use(async (ctx, next) => {
     });
     if (history.length > HISTORY) history = history.slice(-HISTORY);
     log(ctx.method, ctx.path, grantType, ctx.status, body.error ?? '');
+  }
+});
+
+// Revocation requests (RFC 7009), recorded as token requests are, in their own list.
+provider.use(async (ctx, next) => {
+  if (ctx.method !== 'POST' || ctx.path !== '/token/revocation') return next();
+  const headers = rawHeaderPairs(ctx.req);
+  const at = new Date().toISOString();
+  try {
+    await next();
+  } finally {
+    let form = {};
+    try {
+      form = { ...(ctx.oidc?.body || {}) };
+    } catch { /* body never parsed */ }
+    const body = ctx.body && typeof ctx.body === 'object' ? ctx.body : {};
+    revocations.push({
+      time: at, method: ctx.method, path: ctx.path, headers, form, status: ctx.status,
+      client_id: (() => { try { return ctx.oidc?.client?.clientId ?? null; } catch { return null; } })(),
+      error: body.error ?? null,
+    });
+    if (revocations.length > HISTORY) revocations = revocations.slice(-HISTORY);
   }
 });
 
