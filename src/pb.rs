@@ -280,12 +280,13 @@ pub mod encode {
     pub fn metadata(filter: &str, key: &str, payload: &Value) -> Vec<u8> {
         let mut holder = serde_json::Map::new();
         holder.insert(key.to_string(), payload.clone());
+        metadata_holding(filter, &Value::Object(holder))
+    }
+
+    /// Metadata whose `filter` struct is `holder` (several keys at once).
+    pub fn metadata_holding(filter: &str, holder: &Value) -> Vec<u8> {
         let mut out = Vec::new();
-        bytes_field(
-            &mut out,
-            1,
-            &entry(filter, &structure(&Value::Object(holder))),
-        );
+        bytes_field(&mut out, 1, &entry(filter, &structure(holder)));
         out
     }
 }

@@ -878,9 +878,18 @@ fn read_identity(
                 Some(v) => Identity::from_header(v, &config.claim_paths, bind).map(Some),
             }
         }
-        ClaimsSource::JwtMetadata { key } => match lazy.metadata()? {
+        ClaimsSource::JwtMetadata { keys } => match lazy.metadata()? {
             None => Ok(None),
-            Some(md) => Identity::from_metadata(&md, key, &config.claim_paths, bind),
+            Some(md) => {
+                let mut found = Ok(None);
+                for key in keys {
+                    found = Identity::from_metadata(&md, key, &config.claim_paths, bind);
+                    if !matches!(found, Ok(None)) {
+                        break;
+                    }
+                }
+                found
+            }
         },
     })
 }

@@ -22,6 +22,8 @@ use crate::path::{analyze, PathError, Readings};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteMatch {
     pub route_name: Option<String>,
+    /// Envoy route names starting with this (Envoy Gateway's generated names).
+    pub route_name_prefix: Option<String>,
     /// Lowercased, without port.
     pub host: Option<String>,
     pub path: Option<PathMatch>,
@@ -77,6 +79,9 @@ pub struct RequestInfo<'a> {
 pub struct Router {
     matchers: Vec<RouteMatch>,
     by_route_name: HashMap<String, Vec<usize>>,
+    by_name_prefix: HashMap<String, Vec<usize>>,
+    /// Distinct lengths of the prefixes in `by_name_prefix`, ascending.
+    name_prefix_lens: Vec<usize>,
     by_exact: HashMap<String, Vec<usize>>,
     by_prefix: HashMap<String, Vec<usize>>,
     /// Distinct lengths of the prefixes in `by_prefix`, ascending.
@@ -94,6 +99,11 @@ impl Router {
             r.matchers.push(m.clone());
             if let Some(name) = &m.route_name {
                 r.by_route_name.entry(name.clone()).or_default().push(i);
+            } else if let Some(p) = &m.route_name_prefix {
+                if !r.name_prefix_lens.contains(&p.len()) {
+                    r.name_prefix_lens.push(p.len());
+                }
+                r.by_name_prefix.entry(p.clone()).or_default().push(i);
             } else if let Some(PathMatch::Exact(p)) = &m.path {
                 r.by_exact.entry(p.clone()).or_default().push(i);
             } else if let Some(PathMatch::Prefix(p)) = &m.path {
@@ -108,12 +118,13 @@ impl Router {
             }
         }
         r.prefix_lens.sort_unstable();
+        r.name_prefix_lens.sort_unstable();
         r
     }
 
     /// Whether any route matches on the Envoy route name (so the filter must read it).
     pub fn needs_route_name(&self) -> bool {
-        !self.by_route_name.is_empty()
+        !self.by_route_name.is_empty() || !self.by_name_prefix.is_empty()
     }
 
     /// The route for a request whose `req.path` is ignored: the path is taken raw
@@ -164,8 +175,22 @@ impl Router {
                 }
             }
         };
-        if let Some(list) = req.route_name.and_then(|n| self.by_route_name.get(n)) {
-            scan(list);
+        if let Some(name) = req.route_name {
+            if let Some(list) = self.by_route_name.get(name) {
+                scan(list);
+            }
+            for &len in &self.name_prefix_lens {
+                match name.get(..len) {
+                    Some(head) => {
+                        if let Some(list) = self.by_name_prefix.get(head) {
+                            scan(list);
+                        }
+                    }
+                    None if len > name.len() => break,
+                    // Inside a multi-byte character: longer prefixes still can.
+                    None => {}
+                }
+            }
         }
         if let Some(list) = self.by_exact.get(req.path) {
             scan(list);
@@ -195,6 +220,14 @@ impl Router {
 fn matches(m: &RouteMatch, req: &RequestInfo) -> bool {
     if let Some(name) = &m.route_name {
         if req.route_name != Some(name.as_str()) {
+            return false;
+        }
+    }
+    if let Some(prefix) = &m.route_name_prefix {
+        if !req
+            .route_name
+            .is_some_and(|n| n.starts_with(prefix.as_str()))
+        {
             return false;
         }
     }
@@ -298,6 +331,7 @@ mod tests {
             host: Some("h".into()),
             path: Some(PathMatch::Exact("/a".into())),
             methods: vec!["GET".into(), "HEAD".into()],
+            ..Default::default()
         }];
         let r = Router::new(&routes);
         assert_eq!(r.find(&req(Some("p"), "h", "/a", "HEAD")), Some(0));
@@ -338,6 +372,63 @@ mod tests {
             ..Default::default()
         };
         assert!(Router::new(&[prefix("/a/"), by_name]).needs_route_name());
+    }
+
+    fn name_prefix(p: &str) -> RouteMatch {
+        RouteMatch {
+            route_name_prefix: Some(p.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn route_name_prefixes_match_generated_names_in_route_order() {
+        // Envoy Gateway names routes `httproute/<ns>/<name>/rule/<n>`.
+        let routes = vec![
+            name_prefix("httproute/shop/orders/rule/1"),
+            name_prefix("httproute/shop/orders/"),
+            RouteMatch {
+                route_name_prefix: Some("httproute/shop/".into()),
+                path: Some(PathMatch::Prefix("/admin/".into())),
+                ..Default::default()
+            },
+            name_prefix("httproute/shop/"),
+            name_prefix("h\u{e9}/"),
+        ];
+        let r = Router::new(&routes);
+        assert!(r.needs_route_name());
+        let name = |n| r.find(&req(Some(n), "h", "/x", "GET"));
+        assert_eq!(name("httproute/shop/orders/rule/1"), Some(0));
+        assert_eq!(name("httproute/shop/orders/rule/10"), Some(0));
+        assert_eq!(name("httproute/shop/orders/rule/0"), Some(1));
+        assert_eq!(name("httproute/shop/cart/rule/0"), Some(3));
+        assert_eq!(
+            r.find(&req(
+                Some("httproute/shop/cart/rule/0"),
+                "h",
+                "/admin/1",
+                "GET"
+            )),
+            Some(2)
+        );
+        assert_eq!(name("httproute/shop"), None);
+        assert_eq!(name("httproute/other/orders/rule/1"), None);
+        assert_eq!(name("HTTPROUTE/shop/orders/rule/1"), None);
+        assert_eq!(r.find(&req(None, "h", "/x", "GET")), None);
+        // A length inside a multi-byte character is skipped, not the end.
+        assert_eq!(name("\u{e9}\u{e9}"), None);
+        assert_eq!(name("h\u{e9}/x"), Some(4));
+        // An exact name still wins over a later prefix, and a prefix over a later exact name.
+        let r = Router::new(&[
+            name_prefix("api/"),
+            RouteMatch {
+                route_name: Some("api/v1".into()),
+                ..Default::default()
+            },
+        ]);
+        assert_eq!(r.find(&req(Some("api/v1"), "h", "/", "GET")), Some(0));
+        assert!(!Router::new(&[prefix("/a/")]).needs_route_name());
+        assert!(Router::new(&[name_prefix("a")]).needs_route_name());
     }
 
     #[test]

@@ -20,11 +20,10 @@ pub enum TokenStat {
     BackoffRejected,
     DroppedOn401,
     Ignored401,
-    Failure,
 }
 
 impl TokenStat {
-    const ALL: [TokenStat; 8] = [
+    const ALL: [TokenStat; 7] = [
         TokenStat::Requests,
         TokenStat::Success,
         TokenStat::CacheHit,
@@ -32,7 +31,6 @@ impl TokenStat {
         TokenStat::BackoffRejected,
         TokenStat::DroppedOn401,
         TokenStat::Ignored401,
-        TokenStat::Failure,
     ];
 
     fn name(self) -> &'static str {
@@ -44,7 +42,6 @@ impl TokenStat {
             TokenStat::BackoffRejected => "backoff_rejected",
             TokenStat::DroppedOn401 => "dropped_on_401",
             TokenStat::Ignored401 => "ignored_401",
-            TokenStat::Failure => "failure",
         }
     }
 }
@@ -132,13 +129,12 @@ const SIGNING_FAILURES: [&str; 7] = [
 struct StoreStats {
     reads: Option<u32>,
     success: Option<u32>,
-    failure: Option<u32>,
     /// Aligned with `StoreError::KINDS`.
     failures: Vec<Option<u32>>,
     version_changes: Option<u32>,
     logins: Option<u32>,
     /// Seconds since the value in use was read (gauge, updated on the tick).
-    age_s: Option<u32>,
+    age_seconds: Option<u32>,
 }
 
 /// Consent counters (SPEC v1.2), proxy-wide: `latchkey.consent.<stat>`, and
@@ -287,14 +283,13 @@ impl Stats {
             m.stores.push(StoreStats {
                 reads: counter(&format!("{base}.reads")),
                 success: counter(&format!("{base}.success")),
-                failure: counter(&format!("{base}.failure")),
                 failures: StoreError::KINDS
                     .iter()
                     .map(|k| counter(&format!("{base}.failure.{k}")))
                     .collect(),
                 version_changes: counter(&format!("{base}.version_changes")),
                 logins: counter(&format!("{base}.logins")),
-                age_s: define(MetricKind::Gauge, &format!("{base}.age_s")),
+                age_seconds: define(MetricKind::Gauge, &format!("{base}.age_seconds")),
             });
         }
         for p in &config.providers {
@@ -367,13 +362,12 @@ impl Stats {
         let Some(s) = self.stores.get(store) else {
             return;
         };
-        p.count(s.failure);
         let i = StoreError::KINDS.iter().position(|k| *k == kind);
         p.count(i.and_then(|i| s.failures.get(i).copied().flatten()));
     }
 
     pub fn store_age(&self, p: &impl Proxy, store: usize, seconds: u64) {
-        p.record(self.stores.get(store).and_then(|s| s.age_s), seconds);
+        p.record(self.stores.get(store).and_then(|s| s.age_seconds), seconds);
     }
 
     /// A request forwarded with the credentials of these connections.
@@ -395,7 +389,6 @@ impl Stats {
     }
 
     pub fn token_failure(&self, p: &impl Proxy, connection: usize, kind: &'static str) {
-        self.token(p, connection, TokenStat::Failure);
         let i = FetchError::KINDS.iter().position(|k| *k == kind);
         p.count(i.and_then(|i| self.failures.get(connection)?.get(i).copied().flatten()));
     }

@@ -39,7 +39,7 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
         // serde_json's message for syntax errors holds a position, not content.
         ConfigError::new("", ErrorKind::NotJson(e.to_string()))
     })?;
-    let top = Obj::new("", &doc, TOP_LEVEL_FIELDS)?;
+    let top = Obj::top(&doc, TOP_LEVEL_FIELDS)?;
     let names = Names::collect(&top);
     let mut warnings = Vec::new();
 

@@ -3,8 +3,8 @@
 //! the request path reads ([`ClaimPaths`]): the subject and the groups first, at
 //! their fixed places, then each claim an access policy names, once.
 
-use super::error::ConfigError;
-use super::json::Obj;
+use super::error::{ConfigError, ErrorKind};
+use super::json::{Obj, Value};
 use super::lexical;
 use super::{ClaimPath, ClaimsConfig, ClaimsSource};
 
@@ -38,16 +38,34 @@ pub fn read(top: &Obj) -> Result<(ClaimsConfig, ClaimPaths), ConfigError> {
             None => Ok(None),
         }
     };
-    let key = get("key")?.unwrap_or("payload");
-    if key.is_empty() {
+    // `key`: one name, or (jwt_metadata) a list whose first present key is read.
+    let keys: Vec<&str> = match c.as_ref().map(|c| (c, c.get("key"))) {
+        Some((c, Some(Value::Array(_)))) => {
+            let keys = c.opt_str_list("key")?.unwrap_or_default();
+            if keys.is_empty() {
+                return Err(ConfigError::new("claims.key", ErrorKind::EmptyList));
+            }
+            keys
+        }
+        _ => vec![get("key")?.unwrap_or("payload")],
+    };
+    if keys.iter().any(|k| k.is_empty()) {
         return Err(ConfigError::empty_string("claims.key"));
     }
     let source = match get("from")?.unwrap_or("jwt_metadata") {
         "jwt_metadata" => ClaimsSource::JwtMetadata {
-            key: key.to_string(),
+            keys: keys.iter().map(|k| k.to_string()).collect(),
         },
-        "header" => ClaimsSource::Header {
-            name: lexical::header_name(key).map_err(|e| e.at("claims.key"))?,
+        "header" => match keys.as_slice() {
+            [key] => ClaimsSource::Header {
+                name: lexical::header_name(key).map_err(|e| e.at("claims.key"))?,
+            },
+            _ => {
+                return Err(ConfigError::not_allowed(
+                    "claims.key",
+                    "a list of keys only with \"from\": \"jwt_metadata\"; a header is one name",
+                ))
+            }
         },
         "none" => ClaimsSource::None,
         other => {

@@ -307,10 +307,30 @@ impl<'a> Obj<'a> {
         value: &'a Value<'a>,
         known: &'static [&'static str],
     ) -> Result<Self, ConfigError> {
-        let path = path.into();
+        Self::checked(path.into(), value, known, false)
+    }
+
+    /// The configuration's top-level object: its `known` fields, and `$schema`
+    /// (a string, for editors; ignored).
+    pub fn top(value: &'a Value<'a>, known: &'static [&'static str]) -> Result<Self, ConfigError> {
+        Self::checked(String::new(), value, known, true)
+    }
+
+    fn checked(
+        path: String,
+        value: &'a Value<'a>,
+        known: &'static [&'static str],
+        schema: bool,
+    ) -> Result<Self, ConfigError> {
         let map = as_object(&path, value)?;
+        if let (true, Some(v)) = (schema, map.get("$schema")) {
+            if !matches!(v, Value::String(_)) {
+                return Err(wrong_type("$schema", "a string", v));
+            }
+        }
         for key in map.keys() {
-            if !known.contains(&key) {
+            let ignored = schema && key == "$schema";
+            if !(known.contains(&key) || ignored) {
                 return Err(ConfigError::new(
                     join(&path, key),
                     ErrorKind::UnknownField { expected: known },

@@ -167,10 +167,36 @@ pub fn route_path(path: &str) -> Result<String, ConfigError> {
 
 /// A claim name, perhaps dotted (`realm_access.roles`): no empty segment.
 pub fn claim_name(claim: &str) -> Result<(), ConfigError> {
-    if claim.is_empty() || claim.split('.').any(str::is_empty) {
+    claim_segments(claim).map(|_| ())
+}
+
+/// A claim name's segments, the path into the payload: separated by `.`;
+/// inside a segment `\.` is a dot and `\\` a backslash (as kubectl's JSONPath
+/// writes `kubernetes\.io/...`), so that names holding dots can be reached.
+pub fn claim_segments(claim: &str) -> Result<Vec<String>, ConfigError> {
+    let mut segments = Vec::new();
+    let mut segment = String::new();
+    let mut chars = claim.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '.' => segments.push(std::mem::take(&mut segment)),
+            '\\' => match chars.next() {
+                Some(e @ ('.' | '\\')) => segment.push(e),
+                _ => {
+                    return Err(refused(
+                        claim,
+                        "not a claim name (a backslash escapes only \".\" or a backslash)",
+                    ))
+                }
+            },
+            c => segment.push(c),
+        }
+    }
+    segments.push(segment);
+    if segments.iter().any(String::is_empty) {
         return Err(refused(claim, "not a claim name (empty segment)"));
     }
-    Ok(())
+    Ok(segments)
 }
 
 /// An OAuth scope: RFC 6749 §3.3 `scope-token = 1*( %x21 / %x23-5B / %x5D-7E )`.
@@ -475,10 +501,31 @@ mod tests {
         for ok in ["sub", "realm_access.roles", "a.b.c", "é"] {
             assert!(claim_name(ok).is_ok(), "{ok:?}");
         }
-        for bad in ["", ".", "a.", ".a", "a..b"] {
+        for bad in ["", ".", "a.", ".a", "a..b", "\\.."] {
             assert_eq!(
                 why(claim_name(bad)),
                 format!("invalid value {bad:?}: not a claim name (empty segment)")
+            );
+        }
+        // Escapes: a dot or a backslash inside a segment.
+        let segments = |c| claim_segments(c).unwrap();
+        assert_eq!(segments("a.b"), ["a", "b"]);
+        assert_eq!(
+            segments("https://example\\.com/roles"),
+            ["https://example.com/roles"]
+        );
+        assert_eq!(
+            segments("metadata.labels.kubernetes\\.io/name"),
+            ["metadata", "labels", "kubernetes.io/name"]
+        );
+        assert_eq!(segments("a\\\\.b"), ["a\\", "b"]);
+        assert_eq!(segments("\\."), ["."]);
+        for bad in ["a\\", "a\\b", "\\"] {
+            assert_eq!(
+                why(claim_name(bad)),
+                format!(
+                    "invalid value {bad:?}: not a claim name (a backslash escapes only \".\" or a backslash)"
+                )
             );
         }
     }

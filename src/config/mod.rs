@@ -199,7 +199,9 @@ pub enum VaultAuth {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimsSource {
     /// `jwt_authn`'s `payload_in_metadata: <key>`.
-    JwtMetadata { key: String },
+    /// With several keys (Envoy Gateway writes each provider's payload under
+    /// its name) the first one present is read.
+    JwtMetadata { keys: Vec<String> },
     /// A header holding base64url JSON (`forward_payload_header`), lowercased.
     Header { name: String },
     /// No identity: every caller is anonymous.
@@ -219,10 +221,12 @@ pub struct ClaimPath {
 }
 
 impl ClaimPath {
+    /// `dotted` is a checked claim name ([`lexical::claim_name`]); one that
+    /// isn't is taken as a single segment.
     pub fn new(dotted: &str) -> Self {
         ClaimPath {
             dotted: dotted.to_string(),
-            segments: dotted.split('.').map(str::to_string).collect(),
+            segments: lexical::claim_segments(dotted).unwrap_or_else(|_| vec![dotted.to_string()]),
         }
     }
 }

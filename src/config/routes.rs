@@ -23,7 +23,14 @@ const ROUTE: &[&str] = &[
     "strip",
     "drop_token_on_401",
 ];
-const MATCH: &[&str] = &["route_name", "host", "path_prefix", "path_exact", "methods"];
+const MATCH: &[&str] = &[
+    "route_name",
+    "route_name_prefix",
+    "host",
+    "path_prefix",
+    "path_exact",
+    "methods",
+];
 const INJECT: &[&str] = &["connections", "header", "query", "cluster_header", "prefix"];
 
 /// The `cluster_header` name the README and the Envoy examples use.
@@ -133,8 +140,18 @@ fn route_match(r: &Obj) -> Result<RouteMatch, ConfigError> {
     let m = Obj::new(r.child("match"), r.required("match")?, MATCH)?;
     let mut out = RouteMatch {
         route_name: m.opt_str("route_name")?.map(str::to_string),
+        route_name_prefix: m.opt_str("route_name_prefix")?.map(str::to_string),
         ..RouteMatch::default()
     };
+    if out.route_name.is_some() && out.route_name_prefix.is_some() {
+        return Err(ConfigError::not_allowed(
+            m.child("route_name_prefix"),
+            "give \"route_name\" or \"route_name_prefix\", not both",
+        ));
+    }
+    if out.route_name_prefix.as_deref() == Some("") {
+        return Err(ConfigError::empty_string(m.child("route_name_prefix")));
+    }
     if let Some(host) = m.opt_str("host")? {
         out.host = Some(lexical::host(host).map_err(|e| e.at(m.child("host")))?);
     }

@@ -72,7 +72,7 @@ fn spec_example_loads() {
     assert_eq!(
         c.claims.source,
         ClaimsSource::JwtMetadata {
-            key: "jwt_payload".into()
+            keys: vec!["jwt_payload".into()]
         }
     );
     assert_eq!(c.unmatched, Unmatched::Allow);
@@ -116,9 +116,47 @@ fn defaults() {
     assert_eq!(
         c.claims.source,
         ClaimsSource::JwtMetadata {
-            key: "payload".into()
+            keys: vec!["payload".into()]
         }
     );
+    // `$schema` (for editors) is taken at the top, and only there.
+    assert!(load(&json!({ "$schema": "https://example.test/latchkey.schema.json" })).is_ok());
+    assert_eq!(
+        load(&json!({ "$schema": 1 })).unwrap_err().to_string(),
+        "$schema: expected a string, found a number"
+    );
+    assert!(load(&json!({ "claims": { "$schema": "x" } }))
+        .unwrap_err()
+        .to_string()
+        .starts_with("claims.$schema: unknown field"));
+    // A list of metadata keys: the first present one is read.
+    let c = load(&json!({ "claims": { "key": ["team-a", "team-b"] } })).unwrap();
+    assert_eq!(
+        c.claims.source,
+        ClaimsSource::JwtMetadata {
+            keys: vec!["team-a".into(), "team-b".into()]
+        }
+    );
+    for (claims, error) in [
+        (json!({ "key": [] }), "claims.key: must not be empty"),
+        (
+            json!({ "key": ["a", ""] }),
+            "claims.key[1]: must not be an empty string",
+        ),
+        (
+            json!({ "key": ["a", 1] }),
+            "claims.key[1]: expected a string, found a number",
+        ),
+        (
+            json!({ "from": "header", "key": ["x-a", "x-b"] }),
+            "claims.key: a list of keys only with \"from\": \"jwt_metadata\"; a header is one name",
+        ),
+    ] {
+        assert_eq!(
+            load(&json!({ "claims": claims })).unwrap_err().to_string(),
+            error
+        );
+    }
     assert_eq!(c.claim_paths[SUBJECT_CLAIM].dotted, "sub");
     assert_eq!(c.claim_paths[GROUPS_CLAIM].dotted, "groups");
     assert_eq!(c.unmatched, Unmatched::Allow);
@@ -1193,7 +1231,27 @@ fn a_route_s_match_is_compiled_whole_and_the_router_uses_it() {
             host: Some("partner.example".into()),
             path: Some(PathMatch::Exact("/partner/x".into())),
             methods: vec!["POST".into()],
+            ..RouteMatch::default()
         }
+    );
+    // Or every route name with a prefix; not both.
+    v["routes"][1]["match"] = json!({"route_name_prefix": "httproute/shop/partner/"});
+    assert_eq!(
+        load(&v).unwrap().routes[1]
+            .matcher
+            .route_name_prefix
+            .as_deref(),
+        Some("httproute/shop/partner/")
+    );
+    v["routes"][1]["match"] = json!({"route_name_prefix": "a", "route_name": "b"});
+    assert_eq!(
+        load(&v).unwrap_err().to_string(),
+        "routes[1].match.route_name_prefix: give \"route_name\" or \"route_name_prefix\", not both"
+    );
+    v["routes"][1]["match"] = json!({"route_name_prefix": ""});
+    assert_eq!(
+        load(&v).unwrap_err().to_string(),
+        "routes[1].match.route_name_prefix: must not be an empty string"
     );
     let req = |route_name, path, method| crate::router::RequestInfo {
         route_name,

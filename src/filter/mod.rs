@@ -204,10 +204,11 @@ impl RootContext for Root {
             Level::Info,
             &format!(
                 "configuration loaded: {routes} routes, {connections} connections, \
-                 {providers} providers in {}.{:03} ms; VM memory {} KiB",
+                 {providers} providers in {}.{:03} ms; VM memory {} KiB; module version {}",
                 took_us / 1000,
                 took_us % 1000,
-                vm_memory_kib()
+                vm_memory_kib(),
+                env!("CARGO_PKG_VERSION")
             ),
         );
         true

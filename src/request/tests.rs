@@ -416,6 +416,50 @@ fn metadata_claims_are_read_once_and_only_when_needed() {
 }
 
 #[test]
+fn metadata_claims_are_read_under_the_first_present_key_and_dotted_names_by_escape() {
+    // Envoy Gateway writes each JWT provider's payload under the provider's name;
+    // Auth0 namespaces its claims with URLs.
+    let c = parse(json!({
+        "claims": { "key": ["team-a", "team-b"], "groups": "https://example\\.com/roles" },
+        "providers": { "keys": { "type": "api_key" } },
+        "secrets": { "k": { "inline": "pk" } },
+        "connections": { "billing": { "provider": "keys", "api_key": "k",
+                                      "access": { "groups": ["billing"] } } },
+        "routes": [ { "name": "partner", "match": { "path_prefix": "/partner/" },
+                      "inject": [ { "connections": ["billing"], "header": "x-key" } ] } ]
+    }));
+    let claims = json!({ "sub": "bob", "https://example.com/roles": ["billing"],
+                         "https://example": { "com/roles": ["support"] } });
+    for (key, allowed) in [("team-a", true), ("team-b", true), ("team-c", false)] {
+        let mut host = Host {
+            metadata: Some(crate::pb::encode::metadata(JWT_AUTHN, key, &claims)),
+            ..Host::default()
+        };
+        match run(&c, &get("/partner/a", &[]), &mut host) {
+            Step::Needs(n) => assert!(allowed && n.picks.len() == 1, "{key}"),
+            Step::Done(o) => assert!(
+                !allowed && o.verdict == Verdict::DeniedUnauthenticated,
+                "{key}: {:?}",
+                o.verdict
+            ),
+            Step::Consent(_) => panic!("consent"),
+        }
+        assert_eq!(host.metadata_reads, 1);
+    }
+    // The first present key wins, even when a later one would allow.
+    let md = crate::pb::encode::metadata_holding(
+        JWT_AUTHN,
+        &json!({ "team-b": claims, "team-a": { "sub": "eve" } }),
+    );
+    let mut host = Host {
+        metadata: Some(md),
+        ..Host::default()
+    };
+    let o = done(run(&c, &get("/partner/a", &[]), &mut host));
+    assert_eq!(o.verdict, Verdict::DeniedForbidden);
+}
+
+#[test]
 fn discovery_answers_this_caller_and_only_for_get_and_head() {
     let c = config("deny");
     let bob = payload("bob", &["billing"]);

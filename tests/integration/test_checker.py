@@ -64,11 +64,33 @@ def test_the_specs_examples_fit_the_schema():
     ({"connections": {"c": {"provider": "p", "access": {}}}}, "access"),
     ({"routes": [{"name": "a", "match": {"path_prefix": "/a/../b"}}]}, "path_prefix"),
     ({"providers": {"p": {"type": "api_key", "cluster": "x"}}}, "p"),
+    # v1.2: a list of keys only for jwt_metadata; route_name xor route_name_prefix;
+    # a backslash escapes only "." or itself; $schema is a string.
+    ({"claims": {"from": "header", "key": ["x-a", "x-b"]}}, "key"),
+    ({"claims": {"key": []}}, "key"),
+    ({"routes": [{"name": "a", "match": {"route_name": "r", "route_name_prefix": "r"}}]}, "route_name_prefix"),
+    ({"routes": [{"name": "a", "match": {"route_name_prefix": ""}}]}, "route_name_prefix"),
+    ({"claims": {"groups": "a\\b"}}, "groups"),
+    ({"claims": {"subject": "a\\"}}, "subject"),
+    ({"$schema": 1}, "$schema"),
 ])
 def test_the_schema_refuses_what_the_filter_refuses(doc, where):
     errors = cu.schema_errors(doc)
     assert errors, doc
     assert cu.check("check", "-", stdin=json.dumps(doc)).returncode == 1
+
+
+@pytest.mark.parametrize("doc", [
+    {"$schema": "https://example.test/latchkey.schema.json", "unmatched": "deny"},
+    {"claims": {"key": ["team-a", "team-b"], "groups": "https://example\\.com/roles",
+                "subject": "kubernetes\\.io/sub"}},
+    {"routes": [{"name": "a", "match": {"route_name_prefix": "httproute/shop/orders/"}}]},
+])
+def test_the_schema_and_the_filter_take_v1_2_forms(doc, envoy_factory):
+    assert cu.schema_errors(doc) == [], doc
+    r = cu.check("check", "-", stdin=json.dumps(doc))
+    assert r.returncode == 0, r.stdout
+    envoy_factory(doc)
 
 
 def test_exit_codes_and_messages(tmp_path):

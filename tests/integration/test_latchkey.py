@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import urllib.parse
 
 import pytest
 
-from harness import EnvoyStartError, bearer
+from harness import REPO_ROOT, EnvoyStartError, bearer
 
 PARTNER_KEY = "pk-live-7Hq2xNw9-partner"
 OPS_KEY = "ops-inline-K3y-value"
@@ -376,6 +377,9 @@ def test_no_secret_in_debug_logs(envoy_factory, upstream, signer):
     envoy.wait_for_log(r"latchkey: route=search connection=open_search decision=allowed")
     text = envoy.log_text() + envoy.access_log_text()
     assert "configuration loaded" in text
+    # Which module version runs: from Cargo.toml, in the load line.
+    version = re.search(r'^version = "([^"]+)"', (REPO_ROOT / "Cargo.toml").read_text(), re.M).group(1)
+    assert re.search(rf"configuration loaded: .*; module version {re.escape(version)}\b", text), text[-3000:]
     assert 'secret \\"ops_key\\" is inline' in text or 'secret "ops_key" is inline' in text
     for secret in SECRETS:
         assert secret not in text, "a secret value reached Envoy's log"

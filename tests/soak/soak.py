@@ -950,6 +950,12 @@ class Soak:
         before = self.stats_by_minute.get(minute, self.stats_start) if minute > 0 else self.stats_start
         return after.get(name, 0) - before.get(name, 0)
 
+    def stats_delta(self, prefix: str, minute: int) -> float:
+        """The change of every stat named `<prefix>.<something>` (a family's kinds), summed."""
+        after = self.stats_by_minute.get(minute + 1, {})
+        before = self.stats_by_minute.get(minute, self.stats_start) if minute > 0 else self.stats_start
+        return sum(v - before.get(k, 0) for k, v in after.items() if k.startswith(prefix + "."))
+
     def print_row(self, minute: int) -> None:
         lb = self.load.minutes.get(minute, {"sent": 0, "ok": {}, "failed": {}})
         ok = sum(lb["ok"].values())
@@ -1108,10 +1114,10 @@ class Soak:
                 "fetch_ratio_to_schedule": round(fetch_ok / expected, 2),
                 "latchkey_token_requests": self.stat_delta(
                     "wasmcustom.latchkey.connection.orders.token.requests", m),
-                "latchkey_token_failures": self.stat_delta(
+                "latchkey_token_failures": self.stats_delta(
                     "wasmcustom.latchkey.connection.orders.token.failure", m),
                 "store_reads": self.stat_delta("wasmcustom.latchkey.secret.partner_key.reads", m),
-                "store_failures": self.stat_delta("wasmcustom.latchkey.secret.partner_key.failure", m),
+                "store_failures": self.stats_delta("wasmcustom.latchkey.secret.partner_key.failure", m),
                 "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
                 "latency_ms_p99": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1) if lat else None,
                 "rss_kib": next((r["rss_kib"] for r in self.rss if r["minute"] == m + 1), None),

@@ -425,3 +425,55 @@ fn a_key_vault_401_to_a_callback_s_signature_signs_once_more_after_a_new_identit
     assert!(body.contains("token_server"), "{body}");
     assert_eq!(signing_stat(&b, "kvgh", "failure.forbidden"), 1);
 }
+
+#[test]
+fn a_consent_fetch_has_its_signing_identity_s_token_before_it_reads_the_record() {
+    let (mut b, loaded) = consent_signing_setup();
+    let kv_team = conn(&loaded, "kv_team");
+    let _ = b
+        .resolve(&loaded, &[kv_team], Who::default(), 0, true)
+        .unwrap();
+    b.dispatch_due(1);
+    b.dispatch_due(2);
+    // The identity's token first: no store read while it is missing.
+    let (id, imds) = one_call(&b);
+    assert_eq!(imds.cluster, "imds");
+    b.dispatch_due(3);
+    assert!(b.proxy.take_calls().is_empty());
+    b.on_answer(id, Some(200), Some(token_answer("kv-id", json!({}))), 4);
+    b.dispatch_due(5);
+    let (id, read) = one_call(&b);
+    assert_eq!(
+        header(&read, ":path"),
+        Some(record_path("kv_team", "shared").as_str())
+    );
+    b.on_answer(id, Some(200), Some(kv2("rt-1", 1)), 6);
+    let (_, sign) = one_call(&b);
+    assert_eq!(sign.cluster, "keyvault");
+}
+
+#[test]
+fn after_a_key_vault_401_a_callback_waits_one_identity_timeout_for_a_new_token() {
+    let (mut b, loaded) = consent_signing_setup();
+    b.start_task(&loaded, 7, connect_task(&loaded, "kv_team", "n-1", None), 0);
+    b.dispatch_due(1);
+    b.dispatch_due(2);
+    let (id, _) = one_call(&b);
+    b.on_answer(id, Some(200), Some(token_answer("old-id", json!({}))), 3);
+    b.dispatch_due(4);
+    let (id, _) = one_call(&b);
+    // Refused late: the new token gets the identity's whole timeout (5 s) from now.
+    b.on_answer(id, Some(401), Some(b"{}".to_vec()), 9_000);
+    b.dispatch_due(9_001);
+    b.dispatch_due(9_002);
+    let (_, imds) = one_call(&b);
+    assert_eq!(imds.cluster, "imds");
+    b.dispatch_due(13_999);
+    assert!(b.due_waiters(13_999).is_empty());
+    assert_eq!(signing_stat(&b, "kvgh", "failure.identity"), 0);
+    b.dispatch_due(14_000);
+    assert_eq!(signing_stat(&b, "kvgh", "failure.identity"), 1);
+    let (_, _, status, body) = task_answer(&mut b, 14_001);
+    assert_eq!(status, 503);
+    assert!(body.contains("token_server"), "{body}");
+}

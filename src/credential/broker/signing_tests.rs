@@ -512,7 +512,8 @@ fn a_client_assertion_is_another_connection_s_token_and_waits_for_it() {
     b.dispatch_due(4_999);
     assert!(b.proxy.take_calls().is_empty());
     assert_eq!(
-        b.proxy.stat("latchkey.connection.federated.token.failure"),
+        b.proxy
+            .stat("latchkey.connection.federated.token.failure.dispatch"),
         0
     );
     b.dispatch_due(5_000);
