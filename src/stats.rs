@@ -145,8 +145,6 @@ pub enum ConsentStat {
     LoginStarted,
     /// A callback that stored its refresh token.
     Completed,
-    /// A callback that did not (also counted by reason).
-    Failed,
     /// Codes redeemed at the token server.
     Redemptions,
     /// Records read (a cache miss's refresh token, a callback's version, a
@@ -162,10 +160,9 @@ pub enum ConsentStat {
 }
 
 impl ConsentStat {
-    const ALL: [ConsentStat; 9] = [
+    const ALL: [ConsentStat; 8] = [
         ConsentStat::LoginStarted,
         ConsentStat::Completed,
-        ConsentStat::Failed,
         ConsentStat::Redemptions,
         ConsentStat::StoreReads,
         ConsentStat::StoreWrites,
@@ -178,7 +175,6 @@ impl ConsentStat {
         match self {
             ConsentStat::LoginStarted => "logins_started",
             ConsentStat::Completed => "completed",
-            ConsentStat::Failed => "failed",
             ConsentStat::Redemptions => "redemptions",
             ConsentStat::StoreReads => "store_reads",
             ConsentStat::StoreWrites => "store_writes",
@@ -340,9 +336,13 @@ impl Stats {
     }
 
     /// A failed callback, by reason (one of [`CONSENT_FAILURES`]).
+    /// Per reason only: a total beside them would double a Prometheus `sum()`. A
+    /// reason not in the list (none is made) counts as `bad_request`.
     pub fn consent_failed(&self, p: &impl Proxy, reason: &str) {
-        self.consent(p, ConsentStat::Failed);
-        let i = CONSENT_FAILURES.iter().position(|r| *r == reason);
+        let i = CONSENT_FAILURES
+            .iter()
+            .position(|r| *r == reason)
+            .or_else(|| CONSENT_FAILURES.iter().position(|r| *r == "bad_request"));
         p.count(i.and_then(|i| self.consent_failures.get(i).copied().flatten()));
     }
 

@@ -33,7 +33,7 @@ const MATCH: &[&str] = &[
 ];
 const INJECT: &[&str] = &["connections", "header", "query", "cluster_header", "prefix"];
 
-/// The `cluster_header` name the README and the Envoy examples use.
+/// The `cluster_header` name docs/configuration.md and the Envoy examples use.
 const DOCUMENTED_CLUSTER_HEADER: &str = "x-latchkey-cluster";
 
 /// `Config::routes`, in configuration order.

@@ -213,7 +213,7 @@ class Response(NamedTuple):
 
 
 # latchkey keeps its counters in the VM and hands them to Envoy on a 1 s tick
-# (README, Observability). Reading stats waits until that tick has passed since the
+# (docs/operations.md, Stats). Reading stats waits until that tick has passed since the
 # last request this process sent: the flush period is the documented contract.
 STATS_FLUSH_S = 1.0
 _last_request = [0.0]

@@ -783,7 +783,7 @@ def test_debug_log_has_no_assertion_signature_or_key_identifier(envoy_factory, u
 
 def test_key_vault_401_gets_a_fresh_identity_token_for_the_next_signature(envoy_factory, upstream, w):
     """Key Vault no longer accepts the identity token (401, as when it was revoked): as
-    for a Key Vault secret read (README: "A 401 ... drops that token and reads again once
+    for a Key Vault secret read (docs/credentials.md: "A 401 ... drops that token and reads again once
     with a fresh one"), the signature is made again with a fresh identity token."""
     envoy = start_kv(envoy_factory, w, "gw-kv-rs256", w.kv.key_id(KV_RSA), "RS256")
     assert envoy.request("GET", "/orders/a").status == 200

@@ -2,7 +2,7 @@
 
 Every case runs twice: with Envoy's default HTTP connection manager settings
 (`normalize_path` and `merge_slashes` off, escaped slashes kept), which many
-deployments keep, and with the settings the README recommends. Whatever Envoy
+deployments keep, and with the settings docs/deploy.md recommends. Whatever Envoy
 does first, the outcome must hold: a credential never reaches the upstream on a
 path that some upstream resolves outside the credential's route, and no request
 that some upstream resolves inside a protected route reaches it unchecked.

@@ -111,7 +111,7 @@ def test_first_admitting_connection_wins(envoy, upstream, signer):
 
 
 def test_counters_reach_envoy_within_a_second(envoy, upstream):
-    """Counts are kept in the VM and flushed on its 1 s tick (README, Observability)."""
+    """Counts are kept in the VM and flushed on its 1 s tick (docs/operations.md, Stats)."""
     import time
     sent = time.monotonic()
     for _ in range(5):

@@ -4,7 +4,7 @@ Media types, digests and sizes of every blob; one tar+gzip layer holding exactly
 module as plugin.wasm (the "compat" format Istio and Envoy Gateway pull); reproducible
 (two builds are byte-identical); the tarball holds the same layout. Then the image is
 pushed to a real registry (Distribution, Debian's docker-registry) with skopeo, as the
-README says to, and the registry reports the digest `make oci` printed: the one a
+docs/deploy.md says to, and the registry reports the digest `make oci` printed: the one a
 WasmPlugin's sha256 must hold for an oci:// URL.
 """
 

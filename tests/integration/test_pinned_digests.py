@@ -106,7 +106,7 @@ def pinned_digests() -> list[tuple[str, str, str, str]]:
 def test_committed_digests_match_the_built_module(digests, wasm_path):
     found = pinned_digests()
     files = {f for f, _, _, _ in found}
-    # Not vacuous: the WasmPlugin the README applies is among them.
+    # Not vacuous: the WasmPlugin docs/deploy.md applies is among them.
     assert "deploy/istio/wasmplugin.yaml" in files, \
         f"no pinned sha256 found in deploy/istio/wasmplugin.yaml (found: {sorted(files)})"
     stale = [(f, w, hexd, kind) for f, w, hexd, kind in found if hexd != digests[kind]]

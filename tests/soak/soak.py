@@ -939,7 +939,7 @@ class Soak:
                 60 // self.ttl, self.expected_fetches_per_min()))
 
     def expected_fetches_per_min(self) -> float:
-        # README "Refresh ahead": half its lifetime, at least refresh_margin_s (5) before
+        # docs/credentials.md "Refresh ahead": half its lifetime, at least refresh_margin_s (5) before
         # expiry, never before a quarter of its lifetime.
         ttl_ms = self.ttl * 1000
         refresh_in = max(ttl_ms // 4, min(ttl_ms // 2, max(0, ttl_ms - 5000)))
@@ -994,7 +994,7 @@ class Soak:
         """Per token the server issued (its own record): (held by latchkey from, usable
         until, valid until), wall-clock seconds; and how many issues were not counted
         because a token-server outage began right after them (the answer may have been cut)."""
-        skew = min(self.ttl / 10, 1.0)  # README: not injected in the last tenth (at most 1 s)
+        skew = min(self.ttl / 10, 1.0)  # docs/credentials.md: not injected in the last tenth (at most 1 s)
         token_cuts = [s for s, _ in self.token_relay.outages]
         windows, cut = [], 0
         for a, status in self.issues.entries:
