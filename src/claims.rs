@@ -67,15 +67,20 @@ impl Binding {
     /// payload's numbers come as doubles from the metadata, a JWT's as written).
     pub fn of(doc: &Value) -> Option<Binding> {
         let obj = doc.as_object()?;
-        Some(Binding(Self::CLAIMS.map(|name| {
-            obj.get(name).and_then(|v| match v {
-                Value::Null => None,
-                Value::String(s) => Some(('s', s.clone())),
-                Value::Number(n) => n.as_f64().map(|n| ('n', number_text(n))),
-                Value::Bool(b) => Some(('b', b.to_string())),
-                other => Some(('j', other.to_string())),
-            })
-        })))
+        Some(Binding(
+            Self::CLAIMS.map(|name| obj.get(name).and_then(Self::typed)),
+        ))
+    }
+
+    /// A binding claim with its JSON type.
+    fn typed(v: &Value) -> Option<(char, String)> {
+        match v {
+            Value::Null => None,
+            Value::String(s) => Some(('s', s.clone())),
+            Value::Number(n) => n.as_f64().map(|n| ('n', number_text(n))),
+            Value::Bool(b) => Some(('b', b.to_string())),
+            other => Some(('j', other.to_string())),
+        }
     }
 
     /// The token's issuer (`iss`), when it is a string.
@@ -164,13 +169,37 @@ impl Identity {
         paths: &[ClaimPath],
         bind: bool,
     ) -> Result<Option<Identity>, ClaimsError> {
-        match crate::pb::payload(metadata, JWT_AUTHN, key) {
-            Ok(None) => Ok(None),
-            Ok(Some(doc)) => Identity::from_json(&doc, paths)
-                .map(|id| Some(if bind { id.bound_to(&doc) } else { id }))
-                .ok_or(ClaimsError::BadMetadata),
-            Err(()) => Err(ClaimsError::BadMetadata),
-        }
+        // Only the claims asked for are decoded, in one pass over the payload.
+        let read = || -> Result<Option<Identity>, ()> {
+            let Some(payload) = crate::pb::payload_ref(metadata, JWT_AUTHN, key)? else {
+                return Ok(None);
+            };
+            let binding_paths = Binding::CLAIMS.map(|c| [c]);
+            let mut wanted: Vec<&[&str]> = Vec::with_capacity(paths.len() + 5);
+            let segments: Vec<Vec<&str>> = paths
+                .iter()
+                .map(|p| p.segments.iter().map(String::as_str).collect())
+                .collect();
+            wanted.extend(segments.iter().map(Vec::as_slice));
+            if bind {
+                wanted.extend(binding_paths.iter().map(|p| &p[..]));
+            }
+            let mut found = payload.claims(&wanted)?;
+            let binding = bind.then(|| {
+                let tail = found.split_off(paths.len());
+                let mut out: [Option<(char, String)>; 5] = Default::default();
+                for (slot, v) in out.iter_mut().zip(tail) {
+                    *slot = v.as_ref().and_then(Binding::typed);
+                }
+                Binding(out)
+            });
+            let values = found
+                .iter()
+                .map(|v| v.as_ref().and_then(from_json))
+                .collect();
+            Ok(Some(Identity { values, binding }))
+        };
+        read().map_err(|()| ClaimsError::BadMetadata)
     }
 
     /// The claims `paths` of a JSON payload; `None` unless it is an object.

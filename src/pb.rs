@@ -24,7 +24,18 @@ pub const MAX_DEPTH: usize = 32;
 /// `Err(())`: the bytes are not a well-formed message of the expected shape.
 #[allow(clippy::result_unit_err)]
 pub fn payload(metadata: &[u8], filter: &str, key: &str) -> Result<Option<Value>, ()> {
-    // Metadata { map<string, Struct> filter_metadata = 1; ... }
+    let Some(structure) = filter_struct(metadata, filter)? else {
+        return Ok(None);
+    };
+    let Value::Object(mut fields) = decode_struct(structure, 0)? else {
+        return Err(());
+    };
+    Ok(fields.remove(key))
+}
+
+/// `filter`'s Struct in a serialized `Metadata` (`map<string, Struct>
+/// filter_metadata = 1`), undecoded; later entries win, as in a protobuf map.
+fn filter_struct<'a>(metadata: &'a [u8], filter: &str) -> Result<Option<&'a [u8]>, ()> {
     let mut found = None;
     for field in Fields::new(metadata) {
         let (number, data) = field?;
@@ -36,17 +47,130 @@ pub fn payload(metadata: &[u8], filter: &str, key: &str) -> Result<Option<Value>
         };
         let (k, v) = map_entry(entry)?;
         if k == filter.as_bytes() {
-            // Later entries win, as in a protobuf map.
             found = Some(v.unwrap_or_default());
         }
     }
-    let Some(structure) = found else {
+    Ok(found)
+}
+
+/// The depth [`payload`] decodes a payload's top-level values at: the filter's
+/// Struct, the payload's Value, its Struct, then the entries' Values.
+const TOP_DEPTH: usize = 3;
+
+/// A payload read claim by claim: only what is asked for is decoded into JSON.
+/// The same answers as [`payload`] then walking the JSON, without building it.
+#[derive(Debug, Clone, Copy)]
+pub struct Payload<'a>(&'a [u8]);
+
+/// The payload `jwt_authn` stored under `filter` / `key`, which must be an
+/// object (`Err` otherwise). `Ok(None)`: no such entry. What is read is read as
+/// strictly as [`payload`] reads it; the entries of a Struct are framed, so one
+/// not read is skipped without being decoded (the host wrote the message; a
+/// malformed value nobody reads changes no answer).
+#[allow(clippy::result_unit_err)]
+pub fn payload_ref<'a>(
+    metadata: &'a [u8],
+    filter: &str,
+    key: &str,
+) -> Result<Option<Payload<'a>>, ()> {
+    let Some(structure) = filter_struct(metadata, filter)? else {
         return Ok(None);
     };
-    let Value::Object(mut fields) = decode_struct(structure, 0)? else {
-        return Err(());
-    };
-    Ok(fields.remove(key))
+    match entry_of(structure, key)? {
+        None => Ok(None),
+        Some(value) => struct_in(value)?.map(|s| Some(Payload(s))).ok_or(()),
+    }
+}
+
+impl Payload<'_> {
+    /// The values at each of `paths` (claim paths, as [`Payload::get`] reads
+    /// one), with one pass over the payload's top-level entries for all of them.
+    #[allow(clippy::result_unit_err)]
+    pub fn claims<S: AsRef<str>>(&self, paths: &[&[S]]) -> Result<Vec<Option<Value>>, ()> {
+        let mut found: Vec<Option<&[u8]>> = vec![None; paths.len()];
+        for field in Fields::new(self.0) {
+            if let (1, Data::Bytes(entry)) = field? {
+                let (k, v) = map_entry(entry)?;
+                for (slot, path) in found.iter_mut().zip(paths) {
+                    if path
+                        .first()
+                        .is_some_and(|first| first.as_ref().as_bytes() == k)
+                    {
+                        // Later entries win, as in a protobuf map.
+                        *slot = Some(v.unwrap_or_default());
+                    }
+                }
+            }
+        }
+        found
+            .into_iter()
+            .zip(paths)
+            .map(|(value, path)| match (value, path.get(1..)) {
+                (None, _) => Ok(None),
+                (Some(v), None | Some([])) => decode_value(v, TOP_DEPTH).map(Some),
+                (Some(v), Some(rest)) => match struct_in(v)? {
+                    Some(inner) => Payload(inner).get_at(rest, TOP_DEPTH + 2),
+                    None => Ok(None),
+                },
+            })
+            .collect()
+    }
+
+    /// The value at `segments` (a claim path) as JSON; `Ok(None)` when a segment
+    /// is missing or a value on the way is not an object.
+    #[allow(clippy::result_unit_err)]
+    pub fn get<S: AsRef<str>>(&self, segments: &[S]) -> Result<Option<Value>, ()> {
+        self.get_at(segments, TOP_DEPTH)
+    }
+
+    /// [`Payload::get`] for a Struct whose entries' values sit at `depth`.
+    fn get_at<S: AsRef<str>>(&self, segments: &[S], depth: usize) -> Result<Option<Value>, ()> {
+        let mut at = self.0;
+        let mut depth = depth;
+        let mut rest = segments.iter().peekable();
+        while let Some(segment) = rest.next() {
+            let Some(value) = entry_of(at, segment.as_ref())? else {
+                return Ok(None);
+            };
+            if rest.peek().is_none() {
+                return decode_value(value, depth).map(Some);
+            }
+            match struct_in(value)? {
+                Some(inner) => at = inner,
+                None => return Ok(None),
+            }
+            // A Value holding a Struct: two messages deeper.
+            depth += 2;
+        }
+        Ok(None)
+    }
+}
+
+/// The value of entry `key` of a Struct, undecoded; later entries win.
+fn entry_of<'a>(structure: &'a [u8], key: &str) -> Result<Option<&'a [u8]>, ()> {
+    let mut found = None;
+    for field in Fields::new(structure) {
+        if let (1, Data::Bytes(entry)) = field? {
+            let (k, v) = map_entry(entry)?;
+            if k == key.as_bytes() {
+                found = Some(v.unwrap_or_default());
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The Struct a `Value` holds, if that is its kind (the last kind set wins).
+fn struct_in(value: &[u8]) -> Result<Option<&[u8]>, ()> {
+    let mut out = None;
+    for field in Fields::new(value) {
+        match field? {
+            (5, Data::Bytes(s)) => out = Some(s),
+            (1..=6, _) => out = None,
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 /// One field: its number and what it holds.
@@ -75,6 +199,12 @@ impl<'a> Fields<'a> {
     }
 
     fn varint(&mut self) -> Result<u64, ()> {
+        // Tags and most lengths are one byte.
+        let first = *self.bytes.get(self.pos).ok_or(())?;
+        if first < 0x80 {
+            self.pos += 1;
+            return Ok(u64::from(first));
+        }
         let mut out: u64 = 0;
         for shift in (0..64).step_by(7) {
             let b = *self.bytes.get(self.pos).ok_or(())?;
@@ -329,6 +459,148 @@ mod tests {
         assert_eq!(payload(&[0x08, 0xff], F, "payload"), Err(())); // short varint
         assert_eq!(payload(&[0x00, 0x00], F, "payload"), Err(())); // field 0
         assert_eq!(payload(&[0x08, 0x01], F, "payload"), Err(())); // field 1 not bytes
+    }
+
+    /// What reading a claim from the JSON payload gives.
+    fn navigate(doc: &Value, path: &[&str]) -> Option<Value> {
+        path.iter().try_fold(doc, |v, seg| v.get(seg)).cloned()
+    }
+
+    #[test]
+    fn a_payload_read_claim_by_claim_answers_as_the_whole_json_does() {
+        let p = json!({"sub": "alice", "groups": ["a", "b"], "n": 2, "f": 2.5, "t": true,
+                       "z": null, "o": {"k": [1, {"x": "y"}], "deep": {"er": "e"}, "n": null},
+                       "https://example.com/roles": ["r"], "s": "\u{1}", "": "empty"});
+        let md = encode::metadata(F, "payload", &p);
+        let whole = payload(&md, F, "payload").unwrap().unwrap();
+        let r = payload_ref(&md, F, "payload").unwrap().unwrap();
+        for path in [
+            &["sub"][..],
+            &["groups"],
+            &["n"],
+            &["f"],
+            &["t"],
+            &["z"],
+            &["o"],
+            &["o", "k"],
+            &["o", "deep", "er"],
+            &["o", "n"],
+            &["o", "n", "x"],
+            &["sub", "x"],
+            &["groups", "0"],
+            &["missing"],
+            &["o", "missing"],
+            &["https://example.com/roles"],
+            &["s"],
+            &[""],
+        ] {
+            assert_eq!(r.get(path), Ok(navigate(&whole, path)), "{path:?}");
+            assert_eq!(
+                r.claims(&[path, &["sub"]]),
+                Ok(vec![navigate(&whole, path), Some(json!("alice"))])
+            );
+        }
+        // No entry, another filter, nothing at all: no payload.
+        assert!(payload_ref(&md, F, "other").unwrap().is_none());
+        assert!(payload_ref(&md, "envoy.lb", "payload").unwrap().is_none());
+        assert!(payload_ref(b"", F, "payload").unwrap().is_none());
+        // A payload that is not an object is an error, as the JSON reading makes it.
+        for v in [json!("jwt"), json!(null), json!([1])] {
+            let md = encode::metadata(F, "payload", &v);
+            assert_eq!(
+                payload_ref(&md, F, "payload").map(|p| p.is_some()),
+                Err(()),
+                "{v}"
+            );
+        }
+        // Later map entries win, at every level.
+        let dup = with_struct(
+            &[
+                ld(
+                    1,
+                    &[
+                        ld(1, b"payload"),
+                        ld(
+                            2,
+                            &ld(5, &ld(1, &[ld(1, b"sub"), ld(2, &ld(3, b"eve"))].concat())),
+                        ),
+                    ]
+                    .concat(),
+                ),
+                ld(
+                    1,
+                    &[
+                        ld(1, b"payload"),
+                        ld(
+                            2,
+                            &ld(
+                                5,
+                                &[
+                                    ld(1, &[ld(1, b"sub"), ld(2, &ld(3, b"bob"))].concat()),
+                                    ld(1, &[ld(1, b"sub"), ld(2, &ld(3, b"amy"))].concat()),
+                                ]
+                                .concat(),
+                            ),
+                        ),
+                    ]
+                    .concat(),
+                ),
+            ]
+            .concat(),
+        );
+        assert_eq!(payload(&dup, F, "payload"), Ok(Some(json!({"sub": "amy"}))));
+        let r = payload_ref(&dup, F, "payload").unwrap().unwrap();
+        assert_eq!(r.get(&["sub"]), Ok(Some(json!("amy"))));
+    }
+
+    #[test]
+    fn a_payload_read_claim_by_claim_is_as_strict_as_the_whole_on_what_it_reads() {
+        let md = encode::metadata(
+            F,
+            "payload",
+            &json!({"sub": "bob", "g": [1, 2], "o": {"a": "b"}}),
+        );
+        for cut in 1..md.len() {
+            // A cut message: an error, or (cut before the entry) no payload; never a claim.
+            let by_claim = payload_ref(&md[..cut], F, "payload").and_then(|p| {
+                p.map(|p| p.claims(&[&["sub"][..], &["g"], &["o", "a"]]))
+                    .transpose()
+            });
+            let whole = payload(&md[..cut], F, "payload");
+            assert!(
+                by_claim.is_err() || by_claim == Ok(None),
+                "cut {cut}: {by_claim:?}"
+            );
+            assert!(whole.is_err() || whole == Ok(None), "cut {cut}");
+        }
+        // A bad string: an error where it is read, and only there (framing is checked).
+        let bad = with_value(&ld(
+            5,
+            &[
+                ld(1, &[ld(1, b"sub"), ld(2, &ld(3, b"bob"))].concat()),
+                ld(1, &[ld(1, b"x"), ld(2, &ld(3, &[0xff]))].concat()),
+            ]
+            .concat(),
+        ));
+        assert_eq!(payload(&bad, F, "payload"), Err(()));
+        let r = payload_ref(&bad, F, "payload").unwrap().unwrap();
+        assert_eq!(r.get(&["sub"]), Ok(Some(json!("bob"))));
+        assert_eq!(r.get(&["x"]), Err(()));
+        assert_eq!(r.claims(&[&["sub"][..], &["x"]]), Err(()));
+        // Too deep: the same depth as the whole reading, counted from the top.
+        for (levels, ok) in [(14, true), (15, false)] {
+            let mut deep = json!("leaf");
+            for _ in 0..levels {
+                deep = json!({ "d": deep });
+            }
+            let md = encode::metadata(F, "payload", &json!({"sub": "bob", "x": deep}));
+            assert_eq!(payload(&md, F, "payload").is_ok(), ok, "{levels}");
+            let r = payload_ref(&md, F, "payload").unwrap().unwrap();
+            assert_eq!(r.get(&["x"]).is_ok(), ok, "{levels}");
+            assert_eq!(r.get(&["x", "d"]).is_ok(), ok, "{levels}");
+            assert_eq!(r.claims(&[&["x", "d", "d"][..]]).is_ok(), ok, "{levels}");
+            assert_eq!(r.get(&["sub"]), Ok(Some(json!("bob"))));
+        }
     }
 
     /// A length-delimited field (lengths below 128).

@@ -253,16 +253,23 @@ pub fn resume_request() -> HostResult<()> {
 pub struct HeaderPairs(Vec<u8>);
 
 impl HeaderPairs {
-    /// The pairs; names as `&str` (Envoy's header names are tokens), values as bytes.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        pairs::decode(&self.0)
-            .unwrap_or_default()
+    /// The pairs, decoded once; names as `&str` (Envoy's header names are
+    /// tokens), values as bytes. A buffer that isn't the pairs encoding is a
+    /// host fault (the request fails closed).
+    pub fn pairs(&self) -> HostResult<Vec<(&str, &[u8])>> {
+        if self.0.is_empty() {
+            return Ok(Vec::new());
+        }
+        let decoded = pairs::decode(&self.0).ok_or(HostError(3))?;
+        Ok(decoded
             .into_iter()
             .filter_map(|(k, v)| std::str::from_utf8(k).ok().map(|k| (k, v)))
+            .collect())
     }
 
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
+        let pairs = self.pairs().ok()?;
+        pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
     }
 }
 
@@ -271,11 +278,8 @@ pub fn header_pairs(map: Map) -> HostResult<HeaderPairs> {
     let mut size = 0usize;
     // SAFETY: out-pointers to locals; the buffer is then owned.
     status(unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) })?;
-    let bytes = unsafe { owned(data, size) };
-    if !bytes.is_empty() && pairs::decode(&bytes).is_none() {
-        return Err(HostError(3));
-    }
-    Ok(HeaderPairs(bytes))
+    // Checked when decoded ([`HeaderPairs::pairs`]): once per request.
+    Ok(HeaderPairs(unsafe { owned(data, size) }))
 }
 
 /// One header's value; `Ok(None)` when the map has no such header.

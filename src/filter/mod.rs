@@ -446,7 +446,7 @@ fn handle_request(
 ) -> Result<Action, HostError> {
     let config = &state.config;
     let headers = host::header_pairs(Map::Request)?;
-    let pairs: Vec<(&str, &[u8])> = headers.iter().collect();
+    let pairs = headers.pairs()?;
     let needed = match request::start(config, state.discovery.as_ref(), &pairs, &mut HostReads)? {
         Step::Done(outcome) => return apply(state, &outcome),
         Step::Needs(needed) => needed,
