@@ -587,7 +587,47 @@ mod tests {
         assert_eq!(r.get(&["sub"]), Ok(Some(json!("bob"))));
         assert_eq!(r.get(&["x"]), Err(()));
         assert_eq!(r.claims(&[&["sub"][..], &["x"]]), Err(()));
-        // Too deep: the same depth as the whole reading, counted from the top.
+        // Too deep: exactly where the whole reading says so, at every level of the path.
+        for (levels, leaf) in
+            (8..20).flat_map(|l| [(l, json!("leaf")), (l, json!({})), (l, json!([]))])
+        {
+            let mut deep = leaf;
+            for _ in 0..levels {
+                deep = json!({ "d": deep });
+            }
+            let md = encode::metadata(F, "payload", &json!({"sub": "bob", "x": deep}));
+            let ok = payload(&md, F, "payload").is_ok();
+            let r = payload_ref(&md, F, "payload").unwrap().unwrap();
+            for path in [&["x"][..], &["x", "d"], &["x", "d", "d"]] {
+                assert_eq!(r.get(path).is_ok(), ok, "{levels} {path:?} {deep}");
+                assert_eq!(r.claims(&[path]).is_ok(), ok, "{levels} {path:?} {deep}");
+            }
+        }
+        // A Value's kind is the last one set: a Struct then a string is a string.
+        let twice = with_value(&ld(
+            5,
+            &ld(
+                1,
+                &[
+                    ld(1, b"o"),
+                    ld(
+                        2,
+                        &[
+                            ld(5, &ld(1, &[ld(1, b"a"), ld(2, &ld(3, b"b"))].concat())),
+                            ld(3, b"str"),
+                        ]
+                        .concat(),
+                    ),
+                ]
+                .concat(),
+            ),
+        ));
+        let whole = payload(&twice, F, "payload").unwrap().unwrap();
+        assert_eq!(whole, json!({"o": "str"}));
+        let r = payload_ref(&twice, F, "payload").unwrap().unwrap();
+        assert_eq!(r.get(&["o", "a"]), Ok(None));
+        assert_eq!(r.claims(&[&["o", "a"][..]]), Ok(vec![None]));
+        assert_eq!(r.get(&["o"]), Ok(Some(json!("str"))));
         for (levels, ok) in [(14, true), (15, false)] {
             let mut deep = json!("leaf");
             for _ in 0..levels {
