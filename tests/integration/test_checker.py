@@ -40,6 +40,32 @@ def test_every_example_configuration_fits_the_schema_and_the_checker(name, doc, 
         assert r.returncode == 0, r.stdout + r.stderr
 
 
+def schema_field_names(node) -> set[str]:
+    """Every property name anywhere in a JSON schema (properties of $defs included)."""
+    names: set[str] = set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "properties" and isinstance(value, dict):
+                names.update(value)
+            names |= schema_field_names(value)
+    elif isinstance(node, list):
+        for item in node:
+            names |= schema_field_names(item)
+    return names
+
+
+def test_the_configuration_reference_names_every_field_of_the_schema():
+    """docs/configuration.md is written by hand next to the schema (the public contract):
+    every field the schema knows is in it, as `name` or as the last part of a dotted
+    `parent.name`, so a field added to the schema without its reference row fails here."""
+    doc = (cu.REPO_ROOT / "docs" / "configuration.md").read_text()
+    names = schema_field_names(json.loads(cu.SCHEMA_PATH.read_text()))
+    assert len(names) > 80, names
+    missing = sorted(n for n in names
+                     if f"`{n}`" not in doc and not re.search(rf"`[\w.$\[\]]*\.{re.escape(n)}`", doc))
+    assert missing == [], missing
+
+
 def test_the_specs_examples_fit_the_schema():
     examples = cu.spec_examples()
     if not examples:
