@@ -61,6 +61,14 @@ pub struct Job {
     defer_until_ms: u64,
 }
 
+impl Job {
+    /// The name of the connection the task is for (its answer names it).
+    fn connection_name(&self) -> Option<String> {
+        let c = self.loaded.config.connection(self.task.connection)?;
+        Some(c.name.clone())
+    }
+}
+
 enum Step {
     Start,
     /// The gateway's client authentication for `then` is made (with
@@ -493,11 +501,7 @@ impl<P: Proxy> Broker<P> {
             let outcome = request::discovery_with_statuses(&job.loaded.config, body, &all);
             return self.finish_job(job, outcome);
         }
-        let name = job
-            .loaded
-            .config
-            .connection(job.task.connection)
-            .map(|c| c.name.clone());
+        let name = job.connection_name();
         self.finish_job(
             job,
             request::consent_failed(status, reason, name.as_deref()),
@@ -506,12 +510,7 @@ impl<P: Proxy> Broker<P> {
 
     /// A callback whose code was redeemed failed to keep its refresh token.
     fn job_lost(&mut self, job: Job, status: u32, reason: &'static str) {
-        let name = job
-            .loaded
-            .config
-            .connection(job.task.connection)
-            .map(|c| c.name.clone())
-            .unwrap_or_default();
+        let name = job.connection_name().unwrap_or_default();
         self.finish_job(job, request::consent_lost(status, reason, &name));
     }
 
@@ -730,12 +729,7 @@ impl<P: Proxy> Broker<P> {
 
     /// A disconnect whose refresh token was not revoked (the record is removed).
     fn not_revoked(&mut self, job: Job) {
-        let name = job
-            .loaded
-            .config
-            .connection(job.task.connection)
-            .map(|c| c.name.clone())
-            .unwrap_or_default();
+        let name = job.connection_name().unwrap_or_default();
         self.finish_job(job, request::consent_disconnected(&name, false));
     }
 
