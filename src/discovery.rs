@@ -374,6 +374,10 @@ fn write_match(out: &mut String, rm: &RouteMatch) {
         member(out, "route_name");
         push_json_str(out, n);
     }
+    if let Some(n) = &rm.route_name_prefix {
+        member(out, "route_name_prefix");
+        push_json_str(out, n);
+    }
     if sep == '{' {
         out.push('{');
     }
@@ -425,6 +429,9 @@ pub fn document(config: &Config, id: Option<&Identity>) -> Value {
         let rm = &route.matcher;
         if let Some(n) = &rm.route_name {
             m.insert("route_name".into(), json!(n));
+        }
+        if let Some(n) = &rm.route_name_prefix {
+            m.insert("route_name_prefix".into(), json!(n));
         }
         if let Some(h) = &rm.host {
             m.insert("host".into(), json!(h));
@@ -507,7 +514,10 @@ mod tests {
                   "access": { "authenticated": true },
                   "inject": [ { "connections": ["orders_admin", "orders_read"], "header": "authorization" } ] },
                 { "name": "admin", "match": { "path_prefix": "/admin/" },
-                  "access": { "groups": ["admins"] } }
+                  "access": { "groups": ["admins"] } },
+                { "name": "shop", "match": { "route_name_prefix": "httproute/shop/", "methods": ["POST"] },
+                  "access": { "groups": ["shop"] },
+                  "inject": [ { "connections": ["billing"], "header": "x-key" } ] }
             ],
             "discovery": { "path": "/.well-known/latchkey" }
         });
@@ -557,6 +567,22 @@ mod tests {
         assert!(
             !text.contains("billing\"]") && !text.contains("groups") && !text.contains("users")
         );
+    }
+
+    #[test]
+    fn a_route_matched_by_route_name_prefix_says_so() {
+        let c = config();
+        let id = caller(&c, "carol", &["shop", "billing"]);
+        let expected = json!({ "name": "shop",
+            "match": { "methods": ["POST"], "route_name_prefix": "httproute/shop/" },
+            "inject": [ { "connection": "billing", "provider": "partner", "type": "api_key",
+                          "header": "x-key" } ] });
+        let doc = document(&c, Some(&id));
+        assert_eq!(doc["routes"].as_array().unwrap().last(), Some(&expected));
+        // The request path's index writes the same bytes.
+        let index = Index::new(&c);
+        let served: Value = serde_json::from_str(&index.answer(&c, Some(&id))).unwrap();
+        assert_eq!(served, doc);
     }
 
     #[test]
@@ -895,8 +921,8 @@ mod tests {
 
     #[test]
     fn equal_policies_are_asked_once() {
-        // billing, open, orders_admin, orders_read (= the orders route's), admins.
-        assert_eq!(Index::new(&config()).policies.len(), 5);
+        // billing, open, orders_admin, orders_read (= the orders route's), admins, shop.
+        assert_eq!(Index::new(&config()).policies.len(), 6);
         let c = generated(3, 40);
         let ix = Index::new(&c);
         assert!(ix.policies.len() < 10, "{}", ix.policies.len());

@@ -89,7 +89,7 @@ impl Payload<'_> {
     pub fn claims<S: AsRef<str>>(&self, paths: &[&[S]]) -> Result<Vec<Option<Value>>, ()> {
         let mut found: Vec<Option<&[u8]>> = vec![None; paths.len()];
         for field in Fields::new(self.0) {
-            if let (1, Data::Bytes(entry)) = field? {
+            if let Some(entry) = struct_entry(field?)? {
                 let (k, v) = map_entry(entry)?;
                 for (slot, path) in found.iter_mut().zip(paths) {
                     if path
@@ -150,7 +150,7 @@ impl Payload<'_> {
 fn entry_of<'a>(structure: &'a [u8], key: &str) -> Result<Option<&'a [u8]>, ()> {
     let mut found = None;
     for field in Fields::new(structure) {
-        if let (1, Data::Bytes(entry)) = field? {
+        if let Some(entry) = struct_entry(field?)? {
             let (k, v) = map_entry(entry)?;
             if k == key.as_bytes() {
                 found = Some(v.unwrap_or_default());
@@ -160,15 +160,32 @@ fn entry_of<'a>(structure: &'a [u8], key: &str) -> Result<Option<&'a [u8]>, ()> 
     Ok(found)
 }
 
-/// The Struct a `Value` holds, if that is its kind (the last kind set wins).
+/// A Struct's field: an entry (`fields = 1`, bytes), an error for a field 1 of
+/// another wire type (as [`decode_struct`] says), nothing for unknown fields.
+fn struct_entry(field: (u64, Data<'_>)) -> Result<Option<&[u8]>, ()> {
+    match field {
+        (1, Data::Bytes(entry)) => Ok(Some(entry)),
+        (1, _) => Err(()),
+        _ => Ok(None),
+    }
+}
+
+/// The Struct a `Value` holds, if that is its kind (the last kind set wins);
+/// its kinds are checked as [`decode_value`] checks them.
 fn struct_in(value: &[u8]) -> Result<Option<&[u8]>, ()> {
     let mut out = None;
     for field in Fields::new(value) {
-        match field? {
-            (5, Data::Bytes(s)) => out = Some(s),
-            (1..=6, _) => out = None,
-            _ => {}
-        }
+        out = match field? {
+            (5, Data::Bytes(s)) => Some(s),
+            (1, Data::Varint(_)) | (2, Data::Fixed64(_)) | (4, Data::Varint(_)) => None,
+            (6, Data::Bytes(_)) => None,
+            (3, Data::Bytes(s)) => {
+                std::str::from_utf8(s).map_err(|_| ())?;
+                None
+            }
+            (1..=6, _) => return Err(()),
+            _ => continue,
+        };
     }
     Ok(out)
 }
@@ -628,6 +645,44 @@ mod tests {
         assert_eq!(r.get(&["o", "a"]), Ok(None));
         assert_eq!(r.claims(&[&["o", "a"][..]]), Ok(vec![None]));
         assert_eq!(r.get(&["o"]), Ok(Some(json!("str"))));
+        // On the path it follows, a Value's kinds and a Struct's entries are checked as
+        // the whole reading checks them: a wrong wire type, a string that isn't UTF-8.
+        let o_is =
+            |value: Vec<u8>| with_value(&ld(5, &ld(1, &[ld(1, b"o"), ld(2, &value)].concat())));
+        let inner = ld(5, &ld(1, &[ld(1, b"a"), ld(2, &ld(3, b"b"))].concat()));
+        for (name, value) in [
+            (
+                "kind 5 as a varint, then a Struct",
+                [vec![0x28, 0x01], inner.clone()].concat(),
+            ),
+            (
+                "a string kind that isn't UTF-8, then a Struct",
+                [ld(3, &[0xff]), inner.clone()].concat(),
+            ),
+            (
+                "a Struct, then kind 3 as a varint",
+                [inner.clone(), vec![0x18, 0x01]].concat(),
+            ),
+        ] {
+            let md = o_is(value);
+            assert_eq!(payload(&md, F, "payload"), Err(()), "{name}");
+            let r = payload_ref(&md, F, "payload").unwrap().unwrap();
+            assert_eq!(r.get(&["o", "a"]), Err(()), "{name}");
+            assert_eq!(r.claims(&[&["o", "a"][..]]), Err(()), "{name}");
+        }
+        // A Struct's field 1 that isn't an entry's bytes.
+        let md = with_value(&ld(
+            5,
+            &[
+                ld(1, &[ld(1, b"sub"), ld(2, &ld(3, b"bob"))].concat()),
+                vec![0x08, 0x01],
+            ]
+            .concat(),
+        ));
+        assert_eq!(payload(&md, F, "payload"), Err(()));
+        let r = payload_ref(&md, F, "payload").unwrap().unwrap();
+        assert_eq!(r.get(&["sub"]), Err(()));
+        assert_eq!(r.claims(&[&["sub"][..]]), Err(()));
         for (levels, ok) in [(14, true), (15, false)] {
             let mut deep = json!("leaf");
             for _ in 0..levels {

@@ -39,6 +39,7 @@ pub fn read(top: &Obj) -> Result<(ClaimsConfig, ClaimPaths), ConfigError> {
         }
     };
     // `key`: one name, or (jwt_metadata) a list whose first present key is read.
+    let listed = matches!(c.as_ref().and_then(|c| c.get("key")), Some(Value::Array(_)));
     let keys: Vec<&str> = match c.as_ref().map(|c| (c, c.get("key"))) {
         Some((c, Some(Value::Array(_)))) => {
             let keys = c.opt_str_list("key")?.unwrap_or_default();
@@ -57,7 +58,7 @@ pub fn read(top: &Obj) -> Result<(ClaimsConfig, ClaimPaths), ConfigError> {
             keys: keys.iter().map(|k| k.to_string()).collect(),
         },
         "header" => match keys.as_slice() {
-            [key] => ClaimsSource::Header {
+            [key] if !listed => ClaimsSource::Header {
                 name: lexical::header_name(key).map_err(|e| e.at("claims.key"))?,
             },
             _ => {

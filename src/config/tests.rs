@@ -151,6 +151,10 @@ fn defaults() {
             json!({ "from": "header", "key": ["x-a", "x-b"] }),
             "claims.key: a list of keys only with \"from\": \"jwt_metadata\"; a header is one name",
         ),
+        (
+            json!({ "from": "header", "key": ["x-a"] }),
+            "claims.key: a list of keys only with \"from\": \"jwt_metadata\"; a header is one name",
+        ),
     ] {
         assert_eq!(
             load(&json!({ "claims": claims })).unwrap_err().to_string(),
