@@ -1128,17 +1128,8 @@ impl<P: Proxy> Broker<P> {
                 );
                 if refused && !f.retried {
                     if let Some(identity) = f.identity.take() {
-                        // An expired identity token or Vault login: drop it and
-                        // read again, once.
-                        let loaded = f.loaded.clone();
-                        self.drop_refused(&loaded, &identity, now);
-                        self.pending.push(Fetch {
-                            retried: true,
-                            defer_until_ms: now
-                                + 2 * Self::entry(&loaded, f.addr.owner, None)
-                                    .map_or(5000, |(_, p)| p.fetch_timeout_ms),
-                            ..f
-                        });
+                        // An expired identity token or Vault login: read again, once.
+                        self.retry_refused(f, &identity, 2, now);
                         return;
                     }
                 }
@@ -1409,6 +1400,21 @@ impl<P: Proxy> Broker<P> {
 
     /// The gateway's own call was refused with this token (a Key Vault read
     /// answered 401): drop it, so the retry fetches a fresh one.
+    /// A credential a store or key service refused (an expired identity token,
+    /// a Vault login it no longer honours): dropped, and fetch `f` made once more
+    /// after a new one, given `timeouts` of its fetch timeout to get it.
+    fn retry_refused(&mut self, f: Fetch, refused: &Used, timeouts: u64, now: u64) {
+        let loaded = f.loaded.clone();
+        self.drop_refused(&loaded, refused, now);
+        let timeout = Self::entry(&loaded, f.addr.owner, f.subject.as_ref())
+            .map_or(5000, |(_, p)| p.fetch_timeout_ms);
+        self.pending.push(Fetch {
+            retried: true,
+            defer_until_ms: now + timeouts * timeout,
+            ..f
+        });
+    }
+
     fn drop_refused(&mut self, loaded: &Runtime, used: &Used, now: u64) {
         let dropped = cas::retry(CAS_TRIES, || {
             let Ok((state, stored)) = load(&self.proxy, &used.addr) else {

@@ -826,19 +826,13 @@ impl<P: Proxy> Broker<P> {
                 let AuthMethod::PrivateKeyJwt(key) = &op.auth_method else {
                     return self.job_failed(job, 400, "bad_request");
                 };
-                let answer = self.signature_answer(
-                    &loaded,
-                    key,
-                    &input,
-                    status,
-                    &body,
-                    identity.as_ref(),
-                    retried,
-                    now,
-                );
-                match answer {
+                let may_retry = !retried && identity.is_some();
+                match Self::signature_answer(key, &input, status, &body, may_retry) {
                     SignAnswer::Signed(client) => self.send_authenticated(job, then, &client),
                     SignAnswer::Again => {
+                        if let Some(refused) = &identity {
+                            self.drop_refused(&loaded, refused, now);
+                        }
                         job.defer_until_ms = now
                             + identity
                                 .and_then(|u| Self::entry(&loaded, u.addr.owner, None))

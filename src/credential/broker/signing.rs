@@ -231,29 +231,13 @@ impl<P: Proxy> Broker<P> {
         };
         let identity = f.identity.take();
         let body = body.unwrap_or_default();
-        let answer = self.signature_answer(
-            &loaded,
-            key,
-            &input,
-            status,
-            &body,
-            identity.as_ref(),
-            f.retried,
-            now,
-        );
-        if let SignAnswer::Again = answer {
-            let again = Fetch {
-                retried: true,
-                defer_until_ms: now
-                    + Self::entry(&loaded, f.addr.owner, f.subject.as_ref())
-                        .map_or(5000, |(_, p)| p.fetch_timeout_ms),
-                ..f
-            };
-            self.pending.push(again);
-            return;
-        }
-        match answer {
-            SignAnswer::Again => {}
+        let may_retry = !f.retried && identity.is_some();
+        match Self::signature_answer(key, &input, status, &body, may_retry) {
+            SignAnswer::Again => {
+                if let Some(refused) = identity {
+                    self.retry_refused(f, &refused, 1, now);
+                }
+            }
             SignAnswer::Signed(client) => match then {
                 Signed::Grant { refresh_token } => {
                     let call =
@@ -272,36 +256,27 @@ impl<P: Proxy> Broker<P> {
     }
 
     /// The key service's answer to a sign call of `input`: the client's
-    /// assertion, or a failure. When Key Vault refused the signing identity's
-    /// token (expired, or for another resource) and this was the first try,
-    /// the token is dropped and the caller signs once more, after a new one.
-    #[allow(clippy::too_many_arguments)]
+    /// assertion, or a failure; `Again` when the service refused a credential
+    /// that can be replaced (Key Vault's 401 to an expired identity token,
+    /// Vault's 403 to a login it no longer honours) and `may_retry` (the call
+    /// carried such a credential, and this was the first try). The caller drops
+    /// that credential and signs once more.
     pub(super) fn signature_answer(
-        &mut self,
-        loaded: &Runtime,
         key: &SigningKey,
         input: &str,
         status: Option<u32>,
         body: &[u8],
-        identity: Option<&Used>,
-        retried: bool,
-        now: u64,
+        may_retry: bool,
     ) -> SignAnswer {
         match assertion::parse_signature(key, status, body) {
             Ok(sig) => SignAnswer::Signed(ClientCredential::Assertion(assertion::assemble(
                 input, &sig,
             ))),
-            // Key Vault: 401 to an expired token. Vault: 403 to a login it no
-            // longer honours (a configured token is never retried: no identity).
             Err(assertion::SignError::Forbidden(code))
-                if !retried
-                    && identity.is_some()
+                if may_retry
                     && (code == 401
                         || matches!(key.service, SigningService::VaultTransit { .. })) =>
             {
-                if let Some(used) = identity {
-                    self.drop_refused(loaded, used, now);
-                }
                 SignAnswer::Again
             }
             Err(e) => SignAnswer::Failed(e),
