@@ -356,6 +356,7 @@ mod tests {
             drop_token_on_401: true,
             needs_claims: true,
             binds_caller: false,
+            per_user: false,
         }
     }
 

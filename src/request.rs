@@ -329,7 +329,10 @@ pub fn start(
     };
     // Token exchange sends the caller's own bearer token as the subject token:
     // exactly the JWT jwt_authn verified, or the caller gets 401.
-    let subject = if picks.iter().any(|&c| is_exchange(config, c)) {
+    // Both asked of the picks only on routes that have such a connection (known at load).
+    let allowed = config.route(route_i);
+    let binds = allowed.is_some_and(|r| r.binds_caller);
+    let subject = if binds && picks.iter().any(|&c| is_exchange(config, c)) {
         let values: Vec<&[u8]> = headers
             .iter()
             .filter(|(k, _)| *k == "authorization")
@@ -346,9 +349,10 @@ pub fn start(
     } else {
         None
     };
-    let per_user = picks
-        .iter()
-        .any(|&c| config.connection(c).is_some_and(consent::is_per_user));
+    let per_user = allowed.is_some_and(|r| r.per_user)
+        && picks
+            .iter()
+            .any(|&c| config.connection(c).is_some_and(consent::is_per_user));
     let caller = match (
         per_user,
         identity.as_ref().and_then(|id| caller_of(config, id)),

@@ -491,6 +491,9 @@ pub struct Route {
     /// Whether a connection it may inject is a token exchange: then the
     /// verified token's `iss`, `sub`, `exp`, `iat` and `jti` are read too.
     pub binds_caller: bool,
+    /// Whether a connection it may inject is a per-user consent: then the
+    /// request needs to know who the caller is.
+    pub per_user: bool,
 }
 
 /// The router reads a route's match, and nothing else of it.

@@ -104,8 +104,14 @@ pub fn read(
                 })
             })
         });
+        let per_user = inject.iter().any(|inj| {
+            inj.connections
+                .iter()
+                .any(|&ci| connections.get(ci).is_some_and(crate::consent::is_per_user))
+        });
         routes.push(Route {
             binds_caller,
+            per_user,
             needs_claims,
             name: name.to_string(),
             matcher,

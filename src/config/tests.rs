@@ -1481,6 +1481,8 @@ fn a_user_delegated_configuration_loads() {
     let route = |n: &str| c.routes.iter().find(|r| r.name == n).unwrap();
     assert!(!route("github").binds_caller && route("github").needs_claims);
     assert!(!route("crm").binds_caller && route("crm").needs_claims);
+    // Which routes may inject a per-user consent, known at load.
+    assert!(route("github").per_user && !route("crm").per_user);
     // Secrets stay out of the Debug output.
     let dump = format!("{c:?}");
     for secret in [
