@@ -351,36 +351,33 @@ fn a_disconnect_whose_revocation_cannot_be_signed_is_disconnected_not_revoked() 
     );
 }
 
+/// Answers the identity token fetch due by `now` (IMDS) with `token`, then gives
+/// the Key Vault sign call it makes way for, checked to carry that token.
+fn identity_then_sign(b: &mut Broker<Fake>, token: &str, now: u64) -> (u32, HttpCall) {
+    b.dispatch_due(now);
+    b.dispatch_due(now + 1);
+    let (id, imds) = one_call(b);
+    assert_eq!(imds.cluster, "imds");
+    b.on_answer(id, Some(200), Some(token_answer(token, json!({}))), now + 2);
+    b.dispatch_due(now + 3);
+    let (id, sign) = one_call(b);
+    assert_eq!(sign.cluster, "keyvault");
+    assert!(sign
+        .secret_headers
+        .iter()
+        .any(|(_, v)| v.expose() == format!("Bearer {token}")));
+    (id, sign)
+}
+
 #[test]
 fn a_key_vault_401_to_a_callback_s_signature_signs_once_more_after_a_new_identity_token() {
     let (mut b, loaded) = consent_signing_setup();
     b.start_task(&loaded, 7, connect_task(&loaded, "kv_team", "n-1", None), 0);
     // The signing identity's token first.
-    b.dispatch_due(1);
-    b.dispatch_due(2);
-    let (id, imds) = one_call(&b);
-    assert_eq!(imds.cluster, "imds");
-    b.on_answer(id, Some(200), Some(token_answer("old-id", json!({}))), 3);
-    b.dispatch_due(4);
-    let (id, sign) = one_call(&b);
-    assert_eq!(sign.cluster, "keyvault");
-    assert!(sign
-        .secret_headers
-        .iter()
-        .any(|(_, v)| v.expose() == "Bearer old-id"));
+    let (id, _) = identity_then_sign(&mut b, "old-id", 1);
     b.on_answer(id, Some(401), Some(b"{}".to_vec()), 5);
     // A new identity token, then a second signature (the state stays admitted once).
-    b.dispatch_due(6);
-    b.dispatch_due(7);
-    let (id, imds) = one_call(&b);
-    assert_eq!(imds.cluster, "imds");
-    b.on_answer(id, Some(200), Some(token_answer("new-id", json!({}))), 8);
-    b.dispatch_due(9);
-    let (id, sign) = one_call(&b);
-    assert!(sign
-        .secret_headers
-        .iter()
-        .any(|(_, v)| v.expose() == "Bearer new-id"));
+    let (id, _) = identity_then_sign(&mut b, "new-id", 6);
     let sig = URL_SAFE_NO_PAD.encode([0x5a; 256]);
     b.on_answer(
         id,
@@ -404,19 +401,9 @@ fn a_key_vault_401_to_a_callback_s_signature_signs_once_more_after_a_new_identit
     // Refused twice: the callback fails (its code unspent).
     let (mut b, loaded) = consent_signing_setup();
     b.start_task(&loaded, 7, connect_task(&loaded, "kv_team", "n-1", None), 0);
-    b.dispatch_due(1);
-    b.dispatch_due(2);
-    let (id, _) = one_call(&b);
-    b.on_answer(id, Some(200), Some(token_answer("old-id", json!({}))), 3);
-    b.dispatch_due(4);
-    let (id, _) = one_call(&b);
+    let (id, _) = identity_then_sign(&mut b, "old-id", 1);
     b.on_answer(id, Some(401), Some(b"{}".to_vec()), 5);
-    b.dispatch_due(6);
-    b.dispatch_due(7);
-    let (id, _) = one_call(&b);
-    b.on_answer(id, Some(200), Some(token_answer("new-id", json!({}))), 8);
-    b.dispatch_due(9);
-    let (id, _) = one_call(&b);
+    let (id, _) = identity_then_sign(&mut b, "new-id", 6);
     b.on_answer(id, Some(401), Some(b"{}".to_vec()), 10);
     b.dispatch_due(11);
     assert!(b.proxy.take_calls().is_empty());
@@ -456,12 +443,7 @@ fn a_consent_fetch_has_its_signing_identity_s_token_before_it_reads_the_record()
 fn after_a_key_vault_401_a_callback_waits_one_identity_timeout_for_a_new_token() {
     let (mut b, loaded) = consent_signing_setup();
     b.start_task(&loaded, 7, connect_task(&loaded, "kv_team", "n-1", None), 0);
-    b.dispatch_due(1);
-    b.dispatch_due(2);
-    let (id, _) = one_call(&b);
-    b.on_answer(id, Some(200), Some(token_answer("old-id", json!({}))), 3);
-    b.dispatch_due(4);
-    let (id, _) = one_call(&b);
+    let (id, _) = identity_then_sign(&mut b, "old-id", 1);
     // Refused late: the new token gets the identity's whole timeout (5 s) from now.
     b.on_answer(id, Some(401), Some(b"{}".to_vec()), 9_000);
     b.dispatch_due(9_001);
