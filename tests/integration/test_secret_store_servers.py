@@ -529,13 +529,16 @@ def test_kv_401_challenge_shapes(keyvault_stack):
 def test_kv_token_lifetime_is_enforced(keyvault_stack):
     kv, imds = keyvault_stack.kv, keyvault_stack.imds
     kv.set_secret("s", "v")
-    imds.configure(ttl=1)
+    # Times are whole seconds (as Azure's expires_on): a 1 s token issued late in a
+    # second expires at the next one, so the first use raced that boundary (it failed
+    # under load). A 2 s token is good for at least a whole second.
+    imds.configure(ttl=2)
     resp = imds_get(imds)
-    assert resp.status == 200 and resp.json()["expires_in"] == "1"
+    assert resp.status == 200 and resp.json()["expires_in"] == "2"
     token = resp.json()["access_token"]
     assert kv_request(keyvault_stack, "/secrets/s?api-version=7.4", token)[0] == 200
     wait_until(lambda: kv_request(keyvault_stack, "/secrets/s?api-version=7.4", token)[0] == 401,
-               timeout=5, message="the 1 s token to expire")
+               timeout=6, message="the 2 s token to expire")
     assert kv.last().error_code == "Unauthorized"
 
 
