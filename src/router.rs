@@ -418,6 +418,12 @@ mod tests {
         // A length inside a multi-byte character is skipped, not the end.
         assert_eq!(name("\u{e9}\u{e9}"), None);
         assert_eq!(name("h\u{e9}/x"), Some(4));
+        // A shorter prefix's length falling inside a character doesn't end the
+        // search: a longer one can still match. (The guard `len > name.len()`
+        // only ends it early: when it is false, every longer length misses too,
+        // so mutants making it `false`, `==` or `>=` are equivalent.)
+        let r = Router::new(&[name_prefix("a"), name_prefix("\u{e9}")]);
+        assert_eq!(r.find(&req(Some("\u{e9}x"), "h", "/", "GET")), Some(1));
         // An exact name still wins over a later prefix, and a prefix over a later exact name.
         let r = Router::new(&[
             name_prefix("api/"),

@@ -1527,3 +1527,59 @@ fn discovery_statuses_name_the_login_only_where_consent_is_required() {
     let o = discovery_with_statuses(&c, "[]", &[(mine, "connected")]);
     assert_eq!(o.reply.unwrap().body, "[]");
 }
+
+#[test]
+fn a_route_that_may_exchange_or_key_by_caller_asks_only_when_its_pick_does() {
+    // The route can inject a token exchange or a per-user consent, but this caller's
+    // pick is the team's API key: no subject token, no caller key is needed.
+    let c = parse(json!({
+        "claims": { "from": "header", "key": "x-jwt-payload" },
+        "secrets": { "k": { "inline": "pk-secret" }, "cs": { "inline": "client-secret" },
+                     "vt": { "inline": "vault-token" }, "sk": { "inline": "0123456789abcdef0123456789abcdef" } },
+        "providers": {
+            "keys": { "type": "api_key" },
+            "idp": { "type": "oauth2", "cluster": "idp", "token_url": "https://idp/token",
+                     "authorization_url": "https://idp/authorize",
+                     "client_id": "gw", "client_secret": "cs" }
+        },
+        "token_stores": { "ts": { "vault": { "cluster": "vault", "url": "http://vault:8200", "token": "vt" } } },
+        "consent": { "path": "/.latchkey/connections", "redirect_uri": "https://api.test/cb", "state_key": "sk" },
+        "connections": {
+            "obo": { "provider": "idp", "grant": "token_exchange", "access": { "groups": ["obo"] } },
+            "mine": { "provider": "idp", "grant": "authorization_code", "per_user": true, "store": "ts",
+                      "access": { "groups": ["consenters"] } },
+            "team_key": { "provider": "keys", "api_key": "k", "access": { "groups": ["team"] } }
+        },
+        "routes": [
+            { "name": "mixed", "match": { "path_prefix": "/mixed/" },
+              "inject": [ { "connections": ["obo", "mine", "team_key"], "header": "authorization" } ] }
+        ]
+    }));
+    let r = c.routes.iter().find(|r| r.name == "mixed").unwrap();
+    assert!(r.binds_caller && r.per_user);
+    // A payload without `sub` (no caller key) and no bearer token (no subject).
+    let team = b64(&json!({ "iss": "https://issuer", "groups": ["team"] }).to_string());
+    let n = needs(run(
+        &c,
+        &get("/mixed/x", &[("x-jwt-payload", &team)]),
+        &mut Host::default(),
+    ));
+    assert_eq!(n.picks, [conn_index(&c, "team_key")]);
+    assert!(n.subject.is_none() && n.caller.is_none());
+    // The exchange itself still needs the verified token.
+    let obo = b64(&json!({ "iss": "https://issuer", "sub": "o", "groups": ["obo"] }).to_string());
+    let o = done(run(
+        &c,
+        &get("/mixed/x", &[("x-jwt-payload", &obo)]),
+        &mut Host::default(),
+    ));
+    assert_eq!(o.verdict, Verdict::DeniedBadSubject);
+    // And the per-user consent a caller key.
+    let who = b64(&json!({ "iss": "https://issuer", "groups": ["consenters"] }).to_string());
+    let o = done(run(
+        &c,
+        &get("/mixed/x", &[("x-jwt-payload", &who)]),
+        &mut Host::default(),
+    ));
+    assert_eq!(o.verdict, Verdict::DeniedUnauthenticated);
+}
