@@ -43,11 +43,12 @@ fn fold(b: u8) -> u8 {
     }
 }
 
-/// Removes of every request header equivalent to `target` (the name itself first).
+/// Removes of every header the request carries that an upstream may read as
+/// `target` (the name itself too). A header the request doesn't carry needs no
+/// removal: each edit is a host call.
 pub fn remove_all<'a>(target: &str, sent: impl Iterator<Item = &'a str>, edits: &mut Vec<Edit>) {
-    push_remove(edits, target);
     for name in sent {
-        if name != target && same_header(name, target) {
+        if same_header(name, target) {
             push_remove(edits, &name.to_ascii_lowercase());
         }
     }
@@ -199,7 +200,11 @@ pub fn plan(route: &Route, resolved: &[Resolved], sent: &[&str], path: &[u8]) ->
                     }
                 }
                 let prefix = prefix.as_deref().unwrap_or(cred.default_prefix);
-                let value = Secret::new(format!("{prefix}{}", cred.secret.expose()));
+                let secret = cred.secret.expose();
+                let mut value = String::with_capacity(prefix.len() + secret.len());
+                value.push_str(prefix);
+                value.push_str(secret);
+                let value = Secret::new(value);
                 edits.retain(|e| !matches!(e, Edit::Set { name: n, .. } if n == name));
                 edits.push(Edit::Set {
                     name: name.clone(),
@@ -496,10 +501,14 @@ mod tests {
         assert_eq!(
             edits,
             vec![
-                Edit::Remove("x-api-key".into()),
                 Edit::Remove("x_api_key".into()),
+                Edit::Remove("x-api-key".into()),
                 Edit::Remove("x_api-key".into())
             ]
         );
+        // A header the request doesn't carry costs no host call.
+        let mut edits = vec![];
+        remove_all("x-api-key", ["host", "x-api-keys"].into_iter(), &mut edits);
+        assert_eq!(edits, vec![]);
     }
 }

@@ -5,6 +5,15 @@
 
 /// Decodes `bytes`; `None` unless they are exactly one well-formed encoding.
 pub fn decode(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    decode_with(bytes, |k, v| Some((k, v)))
+}
+
+/// [`decode`], keeping what `keep` makes of each pair (`None`: skipped) in one
+/// allocation.
+pub fn decode_with<'a, T>(
+    bytes: &'a [u8],
+    mut keep: impl FnMut(&'a [u8], &'a [u8]) -> Option<T>,
+) -> Option<Vec<T>> {
     let word = |at: usize| -> Option<usize> {
         let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
         Some(u32::from_le_bytes(b) as usize)
@@ -31,7 +40,9 @@ pub fn decode(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
             return None;
         }
         pos += 1;
-        out.push((key, value));
+        if let Some(item) = keep(key, value) {
+            out.push(item);
+        }
     }
     (pos == bytes.len()).then_some(out)
 }

@@ -88,6 +88,17 @@ pub struct Router {
     prefix_lens: Vec<usize>,
     by_host: HashMap<String, Vec<usize>>,
     rest: Vec<usize>,
+    /// Whether any route matches on the host (else the host isn't normalized).
+    matches_host: bool,
+}
+
+/// `map[key]`, without hashing `key` when the map is empty (most are).
+fn bucket<'m>(map: &'m HashMap<String, Vec<usize>>, key: &str) -> Option<&'m Vec<usize>> {
+    if map.is_empty() {
+        None
+    } else {
+        map.get(key)
+    }
 }
 
 impl Router {
@@ -97,6 +108,7 @@ impl Router {
         for (i, route) in routes.iter().enumerate() {
             let m = route.as_ref();
             r.matchers.push(m.clone());
+            r.matches_host |= m.host.is_some();
             if let Some(name) = &m.route_name {
                 r.by_route_name.entry(name.clone()).or_default().push(i);
             } else if let Some(p) = &m.route_name_prefix {
@@ -158,7 +170,11 @@ impl Router {
 
     /// The index of the first route that matches, if any.
     pub fn find(&self, req: &RequestInfo) -> Option<usize> {
-        let host = host_key(req.host);
+        let host = if self.matches_host {
+            host_key(req.host)
+        } else {
+            Cow::Borrowed(req.host)
+        };
         let req = RequestInfo {
             host: &host,
             ..*req
@@ -176,13 +192,13 @@ impl Router {
             }
         };
         if let Some(name) = req.route_name {
-            if let Some(list) = self.by_route_name.get(name) {
+            if let Some(list) = bucket(&self.by_route_name, name) {
                 scan(list);
             }
             for &len in &self.name_prefix_lens {
                 match name.get(..len) {
                     Some(head) => {
-                        if let Some(list) = self.by_name_prefix.get(head) {
+                        if let Some(list) = bucket(&self.by_name_prefix, head) {
                             scan(list);
                         }
                     }
@@ -192,7 +208,7 @@ impl Router {
                 }
             }
         }
-        if let Some(list) = self.by_exact.get(req.path) {
+        if let Some(list) = bucket(&self.by_exact, req.path) {
             scan(list);
         }
         for &len in &self.prefix_lens {
@@ -204,11 +220,11 @@ impl Router {
             let Some(head) = req.path.get(..len) else {
                 continue;
             };
-            if let Some(list) = self.by_prefix.get(head) {
+            if let Some(list) = bucket(&self.by_prefix, head) {
                 scan(list);
             }
         }
-        if let Some(list) = self.by_host.get(req.host) {
+        if let Some(list) = bucket(&self.by_host, req.host) {
             scan(list);
         }
         scan(&self.rest);

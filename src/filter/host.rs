@@ -260,11 +260,8 @@ impl HeaderPairs {
         if self.0.is_empty() {
             return Ok(Vec::new());
         }
-        let decoded = pairs::decode(&self.0).ok_or(HostError(3))?;
-        Ok(decoded
-            .into_iter()
-            .filter_map(|(k, v)| std::str::from_utf8(k).ok().map(|k| (k, v)))
-            .collect())
+        pairs::decode_with(&self.0, |k, v| std::str::from_utf8(k).ok().map(|k| (k, v)))
+            .ok_or(HostError(3))
     }
 
     pub fn get(&self, name: &str) -> Option<&[u8]> {
