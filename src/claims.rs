@@ -174,6 +174,14 @@ impl Identity {
             let Some(payload) = crate::pb::payload_ref(metadata, JWT_AUTHN, key)? else {
                 return Ok(None);
             };
+            if !bind {
+                // The common case: typed claims straight from the protobuf.
+                let values = payload.claims_with(paths, crate::pb::claim_value)?;
+                return Ok(Some(Identity {
+                    values: values.into_iter().map(Option::flatten).collect(),
+                    binding: None,
+                }));
+            }
             let binding_paths = Binding::CLAIMS.map(|c| [c]);
             let mut wanted: Vec<&[&str]> = Vec::with_capacity(paths.len() + 5);
             let segments: Vec<Vec<&str>> = paths
@@ -181,18 +189,16 @@ impl Identity {
                 .map(|p| p.segments.iter().map(String::as_str).collect())
                 .collect();
             wanted.extend(segments.iter().map(Vec::as_slice));
-            if bind {
-                wanted.extend(binding_paths.iter().map(|p| &p[..]));
-            }
+            wanted.extend(binding_paths.iter().map(|p| &p[..]));
             let mut found = payload.claims(&wanted)?;
-            let binding = bind.then(|| {
+            let binding = {
                 let tail = found.split_off(paths.len());
                 let mut out: [Option<(char, String)>; 5] = Default::default();
                 for (slot, v) in out.iter_mut().zip(tail) {
                     *slot = v.as_ref().and_then(Binding::typed);
                 }
-                Binding(out)
-            });
+                Some(Binding(out))
+            };
             let values = found
                 .iter()
                 .map(|v| v.as_ref().and_then(from_json))
@@ -247,7 +253,7 @@ impl Identity {
     }
 }
 
-fn from_json(v: &Value) -> Option<ClaimValue> {
+pub(crate) fn from_json(v: &Value) -> Option<ClaimValue> {
     match v {
         Value::Null => None,
         Value::Object(_) => Some(ClaimValue::Object),

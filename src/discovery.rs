@@ -395,9 +395,8 @@ fn target_member(t: &Target) -> &'static str {
 
 fn target_name(t: &Target) -> &str {
     match t {
-        Target::Header { name, .. } | Target::Query { name } | Target::ClusterHeader { name } => {
-            name
-        }
+        Target::Header { name, .. } | Target::ClusterHeader { name } => name,
+        Target::Query { name } => name,
     }
 }
 
@@ -460,10 +459,10 @@ pub fn document(config: &Config, id: Option<&Identity>) -> Value {
                 e.insert("provider".into(), json!(provider.name));
                 e.insert("type".into(), json!(provider_type(&provider.kind)));
                 match &inj.target {
-                    Target::Header { name, .. } => e.insert("header".into(), json!(name)),
+                    Target::Header { name, .. } => e.insert("header".into(), json!(&**name)),
                     Target::Query { name } => e.insert("query".into(), json!(name)),
                     Target::ClusterHeader { name } => {
-                        e.insert("cluster_header".into(), json!(name))
+                        e.insert("cluster_header".into(), json!(&**name))
                     }
                 };
                 Some(Value::Object(e))

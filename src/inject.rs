@@ -15,6 +15,7 @@
 use crate::config::{Route, Target};
 use crate::path::hex_val;
 use crate::secret::Secret;
+use std::rc::Rc;
 
 /// One change to the request headers, applied in order by the filter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +23,8 @@ pub enum Edit {
     /// Remove every value of this (lowercase) header.
     Remove(String),
     /// Replace every value of this header with one value.
-    Set { name: String, value: Secret },
+    /// (`name` shared with the route's configuration: no copy per request.)
+    Set { name: Rc<str>, value: Secret },
     /// Replace `:path`.
     SetPath(Vec<u8>),
 }
@@ -179,32 +181,63 @@ pub struct Resolved<'a> {
     pub secret: &'a Secret,
     /// Used when the entry has no `prefix`: `""` for API keys, `"Bearer "` for tokens.
     pub default_prefix: &'static str,
+    /// `default_prefix` then the secret, when it was made ahead (a token copy).
+    pub with_default: Option<&'a Secret>,
 }
 
-/// Every change a matched route makes to a request: its injections (aligned
-/// with `resolved`) and its `strip` list. `sent` are the header names the client
-/// sent; `path` is the original `:path`.
-pub fn plan(route: &Route, resolved: &[Resolved], sent: &[&str], path: &[u8]) -> Vec<Edit> {
-    let mut edits = Vec::new();
+/// The header names a request carries, however the caller holds them.
+pub trait Sent {
+    fn names(&self) -> impl Iterator<Item = &str>;
+}
+
+impl Sent for [&str] {
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.iter().copied()
+    }
+}
+
+impl Sent for [String] {
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.iter().map(String::as_str)
+    }
+}
+
+impl Sent for [(&str, &[u8])] {
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.iter().map(|(k, _)| *k)
+    }
+}
+
+/// Every change a matched route makes to a request, added to `edits`: its
+/// injections (aligned with `resolved`) and its `strip` list. `sent` are the
+/// header names the client sent; `path` is the original `:path`.
+pub fn plan_into<'a, S: Sent + ?Sized>(
+    route: &Route,
+    resolved: impl IntoIterator<Item = Resolved<'a>>,
+    sent: &S,
+    path: &[u8],
+    edits: &mut Vec<Edit>,
+) {
     for name in &route.strip {
-        remove_all(name, sent.iter().copied(), &mut edits);
+        remove_all(name, sent.names(), edits);
     }
     let mut new_path: Option<Vec<u8>> = None;
     for (inj, cred) in route.inject.iter().zip(resolved) {
         match &inj.target {
             Target::Header { name, prefix } => {
                 // The name itself is replaced by the Set; its look-alikes are removed.
-                for sent_name in sent.iter().copied() {
-                    if sent_name != name && same_header(sent_name, name) {
-                        push_remove(&mut edits, &sent_name.to_ascii_lowercase());
+                for sent_name in sent.names() {
+                    if sent_name != &**name && same_header(sent_name, name) {
+                        push_remove(edits, &sent_name.to_ascii_lowercase());
                     }
                 }
-                let prefix = prefix.as_deref().unwrap_or(cred.default_prefix);
-                let secret = cred.secret.expose();
-                let mut value = String::with_capacity(prefix.len() + secret.len());
-                value.push_str(prefix);
-                value.push_str(secret);
-                let value = Secret::new(value);
+                let value = match (prefix, cred.with_default) {
+                    (None, Some(made)) => made.clone(),
+                    _ => prefixed(
+                        prefix.as_deref().unwrap_or(cred.default_prefix),
+                        cred.secret,
+                    ),
+                };
                 edits.retain(|e| !matches!(e, Edit::Set { name: n, .. } if n == name));
                 edits.push(Edit::Set {
                     name: name.clone(),
@@ -228,12 +261,29 @@ pub fn plan(route: &Route, resolved: &[Resolved], sent: &[&str], path: &[u8]) ->
     if let Some(p) = new_path {
         edits.push(Edit::SetPath(p));
     }
-    edits
+}
+
+/// `prefix` then the secret; the secret itself (shared, not copied) without one.
+fn prefixed(prefix: &str, secret: &Secret) -> Secret {
+    if prefix.is_empty() {
+        return secret.clone();
+    }
+    let secret = secret.expose();
+    let mut value = String::with_capacity(prefix.len() + secret.len());
+    value.push_str(prefix);
+    value.push_str(secret);
+    Secret::new(value)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn plan(route: &Route, resolved: &[Resolved], sent: &[&str], path: &[u8]) -> Vec<Edit> {
+        let mut edits = Vec::new();
+        plan_into(route, resolved.iter().copied(), sent, path, &mut edits);
+        edits
+    }
 
     fn rq(path: &str, name: &str, value: &str) -> String {
         String::from_utf8(rewrite_query(path.as_bytes(), name, value)).unwrap()
@@ -399,18 +449,22 @@ mod tests {
             Resolved {
                 secret: &k1,
                 default_prefix: "Bearer ",
+                with_default: None,
             },
             Resolved {
                 secret: &k2,
                 default_prefix: "",
+                with_default: None,
             },
             Resolved {
                 secret: &k2,
                 default_prefix: "",
+                with_default: None,
             },
             Resolved {
                 secret: &k1,
                 default_prefix: "",
+                with_default: None,
             },
         ];
         let sent = ["host", "x_key", "Cookie", "authorization"];
@@ -460,10 +514,12 @@ mod tests {
             Resolved {
                 secret: &key,
                 default_prefix: "",
+                with_default: None,
             },
             Resolved {
                 secret: &cluster,
                 default_prefix: "",
+                with_default: None,
             },
         ];
         let edits = plan(&r, &resolved, &["cookie", "x-key"], b"/p");

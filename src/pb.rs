@@ -14,6 +14,8 @@
 
 use serde_json::{Map, Number, Value};
 
+use crate::claims::ClaimValue;
+
 /// Deepest nesting of protobuf messages read from a payload. Each JSON object or
 /// list level is two messages (a `Value` holding a `Struct` or `ListValue`), so a
 /// payload may nest 16 JSON containers; the 17th is refused.
@@ -87,12 +89,24 @@ impl Payload<'_> {
     /// one), with one pass over the payload's top-level entries for all of them.
     #[allow(clippy::result_unit_err)]
     pub fn claims<S: AsRef<str>>(&self, paths: &[&[S]]) -> Result<Vec<Option<Value>>, ()> {
+        self.claims_with(paths, decode_value)
+    }
+
+    /// [`Payload::claims`], each value decoded by `decode` (bytes of a
+    /// `Value`, its depth) instead of into JSON.
+    #[allow(clippy::result_unit_err)]
+    pub fn claims_with<S: AsRef<str>, P: AsRef<[S]>, T>(
+        &self,
+        paths: &[P],
+        decode: impl Fn(&[u8], usize) -> Result<T, ()>,
+    ) -> Result<Vec<Option<T>>, ()> {
         let mut found: Vec<Option<&[u8]>> = vec![None; paths.len()];
         for field in Fields::new(self.0) {
             if let Some(entry) = struct_entry(field?)? {
                 let (k, v) = map_entry(entry)?;
                 for (slot, path) in found.iter_mut().zip(paths) {
                     if path
+                        .as_ref()
                         .first()
                         .is_some_and(|first| first.as_ref().as_bytes() == k)
                     {
@@ -105,11 +119,11 @@ impl Payload<'_> {
         found
             .into_iter()
             .zip(paths)
-            .map(|(value, path)| match (value, path.get(1..)) {
+            .map(|(value, path)| match (value, path.as_ref().get(1..)) {
                 (None, _) => Ok(None),
-                (Some(v), None | Some([])) => decode_value(v, TOP_DEPTH).map(Some),
+                (Some(v), None | Some([])) => decode(v, TOP_DEPTH).map(Some),
                 (Some(v), Some(rest)) => match struct_in(v)? {
-                    Some(inner) => Payload(inner).get_at(rest, TOP_DEPTH + 2),
+                    Some(inner) => Payload(inner).get_at(rest, TOP_DEPTH + 2, &decode),
                     None => Ok(None),
                 },
             })
@@ -120,11 +134,16 @@ impl Payload<'_> {
     /// is missing or a value on the way is not an object.
     #[allow(clippy::result_unit_err)]
     pub fn get<S: AsRef<str>>(&self, segments: &[S]) -> Result<Option<Value>, ()> {
-        self.get_at(segments, TOP_DEPTH)
+        self.get_at(segments, TOP_DEPTH, &decode_value)
     }
 
     /// [`Payload::get`] for a Struct whose entries' values sit at `depth`.
-    fn get_at<S: AsRef<str>>(&self, segments: &[S], depth: usize) -> Result<Option<Value>, ()> {
+    fn get_at<S: AsRef<str>, T>(
+        &self,
+        segments: &[S],
+        depth: usize,
+        decode: &impl Fn(&[u8], usize) -> Result<T, ()>,
+    ) -> Result<Option<T>, ()> {
         let mut at = self.0;
         let mut depth = depth;
         let mut rest = segments.iter().peekable();
@@ -133,7 +152,7 @@ impl Payload<'_> {
                 return Ok(None);
             };
             if rest.peek().is_none() {
-                return decode_value(value, depth).map(Some);
+                return decode(value, depth).map(Some);
             }
             match struct_in(value)? {
                 Some(inner) => at = inner,
@@ -331,6 +350,87 @@ fn decode_value(bytes: &[u8], depth: usize) -> Result<Value, ()> {
         };
     }
     Ok(out)
+}
+
+/// A `Value`'s kind, the last one set winning; what it holds is checked as
+/// [`decode_value`] checks it, when it is met (a nested Struct is decoded and
+/// dropped, so that a malformed one is refused here too).
+enum Kind<'a> {
+    Null,
+    Number(f64),
+    Text(&'a str),
+    Bool(bool),
+    Struct,
+    /// A list's scalars, as text.
+    List(Vec<String>),
+}
+
+fn kind_of(bytes: &[u8], depth: usize) -> Result<Kind<'_>, ()> {
+    if depth > MAX_DEPTH {
+        return Err(());
+    }
+    let mut out = Kind::Null;
+    for field in Fields::new(bytes) {
+        out = match field? {
+            (1, Data::Varint(_)) => Kind::Null,
+            (2, Data::Fixed64(b)) => Kind::Number(f64::from_le_bytes(b)),
+            (3, Data::Bytes(s)) => Kind::Text(std::str::from_utf8(s).map_err(|_| ())?),
+            (4, Data::Varint(b)) => Kind::Bool(b != 0),
+            (5, Data::Bytes(s)) => {
+                decode_struct(s, depth + 1)?;
+                Kind::Struct
+            }
+            (6, Data::Bytes(l)) => Kind::List(list_texts(l, depth + 1)?),
+            (1..=6, _) => return Err(()),
+            _ => continue,
+        };
+    }
+    Ok(out)
+}
+
+/// A `ListValue`'s scalars as text, every element checked as [`decode_list`]
+/// checks it.
+fn list_texts(bytes: &[u8], depth: usize) -> Result<Vec<String>, ()> {
+    if depth > MAX_DEPTH {
+        return Err(());
+    }
+    let mut out = Vec::new();
+    for field in Fields::new(bytes) {
+        match field? {
+            (1, Data::Bytes(v)) => {
+                if let Some(text) = scalar_text(kind_of(v, depth + 1)?) {
+                    out.push(text);
+                }
+            }
+            (1, _) => return Err(()),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// A scalar's text as a claim compares it (`None` for null, objects, lists and
+/// numbers that aren't finite): the text of [`decode_value`]'s JSON.
+fn scalar_text(kind: Kind<'_>) -> Option<String> {
+    match kind {
+        Kind::Text(s) => Some(s.to_string()),
+        Kind::Number(n) if n.is_finite() => Some(crate::claims::number_text(n)),
+        Kind::Bool(b) => Some(if b { "true" } else { "false" }.to_string()),
+        Kind::Number(_) | Kind::Null | Kind::Struct | Kind::List(_) => None,
+    }
+}
+
+/// A claim's `Value` as the request path compares it: the same
+/// [`ClaimValue`] as decoding it to JSON first, without building the JSON
+/// (strings, and a list's scalars, are the only allocations).
+#[allow(clippy::result_unit_err)]
+pub fn claim_value(bytes: &[u8], depth: usize) -> Result<Option<ClaimValue>, ()> {
+    Ok(match kind_of(bytes, depth)? {
+        Kind::Null => None,
+        Kind::Struct => Some(ClaimValue::Object),
+        Kind::List(items) => Some(ClaimValue::List(items)),
+        other => scalar_text(other).map(ClaimValue::Scalar),
+    })
 }
 
 /// `google.protobuf.ListValue { repeated Value values = 1; }`.
@@ -700,7 +800,13 @@ mod tests {
 
     /// A length-delimited field (lengths below 128).
     fn ld(number: u8, data: &[u8]) -> Vec<u8> {
-        let mut out = vec![number << 3 | 2, data.len() as u8];
+        let mut out = vec![number << 3 | 2];
+        let mut n = data.len();
+        while n >= 0x80 {
+            out.push((n as u8 & 0x7f) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
         out.extend_from_slice(data);
         out
     }
@@ -713,6 +819,138 @@ mod tests {
     /// The payload Struct `{"payload": <value bytes>}`.
     fn with_value(value: &[u8]) -> Vec<u8> {
         with_struct(&ld(1, &[ld(1, b"payload"), ld(2, value)].concat()))
+    }
+
+    /// What [`claim_value`] must answer: the claim decoded to JSON, then converted.
+    fn via_json(p: &Payload<'_>, path: &[&str]) -> Result<Option<ClaimValue>, ()> {
+        p.claims(&[path]).map(|v| {
+            v.into_iter()
+                .next()
+                .flatten()
+                .as_ref()
+                .and_then(crate::claims::from_json)
+        })
+    }
+
+    fn typed(p: &Payload<'_>, path: &[&str]) -> Result<Option<ClaimValue>, ()> {
+        p.claims_with(&[path], claim_value)
+            .map(|v| v.into_iter().next().flatten().flatten())
+    }
+
+    /// The payload Struct with these raw entries (key, Value bytes).
+    fn entries(items: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let body: Vec<u8> = items
+            .iter()
+            .flat_map(|(k, v)| ld(1, &[ld(1, k.as_bytes()), ld(2, v)].concat()))
+            .collect();
+        with_value(&ld(5, &body))
+    }
+
+    fn double(n: f64) -> Vec<u8> {
+        let mut v = vec![2 << 3 | 1];
+        v.extend(n.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn typed_claims_answer_as_the_json_reading_does() {
+        let p = json!({"sub": "alice", "groups": ["a", "b", 1, 2.5, true, null, {"x": 1}, [1, "n"]],
+                       "n": 2, "f": 2.5, "neg": -7, "big": 9_007_199_254_740_992.0, "huge": 1e300,
+                       "t": true, "fa": false, "z": null, "e": [], "o": {"k": [1, {"x": "y"}],
+                       "deep": {"er": "e"}}, "s": "\u{1}", "": "empty", "sp": "a b"});
+        let md = encode::metadata(F, "payload", &p);
+        let r = payload_ref(&md, F, "payload").unwrap().unwrap();
+        let paths: &[&[&str]] = &[
+            &["sub"],
+            &["groups"],
+            &["n"],
+            &["f"],
+            &["neg"],
+            &["big"],
+            &["huge"],
+            &["t"],
+            &["fa"],
+            &["z"],
+            &["e"],
+            &["o"],
+            &["o", "k"],
+            &["o", "deep"],
+            &["o", "deep", "er"],
+            &["o", "none"],
+            &["s"],
+            &[""],
+            &["sp"],
+            &["missing"],
+            &["sub", "x"],
+        ];
+        for path in paths {
+            assert_eq!(typed(&r, path), via_json(&r, path), "{path:?}");
+        }
+        assert_eq!(
+            typed(&r, &["groups"]),
+            Ok(Some(ClaimValue::List(
+                ["a", "b", "1", "2.5", "true"].map(String::from).to_vec()
+            )))
+        );
+        // Hand-made Values: numbers that aren't finite, several kinds set (the
+        // last wins; each is checked when met), wrong wire types, bad UTF-8.
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("nan", double(f64::NAN)),
+            ("inf", double(f64::INFINITY)),
+            (
+                "list_nan",
+                ld(
+                    6,
+                    &[ld(1, &double(f64::NAN)), ld(1, &ld(3, b"ok"))].concat(),
+                ),
+            ),
+            (
+                "list_then_text",
+                [ld(6, &ld(1, &ld(3, b"x"))), ld(3, b"t")].concat(),
+            ),
+            (
+                "text_then_list",
+                [ld(3, b"t"), ld(6, &ld(1, &ld(3, b"x")))].concat(),
+            ),
+            ("struct_then_bool", [ld(5, &[]), vec![0x20, 0x01]].concat()),
+            (
+                "bad_list_then_text",
+                [ld(6, &ld(1, &ld(3, &[0xff]))), ld(3, b"t")].concat(),
+            ),
+            (
+                "bad_struct_then_text",
+                [ld(5, &[0x08, 0x01]), ld(3, b"t")].concat(),
+            ),
+            ("bad_utf8", ld(3, &[0xff])),
+            ("list_varint_values", ld(6, &[0x08, 0x01])),
+            ("text_as_varint", vec![0x18, 0x01]),
+            ("null_then_text", [vec![0x08, 0x00], ld(3, b"t")].concat()),
+            ("text_then_null", [ld(3, b"t"), vec![0x08, 0x00]].concat()),
+            ("unknown_field", [ld(3, b"t"), vec![0x38, 0x01]].concat()),
+            ("empty", vec![]),
+        ];
+        let md = entries(&cases);
+        let r = payload_ref(&md, F, "payload").unwrap().unwrap();
+        for (name, _) in &cases {
+            assert_eq!(typed(&r, &[name]), via_json(&r, &[name]), "{name}");
+        }
+        assert_eq!(typed(&r, &["bad_list_then_text"]), Err(()));
+        assert_eq!(typed(&r, &["nan"]), Ok(None));
+        // Nesting: refused at exactly the same depth, read the same below it.
+        for object in [false, true] {
+            for n in 12..18 {
+                for leaf in [None, Some(json!("x"))] {
+                    let v = nested(n, object, leaf);
+                    let md = encode::metadata(F, "payload", &v);
+                    let r = payload_ref(&md, F, "payload").unwrap().unwrap();
+                    assert_eq!(
+                        typed(&r, &["deep"]),
+                        via_json(&r, &["deep"]),
+                        "{n} {object}"
+                    );
+                }
+            }
+        }
     }
 
     // Equivalent mutants (`make mutants`): in the test encoder, `number << 3 | 2`

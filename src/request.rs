@@ -21,7 +21,7 @@ use crate::config::{
 use crate::consent::{self, Endpoint, State};
 use crate::credential::exchange::verified_subject;
 use crate::discovery::Index;
-use crate::inject::{self, Edit, Resolved};
+use crate::inject::{self, Edit, Resolved, Sent};
 use crate::policy::{admits, decide, Decision, Denial};
 use crate::response::{self, reply, LocalReply, Refusal};
 use crate::router::RequestInfo;
@@ -353,14 +353,11 @@ pub fn start(
         && picks
             .iter()
             .any(|&c| config.connection(c).is_some_and(consent::is_per_user));
-    let caller = match (
-        per_user,
-        identity.as_ref().and_then(|id| caller_of(config, id)),
-    ) {
-        (false, _) => None,
-        (true, Some(h)) => Some(Secret::new(h)),
+    let caller = match per_user.then(|| identity.as_ref().and_then(|id| caller_of(config, id))) {
+        None => None,
+        Some(Some(h)) => Some(Secret::new(h)),
         // A per-user connection needs to know who the caller is.
-        (true, None) => {
+        Some(None) => {
             let outcome =
                 Outcome::refused(Verdict::DeniedUnauthenticated, config, Some(route_i), edits);
             return Ok(Step::Done(
@@ -684,11 +681,11 @@ fn login_return_to(query: &[u8]) -> Result<Option<String>, ()> {
 /// The outcome once every credential is resolved (one per inject entry, in
 /// order): the route's injections and strips after the edits decided before.
 /// `sent` are the header names the client sent, `path` its `:path`.
-pub fn finish(
+pub fn finish<'a, S: Sent + ?Sized>(
     config: &Config,
     needed: Needed,
-    resolved: &[Resolved],
-    sent: &[&str],
+    resolved: impl IntoIterator<Item = Resolved<'a>>,
+    sent: &S,
     path: &[u8],
 ) -> Outcome {
     let Needed {
@@ -701,7 +698,7 @@ pub fn finish(
         return Outcome::refused(Verdict::Internal, config, None, edits);
     };
     let mut edits = edits;
-    edits.extend(inject::plan(r, resolved, sent, path));
+    inject::plan_into(r, resolved, sent, path, &mut edits);
     Outcome {
         picks,
         ..Outcome::new(Verdict::Allowed, Some(route), edits)

@@ -7,6 +7,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use crate::config::{Config, Credential, Grant, ProviderKind};
 use crate::credential::cache::{Cached, Policy};
@@ -32,7 +33,7 @@ pub struct Runtime {
     /// exchange), kept while the tick finds it good for a few seconds more
     /// (`Broker::renew_token_copies`): a request then reads neither the shared cache
     /// nor the clock.
-    pub token_copies: RefCell<Vec<Option<Cached>>>,
+    pub token_copies: RefCell<Vec<Option<Rc<TokenCopy>>>>,
     /// Discovery answers, serialized once per configuration (only when
     /// `discovery.path` is set).
     pub discovery: Option<crate::discovery::Index>,
@@ -45,7 +46,29 @@ pub struct Runtime {
     /// This VM's copies of per-user tokens, per connection index by caller key
     /// (at most [`MAX_CALLER_COPIES`] per connection), kept like `token_copies`:
     /// while the tick finds them good, and never across a [`COPY_GENERATION`] move.
-    pub caller_copies: RefCell<Vec<HashMap<String, Cached>>>,
+    pub caller_copies: RefCell<Vec<HashMap<String, Rc<TokenCopy>>>>,
+}
+
+/// A token this VM holds, made ready for requests once: a request takes
+/// reference counts, not copies of the token.
+#[derive(Debug)]
+pub struct TokenCopy {
+    pub cached: Cached,
+    pub token: Secret,
+    /// `Bearer <token>`: the header value of an entry without a `prefix`.
+    pub bearer: Secret,
+}
+
+impl TokenCopy {
+    pub fn new(cached: Cached) -> TokenCopy {
+        let token = Secret::new(cached.token.as_str());
+        let bearer = Secret::new(format!("Bearer {}", cached.token));
+        TokenCopy {
+            cached,
+            token,
+            bearer,
+        }
+    }
 }
 
 /// Per-user token copies one VM keeps per connection; past it, one is dropped.
@@ -66,7 +89,7 @@ impl Runtime {
     }
 
     /// This VM's copy of connection `c`'s token, if it holds one.
-    pub fn token_copy(&self, c: usize) -> Option<Cached> {
+    pub fn token_copy(&self, c: usize) -> Option<Rc<TokenCopy>> {
         self.token_copies
             .try_borrow()
             .ok()
@@ -108,7 +131,7 @@ impl Runtime {
     }
 
     /// This VM's copy of caller `key`'s token of connection `c`, if it holds one.
-    pub fn caller_copy(&self, c: usize, key: &str) -> Option<Cached> {
+    pub fn caller_copy(&self, c: usize, key: &str) -> Option<Rc<TokenCopy>> {
         self.caller_copies
             .try_borrow()
             .ok()
@@ -140,7 +163,7 @@ impl Runtime {
                         map.remove(&k);
                     }
                 }
-                map.insert(key.to_string(), t);
+                map.insert(key.to_string(), Rc::new(TokenCopy::new(t)));
             }
         }
     }
@@ -149,7 +172,7 @@ impl Runtime {
     pub fn trim_caller_copies(&self, now: u64, grace_ms: u64) {
         if let Ok(mut v) = self.caller_copies.try_borrow_mut() {
             for map in v.iter_mut() {
-                map.retain(|_, t| t.copyable_until(now, grace_ms));
+                map.retain(|_, t| t.cached.copyable_until(now, grace_ms));
             }
         }
     }
@@ -157,7 +180,7 @@ impl Runtime {
     pub fn set_token_copy(&self, c: usize, token: Option<Cached>) {
         if let Ok(mut v) = self.token_copies.try_borrow_mut() {
             if let Some(slot) = v.get_mut(c) {
-                *slot = token;
+                *slot = token.map(|t| Rc::new(TokenCopy::new(t)));
             }
         }
     }
@@ -187,7 +210,8 @@ impl Runtime {
         let tokens: Vec<Option<TokenSlot>> = config
             .connections
             .iter()
-            .map(|c| {
+            .enumerate()
+            .map(|(ci, c)| {
                 let provider = config.provider_of(c)?;
                 let (timeout_ms, margin_s, default_s, after_401_s) = match &provider.kind {
                     ProviderKind::OAuth2(p) => (p.timeout_ms, p.refresh_margin_s, p.default_expires_in_s, p.drop_on_401_after_s),
@@ -210,7 +234,10 @@ impl Runtime {
                     policy: Policy::new(timeout_ms, margin_s * 1000),
                     default_lifetime_ms: default_s * 1000,
                     drop_on_401_after_ms: after_401_s * 1000,
+                    own_addr: None,
                 };
+                let own_addr = slot.addr(ci, None).map(Rc::new);
+                let slot = TokenSlot { own_addr, ..slot };
                 // Create the keys now: "create if absent" by CAS is not atomic in the host.
                 let keys: Vec<String> = if per_caller {
                     (0..crate::credential::exchange::SETS).map(|i| slot.set_key(i)).collect()

@@ -12,14 +12,18 @@
 //! through [`SecretSource::resolve`] and handle its error.
 
 use std::fmt;
+use std::rc::Rc;
 
 /// A credential value. Never printed.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+///
+/// Shared, not copied: a request carrying a cached credential clones it, and a
+/// clone is a reference count, not an allocation.
+pub struct Secret(Rc<str>);
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
+        Secret(Rc::from(value.into()))
     }
 
     /// The secret's value, for the one place that must send it.
@@ -91,7 +95,9 @@ impl SecretSource {
             SecretSource::Env(name) => match env(name) {
                 None => Err(SecretError::EnvUnset(name.clone())),
                 Some(v) if v.is_empty() => Err(SecretError::EnvEmpty(name.clone())),
-                Some(v) => check_value(Secret(v), || format!("of environment variable \"{name}\"")),
+                Some(v) => check_value(Secret::new(v), || {
+                    format!("of environment variable \"{name}\"")
+                }),
             },
             SecretSource::Inline(secret) => {
                 check_value(secret.clone(), || "given inline".to_string())

@@ -39,6 +39,7 @@ pub use error::{ConfigError, ErrorKind};
 
 use crate::router::Router;
 use crate::secret::Secret;
+use std::rc::Rc;
 
 /// The whole, validated configuration.
 #[derive(Debug)]
@@ -218,6 +219,12 @@ pub struct ClaimsConfig {
 pub struct ClaimPath {
     pub dotted: String,
     pub segments: Vec<String>,
+}
+
+impl AsRef<[String]> for ClaimPath {
+    fn as_ref(&self) -> &[String] {
+        &self.segments
+    }
 }
 
 impl ClaimPath {
@@ -514,14 +521,14 @@ pub struct Injection {
 pub enum Target {
     /// Lowercased header name; `prefix` as configured (None: the connection's default).
     Header {
-        name: String,
+        name: Rc<str>,
         prefix: Option<String>,
     },
     /// Query parameter name, as configured.
     Query { name: String },
     /// Lowercased header naming the upstream cluster (client certificates): set to
     /// the chosen connection's cluster; the Envoy route picks its cluster from it.
-    ClusterHeader { name: String },
+    ClusterHeader { name: Rc<str> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -132,7 +132,7 @@ pub fn cluster_headers(routes: &[Route]) -> Vec<String> {
         .iter()
         .flat_map(|r| &r.inject)
         .filter_map(|i| match &i.target {
-            Target::ClusterHeader { name } => Some(name.clone()),
+            Target::ClusterHeader { name } => Some(name.to_string()),
             _ => None,
         })
         .collect();
@@ -260,7 +260,7 @@ fn injection(
             lexical::settable_header_name(h).map_err(|err| err.at(e.child("cluster_header")))?;
         return Ok(Injection {
             connections: indices,
-            target: Target::ClusterHeader { name },
+            target: Target::ClusterHeader { name: name.into() },
         });
     }
     if certs > 0 {
@@ -291,7 +291,10 @@ fn injection(
                     Some(p.to_string())
                 }
             };
-            Target::Header { name, prefix }
+            Target::Header {
+                name: name.into(),
+                prefix,
+            }
         }
         (None, Some(q)) => {
             if e.has("prefix") {

@@ -32,7 +32,7 @@ use crate::credential::token_response::{self, FetchError};
 use crate::inject::Resolved;
 use crate::proxy::{HostFault, Level, Proxy};
 use crate::request::{self, Needed, Outcome};
-use crate::runtime::{Runtime, COPY_GENERATION};
+use crate::runtime::{Runtime, TokenCopy, COPY_GENERATION};
 use crate::secret::Secret;
 use crate::stats::{StoreStat, TokenStat};
 
@@ -140,6 +140,8 @@ pub struct EntryCredential {
     pub secret: Secret,
     /// `""` for API keys, `"Bearer "` for tokens (when the entry gives no prefix).
     pub default_prefix: &'static str,
+    /// `default_prefix` then the secret, when it was made ahead (a token copy).
+    pub with_default: Option<Secret>,
     /// For tokens: where it is cached and its id, so an upstream 401 can refresh it.
     pub token: Option<Used>,
 }
@@ -148,20 +150,19 @@ pub struct EntryCredential {
 /// exchange) the subject token a refresh needs.
 #[derive(Clone)]
 pub struct Used {
-    addr: Addr,
+    /// Shared with the token's copy: a request clones a reference count.
+    addr: Rc<Addr>,
     id: u64,
     subject: Option<Secret>,
 }
 
 impl EntryCredential {
-    pub fn resolved(creds: &[EntryCredential]) -> Vec<Resolved<'_>> {
-        creds
-            .iter()
-            .map(|c| Resolved {
-                secret: &c.secret,
-                default_prefix: c.default_prefix,
-            })
-            .collect()
+    pub fn resolved(creds: &[EntryCredential]) -> impl Iterator<Item = Resolved<'_>> {
+        creds.iter().map(|c| Resolved {
+            secret: &c.secret,
+            default_prefix: c.default_prefix,
+            with_default: c.with_default.as_ref(),
+        })
     }
 
     pub fn tokens(creds: &[EntryCredential]) -> Vec<Used> {
@@ -606,11 +607,13 @@ impl<P: Proxy> Broker<P> {
                 Credential::ClientCertificate { cluster } => out.push(EntryCredential {
                     secret: Secret::new(cluster.clone()),
                     default_prefix: "",
+                    with_default: None,
                     token: None,
                 }),
                 Credential::ApiKey(SecretRef::Value(secret)) => out.push(EntryCredential {
                     secret: secret.clone(),
                     default_prefix: "",
+                    with_default: None,
                     token: None,
                 }),
                 Credential::ApiKey(SecretRef::Store(si)) => {
@@ -619,6 +622,7 @@ impl<P: Proxy> Broker<P> {
                         out.push(EntryCredential {
                             secret,
                             default_prefix: "",
+                            with_default: None,
                             token: None,
                         });
                         continue;
@@ -631,6 +635,7 @@ impl<P: Proxy> Broker<P> {
                             out.push(EntryCredential {
                                 secret,
                                 default_prefix: "",
+                                with_default: None,
                                 token: None,
                             })
                         }
@@ -659,7 +664,7 @@ impl<P: Proxy> Broker<P> {
                         if on_request {
                             loaded.stats.token(&self.proxy, ci, TokenStat::CacheHit);
                         }
-                        out.push(Self::token_cred(loaded, ci, None, t));
+                        out.push(Self::copy_cred(loaded, ci, None, &t));
                         continue;
                     }
                     let now = now()?;
@@ -726,16 +731,27 @@ impl<P: Proxy> Broker<P> {
         subject: Option<&Secret>,
         t: Cached,
     ) -> EntryCredential {
+        Self::copy_cred(loaded, ci, subject, &TokenCopy::new(t))
+    }
+
+    /// A token's credential from a [`TokenCopy`]: reference counts, no copy.
+    fn copy_cred(
+        loaded: &Runtime,
+        ci: usize,
+        subject: Option<&Secret>,
+        t: &TokenCopy,
+    ) -> EntryCredential {
         let slot = loaded.tokens.get(ci).and_then(Option::as_ref);
-        let addr = slot.and_then(|s| s.addr(ci, subject));
+        let addr = slot.and_then(|s| s.shared_addr(ci, subject));
         EntryCredential {
             token: addr.map(|addr| Used {
                 addr,
-                id: t.id,
+                id: t.cached.id,
                 subject: subject.cloned(),
             }),
-            secret: Secret::new(t.token),
+            secret: t.token.clone(),
             default_prefix: "Bearer ",
+            with_default: Some(t.bearer.clone()),
         }
     }
 
@@ -994,7 +1010,7 @@ impl<P: Proxy> Broker<P> {
                         let addr = Self::entry(&loaded, Owner::Connection(*identity), None)
                             .map(|(a, _)| a);
                         f.identity = addr.map(|addr| Used {
-                            addr,
+                            addr: Rc::new(addr),
                             id: t.id,
                             subject: None,
                         });
@@ -1020,7 +1036,7 @@ impl<P: Proxy> Broker<P> {
                     // is dropped and the read made once more, after a new login.
                     f.identity =
                         Self::entry(&loaded, Owner::Login(i), None).map(|(addr, _)| Used {
-                            addr,
+                            addr: Rc::new(addr),
                             id: t.id,
                             subject: None,
                         });
@@ -1504,12 +1520,11 @@ impl<P: Proxy> Broker<P> {
                     let keep = config
                         .route(w.needed.route)
                         .is_some_and(|r| r.drop_token_on_401);
-                    let sent: Vec<&str> = w.sent.iter().map(String::as_str).collect();
                     let outcome = request::finish(
                         config,
                         w.needed,
-                        &EntryCredential::resolved(&creds),
-                        &sent,
+                        EntryCredential::resolved(&creds),
+                        &w.sent[..],
                         &w.path,
                     );
                     let used = if keep {

@@ -2,6 +2,8 @@
 //! connection's token cache (for token exchange, bounded sets of per-caller
 //! entries), a stored secret's value and its Vault login, each with its timing.
 
+use std::rc::Rc;
+
 use super::cache::Policy;
 use super::exchange::Subject;
 use crate::secret::Secret;
@@ -20,6 +22,8 @@ pub struct TokenSlot {
     pub default_lifetime_ms: u64,
     /// An upstream 401 refreshes a token only once it is this old.
     pub drop_on_401_after_ms: u64,
+    /// The connection's own entry (not per caller), made once.
+    pub own_addr: Option<Rc<Addr>>,
 }
 
 impl TokenSlot {
@@ -30,6 +34,14 @@ impl TokenSlot {
 
     /// Where the entry for this connection (and caller) lives; `None` for token
     /// exchange without a subject token.
+    /// [`TokenSlot::addr`], shared: the one for the whole connection is made once.
+    pub fn shared_addr(&self, connection: usize, subject: Option<&Secret>) -> Option<Rc<Addr>> {
+        match (&self.own_addr, self.per_caller) {
+            (Some(a), false) if a.owner == Owner::Connection(connection) => Some(a.clone()),
+            _ => self.addr(connection, subject).map(Rc::new),
+        }
+    }
+
     pub fn addr(&self, connection: usize, subject: Option<&Secret>) -> Option<Addr> {
         let owner = Owner::Connection(connection);
         if !self.per_caller {

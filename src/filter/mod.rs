@@ -461,7 +461,6 @@ fn handle_request(
             return Ok(Action::Pause);
         }
     };
-    let sent: Vec<&str> = pairs.iter().map(|(k, _)| *k).collect();
     let path = pairs
         .iter()
         .find(|(k, _)| *k == ":path")
@@ -478,8 +477,8 @@ fn handle_request(
             let outcome = request::finish(
                 config,
                 needed,
-                &EntryCredential::resolved(&creds),
-                &sent,
+                EntryCredential::resolved(&creds),
+                &pairs[..],
                 path,
             );
             let action = apply(state, &outcome)?;
@@ -516,7 +515,7 @@ fn handle_request(
                     loaded: state.clone(),
                     needed,
                     deadline_ms,
-                    sent: sent.iter().map(|s| s.to_string()).collect(),
+                    sent: pairs.iter().map(|(k, _)| k.to_string()).collect(),
                     path: path.to_vec(),
                     keys,
                     seen: Vec::new(),

@@ -220,14 +220,16 @@ fn a_member_is_allowed_with_its_connections_and_the_claims_header_goes() {
         Resolved {
             secret: &key,
             default_prefix: "",
+            with_default: None,
         },
         Resolved {
             secret: &key,
             default_prefix: "",
+            with_default: None,
         },
     ];
     let sent = ["x-jwt-payload", "x-key", "x-debug"];
-    let o = finish(&c, n, &resolved, &sent, b"/partner/x?q=1&api_key=mine");
+    let o = finish(&c, n, resolved, &sent[..], b"/partner/x?q=1&api_key=mine");
     assert_eq!(o.verdict, Verdict::Allowed);
     assert!(o.reply.is_none());
     assert_eq!(o.route, Some(0));
@@ -238,7 +240,7 @@ fn a_member_is_allowed_with_its_connections_and_the_claims_header_goes() {
         .iter()
         .any(|e| matches!(e, Edit::SetPath(p) if p == b"/partner/x?q=1&api_key=pk-1")));
     assert!(o.edits.iter().any(
-        |e| matches!(e, Edit::Set { name, value } if name == "x-key" && value.expose() == "pk-1")
+        |e| matches!(e, Edit::Set { name, value } if &**name == "x-key" && value.expose() == "pk-1")
     ));
 }
 
@@ -552,11 +554,12 @@ fn after_a_wait_the_outcome_is_unavailable_or_paused_limit_or_internal() {
     let o = finish(
         &c,
         gone,
-        &[Resolved {
+        [Resolved {
             secret: &key,
             default_prefix: "",
+            with_default: None,
         }],
-        &[],
+        &[] as &[&str],
         b"/",
     );
     assert_eq!(o.verdict, Verdict::Internal);
@@ -578,17 +581,18 @@ fn a_cluster_header_entry_sets_the_chosen_cluster() {
     let o = finish(
         &c,
         n,
-        &[Resolved {
+        [Resolved {
             secret: &cluster,
             default_prefix: "",
+            with_default: None,
         }],
-        &["x-cluster"],
+        &["x-cluster"][..],
         b"/mtls/a",
     );
     assert!(o
         .edits
         .iter()
-        .any(|e| matches!(e, Edit::Set { name, value } if name == "x-cluster" && value.expose() == "partner_a")));
+        .any(|e| matches!(e, Edit::Set { name, value } if &**name == "x-cluster" && value.expose() == "partner_a")));
 }
 
 // ---- User-delegated connections (SPEC v1.2): the consent endpoints. ----

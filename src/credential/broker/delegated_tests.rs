@@ -1464,7 +1464,10 @@ fn caller_copies_are_bounded_per_connection_and_replaced_in_place() {
     // A caller already held is replaced, nothing evicted.
     loaded.set_caller_copy(mine, "k7", Some(token(7_000)));
     assert_eq!(len(&loaded), crate::runtime::MAX_CALLER_COPIES);
-    assert_eq!(loaded.caller_copy(mine, "k7").unwrap().token, "at-7000");
+    assert_eq!(
+        loaded.caller_copy(mine, "k7").unwrap().cached.token,
+        "at-7000"
+    );
     assert!(loaded.has_caller_copy(mine, "k0") && loaded.has_caller_copy(mine, "k1"));
     // A new one evicts exactly one.
     loaded.set_caller_copy(mine, "new", Some(token(9)));

@@ -5,6 +5,8 @@
 //! backoff, logged with the provider and the kind of failure); no client secret
 //! is ever sent instead.
 
+use std::rc::Rc;
+
 use super::delegated::Phase;
 use super::*;
 use crate::config::{OAuth2Provider, SigningKey, SigningService, VaultAuth};
@@ -55,7 +57,7 @@ impl<P: Proxy> Broker<P> {
         match self.acquire(loaded, owner, None, now, false) {
             Ok(Lookup::Ready(t)) => {
                 let used = Self::entry(loaded, owner, None).map(|(addr, _)| Used {
-                    addr,
+                    addr: Rc::new(addr),
                     id: t.id,
                     subject: None,
                 });

@@ -294,7 +294,7 @@ fn a_paused_request_resumes_with_the_token_once_its_key_moves() {
     assert_eq!(r.id, 7);
     assert_eq!(r.outcome.verdict, crate::request::Verdict::Allowed);
     assert!(r.outcome.edits.iter().any(|e| matches!(e,
-        crate::inject::Edit::Set { name, value } if name == "authorization" && value.expose() == "Bearer at-1")));
+        crate::inject::Edit::Set { name, value } if &**name == "authorization" && value.expose() == "Bearer at-1")));
     assert_eq!(r.used.len(), 1, "the token it carries, for an upstream 401");
     assert_eq!(b.paused(), 0);
     assert_eq!(b.wanted_tick_ms(), IDLE_MS);
@@ -1009,7 +1009,7 @@ fn a_token_copy_costs_one_generation_read_and_no_cache_read() {
     b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
     ready(b.resolve(&loaded, &[c], Who::default(), 3, true).unwrap());
     assert_eq!(
-        loaded.token_copy(c).map(|t| t.token),
+        loaded.token_copy(c).map(|t| t.cached.token.clone()),
         Some("at-1".to_string())
     );
     let before = b.proxy.gets.get();
@@ -1179,9 +1179,15 @@ fn the_tick_renews_copies_about_once_a_second_and_keeps_good_ones() {
     let stale = Cached::new("stale".into(), 99, 3_600_000, 0, &Policy::new(1000, 5000));
     loaded.set_token_copy(c, Some(stale));
     b.on_tick(Some(&loaded), 1_499);
-    assert_eq!(loaded.token_copy(c).map(|t| t.token), Some("stale".into()));
+    assert_eq!(
+        loaded.token_copy(c).map(|t| t.cached.token.clone()),
+        Some("stale".into())
+    );
     b.on_tick(Some(&loaded), 1_500);
-    assert_eq!(loaded.token_copy(c).map(|t| t.token), Some("at-1".into()));
+    assert_eq!(
+        loaded.token_copy(c).map(|t| t.cached.token.clone()),
+        Some("at-1".into())
+    );
     // Store copies (and ages) once a second.
     let store = b
         .proxy
