@@ -19,7 +19,7 @@ ISTIO_NODE_STAMP := tests/istio/node_modules/.package-lock.json
 CHECKER := target/debug/latchkey
 OCI_DIR := target/oci
 
-.PHONY: all setup build lint unit integration test run bench bench-quick bench-load clean check-tool oci fuzz \
+.PHONY: all setup build lint unit integration test run bench bench-quick bench-guest bench-load clean check-tool oci fuzz \
 	mutants mutants-diff soak
 
 all: build
@@ -131,6 +131,13 @@ bench: build $(BENCH_STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) \
 		|| { echo "make bench needs wrk (Debian package wrk)"; exit 1; }
 	$(VPY) bench/bench.py --wasm $(WASM)
+
+# The guest's own cost per request, without Envoy (issue #20): latchkey and the floors in
+# node's V8 behind a host written in JS, interleaved; for attributing and A/B-ing changes
+# in seconds (bench/guest.mjs says what it can and can't tell).
+bench-guest: build $(STAMP)
+	$(VPY) bench/quick.py --build-floor target/floor.wasm
+	node bench/guest.mjs --wasm $(WASM) --floor target/floor.wasm
 
 # Per-filter CPU cost in under 3 minutes (issue #10): one Envoy, one listener per variant,
 # load slices interleaved across variants; median and IQR per variant in bench/out/quick.json.

@@ -529,7 +529,12 @@ def main() -> int:
                     help="comma-separated variants to run (baselines are always kept)")
     ap.add_argument("--no-keep-awake", action="store_true",
                     help="no SCHED_IDLE busy loop on CPU 0 (an idle CPU makes the numbers swing)")
+    ap.add_argument("--build-floor", type=Path, metavar="OUT",
+                    help="only build bench/floor to OUT (for bench/guest.mjs) and exit")
     args = ap.parse_args()
+    if args.build_floor:
+        build_floor(args.build_floor)
+        return 0
 
     def terminated(signum, _frame):  # `timeout` / kill: still stop every process (finally below)
         raise SystemExit(128 + signum)
