@@ -221,6 +221,7 @@ pub fn plan_into<'a, S: Sent + ?Sized>(
     for name in &route.strip {
         remove_all(name, sent.names(), edits);
     }
+    edits.reserve(route.inject.len());
     let mut new_path: Option<Vec<u8>> = None;
     for (inj, cred) in route.inject.iter().zip(resolved) {
         match &inj.target {

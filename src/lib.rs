@@ -22,6 +22,7 @@ pub mod config;
 pub mod consent;
 pub mod credential;
 pub mod discovery;
+pub mod fnv;
 pub mod inject;
 pub mod pairs;
 pub mod path;

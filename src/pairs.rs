@@ -14,37 +14,29 @@ pub fn decode_with<'a, T>(
     bytes: &'a [u8],
     mut keep: impl FnMut(&'a [u8], &'a [u8]) -> Option<T>,
 ) -> Option<Vec<T>> {
-    let word = |at: usize| -> Option<usize> {
-        let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
-        Some(u32::from_le_bytes(b) as usize)
-    };
-    let count = word(0)?;
-    let header = count.checked_mul(8)?.checked_add(4)?;
-    if header > bytes.len() {
-        return None;
-    }
+    let (count, rest) = bytes.split_first_chunk::<4>()?;
+    let count = u32::from_le_bytes(*count) as usize;
+    let table = rest.get(..count.checked_mul(8)?)?;
+    let mut data = rest.get(table.len()..)?;
     let mut out = Vec::with_capacity(count);
-    let mut pos = header;
-    for n in 0..count {
-        let klen = word(4 + n * 8)?;
-        let vlen = word(8 + n * 8)?;
-        let key = bytes.get(pos..pos.checked_add(klen)?)?;
-        pos += klen;
-        if bytes.get(pos) != Some(&0) {
-            return None;
-        }
-        pos += 1;
-        let value = bytes.get(pos..pos.checked_add(vlen)?)?;
-        pos += vlen;
-        if bytes.get(pos) != Some(&0) {
-            return None;
-        }
-        pos += 1;
+    // Each item: its bytes, then a NUL; what is left after it.
+    let item = |data: &'a [u8], len: usize| -> Option<(&'a [u8], &'a [u8])> {
+        let (item, after) = data.split_at_checked(len)?;
+        let (&nul, after) = after.split_first()?;
+        (nul == 0).then_some((item, after))
+    };
+    for lengths in table.chunks_exact(8) {
+        let (klen, vlen) = lengths.split_at(4);
+        let klen = u32::from_le_bytes(klen.try_into().ok()?) as usize;
+        let vlen = u32::from_le_bytes(vlen.try_into().ok()?) as usize;
+        let (key, after) = item(data, klen)?;
+        let (value, after) = item(after, vlen)?;
+        data = after;
         if let Some(item) = keep(key, value) {
             out.push(item);
         }
     }
-    (pos == bytes.len()).then_some(out)
+    data.is_empty().then_some(out)
 }
 
 pub use decode as decode_pairs;
@@ -103,5 +95,22 @@ mod tests {
         assert_eq!(decode(&extra), None);
         // A count that would overflow the header size.
         assert_eq!(decode(&[0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0]), None);
+        // Every cut of a well-formed encoding, and every terminator made non-NUL.
+        let good = encode(&[(b":path", b"/a"), (b"x", b""), (b"", b"v")]);
+        for cut in 0..good.len() {
+            assert_eq!(decode(&good[..cut]), None, "cut {cut}");
+        }
+        let header = 4 + 3 * 8;
+        for (i, &b) in good.iter().enumerate().skip(header) {
+            if b == 0 {
+                let mut bad = good.clone();
+                bad[i] = b'x';
+                assert_eq!(decode(&bad), None, "NUL {i}");
+            }
+        }
+        // A length that runs past the end.
+        let mut long = encode(&[(b"k", b"v")]);
+        long[4] = 200;
+        assert_eq!(decode(&long), None);
     }
 }

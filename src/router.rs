@@ -15,33 +15,12 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 
-/// FNV-1a: the router's keys are the configuration's own strings, and a
-/// request only looks them up (never inserts), so no key a client sends can
-/// make a bucket grow; hashing a short path prefix this way costs a few
-/// instructions where SipHash costs a few dozen.
-#[derive(Default)]
-pub struct Fnv(u64);
+use crate::fnv::Fnv;
 
-impl Hasher for Fnv {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
-        for &b in bytes {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        self.0 = h;
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
+/// The router's keys are the configuration's own strings, and a request only
+/// looks them up (never inserts): no key a client sends can make a bucket grow.
 type Map = HashMap<String, Vec<usize>, BuildHasherDefault<Fnv>>;
 
 use crate::path::{analyze, PathError, Readings};

@@ -29,6 +29,7 @@ pub use crate::credential::slot::{Addr, Owner, StoreSlot, TokenSlot};
 use crate::credential::store::{self, HttpCall, StoreError};
 use crate::credential::token_request::{self, ClientCredential, GrantInput};
 use crate::credential::token_response::{self, FetchError};
+use crate::fnv::FnvMap;
 use crate::inject::Resolved;
 use crate::proxy::{HostFault, Level, Proxy};
 use crate::request::{self, Needed, Outcome};
@@ -248,7 +249,8 @@ pub struct Broker<P: Proxy> {
     inflight: HashMap<u32, Fetch>,
     waiters: BTreeMap<u32, Waiter>,
     /// Tokens each live request carried, for upstream-401 handling.
-    used: HashMap<u32, Vec<Used>>,
+    /// By Envoy's context id (FNV: the host numbers streams, no client does).
+    used: FnvMap<u32, Vec<Used>>,
     /// Consent callbacks and disconnects waiting to send their next call.
     jobs: Vec<delegated::Job>,
     /// Those whose call is in flight, by call id.
@@ -291,7 +293,7 @@ impl<P: Proxy> Broker<P> {
             last_copies_ms: 0,
             inflight: HashMap::new(),
             waiters: BTreeMap::new(),
-            used: HashMap::new(),
+            used: FnvMap::default(),
             jobs: Vec::new(),
             job_calls: HashMap::new(),
             jobs_done: Vec::new(),
