@@ -413,6 +413,7 @@ mod tests {
             needs_claims: true,
             binds_caller: false,
             per_user: false,
+            fixed: None,
         }
     }
 

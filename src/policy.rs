@@ -10,7 +10,8 @@
 //! help) and 403 when it did (it would not).
 
 use crate::claims::Identity;
-use crate::config::{Access, Config, Unmatched};
+use crate::config::{Access, Config, Credential, Fixed, SecretRef, Unmatched};
+use crate::secret::Secret;
 
 /// Whether `access` admits the caller (`None`: no claims).
 pub fn admits(access: &Access, id: Option<&Identity>) -> bool {
@@ -92,6 +93,32 @@ pub fn decide(config: &Config, route: Option<usize>, id: Option<&Identity>) -> D
         }
     }
     Decision::Allowed { route: ri, picks }
+}
+
+/// Route `route`'s [`Fixed`] plan, when every request on it is decided and
+/// served alike: no policy on it reads claims (so [`decide`] sees no identity,
+/// whoever calls), no connection it may use binds the caller (token exchange,
+/// per-user consent), the decision allows, and each picked connection holds a
+/// configured value rather than a token or a stored secret (which a cache
+/// serves). The request path then skips the decision and the broker: the same
+/// answer, made once.
+pub fn fixed(config: &Config, route: usize) -> Option<Fixed> {
+    let r = config.route(route)?;
+    if r.needs_claims || r.binds_caller || r.per_user {
+        return None;
+    }
+    let Decision::Allowed { picks, .. } = decide(config, Some(route), None) else {
+        return None;
+    };
+    let values = picks
+        .iter()
+        .map(|&c| match &config.connection(c)?.credential {
+            Credential::ApiKey(SecretRef::Value(v)) => Some(v.clone()),
+            Credential::ClientCertificate { cluster } => Some(Secret::new(cluster.as_str())),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(Fixed { picks, values })
 }
 
 #[cfg(test)]

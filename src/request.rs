@@ -297,7 +297,16 @@ pub fn start(
             }
         },
     };
-    let (route_i, picks) = match decide(config, route_index, identity.as_ref()) {
+    let fixed = route_index.zip(route.and_then(|r| r.fixed.as_ref()));
+    let decision = match fixed {
+        // Decided at load: the same for every request on this route.
+        Some((route, f)) => Decision::Allowed {
+            route,
+            picks: f.picks.clone(),
+        },
+        None => decide(config, route_index, identity.as_ref()),
+    };
+    let (route_i, picks) = match decision {
         Decision::UnmatchedAllowed => {
             return Ok(Step::Done(Outcome::new(
                 Verdict::UnmatchedAllowed,
@@ -703,6 +712,21 @@ pub fn finish<'a, S: Sent + ?Sized>(
         picks,
         ..Outcome::new(Verdict::Allowed, Some(route), edits)
     }
+}
+
+/// The credentials of a route with a [`crate::config::Fixed`] plan, one per
+/// inject entry, as the broker would resolve them (configured values, no
+/// prefix of their own): `None` for every other route.
+pub fn fixed_credentials(
+    config: &Config,
+    route: usize,
+) -> Option<impl Iterator<Item = Resolved<'_>>> {
+    let f = config.route(route)?.fixed.as_ref()?;
+    Some(f.values.iter().map(|secret| Resolved {
+        secret,
+        default_prefix: "",
+        with_default: None,
+    }))
 }
 
 /// No valid credential of `connection` in time: 503 with `retry-after`.

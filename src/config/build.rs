@@ -109,7 +109,7 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
             Some(lexical::route_path(d.req_str("path")?).map_err(|e| e.at(d.child("path")))?)
         }
     };
-    Ok(Config {
+    let mut config = Config {
         claims,
         stores: secrets.stores,
         providers,
@@ -127,7 +127,14 @@ pub fn build(text: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config
         token_stores,
         consent,
         issuer_claim,
-    })
+    };
+    let fixed: Vec<_> = (0..config.routes.len())
+        .map(|i| crate::policy::fixed(&config, i))
+        .collect();
+    for (route, fixed) in config.routes.iter_mut().zip(fixed) {
+        route.fixed = fixed;
+    }
+    Ok(config)
 }
 
 /// authorization_code connections need the `consent` section (their login and

@@ -501,6 +501,19 @@ pub struct Route {
     /// Whether a connection it may inject is a per-user consent: then the
     /// request needs to know who the caller is.
     pub per_user: bool,
+    /// The decision and credentials of every request on this route, when they
+    /// can't differ between requests ([`crate::policy::fixed`]); set once the
+    /// configuration is built.
+    pub fixed: Option<Fixed>,
+}
+
+/// What every request on a route gets when no claim, caller or cache plays a
+/// part: the connection per inject entry and its configured value (an API key,
+/// or a client certificate's cluster).
+#[derive(Debug)]
+pub struct Fixed {
+    pub picks: Vec<usize>,
+    pub values: Vec<Secret>,
 }
 
 /// The router reads a route's match, and nothing else of it.

@@ -119,6 +119,7 @@ pub fn read(
             inject,
             strip,
             drop_token_on_401,
+            fixed: None,
         });
     }
     Ok(routes)

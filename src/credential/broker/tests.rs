@@ -1393,3 +1393,89 @@ mod signing_tests;
 /// authenticated with a freshly signed assertion (SPEC v1.2).
 #[path = "consent_signing_tests.rs"]
 mod consent_signing_tests;
+
+/// Every route the request path serves from a [`crate::config::Fixed`] plan gets
+/// exactly what the decision and the broker would give it; every other route
+/// has no plan.
+#[test]
+fn a_fixed_plan_is_what_the_decision_and_the_broker_give() {
+    let v = json!({
+        "secrets": {
+            "k1": { "inline": "key-one" }, "k2": { "inline": "key-two" },
+            "cs": { "inline": "client-secret-1" },
+            "stored": { "vault": { "cluster": "vault", "url": "http://vault:8200", "mount": "secret",
+                                   "path": "p", "field": "key", "token": "cs" } }
+        },
+        "providers": {
+            "keys": { "type": "api_key" },
+            "mtls": { "type": "client_certificate" },
+            "idp": { "type": "oauth2", "cluster": "idp", "token_url": "https://idp.test/token",
+                     "client_id": "gw", "client_secret": "cs" }
+        },
+        "connections": {
+            "one": { "provider": "keys", "api_key": "k1", "access": { "public": true } },
+            "two": { "provider": "keys", "api_key": "k2", "access": { "public": true } },
+            "members": { "provider": "keys", "api_key": "k2", "access": { "groups": ["g"] } },
+            "closed": { "provider": "keys", "api_key": "k2", "access": { "users": ["nobody"] } },
+            "cert": { "provider": "mtls", "cluster": "partner_a", "access": { "public": true } },
+            "vaulted": { "provider": "keys", "api_key": "stored", "access": { "public": true } },
+            "token": { "provider": "idp", "grant": "client_credentials", "access": { "public": true } }
+        },
+        "routes": [
+            { "name": "header", "match": { "path_prefix": "/h" },
+              "inject": [ { "connections": ["one"], "header": "x-key", "prefix": "Key " },
+                          { "connections": ["two"], "query": "k" } ] },
+            { "name": "first_public", "match": { "path_prefix": "/f" },
+              "inject": [ { "connections": ["two", "one"], "header": "x-key" } ] },
+            { "name": "cert", "match": { "path_prefix": "/c" },
+              "inject": [ { "connections": ["cert"], "cluster_header": "x-latchkey-cluster" } ] },
+            { "name": "claims", "match": { "path_prefix": "/g" },
+              "inject": [ { "connections": ["members", "one"], "header": "x-key" } ] },
+            { "name": "denied", "match": { "path_prefix": "/d" },
+              "inject": [ { "connections": ["closed"], "header": "x-key" } ] },
+            { "name": "route_access", "match": { "path_prefix": "/r" }, "access": { "users": ["u"] },
+              "inject": [ { "connections": ["one"], "header": "x-key" } ] },
+            { "name": "stored", "match": { "path_prefix": "/s" },
+              "inject": [ { "connections": ["vaulted"], "header": "x-key" } ] },
+            { "name": "token", "match": { "path_prefix": "/t" },
+              "inject": [ { "connections": ["token"], "header": "authorization" } ] }
+        ]
+    });
+    let config = Config::parse(v.to_string().as_bytes(), &|_| None).unwrap();
+    let fake = Fake::default();
+    let loaded = Rc::new(Runtime::new(&fake, config, "test"));
+    let mut b = Broker::new(fake);
+    b.configured(&loaded);
+    let config = &loaded.config;
+    let planned: Vec<&str> = config
+        .routes
+        .iter()
+        .filter(|r| r.fixed.is_some())
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(planned, ["header", "first_public", "cert"]);
+    for (i, r) in config.routes.iter().enumerate() {
+        let Some(f) = &r.fixed else { continue };
+        let crate::policy::Decision::Allowed { picks, .. } =
+            crate::policy::decide(config, Some(i), None)
+        else {
+            panic!("{}: not allowed", r.name);
+        };
+        assert_eq!(f.picks, picks, "{}", r.name);
+        let creds = ready(b.resolve(&loaded, &picks, Who::default(), 1, true).unwrap());
+        let fixed: Vec<_> = crate::request::fixed_credentials(config, i)
+            .unwrap()
+            .collect();
+        assert_eq!(fixed.len(), creds.len(), "{}", r.name);
+        for (x, c) in fixed.iter().zip(&creds) {
+            assert_eq!(x.secret, &c.secret, "{}", r.name);
+            assert_eq!(x.default_prefix, c.default_prefix, "{}", r.name);
+            assert!(c.token.is_none() && c.with_default.is_none(), "{}", r.name);
+        }
+    }
+    assert!(crate::request::fixed_credentials(config, 3).is_none());
+    assert_eq!(
+        config.routes[1].fixed.as_ref().map(|f| f.picks.clone()),
+        Some(vec![conn(&loaded, "two")])
+    );
+}
