@@ -314,8 +314,12 @@ pub fn replace_header(map: Map, name: &str, value: &[u8]) -> HostResult<()> {
 
 /// Property path segments joined by NUL, with none after the last: Envoy uses
 /// the bytes as they are for `set_property` keys (`wasm.<path>`).
-fn property_path(path: &[&str]) -> Vec<u8> {
-    path.join("\0").into_bytes()
+fn property_path<'a>(path: &[&'a str]) -> std::borrow::Cow<'a, [u8]> {
+    match path {
+        // One segment (`metadata`, filter state): its bytes, no copy per request.
+        [one] => std::borrow::Cow::Borrowed(one.as_bytes()),
+        _ => std::borrow::Cow::Owned(path.join("\0").into_bytes()),
+    }
 }
 
 /// A property; `Ok(None)` when the host has none at that path.
@@ -410,7 +414,7 @@ mod tests {
 
     #[test]
     fn property_path_has_no_trailing_nul() {
-        assert_eq!(property_path(&["latchkey.route"]), b"latchkey.route");
-        assert_eq!(property_path(&["xds", "route_name"]), b"xds\0route_name");
+        assert_eq!(&*property_path(&["latchkey.route"]), b"latchkey.route");
+        assert_eq!(&*property_path(&["xds", "route_name"]), b"xds\0route_name");
     }
 }
