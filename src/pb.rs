@@ -365,6 +365,8 @@ enum Kind<'a> {
     List(Vec<String>),
 }
 
+// Equivalent mutant: `>` → `>=` in kind_of's depth check, as in decode_value's:
+// a Value always sits at an odd depth, so never at MAX_DEPTH (32) itself.
 fn kind_of(bytes: &[u8], depth: usize) -> Result<Kind<'_>, ()> {
     if depth > MAX_DEPTH {
         return Err(());

@@ -97,14 +97,15 @@ pub fn decide(config: &Config, route: Option<usize>, id: Option<&Identity>) -> D
 
 /// Route `route`'s [`Fixed`] plan, when every request on it is decided and
 /// served alike: no policy on it reads claims (so [`decide`] sees no identity,
-/// whoever calls), no connection it may use binds the caller (token exchange,
-/// per-user consent), the decision allows, and each picked connection holds a
+/// whoever calls), the decision allows, and each picked connection holds a
 /// configured value rather than a token or a stored secret (which a cache
-/// serves). The request path then skips the decision and the broker: the same
-/// answer, made once.
+/// serves). A connection that binds the caller (token exchange, per-user
+/// consent) serves tokens, so a route that may pick one never gets a plan.
+/// The request path then skips the decision and the broker: the same answer,
+/// made once.
 pub fn fixed(config: &Config, route: usize) -> Option<Fixed> {
     let r = config.route(route)?;
-    if r.needs_claims || r.binds_caller || r.per_user {
+    if r.needs_claims {
         return None;
     }
     let Decision::Allowed { picks, .. } = decide(config, Some(route), None) else {
