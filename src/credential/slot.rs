@@ -36,9 +36,10 @@ impl TokenSlot {
     /// exchange without a subject token.
     /// [`TokenSlot::addr`], shared: the one for the whole connection is made once.
     pub fn shared_addr(&self, connection: usize, subject: Option<&Secret>) -> Option<Rc<Addr>> {
-        match (&self.own_addr, self.per_caller) {
-            (Some(a), false) if a.owner == Owner::Connection(connection) => Some(a.clone()),
-            _ => self.addr(connection, subject).map(Rc::new),
+        match &self.own_addr {
+            // Made from this slot's connection; a per-caller slot has none.
+            Some(a) => Some(a.clone()),
+            None => self.addr(connection, subject).map(Rc::new),
         }
     }
 

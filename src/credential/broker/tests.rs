@@ -1479,3 +1479,28 @@ fn a_fixed_plan_is_what_the_decision_and_the_broker_give() {
         Some(vec![conn(&loaded, "two")])
     );
 }
+
+/// A stream that goes away (proxy_on_delete) leaves nothing behind: neither its
+/// paused request nor the tokens it carried; other streams keep theirs.
+#[test]
+fn a_stream_that_goes_away_leaves_no_waiter_and_no_used_token() {
+    let (mut b, loaded) = setup();
+    let c = conn(&loaded, "orders");
+    let _ = b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap();
+    b.dispatch_due(1);
+    let (id, _) = b.proxy.take_calls()[0].clone();
+    b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
+    let creds = ready(b.resolve(&loaded, &[c], Who::default(), 3, true).unwrap());
+    assert_eq!(EntryCredential::tokens(&creds).len(), 1);
+    b.record_used(7, EntryCredential::tokens(&creds));
+    b.record_used(8, EntryCredential::tokens(&creds));
+    b.wait(9, waiter(&loaded, c, 10_000, vec![]));
+    b.wait(10, waiter(&loaded, c, 10_000, vec![]));
+    assert_eq!(b.paused(), 2);
+    b.forget(9);
+    b.forget(7);
+    assert_eq!(b.paused(), 1);
+    assert!(b.take_used(7).is_empty());
+    assert_eq!(b.take_used(8).len(), 1);
+    assert!(b.take_used(8).is_empty());
+}
