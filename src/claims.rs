@@ -323,6 +323,25 @@ mod tests {
         assert_eq!(id.claim(5), Some(&ClaimValue::Object));
         assert_eq!(id.claim(6), Some(&ClaimValue::Scalar("acme".into())));
         assert_eq!(id.claim(7), None);
+        // Without a binding asked for, none is read; with one, the same values
+        // and the token's binding claims.
+        assert_eq!(id.binding(), None);
+        let md = metadata(serde_json::json!({
+            "iss": "https://idp", "sub": "alice", "exp": 2000000000, "iat": 1, "jti": "j1",
+            "groups": ["billing"]
+        }));
+        let p = paths(&["sub", "groups"]);
+        let plain = Identity::from_metadata(&md, "payload", &p, false)
+            .unwrap()
+            .unwrap();
+        let bound = Identity::from_metadata(&md, "payload", &p, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(plain.values, bound.values);
+        assert_eq!(plain.binding(), None);
+        let b = bound.binding().expect("a binding");
+        assert_eq!(b.issuer(), Some("https://idp"));
+        assert!(!b.is_empty());
         // No JWT on the request; another key; a broken message.
         assert_eq!(
             Identity::from_metadata(b"", "payload", &paths(&["sub"]), false),
