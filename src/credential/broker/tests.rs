@@ -183,6 +183,20 @@ fn ready(r: Resolution) -> Vec<EntryCredential> {
     }
 }
 
+/// Connection "orders" with its first token ("at-1") fetched (asked at 0 ms, sent
+/// at 1, answered at 2) and resolved at 3 ms: the connection and its credentials.
+fn orders_with_token(b: &mut Broker<Fake>, loaded: &Rc<Runtime>) -> (usize, Vec<EntryCredential>) {
+    let c = conn(loaded, "orders");
+    let _ = b.resolve(loaded, &[c], Who::default(), 0, true).unwrap();
+    b.dispatch_due(1);
+    let (id, _) = b.proxy.take_calls()[0].clone();
+    b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
+    (
+        c,
+        ready(b.resolve(loaded, &[c], Who::default(), 3, true).unwrap()),
+    )
+}
+
 fn waits(r: &Resolution) -> bool {
     matches!(r, Resolution::Wait { .. })
 }
@@ -685,12 +699,7 @@ fn token_exchange_is_cached_per_subject_and_sends_the_subject_token() {
 #[test]
 fn a_token_copy_serves_without_shared_reads_until_a_worker_replaces_it() {
     let (mut b, loaded) = setup();
-    let c = conn(&loaded, "orders");
-    let _ = b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap();
-    b.dispatch_due(1);
-    let (id, _) = b.proxy.take_calls()[0].clone();
-    b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
-    ready(b.resolve(&loaded, &[c], Who::default(), 3, true).unwrap());
+    let (c, _) = orders_with_token(&mut b, &loaded);
     assert!(loaded.has_token_copy(c));
     // Another worker's write of the generation drops this VM's copies.
     b.proxy.shared_set(COPY_GENERATION, b"", 0).unwrap();
@@ -954,12 +963,7 @@ fn a_young_token_is_not_refreshed_on_a_401_and_a_gone_request_is_forgotten() {
     }
     let loaded = Rc::new(Runtime::new(&fake, cfg, "test"));
     let mut b = Broker::new(fake);
-    let c = conn(&loaded, "orders");
-    let _ = b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap();
-    b.dispatch_due(1);
-    let (id, _) = b.proxy.take_calls()[0].clone();
-    b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
-    let creds = ready(b.resolve(&loaded, &[c], Who::default(), 3, true).unwrap());
+    let (_, creds) = orders_with_token(&mut b, &loaded);
     b.record_used(5, EntryCredential::tokens(&creds));
     let used = b.take_used(5);
     assert_eq!(used.len(), 1);
@@ -1002,12 +1006,7 @@ fn a_young_token_is_not_refreshed_on_a_401_and_a_gone_request_is_forgotten() {
 #[test]
 fn a_token_copy_costs_one_generation_read_and_no_cache_read() {
     let (mut b, loaded) = setup();
-    let c = conn(&loaded, "orders");
-    let _ = b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap();
-    b.dispatch_due(1);
-    let (id, _) = b.proxy.take_calls()[0].clone();
-    b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
-    ready(b.resolve(&loaded, &[c], Who::default(), 3, true).unwrap());
+    let (c, _) = orders_with_token(&mut b, &loaded);
     assert_eq!(
         loaded.token_copy(c).map(|t| t.cached.token.clone()),
         Some("at-1".to_string())
@@ -1164,12 +1163,7 @@ fn every_request_stat_has_its_documented_name() {
 fn the_tick_renews_copies_about_once_a_second_and_keeps_good_ones() {
     let (mut b, loaded) = setup();
     b.prefetch_due = false;
-    let c = conn(&loaded, "orders");
-    let _ = b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap();
-    b.dispatch_due(1);
-    let (id, _) = b.proxy.take_calls()[0].clone();
-    b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
-    ready(b.resolve(&loaded, &[c], Who::default(), 3, true).unwrap());
+    let (c, _) = orders_with_token(&mut b, &loaded);
     // A token good for an hour: the tick keeps the copy.
     b.last_copies_ms = 0;
     b.on_tick(Some(&loaded), 1_000);
@@ -1485,12 +1479,7 @@ fn a_fixed_plan_is_what_the_decision_and_the_broker_give() {
 #[test]
 fn a_stream_that_goes_away_leaves_no_waiter_and_no_used_token() {
     let (mut b, loaded) = setup();
-    let c = conn(&loaded, "orders");
-    let _ = b.resolve(&loaded, &[c], Who::default(), 0, true).unwrap();
-    b.dispatch_due(1);
-    let (id, _) = b.proxy.take_calls()[0].clone();
-    b.on_answer(id, Some(200), Some(token_answer("at-1", json!({}))), 2);
-    let creds = ready(b.resolve(&loaded, &[c], Who::default(), 3, true).unwrap());
+    let (c, creds) = orders_with_token(&mut b, &loaded);
     assert_eq!(EntryCredential::tokens(&creds).len(), 1);
     b.record_used(7, EntryCredential::tokens(&creds));
     b.record_used(8, EntryCredential::tokens(&creds));
