@@ -244,6 +244,7 @@ def config_load_ms(envoy: Envoy) -> float:
 
 
 def per_request(wasm: Path, work: Path, rounds: int, seconds: float, upstream_port: int) -> list[dict]:
+    from quick import build_floor  # quick.py imports this module: import it late
     signer = Signer()
     token = signer.token({"sub": "bench", "groups": ["bench"]}, exp_in=24 * 3600)
     jwt = jwt_authn_filter(signer.jwks())
@@ -260,6 +261,9 @@ def per_request(wasm: Path, work: Path, rounds: int, seconds: float, upstream_po
          "/bench?q=1&api_key=client", "a"),
         ("f", "jwt_authn + latchkey: claims check + cached OAuth token",
          [jwt, latchkey(wasm, oauth_plugin(idp.port, {"groups": ["bench"]}))], bearer, "/bench", "a'"),
+        # What any proxy-wasm filter doing d's host work reaches (issue #20): d's ceiling.
+        ("g", "floor: wasm filter reading the header map, setting one header (bench/floor)",
+         [wasm_filter(build_floor(work / "floor.wasm"), "header", {})], [], "/bench", "a"),
     ]
     configs = {key: bootstrap(free_port(), free_port(), filters, clusters=clusters,
                               secrets=[static_secret("api-key", API_KEY)])
