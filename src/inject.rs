@@ -232,6 +232,9 @@ pub fn plan_into<'a, S: Sent + ?Sized>(
                         push_remove(edits, &sent_name.to_ascii_lowercase());
                     }
                 }
+                // Equivalent mutant: deleting the first arm. `with_default` is
+                // the default prefix and the secret, made ahead: the second arm
+                // builds the same value, only not shared.
                 let value = match (prefix, cred.with_default) {
                     (None, Some(made)) => made.clone(),
                     _ => prefixed(
@@ -539,6 +542,41 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// The glue passes the request's header pairs, a resumed request its saved
+    /// names: both read as the plain list of names does.
+    #[test]
+    fn sent_names_read_alike_from_pairs_names_and_saved_strings() {
+        let r = route(
+            vec![(
+                Target::Header {
+                    name: "x-api-key".into(),
+                    prefix: None,
+                },
+                "",
+            )],
+            &["cookie"],
+        );
+        let key = Secret::new("k");
+        let res = [Resolved {
+            secret: &key,
+            default_prefix: "",
+            with_default: None,
+        }];
+        let pairs: Vec<(&str, &[u8])> =
+            vec![("x_api_key", b"evil"), ("cookie", b"c"), ("host", b"h")];
+        let names: Vec<&str> = pairs.iter().map(|(k, _)| *k).collect();
+        let saved: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let by_names = plan(&r, &res, &names, b"/");
+        assert!(by_names.contains(&Edit::Remove("x_api_key".into())));
+        assert!(by_names.contains(&Edit::Remove("cookie".into())));
+        let mut from_pairs = Vec::new();
+        plan_into(&r, res.iter().copied(), &pairs[..], b"/", &mut from_pairs);
+        assert_eq!(from_pairs, by_names);
+        let mut from_saved = Vec::new();
+        plan_into(&r, res.iter().copied(), &saved[..], b"/", &mut from_saved);
+        assert_eq!(from_saved, by_names);
     }
 
     #[test]
