@@ -35,5 +35,6 @@ pub mod router;
 pub mod runtime;
 pub mod secret;
 pub mod stats;
+pub mod text;
 
 pub mod filter;

@@ -199,7 +199,7 @@ fn struct_in(value: &[u8]) -> Result<Option<&[u8]>, ()> {
             (1, Data::Varint(_)) | (2, Data::Fixed64(_)) | (4, Data::Varint(_)) => None,
             (6, Data::Bytes(_)) => None,
             (3, Data::Bytes(s)) => {
-                std::str::from_utf8(s).map_err(|_| ())?;
+                crate::text::utf8(s).ok_or(())?;
                 None
             }
             (1..=6, _) => return Err(()),
@@ -320,7 +320,7 @@ fn decode_struct(bytes: &[u8], depth: usize) -> Result<Value, ()> {
         match field? {
             (1, Data::Bytes(entry)) => {
                 let (k, v) = map_entry(entry)?;
-                let key = std::str::from_utf8(k).map_err(|_| ())?.to_string();
+                let key = crate::text::utf8(k).ok_or(())?.to_string();
                 let value = decode_value(v.unwrap_or_default(), depth + 1)?;
                 out.insert(key, value);
             }
@@ -341,7 +341,7 @@ fn decode_value(bytes: &[u8], depth: usize) -> Result<Value, ()> {
         out = match field? {
             (1, Data::Varint(_)) => Value::Null,
             (2, Data::Fixed64(b)) => number(f64::from_le_bytes(b)),
-            (3, Data::Bytes(s)) => Value::String(std::str::from_utf8(s).map_err(|_| ())?.into()),
+            (3, Data::Bytes(s)) => Value::String(crate::text::utf8(s).ok_or(())?.into()),
             (4, Data::Varint(b)) => Value::Bool(b != 0),
             (5, Data::Bytes(s)) => decode_struct(s, depth + 1)?,
             (6, Data::Bytes(l)) => decode_list(l, depth + 1)?,
@@ -376,7 +376,7 @@ fn kind_of(bytes: &[u8], depth: usize) -> Result<Kind<'_>, ()> {
         out = match field? {
             (1, Data::Varint(_)) => Kind::Null,
             (2, Data::Fixed64(b)) => Kind::Number(f64::from_le_bytes(b)),
-            (3, Data::Bytes(s)) => Kind::Text(std::str::from_utf8(s).map_err(|_| ())?),
+            (3, Data::Bytes(s)) => Kind::Text(crate::text::utf8(s).ok_or(())?),
             (4, Data::Varint(b)) => Kind::Bool(b != 0),
             (5, Data::Bytes(s)) => {
                 decode_struct(s, depth + 1)?;

@@ -225,11 +225,7 @@ pub fn start(
     lazy: &mut impl Lazy,
 ) -> Result<Step, HostFault> {
     let get = |name: &str| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
-    let text = |name: &str| {
-        get(name)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .unwrap_or("")
-    };
+    let text = |name: &str| get(name).and_then(crate::text::utf8).unwrap_or("");
     let full_path = get(":path").unwrap_or(b"/");
     let path_only = full_path.split(|&b| b == b'?').next().unwrap_or_default();
     let method = text(":method");

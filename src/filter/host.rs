@@ -260,8 +260,7 @@ impl HeaderPairs {
         if self.0.is_empty() {
             return Ok(Vec::new());
         }
-        pairs::decode_with(&self.0, |k, v| std::str::from_utf8(k).ok().map(|k| (k, v)))
-            .ok_or(HostError(3))
+        pairs::decode_with(&self.0, |k, v| Some((crate::text::utf8(k)?, v))).ok_or(HostError(3))
     }
 
     pub fn get(&self, name: &str) -> Option<&[u8]> {
