@@ -115,17 +115,14 @@ pub fn names_param(segment: &[u8], name: &str) -> bool {
         Some(i) => segment.get(..i).unwrap_or(segment),
         None => segment,
     };
-    let decoded = decode(raw);
-    let name = name.as_bytes();
-    let Some(head) = decoded.get(..name.len()) else {
-        return false;
-    };
-    let rest = decoded.get(name.len()..).unwrap_or_default();
-    let same = head
-        .iter()
-        .zip(name)
-        .all(|(&a, &b)| param_fold(a) == param_fold(b));
-    same && (rest.is_empty() || rest.first() == Some(&b'['))
+    // Decoded as it is compared: no copy per query parameter.
+    let mut decoded = Decoded { raw, at: 0 };
+    let same = name.as_bytes().iter().all(|&n| {
+        decoded
+            .next()
+            .is_some_and(|d| param_fold(d) == param_fold(n))
+    });
+    same && matches!(decoded.next(), None | Some(b'['))
 }
 
 fn param_fold(b: u8) -> u8 {
@@ -135,43 +132,59 @@ fn param_fold(b: u8) -> u8 {
     }
 }
 
-/// Percent-decoding with `+` as space; invalid escapes stay as they are.
-fn decode(raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while let Some(&b) = raw.get(i) {
-        match b {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = raw
-                    .get(i + 1)
-                    .and_then(|h| hex_val(*h))
-                    .zip(raw.get(i + 2).and_then(|l| hex_val(*l)));
-                if let Some((h, l)) = hex {
-                    out.push(h << 4 | l);
-                    i += 3;
-                    continue;
-                }
-                out.push(b'%');
-            }
-            _ => out.push(b),
-        }
-        i += 1;
-    }
-    out
+/// Percent-decoding with `+` as space, byte by byte; invalid escapes stay as
+/// they are.
+struct Decoded<'a> {
+    raw: &'a [u8],
+    at: usize,
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters.
+impl Iterator for Decoded<'_> {
+    type Item = u8;
+
+    fn next(&mut self) -> Option<u8> {
+        let b = *self.raw.get(self.at)?;
+        self.at += 1;
+        Some(match b {
+            b'+' => b' ',
+            b'%' => {
+                let hex = self.raw.get(self.at).and_then(|h| hex_val(*h));
+                let lo = self.raw.get(self.at + 1).and_then(|l| hex_val(*l));
+                match (hex, lo) {
+                    (Some(h), Some(l)) => {
+                        self.at += 2;
+                        h << 4 | l
+                    }
+                    _ => b'%',
+                }
+            }
+            b => b,
+        })
+    }
+}
+
+#[cfg(test)]
+fn decode(raw: &[u8]) -> Vec<u8> {
+    Decoded { raw, at: 0 }.collect()
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters (runs of
+/// those copied whole: a key or token usually is one).
 fn encode_into(out: &mut Vec<u8>, raw: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for &b in raw {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b);
-        } else {
-            out.push(b'%');
-            out.push(HEX.get(usize::from(b >> 4)).copied().unwrap_or(b'0'));
-            out.push(HEX.get(usize::from(b & 15)).copied().unwrap_or(b'0'));
-        }
+    let unreserved = |b: &u8| b.is_ascii_alphanumeric() || b"-._~".contains(b);
+    let mut rest = raw;
+    loop {
+        let run = rest.iter().take_while(|b| unreserved(b)).count();
+        let (plain, tail) = rest.split_at_checked(run).unwrap_or((rest, &[]));
+        out.extend_from_slice(plain);
+        let Some((&b, tail)) = tail.split_first() else {
+            return;
+        };
+        out.push(b'%');
+        out.push(HEX.get(usize::from(b >> 4)).copied().unwrap_or(b'0'));
+        out.push(HEX.get(usize::from(b & 15)).copied().unwrap_or(b'0'));
+        rest = tail;
     }
 }
 
