@@ -216,19 +216,47 @@ pub enum Step {
     Consent(Task),
 }
 
+/// The pseudo-headers the request path reads (the first of each), found in one
+/// pass over the headers.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Pseudo<'a> {
+    path: Option<&'a [u8]>,
+    method: Option<&'a [u8]>,
+    authority: Option<&'a [u8]>,
+}
+
+impl<'a> Pseudo<'a> {
+    fn of(headers: &[(&str, &'a [u8])]) -> Self {
+        let mut p = Pseudo::default();
+        for &(k, v) in headers {
+            let slot = match k {
+                ":path" => &mut p.path,
+                ":method" => &mut p.method,
+                ":authority" => &mut p.authority,
+                _ => continue,
+            };
+            slot.get_or_insert(v);
+            if p.path.is_some() && p.method.is_some() && p.authority.is_some() {
+                break;
+            }
+        }
+        p
+    }
+}
+
 /// The request's first look: from its headers (`(name, value)` as Envoy holds
 /// them), and on demand the route name and metadata.
-pub fn start(
+pub fn start<'h>(
     config: &Config,
     discovery: Option<&Index>,
-    headers: &[(&str, &[u8])],
+    headers: &[(&str, &'h [u8])],
     lazy: &mut impl Lazy,
 ) -> Result<Step, HostFault> {
-    let get = |name: &str| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
-    let text = |name: &str| get(name).and_then(crate::text::utf8).unwrap_or("");
-    let full_path = get(":path").unwrap_or(b"/");
+    let pseudo = Pseudo::of(headers);
+    let full_path = pseudo.path.unwrap_or(b"/");
     let path_only = full_path.split(|&b| b == b'?').next().unwrap_or_default();
-    let method = text(":method");
+    let text = |v: Option<&'h [u8]>| -> &'h str { v.and_then(crate::text::utf8).unwrap_or("") };
+    let method = text(pseudo.method);
     if let (Some(dp), Some(index)) = (&config.discovery, discovery) {
         if (method == "GET" || method == "HEAD") && path_only == dp.as_bytes() {
             return answer_discovery(config, index, headers, lazy);
@@ -250,7 +278,7 @@ pub fn start(
     };
     let info = RequestInfo {
         route_name: route_name.as_deref(),
-        host: text(":authority"),
+        host: text(pseudo.authority),
         path: "",
         method,
     };

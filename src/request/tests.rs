@@ -1587,3 +1587,35 @@ fn a_route_that_may_exchange_or_key_by_caller_asks_only_when_its_pick_does() {
     ));
     assert_eq!(o.verdict, Verdict::DeniedUnauthenticated);
 }
+
+#[test]
+fn pseudo_headers_are_the_first_of_each_found_in_one_pass() {
+    let headers: Vec<(&str, &[u8])> = vec![
+        ("x-path", b"/not"),
+        (":method", b"GET"),
+        (":path", b"/a"),
+        (":method", b"POST"),
+        (":authority", b"api.test"),
+        (":path", b"/b"),
+    ];
+    assert_eq!(
+        Pseudo::of(&headers),
+        Pseudo {
+            path: Some(b"/a"),
+            method: Some(b"GET"),
+            authority: Some(b"api.test"),
+        }
+    );
+    // Whatever is missing stays missing; the rest is still found.
+    let headers: Vec<(&str, &[u8])> =
+        vec![(":authority", b"h"), ("accept", b"*/*"), (":path", b"/p")];
+    assert_eq!(
+        Pseudo::of(&headers),
+        Pseudo {
+            path: Some(b"/p"),
+            method: None,
+            authority: Some(b"h"),
+        }
+    );
+    assert_eq!(Pseudo::of(&[]), Pseudo::default());
+}
