@@ -153,6 +153,7 @@ impl Iterator for Decoded<'_> {
                 match (hex, lo) {
                     (Some(h), Some(l)) => {
                         self.at += 2;
+                        // Equivalent mutant: `^` or `+` for `|` (no low bits in `h << 4`).
                         h << 4 | l
                     }
                     _ => b'%',
@@ -163,9 +164,11 @@ impl Iterator for Decoded<'_> {
     }
 }
 
+/// The whole decoding (never longer than `raw`: bounded so that a broken
+/// iterator fails the tests rather than running on).
 #[cfg(test)]
 fn decode(raw: &[u8]) -> Vec<u8> {
-    Decoded { raw, at: 0 }.collect()
+    Decoded { raw, at: 0 }.take(raw.len() + 1).collect()
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters (runs of
