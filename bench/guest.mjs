@@ -12,12 +12,18 @@
 //
 //   node bench/guest.mjs --wasm latchkey.wasm --floor floor.wasm [--compare old.wasm]
 //        [--rounds 15] [--requests 20000] [--only header,query,oauth] [--profile]
-//        [--cold KIB]
+//        [--cold KIB] [--copies N]
 //
 // --cold KIB: before each stream, touch KIB of other memory and time the stream
 // alone: the caches as Envoy's own work between two requests leaves them (2048
 // evicts this machine's L2). Slower, noisier; what a change does to the memory a
 // request touches shows here and not in the hot loop.
+//
+// --copies N: N plugins of the same configuration in one VM, each stream through
+// all of them as a filter chain (request headers in order, response headers in
+// reverse), as `make bench-quick` runs 8 copies; figures are per copy. With
+// --cold, code and stack stay warm across the chain while each copy's
+// configuration is its own, as in Envoy.
 //
 // --profile: one variant's loop only (run under `node --cpu-prof` with an
 // unstripped module for names).
@@ -210,18 +216,38 @@ class Host {
     x.proxy_on_context_create(1, 0);
     if (x.proxy_on_vm_start && !x.proxy_on_vm_start(1, 0)) throw new Error('vm_start refused');
     if (!x.proxy_on_configure(1, this.plugin.length)) throw new Error('configure refused');
-    this.next = 2;
+    // --copies: more plugins of the same configuration in this VM, as Envoy's bench
+    // chain has (each its own root context and configuration).
+    this.roots = [1];
+    for (let r = 2; r <= Number(args.copies || 1); r++) {
+      x.proxy_on_context_create(r, 0);
+      if (!x.proxy_on_configure(r, this.plugin.length)) throw new Error('configure refused');
+      this.roots.push(r);
+    }
+    this.next = this.roots.length + 1;
     return this;
   }
   // One stream, as Envoy drives it.
   stream() {
     const x = this.x;
+    if (this.roots.length > 1) return this.chain();
     const id = this.next++;
     x.proxy_on_context_create(id, 1);
     const a = x.proxy_on_request_headers(id, this.request.length, 1);
     if (x.proxy_on_response_headers) x.proxy_on_response_headers(id, 2, 1);
     if (x.proxy_on_done) x.proxy_on_done(id);
     x.proxy_on_delete(id);
+    return a;
+  }
+  // One stream through every plugin, as a filter chain: request headers in
+  // order, response headers in reverse. The first action that isn't 0 is returned.
+  chain() {
+    const x = this.x;
+    const ids = this.roots.map((root) => { const id = this.next++; x.proxy_on_context_create(id, root); return id; });
+    let a = 0;
+    for (const id of ids) { const r = x.proxy_on_request_headers(id, this.request.length, 1); if (r !== 0 && a === 0) a = r; }
+    if (x.proxy_on_response_headers) for (let i = ids.length - 1; i >= 0; i--) x.proxy_on_response_headers(ids[i], 2, 1);
+    for (const id of ids) x.proxy_on_delete(id);
     return a;
   }
   // Answer every pending call with `body` (a token server's answer).
@@ -306,6 +332,7 @@ for (const kind of kinds) {
 for (const v of variants) check(v.h, v.name);
 
 const N = Number(args.requests);
+const COPIES = Number(args.copies || 1);
 // --cold: see the top.
 const cold = args.cold ? new Uint8Array(Number(args.cold) * 1024) : null;
 let sink = 0;
@@ -330,18 +357,18 @@ for (let r = 0; r < Number(args.rounds); r++) {
         v.h.stream();
         t += process.hrtime.bigint() - t0;
       }
-      per[v.name].push(Number(t) / N);
+      per[v.name].push(Number(t) / N / COPIES);
       continue;
     }
     const t0 = process.hrtime.bigint();
     for (let i = 0; i < N; i++) v.h.stream();
-    per[v.name].push(Number(process.hrtime.bigint() - t0) / N);
+    per[v.name].push(Number(process.hrtime.bigint() - t0) / N / COPIES);
   }
 }
 const median = (xs) => { const s = [...xs].sort((a, b) => a - b); const m = s.length >> 1; return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2; };
 const q = (xs, f) => { const s = [...xs].sort((a, b) => a - b); return s[Math.min(s.length - 1, Math.floor(f * s.length))]; };
 const fmt = (x) => x.toFixed(0).padStart(6);
-console.log(`${Number(args.rounds)} rounds x ${N} requests; ns per request (median [IQR]); paired differences per round`);
+console.log(`${Number(args.rounds)} rounds x ${N} requests${COPIES > 1 ? ` through ${COPIES} copies` : ''}; ns per request (median [IQR]); paired differences per round`);
 for (const v of variants) {
   const xs = per[v.name];
   let line = `${v.name.padEnd(22)} ${fmt(median(xs))} [${fmt(q(xs, 0.25))},${fmt(q(xs, 0.75))}]`;
