@@ -135,9 +135,10 @@ bench: build $(BENCH_STAMP)
 # The guest's own cost per request, without Envoy (issue #20): latchkey and the floors in
 # node's V8 behind a host written in JS, interleaved; for attributing and A/B-ing changes
 # in seconds (bench/guest.mjs says what it can and can't tell).
+GUEST_ARGS ?=
 bench-guest: build $(STAMP)
 	$(VPY) bench/quick.py --build-floor target/floor.wasm
-	node bench/guest.mjs --wasm $(WASM) --floor target/floor.wasm
+	node bench/guest.mjs --wasm $(WASM) --floor target/floor.wasm $(GUEST_ARGS)
 
 # Per-filter CPU cost in under 3 minutes (issue #10): one Envoy, one listener per variant,
 # load slices interleaved across variants; median and IQR per variant in bench/out/quick.json.
