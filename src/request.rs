@@ -321,16 +321,26 @@ pub fn start<'h>(
             }
         },
     };
-    let fixed = route_index.zip(route.and_then(|r| r.fixed.as_ref()));
-    let decision = match fixed {
-        // Decided at load: the same for every request on this route.
-        Some((route, f)) => Decision::Allowed {
+    if let Some((route, f)) = route_index.zip(route.and_then(|r| r.fixed.as_ref())) {
+        // Decided and served at load, the same for every request on this route:
+        // no decision to make, nothing for the broker to look up.
+        let needed = Needed {
             route,
             picks: f.picks.clone(),
-        },
-        None => decide(config, route_index, identity.as_ref()),
-    };
-    let (route_i, picks) = match decision {
+            subject: None,
+            caller: None,
+            edits,
+        };
+        let values = f.values.iter().map(|secret| Resolved {
+            secret,
+            default_prefix: "",
+            with_default: None,
+        });
+        return Ok(Step::Done(finish(
+            config, needed, values, headers, full_path,
+        )));
+    }
+    let (route_i, picks) = match decide(config, route_index, identity.as_ref()) {
         Decision::UnmatchedAllowed => {
             return Ok(Step::Done(Outcome::new(
                 Verdict::UnmatchedAllowed,
@@ -736,21 +746,6 @@ pub fn finish<'a, S: Sent + ?Sized>(
         picks,
         ..Outcome::new(Verdict::Allowed, Some(route), edits)
     }
-}
-
-/// The credentials of a route with a [`crate::config::Fixed`] plan, one per
-/// inject entry, as the broker would resolve them (configured values, no
-/// prefix of their own): `None` for every other route.
-pub fn fixed_credentials(
-    config: &Config,
-    route: usize,
-) -> Option<impl Iterator<Item = Resolved<'_>>> {
-    let f = config.route(route)?.fixed.as_ref()?;
-    Some(f.values.iter().map(|secret| Resolved {
-        secret,
-        default_prefix: "",
-        with_default: None,
-    }))
 }
 
 /// No valid credential of `connection` in time: 503 with `retry-after`.

@@ -465,11 +465,6 @@ fn handle_request(
         .iter()
         .find(|(k, _)| *k == ":path")
         .map_or(&b"/"[..], |(_, v)| *v);
-    if let Some(values) = request::fixed_credentials(config, needed.route) {
-        // Configured values only: nothing for the broker to look up.
-        let outcome = request::finish(config, needed, values, &pairs[..], path);
-        return apply(state, &outcome);
-    }
     // The clock is a host call: read only for what this VM holds no copy of.
     let mut clock = || host::now_ms();
     match broker.resolve_with(state, &needed.picks, Who::of(&needed), &mut clock, true)? {

@@ -301,13 +301,21 @@ fn unmatched_allow_forwards_with_only_the_removals() {
     assert_eq!(o.verdict, Verdict::UnmatchedAllowed);
     assert!(o.reply.is_none() && o.route.is_none());
     assert!(removed(&o.edits, "x-jwt-payload"));
-    // Public-only route: claims are never read, even malformed ones.
-    let n = needs(run(
+    // Public-only route with a configured key: claims are never read, even
+    // malformed ones, and the request is answered at once (its fixed plan).
+    let o = done(run(
         &c,
         &get("/weather/today", &[("x-jwt-payload", "%%%")]),
         &mut host,
     ));
-    assert_eq!(c.route(n.route).unwrap().name, "weather");
+    assert_eq!(o.verdict, Verdict::Allowed);
+    assert_eq!(c.route(o.route.unwrap()).unwrap().name, "weather");
+    assert!(removed(&o.edits, "x-jwt-payload"));
+    assert!(o
+        .edits
+        .iter()
+        .any(|e| matches!(e, Edit::Set { .. } | Edit::SetPath(_))));
+    assert_eq!(host.metadata_reads, 0);
 }
 
 #[test]

@@ -1448,6 +1448,22 @@ fn a_fixed_plan_is_what_the_decision_and_the_broker_give() {
         .map(|r| r.name.as_str())
         .collect();
     assert_eq!(planned, ["header", "first_public", "cert"]);
+    /// A fixed route reads nothing lazily (no route name, no claims).
+    struct NoReads;
+    impl crate::request::Lazy for NoReads {
+        fn route_name(&mut self) -> Result<Option<Vec<u8>>, HostFault> {
+            panic!("route name read")
+        }
+        fn metadata(&mut self) -> Result<Option<Vec<u8>>, HostFault> {
+            panic!("metadata read")
+        }
+        fn now_ms(&mut self) -> Result<u64, HostFault> {
+            panic!("clock read")
+        }
+        fn random(&mut self) -> u64 {
+            0
+        }
+    }
     for (i, r) in config.routes.iter().enumerate() {
         let Some(f) = &r.fixed else { continue };
         let crate::policy::Decision::Allowed { picks, .. } =
@@ -1456,18 +1472,49 @@ fn a_fixed_plan_is_what_the_decision_and_the_broker_give() {
             panic!("{}: not allowed", r.name);
         };
         assert_eq!(f.picks, picks, "{}", r.name);
+        // What start() answers at once is what the decision, the broker and
+        // finish() make of the same request: the same edits, verdict and picks.
+        let path = format!("/{}x?k=evil&z=1", &r.name[..1]);
+        let headers: Vec<(&str, &[u8])> = vec![
+            (":method", b"GET"),
+            (":path", path.as_bytes()),
+            (":authority", b"api.test"),
+            ("x_key", b"client"),
+            ("x-latchkey-cluster", b"chosen-by-client"),
+        ];
+        let crate::request::Step::Done(fast) =
+            crate::request::start(config, None, &headers, &mut NoReads).unwrap()
+        else {
+            panic!("{}: not answered at once", r.name);
+        };
         let creds = ready(b.resolve(&loaded, &picks, Who::default(), 1, true).unwrap());
-        let fixed: Vec<_> = crate::request::fixed_credentials(config, i)
-            .unwrap()
-            .collect();
-        assert_eq!(fixed.len(), creds.len(), "{}", r.name);
-        for (x, c) in fixed.iter().zip(&creds) {
-            assert_eq!(x.secret, &c.secret, "{}", r.name);
-            assert_eq!(x.default_prefix, c.default_prefix, "{}", r.name);
-            assert!(c.token.is_none() && c.with_default.is_none(), "{}", r.name);
+        assert!(creds
+            .iter()
+            .all(|c| c.token.is_none() && c.with_default.is_none()));
+        let mut edits = Vec::new();
+        for name in &config.cluster_headers {
+            crate::inject::remove_all(name, headers.iter().map(|(k, _)| *k), &mut edits);
         }
+        let needed = Needed {
+            route: i,
+            picks: picks.clone(),
+            subject: None,
+            caller: None,
+            edits,
+        };
+        let shared = crate::request::finish(
+            config,
+            needed,
+            EntryCredential::resolved(&creds),
+            &headers[..],
+            path.as_bytes(),
+        );
+        assert_eq!(fast.verdict, crate::request::Verdict::Allowed, "{}", r.name);
+        assert_eq!(fast.edits, shared.edits, "{}", r.name);
+        assert_eq!((fast.route, &fast.picks), (Some(i), &picks), "{}", r.name);
+        assert!(fast.reply.is_none(), "{}", r.name);
+        assert!(!fast.edits.is_empty(), "{}", r.name);
     }
-    assert!(crate::request::fixed_credentials(config, 3).is_none());
     assert_eq!(
         config.routes[1].fixed.as_ref().map(|f| f.picks.clone()),
         Some(vec![conn(&loaded, "two")])
