@@ -13,7 +13,7 @@
 //! it is latchkey's.
 
 use crate::config::{Route, Target};
-use crate::path::hex_val;
+use crate::path::{hex_val, is_unreserved};
 use crate::secret::Secret;
 use std::rc::Rc;
 
@@ -175,10 +175,9 @@ fn decode(raw: &[u8]) -> Vec<u8> {
 /// those copied whole: a key or token usually is one).
 fn encode_into(out: &mut Vec<u8>, raw: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    let unreserved = |b: &u8| b.is_ascii_alphanumeric() || b"-._~".contains(b);
     let mut rest = raw;
     loop {
-        let run = rest.iter().take_while(|b| unreserved(b)).count();
+        let run = rest.iter().take_while(|&&b| is_unreserved(b)).count();
         let (plain, tail) = rest.split_at_checked(run).unwrap_or((rest, &[]));
         out.extend_from_slice(plain);
         let Some((&b, tail)) = tail.split_first() else {

@@ -111,7 +111,7 @@ impl Readings<'_> {
 }
 
 /// RFC 3986 §2.3 unreserved characters: escaping them changes nothing.
-fn is_unreserved(b: u8) -> bool {
+pub(crate) fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
