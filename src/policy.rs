@@ -115,7 +115,7 @@ pub fn fixed(config: &Config, route: usize) -> Option<Fixed> {
         .iter()
         .map(|&c| match &config.connection(c)?.credential {
             Credential::ApiKey(SecretRef::Value(v)) => Some(v.clone()),
-            Credential::ClientCertificate { cluster } => Some(Secret::new(cluster.as_str())),
+            Credential::ClientCertificate { cluster } => Some(Secret::shared(cluster.clone())),
             _ => None,
         })
         .collect::<Option<Vec<_>>>()?;

@@ -26,6 +26,12 @@ impl Secret {
         Secret(Rc::from(value.into()))
     }
 
+    /// A value shared with where it is kept (a client certificate's cluster in
+    /// the configuration): a reference count, no copy per request.
+    pub fn shared(value: Rc<str>) -> Self {
+        Secret(value)
+    }
+
     /// The secret's value, for the one place that must send it.
     pub fn expose(&self) -> &str {
         &self.0

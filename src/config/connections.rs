@@ -99,7 +99,7 @@ pub fn read(
                     "not allowed for a connection of a client_certificate provider",
                 )?;
                 Credential::ClientCertificate {
-                    cluster: cluster(&c)?,
+                    cluster: cluster(&c)?.into(),
                 }
             }
             Some(ProviderKind::ManagedIdentity(_)) => {

@@ -426,9 +426,10 @@ pub enum Credential {
     ManagedIdentity {
         resource: String,
     },
-    /// The Envoy cluster whose TLS transport socket presents the certificate.
+    /// The Envoy cluster whose TLS transport socket presents the certificate
+    /// (shared with every request that injects it).
     ClientCertificate {
-        cluster: String,
+        cluster: Rc<str>,
     },
 }
 

@@ -601,7 +601,7 @@ fn client_certificate_connections_and_cluster_headers() {
         }
     );
     assert!(
-        matches!(&c.connections[0].credential, Credential::ClientCertificate { cluster } if cluster == "partner_a")
+        matches!(&c.connections[0].credential, Credential::ClientCertificate { cluster } if &**cluster == "partner_a")
     );
     type Edit = Box<dyn FnOnce(&mut Value)>;
     let cases: Vec<(&str, Edit)> = vec![

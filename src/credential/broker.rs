@@ -607,7 +607,7 @@ impl<P: Proxy> Broker<P> {
             };
             match &conn.credential {
                 Credential::ClientCertificate { cluster } => out.push(EntryCredential {
-                    secret: Secret::new(cluster.clone()),
+                    secret: Secret::shared(cluster.clone()),
                     default_prefix: "",
                     with_default: None,
                     token: None,
