@@ -59,6 +59,7 @@ import os
 import platform
 import random
 import re
+import socket
 import resource
 import shutil
 import signal
@@ -189,6 +190,22 @@ def caller_record(issuer: str, sub: str, connection: str) -> str:
     """Where latchkey keeps a caller's consent in KV v2 (SPEC v1.2: a hash of iss and sub)."""
     h = hashlib.sha256(b"latchkey.caller\0" + issuer.encode() + b"\0" + sub.encode()).hexdigest()[:32]
     return f"latchkey/connections/{connection}/{h}"
+
+
+def distinct_ports(n: int) -> list[int]:
+    """n ports on 127.0.0.1 free a moment ago and different from each other: all
+    held bound at once while chosen (free_port() one after another can hand out
+    the same port twice, and Envoy then refuses its configuration)."""
+    held = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def listener(name: str, port: int, filters: list, route: dict) -> dict:
@@ -691,9 +708,10 @@ def main() -> int:
             keep |= {v[3] for k, v in variants.items() if k in keep and v[3]}
             variants = {k: v for k, v in variants.items() if k in keep}
 
-        ports = {name: free_port() for name in variants}
+        admin_port, *listener_ports = distinct_ports(len(variants) + 1)
+        ports = dict(zip(variants, listener_ports))
         config = {
-            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": free_port()}}},
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
             # No periodic stats flush (every 5 s by default) landing in some slices only.
             "stats_flush_on_admin": True,
             "static_resources": {
